@@ -1,0 +1,129 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/rs/zerolog"
+)
+
+// Writer writes a batch durably; *Store is the production one.
+type Writer interface {
+	Write(ctx context.Context, b Batch) error
+}
+
+// Flusher moves settled work from a Tracker into the database.
+type Flusher struct {
+	Tracker  *Tracker
+	Writer   Writer
+	Interval time.Duration // time trigger; default 200ms
+	// FinalTimeout bounds the last flush after Run's context ends; default 10s.
+	FinalTimeout time.Duration
+	// OnFlush, when set, is called after each successful write (metrics).
+	OnFlush func(b Batch, took time.Duration)
+	Log     zerolog.Logger
+
+	pending Batch
+}
+
+// Run flushes on every size kick or interval until ctx ends, then flushes one
+// last time with a context that outlives ctx, so the work settled during the
+// shutdown drain is recorded. A database that cannot be reached is retried
+// with backoff; an error that retrying cannot fix (permissions, a missing
+// checkpoint row) ends Run.
+func (f *Flusher) Run(ctx context.Context) error {
+	interval := f.Interval
+	if interval <= 0 {
+		interval = 200 * time.Millisecond
+	}
+	timer := time.NewTimer(interval)
+	defer timer.Stop()
+	failures := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return f.final(ctx)
+		case <-timer.C:
+		case <-f.Tracker.Kicked():
+			if failures > 0 {
+				continue // wait for the backoff timer
+			}
+		}
+		err := f.flush(ctx)
+		wait := interval
+		switch {
+		case err == nil:
+			failures = 0
+		case ctx.Err() != nil:
+			return f.final(ctx)
+		case permanent(err):
+			return err
+		default:
+			failures++
+			wait = min(interval<<min(failures, 6), 5*time.Second)
+			f.Log.Warn().Err(err).Int("failures", failures).Dur("retry_in", wait).Msg("checkpoint flush failed; retrying")
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+		timer.Reset(wait)
+	}
+}
+
+func (f *Flusher) final(ctx context.Context) error {
+	timeout := f.FinalTimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
+	defer cancel()
+	if err := f.flush(fctx); err != nil {
+		return fmt.Errorf("final checkpoint flush: %w", err)
+	}
+	return nil
+}
+
+// flush drains the tracker into the pending batch and writes it; on failure the
+// batch is kept and retried, merged with whatever settles meanwhile.
+func (f *Flusher) flush(ctx context.Context) error {
+	f.pending.Merge(f.Tracker.Drain())
+	if f.pending.Empty() {
+		return nil
+	}
+	start := time.Now()
+	if err := f.Writer.Write(ctx, f.pending); err != nil {
+		return err
+	}
+	took := time.Since(start)
+	f.Tracker.Written(f.pending.LSN)
+	if f.OnFlush != nil {
+		f.OnFlush(f.pending, took)
+	}
+	f.Log.Debug().Int("marked", len(f.pending.Marks)).Int("dead", len(f.pending.Dead)).
+		Stringer("lsn", f.pending.LSN).Dur("took", took).Msg("checkpoint flushed")
+	f.pending = Batch{}
+	return nil
+}
+
+// permanent reports errors that a retry cannot fix.
+func permanent(err error) bool {
+	if errors.Is(err, ErrNoCheckpoint) {
+		return true
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code[:2] {
+		case "42", // syntax error or access rule violation (missing table, no privilege)
+			"22", // data exception
+			"23": // integrity constraint violation
+			return true
+		}
+	}
+	return false
+}

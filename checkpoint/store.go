@@ -1,0 +1,181 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Checkpoint is the durable position of one slot.
+type Checkpoint struct {
+	Slot string
+	// LSN is the end LSN of the last transaction whose events are all settled
+	// and recorded (or an idle position reported by the server).
+	LSN pglogrepl.LSN
+	// SystemID and Timeline identify the cluster the LSN belongs to.
+	SystemID string
+	Timeline int32
+	// CatchupPending is true from slot creation until every row that was
+	// unprocessed in the slot's snapshot has settled.
+	CatchupPending bool
+	UpdatedAt      time.Time
+}
+
+// StoreConfig names the outbox table and the slot whose checkpoint is kept.
+// outboxd's own tables live in the outbox table's schema.
+type StoreConfig struct {
+	Schema string
+	Table  string
+	Slot   string
+}
+
+// Store reads and writes checkpoints, processed marks and dead letters.
+type Store struct {
+	pool *pgxpool.Pool
+	cfg  StoreConfig
+
+	markSQL, deadSQL, deadAttemptsSQL, advanceSQL, loadSQL, saveSQL string
+}
+
+// NewStore returns a store over pool.
+func NewStore(pool *pgxpool.Pool, cfg StoreConfig) *Store {
+	table := pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize()
+	cp := pgx.Identifier{cfg.Schema, "outboxd_checkpoint"}.Sanitize()
+	dl := pgx.Identifier{cfg.Schema, "outboxd_dead_letter"}.Sanitize()
+	return &Store{
+		pool: pool,
+		cfg:  cfg,
+		// One statement per flush marks every settled row: contiguous ids with
+		// the same attempt count travel as one range, so a flush of thousands of
+		// events sends a handful of ranges. Only non-indexed columns change, so
+		// the update can stay HOT where the page has room.
+		markSQL: `UPDATE ` + table + ` AS e SET is_processed = true,
+  processed_at = coalesce(e.processed_at, now()),
+  delivery_attempts = e.delivery_attempts + r.n
+FROM unnest($1::bigint[], $2::bigint[], $3::int[]) AS r(lo, hi, n)
+WHERE e.id BETWEEN r.lo AND r.hi`,
+		deadSQL: `INSERT INTO ` + dl + ` AS d (event_id, sink, last_status, last_error, attempts)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::int[])
+ON CONFLICT (event_id, sink) DO UPDATE SET last_status = excluded.last_status,
+  last_error = excluded.last_error, attempts = d.attempts + excluded.attempts, dead_at = now()`,
+		deadAttemptsSQL: `UPDATE ` + table + ` AS e SET delivery_attempts = e.delivery_attempts + r.n
+FROM unnest($1::bigint[], $2::int[]) AS r(id, n) WHERE e.id = r.id`,
+		advanceSQL: `UPDATE ` + cp + ` SET lsn = greatest(lsn, $2::pg_lsn),
+  catchup_pending = catchup_pending AND NOT $3, updated_at = now()
+WHERE slot_name = $1`,
+		loadSQL: `SELECT lsn, system_identifier, timeline, catchup_pending, updated_at FROM ` + cp + ` WHERE slot_name = $1`,
+		saveSQL: `INSERT INTO ` + cp + ` (slot_name, lsn, system_identifier, timeline, catchup_pending, updated_at)
+VALUES ($1, $2, $3, $4, $5, now())
+ON CONFLICT (slot_name) DO UPDATE SET lsn = excluded.lsn, system_identifier = excluded.system_identifier,
+  timeline = excluded.timeline, catchup_pending = excluded.catchup_pending, updated_at = now()`,
+	}
+}
+
+// ErrNoCheckpoint is returned by Load when the slot has no checkpoint yet.
+var ErrNoCheckpoint = errors.New("no checkpoint")
+
+// Load returns the stored checkpoint of the slot, or ErrNoCheckpoint.
+func (s *Store) Load(ctx context.Context) (Checkpoint, error) {
+	cp := Checkpoint{Slot: s.cfg.Slot}
+	err := s.pool.QueryRow(ctx, s.loadSQL, s.cfg.Slot).Scan(&cp.LSN, &cp.SystemID, &cp.Timeline, &cp.CatchupPending, &cp.UpdatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return cp, ErrNoCheckpoint
+	}
+	if err != nil {
+		return cp, fmt.Errorf("load checkpoint of slot %q: %w", s.cfg.Slot, err)
+	}
+	return cp, nil
+}
+
+// Save writes cp as the slot's checkpoint, replacing any earlier one. It is
+// used when a slot is created; flushes only move the LSN forward.
+func (s *Store) Save(ctx context.Context, cp Checkpoint) error {
+	_, err := s.pool.Exec(ctx, s.saveSQL, s.cfg.Slot, cp.LSN, cp.SystemID, cp.Timeline, cp.CatchupPending)
+	if err != nil {
+		return fmt.Errorf("save checkpoint of slot %q: %w", s.cfg.Slot, err)
+	}
+	return nil
+}
+
+// Write records a batch in one transaction: processed marks, dead letters and,
+// when the batch moves it, the checkpoint LSN. Nothing is visible unless all is.
+func (s *Store) Write(ctx context.Context, b Batch) error {
+	if b.Empty() {
+		return nil
+	}
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("begin checkpoint transaction: %w", err)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // no-op after commit
+
+	var q pgx.Batch
+	if len(b.Marks) > 0 {
+		lo, hi, n := Ranges(b.Marks)
+		q.Queue(s.markSQL, lo, hi, n)
+	}
+	if len(b.Dead) > 0 {
+		ids := make([]int64, len(b.Dead))
+		sinks := make([]string, len(b.Dead))
+		status := make([]int32, len(b.Dead))
+		reasons := make([]string, len(b.Dead))
+		attempts := make([]int32, len(b.Dead))
+		for i, d := range b.Dead {
+			ids[i], sinks[i], status[i], reasons[i], attempts[i] = d.EventID, d.Sink, int32(d.Status), d.Reason, d.Attempts
+		}
+		q.Queue(s.deadSQL, ids, sinks, status, reasons, attempts)
+		q.Queue(s.deadAttemptsSQL, ids, attempts)
+	}
+	var advanced pgconn.CommandTag
+	if b.LSN != 0 || b.CatchupDone {
+		q.Queue(s.advanceSQL, s.cfg.Slot, b.LSN, b.CatchupDone).Exec(func(ct pgconn.CommandTag) error {
+			advanced = ct
+			return nil
+		})
+	}
+	if err := tx.SendBatch(ctx, &q).Close(); err != nil {
+		return fmt.Errorf("write checkpoint batch of slot %q: %w", s.cfg.Slot, err)
+	}
+	if (b.LSN != 0 || b.CatchupDone) && advanced.RowsAffected() != 1 {
+		return fmt.Errorf("write checkpoint of slot %q: %w", s.cfg.Slot, ErrNoCheckpoint)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("commit checkpoint of slot %q: %w", s.cfg.Slot, err)
+	}
+	return nil
+}
+
+// Ranges compresses marks into runs of consecutive ids with the same attempt
+// count: parallel arrays of low id, high id and attempts. Duplicate ids are
+// counted once.
+func Ranges(marks []Mark) (lo, hi []int64, n []int32) {
+	ms := slices.Clone(marks)
+	slices.SortFunc(ms, func(a, b Mark) int {
+		switch {
+		case a.ID < b.ID:
+			return -1
+		case a.ID > b.ID:
+			return 1
+		}
+		return 0
+	})
+	for i, m := range ms {
+		if i > 0 && m.ID == ms[i-1].ID {
+			continue
+		}
+		k := len(lo) - 1
+		if k >= 0 && hi[k] == m.ID-1 && n[k] == m.Attempts {
+			hi[k] = m.ID
+			continue
+		}
+		lo, hi, n = append(lo, m.ID), append(hi, m.ID), append(n, m.Attempts)
+	}
+	return lo, hi, n
+}

@@ -1,0 +1,253 @@
+package checkpoint
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/jackc/pglogrepl"
+)
+
+// Mark records that one event was acknowledged by every sink it was routed to.
+type Mark struct {
+	ID       int64
+	Attempts int32
+}
+
+// DeadLetter records that one event was given up on by a sink.
+type DeadLetter struct {
+	EventID  int64
+	Sink     string
+	Status   int
+	Reason   string
+	Attempts int32
+}
+
+// Batch is what one flush writes: rows to mark processed, dead letters, and the
+// new checkpoint LSN when the settled prefix moved (zero otherwise).
+type Batch struct {
+	Marks       []Mark
+	Dead        []DeadLetter
+	LSN         pglogrepl.LSN
+	CatchupDone bool
+}
+
+// Empty reports whether the batch has nothing to write.
+func (b *Batch) Empty() bool {
+	return len(b.Marks) == 0 && len(b.Dead) == 0 && b.LSN == 0 && !b.CatchupDone
+}
+
+// Events is the number of events the batch settles.
+func (b *Batch) Events() int { return len(b.Marks) + len(b.Dead) }
+
+// Merge appends a later batch to b (used when a flush failed and is retried).
+func (b *Batch) Merge(later Batch) {
+	b.Marks = append(b.Marks, later.Marks...)
+	b.Dead = append(b.Dead, later.Dead...)
+	if later.LSN > b.LSN {
+		b.LSN = later.LSN
+	}
+	b.CatchupDone = b.CatchupDone || later.CatchupDone
+}
+
+type txn struct {
+	commitLSN pglogrepl.LSN
+	endLSN    pglogrepl.LSN
+	total     int
+	settled   int
+	closed    bool
+	catchup   bool
+}
+
+func (x *txn) done() bool { return x.closed && x.settled == x.total }
+
+// Tracker follows in-flight transactions and their settled events. It is safe
+// for concurrent use: the reader opens and closes transactions, delivery
+// workers settle events, the flusher drains.
+type Tracker struct {
+	mu        sync.Mutex
+	base      uint64 // sequence number of txns[0]
+	txns      []txn  // open or unsettled transactions, in commit order
+	next      uint64 // sequence number the next Open returns
+	marks     []Mark
+	dead      []DeadLetter
+	prefix    pglogrepl.LSN // end LSN of the settled prefix, not yet drained
+	catchup   bool          // the catch-up pseudo-transaction left the prefix
+	unwritten bool          // a drained batch is not yet written
+	flushSize int
+
+	flushed atomic.Uint64
+	kick    chan struct{}
+}
+
+// NewTracker returns a tracker whose durable position starts at start (the
+// stored checkpoint, or the slot's consistent point). flushSize is the number of
+// settled events after which Kick fires.
+func NewTracker(start pglogrepl.LSN, flushSize int) *Tracker {
+	if flushSize <= 0 {
+		flushSize = 1000
+	}
+	t := &Tracker{flushSize: flushSize, kick: make(chan struct{}, 1)}
+	t.flushed.Store(uint64(start))
+	return t
+}
+
+// Open registers a transaction whose commit record is at commitLSN and returns
+// its sequence number. Transactions must be opened in commit order. catchup
+// marks the pseudo-transaction of rows read from the table.
+func (t *Tracker) Open(commitLSN pglogrepl.LSN, catchup bool) uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	seq := t.next
+	t.next++
+	if len(t.txns) == 0 {
+		t.base = seq
+	}
+	t.txns = append(t.txns, txn{commitLSN: commitLSN, catchup: catchup})
+	return seq
+}
+
+// Close records that transaction seq ended at endLSN after dispatching events
+// events. A transaction with no events settles at once.
+func (t *Tracker) Close(seq uint64, endLSN pglogrepl.LSN, events int) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	x, err := t.get(seq)
+	if err != nil {
+		return err
+	}
+	if x.closed {
+		return fmt.Errorf("close transaction %d: already closed", seq)
+	}
+	x.closed, x.endLSN, x.total = true, endLSN, events
+	t.advance()
+	return nil
+}
+
+// Settle records that an event of transaction seq was acknowledged by all its
+// sinks (m) or given up on (dead, one entry per sink that gave up).
+func (t *Tracker) Settle(seq uint64, m *Mark, dead []DeadLetter) error {
+	t.mu.Lock()
+	x, err := t.get(seq)
+	if err != nil {
+		t.mu.Unlock()
+		return err
+	}
+	x.settled++
+	if m != nil {
+		t.marks = append(t.marks, *m)
+	}
+	t.dead = append(t.dead, dead...)
+	full := len(t.marks)+len(t.dead) >= t.flushSize
+	if x.done() {
+		t.advance()
+	}
+	t.mu.Unlock()
+	if full {
+		t.Kick()
+	}
+	return nil
+}
+
+// Kick asks the flusher to flush now.
+func (t *Tracker) Kick() {
+	select {
+	case t.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Kicked fires when enough events settled for a flush, or Kick was called.
+func (t *Tracker) Kicked() <-chan struct{} { return t.kick }
+
+// advance pops the settled prefix. Caller holds mu.
+func (t *Tracker) advance() {
+	i := 0
+	for i < len(t.txns) && t.txns[i].done() {
+		if t.txns[i].endLSN > t.prefix {
+			t.prefix = t.txns[i].endLSN
+		}
+		t.catchup = t.catchup || t.txns[i].catchup
+		i++
+	}
+	if i == 0 {
+		return
+	}
+	t.base += uint64(i)
+	n := copy(t.txns, t.txns[i:])
+	clear(t.txns[n:])
+	t.txns = t.txns[:n]
+}
+
+func (t *Tracker) get(seq uint64) (*txn, error) {
+	if seq < t.base || seq-t.base >= uint64(len(t.txns)) {
+		return nil, fmt.Errorf("transaction %d is not in flight", seq)
+	}
+	return &t.txns[seq-t.base], nil
+}
+
+// InFlight returns the number of transactions that are open or not fully
+// settled. Every unsettled event belongs to one of them, so zero means nothing
+// is in flight.
+func (t *Tracker) InFlight() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.txns)
+}
+
+// AdvanceIdle moves the durable position to lsn when nothing is in flight,
+// everything settled is already written, and lsn is ahead; it reports whether
+// it did. The reader calls it with a keepalive's server WAL end: with no
+// transaction of ours before lsn left unrecorded, confirming it loses nothing,
+// and an idle outbox on a busy server does not pin WAL (G7).
+func (t *Tracker) AdvanceIdle(lsn pglogrepl.LSN) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	flushed := t.flushed.Load()
+	if len(t.txns) != 0 || t.unwritten || uint64(t.prefix) > flushed || len(t.marks) != 0 || len(t.dead) != 0 || t.catchup {
+		return false
+	}
+	if uint64(lsn) <= flushed {
+		return false
+	}
+	t.prefix = lsn
+	t.SetFlushed(lsn)
+	return true
+}
+
+// Drain takes what settled since the last drain. The returned batch must be
+// written by the flusher and then reported with Written.
+func (t *Tracker) Drain() Batch {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	b := Batch{Marks: t.marks, Dead: t.dead, CatchupDone: t.catchup}
+	if uint64(t.prefix) > t.flushed.Load() {
+		b.LSN = t.prefix
+	}
+	t.marks, t.dead, t.catchup = nil, nil, false
+	t.unwritten = t.unwritten || !b.Empty()
+	return b
+}
+
+// Written reports that everything drained so far is durable, up to lsn
+// (zero when the batches did not move the position).
+func (t *Tracker) Written(lsn pglogrepl.LSN) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.unwritten = false
+	t.SetFlushed(lsn)
+}
+
+// SetFlushed publishes lsn as durable. It never moves backwards.
+func (t *Tracker) SetFlushed(lsn pglogrepl.LSN) {
+	for {
+		cur := t.flushed.Load()
+		if uint64(lsn) <= cur || t.flushed.CompareAndSwap(cur, uint64(lsn)) {
+			return
+		}
+	}
+}
+
+// Flushed returns the durable position: every transaction ending at or before
+// it is settled and recorded in the database.
+func (t *Tracker) Flushed() pglogrepl.LSN { return pglogrepl.LSN(t.flushed.Load()) }

@@ -1,0 +1,147 @@
+package checkpoint
+
+import (
+	"math/rand/v2"
+	"testing"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/stretchr/testify/require"
+)
+
+func TestTrackerAdvancesOnlyOverSettledPrefix(t *testing.T) {
+	t.Parallel()
+	tr := NewTracker(100, 1000)
+	a := tr.Open(110, false)
+	b := tr.Open(210, false)
+	c := tr.Open(310, false)
+	require.NoError(t, tr.Close(a, 120, 2))
+	require.NoError(t, tr.Close(b, 220, 1))
+	require.NoError(t, tr.Close(c, 320, 1))
+
+	// Later transactions settle first: the mark must not move.
+	require.NoError(t, tr.Settle(c, &Mark{ID: 4, Attempts: 1}, nil))
+	require.NoError(t, tr.Settle(b, &Mark{ID: 3, Attempts: 1}, nil))
+	require.NoError(t, tr.Settle(a, &Mark{ID: 1, Attempts: 1}, nil))
+	batch := tr.Drain()
+	require.Zero(t, batch.LSN, "transaction a still has an unsettled event")
+	require.Len(t, batch.Marks, 3, "marks of settled events are written even before their transaction is done")
+	require.Equal(t, 3, tr.InFlight())
+
+	// The last event of a settles, now all three are done.
+	require.NoError(t, tr.Settle(a, nil, []DeadLetter{{EventID: 2, Sink: "webhook", Reason: "400"}}))
+	batch = tr.Drain()
+	require.Equal(t, pglogrepl.LSN(320), batch.LSN)
+	require.Len(t, batch.Dead, 1)
+	require.Zero(t, tr.InFlight())
+
+	// Flushed only moves when told, and never backwards.
+	require.Equal(t, pglogrepl.LSN(100), tr.Flushed())
+	tr.SetFlushed(320)
+	tr.SetFlushed(200)
+	require.Equal(t, pglogrepl.LSN(320), tr.Flushed())
+}
+
+func TestTrackerOpenTransactionBlocksPrefix(t *testing.T) {
+	t.Parallel()
+	tr := NewTracker(1, 1000)
+	a := tr.Open(10, false)
+	require.NoError(t, tr.Settle(a, &Mark{ID: 1, Attempts: 1}, nil))
+	// All dispatched events settled, but the commit has not been read yet.
+	require.Zero(t, tr.Drain().LSN)
+	require.False(t, tr.AdvanceIdle(50), "an open transaction is in flight")
+	require.NoError(t, tr.Close(a, 20, 1))
+	require.Equal(t, pglogrepl.LSN(20), tr.Drain().LSN)
+}
+
+func TestTrackerEmptyTransactionSettlesAtClose(t *testing.T) {
+	t.Parallel()
+	tr := NewTracker(1, 1000)
+	a := tr.Open(10, false)
+	require.NoError(t, tr.Close(a, 20, 0))
+	require.Equal(t, pglogrepl.LSN(20), tr.Drain().LSN)
+	require.Error(t, tr.Close(a, 20, 0), "closing twice is a bug")
+	require.Error(t, tr.Settle(a, &Mark{ID: 1}, nil), "settling a finished transaction is a bug")
+}
+
+func TestTrackerIdleAdvanceWaitsForDurability(t *testing.T) {
+	t.Parallel()
+	tr := NewTracker(1, 1000)
+	a := tr.Open(10, false)
+	require.NoError(t, tr.Close(a, 20, 1))
+	require.NoError(t, tr.Settle(a, &Mark{ID: 1, Attempts: 1}, nil))
+	// Settled but not yet written: a keepalive must not be confirmed.
+	require.False(t, tr.AdvanceIdle(500))
+	b := tr.Drain()
+	require.False(t, tr.AdvanceIdle(500), "drained but not yet written")
+	tr.Written(b.LSN)
+	require.True(t, tr.AdvanceIdle(500))
+	require.Equal(t, pglogrepl.LSN(500), tr.Flushed())
+	require.False(t, tr.AdvanceIdle(400), "never backwards")
+}
+
+func TestTrackerCatchupFlag(t *testing.T) {
+	t.Parallel()
+	tr := NewTracker(5, 1000)
+	c := tr.Open(0, true)
+	require.NoError(t, tr.Close(c, 5, 1))
+	require.False(t, tr.Drain().CatchupDone)
+	require.NoError(t, tr.Settle(c, &Mark{ID: 9, Attempts: 1}, nil))
+	b := tr.Drain()
+	require.True(t, b.CatchupDone)
+	require.Zero(t, b.LSN, "the catch-up ends at the start position")
+	require.False(t, tr.AdvanceIdle(50), "catch-up marks are not written yet")
+	tr.Written(b.LSN)
+	require.True(t, tr.AdvanceIdle(50))
+}
+
+// TestTrackerRandomSettleOrder settles many transactions in random order and
+// checks after every step that the drained LSN never passes a transaction
+// with an unsettled event.
+func TestTrackerRandomSettleOrder(t *testing.T) {
+	t.Parallel()
+	rng := rand.New(rand.NewPCG(1, 2))
+	tr := NewTracker(1, 1<<30)
+	type ev struct {
+		seq uint64
+		id  int64
+	}
+	var events []ev
+	end := map[uint64]pglogrepl.LSN{}
+	remaining := map[uint64]int{}
+	id := int64(0)
+	for i := range 200 {
+		n := rng.IntN(4)
+		seq := tr.Open(pglogrepl.LSN(i*100+10), false)
+		for range n {
+			id++
+			events = append(events, ev{seq, id})
+		}
+		end[seq] = pglogrepl.LSN(i*100 + 20)
+		remaining[seq] = n
+		require.NoError(t, tr.Close(seq, end[seq], n))
+	}
+	rng.Shuffle(len(events), func(i, j int) { events[i], events[j] = events[j], events[i] })
+	var flushed pglogrepl.LSN
+	for _, e := range events {
+		require.NoError(t, tr.Settle(e.seq, &Mark{ID: e.id, Attempts: 1}, nil))
+		remaining[e.seq]--
+		if b := tr.Drain(); b.LSN != 0 {
+			flushed = b.LSN
+			tr.SetFlushed(b.LSN)
+		}
+		for seq, n := range remaining {
+			if n > 0 {
+				require.Less(t, flushed, end[seq], "mark passed transaction %d with %d unsettled events", seq, n)
+			}
+		}
+	}
+	require.Equal(t, end[199], flushed)
+}
+
+func TestRanges(t *testing.T) {
+	t.Parallel()
+	lo, hi, n := Ranges([]Mark{{5, 1}, {3, 1}, {4, 1}, {7, 1}, {8, 2}, {9, 2}, {4, 1}, {1, 3}})
+	require.Equal(t, []int64{1, 3, 7, 8}, lo)
+	require.Equal(t, []int64{1, 5, 7, 9}, hi)
+	require.Equal(t, []int32{3, 1, 1, 2}, n)
+}

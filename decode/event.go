@@ -1,0 +1,43 @@
+package decode
+
+import (
+	"time"
+
+	"github.com/jackc/pglogrepl"
+)
+
+// Event is one row inserted into the outbox table, decoded and ready to deliver.
+//
+// Body is the JSON envelope of DESIGN.md §4, built once by the decoder so that
+// sinks never re-encode it. An Event never aliases the buffer it was decoded
+// from: pglogrepl's XLogData.WALData is only valid until the next receive.
+type Event struct {
+	// ID is the row's id column.
+	ID int64
+	// Name is event_name ("" when NULL).
+	Name string
+	// OrganizationID is organization_id; HasOrganization is false when it is NULL
+	// or the column is missing.
+	OrganizationID  int64
+	HasOrganization bool
+	// EntityType and EntityID are entity_type and entity_id ("" when NULL).
+	EntityType string
+	EntityID   string
+	// OccurredAt is occurred_at (zero when NULL or missing).
+	OccurredAt time.Time
+	// Traceparent is a W3C traceparent carried by the row, when it has one.
+	Traceparent string
+	// Processed is the is_processed value the row was inserted with.
+	Processed bool
+	// Body is the envelope JSON object.
+	Body []byte
+
+	// CommitLSN is the LSN of the commit record of the event's transaction
+	// (pgoutput Begin.FinalLSN); zero for rows read by the table catch-up.
+	CommitLSN pglogrepl.LSN
+	// TxnSeq is the sequence number the reader gave the event's transaction;
+	// the checkpoint tracker settles by it.
+	TxnSeq uint64
+	// Index is the event's 0-based position within its transaction.
+	Index int
+}
