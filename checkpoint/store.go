@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -152,30 +153,25 @@ func (s *Store) Write(ctx context.Context, b Batch) error {
 	return nil
 }
 
-// Ranges compresses marks into runs of consecutive ids with the same attempt
-// count: parallel arrays of low id, high id and attempts. Duplicate ids are
-// counted once.
-func Ranges(marks []Mark) (lo, hi []int64, n []int32) {
-	ms := slices.Clone(marks)
-	slices.SortFunc(ms, func(a, b Mark) int {
-		switch {
-		case a.ID < b.ID:
-			return -1
-		case a.ID > b.ID:
-			return 1
-		}
-		return 0
-	})
-	for i, m := range ms {
-		if i > 0 && m.ID == ms[i-1].ID {
-			continue
-		}
+// Ranges normalises mark ranges for the marking statement: sorted, merged
+// where they touch with the same attempt count, as parallel arrays of low id,
+// high id and attempts. An id in two ranges is counted once.
+func Ranges(marks []Range) (lo, hi []int64, n []int32) {
+	rs := slices.Clone(marks)
+	slices.SortFunc(rs, func(a, b Range) int { return cmp.Compare(a.Lo, b.Lo) })
+	for _, r := range rs {
 		k := len(lo) - 1
-		if k >= 0 && hi[k] == m.ID-1 && n[k] == m.Attempts {
-			hi[k] = m.ID
+		if k >= 0 && r.Lo <= hi[k] { // overlap: a duplicate delivery
+			if r.Hi <= hi[k] {
+				continue
+			}
+			r.Lo = hi[k] + 1
+		}
+		if k >= 0 && hi[k]+1 == r.Lo && n[k] == r.Attempts {
+			hi[k] = r.Hi
 			continue
 		}
-		lo, hi, n = append(lo, m.ID), append(hi, m.ID), append(n, m.Attempts)
+		lo, hi, n = append(lo, r.Lo), append(hi, r.Hi), append(n, r.Attempts)
 	}
 	return lo, hi, n
 }

@@ -14,6 +14,22 @@ type Mark struct {
 	Attempts int32
 }
 
+// Range is a run of consecutive event ids settled with the same number of
+// attempts; marks travel as ranges to keep a huge transaction small.
+type Range struct {
+	Lo, Hi   int64
+	Attempts int32
+}
+
+// appendMark adds m to rs, extending the last range when m continues it.
+func appendMark(rs []Range, m Mark) []Range {
+	if k := len(rs) - 1; k >= 0 && rs[k].Hi+1 == m.ID && rs[k].Attempts == m.Attempts {
+		rs[k].Hi = m.ID
+		return rs
+	}
+	return append(rs, Range{Lo: m.ID, Hi: m.ID, Attempts: m.Attempts})
+}
+
 // DeadLetter records that one event was given up on by a sink.
 type DeadLetter struct {
 	EventID  int64
@@ -26,7 +42,7 @@ type DeadLetter struct {
 // Batch is what one flush writes: rows to mark processed, dead letters, and the
 // new checkpoint LSN when the settled prefix moved (zero otherwise).
 type Batch struct {
-	Marks       []Mark
+	Marks       []Range
 	Dead        []DeadLetter
 	LSN         pglogrepl.LSN
 	CatchupDone bool
@@ -38,7 +54,13 @@ func (b *Batch) Empty() bool {
 }
 
 // Events is the number of events the batch settles.
-func (b *Batch) Events() int { return len(b.Marks) + len(b.Dead) }
+func (b *Batch) Events() int {
+	n := len(b.Dead)
+	for _, r := range b.Marks {
+		n += int(r.Hi - r.Lo + 1)
+	}
+	return n
+}
 
 // Merge appends a later batch to b (used when a flush failed and is retried).
 func (b *Batch) Merge(later Batch) {
@@ -57,6 +79,8 @@ type txn struct {
 	settled   int
 	closed    bool
 	catchup   bool
+	marks     []Range // settled events, written when the transaction leaves the prefix
+	dead      []DeadLetter
 }
 
 func (x *txn) done() bool { return x.closed && x.settled == x.total }
@@ -69,8 +93,9 @@ type Tracker struct {
 	base      uint64 // sequence number of txns[0]
 	txns      []txn  // open or unsettled transactions, in commit order
 	next      uint64 // sequence number the next Open returns
-	marks     []Mark
+	marks     []Range // marks of transactions that left the prefix, not yet drained
 	dead      []DeadLetter
+	ready     int // events in marks and dead
 	prefix    pglogrepl.LSN // end LSN of the settled prefix, not yet drained
 	catchup   bool          // the catch-up pseudo-transaction left the prefix
 	unwritten bool          // a drained batch is not yet written
@@ -125,7 +150,9 @@ func (t *Tracker) Close(seq uint64, endLSN pglogrepl.LSN, events int) error {
 }
 
 // Settle records that an event of transaction seq was acknowledged by all its
-// sinks (m) or given up on (dead, one entry per sink that gave up).
+// sinks (m) or given up on (dead, one entry per sink that gave up). Its row is
+// marked when the whole transaction has settled, in the flush that also moves
+// the checkpoint past it: a row marked processed is never streamed again.
 func (t *Tracker) Settle(seq uint64, m *Mark, dead []DeadLetter) error {
 	t.mu.Lock()
 	x, err := t.get(seq)
@@ -134,14 +161,26 @@ func (t *Tracker) Settle(seq uint64, m *Mark, dead []DeadLetter) error {
 		return err
 	}
 	x.settled++
-	if m != nil {
-		t.marks = append(t.marks, *m)
+	switch {
+	case x.catchup:
+		// Catch-up rows are not in the slot's stream, so marking them before
+		// the whole catch-up settles cannot cause a second delivery, and a
+		// crash in a long catch-up keeps its progress.
+		if m != nil {
+			t.marks = appendMark(t.marks, *m)
+		}
+		t.dead = append(t.dead, dead...)
+		t.ready++
+	default:
+		if m != nil {
+			x.marks = appendMark(x.marks, *m)
+		}
+		x.dead = append(x.dead, dead...)
 	}
-	t.dead = append(t.dead, dead...)
-	full := len(t.marks)+len(t.dead) >= t.flushSize
 	if x.done() {
 		t.advance()
 	}
+	full := t.ready >= t.flushSize
 	t.mu.Unlock()
 	if full {
 		t.Kick()
@@ -164,10 +203,16 @@ func (t *Tracker) Kicked() <-chan struct{} { return t.kick }
 func (t *Tracker) advance() {
 	i := 0
 	for i < len(t.txns) && t.txns[i].done() {
-		if t.txns[i].endLSN > t.prefix {
-			t.prefix = t.txns[i].endLSN
+		x := &t.txns[i]
+		if x.endLSN > t.prefix {
+			t.prefix = x.endLSN
 		}
-		t.catchup = t.catchup || t.txns[i].catchup
+		t.catchup = t.catchup || x.catchup
+		if !x.catchup {
+			t.marks = append(t.marks, x.marks...)
+			t.dead = append(t.dead, x.dead...)
+			t.ready += x.total
+		}
 		i++
 	}
 	if i == 0 {
@@ -224,7 +269,7 @@ func (t *Tracker) Drain() Batch {
 	if uint64(t.prefix) > t.flushed.Load() {
 		b.LSN = t.prefix
 	}
-	t.marks, t.dead, t.catchup = nil, nil, false
+	t.marks, t.dead, t.catchup, t.ready = nil, nil, false, 0
 	t.unwritten = t.unwritten || !b.Empty()
 	return b
 }

@@ -24,7 +24,7 @@ func TestTrackerAdvancesOnlyOverSettledPrefix(t *testing.T) {
 	require.NoError(t, tr.Settle(a, &Mark{ID: 1, Attempts: 1}, nil))
 	batch := tr.Drain()
 	require.Zero(t, batch.LSN, "transaction a still has an unsettled event")
-	require.Len(t, batch.Marks, 3, "marks of settled events are written even before their transaction is done")
+	require.Empty(t, batch.Marks, "rows are marked with the checkpoint that passes their transaction")
 	require.Equal(t, 3, tr.InFlight())
 
 	// The last event of a settles, now all three are done.
@@ -32,6 +32,10 @@ func TestTrackerAdvancesOnlyOverSettledPrefix(t *testing.T) {
 	batch = tr.Drain()
 	require.Equal(t, pglogrepl.LSN(320), batch.LSN)
 	require.Len(t, batch.Dead, 1)
+	require.Equal(t, 4, batch.Events())
+	lo, hi, _ := Ranges(batch.Marks)
+	require.Equal(t, []int64{1, 3}, lo)
+	require.Equal(t, []int64{1, 4}, hi)
 	require.Zero(t, tr.InFlight())
 
 	// Flushed only moves when told, and never backwards.
@@ -83,10 +87,15 @@ func TestTrackerCatchupFlag(t *testing.T) {
 	t.Parallel()
 	tr := NewTracker(5, 1000)
 	c := tr.Open(0, true)
-	require.NoError(t, tr.Close(c, 5, 1))
+	require.NoError(t, tr.Settle(c, &Mark{ID: 8, Attempts: 1}, nil))
+	b := tr.Drain()
+	require.False(t, b.CatchupDone)
+	require.Len(t, b.Marks, 1, "catch-up rows are marked as they settle: they are not in the stream")
+	tr.Written(b.LSN)
+	require.NoError(t, tr.Close(c, 5, 2))
 	require.False(t, tr.Drain().CatchupDone)
 	require.NoError(t, tr.Settle(c, &Mark{ID: 9, Attempts: 1}, nil))
-	b := tr.Drain()
+	b = tr.Drain()
 	require.True(t, b.CatchupDone)
 	require.Zero(t, b.LSN, "the catch-up ends at the start position")
 	require.False(t, tr.AdvanceIdle(50), "catch-up marks are not written yet")
@@ -140,8 +149,12 @@ func TestTrackerRandomSettleOrder(t *testing.T) {
 
 func TestRanges(t *testing.T) {
 	t.Parallel()
-	lo, hi, n := Ranges([]Mark{{5, 1}, {3, 1}, {4, 1}, {7, 1}, {8, 2}, {9, 2}, {4, 1}, {1, 3}})
+	var rs []Range
+	for _, m := range []Mark{{5, 1}, {3, 1}, {4, 1}, {7, 1}, {8, 2}, {9, 2}, {4, 1}, {1, 3}, {10, 2}} {
+		rs = appendMark(rs, m)
+	}
+	lo, hi, n := Ranges(rs)
 	require.Equal(t, []int64{1, 3, 7, 8}, lo)
-	require.Equal(t, []int64{1, 5, 7, 9}, hi)
+	require.Equal(t, []int64{1, 5, 7, 10}, hi)
 	require.Equal(t, []int32{3, 1, 1, 2}, n)
 }

@@ -1,0 +1,117 @@
+package cdc
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/outboxd/outboxd/decode"
+)
+
+// snapshot is the snapshot exported when the slot was created. Rows committed
+// before it are not in the slot's stream; rows committed after it are only in
+// the stream. Reading unprocessed rows in it therefore leaves no gap and no
+// overlap at the handoff.
+type snapshot struct {
+	r    *Reader
+	name string
+	lsn  pglogrepl.LSN
+	conn *pgconn.PgConn
+}
+
+// begin imports the snapshot in a read-only transaction and opens a cursor
+// over the unprocessed rows. It must run before the replication connection
+// runs its next command.
+func (s *snapshot) begin(ctx context.Context) error {
+	conn, err := s.r.connect(ctx, false)
+	if err != nil {
+		return fmt.Errorf("catch-up connection: %w", err)
+	}
+	s.conn = conn
+	t := s.r.cfg.Table
+	table := pgx.Identifier{t.Schema, t.Name}.Sanitize()
+	dead := pgx.Identifier{t.Schema, "outboxd_dead_letter"}.Sanitize()
+	// The snapshot name comes from the server; it is a plain token.
+	sql := `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+SET TRANSACTION SNAPSHOT '` + s.name + `';
+DECLARE outboxd_catchup NO SCROLL CURSOR FOR
+  SELECT * FROM ` + table + ` AS e
+  WHERE NOT e.is_processed
+    AND NOT EXISTS (SELECT 1 FROM ` + dead + ` AS d WHERE d.event_id = e.id)
+  ORDER BY e.id`
+	if _, err := conn.Exec(ctx, sql).ReadAll(); err != nil {
+		return fmt.Errorf("import snapshot %s: %w", s.name, err)
+	}
+	return nil
+}
+
+func (s *snapshot) close() {
+	if s.conn != nil {
+		s.conn.Close(context.Background()) //nolint:errcheck // read-only transaction; closing ends it
+		s.conn = nil
+	}
+}
+
+// catchup hands every unprocessed row of the snapshot downstream as one
+// pseudo-transaction that ends at the slot's consistent point, before any
+// streamed transaction.
+func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
+	seq := r.ledger.Open(0, true)
+	n := 0
+	fetch := fmt.Sprintf("FETCH %d FROM outboxd_catchup", r.cfg.CatchupFetch)
+	var rel *decode.Relation
+	for {
+		rr := s.conn.ExecParams(ctx, fetch, nil, nil, nil, nil)
+		rows := 0
+		for rr.NextRow() {
+			if rel == nil {
+				rel = relationOf(r.cfg.Table, rr.FieldDescriptions())
+				if err := rel.Validate(); err != nil {
+					rr.Close() //nolint:errcheck // failing anyway
+					return fmt.Errorf("table %s.%s: %w", r.cfg.Table.Schema, r.cfg.Table.Name, err)
+				}
+			}
+			rows++
+			e, err := decode.EventFromText(rel, rr.Values())
+			if err != nil {
+				r.log.Error().Err(err).Msg("catch-up row skipped: it cannot be delivered or marked")
+				continue
+			}
+			e.TxnSeq, e.Index = seq, n
+			n++
+			if err := st.emit(ctx, e); err != nil {
+				rr.Close() //nolint:errcheck // failing anyway
+				return err
+			}
+			if err := st.status(false, false); err != nil {
+				rr.Close() //nolint:errcheck // failing anyway
+				return err
+			}
+		}
+		if _, err := rr.Close(); err != nil {
+			return fmt.Errorf("fetch unprocessed rows: %w", err)
+		}
+		if rows < r.cfg.CatchupFetch {
+			break
+		}
+	}
+	if _, err := s.conn.Exec(ctx, "COMMIT").ReadAll(); err != nil {
+		return fmt.Errorf("end catch-up transaction: %w", err)
+	}
+	if err := r.ledger.Close(seq, s.lsn, n); err != nil {
+		return err
+	}
+	r.log.Info().Int("rows", n).Stringer("consistent_lsn", s.lsn).Msg("catch-up read the table")
+	return nil
+}
+
+func relationOf(t decode.Table, fields []pgconn.FieldDescription) *decode.Relation {
+	rel := &decode.Relation{Namespace: t.Schema, Name: t.Name, Columns: make([]decode.Column, len(fields))}
+	for i, f := range fields {
+		rel.Columns[i] = decode.Column{Name: f.Name, TypeOID: f.DataTypeOID}
+	}
+	return rel
+}

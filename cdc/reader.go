@@ -1,0 +1,701 @@
+package cdc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"regexp"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/rs/zerolog"
+
+	"github.com/outboxd/outboxd/checkpoint"
+	"github.com/outboxd/outboxd/decode"
+)
+
+// Ledger is the part of the checkpoint tracker the reader drives.
+type Ledger interface {
+	Open(commitLSN pglogrepl.LSN, catchup bool) uint64
+	Close(seq uint64, endLSN pglogrepl.LSN, events int) error
+	AdvanceIdle(lsn pglogrepl.LSN) bool
+	SetFlushed(lsn pglogrepl.LSN)
+	Flushed() pglogrepl.LSN
+	InFlight() int
+}
+
+// CheckpointStore loads and saves the durable checkpoint.
+type CheckpointStore interface {
+	Load(ctx context.Context) (checkpoint.Checkpoint, error)
+	Save(ctx context.Context, cp checkpoint.Checkpoint) error
+}
+
+// Config configures a Reader.
+type Config struct {
+	// ConnString is the libpq URL or key/value string of the database.
+	ConnString  string
+	Slot        string
+	Publication string
+	Table       decode.Table
+	// SlotRecreate allows recreating a lost or dropped slot (with a catch-up
+	// from the table) when a checkpoint says one existed before.
+	SlotRecreate bool
+	// StatusInterval is how often standby status is sent; default 1s. It must
+	// be well below the server's wal_sender_timeout.
+	StatusInterval time.Duration
+	// SilenceTimeout declares the connection dead when the server sends
+	// nothing for this long although replies were requested; default 10s.
+	SilenceTimeout time.Duration
+	// IdleAdvanceBytes is how far a keepalive's WAL end must be ahead of the
+	// durable position before an idle outbox records it; default 1 MiB.
+	IdleAdvanceBytes uint64
+	// ReconnectMin and ReconnectMax bound the jittered reconnect backoff;
+	// defaults 100ms and 10s.
+	ReconnectMin, ReconnectMax time.Duration
+	// CatchupFetch is the number of rows fetched per round trip during
+	// catch-up; default 1000.
+	CatchupFetch int
+	// ExcludeDeadLetters names the sinks whose dead letters catch-up skips.
+	ExcludeDeadLetters bool
+}
+
+var slotNameRE = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
+
+// Validate fills defaults and checks the configuration.
+func (c *Config) Validate() error {
+	if c.ConnString == "" {
+		return errors.New("database URL is empty")
+	}
+	if !slotNameRE.MatchString(c.Slot) {
+		return fmt.Errorf("slot name %q must be 1-63 characters of a-z, 0-9 and _", c.Slot)
+	}
+	if c.Publication == "" {
+		return errors.New("publication name is empty")
+	}
+	if c.StatusInterval == 0 {
+		c.StatusInterval = time.Second
+	}
+	if c.SilenceTimeout == 0 {
+		c.SilenceTimeout = 10 * time.Second
+	}
+	if c.SilenceTimeout < 2*c.StatusInterval {
+		return fmt.Errorf("silence timeout %s must be at least twice the status interval %s", c.SilenceTimeout, c.StatusInterval)
+	}
+	if c.IdleAdvanceBytes == 0 {
+		c.IdleAdvanceBytes = 1 << 20
+	}
+	if c.ReconnectMin == 0 {
+		c.ReconnectMin = 100 * time.Millisecond
+	}
+	if c.ReconnectMax == 0 {
+		c.ReconnectMax = 10 * time.Second
+	}
+	if c.CatchupFetch == 0 {
+		c.CatchupFetch = 1000
+	}
+	return nil
+}
+
+// ErrIrreconcilable marks start-up states that need an operator: the slot and
+// the checkpoint disagree in a way that could lose or re-send events.
+var ErrIrreconcilable = errors.New("slot and checkpoint cannot be reconciled")
+
+// Reader streams outbox events from the replication slot.
+type Reader struct {
+	cfg    Config
+	ledger Ledger
+	store  CheckpointStore
+	log    zerolog.Logger
+
+	// State that survives reconnects.
+	resume   pglogrepl.LSN // end of the last fully received transaction (or the start point)
+	received pglogrepl.LSN // highest WAL position received
+	open     *openTxn      // a transaction cut by a disconnect
+	started  bool          // the slot was prepared once
+	sysID    string
+	timeline int32
+}
+
+type openTxn struct {
+	seq      uint64
+	finalLSN pglogrepl.LSN
+	events   int  // events dispatched so far
+	rows     int  // outbox rows handled so far (dispatched or skipped), over all sessions
+	skip     bool // the whole transaction is before the start point
+}
+
+// NewReader returns a reader; cfg must have been validated.
+func NewReader(cfg Config, ledger Ledger, store CheckpointStore, log zerolog.Logger) *Reader {
+	return &Reader{cfg: cfg, ledger: ledger, store: store, log: log.With().Str("component", "cdc").Str("slot", cfg.Slot).Logger()}
+}
+
+// errFatal marks errors a reconnect cannot fix.
+var errFatal = errors.New("fatal")
+
+// errRetry marks start-up conditions worth waiting out (the slot is active in
+// another process: a standby waits for the active instance to go away).
+type errRetry struct{ msg string }
+
+func (e errRetry) Error() string { return e.msg }
+
+// Run streams events into out until ctx ends or an error needs an operator.
+// Connection failures are retried with capped, jittered backoff. When ctx
+// ends, Run stops reading (finishing the transaction in progress if that takes
+// less than a few seconds), closes out, keeps the connection alive with status
+// updates until drained is closed (the pipeline has delivered and flushed what
+// it had), then sends a final status update with the durable position.
+func (r *Reader) Run(ctx context.Context, out chan<- *decode.Event, drained <-chan struct{}) error {
+	var conn *pgconn.PgConn
+	err := r.loop(ctx, out, &conn)
+	close(out)
+	if conn != nil && !conn.IsClosed() {
+		r.finish(conn, drained)
+	}
+	if conn != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		conn.Close(cctx) //nolint:errcheck // closing; the error changes nothing
+		cancel()
+	}
+	return err
+}
+
+func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgconn.PgConn) error {
+	backoff := r.cfg.ReconnectMin
+	for {
+		healthy, err := r.session(ctx, out, connp)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, ErrIrreconcilable) || errors.Is(err, errFatal) {
+			return err
+		}
+		if *connp != nil {
+			(*connp).Close(context.Background()) //nolint:errcheck // the connection is broken anyway
+			*connp = nil
+		}
+		if healthy {
+			backoff = r.cfg.ReconnectMin
+		}
+		wait := backoff/2 + rand.N(backoff/2+1)
+		var retry errRetry
+		if errors.As(err, &retry) {
+			// A standby polls the slot at a steady pace, so it takes over
+			// within about a second of the active instance going away.
+			wait = standbyPoll/2 + rand.N(standbyPoll/2+1)
+			r.log.Info().Str("reason", retry.msg).Dur("retry_in", wait).Msg("waiting for the slot")
+		} else {
+			r.log.Warn().Err(err).Dur("retry_in", wait).Msg("replication stream interrupted; reconnecting")
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+		backoff = min(backoff*2, r.cfg.ReconnectMax)
+	}
+}
+
+// finish keeps the stopped connection alive until the pipeline has drained,
+// then reports the final durable position.
+func (r *Reader) finish(conn *pgconn.PgConn, drained <-chan struct{}) {
+	tick := time.NewTicker(r.cfg.StatusInterval)
+	defer tick.Stop()
+	limit := time.NewTimer(5 * time.Minute)
+	defer limit.Stop()
+	for {
+		select {
+		case <-drained:
+			if err := r.sendStatus(conn, false); err != nil {
+				r.log.Warn().Err(err).Msg("final standby status not sent")
+				return
+			}
+			r.log.Info().Stringer("flush_lsn", r.ledger.Flushed()).Msg("final standby status sent")
+			return
+		case <-tick.C:
+			if err := r.sendStatus(conn, false); err != nil {
+				return
+			}
+		case <-limit.C:
+			return
+		}
+	}
+}
+
+// session connects, prepares the slot on first use, and streams until an
+// error or ctx ends. healthy reports whether streaming got going, which resets
+// the reconnect backoff.
+func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **pgconn.PgConn) (healthy bool, err error) {
+	conn, err := r.connect(ctx, true)
+	if err != nil {
+		return false, err
+	}
+	*connp = conn
+
+	sys, err := pglogrepl.IdentifySystem(ctx, conn)
+	if err != nil {
+		return false, fmt.Errorf("identify system: %w", err)
+	}
+	var snap *snapshot
+	if !r.started {
+		start, s, err := r.prepare(ctx, conn, sys)
+		if err != nil {
+			return false, err
+		}
+		r.ledger.SetFlushed(start)
+		r.resume, r.received, r.started, snap = start, start, true, s
+	} else {
+		if sys.SystemID != r.sysID {
+			return false, fmt.Errorf("%w: reconnected to cluster %s, streaming started on cluster %s", ErrIrreconcilable, sys.SystemID, r.sysID)
+		}
+		slot, err := querySlot(ctx, conn, r.cfg.Slot)
+		if err != nil {
+			return false, err
+		}
+		switch {
+		case slot == nil:
+			return false, fmt.Errorf("%w: slot %q disappeared while streaming; restart outboxd (with OUTBOXD_SLOT_RECREATE=true) or run `outboxd slot reset --yes`", errFatal, r.cfg.Slot)
+		case slot.walStatus == "lost":
+			return false, fmt.Errorf("%w: slot %q was invalidated (wal_status lost) while streaming; restart outboxd (with OUTBOXD_SLOT_RECREATE=true) or run `outboxd slot reset --yes`", errFatal, r.cfg.Slot)
+		case slot.active:
+			return false, errRetry{fmt.Sprintf("slot %q is active in process %d", r.cfg.Slot, slot.activePID)}
+		}
+	}
+
+	// A regular connection that only waits: when the server terminates it
+	// (fast shutdown terminates backends before it stops walsenders), drop the
+	// replication connection too, so that Postgres can stop promptly instead of
+	// waiting for us to confirm events still in flight.
+	sctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	if sentinel, err := r.connect(ctx, false); err == nil {
+		defer sentinel.Close(context.Background()) //nolint:errcheck // best effort
+		go func() {
+			err := sentinel.WaitForNotification(sctx)
+			if sctx.Err() == nil {
+				cancel(fmt.Errorf("server connection lost: %w", err))
+			}
+		}()
+	} else {
+		r.log.Debug().Err(err).Msg("no sentinel connection")
+	}
+
+	if snap != nil {
+		// The snapshot must be imported before the next command on the
+		// replication connection invalidates it.
+		if err := snap.begin(sctx); err != nil {
+			snap.close()
+			return false, fmt.Errorf("%w: %w", errFatal, err)
+		}
+		defer snap.close()
+	}
+
+	err = pglogrepl.StartReplication(sctx, conn, r.cfg.Slot, r.resume, pglogrepl.StartReplicationOptions{
+		PluginArgs: []string{"proto_version '1'", fmt.Sprintf("publication_names '%q'", r.cfg.Publication)},
+	})
+	if err != nil {
+		return false, fmt.Errorf("start replication on slot %q at %s: %w", r.cfg.Slot, r.resume, err)
+	}
+	r.log.Info().Stringer("start_lsn", r.resume).Stringer("flush_lsn", r.ledger.Flushed()).Msg("streaming")
+
+	st := &stream{r: r, conn: conn, out: out, stop: ctx, nextStatus: time.Now()}
+	if snap != nil {
+		if err := r.catchup(sctx, st, snap); err != nil {
+			if ctx.Err() != nil {
+				return true, nil
+			}
+			return true, fmt.Errorf("%w: catch-up from the table: %w (a restart recreates the slot and catches up again)", errFatal, err)
+		}
+		snap.close()
+	}
+	err = st.run(sctx)
+	if c := context.Cause(sctx); c != nil && ctx.Err() == nil && err != nil {
+		err = fmt.Errorf("%w (%w)", err, c)
+	}
+	return true, err
+}
+
+// connect opens a replication (or a regular) connection with the session
+// settings decode relies on: UTC timestamps in ISO format.
+func (r *Reader) connect(ctx context.Context, replication bool) (*pgconn.PgConn, error) {
+	cfg, err := pgconn.ParseConfig(r.cfg.ConnString)
+	if err != nil {
+		return nil, fmt.Errorf("parse database URL: %w", redactParseError(err))
+	}
+	if replication {
+		cfg.RuntimeParams["replication"] = "database"
+	}
+	cfg.RuntimeParams["application_name"] = "outboxd"
+	cfg.RuntimeParams["TimeZone"] = "UTC"
+	cfg.RuntimeParams["DateStyle"] = "ISO, YMD"
+	cfg.RuntimeParams["extra_float_digits"] = "1"
+	if cfg.ConnectTimeout == 0 {
+		cfg.ConnectTimeout = 10 * time.Second
+	}
+	conn, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	return conn, nil
+}
+
+// redactParseError drops the connection string pgconn may quote when it
+// cannot parse it: it can hold a password.
+func redactParseError(err error) error {
+	var pe *pgconn.ParseConfigError
+	if errors.As(err, &pe) {
+		return errors.New("invalid connection string")
+	}
+	return err
+}
+
+type slotInfo struct {
+	plugin         string
+	database       string
+	active         bool
+	activePID      int
+	confirmedFlush pglogrepl.LSN
+	walStatus      string
+}
+
+// querySlot reads the slot's row; nil when there is none. Replication
+// connections in database mode accept simple SQL queries.
+func querySlot(ctx context.Context, conn *pgconn.PgConn, slot string) (*slotInfo, error) {
+	res, err := conn.Exec(ctx, `SELECT coalesce(plugin, ''), coalesce(database, ''), active, coalesce(active_pid, 0),
+ coalesce(confirmed_flush_lsn, '0/0'), coalesce(wal_status, ''), current_database()
+FROM pg_replication_slots WHERE slot_name = '`+slot+`'`).ReadAll()
+	if err != nil {
+		return nil, fmt.Errorf("query slot %q: %w", slot, err)
+	}
+	if len(res) != 1 || len(res[0].Rows) == 0 {
+		return nil, nil
+	}
+	row := res[0].Rows[0]
+	s := &slotInfo{plugin: string(row[0]), database: string(row[1]), active: string(row[2]) == "t", walStatus: string(row[5])}
+	fmt.Sscan(string(row[3]), &s.activePID) //nolint:errcheck // an int from the server
+	if s.confirmedFlush, err = pglogrepl.ParseLSN(string(row[4])); err != nil {
+		return nil, fmt.Errorf("parse confirmed_flush_lsn of slot %q: %w", slot, err)
+	}
+	if s.database != string(row[6]) {
+		return nil, fmt.Errorf("%w: slot %q belongs to database %q, connected to %q", ErrIrreconcilable, slot, s.database, string(row[6]))
+	}
+	return s, nil
+}
+
+// prepare reconciles the slot with the stored checkpoint and returns where to
+// start streaming, plus a snapshot to catch up from when the slot was created.
+func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl.IdentifySystemResult) (pglogrepl.LSN, *snapshot, error) {
+	r.sysID, r.timeline = sys.SystemID, sys.Timeline
+	slot, err := querySlot(ctx, conn, r.cfg.Slot)
+	if err != nil {
+		return 0, nil, err
+	}
+	if slot != nil && slot.active {
+		return 0, nil, errRetry{fmt.Sprintf("slot %q is active in process %d", r.cfg.Slot, slot.activePID)}
+	}
+	cp, err := r.store.Load(ctx)
+	haveCP := err == nil
+	if err != nil && !errors.Is(err, checkpoint.ErrNoCheckpoint) {
+		return 0, nil, err
+	}
+	if haveCP && cp.SystemID != sys.SystemID {
+		return 0, nil, fmt.Errorf("%w: the checkpoint of slot %q was written on cluster %s but this server is cluster %s; run `outboxd slot reset --yes` to recreate the slot and deliver every unprocessed row from the table",
+			ErrIrreconcilable, r.cfg.Slot, cp.SystemID, sys.SystemID)
+	}
+	log := r.log.With().Bool("checkpoint", haveCP).Stringer("checkpoint_lsn", cp.LSN).Logger()
+	switch {
+	case slot == nil && !haveCP:
+		log.Info().Msg("creating slot (first start)")
+	case slot == nil || slot.walStatus == "lost":
+		what := "is missing"
+		if slot != nil {
+			what = "was invalidated (wal_status lost)"
+		}
+		if !r.cfg.SlotRecreate {
+			return 0, nil, fmt.Errorf("%w: slot %q %s although a checkpoint exists; set OUTBOXD_SLOT_RECREATE=true or run `outboxd slot reset --yes` to recreate it and deliver every unprocessed row from the table",
+				ErrIrreconcilable, r.cfg.Slot, what)
+		}
+		log.Warn().Str("slot_state", what).Msg("recreating slot; unprocessed rows will be caught up from the table")
+	case slot.plugin != "pgoutput":
+		return 0, nil, fmt.Errorf("%w: slot %q uses plugin %q, outboxd needs pgoutput", ErrIrreconcilable, r.cfg.Slot, slot.plugin)
+	case !haveCP:
+		log.Warn().Msg("slot exists without a checkpoint; recreating it and catching up from the table")
+	case cp.CatchupPending:
+		log.Warn().Msg("the previous catch-up did not finish; recreating the slot and catching up again")
+	default:
+		if cp.Timeline != sys.Timeline {
+			log.Warn().Int32("checkpoint_timeline", cp.Timeline).Int32("timeline", sys.Timeline).Msg("timeline changed since the checkpoint")
+		}
+		start := max(cp.LSN, slot.confirmedFlush)
+		log.Info().Stringer("confirmed_flush_lsn", slot.confirmedFlush).Str("wal_status", slot.walStatus).Stringer("start_lsn", start).Msg("slot and checkpoint reconciled")
+		return start, nil, nil
+	}
+	if slot != nil {
+		if err := pglogrepl.DropReplicationSlot(ctx, conn, r.cfg.Slot, pglogrepl.DropReplicationSlotOptions{Wait: true}); err != nil {
+			return 0, nil, fmt.Errorf("drop slot %q: %w", r.cfg.Slot, err)
+		}
+	}
+	res, err := pglogrepl.CreateReplicationSlot(ctx, conn, r.cfg.Slot, "pgoutput",
+		pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	if err != nil {
+		return 0, nil, fmt.Errorf("create slot %q: %w", r.cfg.Slot, err)
+	}
+	consistent, err := pglogrepl.ParseLSN(res.ConsistentPoint)
+	if err != nil {
+		return 0, nil, fmt.Errorf("parse consistent point of slot %q: %w", r.cfg.Slot, err)
+	}
+	if err := r.store.Save(ctx, checkpoint.Checkpoint{LSN: consistent, SystemID: sys.SystemID, Timeline: sys.Timeline, CatchupPending: true}); err != nil {
+		return 0, nil, err
+	}
+	r.log.Info().Stringer("consistent_lsn", consistent).Msg("slot created")
+	return consistent, &snapshot{r: r, name: res.SnapshotName, lsn: consistent}, nil
+}
+
+// sendStatus reports write = last received, flush = apply = durable position.
+func (r *Reader) sendStatus(conn *pgconn.PgConn, reply bool) error {
+	flush := r.ledger.Flushed()
+	if flush == 0 {
+		// pglogrepl would turn a zero flush into the write position: never
+		// let it confirm what is not durable.
+		return nil
+	}
+	write := max(r.received, flush)
+	err := pglogrepl.SendStandbyStatusUpdate(context.Background(), conn, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: write, WALFlushPosition: flush, WALApplyPosition: flush, ReplyRequested: reply,
+	})
+	if err != nil {
+		return fmt.Errorf("send standby status: %w", err)
+	}
+	return nil
+}
+
+// stream is one streaming session.
+type stream struct {
+	r          *Reader
+	conn       *pgconn.PgConn
+	out        chan<- *decode.Event
+	stop       context.Context // the caller's context: when it ends, stop at a transaction boundary
+	dec        *decode.Decoder
+	nextStatus time.Time
+	lastFlush  pglogrepl.LSN
+	lastHeard  time.Time
+	seen       int // outbox rows of the current transaction seen in this session
+}
+
+// status sends a standby status update when one is due: every status
+// interval, or at once when asked.
+func (s *stream) status(force, reply bool) error {
+	now := time.Now()
+	if !force && now.Before(s.nextStatus) {
+		return nil
+	}
+	s.nextStatus = now.Add(s.r.cfg.StatusInterval)
+	s.lastFlush = s.r.ledger.Flushed()
+	return s.r.sendStatus(s.conn, reply)
+}
+
+// emit hands one event downstream; while the output is full it keeps the
+// walsender satisfied with status updates.
+func (s *stream) emit(ctx context.Context, e *decode.Event) error {
+	select {
+	case s.out <- e:
+		return nil
+	default:
+	}
+	tick := time.NewTicker(s.r.cfg.StatusInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case s.out <- e:
+			return nil
+		case <-tick.C:
+			if err := s.status(true, false); err != nil {
+				return err
+			}
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+	}
+}
+
+// standbyPoll is how often a standby checks whether the slot is free.
+const standbyPoll = time.Second
+
+// stopGrace is how long a stopping reader keeps reading to finish the
+// transaction in progress.
+const stopGrace = 5 * time.Second
+
+func (s *stream) run(ctx context.Context) error {
+	r := s.r
+	if s.dec == nil {
+		s.dec = decode.NewDecoder(r.cfg.Table)
+	}
+	s.lastHeard = time.Now()
+	// After the caller stops us, keep going for a moment to finish the
+	// transaction in progress; rctx bounds that.
+	rctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	defer cancel(nil)
+	stopAfter := context.AfterFunc(ctx, func() {
+		if s.stop.Err() == nil {
+			cancel(context.Cause(ctx)) // not a stop: the session broke
+			return
+		}
+		time.AfterFunc(stopGrace, func() { cancel(errors.New("stop grace elapsed")) })
+	})
+	defer stopAfter()
+
+	for {
+		if s.stop.Err() != nil && r.open == nil {
+			return nil
+		}
+		if err := rctx.Err(); err != nil {
+			return context.Cause(rctx)
+		}
+		silent := time.Since(s.lastHeard)
+		if silent > r.cfg.SilenceTimeout {
+			return fmt.Errorf("no message from the server for %s", silent.Round(time.Millisecond))
+		}
+		flushed := r.ledger.Flushed()
+		if err := s.status(flushed != s.lastFlush, silent > r.cfg.StatusInterval); err != nil {
+			return err
+		}
+		dctx, dcancel := context.WithDeadline(rctx, s.nextStatus)
+		msg, err := s.conn.ReceiveMessage(dctx)
+		dcancel()
+		if err != nil {
+			if pgconn.Timeout(err) && rctx.Err() == nil {
+				continue
+			}
+			if rctx.Err() != nil {
+				return context.Cause(rctx)
+			}
+			return fmt.Errorf("receive: %w", err)
+		}
+		s.lastHeard = time.Now()
+		switch msg := msg.(type) {
+		case *pgproto3.CopyData:
+			if err := s.copyData(rctx, msg.Data); err != nil {
+				return err
+			}
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("replication stream: %w", pgconn.ErrorResponseToPgError(msg))
+		case *pgproto3.CopyDone:
+			return errors.New("server ended the replication stream")
+		default:
+			// Notices and the like.
+		}
+	}
+}
+
+func (s *stream) copyData(ctx context.Context, data []byte) error {
+	if len(data) == 0 {
+		return nil
+	}
+	r := s.r
+	switch data[0] {
+	case pglogrepl.PrimaryKeepaliveMessageByteID:
+		ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(data[1:])
+		if err != nil {
+			return fmt.Errorf("parse keepalive: %w", err)
+		}
+		r.received = max(r.received, ka.ServerWALEnd)
+		if r.open == nil && r.ledger.InFlight() == 0 && ka.ServerWALEnd > r.ledger.Flushed() {
+			// Nothing is in flight and everything received is durable: the
+			// server's WAL end can be confirmed, so an idle outbox does not pin
+			// WAL (G7) and a stopping server is not kept waiting.
+			if r.ledger.AdvanceIdle(ka.ServerWALEnd) {
+				r.resume = max(r.resume, ka.ServerWALEnd)
+			}
+		}
+		if ka.ReplyRequested || r.ledger.Flushed() != s.lastFlush {
+			return s.status(true, false)
+		}
+		return nil
+	case pglogrepl.XLogDataByteID:
+		xld, err := pglogrepl.ParseXLogData(data[1:])
+		if err != nil {
+			return fmt.Errorf("parse xlogdata: %w", err)
+		}
+		r.received = max(r.received, xld.WALStart)
+		return s.message(ctx, xld)
+	}
+	return nil
+}
+
+// firstSeen counts an outbox row of the current transaction and reports
+// whether it is seen for the first time: rows of a transaction resent after a
+// disconnect were handled already.
+func (s *stream) firstSeen() bool {
+	o := s.r.open
+	if o == nil {
+		return true
+	}
+	s.seen++
+	if s.seen <= o.rows {
+		return false
+	}
+	o.rows = s.seen
+	return true
+}
+
+func (s *stream) message(ctx context.Context, xld pglogrepl.XLogData) error {
+	r := s.r
+	m, err := s.dec.Decode(xld.WALData)
+	if err != nil {
+		var bad *decode.BadRowError
+		if errors.As(err, &bad) {
+			if s.firstSeen() {
+				r.log.Error().Err(err).Stringer("lsn", xld.WALStart).Msg("row skipped: it cannot be delivered or marked")
+			}
+			return nil
+		}
+		return fmt.Errorf("%w: decode message at %s: %w", errFatal, xld.WALStart, err)
+	}
+	switch m.Kind {
+	case decode.KindBegin:
+		if o := r.open; o != nil {
+			// A transaction cut by a disconnect is sent again from its start.
+			if o.finalLSN != m.Begin.FinalLSN {
+				return fmt.Errorf("%w: expected transaction %s to be resent, got %s", errFatal, o.finalLSN, m.Begin.FinalLSN)
+			}
+			s.seen = 0
+			return nil
+		}
+		s.seen = 0
+		if m.Begin.FinalLSN < r.resume {
+			r.open = &openTxn{finalLSN: m.Begin.FinalLSN, skip: true}
+			return nil
+		}
+		r.open = &openTxn{seq: r.ledger.Open(m.Begin.FinalLSN, false), finalLSN: m.Begin.FinalLSN}
+	case decode.KindEvent:
+		o := r.open
+		if o == nil {
+			return fmt.Errorf("%w: insert at %s outside a transaction", errFatal, xld.WALStart)
+		}
+		if !s.firstSeen() || o.skip || m.Event.Processed {
+			return nil
+		}
+		e := m.Event
+		e.CommitLSN, e.TxnSeq, e.Index = o.finalLSN, o.seq, o.events
+		o.events++
+		return s.emit(ctx, e)
+	case decode.KindCommit:
+		o := r.open
+		if o == nil {
+			return fmt.Errorf("%w: commit at %s outside a transaction", errFatal, xld.WALStart)
+		}
+		r.open = nil
+		if !o.skip {
+			if err := r.ledger.Close(o.seq, m.Commit.EndLSN, o.events); err != nil {
+				return fmt.Errorf("%w: %w", errFatal, err)
+			}
+		}
+		r.resume = max(r.resume, m.Commit.EndLSN)
+	case decode.KindRelation:
+		// The decoder keeps its cache; a relation that no longer fits is
+		// reported by the decoder on the next insert.
+	}
+	return nil
+}

@@ -1,0 +1,151 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
+	"github.com/spf13/cobra"
+
+	"github.com/outboxd/outboxd/migrations"
+	"github.com/outboxd/outboxd/pipeline"
+)
+
+// setup reads the configuration, applies flag overrides and builds the logger.
+func setup(envMap map[string]string, stderr io.Writer, override func(*config)) (config, zerolog.Logger, error) {
+	c, warnings, err := loadConfig(envMap)
+	if err != nil {
+		return c, zerolog.Nop(), err
+	}
+	if override != nil {
+		override(&c)
+	}
+	log, err := c.logger(stderr)
+	if err != nil {
+		return c, log, err
+	}
+	for _, w := range warnings {
+		log.Warn().Msg(w)
+	}
+	return c, log, nil
+}
+
+func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
+	var webhookURL, httpAddr string
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Stream the outbox table and deliver every event (the main job)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, log, err := setup(envMap, stderr, func(c *config) {
+				if cmd.Flags().Changed("webhook-url") {
+					c.WebhookURL = webhookURL
+				}
+				if cmd.Flags().Changed("http-addr") {
+					c.HTTPAddr = httpAddr
+				}
+			})
+			if err != nil {
+				return err
+			}
+			pc, err := c.pipelineConfig()
+			if err != nil {
+				return err
+			}
+			if c.Sink != "webhook" {
+				s, err := buildSink(c.Sink, envMap, log)
+				if err != nil {
+					return err
+				}
+				defer s.Close()
+				pc.Sink = s
+			}
+			ctx := cmd.Context()
+			if c.HTTPAddr != "" {
+				srv, err := startHTTP(ctx, c.HTTPAddr, log)
+				if err != nil {
+					return err
+				}
+				defer srv.Close()
+			}
+			log.Info().Str("version", version).Str("slot", pc.Slot).Str("table", c.Table).Msg("outboxd starting")
+			if err := pipeline.Run(ctx, pc, log); err != nil {
+				return err
+			}
+			log.Info().Msg("outboxd stopped")
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&webhookURL, "webhook-url", "", "webhook URL (overrides OUTBOXD_WEBHOOK_URL)")
+	cmd.Flags().StringVar(&httpAddr, "http-addr", "", "health and metrics address (overrides OUTBOXD_HTTP_ADDR; empty disables)")
+	return cmd
+}
+
+// startHTTP serves /healthz (the process is alive).
+func startHTTP(ctx context.Context, addr string, log zerolog.Logger) (*http.Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, badVar("HTTP_ADDR", "listen on %s: %v", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Write([]byte("ok\n")) //nolint:errcheck // client gone
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	go func() {
+		if err := srv.Serve(ln); err != nil && err != http.ErrServerClosed {
+			log.Error().Err(err).Msg("http server stopped")
+		}
+	}()
+	return srv, nil
+}
+
+func migrateCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Command {
+	return &cobra.Command{
+		Use:   "migrate",
+		Short: "Create or upgrade the outbox table, outboxd's tables and the publication (idempotent)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, _, err := setup(envMap, stderr, nil)
+			if err != nil {
+				return err
+			}
+			if err := c.requireDatabase(); err != nil {
+				return err
+			}
+			table, err := c.table()
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			conn, err := pgx.Connect(ctx, c.DatabaseURL)
+			if err != nil {
+				return fmt.Errorf("connect: %w", err)
+			}
+			defer conn.Close(context.WithoutCancel(ctx))
+			res, err := migrations.Migrate(ctx, conn, migrations.Options{Schema: table.Schema, Table: table.Name, Publication: c.Publication})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "schema version %d -> %d\n", res.FromVersion, res.ToVersion)
+			if res.TableCreated {
+				fmt.Fprintf(stdout, "created table %s\n", c.Table)
+			}
+			for _, col := range res.ColumnsAdded {
+				fmt.Fprintf(stdout, "added column %s.%s\n", c.Table, col)
+			}
+			if res.PublicationCreated {
+				fmt.Fprintf(stdout, "created publication %s (publish = insert)\n", c.Publication)
+			}
+			if res.TableAddedToPublication {
+				fmt.Fprintf(stdout, "added %s to publication %s\n", c.Table, c.Publication)
+			}
+			return nil
+		},
+	}
+}

@@ -1,0 +1,43 @@
+-- roles.sql: a least-privilege role for running outboxd. Not applied by
+-- `outboxd migrate`: review it, then apply it as a superuser (or a role with
+-- CREATEROLE that owns the tables) after `outboxd migrate` has created them:
+--
+--   psql "$ADMIN_DATABASE_URL" -v ON_ERROR_STOP=1 -f migrations/roles.sql
+--   psql "$ADMIN_DATABASE_URL" -c "ALTER ROLE outboxd PASSWORD '…'"
+--   OUTBOXD_DATABASE_URL=postgres://outboxd:…@host/db outboxd run
+--
+-- It is written for the defaults (OUTBOXD_TABLE=public.domain_event): for
+-- another table or schema, replace public and domain_event below. Re-running
+-- it is harmless.
+--
+-- What outboxd does, and the privilege each needs:
+--   * streams the outbox through a logical replication slot: LOGIN, REPLICATION
+--     (on Amazon RDS/Aurora: GRANT rds_replication TO outboxd instead);
+--   * reads unprocessed rows (catch-up after slot loss, replay): USAGE on the
+--     schema, SELECT on the outbox table;
+--   * marks rows delivered: UPDATE of is_processed, processed_at and
+--     delivery_attempts only. It never inserts, deletes or edits events;
+--   * keeps its checkpoint and dead letters: SELECT, INSERT, UPDATE, DELETE on
+--     outboxd_checkpoint and outboxd_dead_letter;
+--   * checks the schema version at start: SELECT on outboxd_schema_version.
+-- It needs no ownership and no superuser. `outboxd migrate` is a different
+-- matter: it runs as the table owner, since creating a publication for a table
+-- requires owning it.
+-- CONNECT on the database is granted to PUBLIC by default; if you revoked it:
+--   GRANT CONNECT ON DATABASE yourdb TO outboxd;
+
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outboxd') THEN
+    CREATE ROLE outboxd LOGIN REPLICATION;
+  END IF;
+END
+$$;
+
+GRANT USAGE ON SCHEMA public TO outboxd;
+
+GRANT SELECT ON public.domain_event TO outboxd;
+GRANT UPDATE (is_processed, processed_at, delivery_attempts) ON public.domain_event TO outboxd;
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.outboxd_checkpoint, public.outboxd_dead_letter TO outboxd;
+GRANT SELECT ON public.outboxd_schema_version TO outboxd;

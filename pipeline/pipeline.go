@@ -1,0 +1,235 @@
+// Package pipeline wires the stages of outboxd's main job: the replication
+// reader (cdc), the dispatcher and its sink (deliver, sink) and the checkpoint
+// (checkpoint), and runs them with the shutdown order the guarantees need.
+//
+// Shutdown: stop reading (at a transaction boundary when that is quick), let
+// the dispatcher deliver what it holds until the drain deadline, flush the
+// checkpoint one last time, send the final standby status, close connections.
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+
+	"github.com/outboxd/outboxd/cdc"
+	"github.com/outboxd/outboxd/checkpoint"
+	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/deliver"
+	"github.com/outboxd/outboxd/migrations"
+	"github.com/outboxd/outboxd/sink"
+)
+
+// Config is everything the main job needs.
+type Config struct {
+	DatabaseURL  string
+	Table        decode.Table
+	Slot         string
+	Publication  string
+	SlotRecreate bool
+
+	Deliver deliver.Config
+	// Sink delivers the events; when nil, a webhook sink is built from Webhook.
+	Sink    sink.Sink
+	Webhook sink.WebhookConfig
+
+	// FlushInterval and FlushSize trigger checkpoint flushes; defaults 200ms
+	// and 1000 events.
+	FlushInterval time.Duration
+	FlushSize     int
+	// ShutdownTimeout bounds the drain of in-flight deliveries on stop;
+	// default 10s.
+	ShutdownTimeout time.Duration
+	// StatusInterval is the standby status period; default 1s.
+	StatusInterval time.Duration
+
+	// Observer receives counts for metrics; may be nil.
+	Observer Observer
+}
+
+// Observer is told what happens, for metrics.
+type Observer interface {
+	Delivered(r deliver.Result)
+	Flushed(b checkpoint.Batch, took time.Duration)
+	Received(e *decode.Event)
+}
+
+// Validate fills defaults and checks the configuration.
+func (c *Config) Validate() error {
+	if c.DatabaseURL == "" {
+		return errors.New("database URL is empty")
+	}
+	if c.Table.Schema == "" {
+		c.Table.Schema = "public"
+	}
+	if c.Table.Name == "" {
+		c.Table.Name = "domain_event"
+	}
+	if c.Slot == "" {
+		c.Slot = "outboxd"
+	}
+	if c.Publication == "" {
+		c.Publication = "outboxd"
+	}
+	if c.FlushInterval == 0 {
+		c.FlushInterval = 200 * time.Millisecond
+	}
+	if c.FlushSize == 0 {
+		c.FlushSize = 1000
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = 10 * time.Second
+	}
+	if err := c.Deliver.Validate(); err != nil {
+		return err
+	}
+	if c.Sink == nil {
+		if err := c.Webhook.Validate(); err != nil {
+			return err
+		}
+	}
+	rc := c.readerConfig()
+	return rc.Validate()
+}
+
+func (c *Config) readerConfig() cdc.Config {
+	return cdc.Config{
+		ConnString: c.DatabaseURL, Slot: c.Slot, Publication: c.Publication, Table: c.Table,
+		SlotRecreate: c.SlotRecreate, StatusInterval: c.StatusInterval,
+	}
+}
+
+// Run runs the main job until ctx ends (a clean stop returns nil) or a
+// component fails.
+func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	poolCfg, err := pgxpool.ParseConfig(cfg.DatabaseURL)
+	if err != nil {
+		return errors.New("parse database URL: invalid connection string")
+	}
+	poolCfg.MaxConns = 4
+	poolCfg.ConnConfig.RuntimeParams["application_name"] = "outboxd"
+	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
+	if err != nil {
+		return fmt.Errorf("open database pool: %w", err)
+	}
+	defer pool.Close()
+
+	if err := checkSchema(ctx, pool, cfg); err != nil {
+		return err
+	}
+
+	s := cfg.Sink
+	if s == nil {
+		w, err := sink.NewWebhook(cfg.Webhook, log)
+		if err != nil {
+			return err
+		}
+		defer w.Close()
+		s = w
+	}
+
+	tracker := checkpoint.NewTracker(0, cfg.FlushSize)
+	store := checkpoint.NewStore(pool, checkpoint.StoreConfig{Schema: cfg.Table.Schema, Table: cfg.Table.Name, Slot: cfg.Slot})
+	rcfg := cfg.readerConfig()
+	if err := rcfg.Validate(); err != nil {
+		return err
+	}
+	reader := cdc.NewReader(rcfg, tracker, store, log)
+	var onResult func(deliver.Result)
+	flusher := &checkpoint.Flusher{Tracker: tracker, Writer: store, Interval: cfg.FlushInterval,
+		Log: log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger()}
+	if o := cfg.Observer; o != nil {
+		onResult = o.Delivered
+		flusher.OnFlush = o.Flushed
+	}
+	disp := deliver.New(cfg.Deliver, s, tracker, log.With().Str("component", "deliver").Logger(), onResult)
+
+	var (
+		mu       sync.Mutex
+		firstErr error
+	)
+	fail := func(err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if firstErr == nil {
+			firstErr = err
+		}
+	}
+	readCtx, stopReading := context.WithCancel(ctx)
+	defer stopReading()
+	deliverCtx, stopDelivering := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopDelivering()
+	flushCtx, stopFlushing := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopFlushing()
+	// The drain deadline starts when reading stops.
+	stopDrain := context.AfterFunc(readCtx, func() {
+		time.AfterFunc(cfg.ShutdownTimeout, stopDelivering)
+	})
+	defer stopDrain()
+
+	raw := make(chan *decode.Event, 1024)
+	events := raw
+	if o := cfg.Observer; o != nil {
+		events = make(chan *decode.Event, 1024)
+		go func() {
+			defer close(events)
+			for e := range raw {
+				o.Received(e)
+				events <- e
+			}
+		}()
+	}
+	drained := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(3)
+	go func() {
+		defer wg.Done()
+		if err := reader.Run(readCtx, raw, drained); err != nil {
+			fail(err)
+			stopReading()
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		defer stopFlushing()
+		if err := disp.Run(deliverCtx, events); err != nil && !errors.Is(err, context.Canceled) {
+			fail(fmt.Errorf("deliver: %w", err))
+			stopReading()
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		defer close(drained)
+		if err := flusher.Run(flushCtx); err != nil {
+			fail(err)
+			stopReading()
+			stopDelivering()
+		}
+	}()
+	wg.Wait()
+	return firstErr
+}
+
+// checkSchema verifies the migrations ran, with a message that says what to do.
+func checkSchema(ctx context.Context, pool *pgxpool.Pool, cfg Config) error {
+	return pool.AcquireFunc(ctx, func(c *pgxpool.Conn) error {
+		return checkConn(ctx, c.Conn(), cfg)
+	})
+}
+
+func checkConn(ctx context.Context, conn *pgx.Conn, cfg Config) error {
+	err := migrations.Check(ctx, conn, migrations.Options{Schema: cfg.Table.Schema, Table: cfg.Table.Name, Publication: cfg.Publication})
+	if err != nil {
+		return fmt.Errorf("check schema: %w", err)
+	}
+	return nil
+}
