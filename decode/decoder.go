@@ -34,6 +34,8 @@ const (
 	KindEvent                // an insert into the outbox table: Message.Event set
 	KindInsert               // an insert into another published relation: Message.Row set (used later for a subscription table)
 	KindLogical              // a logical decoding message (pg_logical_emit_message), Message.Logical set
+	KindUpdate               // an update of another published relation: Message.Row holds the new row
+	KindDelete               // a delete from another published relation: Message.Row holds the old key (other columns NULL)
 )
 
 // String returns the kind's name.
@@ -53,6 +55,10 @@ func (k Kind) String() string {
 		return "insert"
 	case KindLogical:
 		return "logical"
+	case KindUpdate:
+		return "update"
+	case KindDelete:
+		return "delete"
 	default:
 		return fmt.Sprintf("kind(%d)", int(k))
 	}
@@ -163,9 +169,12 @@ func (d *Decoder) Decode(data []byte) (Message, error) {
 		return d.insert(body)
 	case 'M':
 		return decodeLogical(body)
-	case 'U', 'D', 'T', 'Y', 'O':
-		// Update, delete, truncate, type and origin: the publication sends
-		// inserts only, and types and origins change nothing here.
+	case 'U':
+		return d.update(body)
+	case 'D':
+		return d.delete(body)
+	case 'T', 'Y', 'O':
+		// Truncate, type and origin change nothing here.
 		return Message{Kind: KindIgnored}, nil
 	case 'S', 'E', 'c', 'A', 'b', 'P', 'K', 'r', 'p':
 		return Message{}, fmt.Errorf("decode: message type %q needs a protocol version above 1: %w", data[0], ErrUnsupported)
@@ -314,6 +323,108 @@ func (d *Decoder) insert(b []byte) (Message, error) {
 	ev.Index = d.index
 	d.index++
 	return Message{Kind: KindEvent, Event: ev}, nil
+}
+
+// update: Int32 relation id, optionally Byte1 'K' or 'O' and the old
+// TupleData, then Byte1 'N' and the new TupleData. Updates of the outbox table
+// are ignored (the marking UPDATEs never matter); for other relations the new
+// row is returned.
+func (d *Decoder) update(b []byte) (Message, error) {
+	if len(b) < 5 {
+		return Message{}, malformed("update", "truncated header")
+	}
+	id := binary.BigEndian.Uint32(b)
+	e := d.rels[id]
+	if e == nil {
+		return Message{}, fmt.Errorf("decode update: relation %d: %w", id, ErrUnknownRelation)
+	}
+	rest := b[4:]
+	if rest[0] == 'K' || rest[0] == 'O' {
+		n, err := tupleLen(rest[1:])
+		if err != nil {
+			return Message{}, fmt.Errorf("decode update: relation %d: old tuple: %w", id, err)
+		}
+		rest = rest[1+n:]
+	}
+	if len(rest) == 0 || rest[0] != 'N' {
+		return Message{}, malformed("update", "relation %d: missing new tuple", id)
+	}
+	if e.outbox {
+		return Message{Kind: KindIgnored}, nil
+	}
+	row, err := d.otherRow(e, rest[1:])
+	if err != nil {
+		return Message{}, fmt.Errorf("decode update: relation %d (%s.%s): %w", id, e.rel.Namespace, e.rel.Name, err)
+	}
+	return Message{Kind: KindUpdate, Row: row}, nil
+}
+
+// delete: Int32 relation id, Byte1 'K' or 'O', TupleData of the old key or row.
+func (d *Decoder) delete(b []byte) (Message, error) {
+	if len(b) < 5 {
+		return Message{}, malformed("delete", "truncated header")
+	}
+	id := binary.BigEndian.Uint32(b)
+	e := d.rels[id]
+	if e == nil {
+		return Message{}, fmt.Errorf("decode delete: relation %d: %w", id, ErrUnknownRelation)
+	}
+	if b[4] != 'K' && b[4] != 'O' {
+		return Message{}, malformed("delete", "relation %d: tuple marker %q, want 'K' or 'O'", id, b[4])
+	}
+	if e.outbox {
+		return Message{Kind: KindIgnored}, nil
+	}
+	row, err := d.otherRow(e, b[5:])
+	if err != nil {
+		return Message{}, fmt.Errorf("decode delete: relation %d (%s.%s): %w", id, e.rel.Namespace, e.rel.Name, err)
+	}
+	return Message{Kind: KindDelete, Row: row}, nil
+}
+
+func (d *Decoder) otherRow(e *relEntry, b []byte) (*Row, error) {
+	n := len(e.rel.Columns)
+	if cap(d.vals) < n {
+		d.vals = make([][]byte, n)
+	}
+	vals := d.vals[:n]
+	defer clear(vals)
+	if err := scanTuple(b, vals); err != nil {
+		return nil, err
+	}
+	return copyRow(e.rel, vals), nil
+}
+
+// tupleLen returns the length of the TupleData at the start of b.
+func tupleLen(b []byte) (int, error) {
+	if len(b) < 2 {
+		return 0, fmt.Errorf("truncated column count: %w", ErrMalformed)
+	}
+	n := int(binary.BigEndian.Uint16(b))
+	i := 2
+	for c := range n {
+		if i >= len(b) {
+			return 0, fmt.Errorf("column %d: truncated: %w", c, ErrMalformed)
+		}
+		kind := b[i]
+		i++
+		switch kind {
+		case 'n', 'u':
+		case 't', 'b':
+			if len(b)-i < 4 {
+				return 0, fmt.Errorf("column %d: truncated length: %w", c, ErrMalformed)
+			}
+			l := uint64(binary.BigEndian.Uint32(b[i:]))
+			i += 4
+			if l > uint64(len(b)-i) {
+				return 0, fmt.Errorf("column %d: length %d past the end: %w", c, l, ErrMalformed)
+			}
+			i += int(l)
+		default:
+			return 0, fmt.Errorf("column %d: value kind %q: %w", c, kind, ErrMalformed)
+		}
+	}
+	return i, nil
 }
 
 // scanTuple parses TupleData: Int16 column count, then per column Byte1 kind

@@ -143,6 +143,42 @@ func TestDecodeCopiesInput(t *testing.T) {
 	require.Equal(t, &Logical{LSN: 5, Prefix: "outboxd", Content: []byte("content"), Transactional: true}, m.Logical)
 }
 
+func TestDecodeUpdateAndDeleteOfOtherRelation(t *testing.T) {
+	t.Parallel()
+	d := setup(t)
+	_, err := d.Decode(relationMsg(9, "public", "outboxd_subscription", col{"id", pgtype.Int8OID}, col{"url", pgtype.TextOID}))
+	require.NoError(t, err)
+
+	// Update without and with the old key.
+	for _, data := range [][]byte{
+		msg('U').u32(9).u8('N').u16(2).u8('t').u32(1).raw([]byte("7")).u8('t').u32(5).raw([]byte("https")).b,
+		msg('U').u32(9).u8('K').u16(2).u8('t').u32(1).raw([]byte("7")).u8('n').
+			u8('N').u16(2).u8('t').u32(1).raw([]byte("7")).u8('t').u32(5).raw([]byte("https")).b,
+	} {
+		m, err := d.Decode(data)
+		require.NoError(t, err)
+		require.Equal(t, KindUpdate, m.Kind)
+		require.Equal(t, [][]byte{[]byte("7"), []byte("https")}, m.Row.Values)
+	}
+	m, err := d.Decode(msg('D').u32(9).u8('K').u16(2).u8('t').u32(1).raw([]byte("7")).u8('n').b)
+	require.NoError(t, err)
+	require.Equal(t, KindDelete, m.Kind)
+	require.Equal(t, []byte("7"), m.Row.Values[0])
+	require.Nil(t, m.Row.Values[1])
+
+	// Malformed updates and deletes are errors, not panics.
+	for _, data := range [][]byte{
+		{'U'}, {'D'},
+		msg('U').u32(9).u8('K').u16(3).b,
+		msg('U').u32(9).u8('X').b,
+		msg('D').u32(9).u8('N').u16(2).b,
+		msg('U').u32(77).u8('N').u16(0).b,
+	} {
+		_, err := d.Decode(data)
+		require.Error(t, err, "%q", data)
+	}
+}
+
 func TestDecodeOtherRelation(t *testing.T) {
 	t.Parallel()
 	d := NewDecoder(Table{Name: "domain_event"})
@@ -195,7 +231,7 @@ func TestDecodeIgnored(t *testing.T) {
 		// Origin: commit LSN and name.
 		msg('O').u64(0x1000).str("capture_origin").b,
 		// Ignored kinds are not parsed, so truncated ones are ignored too.
-		{'U'}, {'D'}, {'T'}, {'Y'}, {'O'},
+		{'T'}, {'Y'}, {'O'},
 	} {
 		m, err := d.Decode(data)
 		require.NoError(t, err, "%q", data)
