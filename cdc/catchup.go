@@ -34,6 +34,7 @@ func (s *snapshot) begin(ctx context.Context) error {
 	t := s.r.cfg.Table
 	table := pgx.Identifier{t.Schema, t.Name}.Sanitize()
 	dead := pgx.Identifier{t.Schema, "outboxd_dead_letter"}.Sanitize()
+	parked := pgx.Identifier{t.Schema, "outboxd_parked"}.Sanitize()
 	// The snapshot name comes from the server; it is a plain token.
 	sql := `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 SET TRANSACTION SNAPSHOT '` + s.name + `';
@@ -41,6 +42,7 @@ DECLARE outboxd_catchup NO SCROLL CURSOR FOR
   SELECT * FROM ` + table + ` AS e
   WHERE NOT e.is_processed
     AND NOT EXISTS (SELECT 1 FROM ` + dead + ` AS d WHERE d.event_id = e.id)
+    AND NOT EXISTS (SELECT 1 FROM ` + parked + ` AS p WHERE p.event_id = e.id)
   ORDER BY e.id`
 	if _, err := conn.Exec(ctx, sql).ReadAll(); err != nil {
 		return fmt.Errorf("import snapshot %s: %w", s.name, err)
@@ -61,6 +63,20 @@ func (s *snapshot) close() {
 func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 	seq := r.ledger.Open(0, true)
 	n := 0
+	if r.cfg.SubscriptionPublication != "" {
+		// Seed the routing state with the subscriptions of the snapshot, so
+		// routing is exact from the slot's first transaction on.
+		changes, err := s.subscriptions(ctx)
+		if err != nil {
+			return err
+		}
+		for _, c := range changes {
+			if err := st.emit(ctx, &decode.Event{Change: c, TxnSeq: seq, Index: n}); err != nil {
+				return err
+			}
+			n++
+		}
+	}
 	fetch := fmt.Sprintf("FETCH %d FROM outboxd_catchup", r.cfg.CatchupFetch)
 	var rel *decode.Relation
 	for {
@@ -106,6 +122,31 @@ func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 	}
 	r.log.Info().Int("rows", n).Stringer("consistent_lsn", s.lsn).Msg("catch-up read the table")
 	return nil
+}
+
+// subscriptions reads the subscription table in the snapshot: a reset
+// followed by one insert per subscription.
+func (s *snapshot) subscriptions(ctx context.Context) ([]*decode.Change, error) {
+	t := s.r.cfg.Table
+	rr := s.conn.ExecParams(ctx, "SELECT * FROM "+pgx.Identifier{t.Schema, SubscriptionTable}.Sanitize()+" ORDER BY id", nil, nil, nil, nil)
+	out := []*decode.Change{{Kind: decode.KindIgnored}}
+	var rel *decode.Relation
+	for rr.NextRow() {
+		if rel == nil {
+			rel = relationOf(decode.Table{Schema: t.Schema, Name: SubscriptionTable}, rr.FieldDescriptions())
+		}
+		vals := make([][]byte, len(rr.Values()))
+		for i, v := range rr.Values() {
+			if v != nil {
+				vals[i] = append([]byte{}, v...)
+			}
+		}
+		out = append(out, &decode.Change{Kind: decode.KindInsert, Row: &decode.Row{Relation: rel, Values: vals}})
+	}
+	if _, err := rr.Close(); err != nil {
+		return nil, fmt.Errorf("read subscriptions: %w", err)
+	}
+	return out, nil
 }
 
 func relationOf(t decode.Table, fields []pgconn.FieldDescription) *decode.Relation {

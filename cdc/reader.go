@@ -39,7 +39,10 @@ type Config struct {
 	ConnString  string
 	Slot        string
 	Publication string
-	Table       decode.Table
+	// SubscriptionPublication, when set, is read too: it publishes the
+	// subscription table, whose changes are handed downstream in commit order.
+	SubscriptionPublication string
+	Table                   decode.Table
 	// SlotRecreate allows recreating a lost or dropped slot (with a catch-up
 	// from the table) when a checkpoint says one existed before.
 	SlotRecreate bool
@@ -131,6 +134,10 @@ type openTxn struct {
 func NewReader(cfg Config, ledger Ledger, store CheckpointStore, log zerolog.Logger) *Reader {
 	return &Reader{cfg: cfg, ledger: ledger, store: store, log: log.With().Str("component", "cdc").Str("slot", cfg.Slot).Logger()}
 }
+
+// SubscriptionTable is the table of webhook subscriptions, in the outbox
+// table's schema.
+const SubscriptionTable = "outboxd_subscription"
 
 // errFatal marks errors a reconnect cannot fix.
 var errFatal = errors.New("fatal")
@@ -292,8 +299,12 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		defer snap.close()
 	}
 
+	pubs := fmt.Sprintf("%q", r.cfg.Publication)
+	if r.cfg.SubscriptionPublication != "" {
+		pubs += fmt.Sprintf(",%q", r.cfg.SubscriptionPublication)
+	}
 	err = pglogrepl.StartReplication(sctx, conn, r.cfg.Slot, r.resume, pglogrepl.StartReplicationOptions{
-		PluginArgs: []string{"proto_version '1'", fmt.Sprintf("publication_names '%q'", r.cfg.Publication)},
+		PluginArgs: []string{"proto_version '1'", "publication_names '" + pubs + "'"},
 	})
 	if err != nil {
 		return false, fmt.Errorf("start replication on slot %q at %s: %w", r.cfg.Slot, r.resume, err)
@@ -679,6 +690,20 @@ func (s *stream) message(ctx context.Context, xld pglogrepl.XLogData) error {
 		}
 		e := m.Event
 		e.CommitLSN, e.TxnSeq, e.Index = o.finalLSN, o.seq, o.events
+		o.events++
+		return s.emit(ctx, e)
+	case decode.KindInsert, decode.KindUpdate, decode.KindDelete:
+		if m.Row.Relation.Name != SubscriptionTable || m.Row.Relation.Namespace != r.cfg.Table.Schema {
+			return nil
+		}
+		o := r.open
+		if o == nil {
+			return fmt.Errorf("%w: change at %s outside a transaction", errFatal, xld.WALStart)
+		}
+		if !s.firstSeen() || o.skip {
+			return nil
+		}
+		e := &decode.Event{Change: &decode.Change{Kind: m.Kind, Row: m.Row}, CommitLSN: o.finalLSN, TxnSeq: o.seq, Index: o.events}
 		o.events++
 		return s.emit(ctx, e)
 	case decode.KindCommit:

@@ -27,6 +27,9 @@ type Checkpoint struct {
 	// unprocessed in the slot's snapshot has settled.
 	CatchupPending bool
 	UpdatedAt      time.Time
+	// Routing is the subscription registry as of LSN (JSON), nil when
+	// unknown.
+	Routing []byte
 }
 
 // StoreConfig names the outbox table and the slot whose checkpoint is kept.
@@ -42,7 +45,7 @@ type Store struct {
 	pool *pgxpool.Pool
 	cfg  StoreConfig
 
-	markSQL, deadSQL, deadAttemptsSQL, advanceSQL, loadSQL, saveSQL string
+	markSQL, deadSQL, attemptsSQL, parkSQL, stateSQL, advanceSQL, loadSQL, saveSQL string
 }
 
 // NewStore returns a store over pool.
@@ -66,16 +69,23 @@ WHERE e.id BETWEEN r.lo AND r.hi`,
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::int[])
 ON CONFLICT (event_id, sink) DO UPDATE SET last_status = excluded.last_status,
   last_error = excluded.last_error, attempts = d.attempts + excluded.attempts, dead_at = now()`,
-		deadAttemptsSQL: `UPDATE ` + table + ` AS e SET delivery_attempts = e.delivery_attempts + r.n
+		attemptsSQL: `UPDATE ` + table + ` AS e SET delivery_attempts = e.delivery_attempts + r.n
 FROM unnest($1::bigint[], $2::int[]) AS r(id, n) WHERE e.id = r.id`,
+		parkSQL: `INSERT INTO ` + pgx.Identifier{cfg.Schema, "outboxd_parked"}.Sanitize() + ` AS p
+  (target, event_id, ordering_key, commit_lsn, commit_index, attempts, next_attempt_at, last_status, last_error)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::pg_lsn[], $5::int[], $6::int[], $7::timestamptz[], $8::int[], $9::text[])
+ON CONFLICT (target, event_id) DO UPDATE SET attempts = p.attempts + excluded.attempts,
+  last_status = coalesce(excluded.last_status, p.last_status),
+  last_error = CASE WHEN excluded.last_error = '' THEN p.last_error ELSE excluded.last_error END`,
+		stateSQL: `UPDATE ` + cp + ` SET routing = $2 WHERE slot_name = $1`,
 		advanceSQL: `UPDATE ` + cp + ` SET lsn = greatest(lsn, $2::pg_lsn),
   catchup_pending = catchup_pending AND NOT $3, updated_at = now()
 WHERE slot_name = $1`,
-		loadSQL: `SELECT lsn, system_identifier, timeline, catchup_pending, updated_at FROM ` + cp + ` WHERE slot_name = $1`,
+		loadSQL: `SELECT lsn, system_identifier, timeline, catchup_pending, updated_at, routing FROM ` + cp + ` WHERE slot_name = $1`,
 		saveSQL: `INSERT INTO ` + cp + ` (slot_name, lsn, system_identifier, timeline, catchup_pending, updated_at)
 VALUES ($1, $2, $3, $4, $5, now())
 ON CONFLICT (slot_name) DO UPDATE SET lsn = excluded.lsn, system_identifier = excluded.system_identifier,
-  timeline = excluded.timeline, catchup_pending = excluded.catchup_pending, updated_at = now()`,
+  timeline = excluded.timeline, catchup_pending = excluded.catchup_pending, updated_at = now(), routing = NULL`,
 	}
 }
 
@@ -85,7 +95,7 @@ var ErrNoCheckpoint = errors.New("no checkpoint")
 // Load returns the stored checkpoint of the slot, or ErrNoCheckpoint.
 func (s *Store) Load(ctx context.Context) (Checkpoint, error) {
 	cp := Checkpoint{Slot: s.cfg.Slot}
-	err := s.pool.QueryRow(ctx, s.loadSQL, s.cfg.Slot).Scan(&cp.LSN, &cp.SystemID, &cp.Timeline, &cp.CatchupPending, &cp.UpdatedAt)
+	err := s.pool.QueryRow(ctx, s.loadSQL, s.cfg.Slot).Scan(&cp.LSN, &cp.SystemID, &cp.Timeline, &cp.CatchupPending, &cp.UpdatedAt, &cp.Routing)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return cp, ErrNoCheckpoint
 	}
@@ -132,7 +142,20 @@ func (s *Store) Write(ctx context.Context, b Batch) error {
 			ids[i], sinks[i], status[i], reasons[i], attempts[i] = d.EventID, d.Sink, int32(d.Status), d.Reason, d.Attempts
 		}
 		q.Queue(s.deadSQL, ids, sinks, status, reasons, attempts)
-		q.Queue(s.deadAttemptsSQL, ids, attempts)
+	}
+	if len(b.Attempts) > 0 {
+		ids := make([]int64, len(b.Attempts))
+		n := make([]int32, len(b.Attempts))
+		for i, m := range b.Attempts {
+			ids[i], n[i] = m.ID, m.Attempts
+		}
+		q.Queue(s.attemptsSQL, ids, n)
+	}
+	if len(b.Parked) > 0 {
+		q.Queue(s.parkSQL, parkColumns(b.Parked)...)
+	}
+	if b.State != nil {
+		q.Queue(s.stateSQL, s.cfg.Slot, b.State)
 	}
 	var advanced pgconn.CommandTag
 	if b.LSN != 0 || b.CatchupDone {
@@ -151,6 +174,30 @@ func (s *Store) Write(ctx context.Context, b Batch) error {
 		return fmt.Errorf("commit checkpoint of slot %q: %w", s.cfg.Slot, err)
 	}
 	return nil
+}
+
+// parkColumns turns parked deliveries into the parallel arrays of parkSQL.
+func parkColumns(ps []Park) []any {
+	var (
+		targets  = make([]string, len(ps))
+		ids      = make([]int64, len(ps))
+		keys     = make([]int64, len(ps))
+		lsns     = make([]string, len(ps))
+		idx      = make([]int32, len(ps))
+		attempts = make([]int32, len(ps))
+		next     = make([]time.Time, len(ps))
+		status   = make([]*int32, len(ps))
+		reasons  = make([]string, len(ps))
+	)
+	for i, p := range ps {
+		targets[i], ids[i], keys[i], lsns[i], idx[i] = p.Target, p.EventID, p.Key, p.CommitLSN.String(), p.Index
+		attempts[i], next[i], reasons[i] = p.Attempts, p.NextAttempt, p.Reason
+		if p.Status != 0 {
+			st := int32(p.Status)
+			status[i] = &st
+		}
+	}
+	return []any{targets, ids, keys, lsns, idx, attempts, next, status, reasons}
 }
 
 // Ranges normalises mark ranges for the marking statement: sorted, merged

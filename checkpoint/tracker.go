@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/jackc/pglogrepl"
 )
@@ -39,23 +40,58 @@ type DeadLetter struct {
 	Attempts int32
 }
 
-// Batch is what one flush writes: rows to mark processed, dead letters, and the
-// new checkpoint LSN when the settled prefix moved (zero otherwise).
+// Park records a delivery that ran out of in-memory retries (or was held
+// behind such a delivery of the same ordering key): it is retried later from
+// the table, and counts as settled for the checkpoint.
+type Park struct {
+	EventID     int64
+	Target      string
+	Key         int64 // ordering key: parked deliveries of one key are retried in order
+	CommitLSN   pglogrepl.LSN
+	Index       int32 // position in the transaction
+	Attempts    int32
+	NextAttempt time.Time
+	Status      int
+	Reason      string
+}
+
+// Settlement is the fate of one event once every sink it was routed to has
+// settled it: Mark when all acknowledged it (the row becomes processed);
+// otherwise Attempts counts the attempts made and Dead and Parked say why.
+type Settlement struct {
+	// EventID is the event's id (Mark.ID when Mark is set).
+	EventID  int64
+	Mark     *Mark
+	Attempts int32
+	Dead     []DeadLetter
+	Parked   []Park
+	// State, when set, is the routing state after this event (a subscription
+	// change); the checkpoint keeps the state of its position.
+	State []byte
+}
+
+// Batch is what one flush writes: rows to mark processed, attempts of rows
+// that stay unprocessed, dead letters, parked deliveries, the routing state
+// and the new checkpoint LSN when the settled prefix moved (zero otherwise).
 type Batch struct {
 	Marks       []Range
+	Attempts    []Mark
 	Dead        []DeadLetter
+	Parked      []Park
+	State       []byte
 	LSN         pglogrepl.LSN
 	CatchupDone bool
 }
 
 // Empty reports whether the batch has nothing to write.
 func (b *Batch) Empty() bool {
-	return len(b.Marks) == 0 && len(b.Dead) == 0 && b.LSN == 0 && !b.CatchupDone
+	return len(b.Marks) == 0 && len(b.Attempts) == 0 && len(b.Dead) == 0 && len(b.Parked) == 0 &&
+		b.State == nil && b.LSN == 0 && !b.CatchupDone
 }
 
 // Events is the number of events the batch settles.
 func (b *Batch) Events() int {
-	n := len(b.Dead)
+	n := len(b.Attempts)
 	for _, r := range b.Marks {
 		n += int(r.Hi - r.Lo + 1)
 	}
@@ -65,11 +101,48 @@ func (b *Batch) Events() int {
 // Merge appends a later batch to b (used when a flush failed and is retried).
 func (b *Batch) Merge(later Batch) {
 	b.Marks = append(b.Marks, later.Marks...)
+	b.Attempts = append(b.Attempts, later.Attempts...)
 	b.Dead = append(b.Dead, later.Dead...)
+	b.Parked = append(b.Parked, later.Parked...)
+	if later.State != nil {
+		b.State = later.State
+	}
 	if later.LSN > b.LSN {
 		b.LSN = later.LSN
 	}
 	b.CatchupDone = b.CatchupDone || later.CatchupDone
+}
+
+// pending is settled work not yet drained.
+type pending struct {
+	marks    []Range
+	attempts []Mark
+	dead     []DeadLetter
+	parked   []Park
+	state    []byte
+}
+
+func (p *pending) add(s Settlement) {
+	if s.Mark != nil {
+		p.marks = appendMark(p.marks, *s.Mark)
+	} else if s.Attempts > 0 {
+		p.attempts = append(p.attempts, Mark{ID: s.EventID, Attempts: s.Attempts})
+	}
+	p.dead = append(p.dead, s.Dead...)
+	p.parked = append(p.parked, s.Parked...)
+	if s.State != nil {
+		p.state = s.State
+	}
+}
+
+func (p *pending) addAll(q *pending) {
+	p.marks = append(p.marks, q.marks...)
+	p.attempts = append(p.attempts, q.attempts...)
+	p.dead = append(p.dead, q.dead...)
+	p.parked = append(p.parked, q.parked...)
+	if q.state != nil {
+		p.state = q.state
+	}
 }
 
 type txn struct {
@@ -79,8 +152,7 @@ type txn struct {
 	settled   int
 	closed    bool
 	catchup   bool
-	marks     []Range // settled events, written when the transaction leaves the prefix
-	dead      []DeadLetter
+	work      pending // settled events, written when the transaction leaves the prefix
 }
 
 func (x *txn) done() bool { return x.closed && x.settled == x.total }
@@ -90,12 +162,11 @@ func (x *txn) done() bool { return x.closed && x.settled == x.total }
 // workers settle events, the flusher drains.
 type Tracker struct {
 	mu        sync.Mutex
-	base      uint64 // sequence number of txns[0]
-	txns      []txn  // open or unsettled transactions, in commit order
-	next      uint64 // sequence number the next Open returns
-	marks     []Range // marks of transactions that left the prefix, not yet drained
-	dead      []DeadLetter
-	ready     int // events in marks and dead
+	base      uint64        // sequence number of txns[0]
+	txns      []txn         // open or unsettled transactions, in commit order
+	next      uint64        // sequence number the next Open returns
+	work      pending       // of transactions that left the prefix, not yet drained
+	ready     int           // events in work
 	prefix    pglogrepl.LSN // end LSN of the settled prefix, not yet drained
 	catchup   bool          // the catch-up pseudo-transaction left the prefix
 	unwritten bool          // a drained batch is not yet written
@@ -149,11 +220,10 @@ func (t *Tracker) Close(seq uint64, endLSN pglogrepl.LSN, events int) error {
 	return nil
 }
 
-// Settle records that an event of transaction seq was acknowledged by all its
-// sinks (m) or given up on (dead, one entry per sink that gave up). Its row is
-// marked when the whole transaction has settled, in the flush that also moves
-// the checkpoint past it: a row marked processed is never streamed again.
-func (t *Tracker) Settle(seq uint64, m *Mark, dead []DeadLetter) error {
+// Settle records the fate of an event of transaction seq. Its row is marked
+// when the whole transaction has settled, in the flush that also moves the
+// checkpoint past it: a row marked processed is never streamed again.
+func (t *Tracker) Settle(seq uint64, s Settlement) error {
 	t.mu.Lock()
 	x, err := t.get(seq)
 	if err != nil {
@@ -161,21 +231,14 @@ func (t *Tracker) Settle(seq uint64, m *Mark, dead []DeadLetter) error {
 		return err
 	}
 	x.settled++
-	switch {
-	case x.catchup:
+	if x.catchup {
 		// Catch-up rows are not in the slot's stream, so marking them before
 		// the whole catch-up settles cannot cause a second delivery, and a
 		// crash in a long catch-up keeps its progress.
-		if m != nil {
-			t.marks = appendMark(t.marks, *m)
-		}
-		t.dead = append(t.dead, dead...)
+		t.work.add(s)
 		t.ready++
-	default:
-		if m != nil {
-			x.marks = appendMark(x.marks, *m)
-		}
-		x.dead = append(x.dead, dead...)
+	} else {
+		x.work.add(s)
 	}
 	if x.done() {
 		t.advance()
@@ -209,8 +272,7 @@ func (t *Tracker) advance() {
 		}
 		t.catchup = t.catchup || x.catchup
 		if !x.catchup {
-			t.marks = append(t.marks, x.marks...)
-			t.dead = append(t.dead, x.dead...)
+			t.work.addAll(&x.work)
 			t.ready += x.total
 		}
 		i++
@@ -249,7 +311,7 @@ func (t *Tracker) AdvanceIdle(lsn pglogrepl.LSN) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	flushed := t.flushed.Load()
-	if len(t.txns) != 0 || t.unwritten || uint64(t.prefix) > flushed || len(t.marks) != 0 || len(t.dead) != 0 || t.catchup {
+	if len(t.txns) != 0 || t.unwritten || uint64(t.prefix) > flushed || t.ready != 0 || t.work.state != nil || t.catchup {
 		return false
 	}
 	if uint64(lsn) <= flushed {
@@ -265,11 +327,12 @@ func (t *Tracker) AdvanceIdle(lsn pglogrepl.LSN) bool {
 func (t *Tracker) Drain() Batch {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	b := Batch{Marks: t.marks, Dead: t.dead, CatchupDone: t.catchup}
+	w := t.work
+	b := Batch{Marks: w.marks, Attempts: w.attempts, Dead: w.dead, Parked: w.parked, State: w.state, CatchupDone: t.catchup}
 	if uint64(t.prefix) > t.flushed.Load() {
 		b.LSN = t.prefix
 	}
-	t.marks, t.dead, t.catchup, t.ready = nil, nil, false, 0
+	t.work, t.catchup, t.ready = pending{}, false, 0
 	t.unwritten = t.unwritten || !b.Empty()
 	return b
 }

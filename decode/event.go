@@ -40,4 +40,17 @@ type Event struct {
 	TxnSeq uint64
 	// Index is the event's 0-based position within its transaction.
 	Index int
+
+	// Change, when set, makes this not an outbox row but a change of another
+	// published table; only CommitLSN, TxnSeq and Index are meaningful then.
+	Change *Change
+}
+
+// Change is a change of a published table other than the outbox (the
+// subscription table), handed downstream in commit order with the events.
+type Change struct {
+	// Kind is KindInsert, KindUpdate or KindDelete; KindIgnored with a nil
+	// Row means "forget everything known of that table" (a snapshot follows).
+	Kind Kind
+	Row  *Row
 }

@@ -1,13 +1,21 @@
-// Package deliver hands decoded events to a sink with per-key ordering and
-// parallelism across keys (G5), and settles each event with the checkpoint
-// tracker once the sink acknowledged it or gave up on it.
+// Package deliver routes decoded events to their targets (the default sink
+// and webhook subscriptions), delivers them with per-key ordering and
+// parallelism across keys (G5), parks deliveries that outlast their in-memory
+// retries for a durable retry schedule, and settles each event with the
+// checkpoint tracker once every target it was routed to has settled it.
 //
-// Invariants: events of one ordering key are handed to the sink in the order
-// they arrive (commit order), and an event is given to the sink only after every
-// earlier event of its key has settled; events of different keys are delivered
-// concurrently, up to Concurrency requests at once. The number of events held in
-// memory is bounded by MaxInFlight: a full dispatcher stops reading its input,
-// which is the reader's backpressure.
+// Invariants:
+//   - Per target, events of one ordering key are handed to the sink in commit
+//     order, and an event is given to the sink only after every earlier event
+//     of its key has settled; different keys are delivered concurrently, up to
+//     Concurrency requests at once.
+//   - Once a delivery of a key is parked, later events of that key for that
+//     target are parked behind it, until the retrier has resolved them all:
+//     order holds across the durable retries too.
+//   - Events held in memory are bounded by MaxInFlight per target: a full
+//     dispatcher stops reading its input, which is the reader's backpressure.
+//   - An event is routed with the subscriptions as they were at its commit:
+//     subscription changes travel in the same ordered stream as events.
 package deliver
 
 import (
@@ -15,6 +23,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"sync"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -66,7 +75,7 @@ func (o Ordering) Key(e *decode.Event) uint64 {
 
 // Settler receives the fate of each event; *checkpoint.Tracker is one.
 type Settler interface {
-	Settle(seq uint64, m *checkpoint.Mark, dead []checkpoint.DeadLetter) error
+	Settle(seq uint64, s checkpoint.Settlement) error
 }
 
 // Config tunes a Dispatcher.
@@ -76,6 +85,9 @@ type Config struct {
 	BatchSize   int           // events per sink call; default 1
 	BatchWait   time.Duration // how long a short batch may wait for more events; default 0
 	MaxInFlight int           // events held in memory; default 10000
+	// FirstRetry is when a parked delivery is first retried (the retry
+	// schedule's first step); default 5s.
+	FirstRetry time.Duration
 }
 
 // Validate fills defaults and checks ranges.
@@ -94,6 +106,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxInFlight == 0 {
 		c.MaxInFlight = 10000
+	}
+	if c.FirstRetry == 0 {
+		c.FirstRetry = 5 * time.Second
 	}
 	switch {
 	case c.Concurrency < 1 || c.Concurrency > 1024:
@@ -116,29 +131,77 @@ type Result struct {
 	Took    time.Duration
 }
 
-// Dispatcher delivers events from its input to one sink.
+// Dispatcher delivers the deliveries of one target.
 type Dispatcher struct {
 	cfg      Config
-	sink     sink.Sink
+	target   string
+	sink     func() sink.Sink
 	settler  Settler
 	log      zerolog.Logger
 	onResult func(Result)
+	// onGone is told when the target answered 410 Gone.
+	onGone func(target string)
+
+	parkMu sync.Mutex
+	parked map[uint64]int // ordering key -> parked deliveries not yet resolved
 }
 
-// New returns a dispatcher; cfg must have been validated. onResult may be nil.
-func New(cfg Config, s sink.Sink, settler Settler, log zerolog.Logger, onResult func(Result)) *Dispatcher {
-	return &Dispatcher{cfg: cfg, sink: s, settler: settler, log: log.With().Str("sink", s.Name()).Logger(), onResult: onResult}
+// New returns a dispatcher for target; cfg must have been validated.
+// currentSink returns the sink to use (it may change when a subscription is
+// updated). parked are the parked deliveries per key already in the table.
+// onResult and onGone may be nil.
+func New(cfg Config, target string, currentSink func() sink.Sink, settler Settler, log zerolog.Logger,
+	parked map[uint64]int, onResult func(Result), onGone func(string)) *Dispatcher {
+	if parked == nil {
+		parked = map[uint64]int{}
+	}
+	return &Dispatcher{cfg: cfg, target: target, sink: currentSink, settler: settler,
+		log: log.With().Str("target", target).Logger(), parked: parked, onResult: onResult, onGone: onGone}
+}
+
+// Target is the name of the dispatcher's target.
+func (d *Dispatcher) Target() string { return d.target }
+
+// Unparked tells the dispatcher that n parked deliveries of key were
+// resolved (delivered or dead-lettered) by the retrier.
+func (d *Dispatcher) Unparked(key uint64, n int) {
+	d.parkMu.Lock()
+	defer d.parkMu.Unlock()
+	if d.parked[key] -= n; d.parked[key] <= 0 {
+		delete(d.parked, key)
+	}
+}
+
+// ParkedKeys returns the number of ordering keys with parked deliveries.
+func (d *Dispatcher) ParkedKeys() int {
+	d.parkMu.Lock()
+	defer d.parkMu.Unlock()
+	return len(d.parked)
+}
+
+// holdIfParked parks dl behind the key's parked deliveries when there are any.
+func (d *Dispatcher) holdIfParked(dl *Delivery) (bool, error) {
+	d.parkMu.Lock()
+	held := d.parked[dl.Key] > 0
+	if held {
+		d.parked[dl.Key]++
+	}
+	d.parkMu.Unlock()
+	if !held {
+		return false, nil
+	}
+	return true, d.park(dl, sink.Outcome{}, "held behind an earlier parked event of the same ordering key")
 }
 
 type keyQueue struct {
-	events []*decode.Event
-	busy   bool
-	ready  bool // in the ready list
+	items []*Delivery
+	busy  bool
+	ready bool // in the ready list
 }
 
 type job struct {
-	events []*decode.Event
-	keys   []uint64
+	items []*Delivery
+	keys  []uint64
 }
 
 type done struct {
@@ -150,7 +213,7 @@ type done struct {
 // Run delivers until in is closed and everything read has settled, or ctx ends.
 // Cancelling ctx abandons deliveries in progress: their events stay unsettled,
 // so the checkpoint never passes them and they are delivered again later.
-func (d *Dispatcher) Run(ctx context.Context, in <-chan *decode.Event) error {
+func (d *Dispatcher) Run(ctx context.Context, in <-chan *Delivery) error {
 	var (
 		queues   = make(map[uint64]*keyQueue)
 		ready    []uint64 // keys with queued events and no delivery in progress
@@ -168,8 +231,12 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *decode.Event) error {
 	for range d.cfg.Concurrency {
 		go func() {
 			for j := range work {
+				events := make([]*decode.Event, len(j.items))
+				for i, it := range j.items {
+					events[i] = it.Event
+				}
 				start := time.Now()
-				out := d.sink.Deliver(ctx, j.events)
+				out := d.sink().Deliver(ctx, events)
 				results <- done{job: j, outcomes: out, took: time.Since(start)}
 			}
 		}()
@@ -184,34 +251,39 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *decode.Event) error {
 		}
 	}()
 
-	enqueue := func(e *decode.Event) {
-		k := d.cfg.Ordering.Key(e)
-		q := queues[k]
+	enqueue := func(dl *Delivery) {
+		if hold, err := d.holdIfParked(dl); hold {
+			if err != nil && runErr == nil {
+				runErr = err
+			}
+			return
+		}
+		q := queues[dl.Key]
 		if q == nil {
 			q = &keyQueue{}
-			queues[k] = q
+			queues[dl.Key] = q
 		}
-		q.events = append(q.events, e)
+		q.items = append(q.items, dl)
 		held++
 		queued++
 		if !q.busy && !q.ready {
 			q.ready = true
-			ready = append(ready, k)
+			ready = append(ready, dl.Key)
 		}
 	}
 	// take builds one sink call from the heads of ready keys: a prefix of each
 	// key's queue, so a batch can never reorder a key.
 	take := func() job {
 		var j job
-		for len(ready) > 0 && len(j.events) < d.cfg.BatchSize {
+		for len(ready) > 0 && len(j.items) < d.cfg.BatchSize {
 			k := ready[0]
 			ready = ready[1:]
 			q := queues[k]
 			q.ready = false
-			n := min(len(q.events), d.cfg.BatchSize-len(j.events))
-			j.events = append(j.events, q.events[:n]...)
-			clear(q.events[:n])
-			q.events = q.events[n:]
+			n := min(len(q.items), d.cfg.BatchSize-len(j.items))
+			j.items = append(j.items, q.items[:n]...)
+			clear(q.items[:n])
+			q.items = q.items[n:]
 			queued -= n
 			q.busy = true
 			j.keys = append(j.keys, k)
@@ -222,7 +294,26 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *decode.Event) error {
 		for _, k := range keys {
 			q := queues[k]
 			q.busy = false
-			if len(q.events) == 0 {
+			if len(q.items) == 0 {
+				delete(queues, k)
+				continue
+			}
+			// The key's delivery was parked: everything queued behind it is
+			// parked behind it, in order.
+			d.parkMu.Lock()
+			parked := d.parked[k] > 0
+			if parked {
+				d.parked[k] += len(q.items)
+			}
+			d.parkMu.Unlock()
+			if parked {
+				for _, dl := range q.items {
+					if err := d.park(dl, sink.Outcome{}, "held behind an earlier parked event of the same ordering key"); err != nil && runErr == nil {
+						runErr = err
+					}
+				}
+				held -= len(q.items)
+				queued -= len(q.items)
 				delete(queues, k)
 				continue
 			}
@@ -272,21 +363,21 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *decode.Event) error {
 			ctxDone = ctx.Done()
 		}
 		select {
-		case e, ok := <-input:
+		case dl, ok := <-input:
 			if !ok {
 				closed = true
 				continue
 			}
-			enqueue(e)
+			enqueue(dl)
 			// Take what else is already waiting without another trip round the loop.
 			for more := true; more && held < d.cfg.MaxInFlight; {
 				select {
-				case e, ok := <-input:
+				case dl, ok := <-input:
 					if !ok {
 						closed, more = true, false
 						break
 					}
-					enqueue(e)
+					enqueue(dl)
 				default:
 					more = false
 				}
@@ -298,7 +389,7 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *decode.Event) error {
 			if err != nil && runErr == nil {
 				runErr = err
 			}
-			if settled == len(r.events) {
+			if settled == len(r.items) {
 				release(r.keys)
 			}
 		case <-timerC:
@@ -308,37 +399,71 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *decode.Event) error {
 	}
 }
 
-// settle records the outcomes of one sink call. Events whose delivery was
-// abandoned because ctx ended are not settled. It returns how many were.
+// settle records the outcomes of one sink call. Deliveries abandoned because
+// ctx ended are not settled. It returns how many were.
 func (d *Dispatcher) settle(r done) (int, error) {
 	if d.onResult != nil && len(r.outcomes) > 0 {
-		d.onResult(Result{Sink: d.sink.Name(), Events: r.events, Outcome: r.outcomes[0], Took: r.took})
+		events := make([]*decode.Event, len(r.items))
+		for i, it := range r.items {
+			events[i] = it.Event
+		}
+		d.onResult(Result{Sink: d.target, Events: events, Outcome: r.outcomes[0], Took: r.took})
 	}
 	settled := 0
-	for i, e := range r.events {
+	for i, dl := range r.items {
 		var o sink.Outcome
 		if i < len(r.outcomes) {
 			o = r.outcomes[i]
 		} else {
-			o = sink.Outcome{Err: fmt.Errorf("sink %s returned %d outcomes for %d events", d.sink.Name(), len(r.outcomes), len(r.events))}
+			o = sink.Outcome{Err: fmt.Errorf("sink %s returned %d outcomes for %d events", d.target, len(r.outcomes), len(r.items))}
 		}
 		if errors.Is(o.Err, context.Canceled) || errors.Is(o.Err, context.DeadlineExceeded) {
 			continue
 		}
 		var err error
-		if o.Err == nil {
-			err = d.settler.Settle(e.TxnSeq, &checkpoint.Mark{ID: e.ID, Attempts: int32(o.Attempts)}, nil)
-		} else {
-			d.log.Warn().Int64("event_id", e.ID).Str("event_name", e.Name).Int("status", o.Status).
+		switch {
+		case o.Err == nil:
+			err = d.finish(dl, int32(o.Attempts), nil, nil)
+		case errors.Is(o.Err, sink.ErrPermanent):
+			d.log.Warn().Int64("event_id", dl.Event.ID).Str("event_name", dl.Event.Name).Int("status", o.Status).
 				Int("attempts", o.Attempts).Err(o.Err).Msg("event dead-lettered")
-			err = d.settler.Settle(e.TxnSeq, nil, []checkpoint.DeadLetter{{
-				EventID: e.ID, Sink: d.sink.Name(), Status: o.Status, Reason: o.Err.Error(), Attempts: int32(o.Attempts),
-			}})
+			err = d.finish(dl, int32(o.Attempts), &checkpoint.DeadLetter{
+				EventID: dl.Event.ID, Sink: d.target, Status: o.Status, Reason: o.Err.Error(), Attempts: int32(o.Attempts),
+			}, nil)
+		default:
+			if errors.Is(o.Err, sink.ErrGone) && d.onGone != nil {
+				d.onGone(d.target)
+			}
+			d.parkMu.Lock()
+			d.parked[dl.Key]++
+			d.parkMu.Unlock()
+			d.log.Warn().Int64("event_id", dl.Event.ID).Int("status", o.Status).Int("attempts", o.Attempts).
+				Err(o.Err).Dur("retry_in", d.cfg.FirstRetry).Msg("delivery parked for a later retry")
+			err = d.park(dl, o, o.Err.Error())
 		}
 		if err != nil {
-			return settled, fmt.Errorf("settle event %d: %w", e.ID, err)
+			return settled, fmt.Errorf("settle event %d: %w", dl.Event.ID, err)
 		}
 		settled++
 	}
 	return settled, nil
+}
+
+// park settles dl for this target as parked. The caller counted it in parked.
+func (d *Dispatcher) park(dl *Delivery, o sink.Outcome, reason string) error {
+	e := dl.Event
+	return d.finish(dl, int32(o.Attempts), nil, &checkpoint.Park{
+		EventID: e.ID, Target: d.target, Key: int64(dl.Key), CommitLSN: e.CommitLSN, Index: int32(e.Index),
+		Attempts: int32(o.Attempts), NextAttempt: time.Now().Add(d.cfg.FirstRetry), Status: o.Status, Reason: reason,
+	})
+}
+
+// finish records this target's settlement of dl and settles the event with
+// the tracker when it was the last of its targets.
+func (d *Dispatcher) finish(dl *Delivery, attempts int32, dead *checkpoint.DeadLetter, park *checkpoint.Park) error {
+	s, last := dl.settledBy(attempts, dead, park)
+	if !last {
+		return nil
+	}
+	return d.settler.Settle(dl.Event.TxnSeq, s)
 }

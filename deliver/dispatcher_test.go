@@ -33,6 +33,7 @@ type fakeSettler struct {
 	mu      sync.Mutex
 	marks   map[int64]int32
 	dead    map[int64]checkpoint.DeadLetter
+	parked  []checkpoint.Park
 	settled chan int64
 }
 
@@ -40,19 +41,19 @@ func newSettler(n int) *fakeSettler {
 	return &fakeSettler{marks: map[int64]int32{}, dead: map[int64]checkpoint.DeadLetter{}, settled: make(chan int64, n)}
 }
 
-func (s *fakeSettler) Settle(_ uint64, m *checkpoint.Mark, dead []checkpoint.DeadLetter) error {
+func (s *fakeSettler) Settle(_ uint64, st checkpoint.Settlement) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var id int64
-	if m != nil {
-		s.marks[m.ID] = m.Attempts
-		id = m.ID
+	if st.Mark != nil {
+		s.marks[st.Mark.ID] = st.Mark.Attempts
 	}
-	for _, d := range dead {
+	for _, d := range st.Dead {
 		s.dead[d.EventID] = d
-		id = d.EventID
 	}
-	s.settled <- id
+	for _, p := range st.Parked {
+		s.parked = append(s.parked, p)
+	}
+	s.settled <- st.EventID
 	return nil
 }
 
@@ -64,13 +65,17 @@ func events(n, keys int) []*decode.Event {
 	return out
 }
 
-func feed(evs []*decode.Event) <-chan *decode.Event {
-	ch := make(chan *decode.Event, len(evs))
+func feed(cfg Config, evs []*decode.Event) <-chan *Delivery {
+	ch := make(chan *Delivery, len(evs))
 	for _, e := range evs {
-		ch <- e
+		ch <- NewDelivery(e, cfg.Ordering.Key(e), 1)
 	}
 	close(ch)
 	return ch
+}
+
+func newDispatcher(cfg Config, s sink.Sink, st Settler) *Dispatcher {
+	return New(cfg, "fake", func() sink.Sink { return s }, st, zerolog.Nop(), nil, nil, nil)
 }
 
 func TestPerKeyOrderWithConcurrency(t *testing.T) {
@@ -114,8 +119,8 @@ func TestPerKeyOrderWithConcurrency(t *testing.T) {
 			cfg := Config{Concurrency: 8, BatchSize: batch, MaxInFlight: 100}
 			require.NoError(t, cfg.Validate())
 			st := newSettler(n)
-			d := New(cfg, s, st, zerolog.Nop(), nil)
-			require.NoError(t, d.Run(context.Background(), feed(events(n, keys))))
+			d := newDispatcher(cfg, s, st)
+			require.NoError(t, d.Run(context.Background(), feed(cfg, events(n, keys))))
 			require.Empty(t, violations)
 			require.Len(t, st.marks, n)
 			require.Greater(t, maxActive.Load(), int32(1), "different keys must be delivered in parallel")
@@ -141,10 +146,10 @@ func TestFailingKeyDoesNotBlockOthersAndDeadLetters(t *testing.T) {
 	cfg := Config{Concurrency: 4}
 	require.NoError(t, cfg.Validate())
 	st := newSettler(100)
-	d := New(cfg, s, st, zerolog.Nop(), nil)
+	d := newDispatcher(cfg, s, st)
 	evs := events(40, 4) // keys 0..3, 10 events each
 	done := make(chan error, 1)
-	go func() { done <- d.Run(context.Background(), feed(evs)) }()
+	go func() { done <- d.Run(context.Background(), feed(cfg, evs)) }()
 	// Every event of keys 1..3 settles while key 0 is stuck on its first event.
 	for range 30 {
 		select {
@@ -175,10 +180,10 @@ func TestCancelLeavesEventsUnsettled(t *testing.T) {
 	cfg := Config{Concurrency: 1}
 	require.NoError(t, cfg.Validate())
 	st := newSettler(10)
-	d := New(cfg, s, st, zerolog.Nop(), nil)
+	d := newDispatcher(cfg, s, st)
 	ctx, cancel := context.WithCancel(context.Background())
-	in := make(chan *decode.Event, 1)
-	in <- events(1, 1)[0]
+	in := make(chan *Delivery, 1)
+	in <- NewDelivery(events(1, 1)[0], 0, 1)
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx, in) }()
 	<-started
@@ -206,8 +211,8 @@ func TestBatchNeverReordersAKey(t *testing.T) {
 	cfg := Config{Concurrency: 1, BatchSize: 10, BatchWait: 50 * time.Millisecond}
 	require.NoError(t, cfg.Validate())
 	st := newSettler(100)
-	d := New(cfg, s, st, zerolog.Nop(), nil)
-	require.NoError(t, d.Run(context.Background(), feed(events(95, 3))))
+	d := newDispatcher(cfg, s, st)
+	require.NoError(t, d.Run(context.Background(), feed(cfg, events(95, 3))))
 	total := 0
 	for _, b := range batches {
 		require.LessOrEqual(t, len(b), 10)

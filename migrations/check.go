@@ -50,17 +50,21 @@ var columnKinds = map[string][]string{
 
 // required lists, per table, the columns outboxd reads or writes.
 var required = map[string][]string{
-	"outboxd_checkpoint":  {"slot_name", "lsn", "system_identifier", "timeline", "catchup_pending", "updated_at"},
-	"outboxd_dead_letter": {"event_id", "sink", "last_status", "last_error", "attempts", "dead_at"},
+	"outboxd_checkpoint":   {"slot_name", "lsn", "system_identifier", "timeline", "catchup_pending", "updated_at", "routing"},
+	"outboxd_dead_letter":  {"event_id", "sink", "last_status", "last_error", "attempts", "dead_at"},
+	"outboxd_parked":       {"target", "event_id", "ordering_key", "commit_lsn", "commit_index", "attempts", "rounds", "next_attempt_at", "last_status", "last_error"},
+	"outboxd_subscription": {"id", "organization_id", "url", "secrets", "events", "enabled", "disabled_reason"},
 }
 
 // privileges are what outboxd does with each table: checked for the
 // connected role, so that `outboxd run` fails at start rather than at its
 // first checkpoint.
 var privileges = map[string][]string{
-	"outboxd_checkpoint":  {"SELECT", "INSERT", "UPDATE", "DELETE"},
-	"outboxd_dead_letter": {"SELECT", "INSERT", "UPDATE", "DELETE"},
-	VersionTable:          {"SELECT"},
+	"outboxd_checkpoint":   {"SELECT", "INSERT", "UPDATE", "DELETE"},
+	"outboxd_dead_letter":  {"SELECT", "INSERT", "UPDATE", "DELETE"},
+	"outboxd_parked":       {"SELECT", "INSERT", "UPDATE", "DELETE"},
+	"outboxd_subscription": {"SELECT", "UPDATE"},
+	VersionTable:           {"SELECT"},
 }
 
 // Check verifies, changing nothing, that the outbox table, outboxd's own
@@ -127,7 +131,7 @@ FROM pg_catalog.pg_namespace WHERE nspname = $1`, c.opts.Schema).Scan(&exists, &
 	if err := c.checkOutboxTable(); err != nil {
 		return err
 	}
-	for _, name := range []string{"outboxd_checkpoint", "outboxd_dead_letter"} {
+	for _, name := range []string{"outboxd_checkpoint", "outboxd_dead_letter", "outboxd_parked", "outboxd_subscription"} {
 		if err := c.checkOwnTable(name); err != nil {
 			return err
 		}

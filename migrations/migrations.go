@@ -257,7 +257,33 @@ func migrateLocked(ctx context.Context, conn *pgx.Conn, opts Options) (res Resul
 	if err := ensurePublication(ctx, conn, opts, &res); err != nil {
 		return res, err
 	}
+	if err := ensureSubscriptionPublication(ctx, conn, opts, &res); err != nil {
+		return res, err
+	}
 	return res, nil
+}
+
+// SubscriptionPublication names the publication of the subscription table:
+// inserts, updates and deletes, so subscription changes reach the stream.
+func SubscriptionPublication(publication string) string { return publication + "_subscriptions" }
+
+// ensureSubscriptionPublication creates the publication of outboxd_subscription.
+func ensureSubscriptionPublication(ctx context.Context, conn *pgx.Conn, opts Options, res *Result) error {
+	name := SubscriptionPublication(opts.Publication)
+	var exists bool
+	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)`, name).Scan(&exists); err != nil {
+		return fmt.Errorf("look up publication %s: %w", name, err)
+	}
+	if exists {
+		return nil
+	}
+	table := pgx.Identifier{opts.Schema, "outboxd_subscription"}.Sanitize()
+	if _, err := conn.Exec(ctx, "CREATE PUBLICATION "+pgx.Identifier{name}.Sanitize()+" FOR TABLE "+table+
+		" WITH (publish = 'insert, update, delete')"); err != nil {
+		return fmt.Errorf("create publication %s: %w", name, err)
+	}
+	res.PublicationCreated = true
+	return nil
 }
 
 // ensurePublication creates the publication, adds the table to it or sets it

@@ -126,7 +126,7 @@ func TestMigrateFresh(t *testing.T) {
 	}, b.columns(t, "public", "domain_event"))
 	require.Equal(t, map[string]string{
 		"slot_name": "text", "lsn": "pg_lsn", "system_identifier": "text", "timeline": "integer",
-		"catchup_pending": "boolean", "updated_at": "timestamp with time zone",
+		"catchup_pending": "boolean", "updated_at": "timestamp with time zone", "routing": "jsonb",
 	}, b.columns(t, "public", "outboxd_checkpoint"))
 	require.Equal(t, map[string]string{
 		"id": "bigint", "event_id": "bigint", "sink": "text", "last_status": "integer",
@@ -337,7 +337,7 @@ func TestCheck(t *testing.T) {
 	require.ErrorContains(t, migrations.Check(b.ctx, b.conn, opts), `publication "outboxd" does not include "public"."domain_event"`)
 	res, err = migrations.Migrate(b.ctx, b.conn, opts)
 	require.NoError(t, err)
-	require.Equal(t, migrations.Result{FromVersion: 1, ToVersion: 1, TableAddedToPublication: true}, res)
+	require.Equal(t, migrations.Result{FromVersion: migrations.LatestVersion(), ToVersion: migrations.LatestVersion(), TableAddedToPublication: true}, res)
 	require.NoError(t, migrations.Check(b.ctx, b.conn, opts))
 
 	// A row filter would silently lose events: reported, not "fixed".

@@ -39,5 +39,7 @@ GRANT USAGE ON SCHEMA public TO outboxd;
 GRANT SELECT ON public.domain_event TO outboxd;
 GRANT UPDATE (is_processed, processed_at, delivery_attempts) ON public.domain_event TO outboxd;
 
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.outboxd_checkpoint, public.outboxd_dead_letter TO outboxd;
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.outboxd_checkpoint, public.outboxd_dead_letter, public.outboxd_parked TO outboxd;
+-- Subscriptions: read for routing, update to disable an endpoint that answered 410.
+GRANT SELECT, UPDATE ON public.outboxd_subscription TO outboxd;
 GRANT SELECT ON public.outboxd_schema_version TO outboxd;

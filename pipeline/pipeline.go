@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -35,9 +36,18 @@ type Config struct {
 	SlotRecreate bool
 
 	Deliver deliver.Config
-	// Sink delivers the events; when nil, a webhook sink is built from Webhook.
+	// Sink delivers the events to the default target; when nil, a webhook
+	// sink is built from Webhook.
 	Sink    sink.Sink
 	Webhook sink.WebhookConfig
+	// DefaultEvents filters the default target by event-name globs (none:
+	// every event).
+	DefaultEvents []string
+	// Schedule is the retry schedule of parked deliveries; default
+	// deliver.DefaultSchedule.
+	Schedule []time.Duration
+	// RetryInterval is how often parked deliveries are looked at; default 1s.
+	RetryInterval time.Duration
 
 	// FlushInterval and FlushSize trigger checkpoint flushes; defaults 200ms
 	// and 1000 events.
@@ -86,6 +96,12 @@ func (c *Config) Validate() error {
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = 10 * time.Second
 	}
+	if len(c.Schedule) == 0 {
+		c.Schedule = deliver.DefaultSchedule
+	}
+	if c.Deliver.FirstRetry == 0 {
+		c.Deliver.FirstRetry = c.Schedule[0]
+	}
 	if err := c.Deliver.Validate(); err != nil {
 		return err
 	}
@@ -101,7 +117,8 @@ func (c *Config) Validate() error {
 func (c *Config) readerConfig() cdc.Config {
 	return cdc.Config{
 		ConnString: c.DatabaseURL, Slot: c.Slot, Publication: c.Publication, Table: c.Table,
-		SlotRecreate: c.SlotRecreate, StatusInterval: c.StatusInterval,
+		SubscriptionPublication: migrations.SubscriptionPublication(c.Publication),
+		SlotRecreate:            c.SlotRecreate, StatusInterval: c.StatusInterval,
 	}
 }
 
@@ -144,14 +161,45 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 		return err
 	}
 	reader := cdc.NewReader(rcfg, tracker, store, log)
-	var onResult func(deliver.Result)
 	flusher := &checkpoint.Flusher{Tracker: tracker, Writer: store, Interval: cfg.FlushInterval,
 		Log: log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger()}
+	var onResult func(deliver.Result)
 	if o := cfg.Observer; o != nil {
 		onResult = o.Delivered
 		flusher.OnFlush = o.Flushed
 	}
-	disp := deliver.New(cfg.Deliver, s, tracker, log.With().Str("component", "deliver").Logger(), onResult)
+	// The routing state and parked deliveries as of the checkpoint: routing
+	// resumes exactly where the checkpoint is (if the reader recreates the
+	// slot, the catch-up seeds the routing state again).
+	var routing []byte
+	if cp, err := store.Load(ctx); err == nil {
+		routing = cp.Routing
+	} else if !errors.Is(err, checkpoint.ErrNoCheckpoint) {
+		return err
+	}
+	parked, err := store.ParkedCounts(ctx)
+	if err != nil {
+		return err
+	}
+	dlog := log.With().Str("component", "deliver").Logger()
+	router, err := deliver.NewRouter(deliver.RouterConfig{
+		Deliver: cfg.Deliver, Default: s, DefaultEvents: cfg.DefaultEvents,
+		Subscription: func(sub deliver.Subscription) (sink.Sink, error) {
+			wc := cfg.Webhook
+			wc.Name, wc.URL, wc.Secrets = sub.TargetName(), sub.URL, sub.Secrets
+			if err := wc.Validate(); err != nil {
+				return nil, err
+			}
+			return sink.NewWebhook(wc, log)
+		},
+		Routing: routing, Parked: parked, OnResult: onResult,
+		OnGone: func(target string) { disableGone(ctx, pool, cfg, target, dlog) },
+	}, tracker, dlog)
+	if err != nil {
+		return err
+	}
+	retrier := &deliver.Retrier{Store: store, Router: router, Schedule: cfg.Schedule, Interval: cfg.RetryInterval,
+		Log: log.With().Str("component", "retrier").Logger()}
 
 	var (
 		mu       sync.Mutex
@@ -190,7 +238,13 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	}
 	drained := make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Add(3)
+	wg.Add(4)
+	go func() {
+		defer wg.Done()
+		if err := retrier.Run(readCtx); err != nil {
+			fail(fmt.Errorf("retry parked deliveries: %w", err))
+		}
+	}()
 	go func() {
 		defer wg.Done()
 		if err := reader.Run(readCtx, raw, drained); err != nil {
@@ -201,7 +255,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	go func() {
 		defer wg.Done()
 		defer stopFlushing()
-		if err := disp.Run(deliverCtx, events); err != nil && !errors.Is(err, context.Canceled) {
+		if err := router.Run(deliverCtx, events); err != nil && !errors.Is(err, context.Canceled) {
 			fail(fmt.Errorf("deliver: %w", err))
 			stopReading()
 		}
@@ -217,6 +271,28 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	}()
 	wg.Wait()
 	return firstErr
+}
+
+// disableGone disables a subscription whose endpoint answered 410 Gone. The
+// change reaches the router through the stream, in commit order; until then
+// its deliveries are parked, so nothing is lost, and an operator re-enables it
+// with `outboxd subscription enable`.
+func disableGone(ctx context.Context, pool *pgxpool.Pool, cfg Config, target string, log zerolog.Logger) {
+	id, ok := strings.CutPrefix(target, "subscription:")
+	if !ok {
+		log.Error().Str("target", target).Msg("the default webhook answered 410 Gone; its events are parked and retried on the schedule")
+		return
+	}
+	table := pgx.Identifier{cfg.Table.Schema, cdc.SubscriptionTable}.Sanitize()
+	tag, err := pool.Exec(context.WithoutCancel(ctx), `UPDATE `+table+` SET enabled = false,
+  disabled_reason = '410 Gone at ' || now()::text, updated_at = now() WHERE id = $1 AND enabled`, id)
+	if err != nil {
+		log.Error().Err(err).Str("target", target).Msg("disable subscription after 410 Gone")
+		return
+	}
+	if tag.RowsAffected() > 0 {
+		log.Warn().Str("target", target).Msg("subscription disabled: its endpoint answered 410 Gone; its events are parked until it is re-enabled")
+	}
 }
 
 // checkSchema verifies the migrations ran, with a message that says what to do.

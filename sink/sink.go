@@ -129,3 +129,18 @@ func validHeaderValue(s string) bool {
 	}
 	return true
 }
+
+type maxAttemptsKey struct{}
+
+// WithMaxAttempts returns a copy of ctx that limits Deliver to n attempts,
+// fewer than the sink's configured budget (the retrier of parked deliveries
+// makes one attempt per step of its schedule).
+func WithMaxAttempts(ctx context.Context, n int) context.Context {
+	return context.WithValue(ctx, maxAttemptsKey{}, n)
+}
+
+// MaxAttempts returns the limit set by WithMaxAttempts, or 0.
+func MaxAttempts(ctx context.Context) int {
+	n, _ := ctx.Value(maxAttemptsKey{}).(int)
+	return n
+}

@@ -426,6 +426,9 @@ func (w *Webhook) checkRetry(ctx context.Context, resp *http.Response, err error
 	if ctxErr := ctx.Err(); ctxErr != nil {
 		return false, ctxErr
 	}
+	if max := MaxAttempts(ctx); max > 0 && c.attempts >= max {
+		return false, nil
+	}
 	if err != nil {
 		return !errors.Is(err, ErrForbiddenAddress), nil
 	}

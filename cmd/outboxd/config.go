@@ -37,6 +37,8 @@ type config struct {
 	WebhookConcurrency int           `env:"WEBHOOK_CONCURRENCY" envDefault:"16"`
 	WebhookBatchSize   int           `env:"WEBHOOK_BATCH_SIZE" envDefault:"1"`
 	WebhookBatchWait   time.Duration `env:"WEBHOOK_BATCH_WAIT" envDefault:"0s"`
+	WebhookEvents      string        `env:"WEBHOOK_EVENTS"`
+	RetrySchedule      string        `env:"RETRY_SCHEDULE" envDefault:"5s,5m,30m,2h,5h,10h,14h,20h,24h"`
 	OrderingKey        string        `env:"ORDERING_KEY" envDefault:"organization"`
 	AllowPrivateSinks  bool          `env:"ALLOW_PRIVATE_SINKS" envDefault:"false"`
 
@@ -149,6 +151,14 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 	} else if c.WebhookURL == "" {
 		return pipeline.Config{}, badVar("WEBHOOK_URL", "required: the URL events are posted to")
 	}
+	events, err := deliver.ParseGlobs(c.WebhookEvents)
+	if err != nil {
+		return pipeline.Config{}, badVar("WEBHOOK_EVENTS", "%v", err)
+	}
+	schedule, err := deliver.ParseSchedule(c.RetrySchedule)
+	if err != nil {
+		return pipeline.Config{}, badVar("RETRY_SCHEDULE", "%v", err)
+	}
 	var secrets []string
 	for _, s := range strings.Fields(strings.ReplaceAll(c.WebhookSecret, ",", " ")) {
 		secrets = append(secrets, s)
@@ -160,6 +170,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 			BatchWait: c.WebhookBatchWait, MaxInFlight: c.MaxInFlight},
 		Webhook: sink.WebhookConfig{Name: "webhook", URL: c.WebhookURL, Secrets: secrets, Timeout: c.WebhookTimeout,
 			MaxAttempts: c.WebhookMaxAttempts, BackoffMax: c.WebhookBackoffMax, AllowPrivate: c.AllowPrivateSinks},
+		DefaultEvents: events, Schedule: schedule,
 		FlushInterval: c.FlushInterval, FlushSize: c.FlushSize, ShutdownTimeout: c.ShutdownTimeout,
 		StatusInterval: c.StatusInterval,
 	}

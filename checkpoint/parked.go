@@ -1,0 +1,189 @@
+package checkpoint
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outboxd/outboxd/decode"
+)
+
+// ParkedHead is an ordering key of a target whose first parked delivery is due.
+type ParkedHead struct {
+	Target string
+	Key    int64
+}
+
+// ParkedRow is a parked delivery with its event's row in text format (nil
+// Values when the row no longer exists).
+type ParkedRow struct {
+	EventID  int64
+	Attempts int32
+	Rounds   int32
+	Relation *decode.Relation
+	Values   [][]byte
+}
+
+func (s *Store) parked() string { return pgx.Identifier{s.cfg.Schema, "outboxd_parked"}.Sanitize() }
+func (s *Store) table() string  { return pgx.Identifier{s.cfg.Schema, s.cfg.Table}.Sanitize() }
+func (s *Store) dead() string   { return pgx.Identifier{s.cfg.Schema, "outboxd_dead_letter"}.Sanitize() }
+
+// ParkedCounts returns the parked deliveries per target and ordering key.
+func (s *Store) ParkedCounts(ctx context.Context) (map[string]map[uint64]int, error) {
+	rows, err := s.pool.Query(ctx, `SELECT target, ordering_key, count(*) FROM `+s.parked()+` GROUP BY 1, 2`)
+	if err != nil {
+		return nil, fmt.Errorf("count parked deliveries: %w", err)
+	}
+	out := map[string]map[uint64]int{}
+	for rows.Next() {
+		var target string
+		var key, n int64
+		if err := rows.Scan(&target, &key, &n); err != nil {
+			return nil, fmt.Errorf("count parked deliveries: %w", err)
+		}
+		if out[target] == nil {
+			out[target] = map[uint64]int{}
+		}
+		out[target][uint64(key)] = int(n)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("count parked deliveries: %w", err)
+	}
+	return out, nil
+}
+
+// DueHeads returns the keys whose first parked delivery (in commit order) is
+// due.
+func (s *Store) DueHeads(ctx context.Context, limit int) ([]ParkedHead, error) {
+	rows, err := s.pool.Query(ctx, `SELECT target, ordering_key FROM (
+  SELECT DISTINCT ON (target, ordering_key) target, ordering_key, next_attempt_at
+  FROM `+s.parked()+` ORDER BY target, ordering_key, commit_lsn, commit_index, event_id) AS h
+WHERE next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $1`, limit)
+	if err != nil {
+		return nil, fmt.Errorf("find due parked deliveries: %w", err)
+	}
+	heads, err := pgx.CollectRows(rows, pgx.RowToStructByPos[ParkedHead])
+	if err != nil {
+		return nil, fmt.Errorf("find due parked deliveries: %w", err)
+	}
+	return heads, nil
+}
+
+// ParkedRun returns the first parked deliveries of one key of a target, in
+// commit order, with their rows.
+func (s *Store) ParkedRun(ctx context.Context, target string, key int64, limit int) ([]ParkedRow, error) {
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("read parked deliveries: %w", err)
+	}
+	defer conn.Release()
+	sql := `SELECT p.event_id, p.attempts, p.rounds, e.* FROM ` + s.parked() + ` AS p
+LEFT JOIN ` + s.table() + ` AS e ON e.id = p.event_id
+WHERE p.target = $1 AND p.ordering_key = $2
+ORDER BY p.commit_lsn, p.commit_index, p.event_id LIMIT $3`
+	// Text results, so the envelope is built exactly as for streamed rows.
+	rr := conn.Conn().PgConn().ExecParams(ctx, sql,
+		[][]byte{[]byte(target), []byte(strconv.FormatInt(key, 10)), []byte(strconv.Itoa(limit))}, nil, nil, nil)
+	var (
+		out   []ParkedRow
+		rel   *decode.Relation
+		idCol int
+	)
+	for rr.NextRow() {
+		fields := rr.FieldDescriptions()
+		if rel == nil {
+			rel = &decode.Relation{Namespace: s.cfg.Schema, Name: s.cfg.Table}
+			for i, f := range fields[3:] {
+				rel.Columns = append(rel.Columns, decode.Column{Name: f.Name, TypeOID: f.DataTypeOID})
+				if f.Name == "id" {
+					idCol = i
+				}
+			}
+		}
+		v := rr.Values()
+		var r ParkedRow
+		r.EventID, _ = strconv.ParseInt(string(v[0]), 10, 64)
+		a, _ := strconv.ParseInt(string(v[1]), 10, 32)
+		n, _ := strconv.ParseInt(string(v[2]), 10, 32)
+		r.Attempts, r.Rounds, r.Relation = int32(a), int32(n), rel
+		if v[3+idCol] != nil {
+			r.Values = make([][]byte, len(v)-3)
+			for i, b := range v[3:] {
+				if b != nil {
+					r.Values[i] = append([]byte{}, b...)
+				}
+			}
+		}
+		out = append(out, r)
+	}
+	if _, err := rr.Close(); err != nil {
+		return nil, fmt.Errorf("read parked deliveries of %s: %w", target, err)
+	}
+	return out, nil
+}
+
+// Delivered resolves a parked delivery that was acknowledged: the parked row
+// goes, the attempts are counted, and the event row becomes processed when
+// nothing else of it is parked or dead.
+func (s *Store) Delivered(ctx context.Context, target string, eventID int64, attempts int32) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var q pgx.Batch
+		q.Queue(`DELETE FROM `+s.parked()+` WHERE target = $1 AND event_id = $2`, target, eventID)
+		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = e.delivery_attempts + $2,
+  is_processed = NOT EXISTS (SELECT 1 FROM `+s.parked()+` AS p WHERE p.event_id = $1)
+    AND NOT EXISTS (SELECT 1 FROM `+s.dead()+` AS d WHERE d.event_id = $1),
+  processed_at = CASE WHEN e.processed_at IS NULL
+    AND NOT EXISTS (SELECT 1 FROM `+s.parked()+` AS p WHERE p.event_id = $1)
+    AND NOT EXISTS (SELECT 1 FROM `+s.dead()+` AS d WHERE d.event_id = $1) THEN now() ELSE e.processed_at END
+WHERE e.id = $1`, eventID, attempts)
+		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "resolve parked delivery of event %d", eventID)
+	})
+}
+
+// Reschedule records a failed retry of a parked delivery and when to try next.
+func (s *Store) Reschedule(ctx context.Context, target string, eventID int64, attempts int32, next time.Time, status int, reason string) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var q pgx.Batch
+		q.Queue(`UPDATE `+s.parked()+` SET attempts = attempts + $3, rounds = rounds + 1, next_attempt_at = $4,
+  last_status = $5, last_error = $6 WHERE target = $1 AND event_id = $2`, target, eventID, attempts, next, nullStatus(status), reason)
+		q.Queue(`UPDATE `+s.table()+` SET delivery_attempts = delivery_attempts + $2 WHERE id = $1`, eventID, attempts)
+		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "reschedule parked delivery of event %d", eventID)
+	})
+}
+
+// GiveUp dead-letters a parked delivery (its schedule ran out, it was refused
+// permanently, or its row is gone).
+func (s *Store) GiveUp(ctx context.Context, target string, eventID int64, attempts int32, status int, reason string) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var q pgx.Batch
+		q.Queue(`WITH p AS (DELETE FROM `+s.parked()+` WHERE target = $1 AND event_id = $2 RETURNING attempts)
+INSERT INTO `+s.dead()+` AS d (event_id, sink, last_status, last_error, attempts)
+SELECT $2, $1, $3, $4, coalesce((SELECT attempts FROM p), 0) + $5
+ON CONFLICT (event_id, sink) DO UPDATE SET last_status = excluded.last_status, last_error = excluded.last_error,
+  attempts = d.attempts + excluded.attempts, dead_at = now()`, target, eventID, nullStatus(status), reason, attempts)
+		q.Queue(`UPDATE `+s.table()+` SET delivery_attempts = delivery_attempts + $2 WHERE id = $1`, eventID, attempts)
+		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "dead-letter parked delivery of event %d", eventID)
+	})
+}
+
+func nullStatus(status int) *int32 {
+	if status == 0 {
+		return nil
+	}
+	st := int32(status)
+	return &st
+}
+
+func wrapBatch(err error, format string, args ...any) error {
+	if err != nil {
+		return fmt.Errorf(format+": %w", append(args, err)...)
+	}
+	return nil
+}
+
+// Pool is the store's pool (for components that share it).
+func (s *Store) Pool() *pgxpool.Pool { return s.pool }

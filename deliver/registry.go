@@ -1,0 +1,232 @@
+package deliver
+
+import (
+	"encoding/json"
+	"fmt"
+	"path"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/outboxd/outboxd/decode"
+)
+
+// Subscription is one row of outboxd_subscription.
+type Subscription struct {
+	ID             int64    `json:"id"`
+	OrganizationID *int64   `json:"organization_id"`
+	URL            string   `json:"url"`
+	Secrets        []string `json:"secrets"`
+	Events         []string `json:"events"`
+	Enabled        bool     `json:"enabled"`
+}
+
+// TargetName is the name of a subscription's target in logs, metrics, dead
+// letters and parked deliveries.
+func (s Subscription) TargetName() string { return SubscriptionTarget(s.ID) }
+
+// SubscriptionTarget is the target name of subscription id.
+func SubscriptionTarget(id int64) string { return "subscription:" + strconv.FormatInt(id, 10) }
+
+// Matches reports whether e goes to s: s is enabled, belongs to e's
+// organization or to the platform (NULL organization), and one of its event
+// globs matches (no globs: every event). An event without an organization
+// only goes to platform-wide subscriptions: tenants are never mixed.
+func (s *Subscription) Matches(e *decode.Event) bool {
+	if !s.Enabled {
+		return false
+	}
+	if s.OrganizationID != nil && (!e.HasOrganization || e.OrganizationID != *s.OrganizationID) {
+		return false
+	}
+	return MatchGlobs(s.Events, e.Name)
+}
+
+// MatchGlobs reports whether name matches one of globs (path.Match syntax);
+// no globs match everything.
+func MatchGlobs(globs []string, name string) bool {
+	if len(globs) == 0 {
+		return true
+	}
+	for _, g := range globs {
+		if ok, _ := path.Match(g, name); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// ParseGlobs splits a comma list of globs and checks their syntax.
+func ParseGlobs(list string) ([]string, error) {
+	var out []string
+	for _, g := range strings.Split(list, ",") {
+		g = strings.TrimSpace(g)
+		if g == "" {
+			continue
+		}
+		if _, err := path.Match(g, ""); err != nil {
+			return nil, fmt.Errorf("event glob %q: %w", g, err)
+		}
+		out = append(out, g)
+	}
+	return out, nil
+}
+
+// Registry is the set of subscriptions as of the position of the stream the
+// router has reached.
+type Registry struct {
+	subs map[int64]*Subscription
+}
+
+// NewRegistry returns a registry from a snapshot (nil: empty).
+func NewRegistry(snapshot []byte) (*Registry, error) {
+	r := &Registry{subs: map[int64]*Subscription{}}
+	if len(snapshot) == 0 {
+		return r, nil
+	}
+	var subs []Subscription
+	if err := json.Unmarshal(snapshot, &subs); err != nil {
+		return nil, fmt.Errorf("read routing state: %w", err)
+	}
+	for i := range subs {
+		r.subs[subs[i].ID] = &subs[i]
+	}
+	return r, nil
+}
+
+// Snapshot returns the registry as JSON, subscriptions sorted by id.
+func (r *Registry) Snapshot() []byte {
+	subs := make([]Subscription, 0, len(r.subs))
+	for _, s := range r.subs {
+		subs = append(subs, *s)
+	}
+	slices.SortFunc(subs, func(a, b Subscription) int { return int(a.ID - b.ID) })
+	b, _ := json.Marshal(subs) // plain data: cannot fail
+	return b
+}
+
+// Get returns subscription id, or nil.
+func (r *Registry) Get(id int64) *Subscription { return r.subs[id] }
+
+// Each calls f for every subscription.
+func (r *Registry) Each(f func(*Subscription)) {
+	for _, s := range r.subs {
+		f(s)
+	}
+}
+
+// Apply applies one change of the subscription table and returns the
+// subscription it concerns (nil for a reset or a delete).
+func (r *Registry) Apply(c *decode.Change) (*Subscription, error) {
+	switch {
+	case c.Row == nil:
+		r.subs = map[int64]*Subscription{}
+		return nil, nil
+	case c.Kind == decode.KindDelete:
+		id, err := rowID(c.Row)
+		if err != nil {
+			return nil, err
+		}
+		delete(r.subs, id)
+		return nil, nil
+	default:
+		s, err := SubscriptionFromRow(c.Row)
+		if err != nil {
+			return nil, err
+		}
+		r.subs[s.ID] = &s
+		return &s, nil
+	}
+}
+
+func rowID(row *decode.Row) (int64, error) {
+	for i, c := range row.Relation.Columns {
+		if c.Name == "id" && row.Values[i] != nil {
+			return strconv.ParseInt(string(row.Values[i]), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("subscription row without id")
+}
+
+// SubscriptionFromRow reads a subscription from a row in text format.
+func SubscriptionFromRow(row *decode.Row) (Subscription, error) {
+	var s Subscription
+	var haveID bool
+	for i, c := range row.Relation.Columns {
+		v := row.Values[i]
+		var err error
+		switch c.Name {
+		case "id":
+			if v != nil {
+				s.ID, err = strconv.ParseInt(string(v), 10, 64)
+				haveID = err == nil
+			}
+		case "organization_id":
+			if v != nil {
+				var org int64
+				org, err = strconv.ParseInt(string(v), 10, 64)
+				s.OrganizationID = &org
+			}
+		case "url":
+			s.URL = string(v)
+		case "secrets":
+			s.Secrets, err = ParseTextArray(string(v))
+		case "events":
+			s.Events, err = ParseTextArray(string(v))
+		case "enabled":
+			s.Enabled = string(v) == "t"
+		}
+		if err != nil {
+			return s, fmt.Errorf("subscription column %s: %w", c.Name, err)
+		}
+	}
+	if !haveID {
+		return s, fmt.Errorf("subscription row without id")
+	}
+	return s, nil
+}
+
+// ParseTextArray parses a one-dimensional Postgres text[] in its text form,
+// such as {a,"b c",NULL}; NULL elements are dropped.
+func ParseTextArray(s string) ([]string, error) {
+	if s == "" {
+		return nil, nil
+	}
+	if len(s) < 2 || s[0] != '{' || s[len(s)-1] != '}' {
+		return nil, fmt.Errorf("not an array: %q", s)
+	}
+	body := s[1 : len(s)-1]
+	var out []string
+	for i := 0; i < len(body); {
+		var elem strings.Builder
+		quoted := false
+		if body[i] == '"' {
+			quoted = true
+			i++
+			for ; i < len(body) && body[i] != '"'; i++ {
+				if body[i] == '\\' && i+1 < len(body) {
+					i++
+				}
+				elem.WriteByte(body[i])
+			}
+			if i >= len(body) {
+				return nil, fmt.Errorf("unterminated quote in %q", s)
+			}
+			i++
+		} else {
+			for ; i < len(body) && body[i] != ','; i++ {
+				elem.WriteByte(body[i])
+			}
+		}
+		if e := elem.String(); quoted || e != "NULL" {
+			out = append(out, e)
+		}
+		if i < len(body) {
+			if body[i] != ',' {
+				return nil, fmt.Errorf("unexpected %q in %q", body[i], s)
+			}
+			i++
+		}
+	}
+	return out, nil
+}

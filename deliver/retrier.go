@@ -1,0 +1,198 @@
+package deliver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/outboxd/outboxd/checkpoint"
+	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/sink"
+)
+
+// DefaultSchedule is the retry schedule of parked deliveries, in the spirit
+// of Standard Webhooks: the wait before each scheduled attempt. After the last
+// one fails, the delivery is dead-lettered.
+var DefaultSchedule = []time.Duration{
+	5 * time.Second, 5 * time.Minute, 30 * time.Minute, 2 * time.Hour, 5 * time.Hour,
+	10 * time.Hour, 14 * time.Hour, 20 * time.Hour, 24 * time.Hour,
+}
+
+// ParseSchedule parses a comma list of durations.
+func ParseSchedule(s string) ([]time.Duration, error) {
+	var out []time.Duration
+	for _, part := range strings.Split(s, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		d, err := time.ParseDuration(part)
+		if err != nil || d <= 0 {
+			return nil, fmt.Errorf("retry schedule step %q is not a positive duration", part)
+		}
+		out = append(out, d)
+	}
+	if len(out) == 0 {
+		return nil, errors.New("retry schedule is empty")
+	}
+	return out, nil
+}
+
+// ParkStore is the durable side of parked deliveries; *checkpoint.Store is one.
+type ParkStore interface {
+	DueHeads(ctx context.Context, limit int) ([]checkpoint.ParkedHead, error)
+	ParkedRun(ctx context.Context, target string, key int64, limit int) ([]checkpoint.ParkedRow, error)
+	Delivered(ctx context.Context, target string, eventID int64, attempts int32) error
+	Reschedule(ctx context.Context, target string, eventID int64, attempts int32, next time.Time, status int, reason string) error
+	GiveUp(ctx context.Context, target string, eventID int64, attempts int32, status int, reason string) error
+}
+
+// Retrier retries parked deliveries from the table on the schedule, one key
+// at a time per target and in commit order within a key, then dead-letters
+// those whose schedule ran out. Its state is the table: it survives restarts
+// of outboxd and of Postgres.
+type Retrier struct {
+	Store    ParkStore
+	Router   *Router
+	Schedule []time.Duration
+	// Interval is how often due deliveries are looked for; default 1s.
+	Interval time.Duration
+	// Workers is how many keys are retried at once; default 8.
+	Workers int
+	Log     zerolog.Logger
+}
+
+// Run retries until ctx ends. Database errors are logged and retried on the
+// next tick.
+func (r *Retrier) Run(ctx context.Context) error {
+	interval := r.Interval
+	if interval <= 0 {
+		interval = time.Second
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		if err := r.Round(ctx); err != nil && ctx.Err() == nil {
+			r.Log.Warn().Err(err).Msg("retry of parked deliveries failed; trying again")
+		}
+	}
+}
+
+// Round retries every key whose first parked delivery is due.
+func (r *Retrier) Round(ctx context.Context) error {
+	heads, err := r.Store.DueHeads(ctx, 1000)
+	if err != nil {
+		return err
+	}
+	workers := r.Workers
+	if workers <= 0 {
+		workers = 8
+	}
+	sem := make(chan struct{}, workers)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var firstErr error
+	for _, h := range heads {
+		disp, snk, enabled := r.Router.Lookup(h.Target)
+		if disp == nil || !enabled {
+			continue // a disabled subscription keeps its parked deliveries until re-enabled
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if err := r.key(ctx, disp, snk, h); err != nil {
+				mu.Lock()
+				if firstErr == nil {
+					firstErr = err
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return firstErr
+}
+
+// key works through the parked deliveries of one key in order until one
+// fails (it is rescheduled, and the rest wait behind it).
+func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h checkpoint.ParkedHead) error {
+	log := r.Log.With().Str("target", h.Target).Logger()
+	for {
+		rows, err := r.Store.ParkedRun(ctx, h.Target, h.Key, 100)
+		if err != nil || len(rows) == 0 {
+			return err
+		}
+		for _, row := range rows {
+			if row.Values == nil {
+				if err := r.Store.GiveUp(ctx, h.Target, row.EventID, 0, 0, "the event's row no longer exists"); err != nil {
+					return err
+				}
+				disp.Unparked(uint64(h.Key), 1)
+				continue
+			}
+			e, err := decode.EventFromText(row.Relation, row.Values)
+			if err != nil {
+				if err := r.Store.GiveUp(ctx, h.Target, row.EventID, 0, 0, "row cannot be delivered: "+err.Error()); err != nil {
+					return err
+				}
+				disp.Unparked(uint64(h.Key), 1)
+				continue
+			}
+			// One attempt per step of the schedule: the schedule is the
+			// retry policy here.
+			o := snk.Deliver(sink.WithMaxAttempts(ctx, 1), []*decode.Event{e})[0]
+			attempts := int32(o.Attempts)
+			switch {
+			case o.Err == nil:
+				if err := r.Store.Delivered(ctx, h.Target, row.EventID, attempts); err != nil {
+					return err
+				}
+				disp.Unparked(uint64(h.Key), 1)
+				log.Info().Int64("event_id", row.EventID).Int32("round", row.Rounds+1).Msg("parked delivery delivered")
+				continue
+			case errors.Is(o.Err, context.Canceled) || errors.Is(o.Err, context.DeadlineExceeded):
+				return nil
+			case errors.Is(o.Err, sink.ErrPermanent):
+				if err := r.Store.GiveUp(ctx, h.Target, row.EventID, attempts, o.Status, o.Err.Error()); err != nil {
+					return err
+				}
+				disp.Unparked(uint64(h.Key), 1)
+				log.Warn().Int64("event_id", row.EventID).Err(o.Err).Msg("parked delivery dead-lettered")
+				continue
+			}
+			if errors.Is(o.Err, sink.ErrGone) && disp.onGone != nil {
+				disp.onGone(h.Target)
+			}
+			round := int(row.Rounds) + 1
+			if round >= len(r.Schedule) {
+				reason := "retry schedule exhausted: " + o.Err.Error()
+				if err := r.Store.GiveUp(ctx, h.Target, row.EventID, attempts, o.Status, reason); err != nil {
+					return err
+				}
+				disp.Unparked(uint64(h.Key), 1)
+				log.Warn().Int64("event_id", row.EventID).Int("rounds", round).Err(o.Err).Msg("parked delivery dead-lettered")
+				continue
+			}
+			next := time.Now().Add(r.Schedule[round])
+			if err := r.Store.Reschedule(ctx, h.Target, row.EventID, attempts, next, o.Status, o.Err.Error()); err != nil {
+				return err
+			}
+			log.Info().Int64("event_id", row.EventID).Int("round", round).Time("next_attempt_at", next).
+				Str("key", strconv.FormatInt(h.Key, 10)).Err(o.Err).Msg("parked delivery failed again")
+			return nil
+		}
+	}
+}

@@ -1,0 +1,264 @@
+package deliver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/rs/zerolog"
+
+	"github.com/outboxd/outboxd/checkpoint"
+	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/sink"
+)
+
+// RouterConfig configures a Router.
+type RouterConfig struct {
+	Deliver Config
+	// Default is the default target's sink (the env-configured webhook, or
+	// another sink kind); DefaultEvents filters it by event-name globs.
+	Default       sink.Sink
+	DefaultEvents []string
+	// Subscription builds the webhook sink of a subscription.
+	Subscription func(s Subscription) (sink.Sink, error)
+	// Routing is the registry snapshot kept with the checkpoint (nil: none).
+	Routing []byte
+	// Parked are the parked deliveries already in the table, per target and
+	// ordering key.
+	Parked map[string]map[uint64]int
+	// OnGone is told when a target answered 410 Gone.
+	OnGone func(target string)
+	// OnResult receives every sink call's result (metrics); may be nil.
+	OnResult func(Result)
+}
+
+// Router routes events to their targets in commit order and runs one
+// Dispatcher per target.
+type Router struct {
+	cfg     RouterConfig
+	settler Settler
+	log     zerolog.Logger
+	reg     *Registry
+
+	mu      sync.Mutex
+	targets map[string]*target
+}
+
+type target struct {
+	disp *Dispatcher
+	in   chan *Delivery
+	sink atomic.Pointer[sinkBox]
+	sub  *Subscription // nil for the default target
+	done chan error
+}
+
+type sinkBox struct{ s sink.Sink }
+
+// NewRouter returns a router; cfg.Deliver must have been validated.
+func NewRouter(cfg RouterConfig, settler Settler, log zerolog.Logger) (*Router, error) {
+	reg, err := NewRegistry(cfg.Routing)
+	if err != nil {
+		return nil, err
+	}
+	return &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}}, nil
+}
+
+// DefaultTarget is the name of the default target.
+const DefaultTarget = "webhook"
+
+// Lookup returns the dispatcher and current sink of a target, and whether it
+// is enabled (a disabled or deleted subscription is not).
+func (r *Router) Lookup(name string) (*Dispatcher, sink.Sink, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	t := r.targets[name]
+	if t == nil {
+		return nil, nil, false
+	}
+	enabled := t.sub == nil || t.sub.Enabled
+	return t.disp, t.sink.Load().s, enabled
+}
+
+// Run routes events from in until it is closed (then waits for every target
+// to settle what it holds) or ctx ends.
+func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
+	failed := make(chan error, 1)
+	var wg sync.WaitGroup
+	start := func(name string, s sink.Sink, sub *Subscription) *target {
+		t := &target{in: make(chan *Delivery, 256), sub: sub, done: make(chan error, 1)}
+		t.sink.Store(&sinkBox{s})
+		t.disp = New(r.cfg.Deliver, name, func() sink.Sink { return t.sink.Load().s }, r.settler, r.log,
+			r.cfg.Parked[name], r.cfg.OnResult, r.cfg.OnGone)
+		r.mu.Lock()
+		r.targets[name] = t
+		r.mu.Unlock()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := t.disp.Run(ctx, t.in); err != nil && !errors.Is(err, context.Canceled) {
+				select {
+				case failed <- fmt.Errorf("target %s: %w", name, err):
+				default:
+				}
+			}
+		}()
+		return t
+	}
+	def := start(DefaultTarget, r.cfg.Default, nil)
+	// Targets with parked deliveries need a dispatcher for the retrier even
+	// before an event is routed to them.
+	r.reg.Each(func(s *Subscription) {
+		if _, ok := r.cfg.Parked[s.TargetName()]; ok {
+			r.startSubscription(start, s)
+		}
+	})
+
+	defer func() {
+		r.mu.Lock()
+		for _, t := range r.targets {
+			close(t.in)
+		}
+		r.mu.Unlock()
+		wg.Wait()
+	}()
+
+	var routes []*target
+	for {
+		var e *decode.Event
+		var ok bool
+		select {
+		case e, ok = <-in:
+			if !ok {
+				return nil
+			}
+		case err := <-failed:
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if e.Change != nil {
+			if err := r.change(start, e); err != nil {
+				return err
+			}
+			continue
+		}
+		routes = routes[:0]
+		if MatchGlobs(r.cfg.DefaultEvents, e.Name) {
+			routes = append(routes, def)
+		}
+		var routeErr error
+		r.reg.Each(func(s *Subscription) {
+			if s.Matches(e) {
+				t, err := r.startSubscription(start, s)
+				if err != nil {
+					routeErr = err
+					return
+				}
+				routes = append(routes, t)
+			}
+		})
+		if routeErr != nil {
+			return routeErr
+		}
+		if len(routes) == 0 {
+			// Routed nowhere: every routed sink (none) acknowledged it.
+			if err := r.settler.Settle(e.TxnSeq, checkpoint.Settlement{EventID: e.ID, Mark: &checkpoint.Mark{ID: e.ID}}); err != nil {
+				return err
+			}
+			continue
+		}
+		dl := NewDelivery(e, r.cfg.Deliver.Ordering.Key(e), len(routes))
+		for _, t := range routes {
+			select {
+			case t.in <- dl:
+			case err := <-failed:
+				return err
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+}
+
+// startSubscription returns the running target of s, starting it if needed.
+func (r *Router) startSubscription(start func(string, sink.Sink, *Subscription) *target, s *Subscription) (*target, error) {
+	name := s.TargetName()
+	r.mu.Lock()
+	t := r.targets[name]
+	r.mu.Unlock()
+	if t != nil {
+		return t, nil
+	}
+	snk, err := r.subscriptionSink(*s)
+	if err != nil {
+		return nil, err
+	}
+	return start(name, snk, s), nil
+}
+
+// subscriptionSink builds the sink of s; a subscription that cannot be used
+// (a malformed URL or secret) gets a sink that refuses permanently, so its
+// events are dead-lettered with the reason instead of silently skipped.
+func (r *Router) subscriptionSink(s Subscription) (sink.Sink, error) {
+	snk, err := r.cfg.Subscription(s)
+	if err != nil {
+		r.log.Error().Err(err).Str("target", s.TargetName()).Msg("subscription is unusable; its events are dead-lettered")
+		return refusingSink{name: s.TargetName(), err: fmt.Errorf("subscription %d is unusable: %w: %w", s.ID, err, sink.ErrPermanent)}, nil
+	}
+	return snk, nil
+}
+
+// change applies a subscription change and records the new routing state
+// with the event's transaction.
+func (r *Router) change(start func(string, sink.Sink, *Subscription) *target, e *decode.Event) error {
+	s, err := r.reg.Apply(e.Change)
+	if err != nil {
+		r.log.Error().Err(err).Msg("subscription change ignored")
+	}
+	if s != nil {
+		r.mu.Lock()
+		t := r.targets[s.TargetName()]
+		var old *Subscription
+		if t != nil {
+			old, t.sub = t.sub, s
+		}
+		r.mu.Unlock()
+		if t != nil {
+			if old == nil || old.URL != s.URL || !equalStrings(old.Secrets, s.Secrets) {
+				snk, _ := r.subscriptionSink(*s)
+				t.sink.Store(&sinkBox{snk})
+			}
+		}
+		r.log.Info().Str("target", s.TargetName()).Bool("enabled", s.Enabled).Msg("subscription changed")
+	}
+	return r.settler.Settle(e.TxnSeq, checkpoint.Settlement{State: r.reg.Snapshot()})
+}
+
+func equalStrings(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// refusingSink fails every delivery with a permanent error.
+type refusingSink struct {
+	name string
+	err  error
+}
+
+func (s refusingSink) Name() string { return s.name }
+func (s refusingSink) Deliver(_ context.Context, events []*decode.Event) []sink.Outcome {
+	out := make([]sink.Outcome, len(events))
+	for i := range out {
+		out[i].Err = s.err
+	}
+	return out
+}

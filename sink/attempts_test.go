@@ -1,0 +1,32 @@
+package sink_test
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"testing"
+
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/sink"
+)
+
+func TestWebhookWithMaxAttemptsLimitsOneCall(t *testing.T) {
+	t.Parallel()
+	rc := newReceiver(t, status(http.StatusServiceUnavailable, 1000))
+	cfg := fastConfig(rc.srv.URL)
+	cfg.MaxAttempts = 6
+	w := newWebhook(t, cfg, zerolog.Nop())
+
+	out := w.Deliver(sink.WithMaxAttempts(context.Background(), 1), []*decode.Event{event(1)})
+	require.Len(t, out, 1)
+	require.Error(t, out[0].Err)
+	require.False(t, errors.Is(out[0].Err, sink.ErrPermanent), "running out of attempts is retryable")
+	require.Equal(t, 1, out[0].Attempts)
+	require.Len(t, rc.requests(), 1)
+
+	out = w.Deliver(context.Background(), []*decode.Event{event(2)})
+	require.Equal(t, 6, out[0].Attempts, "without the limit the configured budget applies")
+}
