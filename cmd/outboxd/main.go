@@ -69,6 +69,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, environ
 		migrateCommand(envMap, stdout, stderr),
 		versionCommand(stdout),
 	)
+	root.AddCommand(deliveryCommands(envMap, stdout, stderr)...)
 	root.AddCommand(opsCommands(envMap, stdout, stderr)...)
 	root.AddCommand(toolCommands(envMap, stdout, stderr)...)
 	err := root.ExecuteContext(ctx)

@@ -75,6 +75,8 @@ type Delivery struct {
 	At        time.Time
 	Replay    bool
 	Body      []byte
+	Path      string
+	Signature string
 }
 
 // Receiver is a webhook endpoint that records every request.
@@ -101,6 +103,7 @@ func (r *Receiver) serve(w http.ResponseWriter, req *http.Request) {
 	d := Delivery{
 		WebhookID: req.Header.Get("webhook-id"), Timestamp: req.Header.Get("webhook-timestamp"),
 		At: time.Now(), Body: body, Replay: req.Header.Get("webhook-replay") != "",
+		Path: req.URL.Path, Signature: req.Header.Get("webhook-signature"),
 	}
 	d.SigOK = Verify(Secret, d.WebhookID, d.Timestamp, body, req.Header.Get("webhook-signature"))
 	type env struct {

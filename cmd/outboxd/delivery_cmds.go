@@ -1,0 +1,511 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/spf13/cobra"
+
+	"github.com/outboxd/outboxd/deliver"
+	"github.com/outboxd/outboxd/sink"
+)
+
+// deliveryCommands are `outboxd subscription ...` and `outboxd dlq ...`.
+func deliveryCommands(envMap map[string]string, stdout, stderr io.Writer) []*cobra.Command {
+	return []*cobra.Command{subscriptionCommand(envMap, stdout, stderr), dlqCommand(envMap, stdout, stderr)}
+}
+
+// dbSession is a connection and the qualified names of outboxd's tables.
+type dbSession struct {
+	conn                              *pgx.Conn
+	table, subs, dead, parked, schema string
+}
+
+func openSession(ctx context.Context, envMap map[string]string, stderr io.Writer) (*dbSession, error) {
+	c, _, err := setup(envMap, stderr, nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.requireDatabase(); err != nil {
+		return nil, err
+	}
+	t, err := c.table()
+	if err != nil {
+		return nil, err
+	}
+	conn, err := pgx.Connect(ctx, c.DatabaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	q := func(name string) string { return pgx.Identifier{t.Schema, name}.Sanitize() }
+	return &dbSession{conn: conn, schema: t.Schema, table: q(t.Name), subs: q("outboxd_subscription"),
+		dead: q("outboxd_dead_letter"), parked: q("outboxd_parked")}, nil
+}
+
+func (s *dbSession) close(ctx context.Context) { s.conn.Close(context.WithoutCancel(ctx)) }
+
+func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Command {
+	cmd := &cobra.Command{Use: "subscription", Short: "Manage webhook subscriptions (rows of outboxd_subscription)"}
+	var asJSON bool
+	list := &cobra.Command{
+		Use: "list", Short: "List subscriptions (secrets are not shown)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			s, err := openSession(ctx, envMap, stderr)
+			if err != nil {
+				return err
+			}
+			defer s.close(ctx)
+			rows, err := s.conn.Query(ctx, `SELECT id, organization_id, url, cardinality(secrets), events, enabled,
+  coalesce(disabled_reason, ''), created_at, updated_at FROM `+s.subs+` ORDER BY id`)
+			if err != nil {
+				return fmt.Errorf("list subscriptions: %w", err)
+			}
+			type row struct {
+				ID             int64     `json:"id"`
+				OrganizationID *int64    `json:"organization_id"`
+				URL            string    `json:"url"`
+				Secrets        int       `json:"secrets"`
+				Events         []string  `json:"events"`
+				Enabled        bool      `json:"enabled"`
+				DisabledReason string    `json:"disabled_reason,omitempty"`
+				CreatedAt      time.Time `json:"created_at"`
+				UpdatedAt      time.Time `json:"updated_at"`
+			}
+			out, err := pgx.CollectRows(rows, pgx.RowToStructByPos[row])
+			if err != nil {
+				return fmt.Errorf("list subscriptions: %w", err)
+			}
+			if asJSON {
+				return json.NewEncoder(stdout).Encode(out)
+			}
+			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tORGANIZATION\tURL\tEVENTS\tSECRETS\tENABLED\tREASON")
+			for _, r := range out {
+				org := "(platform)"
+				if r.OrganizationID != nil {
+					org = strconv.FormatInt(*r.OrganizationID, 10)
+				}
+				events := strings.Join(r.Events, ",")
+				if events == "" {
+					events = "*"
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%t\t%s\n", r.ID, org, redactURL(r.URL), events, r.Secrets, r.Enabled, r.DisabledReason)
+			}
+			return tw.Flush()
+		},
+	}
+	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+
+	var (
+		url, events, secret string
+		org                 int64
+	)
+	add := &cobra.Command{
+		Use: "add", Short: "Add a subscription; prints its id and signing secret", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			globs, err := deliver.ParseGlobs(events)
+			if err != nil {
+				return usageError{err}
+			}
+			if secret == "" {
+				secret = newSecret()
+			}
+			wc := sink.WebhookConfig{URL: url, Secrets: []string{secret}, AllowPrivate: true}
+			if err := wc.Validate(); err != nil {
+				return usageError{err}
+			}
+			ctx := cmd.Context()
+			s, err := openSession(ctx, envMap, stderr)
+			if err != nil {
+				return err
+			}
+			defer s.close(ctx)
+			var orgArg *int64
+			if cmd.Flags().Changed("organization") {
+				orgArg = &org
+			}
+			var id int64
+			if err := s.conn.QueryRow(ctx, `INSERT INTO `+s.subs+` (organization_id, url, secrets, events)
+VALUES ($1, $2, $3, $4) RETURNING id`, orgArg, url, []string{secret}, globs).Scan(&id); err != nil {
+				return fmt.Errorf("add subscription: %w", err)
+			}
+			fmt.Fprintf(stdout, "subscription %d added\nsecret: %s\n", id, secret)
+			return nil
+		},
+	}
+	add.Flags().StringVar(&url, "url", "", "endpoint URL (required)")
+	add.Flags().Int64Var(&org, "organization", 0, "organization the subscription belongs to (omit: platform-wide)")
+	add.Flags().StringVar(&events, "events", "", "comma list of event-name globs (omit: every event)")
+	add.Flags().StringVar(&secret, "secret", "", "signing secret whsec_... (omit: generated)")
+	_ = add.MarkFlagRequired("url")
+
+	var reason string
+	var yes bool
+	disable := &cobra.Command{
+		Use: "disable ID", Short: "Disable a subscription: events committed after this get nothing", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if !yes {
+				return usageError{fmt.Errorf("disable needs --yes")}
+			}
+			return setEnabled(cmd.Context(), envMap, stdout, stderr, args[0], false, reason)
+		},
+	}
+	disable.Flags().StringVar(&reason, "reason", "disabled by an operator", "why")
+	disable.Flags().BoolVar(&yes, "yes", false, "confirm")
+	enable := &cobra.Command{
+		Use: "enable ID", Short: "Enable a subscription (its parked deliveries resume)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return setEnabled(cmd.Context(), envMap, stdout, stderr, args[0], true, "")
+		},
+	}
+	var dropOld, rotYes bool
+	var newSecretFlag string
+	rotate := &cobra.Command{
+		Use:   "rotate-secret ID",
+		Short: "Add a new signing secret (both sign until --drop-old), or drop all but the newest",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := strconv.ParseInt(args[0], 10, 64)
+			if err != nil {
+				return usageError{fmt.Errorf("subscription id %q: %w", args[0], err)}
+			}
+			ctx := cmd.Context()
+			s, err := openSession(ctx, envMap, stderr)
+			if err != nil {
+				return err
+			}
+			defer s.close(ctx)
+			if dropOld {
+				if !rotYes {
+					return usageError{fmt.Errorf("--drop-old needs --yes")}
+				}
+				tag, err := s.conn.Exec(ctx, `UPDATE `+s.subs+` SET secrets = secrets[1:1], updated_at = now() WHERE id = $1 AND cardinality(secrets) > 0`, id)
+				if err != nil {
+					return fmt.Errorf("drop old secrets of subscription %d: %w", id, err)
+				}
+				if tag.RowsAffected() == 0 {
+					return fmt.Errorf("subscription %d not found", id)
+				}
+				fmt.Fprintf(stdout, "subscription %d now signs with its newest secret only\n", id)
+				return nil
+			}
+			sec := newSecretFlag
+			if sec == "" {
+				sec = newSecret()
+			}
+			if err := (&sink.WebhookConfig{URL: "https://x.invalid", Secrets: []string{sec}}).Validate(); err != nil {
+				return usageError{err}
+			}
+			tag, err := s.conn.Exec(ctx, `UPDATE `+s.subs+` SET secrets = $2 || secrets, updated_at = now() WHERE id = $1`, id, []string{sec})
+			if err != nil {
+				return fmt.Errorf("rotate secret of subscription %d: %w", id, err)
+			}
+			if tag.RowsAffected() == 0 {
+				return fmt.Errorf("subscription %d not found", id)
+			}
+			fmt.Fprintf(stdout, "subscription %d signs with the new and the old secrets\nnew secret: %s\n", id, sec)
+			return nil
+		},
+	}
+	rotate.Flags().BoolVar(&dropOld, "drop-old", false, "keep only the newest secret")
+	rotate.Flags().BoolVar(&rotYes, "yes", false, "confirm --drop-old")
+	rotate.Flags().StringVar(&newSecretFlag, "secret", "", "the new secret (omit: generated)")
+	cmd.AddCommand(list, add, disable, enable, rotate)
+	return cmd
+}
+
+func setEnabled(ctx context.Context, envMap map[string]string, stdout, stderr io.Writer, arg string, enabled bool, reason string) error {
+	id, err := strconv.ParseInt(arg, 10, 64)
+	if err != nil {
+		return usageError{fmt.Errorf("subscription id %q: %w", arg, err)}
+	}
+	s, err := openSession(ctx, envMap, stderr)
+	if err != nil {
+		return err
+	}
+	defer s.close(ctx)
+	var why *string
+	if !enabled {
+		why = &reason
+	}
+	tag, err := s.conn.Exec(ctx, `UPDATE `+s.subs+` SET enabled = $2, disabled_reason = $3, updated_at = now() WHERE id = $1`, id, enabled, why)
+	if err != nil {
+		return fmt.Errorf("update subscription %d: %w", id, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("subscription %d not found", id)
+	}
+	fmt.Fprintf(stdout, "subscription %d enabled=%t\n", id, enabled)
+	return nil
+}
+
+// newSecret returns a fresh Standard Webhooks secret.
+func newSecret() string {
+	b := make([]byte, 24)
+	_, _ = rand.Read(b) // crypto/rand never fails on Linux
+	return "whsec_" + base64.StdEncoding.EncodeToString(b)
+}
+
+// redactURL drops userinfo and the query string, which may hold credentials.
+func redactURL(u string) string {
+	if i := strings.Index(u, "?"); i >= 0 {
+		u = u[:i] + "?…"
+	}
+	if i := strings.Index(u, "://"); i >= 0 {
+		if j := strings.Index(u[i+3:], "@"); j >= 0 && !strings.Contains(u[i+3:i+3+j], "/") {
+			u = u[:i+3] + "…@" + u[i+3+j+1:]
+		}
+	}
+	return u
+}
+
+// dlqFilter selects dead letters.
+type dlqFilter struct {
+	target, events, since, until string
+	subscription, org            int64
+	limit                        int
+}
+
+func (f *dlqFilter) flags(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.target, "target", "", "sink name (webhook, subscription:ID, ...)")
+	cmd.Flags().Int64Var(&f.subscription, "subscription", 0, "subscription id")
+	cmd.Flags().StringVar(&f.events, "event", "", "comma list of event-name globs")
+	cmd.Flags().Int64Var(&f.org, "organization", 0, "organization id")
+	cmd.Flags().StringVar(&f.since, "since", "", "dead since (RFC 3339, or a duration such as 24h meaning that long ago)")
+	cmd.Flags().StringVar(&f.until, "until", "", "dead until (RFC 3339 or a duration ago)")
+	cmd.Flags().IntVar(&f.limit, "limit", 1000, "at most this many")
+}
+
+func parseWhen(s string) (*time.Time, error) {
+	if s == "" {
+		return nil, nil
+	}
+	if d, err := time.ParseDuration(s); err == nil {
+		t := time.Now().Add(-d)
+		return &t, nil
+	}
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		return nil, fmt.Errorf("%q is neither RFC 3339 nor a duration", s)
+	}
+	return &t, nil
+}
+
+type deadLetter struct {
+	ID        int64     `json:"id"`
+	EventID   int64     `json:"event_id"`
+	Sink      string    `json:"sink"`
+	Status    *int32    `json:"last_status"`
+	Error     string    `json:"last_error"`
+	Attempts  int32     `json:"attempts"`
+	DeadAt    time.Time `json:"dead_at"`
+	EventName *string   `json:"event_name"`
+	Org       *int64    `json:"organization_id"`
+}
+
+// find returns the dead letters matching f, with their events' name and
+// organization.
+func (f *dlqFilter) find(cmd *cobra.Command, s *dbSession) ([]deadLetter, error) {
+	ctx := cmd.Context()
+	globs, err := deliver.ParseGlobs(f.events)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	since, err := parseWhen(f.since)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("--since: %w", err)}
+	}
+	until, err := parseWhen(f.until)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("--until: %w", err)}
+	}
+	target := f.target
+	if f.subscription != 0 {
+		target = deliver.SubscriptionTarget(f.subscription)
+	}
+	var org *int64
+	if cmd.Flags().Changed("organization") {
+		org = &f.org
+	}
+	rows, err := s.conn.Query(ctx, `SELECT d.id, d.event_id, d.sink, d.last_status, d.last_error, d.attempts, d.dead_at,
+  e.event_name::text, e.organization_id::bigint
+FROM `+s.dead+` AS d LEFT JOIN `+s.table+` AS e ON e.id = d.event_id
+WHERE ($1 = '' OR d.sink = $1) AND ($2::bigint IS NULL OR e.organization_id = $2)
+  AND ($3::timestamptz IS NULL OR d.dead_at >= $3) AND ($4::timestamptz IS NULL OR d.dead_at < $4)
+ORDER BY d.id`, target, org, since, until)
+	if err != nil {
+		return nil, fmt.Errorf("list dead letters: %w", err)
+	}
+	all, err := pgx.CollectRows(rows, pgx.RowToStructByPos[deadLetter])
+	if err != nil {
+		return nil, fmt.Errorf("list dead letters: %w", err)
+	}
+	var out []deadLetter
+	for _, d := range all {
+		name := ""
+		if d.EventName != nil {
+			name = *d.EventName
+		}
+		if len(globs) > 0 && !deliver.MatchGlobs(globs, name) {
+			continue
+		}
+		if len(out) == f.limit {
+			break
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Command {
+	cmd := &cobra.Command{Use: "dlq", Short: "Inspect, retry and purge dead-lettered deliveries"}
+	var lf dlqFilter
+	var asJSON bool
+	list := &cobra.Command{
+		Use: "list", Short: "List dead letters", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			s, err := openSession(ctx, envMap, stderr)
+			if err != nil {
+				return err
+			}
+			defer s.close(ctx)
+			out, err := lf.find(cmd, s)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return json.NewEncoder(stdout).Encode(out)
+			}
+			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "EVENT\tNAME\tORG\tSINK\tSTATUS\tATTEMPTS\tDEAD AT\tERROR")
+			for _, d := range out {
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", d.EventID, orEmpty(d.EventName), int64OrDash(d.Org), d.Sink,
+					int32OrDash(d.Status), d.Attempts, d.DeadAt.UTC().Format(time.RFC3339), clip(d.Error, 80))
+			}
+			fmt.Fprintf(tw, "%d dead letter(s)\n", len(out))
+			return tw.Flush()
+		},
+	}
+	lf.flags(list)
+	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+
+	var rf dlqFilter
+	var rDry bool
+	retry := &cobra.Command{
+		Use:   "retry",
+		Short: "Move dead letters back to the retry schedule (a running outboxd delivers them)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			s, err := openSession(ctx, envMap, stderr)
+			if err != nil {
+				return err
+			}
+			defer s.close(ctx)
+			out, err := rf.find(cmd, s)
+			if err != nil {
+				return err
+			}
+			if rDry {
+				fmt.Fprintf(stdout, "would retry %d dead letter(s)\n", len(out))
+				return nil
+			}
+			ids := make([]int64, len(out))
+			for i, d := range out {
+				ids[i] = d.ID
+			}
+			// The ordering key of a revived delivery is its event id: it no
+			// longer has a place in its key's order.
+			tag, err := s.conn.Exec(ctx, `WITH d AS (DELETE FROM `+s.dead+` WHERE id = ANY($1) RETURNING event_id, sink, last_status, last_error)
+INSERT INTO `+s.parked+` (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at, last_status, last_error)
+SELECT sink, event_id, event_id, '0/0', 0, now(), last_status, last_error FROM d
+ON CONFLICT (target, event_id) DO UPDATE SET next_attempt_at = now(), rounds = 0`, ids)
+			if err != nil {
+				return fmt.Errorf("retry dead letters: %w", err)
+			}
+			fmt.Fprintf(stdout, "%d dead letter(s) moved back to the retry schedule\n", tag.RowsAffected())
+			return nil
+		},
+	}
+	rf.flags(retry)
+	retry.Flags().BoolVar(&rDry, "dry-run", false, "count only")
+
+	var pf dlqFilter
+	var pDry, pYes bool
+	purge := &cobra.Command{
+		Use: "purge", Short: "Delete dead letters (their rows stay unprocessed in the outbox table)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !pYes && !pDry {
+				return usageError{fmt.Errorf("purge needs --yes (or --dry-run)")}
+			}
+			ctx := cmd.Context()
+			s, err := openSession(ctx, envMap, stderr)
+			if err != nil {
+				return err
+			}
+			defer s.close(ctx)
+			out, err := pf.find(cmd, s)
+			if err != nil {
+				return err
+			}
+			if pDry {
+				fmt.Fprintf(stdout, "would purge %d dead letter(s)\n", len(out))
+				return nil
+			}
+			ids := make([]int64, len(out))
+			for i, d := range out {
+				ids[i] = d.ID
+			}
+			tag, err := s.conn.Exec(ctx, `DELETE FROM `+s.dead+` WHERE id = ANY($1)`, ids)
+			if err != nil {
+				return fmt.Errorf("purge dead letters: %w", err)
+			}
+			fmt.Fprintf(stdout, "%d dead letter(s) purged\n", tag.RowsAffected())
+			return nil
+		},
+	}
+	pf.flags(purge)
+	purge.Flags().BoolVar(&pDry, "dry-run", false, "count only")
+	purge.Flags().BoolVar(&pYes, "yes", false, "confirm")
+	cmd.AddCommand(list, retry, purge)
+	return cmd
+}
+
+func orEmpty(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+func int64OrDash(v *int64) string {
+	if v == nil {
+		return "-"
+	}
+	return strconv.FormatInt(*v, 10)
+}
+
+func int32OrDash(v *int32) string {
+	if v == nil {
+		return "-"
+	}
+	return strconv.FormatInt(int64(*v), 10)
+}
+
+func clip(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
+}
