@@ -217,6 +217,20 @@ func (r *Router) change(start func(string, sink.Sink, *Subscription) *target, e 
 	if err != nil {
 		r.log.Error().Err(err).Msg("subscription change ignored")
 	}
+	if e.Change.Kind == decode.KindDelete && e.Change.Row != nil {
+		// A deleted subscription's target stops: its parked deliveries stay
+		// in the table (an operator may dead-letter or purge them).
+		if id, err := rowID(e.Change.Row); err == nil {
+			r.mu.Lock()
+			if t := r.targets[SubscriptionTarget(id)]; t != nil && t.sub != nil {
+				gone := *t.sub
+				gone.Enabled = false
+				t.sub = &gone
+			}
+			r.mu.Unlock()
+			r.log.Info().Str("target", SubscriptionTarget(id)).Msg("subscription deleted")
+		}
+	}
 	if s != nil {
 		r.mu.Lock()
 		t := r.targets[s.TargetName()]
