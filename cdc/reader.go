@@ -245,6 +245,25 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 	if err != nil {
 		return false, fmt.Errorf("identify system: %w", err)
 	}
+	// Instances sharing the slot prepare and start it one at a time, until
+	// the slot is active: without this, a standby could see a slot another
+	// instance has just created, or whose catch-up is about to start, and
+	// recreate it under it.
+	lock, err := r.connect(ctx, false)
+	if err != nil {
+		return false, err
+	}
+	unlock := func() {
+		if lock != nil {
+			lock.Close(context.WithoutCancel(ctx)) //nolint:errcheck // closing releases the lock
+			lock = nil
+		}
+	}
+	defer unlock()
+	if _, err := lock.Exec(ctx, "SELECT pg_advisory_lock(hashtext('outboxd slot "+r.cfg.Slot+"'))").ReadAll(); err != nil {
+		return false, fmt.Errorf("lock slot %q: %w", r.cfg.Slot, err)
+	}
+
 	var snap *snapshot
 	if !r.started {
 		start, s, err := r.prepare(ctx, conn, sys)
@@ -309,6 +328,7 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 	if err != nil {
 		return false, fmt.Errorf("start replication on slot %q at %s: %w", r.cfg.Slot, r.resume, err)
 	}
+	unlock() // the slot is active now: others see it in use
 	r.log.Info().Stringer("start_lsn", r.resume).Stringer("flush_lsn", r.ledger.Flushed()).Msg("streaming")
 
 	st := &stream{r: r, conn: conn, out: out, stop: ctx, nextStatus: time.Now()}
@@ -399,6 +419,9 @@ FROM pg_replication_slots WHERE slot_name = '`+slot+`'`).ReadAll()
 // start streaming, plus a snapshot to catch up from when the slot was created.
 func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl.IdentifySystemResult) (pglogrepl.LSN, *snapshot, error) {
 	r.sysID, r.timeline = sys.SystemID, sys.Timeline
+	// Instances sharing the slot prepare it one at a time: without this, a
+	// standby could see a slot another instance has just created (and not
+	// yet recorded) and recreate it under it.
 	slot, err := querySlot(ctx, conn, r.cfg.Slot)
 	if err != nil {
 		return 0, nil, err
