@@ -8,8 +8,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/outboxd/outboxd/decode"
 )
@@ -88,7 +90,8 @@ func decodeSecret(s string) ([]byte, error) {
 	return key, nil
 }
 
-// signWith computes the webhook-signature value with decoded keys.
+// signWith computes the webhook-signature value with decoded keys, once (the
+// webhook sink signs with a signer instead).
 func signWith(keys [][]byte, id string, ts int64, body []byte) string {
 	if len(keys) == 0 {
 		return ""
@@ -112,6 +115,61 @@ func signWith(keys [][]byte, id string, ts int64, body []byte) string {
 		}
 		out = append(out, "v1,"...)
 		out = base64.StdEncoding.AppendEncode(out, m.Sum(sum[:0]))
+	}
+	return string(out)
+}
+
+// signer computes webhook-signature values with decoded keys. It keeps keyed
+// HMAC states in a pool per key, so signing a delivery allocates only the
+// header value: hmac.New would allocate a dozen times and hash both key pads
+// again. It is safe for concurrent use.
+type signer struct {
+	keys  [][]byte
+	pools []sync.Pool // of *macState, one pool per key
+}
+
+// macState is a keyed HMAC with scratch space for the signed prefix and the
+// digest, which would escape to the heap through the hash.Hash interface.
+type macState struct {
+	h       hash.Hash
+	scratch [64]byte
+	sum     [sha256.Size]byte
+}
+
+// newSigner returns a signer for keys, nil when there are none.
+func newSigner(keys [][]byte) *signer {
+	if len(keys) == 0 {
+		return nil
+	}
+	s := &signer{keys: keys, pools: make([]sync.Pool, len(keys))}
+	for i, k := range keys {
+		s.pools[i].New = func() any { return &macState{h: hmac.New(sha256.New, k)} }
+	}
+	return s
+}
+
+// sign returns the webhook-signature value for id, ts and body: one
+// "v1,<base64 HMAC-SHA256(key, id.ts.body)>" per key, space-separated.
+func (s *signer) sign(id string, ts int64, body []byte) string {
+	const sigLen = len("v1,") + 44  // base64 of 32 bytes
+	var obuf [2 * (sigLen + 1)]byte // one or two keys: no allocation but the result
+	out := obuf[:0]
+	for i := range s.keys {
+		m := s.pools[i].Get().(*macState)
+		m.h.Reset() // back to the keyed state, without hashing the key again
+		// "<id>.<ts>." in the state's scratch space for the usual short ids.
+		prefix := append(m.scratch[:0], id...)
+		prefix = append(prefix, '.')
+		prefix = strconv.AppendInt(prefix, ts, 10)
+		prefix = append(prefix, '.')
+		m.h.Write(prefix)
+		m.h.Write(body)
+		if i > 0 {
+			out = append(out, ' ')
+		}
+		out = append(out, "v1,"...)
+		out = base64.StdEncoding.AppendEncode(out, m.h.Sum(m.sum[:0]))
+		s.pools[i].Put(m)
 	}
 	return string(out)
 }

@@ -49,7 +49,7 @@ type usageError struct{ error }
 func run(ctx context.Context, args []string, getenv func(string) string, environ []string, stdout, stderr io.Writer) error {
 	envMap := map[string]string{}
 	for _, kv := range environ {
-		if k, v, ok := strings.Cut(kv, "="); ok && strings.HasPrefix(k, envPrefix) {
+		if k, v, ok := strings.Cut(kv, "="); ok && (strings.HasPrefix(k, envPrefix) || passthroughVar(k)) {
 			envMap[k] = v
 		}
 	}

@@ -5,7 +5,8 @@
 // hands the ids of each request to Receiver.Receive and answers 200, 503 or 422
 // per the returned Response). Run then checks that the sink settles an event
 // only on acknowledgement, classifies retryable and permanent failures, honours
-// ctx cancellation and returns one Outcome per event, in order.
+// ctx cancellation and returns one Outcome per event, in order. Options adapt
+// the checks to a documented behaviour of the sink (InOrder).
 //
 // It is test helper code: only _test.go files import it.
 package sinktest
@@ -155,9 +156,30 @@ type Factory func(t *testing.T, rcv *Receiver) sink.Sink
 // assertion.
 const wait = 10 * time.Second
 
+// Option adapts Run to a documented behaviour of the sink under test.
+type Option func(*options)
+
+type options struct {
+	inOrder bool
+}
+
+// InOrder declares that the sink sends the events of one Deliver call one
+// after the other and, after a retryable failure of one, holds back the events
+// that follow it until it is acknowledged, so that no event overtakes an
+// earlier one (NATS JetStream: one publish, one PubAck per event). Run then
+// accepts that events after the first failing one made no attempt once the
+// retry budget is spent, provided they never reached the destination, and
+// checks that a later event never reaches the destination before an earlier
+// one is acknowledged.
+func InOrder() Option { return func(o *options) { o.inOrder = true } }
+
 // Run runs the conformance suite against the sinks newSink returns.
-func Run(t *testing.T, newSink Factory) {
+func Run(t *testing.T, newSink Factory, opts ...Option) {
 	t.Helper()
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	setup := func(t *testing.T) (sink.Sink, *Receiver) {
 		t.Helper()
 		rcv := newReceiver()
@@ -283,18 +305,48 @@ func Run(t *testing.T, newSink Factory) {
 		rcv.setPolicy(func(context.Context, Delivery) Response { return FailRetryable })
 		out := s.Deliver(t.Context(), Events(501, 502))
 		require.Len(t, out, 2)
-		for _, o := range out {
-			require.Error(t, o.Err, "never acknowledged, never settled")
-			require.NotErrorIs(t, o.Err, sink.ErrPermanent, "a retryable failure is not permanent")
-			require.NotErrorIs(t, o.Err, sink.ErrGone)
-			require.NotErrorIs(t, o.Err, context.Canceled)
-			require.NotErrorIs(t, o.Err, context.DeadlineExceeded)
-			require.GreaterOrEqual(t, o.Attempts, 2, "retryable failures are retried in memory")
+		for i, oc := range out {
+			require.Error(t, oc.Err, "never acknowledged, never settled")
+			require.NotErrorIs(t, oc.Err, sink.ErrPermanent, "a retryable failure is not permanent")
+			require.NotErrorIs(t, oc.Err, sink.ErrGone)
+			require.NotErrorIs(t, oc.Err, context.Canceled)
+			require.NotErrorIs(t, oc.Err, context.DeadlineExceeded)
+			if o.inOrder && i > 0 && oc.Attempts == 0 {
+				require.Empty(t, rcv.deliveriesOf(502), "held back, so never sent")
+				continue
+			}
+			require.GreaterOrEqual(t, oc.Attempts, 2, "retryable failures are retried in memory")
 		}
 		for _, a := range rcv.answers() {
 			require.Equal(t, FailRetryable, a.resp)
 		}
 	})
+
+	if o.inOrder {
+		t.Run("InOrderAcrossRetries", func(t *testing.T) {
+			t.Parallel()
+			s, rcv := setup(t)
+			var failed atomic.Bool
+			rcv.setPolicy(func(_ context.Context, d Delivery) Response {
+				if slices.Contains(d.IDs, 1001) && failed.CompareAndSwap(false, true) {
+					return FailRetryable
+				}
+				return Ack
+			})
+			out := s.Deliver(t.Context(), Events(1001, 1002, 1003))
+			require.Len(t, out, 3)
+			for _, oc := range out {
+				require.NoError(t, oc.Err)
+			}
+			var order []int64
+			for _, a := range rcv.answers() {
+				order = append(order, a.IDs...)
+			}
+			require.Equal(t, []int64{1001, 1001, 1002, 1003}, order,
+				"after the failure of 1001, 1002 and 1003 wait for its acknowledgement")
+			require.Equal(t, []int{2, 1, 1}, []int{out[0].Attempts, out[1].Attempts, out[2].Attempts})
+		})
+	}
 
 	t.Run("PermanentNotRetried", func(t *testing.T) {
 		t.Parallel()

@@ -1,0 +1,394 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/internal/e2e"
+	"github.com/outboxd/outboxd/internal/pgtest"
+	"github.com/outboxd/outboxd/sink"
+)
+
+// received is what a destination got: event ids in arrival order, with the
+// organization each came with.
+type received struct {
+	mu   sync.Mutex
+	ids  []int64
+	orgs map[int64]int64
+}
+
+func (r *received) add(id, org int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.orgs == nil {
+		r.orgs = map[int64]int64{}
+	}
+	r.ids = append(r.ids, id)
+	r.orgs[id] = org
+}
+
+// envelopeIDs reads id and organization_id from envelope JSON.
+func envelopeIDs(t *testing.T, body []byte) (id, org int64) {
+	t.Helper()
+	var env struct {
+		ID    int64  `json:"id"`
+		Org   int64  `json:"organization_id"`
+		Name  string `json:"event_name"`
+		Props struct {
+			Seq int `json:"seq"`
+		} `json:"properties"`
+	}
+	require.NoError(t, json.Unmarshal(body, &env), string(body))
+	require.Equal(t, "batch_started", env.Name)
+	require.Positive(t, env.Props.Seq)
+	return env.ID, env.Org
+}
+
+// checkDelivered asserts every id arrived exactly once and, per
+// organization, in commit order (ids ascend within an organization: each
+// transaction commits before the next starts).
+func checkDelivered(t *testing.T, want []int64, got []int64, orgs map[int64]int64) {
+	t.Helper()
+	seen := map[int64]int{}
+	for _, id := range got {
+		seen[id]++
+	}
+	for _, id := range want {
+		require.Equal(t, 1, seen[id], "event %d delivered %d times", id, seen[id])
+	}
+	require.Len(t, got, len(want), "nothing else delivered")
+	last := map[int64]int64{}
+	for _, id := range got {
+		o := orgs[id]
+		require.Greater(t, id, last[o], "organization %d out of commit order", o)
+		last[o] = id
+	}
+}
+
+// deliveredFunc reads back the n events that reached a destination: ids in
+// arrival order (per key for Kafka), and the organization of each.
+type deliveredFunc func(t *testing.T, d *e2e.Daemon, n int) ([]int64, map[int64]int64)
+
+// sinkCase is one non-webhook sink run end to end: setup starts the
+// destination and returns the sink's variables.
+type sinkCase struct {
+	name  string
+	setup func(t *testing.T) (map[string]string, deliveredFunc)
+}
+
+func stdoutFileCase(t *testing.T) (map[string]string, deliveredFunc) {
+	path := filepath.Join(t.TempDir(), "events.jsonl")
+	return map[string]string{"OUTBOXD_SINK": "stdout", "OUTBOXD_STDOUT_PATH": path},
+		func(t *testing.T, _ *e2e.Daemon, _ int) ([]int64, map[int64]int64) {
+			f, err := os.Open(path)
+			require.NoError(t, err)
+			defer f.Close()
+			var r received
+			sc := bufio.NewScanner(f)
+			for sc.Scan() {
+				r.add(envelopeIDs(t, sc.Bytes()))
+			}
+			require.NoError(t, sc.Err())
+			return r.ids, r.orgs
+		}
+}
+
+// stdoutCase reads the daemon's standard output, which the harness merges
+// with its JSON log lines: events are the lines without a "level".
+func stdoutCase(*testing.T) (map[string]string, deliveredFunc) {
+	return map[string]string{"OUTBOXD_SINK": "stdout"},
+		func(t *testing.T, d *e2e.Daemon, _ int) ([]int64, map[int64]int64) {
+			var r received
+			for line := range strings.SplitSeq(d.Log(), "\n") {
+				var probe map[string]json.RawMessage
+				if json.Unmarshal([]byte(line), &probe) != nil || probe["level"] != nil {
+					continue
+				}
+				r.add(envelopeIDs(t, []byte(line)))
+			}
+			return r.ids, r.orgs
+		}
+}
+
+func kafkaCase(t *testing.T) (map[string]string, deliveredFunc) {
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(3, "events.batch_started"))
+	require.NoError(t, err)
+	t.Cleanup(c.Close)
+	return map[string]string{
+			"OUTBOXD_SINK": "kafka", "OUTBOXD_KAFKA_BROKERS": strings.Join(c.ListenAddrs(), ","),
+			"OUTBOXD_KAFKA_TOPIC": "events.{event_name}", "OUTBOXD_KAFKA_BACKOFF_MAX": "100ms",
+		}, func(t *testing.T, _ *e2e.Daemon, n int) ([]int64, map[int64]int64) {
+			cl, err := kgo.NewClient(kgo.SeedBrokers(c.ListenAddrs()...), kgo.ConsumeTopics("events.batch_started"),
+				kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+			require.NoError(t, err)
+			defer cl.Close()
+			// Order holds per partition, which is per key: read partition
+			// by partition.
+			byPart := map[int32][]*kgo.Record{}
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			defer cancel()
+			for got := 0; got < n; {
+				fs := cl.PollRecords(ctx, 1000)
+				require.NoError(t, ctx.Err(), "%d of %d records", got, n)
+				for _, rec := range fs.Records() {
+					byPart[rec.Partition] = append(byPart[rec.Partition], rec)
+					got++
+				}
+			}
+			var r received
+			for _, recs := range byPart {
+				for _, rec := range recs {
+					id, org := envelopeIDs(t, rec.Value)
+					require.Equal(t, strconv.FormatInt(org, 10), string(rec.Key), "key = organization")
+					r.add(id, org)
+				}
+			}
+			return r.ids, r.orgs
+		}
+}
+
+func natsCase(t *testing.T) (map[string]string, deliveredFunc) {
+	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true,
+		JetStream: true, StoreDir: t.TempDir()})
+	require.NoError(t, err)
+	s.Start()
+	require.True(t, s.ReadyForConnections(10*time.Second))
+	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
+	return map[string]string{
+			"OUTBOXD_SINK": "nats", "OUTBOXD_NATS_URL": s.ClientURL(), "OUTBOXD_NATS_STREAM": "EVENTS",
+			"OUTBOXD_NATS_BACKOFF_MAX": "100ms",
+		}, func(t *testing.T, _ *e2e.Daemon, n int) ([]int64, map[int64]int64) {
+			nc, err := nats.Connect(s.ClientURL())
+			require.NoError(t, err)
+			defer nc.Close()
+			js, err := jetstream.New(nc)
+			require.NoError(t, err)
+			stream, err := js.Stream(t.Context(), "EVENTS")
+			require.NoError(t, err)
+			info, err := stream.Info(t.Context())
+			require.NoError(t, err)
+			var r received
+			for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+				m, err := stream.GetMsg(t.Context(), seq)
+				require.NoError(t, err)
+				require.Equal(t, "events.batch_started", m.Subject)
+				id, org := envelopeIDs(t, m.Data)
+				require.Equal(t, strconv.FormatInt(id, 10), m.Header.Get("Nats-Msg-Id"))
+				r.add(id, org)
+			}
+			return r.ids, r.orgs
+		}
+}
+
+func posthogCase(t *testing.T) (map[string]string, deliveredFunc) {
+	var r received
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		var body struct {
+			APIKey string `json:"api_key"`
+			Batch  []struct {
+				Event      string `json:"event"`
+				DistinctID string `json:"distinct_id"`
+				Properties struct {
+					ID     int64             `json:"outboxd_event_id"`
+					Groups map[string]string `json:"$groups"`
+				} `json:"properties"`
+			} `json:"batch"`
+		}
+		if req.URL.Path != "/batch/" || json.NewDecoder(req.Body).Decode(&body) != nil || body.APIKey != "phc_e2e" {
+			http.Error(w, "bad request", http.StatusBadRequest)
+			return
+		}
+		for _, ev := range body.Batch {
+			if ev.Event != "batch_started" || ev.DistinctID != "3" {
+				http.Error(w, "bad event", http.StatusBadRequest)
+				return
+			}
+			org, _ := strconv.ParseInt(ev.Properties.Groups["organization"], 10, 64)
+			r.add(ev.Properties.ID, org)
+		}
+		_, _ = io.WriteString(w, `{"status":1}`)
+	}))
+	t.Cleanup(srv.Close)
+	return map[string]string{
+			"OUTBOXD_SINK": "posthog", "OUTBOXD_POSTHOG_HOST": srv.URL,
+			"OUTBOXD_POSTHOG_PROJECT_API_KEY": "phc_e2e", "OUTBOXD_POSTHOG_BACKOFF_MAX": "100ms",
+		}, func(*testing.T, *e2e.Daemon, int) ([]int64, map[int64]int64) {
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			return append([]int64(nil), r.ids...), r.orgs
+		}
+}
+
+// TestSinksEndToEnd runs the binary with each sink other than the webhook
+// against the test Postgres: every row is delivered once, in commit order
+// per organization, and marked processed only once the destination has it.
+func TestSinksEndToEnd(t *testing.T) {
+	t.Parallel()
+	for _, sc := range []sinkCase{
+		{name: "stdout-file", setup: stdoutFileCase},
+		{name: "stdout", setup: stdoutCase},
+		{name: "kafka", setup: kafkaCase},
+		{name: "nats", setup: natsCase},
+		{name: "posthog", setup: posthogCase},
+	} {
+		t.Run(sc.name, func(t *testing.T) {
+			t.Parallel()
+			extra, delivered := sc.setup(t)
+			b := newBundle(t, pgtest.Shared(t), extra)
+			d := e2e.StartDaemon(t, b.env)
+			orgOf := func(i int) int64 { return int64(i%3) + 1 }
+			ids := e2e.Insert(t, b.pool, 4, 10, orgOf)
+			b.waitProcessed(t, int64(len(ids)), time.Minute)
+			// Processed means acknowledged: everything is at the
+			// destination already, no waiting.
+			got, orgs := delivered(t, d, len(ids))
+			checkDelivered(t, ids, got, orgs)
+			rows, attempts := e2e.Processed(t, b.pool)
+			require.Equal(t, int64(len(ids)), rows)
+			require.Equal(t, int64(len(ids)), attempts, "one attempt each")
+			require.Equal(t, 0, d.Stop(30*time.Second))
+			require.NotContains(t, d.Log(), "unknown variable", "the sink's variables are known")
+		})
+	}
+}
+
+// Bad sink configuration exits with code 2 and a message naming the
+// variable; secrets stay out of it.
+func TestSinkConfigErrorsNameTheVariable(t *testing.T) {
+	t.Parallel()
+	base := e2e.Env("postgres://outboxd@127.0.0.1:1/db", "slot", "http://127.0.0.1:1/", nil)
+	for _, tt := range []struct {
+		env  map[string]string
+		want string
+	}{
+		{map[string]string{"OUTBOXD_SINK": "carrier-pigeon"}, "OUTBOXD_SINK"},
+		{map[string]string{"OUTBOXD_SINK": "stdout", "OUTBOXD_STDOUT_MAX_ATTEMPTS": "many"}, "OUTBOXD_STDOUT_MAX_ATTEMPTS"},
+		{map[string]string{"OUTBOXD_SINK": "stdout", "OUTBOXD_STDOUT_PATH": "/nonexistent-dir/x.jsonl"}, "OUTBOXD_STDOUT_PATH"},
+		{map[string]string{"OUTBOXD_SINK": "kafka", "OUTBOXD_KAFKA_TOPIC": "t"}, "OUTBOXD_KAFKA_BROKERS"},
+		{map[string]string{"OUTBOXD_SINK": "kafka", "OUTBOXD_KAFKA_BROKERS": "b:9092", "OUTBOXD_KAFKA_TOPIC": "events.{name}"}, "OUTBOXD_KAFKA_TOPIC"},
+		{map[string]string{"OUTBOXD_SINK": "kafka", "OUTBOXD_KAFKA_BROKERS": "b:9092", "OUTBOXD_KAFKA_TOPIC": "t",
+			"OUTBOXD_KAFKA_SASL_MECHANISM": "plain", "OUTBOXD_KAFKA_SASL_USERNAME": "u"}, "OUTBOXD_KAFKA_SASL_PASSWORD"},
+		{map[string]string{"OUTBOXD_SINK": "kafka", "OUTBOXD_KAFKA_BROKERS": "b:9092", "OUTBOXD_KAFKA_TOPIC": "t",
+			"OUTBOXD_KAFKA_TIMEOUT": "0s"}, "OUTBOXD_KAFKA_TIMEOUT"},
+		{map[string]string{"OUTBOXD_SINK": "nats"}, "OUTBOXD_NATS_URL"},
+		{map[string]string{"OUTBOXD_SINK": "nats", "OUTBOXD_NATS_URL": "nats://u:pw-s3cret@127.0.0.1:1", "OUTBOXD_NATS_SUBJECT": "a..b"}, "OUTBOXD_NATS_SUBJECT"},
+		{map[string]string{"OUTBOXD_SINK": "posthog"}, "OUTBOXD_POSTHOG_PROJECT_API_KEY"},
+		{map[string]string{"OUTBOXD_SINK": "posthog", "OUTBOXD_POSTHOG_PROJECT_API_KEY": "phc_s3cret", "OUTBOXD_POSTHOG_HOST": "ftp://x"}, "OUTBOXD_POSTHOG_HOST"},
+		{map[string]string{"OUTBOXD_SINK": "posthog", "OUTBOXD_POSTHOG_PROJECT_API_KEY": "phc_s3cret", "OUTBOXD_POSTHOG_MAX_ATTEMPTS": "0"}, "OUTBOXD_POSTHOG_MAX_ATTEMPTS"},
+	} {
+		env := map[string]string{}
+		for k, v := range base {
+			env[k] = v
+		}
+		for k, v := range tt.env {
+			env[k] = v
+		}
+		code, out := e2e.RunCommand(t, env, "run")
+		require.Equal(t, 2, code, "%v: %s", tt.env, out)
+		require.Contains(t, out, tt.want+":", "%v", tt.env)
+		require.NotContains(t, out, "s3cret")
+	}
+}
+
+// A destination that cannot be reached at start is a runtime failure (exit
+// 1), not bad configuration.
+func TestSinkUnreachableAtStartExitsOne(t *testing.T) {
+	t.Parallel()
+	addr := e2e.FreeAddr(t)
+	for _, tt := range []struct {
+		extra map[string]string
+		want  string
+	}{
+		{map[string]string{"OUTBOXD_SINK": "nats", "OUTBOXD_NATS_URL": "nats://" + addr, "OUTBOXD_NATS_TIMEOUT": "1s"},
+			`nats sink "nats": connect to nats://` + addr},
+		{map[string]string{"OUTBOXD_SINK": "kafka", "OUTBOXD_KAFKA_BROKERS": addr, "OUTBOXD_KAFKA_TOPIC": "t", "OUTBOXD_KAFKA_TIMEOUT": "1s"},
+			`kafka sink "kafka": reach brokers`},
+	} {
+		code, out := e2e.RunCommand(t, e2e.Env("postgres://outboxd@127.0.0.1:1/db", "slot", "http://127.0.0.1:1/", tt.extra), "run")
+		require.Equal(t, 1, code, out)
+		require.Contains(t, out, tt.want)
+	}
+}
+
+func TestKnownSinksAndVariables(t *testing.T) {
+	t.Parallel()
+	for _, k := range []string{"stdout", "kafka", "nats", "posthog"} {
+		require.True(t, knownSink(k), k)
+	}
+	require.False(t, knownSink("webhook"), "the webhook is built by the pipeline itself")
+	require.False(t, knownSink("smtp"))
+	for _, v := range []string{"OUTBOXD_STDOUT_PATH", "OUTBOXD_KAFKA_BROKERS", "OUTBOXD_KAFKA_SASL_PASSWORD",
+		"OUTBOXD_NATS_SUBJECT", "OUTBOXD_NATS_STREAM", "OUTBOXD_POSTHOG_PROJECT_API_KEY", "OUTBOXD_POSTHOG_HOST"} {
+		require.True(t, sinkVar(v), v)
+	}
+	require.False(t, sinkVar("OUTBOXD_KAFKA_BROKER"))
+	require.False(t, sinkVar("POSTHOG_PROJECT_API_KEY"), "not OUTBOXD_: never warned about anyway")
+	require.True(t, passthroughVar("POSTHOG_PROJECT_API_KEY"))
+	require.True(t, passthroughVar("POSTHOG_HOST"))
+	require.False(t, passthroughVar("HOME"))
+
+	_, warnings, err := loadConfig(map[string]string{"OUTBOXD_SINK": "kafka", "OUTBOXD_KAFKA_TOPIC": "t", "OUTBOXD_KAFKA_TOPC": "x"})
+	require.NoError(t, err)
+	require.Equal(t, []string{"unknown variable OUTBOXD_KAFKA_TOPC ignored"}, warnings)
+}
+
+// The PostHog key and host are read from the names the product already uses,
+// or their OUTBOXD_ forms, which win.
+func TestPostHogVariables(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	keys := map[string]int{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var body struct {
+			APIKey string `json:"api_key"`
+		}
+		_ = json.NewDecoder(r.Body).Decode(&body)
+		mu.Lock()
+		keys[body.APIKey]++
+		mu.Unlock()
+	}))
+	t.Cleanup(srv.Close)
+	ev := &decode.Event{ID: 1, Name: "e", Body: []byte(`{"id":1,"event_name":"e"}`)}
+	for _, tt := range []struct {
+		env  map[string]string
+		want string
+	}{
+		{map[string]string{"POSTHOG_PROJECT_API_KEY": "plain", "POSTHOG_HOST": srv.URL}, "plain"},
+		{map[string]string{"POSTHOG_PROJECT_API_KEY": "plain", "OUTBOXD_POSTHOG_PROJECT_API_KEY": "prefixed",
+			"POSTHOG_HOST": "https://us.i.posthog.com", "OUTBOXD_POSTHOG_HOST": srv.URL}, "prefixed"},
+	} {
+		tt.env["OUTBOXD_ALLOW_PRIVATE_SINKS"] = "true"
+		s, err := buildSink("posthog", tt.env, zerolog.Nop())
+		require.NoError(t, err)
+		require.NoError(t, s.Deliver(t.Context(), []*decode.Event{ev})[0].Err)
+		s.Close()
+		mu.Lock()
+		require.Equal(t, 1, keys[tt.want], "key %s used", tt.want)
+		mu.Unlock()
+	}
+	// Without OUTBOXD_ALLOW_PRIVATE_SINKS a loopback host is refused.
+	s, err := buildSink("posthog", map[string]string{"POSTHOG_PROJECT_API_KEY": "k", "POSTHOG_HOST": srv.URL}, zerolog.Nop())
+	require.NoError(t, err)
+	defer s.Close()
+	require.ErrorIs(t, s.Deliver(t.Context(), []*decode.Event{ev})[0].Err, sink.ErrForbiddenAddress)
+}

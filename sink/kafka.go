@@ -1,0 +1,516 @@
+package sink
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/sasl"
+	"github.com/twmb/franz-go/pkg/sasl/plain"
+	"github.com/twmb/franz-go/pkg/sasl/scram"
+
+	"github.com/outboxd/outboxd/decode"
+)
+
+// Defaults applied by KafkaConfig.Validate.
+const (
+	DefaultKafkaName     = "kafka"
+	DefaultKafkaClientID = "outboxd"
+)
+
+// Record keys: which ordering key becomes the Kafka record key, so that the
+// events outboxd keeps in order land in one partition and stay in order there.
+// The values are those of OUTBOXD_ORDERING_KEY.
+const (
+	// KeyByOrganization keys records by organization_id in decimal; events
+	// without one share the empty key.
+	KeyByOrganization = "organization"
+	// KeyByEntity keys records by "<entity_type>:<entity_id>".
+	KeyByEntity = "entity"
+	// KeyByNone keys records by the event id in decimal.
+	KeyByNone = "none"
+)
+
+// Header names set on every Kafka record and NATS message.
+const (
+	// HeaderEventID carries the event id in decimal, the same on every
+	// retry and redelivery: consumers deduplicate on it.
+	HeaderEventID = "outboxd-event-id"
+	// HeaderEventName carries event_name, for routing without parsing.
+	HeaderEventName = "outboxd-event-name"
+	// HeaderTraceparent carries the event's W3C traceparent, when it has one.
+	HeaderTraceparent = "traceparent"
+)
+
+// maxKafkaTopicLen is Kafka's limit on topic names.
+const maxKafkaTopicLen = 249
+
+// KafkaConfig configures a Kafka sink.
+type KafkaConfig struct {
+	// Name is the sink name used in logs, metrics and dead letters.
+	// Default "kafka".
+	Name string
+	// Brokers are the seed brokers, host:port. Required.
+	Brokers []string
+	// Topic is the topic records are produced to, or a template over the
+	// event name: each "{event_name}" is replaced by event_name with every
+	// character not valid in a topic name (letters, digits, '.', '_', '-')
+	// replaced by '_' ("_" for an empty name). Required.
+	Topic string
+	// KeyBy selects the record key: KeyByOrganization (default),
+	// KeyByEntity or KeyByNone; set it to the ordering key.
+	KeyBy string
+	// ClientID is the Kafka client id. Default "outboxd".
+	ClientID string
+	// TLS connects to the brokers with TLS (1.2 or later, system roots).
+	TLS bool
+	// SASLMechanism is "", "plain", "scram-sha-256" or "scram-sha-512".
+	SASLMechanism string
+	// SASLUser and SASLPassword are the SASL credentials; the password never
+	// appears in logs or errors.
+	SASLUser     string
+	SASLPassword string
+	// AllowAutoTopicCreation lets brokers configured for it create missing
+	// topics on first produce. Default false: a missing topic is a retryable
+	// failure until it is created.
+	AllowAutoTopicCreation bool
+	// Timeout bounds each attempt: from handing the records to the client to
+	// the last acknowledgement. Default 10s.
+	Timeout time.Duration
+	// MaxAttempts is the number of attempts one Deliver call makes per record
+	// before it gives up with a retryable error. Default 8.
+	MaxAttempts int
+	// BackoffMin is the first backoff. Default 200ms.
+	BackoffMin time.Duration
+	// BackoffMax caps the backoff. Default 30s.
+	BackoffMax time.Duration
+}
+
+// Validate fills in defaults and checks c. Errors name the offending field and
+// never contain the SASL password.
+func (c *KafkaConfig) Validate() error {
+	if c.Name == "" {
+		c.Name = DefaultKafkaName
+	}
+	if c.KeyBy == "" {
+		c.KeyBy = KeyByOrganization
+	}
+	if c.ClientID == "" {
+		c.ClientID = DefaultKafkaClientID
+	}
+	if c.Timeout == 0 {
+		c.Timeout = DefaultTimeout
+	}
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("kafka sink %q: %s: %s", c.Name, field, fmt.Sprintf(format, args...)))
+	}
+	if len(c.Brokers) == 0 {
+		bad("Brokers", "required: at least one host:port")
+	}
+	for i, b := range c.Brokers {
+		if b == "" || strings.ContainsAny(b, " /") {
+			bad(fmt.Sprintf("Brokers[%d]", i), "%q is not host:port", b)
+		}
+	}
+	if t, err := parseTemplate(c.Topic, validKafkaTopicByte); err != nil {
+		bad("Topic", "%v", err)
+	} else if err := checkKafkaTopic(t.expand("x")); err != nil {
+		bad("Topic", "%v", err)
+	}
+	switch c.KeyBy {
+	case KeyByOrganization, KeyByEntity, KeyByNone:
+	default:
+		bad("KeyBy", "%q is not organization, entity or none", c.KeyBy)
+	}
+	switch c.SASLMechanism {
+	case "":
+	case "plain", "scram-sha-256", "scram-sha-512":
+		if c.SASLUser == "" {
+			bad("SASLUser", "required with SASL mechanism %s", c.SASLMechanism)
+		}
+		if c.SASLPassword == "" {
+			bad("SASLPassword", "required with SASL mechanism %s", c.SASLMechanism)
+		}
+	default:
+		bad("SASLMechanism", "%q is not plain, scram-sha-256 or scram-sha-512", c.SASLMechanism)
+	}
+	if c.Timeout < 0 {
+		bad("Timeout", "must be positive, got %s", c.Timeout)
+	}
+	validateRetry(&c.MaxAttempts, &c.BackoffMin, &c.BackoffMax, bad)
+	return errors.Join(errs...)
+}
+
+// Kafka is a Sink that produces each event as one record with franz-go's
+// idempotent producer and acks from all in-sync replicas: key = the ordering
+// key (see KafkaConfig.KeyBy), value = the envelope, headers
+// outboxd-event-id, outboxd-event-name, content-type, traceparent (when the
+// event has one) and those added with WithHeader. Deliver returns once every
+// record is acknowledged or has failed; each record has its own Outcome.
+//
+// The Deliver call owns the retries: the client is told not to retry a
+// record after an answer from the broker, so each attempt is counted and
+// bounded. Within one partition the client fails the records that follow a
+// failed one, so a retry never lands after a later event of the same key.
+// Retriable Kafka errors, timeouts and connection failures are retryable;
+// MESSAGE_TOO_LARGE, RECORD_LIST_TOO_LARGE, INVALID_TOPIC_EXCEPTION,
+// INVALID_RECORD, POLICY_VIOLATION and authorization or authentication
+// failures are permanent.
+type Kafka struct {
+	name    string
+	topic   template
+	keyBy   string
+	timeout time.Duration
+	policy  retryPolicy
+	client  *kgo.Client
+	log     zerolog.Logger
+}
+
+var _ Sink = (*Kafka)(nil)
+
+// NewKafka validates cfg and returns a Kafka sink. It does not connect: the
+// client connects on first use (see Ping).
+func NewKafka(cfg KafkaConfig, log zerolog.Logger) (*Kafka, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	topic, err := parseTemplate(cfg.Topic, validKafkaTopicByte)
+	if err != nil {
+		return nil, fmt.Errorf("kafka sink %q: Topic: %w", cfg.Name, err)
+	}
+	k := &Kafka{
+		name:    cfg.Name,
+		topic:   topic,
+		keyBy:   cfg.KeyBy,
+		timeout: cfg.Timeout,
+		policy:  retryPolicy{maxAttempts: cfg.MaxAttempts, backoffMin: cfg.BackoffMin, backoffMax: cfg.BackoffMax},
+		log:     log.With().Str("component", "sink").Str("sink", cfg.Name).Logger(),
+	}
+	opts := []kgo.Opt{
+		kgo.SeedBrokers(cfg.Brokers...),
+		kgo.ClientID(cfg.ClientID),
+		kgo.WithLogger(kgoLogger{k.log}),
+		// Idempotent writes are franz-go's default; they need acks=all.
+		kgo.RequiredAcks(kgo.AllISRAcks()),
+		// One try per record per attempt: Deliver retries and counts. The
+		// client still re-sends a request whose answer it never got, as
+		// idempotence requires.
+		kgo.RecordRetries(0),
+		// Deliver hands over all its records at once; lingering would only
+		// add latency to every call.
+		kgo.ProducerLinger(0),
+		kgo.ProduceRequestTimeout(cfg.Timeout),
+	}
+	if cfg.TLS {
+		opts = append(opts, kgo.DialTLSConfig(&tls.Config{MinVersion: tls.VersionTLS12}))
+	}
+	if m := saslMechanism(cfg); m != nil {
+		opts = append(opts, kgo.SASL(m))
+	}
+	if cfg.AllowAutoTopicCreation {
+		opts = append(opts, kgo.AllowAutoTopicCreation())
+	}
+	k.client, err = kgo.NewClient(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("kafka sink %q: create client: %w", cfg.Name, err)
+	}
+	return k, nil
+}
+
+func saslMechanism(cfg KafkaConfig) sasl.Mechanism {
+	switch cfg.SASLMechanism {
+	case "plain":
+		return plain.Auth{User: cfg.SASLUser, Pass: cfg.SASLPassword}.AsMechanism()
+	case "scram-sha-256":
+		return scram.Auth{User: cfg.SASLUser, Pass: cfg.SASLPassword}.AsSha256Mechanism()
+	case "scram-sha-512":
+		return scram.Auth{User: cfg.SASLUser, Pass: cfg.SASLPassword}.AsSha512Mechanism()
+	}
+	return nil
+}
+
+// Name returns the sink name.
+func (k *Kafka) Name() string { return k.name }
+
+// Ping checks that a broker answers, so that a wrong address fails at start.
+func (k *Kafka) Ping(ctx context.Context) error {
+	if err := k.client.Ping(ctx); err != nil {
+		return fmt.Errorf("kafka sink %q: reach brokers: %w", k.name, err)
+	}
+	return nil
+}
+
+// Close closes the client. Records still buffered fail; Deliver must not be
+// called afterwards.
+func (k *Kafka) Close() { k.client.Close() }
+
+// Deliver produces one record per event and waits for each acknowledgement.
+func (k *Kafka) Deliver(ctx context.Context, events []*decode.Event) []Outcome {
+	if len(events) == 0 {
+		return []Outcome{}
+	}
+	var rejected []error
+	for i, ev := range events {
+		if ev == nil {
+			continue
+		}
+		if err := checkKafkaTopic(k.topic.expand(ev.Name)); err != nil {
+			if rejected == nil {
+				rejected = make([]error, len(events))
+			}
+			rejected[i] = fmt.Errorf("topic: %w", err)
+		}
+	}
+	out := deliverEach(ctx, k.policy, "produce to kafka", events, rejected, func(ctx context.Context, pending []int) attemptResult {
+		return k.attempt(ctx, events, pending)
+	})
+	if ev := k.log.Debug(); ev.Enabled() {
+		ev.Int("events", len(events)).Int("failed", failed(out)).Msg("kafka delivery")
+	}
+	return out
+}
+
+func failed(out []Outcome) int {
+	n := 0
+	for _, o := range out {
+		if o.Err != nil {
+			n++
+		}
+	}
+	return n
+}
+
+type produced struct {
+	j   int
+	err error
+}
+
+// attempt produces the pending events and waits, up to the timeout, for each
+// answer.
+func (k *Kafka) attempt(ctx context.Context, events []*decode.Event, pending []int) attemptResult {
+	res := attemptResult{errs: make([]error, len(pending))}
+	actx, cancel := context.WithTimeout(ctx, k.timeout)
+	defer cancel()
+	// Buffered for every record, so that a promise firing after the attempt
+	// gave up never blocks the client.
+	answers := make(chan produced, len(pending))
+	answered := make([]bool, len(pending))
+	sent := 0
+	extra := ExtraHeaders(ctx)
+	for j, i := range pending {
+		rec := k.record(events[i], extra)
+		sent++
+		k.client.Produce(actx, rec, func(_ *kgo.Record, err error) { answers <- produced{j, err} })
+	}
+	for ; sent > 0; sent-- {
+		select {
+		case a := <-answers:
+			res.errs[a.j] = attemptErr(ctx, k.timeout, classifyKafka(a.err))
+			answered[a.j] = true
+		case <-actx.Done():
+			// Records the broker may still write are left to the client;
+			// a retry duplicates them at worst (at-least-once).
+			err := attemptErr(ctx, k.timeout, actx.Err())
+			for j := range answered {
+				if !answered[j] {
+					res.errs[j] = err
+				}
+			}
+			return res
+		}
+	}
+	return res
+}
+
+// record builds the record of ev.
+func (k *Kafka) record(ev *decode.Event, extra []ExtraHeader) *kgo.Record {
+	topic := k.topic.expand(ev.Name)
+	id := strconv.FormatInt(ev.ID, 10)
+	headers := make([]kgo.RecordHeader, 0, 4+len(extra))
+	for _, h := range extra {
+		switch strings.ToLower(h.Key) {
+		case HeaderEventID, HeaderEventName, "content-type", HeaderTraceparent:
+			continue // the sink's own headers take precedence
+		}
+		headers = append(headers, kgo.RecordHeader{Key: h.Key, Value: []byte(h.Value)})
+	}
+	headers = append(headers,
+		kgo.RecordHeader{Key: HeaderEventID, Value: []byte(id)},
+		kgo.RecordHeader{Key: HeaderEventName, Value: []byte(ev.Name)},
+		kgo.RecordHeader{Key: "content-type", Value: []byte("application/json")},
+	)
+	if ev.Traceparent != "" {
+		headers = append(headers, kgo.RecordHeader{Key: HeaderTraceparent, Value: []byte(ev.Traceparent)})
+	}
+	return &kgo.Record{Topic: topic, Key: k.key(ev), Value: ev.Body, Headers: headers}
+}
+
+// key returns the record key of ev: its ordering key. Never nil, so that
+// keyless events too hash to one partition and keep their order.
+func (k *Kafka) key(ev *decode.Event) []byte {
+	switch k.keyBy {
+	case KeyByEntity:
+		return []byte(ev.EntityType + ":" + ev.EntityID)
+	case KeyByNone:
+		return strconv.AppendInt(nil, ev.ID, 10)
+	default:
+		if !ev.HasOrganization {
+			return []byte{}
+		}
+		return strconv.AppendInt(nil, ev.OrganizationID, 10)
+	}
+}
+
+// kafkaPermanent are the broker answers retrying cannot fix.
+var kafkaPermanent = []error{
+	kerr.MessageTooLarge,
+	kerr.RecordListTooLarge,
+	kerr.InvalidTopicException,
+	kerr.InvalidRecord,
+	kerr.PolicyViolation,
+	kerr.InvalidRequiredAcks,
+	kerr.UnsupportedForMessageFormat,
+	kerr.TopicAuthorizationFailed,
+	kerr.ClusterAuthorizationFailed,
+	kerr.TransactionalIDAuthorizationFailed,
+	kerr.SaslAuthenticationFailed,
+	kerr.UnsupportedSaslMechanism,
+	kerr.IllegalSaslState,
+}
+
+// classifyKafka marks the permanent failures among the errors of a record.
+func classifyKafka(err error) error {
+	if err == nil {
+		return nil
+	}
+	for _, p := range kafkaPermanent {
+		if errors.Is(err, p) {
+			return fmt.Errorf("%w: %w", ErrPermanent, err)
+		}
+	}
+	return err
+}
+
+// checkKafkaTopic checks a topic name against Kafka's rules.
+func checkKafkaTopic(t string) error {
+	switch {
+	case t == "":
+		return errors.New("empty topic name")
+	case t == "." || t == "..":
+		return fmt.Errorf("topic name %q is not allowed", t)
+	case len(t) > maxKafkaTopicLen:
+		return fmt.Errorf("topic name is %d characters long, more than %d", len(t), maxKafkaTopicLen)
+	}
+	for i := 0; i < len(t); i++ {
+		if !validKafkaTopicByte(t[i]) {
+			return fmt.Errorf("topic name %q has invalid character %q (want letters, digits, '.', '_', '-')", t, t[i])
+		}
+	}
+	return nil
+}
+
+func validKafkaTopicByte(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-'
+}
+
+// templateVar is the one variable topic and subject templates know.
+const templateVar = "{event_name}"
+
+// template is a topic or subject with "{event_name}" placeholders.
+type template struct {
+	parts []string // literal text around the placeholders: len = placeholders+1
+	valid func(byte) bool
+}
+
+// parseTemplate parses s. Braces other than "{event_name}" are refused, so a
+// typo ("{event}") fails at start instead of becoming part of every name.
+func parseTemplate(s string, valid func(byte) bool) (template, error) {
+	if s == "" {
+		return template{}, errors.New("required")
+	}
+	parts := strings.Split(s, templateVar)
+	for _, p := range parts {
+		if strings.ContainsAny(p, "{}") {
+			return template{}, fmt.Errorf("%q: only %s may appear in braces", s, templateVar)
+		}
+	}
+	return template{parts: parts, valid: valid}, nil
+}
+
+func (t template) dynamic() bool { return len(t.parts) > 1 }
+
+// expand substitutes name, made safe, for each placeholder.
+func (t template) expand(name string) string {
+	if !t.dynamic() {
+		return t.parts[0]
+	}
+	safe := sanitizeName(name, t.valid)
+	return strings.Join(t.parts, safe)
+}
+
+// sanitizeName replaces each byte for which valid is false by '_': a
+// multi-byte character becomes several '_', which keeps the mapping simple
+// and the result within the limits the destination sets on bytes.
+func sanitizeName(name string, valid func(byte) bool) string {
+	if name == "" {
+		return "_"
+	}
+	b := []byte(name)
+	for i, c := range b {
+		if !valid(c) {
+			b[i] = '_'
+		}
+	}
+	return string(b)
+}
+
+// kgoLogger sends franz-go's log lines to zerolog, one level lower: franz-go
+// logs routine connection and metadata news at info.
+type kgoLogger struct{ log zerolog.Logger }
+
+func (l kgoLogger) Level() kgo.LogLevel {
+	switch lv := l.log.GetLevel(); {
+	case lv <= zerolog.TraceLevel:
+		return kgo.LogLevelDebug
+	case lv <= zerolog.DebugLevel:
+		return kgo.LogLevelInfo
+	case lv <= zerolog.WarnLevel:
+		return kgo.LogLevelWarn
+	default:
+		return kgo.LogLevelError
+	}
+}
+
+func (l kgoLogger) Log(level kgo.LogLevel, msg string, keyvals ...any) {
+	var ev *zerolog.Event
+	switch level {
+	case kgo.LogLevelError:
+		ev = l.log.Error()
+	case kgo.LogLevelWarn:
+		ev = l.log.Warn()
+	case kgo.LogLevelInfo:
+		ev = l.log.Debug()
+	default:
+		ev = l.log.Trace()
+	}
+	if !ev.Enabled() {
+		return
+	}
+	for i := 0; i+1 < len(keyvals); i += 2 {
+		key, _ := keyvals[i].(string)
+		if err, ok := keyvals[i+1].(error); ok {
+			ev = ev.AnErr(key, err)
+			continue
+		}
+		ev = ev.Interface(key, keyvals[i+1])
+	}
+	ev.Msg("kafka client: " + msg)
+}

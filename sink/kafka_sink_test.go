@@ -1,0 +1,406 @@
+package sink_test
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
+
+	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/sink/sinktest"
+)
+
+// newKfake starts an in-process Kafka cluster with the given topics (one
+// partition each unless partitions says otherwise), closed at cleanup.
+func newKfake(t *testing.T, partitions int32, topics ...string) *kfake.Cluster {
+	t.Helper()
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(partitions, topics...))
+	require.NoError(t, err)
+	t.Cleanup(c.Close)
+	return c
+}
+
+// fastKafka is a Kafka config for c with a small, fast retry budget.
+func fastKafka(c *kfake.Cluster, topic string) sink.KafkaConfig {
+	return sink.KafkaConfig{
+		Name: "kafka-test", Brokers: c.ListenAddrs(), Topic: topic,
+		Timeout: 5 * time.Second, MaxAttempts: 4, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond,
+	}
+}
+
+func newKafka(t *testing.T, cfg sink.KafkaConfig) *sink.Kafka {
+	t.Helper()
+	k, err := sink.NewKafka(cfg, zerolog.Nop())
+	require.NoError(t, err)
+	t.Cleanup(k.Close)
+	return k
+}
+
+// produceAnswer answers every partition of req with code.
+func produceAnswer(req *kmsg.ProduceRequest, code int16) *kmsg.ProduceResponse {
+	resp := req.ResponseKind().(*kmsg.ProduceResponse)
+	for _, rt := range req.Topics {
+		st := kmsg.NewProduceResponseTopic()
+		st.Topic, st.TopicID = rt.Topic, rt.TopicID
+		for _, rp := range rt.Partitions {
+			sp := kmsg.NewProduceResponseTopicPartition()
+			sp.Partition = rp.Partition
+			sp.ErrorCode = code
+			st.Partitions = append(st.Partitions, sp)
+		}
+		resp.Topics = append(resp.Topics, st)
+	}
+	return resp
+}
+
+// producedIDs returns the event ids carried by the records of req.
+func producedIDs(req *kmsg.ProduceRequest) ([]int64, error) {
+	var ids []int64
+	for _, rt := range req.Topics {
+		for _, rp := range rt.Partitions {
+			var b kmsg.RecordBatch
+			if err := b.ReadFrom(rp.Records); err != nil {
+				return nil, err
+			}
+			recs, err := kfake.BatchRecords(b)
+			if err != nil {
+				return nil, err
+			}
+			for _, r := range recs {
+				got, err := sinktest.IDsFromJSON(r.Value)
+				if err != nil {
+					return nil, err
+				}
+				ids = append(ids, got...)
+			}
+		}
+	}
+	return ids, nil
+}
+
+// TestKafkaConformance runs the shared suite with a kfake cluster as the
+// destination: a control function hands the ids of every produce request to
+// the receiver (sleeping, so that the cluster keeps serving) and lets the
+// cluster store the records (ack), or answers NOT_ENOUGH_REPLICAS
+// (retryable) or INVALID_RECORD (permanent).
+func TestKafkaConformance(t *testing.T) {
+	t.Parallel()
+	sinktest.Run(t, func(t *testing.T, rcv *sinktest.Receiver) sink.Sink {
+		c := newKfake(t, 1, "sinktest")
+		c.ControlKey(int16(kmsg.Produce), func(kreq kmsg.Request) (kmsg.Response, error, bool) {
+			c.KeepControl()
+			req := kreq.(*kmsg.ProduceRequest)
+			ids, err := producedIDs(req)
+			if err != nil {
+				t.Errorf("decode produce request: %v", err)
+				return produceAnswer(req, kerr.CorruptMessage.Code), nil, true
+			}
+			var answer sinktest.Response
+			c.SleepControl(func() { answer = rcv.Receive(context.Background(), ids) })
+			switch answer {
+			case sinktest.Ack:
+				return nil, nil, false
+			case sinktest.FailPermanent:
+				return produceAnswer(req, kerr.InvalidRecord.Code), nil, true
+			default:
+				return produceAnswer(req, kerr.NotEnoughReplicas.Code), nil, true
+			}
+		})
+		return newKafka(t, fastKafka(c, "sinktest"))
+	})
+}
+
+// consume reads n records from topic.
+func consume(t *testing.T, c *kfake.Cluster, n int, topics ...string) []*kgo.Record {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(c.ListenAddrs()...), kgo.ConsumeTopics(topics...),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	require.NoError(t, err)
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	var recs []*kgo.Record
+	for len(recs) < n {
+		fs := cl.PollFetches(ctx)
+		require.NoError(t, ctx.Err(), "got %d of %d records", len(recs), n)
+		fs.EachError(func(topic string, p int32, err error) { t.Fatalf("fetch %s/%d: %v", topic, p, err) })
+		recs = append(recs, fs.Records()...)
+	}
+	require.Len(t, recs, n)
+	return recs
+}
+
+func header(r *kgo.Record, key string) (string, bool) {
+	for _, h := range r.Headers {
+		if h.Key == key {
+			return string(h.Value), true
+		}
+	}
+	return "", false
+}
+
+// kafkaEvent is an event with the fields the record key and headers use.
+func kafkaEvent(id int64, name string, org int64, entity string) *decode.Event {
+	ev := &decode.Event{ID: id, Name: name, OrganizationID: org, HasOrganization: org != 0,
+		EntityType: "batch", EntityID: entity}
+	ev.Body = fmt.Appendf(nil, `{"id":%d,"event_name":%q,"organization_id":%d,"entity_type":"batch","entity_id":%q}`, id, name, org, entity)
+	return ev
+}
+
+func TestKafkaRecordsCarryKeyHeadersAndValue(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		keyBy string
+		want  []string // keys of the three events
+	}{
+		{sink.KeyByOrganization, []string{"7", "", "7"}},
+		{sink.KeyByEntity, []string{"batch:B-1", "batch:B-2", "batch:B-1"}},
+		{sink.KeyByNone, []string{"11", "12", "13"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.keyBy, func(t *testing.T) {
+			t.Parallel()
+			c := newKfake(t, 3, "events")
+			cfg := fastKafka(c, "events")
+			cfg.KeyBy = tt.keyBy
+			k := newKafka(t, cfg)
+			evs := []*decode.Event{
+				kafkaEvent(11, "batch_started", 7, "B-1"),
+				kafkaEvent(12, "batch_started", 0, "B-2"),
+				kafkaEvent(13, "inventory_adjusted", 7, "B-1"),
+			}
+			evs[0].Traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+			ctx := sink.WithHeader(t.Context(), "webhook-replay", "true")
+			out := k.Deliver(ctx, evs)
+			require.Len(t, out, 3)
+			for _, o := range out {
+				require.NoError(t, o.Err)
+				require.Equal(t, 1, o.Attempts)
+			}
+
+			recs := consume(t, c, 3, "events")
+			slices.SortFunc(recs, func(a, b *kgo.Record) int { return strings.Compare(string(a.Value), string(b.Value)) })
+			byID := map[string]*kgo.Record{}
+			for _, r := range recs {
+				id, ok := header(r, sink.HeaderEventID)
+				require.True(t, ok, "every record carries %s", sink.HeaderEventID)
+				byID[id] = r
+			}
+			for i, ev := range evs {
+				r := byID[strconv.FormatInt(ev.ID, 10)]
+				require.NotNil(t, r, "event %d", ev.ID)
+				require.Equal(t, "events", r.Topic)
+				require.Equal(t, string(ev.Body), string(r.Value), "value = envelope, unchanged")
+				require.Equal(t, tt.want[i], string(r.Key), "key of event %d", ev.ID)
+				name, _ := header(r, sink.HeaderEventName)
+				require.Equal(t, ev.Name, name)
+				ct, _ := header(r, "content-type")
+				require.Equal(t, "application/json", ct)
+				replay, _ := header(r, "webhook-replay")
+				require.Equal(t, "true", replay, "headers added with WithHeader travel too")
+				tp, ok := header(r, sink.HeaderTraceparent)
+				require.Equal(t, ev.Traceparent != "", ok)
+				require.Equal(t, ev.Traceparent, tp)
+			}
+			// Same key, same partition: events of one key stay in order.
+			if tt.keyBy != sink.KeyByNone {
+				require.Equal(t, byID["11"].Partition, byID["13"].Partition)
+				require.Less(t, byID["11"].Offset, byID["13"].Offset)
+			}
+		})
+	}
+}
+
+func TestKafkaTopicTemplateRoutes(t *testing.T) {
+	t.Parallel()
+	c := newKfake(t, 1, "events.batch_started", "events.inventory_adjusted", "events.odd_name___-x_y")
+	k := newKafka(t, fastKafka(c, "events.{event_name}"))
+	out := k.Deliver(t.Context(), []*decode.Event{
+		kafkaEvent(1, "batch_started", 1, "a"),
+		kafkaEvent(2, "inventory_adjusted", 1, "a"),
+		kafkaEvent(3, "odd name/é-x*y", 1, "a"), // ' ', '/', 2-byte 'é', '*' become '_'
+		kafkaEvent(4, "batch_started", 2, "b"),
+	})
+	for _, o := range out {
+		require.NoError(t, o.Err)
+	}
+	got := map[string][]string{}
+	for _, r := range consume(t, c, 4, "events.batch_started", "events.inventory_adjusted", "events.odd_name___-x_y") {
+		id, _ := header(r, sink.HeaderEventID)
+		got[r.Topic] = append(got[r.Topic], id)
+	}
+	require.ElementsMatch(t, []string{"1", "4"}, got["events.batch_started"])
+	require.Equal(t, []string{"2"}, got["events.inventory_adjusted"])
+	require.Equal(t, []string{"3"}, got["events.odd_name___-x_y"])
+
+	// A name that makes the topic longer than Kafka allows fails alone,
+	// permanently, without an attempt.
+	long := kafkaEvent(5, strings.Repeat("n", 260), 1, "a")
+	out = k.Deliver(t.Context(), []*decode.Event{long, kafkaEvent(6, "batch_started", 1, "a")})
+	require.ErrorIs(t, out[0].Err, sink.ErrPermanent)
+	require.Equal(t, 0, out[0].Attempts)
+	require.NoError(t, out[1].Err)
+}
+
+func TestKafkaTooLargeRecordIsPermanent(t *testing.T) {
+	t.Parallel()
+	c := newKfake(t, 1, "events")
+	k := newKafka(t, fastKafka(c, "events"))
+	huge := kafkaEvent(1, "batch_started", 1, "a")
+	huge.Body = fmt.Appendf(nil, `{"id":1,"pad":%q}`, strings.Repeat("x", 2<<20))
+	out := k.Deliver(t.Context(), []*decode.Event{huge})
+	require.ErrorIs(t, out[0].Err, sink.ErrPermanent)
+	require.ErrorIs(t, out[0].Err, kerr.MessageTooLarge)
+	require.Equal(t, 1, out[0].Attempts, "not retried")
+
+	// The producer goes on with the next events.
+	out = k.Deliver(t.Context(), []*decode.Event{kafkaEvent(2, "batch_started", 1, "a")})
+	require.NoError(t, out[0].Err)
+	consume(t, c, 1, "events")
+}
+
+func TestKafkaBrokerAnswersClassified(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		code      int16
+		permanent bool
+	}{
+		{kerr.NotLeaderForPartition.Code, false},
+		{kerr.RequestTimedOut.Code, false},
+		{kerr.TopicAuthorizationFailed.Code, true},
+		{kerr.MessageTooLarge.Code, true},
+		{kerr.InvalidTopicException.Code, true},
+	} {
+		name := kerr.ErrorForCode(tt.code).Error()
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			c := newKfake(t, 1, "events")
+			c.ControlKey(int16(kmsg.Produce), func(kreq kmsg.Request) (kmsg.Response, error, bool) {
+				c.KeepControl()
+				return produceAnswer(kreq.(*kmsg.ProduceRequest), tt.code), nil, true
+			})
+			cfg := fastKafka(c, "events")
+			cfg.MaxAttempts = 2
+			// REQUEST_TIMED_OUT leaves the client unsure whether the
+			// broker wrote the batch: it re-sends until the attempt ends.
+			cfg.Timeout = 300 * time.Millisecond
+			k := newKafka(t, cfg)
+			out := k.Deliver(t.Context(), []*decode.Event{kafkaEvent(1, "batch_started", 1, "a")})
+			require.Error(t, out[0].Err)
+			require.NotErrorIs(t, out[0].Err, context.Canceled)
+			require.NotErrorIs(t, out[0].Err, context.DeadlineExceeded)
+			if tt.permanent {
+				require.ErrorIs(t, out[0].Err, sink.ErrPermanent)
+				require.Equal(t, 1, out[0].Attempts)
+			} else {
+				require.NotErrorIs(t, out[0].Err, sink.ErrPermanent)
+				require.Equal(t, 2, out[0].Attempts)
+			}
+		})
+	}
+}
+
+// With the cluster gone, deliveries fail, retryably, once the attempt times
+// out; cancelling the call ends it at once.
+func TestKafkaBrokerDownIsRetryable(t *testing.T) {
+	t.Parallel()
+	c := newKfake(t, 1, "events")
+	cfg := fastKafka(c, "events")
+	cfg.Timeout = 300 * time.Millisecond
+	cfg.MaxAttempts = 2
+	k := newKafka(t, cfg)
+	require.NoError(t, k.Ping(t.Context()))
+	require.NoError(t, k.Deliver(t.Context(), []*decode.Event{kafkaEvent(1, "batch_started", 1, "a")})[0].Err)
+	c.Close()
+
+	out := k.Deliver(t.Context(), []*decode.Event{kafkaEvent(2, "batch_started", 1, "a")})
+	require.Error(t, out[0].Err)
+	require.NotErrorIs(t, out[0].Err, sink.ErrPermanent)
+	require.NotErrorIs(t, out[0].Err, context.DeadlineExceeded, "the attempt's own timeout is not the caller's deadline")
+	require.Equal(t, 2, out[0].Attempts)
+
+	// The caller's deadline, shorter than the attempt's, ends the call with
+	// the caller's error.
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	cfg.Timeout = time.Minute
+	k2 := newKafka(t, cfg)
+	out = k2.Deliver(ctx, []*decode.Event{kafkaEvent(3, "batch_started", 1, "a")})
+	require.ErrorIs(t, out[0].Err, context.DeadlineExceeded)
+	require.NotErrorIs(t, out[0].Err, sink.ErrPermanent)
+}
+
+func TestKafkaUnknownTopicIsRetryable(t *testing.T) {
+	t.Parallel()
+	c := newKfake(t, 1, "events")
+	cfg := fastKafka(c, "missing")
+	cfg.MaxAttempts = 2
+	cfg.Timeout = 2 * time.Second
+	k := newKafka(t, cfg)
+	out := k.Deliver(t.Context(), []*decode.Event{kafkaEvent(1, "batch_started", 1, "a")})
+	require.Error(t, out[0].Err)
+	require.NotErrorIs(t, out[0].Err, sink.ErrPermanent, "a missing topic can be created: retry")
+}
+
+// SCRAM authentication works; with a wrong password Ping (run at start) and
+// deliveries fail, and the password appears in neither error.
+func TestKafkaSASL(t *testing.T) {
+	t.Parallel()
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "events"),
+		kfake.EnableSASL(), kfake.Superuser("SCRAM-SHA-256", "outboxd", "right-password"))
+	require.NoError(t, err)
+	t.Cleanup(c.Close)
+
+	cfg := fastKafka(c, "events")
+	cfg.SASLMechanism, cfg.SASLUser, cfg.SASLPassword = "scram-sha-256", "outboxd", "right-password"
+	k := newKafka(t, cfg)
+	require.NoError(t, k.Deliver(t.Context(), []*decode.Event{kafkaEvent(1, "batch_started", 1, "a")})[0].Err)
+
+	cfg.SASLPassword = "wrong-password-s3cret"
+	cfg.Timeout = 2 * time.Second
+	cfg.MaxAttempts = 2
+	k = newKafka(t, cfg)
+	pingErr := k.Ping(t.Context())
+	require.Error(t, pingErr)
+	require.NotContains(t, pingErr.Error(), "wrong-password-s3cret")
+	out := k.Deliver(t.Context(), []*decode.Event{kafkaEvent(2, "batch_started", 1, "a")})
+	require.Error(t, out[0].Err)
+	require.NotContains(t, out[0].Err.Error(), "wrong-password-s3cret")
+}
+
+func TestKafkaConfigErrorsNameTheField(t *testing.T) {
+	t.Parallel()
+	ok := sink.KafkaConfig{Brokers: []string{"127.0.0.1:9092"}, Topic: "events"}
+	require.NoError(t, ok.Validate())
+	require.Equal(t, sink.KeyByOrganization, ok.KeyBy)
+	for field, mutate := range map[string]func(*sink.KafkaConfig){
+		"Brokers":       func(c *sink.KafkaConfig) { c.Brokers = nil },
+		"Brokers[1]":    func(c *sink.KafkaConfig) { c.Brokers = append(c.Brokers, "bad host") },
+		"Topic":         func(c *sink.KafkaConfig) { c.Topic = "" },
+		"KeyBy":         func(c *sink.KafkaConfig) { c.KeyBy = "user" },
+		"SASLMechanism": func(c *sink.KafkaConfig) { c.SASLMechanism = "gssapi" },
+		"SASLPassword":  func(c *sink.KafkaConfig) { c.SASLMechanism, c.SASLUser = "plain", "u" },
+		"MaxAttempts":   func(c *sink.KafkaConfig) { c.MaxAttempts = -1 },
+	} {
+		cfg := sink.KafkaConfig{Brokers: []string{"127.0.0.1:9092"}, Topic: "events"}
+		mutate(&cfg)
+		require.ErrorContains(t, cfg.Validate(), field+":", field)
+	}
+	for _, topic := range []string{"events.{event}", "events/x", "a{event_name}}", strings.Repeat("t", 250)} {
+		cfg := sink.KafkaConfig{Brokers: []string{"127.0.0.1:9092"}, Topic: topic}
+		require.ErrorContains(t, cfg.Validate(), "Topic:", topic)
+	}
+	cfg := sink.KafkaConfig{Brokers: []string{"b:9092"}, Topic: "t", SASLMechanism: "plain", SASLUser: "u", SASLPassword: "pw-secret", MaxAttempts: -1}
+	require.NotContains(t, cfg.Validate().Error(), "pw-secret")
+}

@@ -1,0 +1,393 @@
+package sink_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/sink/sinktest"
+)
+
+const posthogKey = "phc_TestProjectKey0123456789abcdef"
+
+// capturedBatch is one /batch/ request as the test server saw it.
+type capturedBatch struct {
+	path        string
+	contentType string
+	raw         []byte
+	body        struct {
+		APIKey string            `json:"api_key"`
+		Batch  []json.RawMessage `json:"batch"`
+	}
+}
+
+// posthogServer records every request and answers with handle (200 when nil).
+type posthogServer struct {
+	srv  *httptest.Server
+	mu   sync.Mutex
+	reqs []capturedBatch
+}
+
+func newPostHogServer(t *testing.T, handle func(n int, w http.ResponseWriter, r *http.Request, b capturedBatch)) *posthogServer {
+	t.Helper()
+	ps := &posthogServer{}
+	ps.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b := capturedBatch{path: r.URL.Path, contentType: r.Header.Get("Content-Type")}
+		var err error
+		b.raw, err = io.ReadAll(r.Body)
+		if err == nil {
+			err = json.Unmarshal(b.raw, &b.body)
+		}
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		ps.mu.Lock()
+		ps.reqs = append(ps.reqs, b)
+		n := len(ps.reqs)
+		ps.mu.Unlock()
+		if handle == nil {
+			_, _ = w.Write([]byte(`{"status":1}`))
+			return
+		}
+		handle(n, w, r, b)
+	}))
+	t.Cleanup(ps.srv.Close)
+	return ps
+}
+
+func (ps *posthogServer) requests() []capturedBatch {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	return append([]capturedBatch(nil), ps.reqs...)
+}
+
+func fastPostHog(host string) sink.PostHogConfig {
+	return sink.PostHogConfig{
+		Name: "posthog-test", Host: host, APIKey: posthogKey, AllowPrivate: true,
+		Timeout: 5 * time.Second, MaxAttempts: 4, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond,
+	}
+}
+
+func newPostHog(t *testing.T, cfg sink.PostHogConfig, log zerolog.Logger) *sink.PostHog {
+	t.Helper()
+	p, err := sink.NewPostHog(cfg, log)
+	require.NoError(t, err)
+	t.Cleanup(p.Close)
+	return p
+}
+
+// TestPostHogConformance runs the shared suite with an httptest server as
+// PostHog: the ids are read back from properties.outboxd_event_id.
+func TestPostHogConformance(t *testing.T) {
+	t.Parallel()
+	sinktest.Run(t, func(t *testing.T, rcv *sinktest.Receiver) sink.Sink {
+		ps := newPostHogServer(t, func(_ int, w http.ResponseWriter, r *http.Request, b capturedBatch) {
+			var ids []int64
+			for _, item := range b.body.Batch {
+				var ev struct {
+					Properties struct {
+						ID int64 `json:"outboxd_event_id"`
+					} `json:"properties"`
+				}
+				if err := json.Unmarshal(item, &ev); err != nil {
+					http.Error(w, err.Error(), http.StatusBadRequest)
+					return
+				}
+				ids = append(ids, ev.Properties.ID)
+			}
+			switch rcv.Receive(r.Context(), ids) {
+			case sinktest.Ack:
+				_, _ = w.Write([]byte(`{"status":1}`))
+			case sinktest.FailPermanent:
+				http.Error(w, `{"type":"validation_error"}`, http.StatusBadRequest)
+			default:
+				http.Error(w, `{"type":"server_error"}`, http.StatusServiceUnavailable)
+			}
+		})
+		return newPostHog(t, fastPostHog(ps.srv.URL), zerolog.Nop())
+	})
+}
+
+// phEvent builds an event the way the decoder does: typed fields plus the
+// envelope.
+func phEvent(id int64, body string) *decode.Event {
+	ev := &decode.Event{ID: id, Body: []byte(body)}
+	var env struct {
+		EventName string `json:"event_name"`
+		Org       *int64 `json:"organization_id"`
+	}
+	if err := json.Unmarshal(ev.Body, &env); err == nil {
+		ev.Name = env.EventName
+		if env.Org != nil {
+			ev.OrganizationID, ev.HasOrganization = *env.Org, true
+		}
+	}
+	return ev
+}
+
+func TestPostHogBatchBody(t *testing.T) {
+	t.Parallel()
+	ps := newPostHogServer(t, nil)
+	p := newPostHog(t, fastPostHog(ps.srv.URL+"/"), zerolog.Nop())
+	evs := []*decode.Event{
+		// A user: distinct_id is the user id, as a string.
+		phEvent(42, `{"id":42,"event_name":"batch_started","occurred_at":"2026-11-26T10:00:00.123456Z",
+			"organization_id":7,"user_id":3,"entity_type":"batch","entity_id":"B-19",
+			"correlation_id":"c-1","source":"batch_service","schema_version":2,
+			"properties":{"qty":1.50,"big":12345678901234567890,"nested":{"a":[1,null]},"source":"overridden","note":"ünï \"q\""}}`),
+		// No user: the organization, without a person profile.
+		phEvent(43, `{"id":43,"event_name":"inventory_adjusted","occurred_at":"2026-11-26T10:00:01Z",
+			"organization_id":7,"user_id":null,"entity_type":"item","entity_id":"I-1",
+			"correlation_id":null,"source":"inventory","schema_version":1,"properties":{}}`),
+		// Neither: an anonymous id per event, no groups.
+		phEvent(44, `{"id":44,"event_name":"system_tick","occurred_at":"2026-11-26T10:00:02Z",
+			"organization_id":null,"user_id":null,"entity_type":null,"entity_id":null,
+			"correlation_id":null,"source":null,"schema_version":1,"properties":{"k":"v"}}`),
+	}
+	out := p.Deliver(t.Context(), evs)
+	require.Len(t, out, 3)
+	for _, o := range out {
+		require.NoError(t, o.Err)
+		require.Equal(t, 1, o.Attempts)
+		require.Equal(t, http.StatusOK, o.Status)
+	}
+
+	reqs := ps.requests()
+	require.Len(t, reqs, 1, "all events of a call in one request")
+	r := reqs[0]
+	require.Equal(t, "/batch/", r.path)
+	require.Equal(t, "application/json", r.contentType)
+	require.Equal(t, posthogKey, r.body.APIKey)
+	require.Len(t, r.body.Batch, 3)
+
+	type item struct {
+		Event      string                     `json:"event"`
+		DistinctID string                     `json:"distinct_id"`
+		UUID       string                     `json:"uuid"`
+		Timestamp  string                     `json:"timestamp"`
+		Properties map[string]json.RawMessage `json:"properties"`
+	}
+	var got [3]item
+	var keys [3]map[string]json.RawMessage
+	for i := range got {
+		require.NoError(t, json.Unmarshal(r.body.Batch[i], &got[i]))
+		require.NoError(t, json.Unmarshal(r.body.Batch[i], &keys[i]))
+		require.Len(t, keys[i], 5, "event, distinct_id, uuid, timestamp, properties; nothing else")
+	}
+	prop := func(i int, k string) string { return string(got[i].Properties[k]) }
+
+	require.Equal(t, "batch_started", got[0].Event)
+	require.Equal(t, "3", got[0].DistinctID)
+	require.Equal(t, sink.EventUUID(42), got[0].UUID)
+	require.Equal(t, "2026-11-26T10:00:00.123456Z", got[0].Timestamp)
+	require.Equal(t, `1.50`, prop(0, "qty"), "numbers pass through as written")
+	require.Equal(t, `12345678901234567890`, prop(0, "big"))
+	require.JSONEq(t, `{"a":[1,null]}`, prop(0, "nested"))
+	require.Equal(t, `"ünï \"q\""`, prop(0, "note"))
+	require.JSONEq(t, `{"organization":"7"}`, prop(0, "$groups"))
+	require.Equal(t, `"batch"`, prop(0, "entity_type"))
+	require.Equal(t, `"B-19"`, prop(0, "entity_id"))
+	require.Equal(t, `"c-1"`, prop(0, "correlation_id"))
+	require.Equal(t, `"batch_service"`, prop(0, "source"), "outboxd's keys win over event properties")
+	require.Equal(t, `2`, prop(0, "schema_version"))
+	require.Equal(t, `42`, prop(0, "outboxd_event_id"))
+	require.NotContains(t, got[0].Properties, "$process_person_profile", "a user gets a person profile")
+	require.Len(t, got[0].Properties, 11, "5 event properties, one overridden, and 6 of outboxd")
+
+	require.Equal(t, "inventory_adjusted", got[1].Event)
+	require.Equal(t, "org_7", got[1].DistinctID)
+	require.Equal(t, sink.EventUUID(43), got[1].UUID)
+	require.Equal(t, "2026-11-26T10:00:01Z", got[1].Timestamp)
+	require.Equal(t, `false`, prop(1, "$process_person_profile"))
+	require.JSONEq(t, `{"organization":"7"}`, prop(1, "$groups"))
+	require.Equal(t, `null`, prop(1, "correlation_id"))
+	require.Equal(t, `43`, prop(1, "outboxd_event_id"))
+	require.Len(t, got[1].Properties, 8)
+
+	require.Equal(t, "system_tick", got[2].Event)
+	require.Equal(t, "event_44", got[2].DistinctID)
+	require.Equal(t, `false`, prop(2, "$process_person_profile"))
+	require.NotContains(t, got[2].Properties, "$groups")
+	require.Equal(t, `"v"`, prop(2, "k"))
+	require.Equal(t, `null`, prop(2, "entity_type"))
+	require.Len(t, got[2].Properties, 8)
+
+	// Redelivering an event gives it the same uuid: PostHog deduplicates.
+	require.NoError(t, p.Deliver(t.Context(), evs[:1])[0].Err)
+	reqs = ps.requests()
+	var again struct {
+		UUID string `json:"uuid"`
+	}
+	require.NoError(t, json.Unmarshal(reqs[1].body.Batch[0], &again))
+	require.Equal(t, got[0].UUID, again.UUID)
+}
+
+// EventUUID is a version-5 UUID, checked against an independent
+// implementation.
+func TestEventUUIDIsUUIDv5(t *testing.T) {
+	t.Parallel()
+	ns := uuid.MustParse("6f7a2c1e-8b43-4d0a-9c5e-31f264a80d57")
+	for _, id := range []int64{0, 1, 42, -7, 9223372036854775807} {
+		want := uuid.NewSHA1(ns, fmt.Appendf(nil, "%d", id))
+		got := sink.EventUUID(id)
+		require.Equal(t, want.String(), got)
+		u := uuid.MustParse(got)
+		require.Equal(t, uuid.Version(5), u.Version())
+		require.Equal(t, uuid.RFC4122, u.Variant())
+	}
+	require.NotEqual(t, sink.EventUUID(1), sink.EventUUID(2))
+}
+
+func TestPostHogAnswersClassified(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		status     int
+		retryAfter string
+		permanent  bool
+	}{
+		{http.StatusInternalServerError, "", false},
+		{http.StatusBadGateway, "", false},
+		{http.StatusTooManyRequests, "0", false},
+		{http.StatusRequestTimeout, "", false},
+		{http.StatusBadRequest, "", true},
+		{http.StatusUnauthorized, "", true},
+		{http.StatusRequestEntityTooLarge, "", true},
+		{http.StatusGone, "", true},
+		{http.StatusFound, "", true},
+	} {
+		t.Run(fmt.Sprint(tt.status), func(t *testing.T) {
+			t.Parallel()
+			ps := newPostHogServer(t, func(_ int, w http.ResponseWriter, _ *http.Request, _ capturedBatch) {
+				if tt.retryAfter != "" {
+					w.Header().Set("Retry-After", tt.retryAfter)
+				}
+				if tt.status == http.StatusFound {
+					w.Header().Set("Location", "/elsewhere/")
+				}
+				w.WriteHeader(tt.status)
+			})
+			cfg := fastPostHog(ps.srv.URL)
+			cfg.MaxAttempts = 3
+			p := newPostHog(t, cfg, zerolog.Nop())
+			out := p.Deliver(t.Context(), []*decode.Event{phEvent(1, `{"id":1,"event_name":"e"}`), phEvent(2, `{"id":2,"event_name":"e"}`)})
+			require.Len(t, out, 2)
+			for _, o := range out {
+				require.Error(t, o.Err)
+				require.Equal(t, tt.status, o.Status)
+				if tt.permanent {
+					require.ErrorIs(t, o.Err, sink.ErrPermanent)
+					require.Equal(t, 1, o.Attempts)
+				} else {
+					require.NotErrorIs(t, o.Err, sink.ErrPermanent)
+					require.Equal(t, 3, o.Attempts)
+				}
+			}
+			for _, r := range ps.requests() {
+				require.Equal(t, "/batch/", r.path, "redirects are not followed")
+			}
+		})
+	}
+}
+
+func TestPostHogTransportFailures(t *testing.T) {
+	t.Parallel()
+	t.Run("ServerGoneIsRetryable", func(t *testing.T) {
+		t.Parallel()
+		ps := newPostHogServer(t, nil)
+		ps.srv.Close()
+		cfg := fastPostHog(ps.srv.URL)
+		cfg.MaxAttempts = 2
+		out := newPostHog(t, cfg, zerolog.Nop()).Deliver(t.Context(), []*decode.Event{phEvent(1, `{"id":1}`)})
+		require.Error(t, out[0].Err)
+		require.NotErrorIs(t, out[0].Err, sink.ErrPermanent)
+		require.Equal(t, 2, out[0].Attempts)
+	})
+	t.Run("PrivateAddressRefusedUnlessAllowed", func(t *testing.T) {
+		t.Parallel()
+		ps := newPostHogServer(t, nil)
+		cfg := fastPostHog(ps.srv.URL)
+		cfg.AllowPrivate = false
+		out := newPostHog(t, cfg, zerolog.Nop()).Deliver(t.Context(), []*decode.Event{phEvent(1, `{"id":1}`)})
+		require.ErrorIs(t, out[0].Err, sink.ErrPermanent)
+		require.ErrorIs(t, out[0].Err, sink.ErrForbiddenAddress)
+		require.Empty(t, ps.requests())
+	})
+	t.Run("BadBodyFailsAlone", func(t *testing.T) {
+		t.Parallel()
+		ps := newPostHogServer(t, nil)
+		out := newPostHog(t, fastPostHog(ps.srv.URL), zerolog.Nop()).Deliver(t.Context(),
+			[]*decode.Event{phEvent(1, `{"id":1}`), {ID: 2, Body: []byte(`not json`)}})
+		require.NoError(t, out[0].Err)
+		require.ErrorIs(t, out[1].Err, sink.ErrPermanent)
+		require.Equal(t, 0, out[1].Attempts)
+		require.Len(t, ps.requests()[0].body.Batch, 1)
+	})
+	t.Run("CallerDeadline", func(t *testing.T) {
+		t.Parallel()
+		release := make(chan struct{})
+		ps := newPostHogServer(t, func(_ int, w http.ResponseWriter, r *http.Request, _ capturedBatch) {
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+		})
+		defer close(release)
+		ctx, cancel := context.WithTimeout(t.Context(), 50*time.Millisecond)
+		defer cancel()
+		out := newPostHog(t, fastPostHog(ps.srv.URL), zerolog.Nop()).Deliver(ctx, []*decode.Event{phEvent(1, `{"id":1}`)})
+		require.ErrorIs(t, out[0].Err, context.DeadlineExceeded)
+		require.NotErrorIs(t, out[0].Err, sink.ErrPermanent)
+	})
+}
+
+// The API key is sent in the body only: an answer echoing it is scrubbed,
+// and no log line carries it.
+func TestPostHogAPIKeyNeverInErrorsOrLogs(t *testing.T) {
+	t.Parallel()
+	ps := newPostHogServer(t, func(_ int, w http.ResponseWriter, _ *http.Request, b capturedBatch) {
+		http.Error(w, `{"error":"invalid api_key `+b.body.APIKey+`"}`, http.StatusUnauthorized)
+	})
+	var logs syncBuffer
+	p := newPostHog(t, fastPostHog(ps.srv.URL), zerolog.New(&logs).Level(zerolog.TraceLevel))
+	out := p.Deliver(t.Context(), []*decode.Event{phEvent(1, `{"id":1}`)})
+	require.ErrorIs(t, out[0].Err, sink.ErrPermanent)
+	require.Contains(t, out[0].Err.Error(), "invalid api_key [REDACTED]")
+	require.NotContains(t, out[0].Err.Error(), posthogKey)
+	require.NotEmpty(t, logs.String())
+	require.NotContains(t, logs.String(), posthogKey)
+
+	cfg := fastPostHog("ftp://x")
+	err := cfg.Validate()
+	require.ErrorContains(t, err, "Host:")
+	require.NotContains(t, err.Error(), posthogKey)
+}
+
+func TestPostHogConfig(t *testing.T) {
+	t.Parallel()
+	cfg := sink.PostHogConfig{APIKey: "k"}
+	require.NoError(t, cfg.Validate())
+	require.Equal(t, "https://us.i.posthog.com", cfg.Host)
+	for field, c := range map[string]sink.PostHogConfig{
+		"APIKey":      {},
+		"Host":        {APIKey: "k", Host: "https://user:pw@eu.i.posthog.com"},
+		"MaxAttempts": {APIKey: "k", MaxAttempts: -1},
+		"BackoffMin":  {APIKey: "k", BackoffMin: time.Minute, BackoffMax: time.Second},
+	} {
+		require.ErrorContains(t, c.Validate(), field+":", field)
+	}
+	require.False(t, strings.Contains(fmt.Sprint((&sink.PostHogConfig{Host: "https://user:pw@x"}).Validate()), "pw"))
+}
