@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"regexp"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -63,7 +64,26 @@ type Config struct {
 	CatchupFetch int
 	// ExcludeDeadLetters names the sinks whose dead letters catch-up skips.
 	ExcludeDeadLetters bool
+	// HeartbeatInterval, when positive, emits a logical decoding message
+	// (pg_logical_emit_message, not transactional, prefix outboxd_heartbeat)
+	// on a regular connection whenever the stream has carried no data for
+	// that long, so that the slot has something of its own database to decode
+	// and confirm even when the outbox is idle (G7). It needs PostgreSQL 14 or
+	// later (pgoutput's messages option); on older servers it is off, with a
+	// warning. Zero disables it.
+	HeartbeatInterval time.Duration
+	// OnStreaming, when set, is called with true when streaming from the slot
+	// starts (this process holds the slot) and with false when that session
+	// ends. A standby waiting for the slot never gets true.
+	OnStreaming func(active bool)
+	// OnPosition, when set, is called after each standby status update with
+	// the highest WAL position received and the durable position confirmed.
+	OnPosition func(received, flushed pglogrepl.LSN)
 }
+
+// HeartbeatPrefix is the prefix of the logical decoding messages the
+// heartbeat emits.
+const HeartbeatPrefix = "outboxd_heartbeat"
 
 var slotNameRE = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
 
@@ -98,6 +118,9 @@ func (c *Config) Validate() error {
 	}
 	if c.CatchupFetch == 0 {
 		c.CatchupFetch = 1000
+	}
+	if c.HeartbeatInterval < 0 {
+		return fmt.Errorf("heartbeat interval %s is negative", c.HeartbeatInterval)
 	}
 	return nil
 }
@@ -138,6 +161,10 @@ func NewReader(cfg Config, ledger Ledger, store CheckpointStore, log zerolog.Log
 // SubscriptionTable is the table of webhook subscriptions, in the outbox
 // table's schema.
 const SubscriptionTable = "outboxd_subscription"
+
+// SlotLockKey is the key (for hashtext) of the advisory lock held while a
+// slot is prepared and started, by the daemon and by the slot commands.
+func SlotLockKey(slot string) string { return "outboxd slot " + slot }
 
 // errFatal marks errors a reconnect cannot fix.
 var errFatal = errors.New("fatal")
@@ -260,7 +287,7 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		}
 	}
 	defer unlock()
-	if _, err := lock.Exec(ctx, "SELECT pg_advisory_lock(hashtext('outboxd slot "+r.cfg.Slot+"'))").ReadAll(); err != nil {
+	if _, err := lock.Exec(ctx, "SELECT pg_advisory_lock(hashtext('"+SlotLockKey(r.cfg.Slot)+"'))").ReadAll(); err != nil {
 		return false, fmt.Errorf("lock slot %q: %w", r.cfg.Slot, err)
 	}
 
@@ -287,6 +314,11 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 			return false, fmt.Errorf("%w: slot %q was invalidated (wal_status lost) while streaming; restart outboxd (with OUTBOXD_SLOT_RECREATE=true) or run `outboxd slot reset --yes`", errFatal, r.cfg.Slot)
 		case slot.active:
 			return false, errRetry{fmt.Sprintf("slot %q is active in process %d", r.cfg.Slot, slot.activePID)}
+		case slot.confirmedFlush > r.ledger.Flushed():
+			// We never confirm beyond our durable position: someone reset or
+			// advanced the slot while we were away.
+			return false, fmt.Errorf("%w: slot %q confirms %s, beyond this instance's checkpoint %s: it was reset or advanced by someone else; restart outboxd",
+				errFatal, r.cfg.Slot, slot.confirmedFlush, r.ledger.Flushed())
 		}
 	}
 
@@ -322,16 +354,38 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 	if r.cfg.SubscriptionPublication != "" {
 		pubs += fmt.Sprintf(",%q", r.cfg.SubscriptionPublication)
 	}
+	pluginArgs := []string{"proto_version '1'", "publication_names '" + pubs + "'"}
+	heartbeat := r.heartbeatOn(conn)
+	if heartbeat {
+		pluginArgs = append(pluginArgs, "messages 'true'")
+	}
 	err = pglogrepl.StartReplication(sctx, conn, r.cfg.Slot, r.resume, pglogrepl.StartReplicationOptions{
-		PluginArgs: []string{"proto_version '1'", "publication_names '" + pubs + "'"},
+		PluginArgs: pluginArgs,
 	})
 	if err != nil {
 		return false, fmt.Errorf("start replication on slot %q at %s: %w", r.cfg.Slot, r.resume, err)
 	}
 	unlock() // the slot is active now: others see it in use
 	r.log.Info().Stringer("start_lsn", r.resume).Stringer("flush_lsn", r.ledger.Flushed()).Msg("streaming")
+	if r.cfg.OnStreaming != nil {
+		r.cfg.OnStreaming(true)
+		defer r.cfg.OnStreaming(false)
+	}
 
 	st := &stream{r: r, conn: conn, out: out, stop: ctx, nextStatus: time.Now()}
+	st.lastData.Store(time.Now().UnixNano())
+	if heartbeat {
+		hctx, stopHeartbeat := context.WithCancel(sctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			r.heartbeat(hctx, &st.lastData)
+		}()
+		defer func() {
+			stopHeartbeat()
+			<-done
+		}()
+	}
 	if snap != nil {
 		if err := r.catchup(sctx, st, snap); err != nil {
 			if ctx.Err() != nil {
@@ -502,6 +556,9 @@ func (r *Reader) sendStatus(conn *pgconn.PgConn, reply bool) error {
 	if err != nil {
 		return fmt.Errorf("send standby status: %w", err)
 	}
+	if r.cfg.OnPosition != nil {
+		r.cfg.OnPosition(write, flush)
+	}
 	return nil
 }
 
@@ -516,6 +573,9 @@ type stream struct {
 	lastFlush  pglogrepl.LSN
 	lastHeard  time.Time
 	seen       int // outbox rows of the current transaction seen in this session
+	// lastData is when the last XLogData arrived (unix nanoseconds), for
+	// the heartbeat goroutine.
+	lastData atomic.Int64
 }
 
 // status sends a standby status update when one is due: every status
@@ -653,6 +713,7 @@ func (s *stream) copyData(ctx context.Context, data []byte) error {
 			return fmt.Errorf("parse xlogdata: %w", err)
 		}
 		r.received = max(r.received, xld.WALStart)
+		s.lastData.Store(time.Now().UnixNano())
 		return s.message(ctx, xld)
 	}
 	return nil
@@ -744,6 +805,88 @@ func (s *stream) message(ctx context.Context, xld pglogrepl.XLogData) error {
 	case decode.KindRelation:
 		// The decoder keeps its cache; a relation that no longer fits is
 		// reported by the decoder on the next insert.
+	case decode.KindLogical:
+		// Our heartbeat, outside any transaction: everything before it was
+		// decoded and sent, so with nothing in flight its position can be
+		// confirmed, as with a keepalive's WAL end.
+		l := m.Logical
+		if l.Transactional || l.Prefix != HeartbeatPrefix || r.open != nil || r.ledger.InFlight() != 0 {
+			return nil
+		}
+		if r.ledger.AdvanceIdle(xld.WALStart) {
+			r.resume = max(r.resume, xld.WALStart)
+		}
+		r.log.Debug().Stringer("lsn", xld.WALStart).Stringer("flush_lsn", r.ledger.Flushed()).Msg("heartbeat received")
 	}
 	return nil
+}
+
+// heartbeatOn reports whether the heartbeat runs in this session: asked for,
+// and the server is PostgreSQL 14 or later.
+func (r *Reader) heartbeatOn(conn *pgconn.PgConn) bool {
+	if r.cfg.HeartbeatInterval <= 0 {
+		return false
+	}
+	var major int
+	fmt.Sscanf(conn.ParameterStatus("server_version"), "%d", &major) //nolint:errcheck // 0 when unparsable
+	if major < 14 {
+		r.log.Warn().Str("server_version", conn.ParameterStatus("server_version")).
+			Msg("heartbeat off: logical decoding messages need PostgreSQL 14 or later")
+		return false
+	}
+	return true
+}
+
+// heartbeat emits a logical decoding message whenever the stream has carried
+// no data for HeartbeatInterval, until ctx ends. It uses its own regular
+// connection (a replication connection cannot run it while streaming);
+// failures are logged and retried at the next interval.
+func (r *Reader) heartbeat(ctx context.Context, lastData *atomic.Int64) {
+	every := r.cfg.HeartbeatInterval
+	var conn *pgconn.PgConn
+	defer func() {
+		if conn != nil {
+			conn.Close(context.Background()) //nolint:errcheck // best effort
+		}
+	}()
+	var last time.Time // last heartbeat emitted
+	timer := time.NewTimer(every)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		}
+		quiet := time.Unix(0, lastData.Load())
+		if last.After(quiet) {
+			quiet = last
+		}
+		if wait := time.Until(quiet.Add(every)); wait > 0 {
+			timer.Reset(wait)
+			continue
+		}
+		timer.Reset(every)
+		if conn == nil || conn.IsClosed() {
+			c, err := r.connect(ctx, false)
+			if err != nil {
+				r.log.Warn().Err(err).Msg("heartbeat not sent")
+				continue
+			}
+			conn = c
+		}
+		last = time.Now()
+		ectx, cancel := context.WithTimeout(ctx, every)
+		_, err := conn.Exec(ectx, `SELECT pg_logical_emit_message(false, '`+HeartbeatPrefix+`', '')`).ReadAll()
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil {
+				r.log.Warn().Err(err).Msg("heartbeat not sent")
+			}
+			conn.Close(context.Background()) //nolint:errcheck // reconnect next time
+			conn = nil
+			continue
+		}
+		r.log.Debug().Msg("heartbeat sent")
+	}
 }

@@ -1,0 +1,248 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/outboxd/outboxd/ops"
+	"github.com/outboxd/outboxd/sink"
+)
+
+func replayCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Command {
+	var (
+		fromID, toID, subscription int64
+		since, until, webhookURL   string
+		orgs                       []int64
+		events                     []string
+		dryRun, asJSON             bool
+		rate                       float64
+		concurrency, maxAttempts   int
+	)
+	cmd := &cobra.Command{
+		Use:   "replay",
+		Short: "Re-deliver events from the table, processed or not, to the webhook (filters, rate limit, --dry-run)",
+		Long: `Re-deliver events from the outbox table whatever their processed flag, in id
+order, to the default webhook (OUTBOXD_WEBHOOK_URL, signed with
+OUTBOXD_WEBHOOK_SECRET) or to a subscription. Each request carries the event id
+as webhook-id, as the first delivery did, and the header "webhook-replay: true".
+Replay marks nothing and does not touch the slot; rows inserted after it starts
+are left to the daemon.
+
+Filters combine (all must hold):
+  --from-id/--to-id     id range, inclusive
+  --since/--until       occurred_at range (since inclusive, until exclusive):
+                        RFC 3339, a date, or a duration back from now (24h, 7d)
+  --organization        organization ids (comma list or repeated)
+  --event               event-name globs, path.Match syntax (order.*, comma list)
+
+Exit code 1 when any event failed (after the webhook's retries).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			now := time.Now()
+			var f ops.Filter
+			if cmd.Flags().Changed("from-id") {
+				f.FromID = &fromID
+			}
+			if cmd.Flags().Changed("to-id") {
+				f.ToID = &toID
+			}
+			var err error
+			if since != "" {
+				if f.Since, err = ops.ParseTime(since, now); err != nil {
+					return usageError{fmt.Errorf("--since: %w", err)}
+				}
+			}
+			if until != "" {
+				if f.Until, err = ops.ParseTime(until, now); err != nil {
+					return usageError{fmt.Errorf("--until: %w", err)}
+				}
+			}
+			f.Organizations = orgs
+			for _, e := range events {
+				globs, err := ops.ParseGlobs(e)
+				if err != nil {
+					return usageError{fmt.Errorf("--event: %w", err)}
+				}
+				f.Events = append(f.Events, globs...)
+			}
+			if err := f.Validate(); err != nil {
+				return usageError{err}
+			}
+			if rate < 0 {
+				return usageError{errors.New("--rate must not be negative")}
+			}
+			if concurrency <= 0 {
+				return usageError{errors.New("--concurrency must be positive")}
+			}
+			if cmd.Flags().Changed("subscription") && cmd.Flags().Changed("webhook-url") {
+				return usageError{errors.New("--subscription and --webhook-url name two targets: give one")}
+			}
+
+			ctx := cmd.Context()
+			env, err := openOps(ctx, envMap, stderr, func(c *config) {
+				if cmd.Flags().Changed("webhook-url") {
+					c.WebhookURL = webhookURL
+				}
+				if cmd.Flags().Changed("max-attempts") {
+					c.WebhookMaxAttempts = maxAttempts
+				}
+			})
+			if err != nil {
+				return err
+			}
+			defer env.client.Close()
+			c := env.cfg
+
+			wc := sink.WebhookConfig{Name: "webhook", URL: c.WebhookURL, Secrets: splitSecrets(c.WebhookSecret),
+				Timeout: c.WebhookTimeout, MaxAttempts: c.WebhookMaxAttempts, BackoffMax: c.WebhookBackoffMax, AllowPrivate: c.AllowPrivateSinks}
+			target := "the default webhook"
+			if cmd.Flags().Changed("subscription") {
+				sub, err := env.client.Subscription(ctx, subscription)
+				if err != nil {
+					if errors.Is(err, ops.ErrNoSubscriptions) || errors.Is(err, ops.ErrUnknownSubscription) {
+						return usageError{fmt.Errorf("--subscription: %w", err)}
+					}
+					return err
+				}
+				if f, err = f.Restrict(sub); err != nil {
+					return usageError{fmt.Errorf("--subscription: %w", err)}
+				}
+				if !sub.Enabled {
+					env.log.Warn().Int64("subscription", sub.ID).Msg("the subscription is disabled; replaying to it anyway, as asked")
+				}
+				wc.Name, wc.URL, wc.Secrets = fmt.Sprintf("subscription:%d", sub.ID), sub.URL, sub.Secrets
+				target = fmt.Sprintf("subscription %d", sub.ID)
+			}
+			if target == "the default webhook" {
+				// The default webhook receives only OUTBOXD_WEBHOOK_EVENTS
+				// (all when empty): a replay sends it nothing else.
+				globs, err := ops.ParseGlobs(envMap[envPrefix+"WEBHOOK_EVENTS"])
+				if err != nil {
+					return badVar("WEBHOOK_EVENTS", "%v", err)
+				}
+				f.TargetEvents = globs
+			}
+			opts := ops.ReplayOptions{Filter: f, DryRun: dryRun, Rate: rate, Concurrency: concurrency}
+			if !dryRun {
+				if wc.URL == "" {
+					return badVar("WEBHOOK_URL", "required: the URL events are replayed to (or --webhook-url, or --subscription)")
+				}
+				if wc.MaxAttempts <= 0 {
+					return usageError{errors.New("--max-attempts must be positive")}
+				}
+				w, err := sink.NewWebhook(wc, env.log)
+				if err != nil {
+					if target != "the default webhook" {
+						return fmt.Errorf("%s: %w", target, err)
+					}
+					name := "WEBHOOK_URL"
+					if strings.Contains(strings.ToLower(err.Error()), "secret") {
+						name = "WEBHOOK_SECRET"
+					}
+					return badVar(name, "%v", err)
+				}
+				defer w.Close()
+				opts.Sink = w
+			}
+
+			progress := ops.NewProgress()
+			opts.Progress = progress
+			var stop func()
+			if !dryRun {
+				rep := &ops.ProgressReporter{Terminal: isTerminal(stderr), Out: stderr, Log: env.log.With().Str("component", "replay").Logger()}
+				stop = rep.Start(ctx, progress)
+			}
+			start := time.Now()
+			res, err := env.client.Replay(ctx, opts)
+			if stop != nil {
+				stop()
+			}
+			if res == nil {
+				return err
+			}
+			if asJSON {
+				out := struct {
+					*ops.ReplayResult
+					DryRun         bool    `json:"dry_run"`
+					Target         string  `json:"target"`
+					ElapsedSeconds float64 `json:"elapsed_seconds"`
+				}{res, dryRun, target, time.Since(start).Seconds()}
+				enc := json.NewEncoder(stdout)
+				enc.SetIndent("", "  ")
+				if perr := enc.Encode(out); perr != nil && err == nil {
+					err = fmt.Errorf("write result: %w", perr)
+				}
+			} else {
+				printReplay(stdout, res, dryRun, target, time.Since(start))
+			}
+			switch {
+			case err != nil && ctx.Err() != nil:
+				return fmt.Errorf("replay interrupted after %d of %d events", res.Replayed+res.Failed, res.Matched)
+			case err != nil:
+				return err
+			case res.Failed > 0 || res.Skipped > 0:
+				return fmt.Errorf("replay: %d of %d events failed, %d skipped", res.Failed, res.Matched, res.Skipped)
+			}
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.Int64Var(&fromID, "from-id", 0, "first id to replay (inclusive)")
+	fl.Int64Var(&toID, "to-id", 0, "last id to replay (inclusive)")
+	fl.StringVar(&since, "since", "", "occurred_at at or after: RFC 3339, a date, or a duration back from now (24h, 7d)")
+	fl.StringVar(&until, "until", "", "occurred_at before: RFC 3339, a date, or a duration back from now")
+	fl.Int64SliceVar(&orgs, "organization", nil, "organization ids (comma list or repeated)")
+	fl.StringArrayVar(&events, "event", nil, "event-name globs (path.Match syntax; comma list or repeated)")
+	fl.Int64Var(&subscription, "subscription", 0, "replay to this subscription (its URL, secrets, organization and events) instead of the default webhook")
+	fl.StringVar(&webhookURL, "webhook-url", "", "webhook URL (overrides OUTBOXD_WEBHOOK_URL)")
+	fl.IntVar(&maxAttempts, "max-attempts", 0, "attempts per event before it counts as failed (overrides OUTBOXD_WEBHOOK_MAX_ATTEMPTS)")
+	fl.BoolVar(&dryRun, "dry-run", false, "count the matching events, deliver nothing")
+	fl.Float64Var(&rate, "rate", 0, "at most this many events per second (0: no limit)")
+	fl.IntVar(&concurrency, "concurrency", 1, "deliveries in flight; above 1 events of one organization may arrive out of order")
+	fl.BoolVar(&asJSON, "json", false, "print the result as JSON")
+	return cmd
+}
+
+// splitSecrets splits OUTBOXD_WEBHOOK_SECRET (comma or space separated, for
+// rotation) as `run` does.
+func splitSecrets(s string) []string {
+	return strings.Fields(strings.ReplaceAll(s, ",", " "))
+}
+
+func printReplay(w io.Writer, res *ops.ReplayResult, dryRun bool, target string, elapsed time.Duration) {
+	var parts []string
+	for _, name := range sortedKeys(res.ByEvent) {
+		label := name
+		if label == "" {
+			label = "(no name)"
+		}
+		parts = append(parts, fmt.Sprintf("%s %d", label, res.ByEvent[name]))
+	}
+	breakdown := ""
+	if len(parts) > 0 {
+		breakdown = " (" + strings.Join(parts, ", ") + ")"
+	}
+	if dryRun {
+		fmt.Fprintf(w, "replay (dry run): %d events match%s; nothing was sent to %s\n", res.Matched, breakdown, target)
+		return
+	}
+	fmt.Fprintf(w, "replay to %s: %d events matched%s\n", target, res.Matched, breakdown)
+	fmt.Fprintf(w, "replayed %d, failed %d, skipped %d in %s\n", res.Replayed, res.Failed, res.Skipped, elapsed.Round(time.Millisecond))
+	if len(res.FailedIDs) > 0 {
+		ids := make([]string, len(res.FailedIDs))
+		for i, id := range res.FailedIDs {
+			ids[i] = fmt.Sprint(id)
+		}
+		more := ""
+		if res.Failed > int64(len(res.FailedIDs)) {
+			more = ", …"
+		}
+		fmt.Fprintf(w, "failed event ids: %s%s\n", strings.Join(ids, ", "), more)
+	}
+}

@@ -1,0 +1,685 @@
+package ops
+
+// The slot commands and why they are safe.
+//
+// cdc.Reader.prepare decides at start-up, from the slot and the checkpoint:
+//   - no slot, no checkpoint: first start; create the slot with an exported
+//     snapshot and catch up every unprocessed row from the table;
+//   - slot present, checkpoint absent or catchup_pending: drop the slot,
+//     recreate it with a snapshot and catch up;
+//   - no slot (or a lost one) but a checkpoint: refuse, unless
+//     OUTBOXD_SLOT_RECREATE=true, which recreates and catches up;
+//   - both present and catchup_pending false: stream from
+//     max(checkpoint LSN, confirmed_flush_lsn).
+//
+// The exported snapshot only lives as long as the replication connection
+// that made it, and the catch-up must deliver what it reads, so only the
+// daemon can do a snapshot catch-up. `slot create` and `slot reset` therefore
+// create the slot (NOEXPORT_SNAPSHOT) behind a checkpoint with
+// catchup_pending = true: the next `outboxd run` drops that slot, recreates it
+// with a snapshot and delivers every unprocessed row. Recreating is cheap and
+// is the daemon's one code path for catch-ups, which also seeds any state the
+// daemon keeps with the checkpoint (routing of subscriptions). Skipping the
+// catch-up when the table has no unprocessed row would be exact for the
+// outbox rows but not for that state, so create never does.
+//
+// Order of writes, so that a crash between any two steps stays safe:
+//  1. mark the existing checkpoint catchup_pending (before the old slot goes:
+//     a checkpoint that is not pending next to a new slot would make the
+//     daemon stream from the new slot and skip what was committed in between);
+//  2. drop the old slot;
+//  3. create the new slot;
+//  4. save the checkpoint at the new slot's position, still pending.
+//
+// After 1 or 2 only, the daemon finds a pending checkpoint and no slot: it
+// refuses with a message naming `outboxd slot reset --yes`, which finishes
+// the job. After 3, it finds a slot and a pending checkpoint: it catches up.
+//
+// Every change is made holding the advisory lock the daemon takes while it
+// prepares and starts the slot, so no instance looks at the slot half-way.
+// A running instance is never left streaming from a slot it did not prepare:
+// see ResetSlot.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"github.com/outboxd/outboxd/cdc"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outboxd/outboxd/checkpoint"
+)
+
+// SlotOptions control the commands that change the slot.
+type SlotOptions struct {
+	// DryRun reports what would be done and changes nothing.
+	DryRun bool
+	// Force terminates the backend holding the slot (pg_terminate_backend)
+	// instead of refusing to act on an active slot.
+	Force bool
+	// Wait bounds how long a command waits for the slot's advisory lock (held
+	// by an instance preparing the slot) and, with Force, keeps freeing the
+	// slot (an outboxd standby may take it again at once); default 15s.
+	Wait time.Duration
+}
+
+// DefaultSlotWait is SlotOptions.Wait by default.
+const DefaultSlotWait = 15 * time.Second
+
+// SlotResult is what a slot command did, or would do with DryRun.
+type SlotResult struct {
+	Slot   string `json:"slot"`
+	DryRun bool   `json:"dry_run"`
+	// Unchanged is true when there was nothing to do.
+	Unchanged bool `json:"unchanged"`
+	// Steps say what was done (or would be), in order, for people.
+	Steps []string `json:"steps"`
+	// Terminated lists the backends terminated to free the slot.
+	Terminated []int32 `json:"terminated"`
+	// RowsToReread is the number of unprocessed, not dead-lettered rows the
+	// next `outboxd run` reads from the table (create, drop, reset).
+	RowsToReread *int64 `json:"rows_to_reread,omitempty"`
+	// FromLSN is the slot's confirmed_flush_lsn before the command; LSN is the
+	// new slot's position (create, reset) or where advance moved it.
+	FromLSN *LSN `json:"from_lsn,omitempty"`
+	LSN     *LSN `json:"lsn,omitempty"`
+}
+
+func (r *SlotResult) step(format string, args ...any) {
+	r.Steps = append(r.Steps, fmt.Sprintf(format, args...))
+}
+
+func (o *SlotOptions) defaults() {
+	if o.Wait == 0 {
+		o.Wait = DefaultSlotWait
+	}
+}
+
+// lockSlot takes the slot's advisory lock on a connection of its own, waiting
+// at most wait; unlock closes that connection, which releases it.
+func (c *Client) lockSlot(ctx context.Context, wait time.Duration) (unlock func(), err error) {
+	conn, err := pgx.ConnectConfig(ctx, c.pool.Config().ConnConfig.Copy())
+	if err != nil {
+		return nil, fmt.Errorf("connect to lock slot %q: %w", c.t.Slot, err)
+	}
+	unlock = func() { conn.Close(context.WithoutCancel(ctx)) } //nolint:errcheck // closing releases the lock
+	if _, err := conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", wait.Milliseconds())); err != nil {
+		unlock()
+		return nil, fmt.Errorf("lock slot %q: %w", c.t.Slot, err)
+	}
+	_, err = conn.Exec(ctx, `SELECT pg_advisory_lock(hashtext($1))`, cdc.SlotLockKey(c.t.Slot))
+	if sqlState(err) == "55P03" { // lock_not_available: lock_timeout
+		unlock()
+		return nil, refused("an outboxd instance has been preparing slot %q for more than %s (it holds the slot's lock): try again, or stop it", c.t.Slot, wait)
+	}
+	if err != nil {
+		unlock()
+		return nil, fmt.Errorf("lock slot %q: %w", c.t.Slot, err)
+	}
+	return unlock, nil
+}
+
+// checkOwnSlot refuses to act on a slot that is not outboxd's to touch.
+func (c *Client) checkOwnSlot(s *slotRow) error {
+	if s != nil && !s.sameDatabase {
+		return refused("slot %q belongs to database %q, not this one: another deployment uses this slot name; set OUTBOXD_SLOT", c.t.Slot, s.database)
+	}
+	return nil
+}
+
+// requireTables refuses when outboxd's tables are missing.
+func (c *Client) requireTables(ctx context.Context) error {
+	ok, err := c.exists(ctx, checkpointTable)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return refused("outboxd's tables are missing in schema %q: run `outboxd migrate` first", c.t.schema())
+	}
+	return nil
+}
+
+// hasCheckpoint reports whether the slot has a checkpoint row.
+func (c *Client) hasCheckpoint(ctx context.Context) (bool, error) {
+	var ok bool
+	err := c.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+c.t.ownSQL(checkpointTable)+` WHERE slot_name = $1)`, c.t.Slot).Scan(&ok)
+	if err != nil {
+		return false, fmt.Errorf("read checkpoint of slot %q: %w", c.t.Slot, err)
+	}
+	return ok, nil
+}
+
+// PendingRows counts the rows a catch-up reads: not processed and not
+// dead-lettered (the predicate of cdc/catchup.go). It scans the table.
+func (c *Client) PendingRows(ctx context.Context) (int64, error) {
+	cols, err := c.columns(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if !cols["is_processed"] {
+		return 0, fmt.Errorf("table %s has no is_processed column: run `outboxd migrate`", c.t.Table)
+	}
+	haveDead, err := c.exists(ctx, deadLetterTable)
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM `+c.t.tableSQL()+` AS e WHERE `+c.pendingPredicate(haveDead)).Scan(&n); err != nil {
+		return 0, fmt.Errorf("count unprocessed rows: %w", err)
+	}
+	return n, nil
+}
+
+// released runs act once the slot is not held by another process. Without
+// Force an active slot is refused; with Force its holder is terminated, again
+// if a standby takes it meanwhile, until opts.Wait has passed.
+func (c *Client) released(ctx context.Context, opts SlotOptions, res *SlotResult, act func(context.Context) error) error {
+	deadline := time.Now().Add(opts.Wait)
+	for {
+		s, err := c.readSlot(ctx)
+		if err != nil {
+			return err
+		}
+		busy := s != nil && s.active
+		if !busy {
+			err = act(ctx)
+			if sqlState(err) != "55006" { // object_in_use: taken between our look and our act
+				return err
+			}
+			if !opts.Force {
+				return refused("slot %q was taken by another process meanwhile: stop the outboxd instances using it, or add --force", c.t.Slot)
+			}
+		} else if !opts.Force {
+			return refused("slot %q is active in process %d (an outboxd instance is streaming from it): stop it first, or add --force to terminate that backend",
+				c.t.Slot, pidOf(s))
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("slot %q is still taken after %s of terminating its holder: stop the outboxd instances using it", c.t.Slot, opts.Wait)
+		}
+		if busy {
+			if err := c.terminate(ctx, pidOf(s), res); err != nil {
+				return err
+			}
+		}
+		// Give the walsender a moment to exit and release the slot.
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func pidOf(s *slotRow) int32 {
+	if s == nil || s.activePID == nil {
+		return 0
+	}
+	return *s.activePID
+}
+
+func (c *Client) terminate(ctx context.Context, pid int32, res *SlotResult) error {
+	if pid == 0 {
+		return nil
+	}
+	var ok bool
+	if err := c.pool.QueryRow(ctx, `SELECT pg_terminate_backend($1)`, pid).Scan(&ok); err != nil {
+		return fmt.Errorf("terminate process %d holding slot %q: %w", pid, c.t.Slot, err)
+	}
+	for _, p := range res.Terminated {
+		if p == pid {
+			return nil
+		}
+	}
+	res.Terminated = append(res.Terminated, pid)
+	res.step("terminated process %d, which held the slot", pid)
+	c.log.Warn().Int32("pid", pid).Msg("terminated the backend holding the slot")
+	return nil
+}
+
+// markPendingAndDrop sets catchup_pending on the slot's checkpoint (or,
+// with forget, deletes the checkpoint), if it has one, and drops the slot, if
+// there is one, in one transaction: the drop is refused while the slot is
+// active, and then the checkpoint change is rolled back too.
+func (c *Client) markPendingAndDrop(ctx context.Context, drop, forget bool) (changed bool, err error) {
+	err = pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
+		sql := `UPDATE ` + c.t.ownSQL(checkpointTable) + ` SET catchup_pending = true, updated_at = now() WHERE slot_name = $1`
+		if forget {
+			sql = `DELETE FROM ` + c.t.ownSQL(checkpointTable) + ` WHERE slot_name = $1`
+		}
+		tag, err := tx.Exec(ctx, sql, c.t.Slot)
+		if err != nil {
+			return fmt.Errorf("mark checkpoint of slot %q for catch-up: %w", c.t.Slot, err)
+		}
+		changed = tag.RowsAffected() == 1
+		if drop {
+			// Whatever the slot's state when we looked: drop it if it is there.
+			if _, err := tx.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1`, c.t.Slot); err != nil {
+				return fmt.Errorf("drop slot %q: %w", c.t.Slot, err)
+			}
+		}
+		return nil
+	})
+	return changed, err
+}
+
+// createSlot creates the pgoutput slot on a replication connection and saves
+// a checkpoint at its consistent point with catchup_pending = true.
+func (c *Client) createSlot(ctx context.Context, res *SlotResult) error {
+	conn, err := c.replConn(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx)) //nolint:errcheck // done with it
+	sys, err := pglogrepl.IdentifySystem(ctx, conn)
+	if err != nil {
+		return fmt.Errorf("identify system: %w", err)
+	}
+	cr, err := pglogrepl.CreateReplicationSlot(ctx, conn, c.t.Slot, "pgoutput",
+		pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "NOEXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	if sqlState(err) == "42710" { // duplicate_object
+		return refused("slot %q was created meanwhile by another process (an outboxd instance with OUTBOXD_SLOT_RECREATE=true?); it does its own catch-up, nothing more to do", c.t.Slot)
+	}
+	if err != nil {
+		return fmt.Errorf("create slot %q: %w", c.t.Slot, err)
+	}
+	lsn, err := pglogrepl.ParseLSN(cr.ConsistentPoint)
+	if err != nil {
+		return fmt.Errorf("parse consistent point of slot %q: %w", c.t.Slot, err)
+	}
+	res.LSN = lsnPtr(lsn)
+	res.step("created slot %q (pgoutput) at %s", c.t.Slot, lsn)
+	store := checkpoint.NewStore(c.pool, checkpoint.StoreConfig{Schema: c.t.schema(), Table: c.t.Table.Name, Slot: c.t.Slot})
+	if err := store.Save(ctx, checkpoint.Checkpoint{LSN: lsn, SystemID: sys.SystemID, Timeline: sys.Timeline, CatchupPending: true}); err != nil {
+		return err
+	}
+	res.step("saved its checkpoint at %s with catchup_pending = true: the next `outboxd run` recreates the slot with a snapshot and delivers every unprocessed row", lsn)
+	return nil
+}
+
+// CreateSlot creates the slot when it is missing, behind a checkpoint that
+// asks the next `outboxd run` for a catch-up from the table. An existing
+// pgoutput slot is left alone.
+func (c *Client) CreateSlot(ctx context.Context, opts SlotOptions) (*SlotResult, error) {
+	opts.defaults()
+	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
+	s, err := c.readSlot(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.checkOwnSlot(s); err != nil {
+		return nil, err
+	}
+	if s != nil {
+		switch {
+		case s.plugin != "pgoutput":
+			return nil, refused("slot %q exists with plugin %q, outboxd needs pgoutput: run `outboxd slot reset --yes` to recreate it", c.t.Slot, s.plugin)
+		case s.walStatus == "lost":
+			return nil, refused("slot %q exists but was invalidated (wal_status lost): run `outboxd slot reset --yes` to recreate it", c.t.Slot)
+		}
+		res.Unchanged = true
+		if s.confirmed != nil {
+			res.FromLSN = lsnPtr(*s.confirmed)
+		}
+		res.step("slot %q already exists; nothing to do", c.t.Slot)
+		return res, nil
+	}
+	if err := c.requireTables(ctx); err != nil {
+		return nil, err
+	}
+	pending, err := c.PendingRows(ctx)
+	if err != nil {
+		return nil, err
+	}
+	res.RowsToReread = &pending
+	hadCP, err := c.hasCheckpoint(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if opts.DryRun {
+		if hadCP {
+			res.step("mark the existing checkpoint of slot %q catchup_pending (the slot is missing)", c.t.Slot)
+		}
+		res.step("create slot %q (pgoutput) and save its checkpoint with catchup_pending = true", c.t.Slot)
+		res.step("the next `outboxd run` recreates the slot with a snapshot and reads %d unprocessed rows from the table", pending)
+		return res, nil
+	}
+	unlock, err := c.lockSlot(ctx, opts.Wait)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if s, err := c.readSlot(ctx); err != nil || s != nil {
+		if err == nil {
+			err = refused("slot %q was created meanwhile by another process (an outboxd instance?); nothing more to do", c.t.Slot)
+		}
+		return nil, err
+	}
+	if hadCP {
+		if _, err := c.markPendingAndDrop(ctx, false, false); err != nil {
+			return nil, err
+		}
+		res.step("marked the existing checkpoint catchup_pending (the slot was missing)")
+	}
+	if err := c.createSlot(ctx, res); err != nil {
+		return res, err
+	}
+	res.step("%d unprocessed rows will be read from the table", pending)
+	return res, nil
+}
+
+// DropSlot drops the slot and deletes its checkpoint, so that the next
+// `outboxd run` starts afresh: it creates the slot and delivers every
+// unprocessed row from the table. Nothing is lost.
+func (c *Client) DropSlot(ctx context.Context, opts SlotOptions) (*SlotResult, error) {
+	opts.defaults()
+	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
+	s, err := c.readSlot(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.checkOwnSlot(s); err != nil {
+		return nil, err
+	}
+	haveTables, err := c.exists(ctx, checkpointTable)
+	if err != nil {
+		return nil, err
+	}
+	hadCP := false
+	if haveTables {
+		if hadCP, err = c.hasCheckpoint(ctx); err != nil {
+			return nil, err
+		}
+		pending, err := c.PendingRows(ctx)
+		if err != nil {
+			return nil, err
+		}
+		res.RowsToReread = &pending
+	}
+	if s == nil && !hadCP {
+		res.Unchanged = true
+		res.step("neither slot %q nor its checkpoint exists; nothing to do", c.t.Slot)
+		return res, nil
+	}
+	if s != nil && s.confirmed != nil {
+		res.FromLSN = lsnPtr(*s.confirmed)
+	}
+	if opts.DryRun {
+		if s != nil && s.active {
+			if !opts.Force {
+				return nil, refused("slot %q is active in process %d (an outboxd instance is streaming from it): stop it first, or add --force to terminate that backend", c.t.Slot, pidOf(s))
+			}
+			res.step("terminate process %d, which holds the slot", pidOf(s))
+		}
+		if hadCP {
+			res.step("delete the checkpoint of slot %q", c.t.Slot)
+		}
+		if s != nil {
+			res.step("drop slot %q (confirmed_flush_lsn %s, %s retained)", c.t.Slot, lsnString(s.confirmed), retainedString(ctx, c, s))
+		}
+		c.stepNextRun(res)
+		return res, nil
+	}
+	unlock, err := c.lockSlot(ctx, opts.Wait)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	err = c.released(ctx, opts, res, func(ctx context.Context) error {
+		return pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
+			// The checkpoint goes first and only with the slot: a checkpoint
+			// without its slot makes the daemon refuse to start.
+			if haveTables {
+				if _, err := tx.Exec(ctx, `DELETE FROM `+c.t.ownSQL(checkpointTable)+` WHERE slot_name = $1`, c.t.Slot); err != nil {
+					return fmt.Errorf("delete checkpoint of slot %q: %w", c.t.Slot, err)
+				}
+			}
+			// Whatever the slot's state when we looked: drop it if it is there.
+			if _, err := tx.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1`, c.t.Slot); err != nil {
+				return fmt.Errorf("drop slot %q: %w", c.t.Slot, err)
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		return res, err
+	}
+	if hadCP {
+		res.step("deleted the checkpoint of slot %q", c.t.Slot)
+	}
+	if s != nil {
+		res.step("dropped slot %q", c.t.Slot)
+	}
+	c.stepNextRun(res)
+	return res, nil
+}
+
+func (c *Client) stepNextRun(res *SlotResult) {
+	if res.RowsToReread != nil {
+		res.step("the next `outboxd run` creates the slot and reads %d unprocessed rows from the table", *res.RowsToReread)
+	}
+}
+
+// ResetSlot drops the slot and recreates it behind a checkpoint with
+// catchup_pending = true: the next `outboxd run` delivers every row still
+// unprocessed (RowsToReread of them). It also repairs a lost slot, a slot of
+// another plugin and a checkpoint written on another cluster.
+//
+// When Force had to terminate the process streaming from the slot, the slot
+// is left dropped and the checkpoint deleted instead, so that the running
+// instance stops rather than stream from a new slot without a catch-up; its
+// next start catches up as a first start does.
+func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, error) {
+	opts.defaults()
+	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
+	s, err := c.readSlot(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.checkOwnSlot(s); err != nil {
+		return nil, err
+	}
+	if err := c.requireTables(ctx); err != nil {
+		return nil, err
+	}
+	pending, err := c.PendingRows(ctx)
+	if err != nil {
+		return nil, err
+	}
+	res.RowsToReread = &pending
+	hadCP, err := c.hasCheckpoint(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if s != nil && s.confirmed != nil {
+		res.FromLSN = lsnPtr(*s.confirmed)
+	}
+	if opts.DryRun {
+		if s != nil && s.active {
+			if !opts.Force {
+				return nil, refused("slot %q is active in process %d (an outboxd instance is streaming from it): stop it first, or add --force to terminate that backend", c.t.Slot, pidOf(s))
+			}
+			res.step("terminate process %d, which holds the slot", pidOf(s))
+			if hadCP {
+				res.step("delete the checkpoint of slot %q", c.t.Slot)
+			}
+			res.step("drop slot %q and leave it dropped, so that the terminated instance stops; its next start creates the slot and reads %d unprocessed rows from the table", c.t.Slot, pending)
+			return res, nil
+		}
+		if hadCP {
+			res.step("mark the checkpoint of slot %q catchup_pending", c.t.Slot)
+		}
+		if s != nil {
+			res.step("drop slot %q (confirmed_flush_lsn %s, wal_status %s, %s retained)", c.t.Slot, lsnString(s.confirmed), s.walStatus, retainedString(ctx, c, s))
+		}
+		res.step("create slot %q (pgoutput) and save its checkpoint with catchup_pending = true", c.t.Slot)
+		res.step("the next `outboxd run` recreates the slot with a snapshot and reads %d unprocessed rows from the table", pending)
+		return res, nil
+	}
+	unlock, err := c.lockSlot(ctx, opts.Wait)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	// A running instance whose walsender we terminate reconnects (after our
+	// lock) with its state in memory: given a new slot it would stream from
+	// it without the catch-up, leaving the rows committed in between
+	// undelivered until its next restart. So when we had to terminate one,
+	// reset leaves no slot and no checkpoint: that instance finds its slot
+	// gone and exits, and the next start (or a standby) creates the slot and
+	// catches up, as on a first start.
+	var changed, forget bool
+	err = c.released(ctx, opts, res, func(ctx context.Context) error {
+		var err error
+		forget = len(res.Terminated) > 0
+		changed, err = c.markPendingAndDrop(ctx, true, forget)
+		return err
+	})
+	if err != nil {
+		return res, err
+	}
+	if forget {
+		if changed {
+			res.step("deleted the checkpoint of slot %q", c.t.Slot)
+		}
+		res.step("dropped slot %q and left it dropped: the terminated instance stops when it reconnects; restart outboxd and it creates the slot and catches up", c.t.Slot)
+		res.step("%d unprocessed rows will be read again from the table", pending)
+		return res, nil
+	}
+	if changed {
+		res.step("marked the checkpoint catchup_pending")
+	}
+	if s != nil {
+		res.step("dropped slot %q (it had confirmed %s)", c.t.Slot, lsnString(s.confirmed))
+	}
+	if err := c.createSlot(ctx, res); err != nil {
+		return res, err
+	}
+	res.step("%d unprocessed rows will be read again from the table", pending)
+	return res, nil
+}
+
+// AdvanceSlot moves the slot's confirmed position forward to `to` with
+// pg_replication_slot_advance, and the checkpoint with it, so the daemon's
+// start-up reconciliation agrees. Transactions committed before `to` are no
+// longer streamed: their rows stay unprocessed in the table until a catch-up
+// (`slot reset`) or a replay delivers them. It refuses to move backwards.
+func (c *Client) AdvanceSlot(ctx context.Context, to LSN, opts SlotOptions) (*SlotResult, error) {
+	opts.defaults()
+	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
+	s, err := c.readSlot(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.checkOwnSlot(s); err != nil {
+		return nil, err
+	}
+	switch {
+	case s == nil:
+		return nil, refused("slot %q does not exist", c.t.Slot)
+	case s.plugin != "pgoutput":
+		return nil, refused("slot %q uses plugin %q, not pgoutput", c.t.Slot, s.plugin)
+	case s.walStatus == "lost" || s.confirmed == nil:
+		return nil, refused("slot %q was invalidated (wal_status %s): it cannot be advanced; run `outboxd slot reset --yes`", c.t.Slot, s.walStatus)
+	}
+	from := LSN(*s.confirmed)
+	res.FromLSN = &from
+	if to < from {
+		return nil, refused("slot %q is at %s: advance moves forward only, %s is behind it", c.t.Slot, from, to)
+	}
+	if to == from {
+		res.Unchanged = true
+		res.LSN = &from
+		res.step("slot %q is already at %s; nothing to do", c.t.Slot, from)
+		return res, nil
+	}
+	var current pglogrepl.LSN
+	if err := c.pool.QueryRow(ctx, `SELECT pg_current_wal_lsn()`).Scan(&current); err != nil {
+		return nil, fmt.Errorf("read current WAL position: %w", err)
+	}
+	if to > LSN(current) {
+		return nil, refused("%s is beyond the current WAL position %s", to, current)
+	}
+	cp, err := c.catchupPending(ctx)
+	if err != nil {
+		return nil, err
+	}
+	skip := FormatBytes(int64(to - from))
+	if opts.DryRun {
+		if s.active {
+			if !opts.Force {
+				return nil, refused("slot %q is active in process %d (an outboxd instance is streaming from it): stop it first, or add --force to terminate that backend", c.t.Slot, pidOf(s))
+			}
+			res.step("terminate process %d, which holds the slot", pidOf(s))
+		}
+		res.step("advance slot %q from %s to %s, skipping %s of WAL; rows committed in between stay unprocessed and are not streamed", c.t.Slot, from, to, skip)
+		res.step("move the checkpoint of slot %q to %s", c.t.Slot, to)
+		if cp {
+			res.step("note: the checkpoint is catchup_pending, so the next `outboxd run` recreates the slot anyway")
+		}
+		res.LSN = &to
+		return res, nil
+	}
+	unlock, err := c.lockSlot(ctx, opts.Wait)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	var end pglogrepl.LSN
+	err = c.released(ctx, opts, res, func(ctx context.Context) error {
+		err := c.pool.QueryRow(ctx, `SELECT end_lsn FROM pg_replication_slot_advance($1, $2::pg_lsn)`, c.t.Slot, to.String()).Scan(&end)
+		if err != nil {
+			return fmt.Errorf("advance slot %q to %s: %w", c.t.Slot, to, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return res, err
+	}
+	res.LSN = lsnPtr(end)
+	res.step("advanced slot %q from %s to %s (%s of WAL skipped; rows committed in between stay unprocessed and are not streamed)", c.t.Slot, from, end, skip)
+	tag, err := c.pool.Exec(ctx, `UPDATE `+c.t.ownSQL(checkpointTable)+` SET lsn = greatest(lsn, $2::pg_lsn), updated_at = now() WHERE slot_name = $1`, c.t.Slot, pglogrepl.LSN(end).String())
+	switch {
+	case sqlState(err) == "42P01": // undefined_table: not migrated
+	case err != nil:
+		return res, fmt.Errorf("move checkpoint of slot %q to %s: %w", c.t.Slot, end, err)
+	case tag.RowsAffected() == 1:
+		res.step("moved the checkpoint to %s", end)
+	}
+	if cp {
+		res.step("note: the checkpoint is catchup_pending, so the next `outboxd run` recreates the slot anyway")
+	}
+	return res, nil
+}
+
+func (c *Client) catchupPending(ctx context.Context) (bool, error) {
+	var pending bool
+	err := c.pool.QueryRow(ctx, `SELECT catchup_pending FROM `+c.t.ownSQL(checkpointTable)+` WHERE slot_name = $1`, c.t.Slot).Scan(&pending)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows), sqlState(err) == "42P01":
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("read checkpoint of slot %q: %w", c.t.Slot, err)
+	}
+	return pending, nil
+}
+
+func lsnString(l *pglogrepl.LSN) string {
+	if l == nil {
+		return "none"
+	}
+	return l.String()
+}
+
+func retainedString(ctx context.Context, c *Client, s *slotRow) string {
+	if s.restart == nil {
+		return "no WAL"
+	}
+	var cur pglogrepl.LSN
+	if err := c.pool.QueryRow(ctx, `SELECT pg_current_wal_lsn()`).Scan(&cur); err != nil {
+		return "unknown WAL"
+	}
+	return FormatBytes(bytesBehind(LSN(cur), LSN(*s.restart))) + " of WAL"
+}

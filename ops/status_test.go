@@ -1,0 +1,158 @@
+package ops
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outboxd/outboxd/internal/pgtest"
+)
+
+// A fresh slot with its checkpoint is healthy; every documented JSON field is
+// present with the values the database holds.
+func TestStatusReportsEveryField(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	_, err := b.client.CreateSlot(ctx, SlotOptions{})
+	require.NoError(t, err)
+	old := time.Date(2020, 1, 2, 3, 4, 5, 0, time.UTC)
+	ids := b.insert(t, 3, "a", 1, old)
+	b.insert(t, 2, "b", 1, time.Now())
+	b.exec(t, `UPDATE domain_event SET is_processed = true WHERE id = $1`, ids[1])
+	b.exec(t, `INSERT INTO outboxd_dead_letter (event_id, sink, last_error, attempts) VALUES ($1, 'webhook', 'HTTP 400', 1)`, ids[2])
+
+	st, err := b.client.Status(ctx, StatusOptions{Config: map[string]string{"OUTBOXD_SLOT": b.target.Slot}})
+	require.NoError(t, err)
+	require.True(t, st.OK, "problems: %v", st.Problems)
+	require.True(t, st.Slot.Exists)
+	require.Equal(t, "pgoutput", st.Slot.Plugin)
+	require.False(t, st.Slot.Active)
+	require.Nil(t, st.Slot.ActivePID)
+	require.Equal(t, "reserved", st.Slot.WALStatus)
+	require.NotNil(t, st.Slot.LagBytes)
+	require.GreaterOrEqual(t, *st.Slot.RetainedWALBytes, *st.Slot.LagBytes, "restart_lsn is never ahead of confirmed_flush_lsn")
+	require.True(t, st.Checkpoint.Exists)
+	require.True(t, st.Checkpoint.CatchupPending)
+	require.NotNil(t, st.Checkpoint.SystemIdentifierMatch)
+	require.True(t, *st.Checkpoint.SystemIdentifierMatch)
+	require.Equal(t, *st.Slot.ConfirmedFlushLSN, *st.Checkpoint.LSN)
+	require.EqualValues(t, 3, *st.Backlog.UnprocessedRows, "5 rows, 1 processed, 1 dead-lettered")
+	require.Equal(t, old, *st.Backlog.OldestUnprocessedAt)
+	require.EqualValues(t, 1, *st.Backlog.DeadLetters)
+	require.True(t, st.Publication.Exists && st.Publication.IncludesTable && st.Publication.PublishesInsert)
+	require.Contains(t, strings.Join(st.Warnings, "\n"), "not active")
+
+	raw, err := json.Marshal(st)
+	require.NoError(t, err)
+	var m map[string]any
+	require.NoError(t, json.Unmarshal(raw, &m))
+	for section, keys := range map[string][]string{
+		"":           {"ok", "problems", "warnings", "checked_at", "server", "slot", "checkpoint", "publication", "backlog", "config"},
+		"server":     {"version", "database", "in_recovery", "current_wal_lsn", "system_identifier"},
+		"slot":       {"name", "exists", "plugin", "database", "active", "active_pid", "restart_lsn", "confirmed_flush_lsn", "wal_status", "safe_wal_size_bytes", "retained_wal_bytes", "lag_bytes"},
+		"checkpoint": {"exists", "lsn", "updated_at", "age_seconds", "system_identifier", "system_identifier_match", "timeline", "catchup_pending"},
+		"backlog":    {"unprocessed_rows", "oldest_unprocessed_at", "oldest_unprocessed_age_seconds", "dead_letters", "parked"},
+	} {
+		obj := m
+		if section != "" {
+			obj = m[section].(map[string]any)
+		}
+		for _, k := range keys {
+			require.Contains(t, obj, k, "%s.%s", section, k)
+		}
+	}
+	require.Regexp(t, `^[0-9A-F]+/[0-9A-F]+$`, m["slot"].(map[string]any)["confirmed_flush_lsn"])
+	require.Equal(t, b.target.Slot, m["config"].(map[string]any)["OUTBOXD_SLOT"])
+}
+
+// Each state that needs an operator is a problem with its reason.
+func TestStatusProblems(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	problems := func(opts StatusOptions) string {
+		t.Helper()
+		st, err := b.client.Status(ctx, opts)
+		require.NoError(t, err)
+		require.Equal(t, len(st.Problems) == 0, st.OK)
+		return strings.Join(st.Problems, "\n")
+	}
+
+	require.Contains(t, problems(StatusOptions{}), "does not exist: `outboxd run` creates it")
+
+	_, err := b.client.CreateSlot(ctx, SlotOptions{})
+	require.NoError(t, err)
+	require.Empty(t, problems(StatusOptions{}))
+
+	// WAL written elsewhere makes the unconsumed slot lag.
+	b.exec(t, `CREATE TABLE filler AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 2000) g`)
+	require.Contains(t, problems(StatusOptions{MaxLagBytes: 1024}), "lags")
+
+	b.exec(t, `UPDATE outboxd_checkpoint SET updated_at = now() - interval '2 hours'`)
+	require.Contains(t, problems(StatusOptions{}), "catch-up of slot")
+	require.Empty(t, problems(StatusOptions{MaxCatchupAge: 3 * time.Hour}))
+
+	b.exec(t, `UPDATE outboxd_checkpoint SET system_identifier = '1', updated_at = now()`)
+	require.Contains(t, problems(StatusOptions{}), "written on cluster 1")
+
+	b.exec(t, `SELECT pg_drop_replication_slot($1)`, b.target.Slot)
+	require.Contains(t, problems(StatusOptions{}), "missing although a checkpoint exists")
+
+	b.exec(t, `ALTER PUBLICATION outboxd DROP TABLE domain_event`)
+	require.Contains(t, problems(StatusOptions{}), "does not include table public.domain_event")
+}
+
+// slot status reports the slot and the checkpoint only.
+func TestSlotOnlyStatus(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	st, err := b.client.Status(context.Background(), StatusOptions{SlotOnly: true, Config: map[string]string{"x": "y"}})
+	require.NoError(t, err)
+	require.Nil(t, st.Backlog)
+	require.Nil(t, st.Publication)
+	require.Nil(t, st.Config)
+	require.False(t, st.OK)
+}
+
+// A least-privilege role (REPLICATION, SELECT on the tables, as in
+// migrations/roles.sql) can run status: the system identifier comes from
+// IDENTIFY_SYSTEM when pg_control_system() is refused.
+func TestStatusAsLeastPrivilegeRole(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	_, err := b.client.CreateSlot(ctx, SlotOptions{})
+	require.NoError(t, err)
+	role := "r_" + b.target.Slot
+	b.exec(t, `CREATE ROLE `+role+` LOGIN REPLICATION`)
+	admin := pgtest.Shared(t).AdminConn(t)
+	t.Cleanup(func() {
+		// Roles are cluster-wide: drop this one (its grants live in the test's
+		// database, dropped later).
+		_, err := b.pool.Exec(context.Background(), `DROP OWNED BY `+role)
+		require.NoError(t, err)
+		_, err = admin.Exec(context.Background(), `DROP ROLE `+role)
+		require.NoError(t, err)
+	})
+	b.exec(t, `GRANT SELECT ON ALL TABLES IN SCHEMA public TO `+role)
+	b.exec(t, `REVOKE SELECT ON outboxd_dead_letter FROM `+role)
+	b.exec(t, `REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC`)
+	target := b.target
+	target.DatabaseURL = strings.Replace(b.url, "postgres://postgres@", "postgres://"+role+"@", 1)
+	c, err := Open(ctx, target, zerolog.Nop())
+	require.NoError(t, err)
+	defer c.Close()
+	st, err := c.Status(ctx, StatusOptions{})
+	require.NoError(t, err)
+	require.NotEmpty(t, st.Server.SystemIdentifier)
+	require.True(t, *st.Checkpoint.SystemIdentifierMatch)
+	require.True(t, st.OK, "%v", st.Problems)
+	require.Nil(t, st.Backlog.DeadLetters, "no privilege: unknown, not a failure")
+	require.Contains(t, strings.Join(st.Warnings, "\n"), "no privilege to count dead letters")
+}
