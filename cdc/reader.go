@@ -329,8 +329,16 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 	sctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	if sentinel, err := r.connect(ctx, false); err == nil {
-		defer sentinel.Close(context.Background()) //nolint:errcheck // best effort
+		watched := make(chan struct{})
+		defer func() {
+			// Stop the watcher before closing its connection: the two must
+			// not use the connection at once.
+			cancel(nil)
+			<-watched
+			sentinel.Close(context.Background()) //nolint:errcheck // best effort
+		}()
 		go func() {
+			defer close(watched)
 			err := sentinel.WaitForNotification(sctx)
 			if sctx.Err() == nil {
 				cancel(fmt.Errorf("server connection lost: %w", err))

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
@@ -58,6 +59,9 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// StatusInterval is the standby status period; default 1s.
 	StatusInterval time.Duration
+	// HeartbeatInterval enables the reader's heartbeat (cdc.Config); zero
+	// disables it.
+	HeartbeatInterval time.Duration
 
 	// Observer receives counts for metrics; may be nil.
 	Observer Observer
@@ -68,6 +72,12 @@ type Observer interface {
 	Delivered(r deliver.Result)
 	Flushed(b checkpoint.Batch, took time.Duration)
 	Received(e *decode.Event)
+	// Streaming is told true when this instance starts streaming from the
+	// slot (it is the leader) and false when it stops.
+	Streaming(active bool)
+	// Position is told, about every status interval, the highest WAL
+	// position received and the durable position confirmed to the slot.
+	Position(received, flushed pglogrepl.LSN)
 }
 
 // Validate fills defaults and checks the configuration.
@@ -115,11 +125,16 @@ func (c *Config) Validate() error {
 }
 
 func (c *Config) readerConfig() cdc.Config {
-	return cdc.Config{
+	rc := cdc.Config{
 		ConnString: c.DatabaseURL, Slot: c.Slot, Publication: c.Publication, Table: c.Table,
 		SubscriptionPublication: migrations.SubscriptionPublication(c.Publication),
 		SlotRecreate:            c.SlotRecreate, StatusInterval: c.StatusInterval,
+		HeartbeatInterval: c.HeartbeatInterval,
 	}
+	if o := c.Observer; o != nil {
+		rc.OnStreaming, rc.OnPosition = o.Streaming, o.Position
+	}
+	return rc
 }
 
 // Run runs the main job until ctx ends (a clean stop returns nil) or a

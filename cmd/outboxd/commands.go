@@ -4,9 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
-	"time"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
@@ -48,6 +46,10 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 				}
 				if cmd.Flags().Changed("http-addr") {
 					c.HTTPAddr = httpAddr
+				} else if v, ok := envMap[envPrefix+"HTTP_ADDR"]; ok && strings.TrimSpace(v) == "" {
+					// Set and empty turns health and metrics off; the env
+					// parser would apply the default instead.
+					c.HTTPAddr = ""
 				}
 			})
 			if err != nil {
@@ -66,13 +68,12 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 				pc.Sink = s
 			}
 			ctx := cmd.Context()
-			if c.HTTPAddr != "" {
-				srv, err := startHTTP(ctx, c.HTTPAddr, log)
-				if err != nil {
-					return err
-				}
-				defer srv.Close()
+			opsSrv, err := startOps(ctx, c, pc, log)
+			if err != nil {
+				return err
 			}
+			defer opsSrv.stop()
+			pc.Observer = opsSrv.observer()
 			log.Info().Str("version", version).Str("slot", pc.Slot).Str("table", c.Table).Msg("outboxd starting")
 			if err := pipeline.Run(ctx, pc, log); err != nil {
 				return err
@@ -84,25 +85,6 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 	cmd.Flags().StringVar(&webhookURL, "webhook-url", "", "webhook URL (overrides OUTBOXD_WEBHOOK_URL)")
 	cmd.Flags().StringVar(&httpAddr, "http-addr", "", "health and metrics address (overrides OUTBOXD_HTTP_ADDR; empty disables)")
 	return cmd
-}
-
-// startHTTP serves /healthz (the process is alive).
-func startHTTP(ctx context.Context, addr string, log zerolog.Logger) (*http.Server, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, badVar("HTTP_ADDR", "listen on %s: %v", addr, err)
-	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		w.Write([]byte("ok\n")) //nolint:errcheck // client gone
-	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
-	go func() {
-		if err := srv.Serve(ln); err != nil && err != http.ErrServerClosed {
-			log.Error().Err(err).Msg("http server stopped")
-		}
-	}()
-	return srv, nil
 }
 
 func migrateCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Command {

@@ -52,6 +52,13 @@ type config struct {
 	HTTPAddr  string `env:"HTTP_ADDR" envDefault:"127.0.0.1:9187"`
 	LogLevel  string `env:"LOG_LEVEL" envDefault:"info"`
 	LogFormat string `env:"LOG_FORMAT" envDefault:"json"`
+
+	// Operations (README.md, "Operating outboxd").
+	HeartbeatInterval   time.Duration `env:"HEARTBEAT_INTERVAL" envDefault:"0s"`
+	LagAlertBytes       string        `env:"LAG_ALERT_BYTES" envDefault:"1GiB"`
+	SlotStallTimeout    time.Duration `env:"SLOT_STALL_TIMEOUT" envDefault:"5m"`
+	SlotPollInterval    time.Duration `env:"SLOT_POLL_INTERVAL" envDefault:"5s"`
+	BacklogPollInterval time.Duration `env:"BACKLOG_POLL_INTERVAL" envDefault:"30s"`
 }
 
 // configError is bad configuration: exit code 2, message naming the variable.
@@ -174,6 +181,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 		FlushInterval: c.FlushInterval, FlushSize: c.FlushSize, ShutdownTimeout: c.ShutdownTimeout,
 		StatusInterval: c.StatusInterval,
 	}
+	pc.HeartbeatInterval = c.HeartbeatInterval
 	// Check each part separately, so the error names the variable.
 	checks := []struct {
 		name string
@@ -189,6 +197,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 		{"STATUS_INTERVAL", positiveDur(c.StatusInterval)},
 		{"SHUTDOWN_TIMEOUT", positiveDur(c.ShutdownTimeout)},
 		{"WEBHOOK_BATCH_WAIT", nonNegativeDur(c.WebhookBatchWait)},
+		{"HEARTBEAT_INTERVAL", nonNegativeDur(c.HeartbeatInterval)},
 	}
 	for _, ch := range checks {
 		if ch.err != nil {
