@@ -36,16 +36,25 @@ func (s *snapshot) begin(ctx context.Context) error {
 	dead := pgx.Identifier{t.Schema, "outboxd_dead_letter"}.Sanitize()
 	parked := pgx.Identifier{t.Schema, "outboxd_parked"}.Sanitize()
 	// The snapshot name comes from the server; it is a plain token.
-	sql := `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
-SET TRANSACTION SNAPSHOT '` + s.name + `';
-DECLARE outboxd_catchup NO SCROLL CURSOR FOR
+	if _, err := conn.Exec(ctx, `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+SET TRANSACTION SNAPSHOT '`+s.name+`'`).ReadAll(); err != nil {
+		return fmt.Errorf("import snapshot %s: %w", s.name, err)
+	}
+	// Commit order is known only with track_commit_timestamp; otherwise
+	// rows committed before the slot are read in id order.
+	order := "e.id"
+	res, err := conn.Exec(ctx, "SELECT current_setting('track_commit_timestamp')").ReadAll()
+	if err == nil && len(res) == 1 && len(res[0].Rows) == 1 && string(res[0].Rows[0][0]) == "on" {
+		order = "pg_xact_commit_timestamp(e.xmin) NULLS FIRST, e.id"
+	}
+	sql := `DECLARE outboxd_catchup NO SCROLL CURSOR FOR
   SELECT * FROM ` + table + ` AS e
   WHERE NOT e.is_processed
     AND NOT EXISTS (SELECT 1 FROM ` + dead + ` AS d WHERE d.event_id = e.id)
     AND NOT EXISTS (SELECT 1 FROM ` + parked + ` AS p WHERE p.event_id = e.id)
-  ORDER BY e.id`
+  ORDER BY ` + order
 	if _, err := conn.Exec(ctx, sql).ReadAll(); err != nil {
-		return fmt.Errorf("import snapshot %s: %w", s.name, err)
+		return fmt.Errorf("open catch-up cursor: %w", err)
 	}
 	return nil
 }

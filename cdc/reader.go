@@ -141,6 +141,7 @@ type Reader struct {
 	received pglogrepl.LSN // highest WAL position received
 	open     *openTxn      // a transaction cut by a disconnect
 	started  bool          // the slot was prepared once
+	copying  bool          // the connection is in copy-both mode (streaming)
 	sysID    string
 	timeline int32
 }
@@ -166,6 +167,19 @@ const SubscriptionTable = "outboxd_subscription"
 // slot is prepared and started, by the daemon and by the slot commands.
 func SlotLockKey(slot string) string { return "outboxd slot " + slot }
 
+// ErrSlotLost is returned by Run when the slot disappeared or was
+// invalidated while streaming and OUTBOXD_SLOT_RECREATE allows recreating it:
+// the caller drains what it holds and runs the pipeline again, which
+// recreates the slot and catches up from the table.
+var ErrSlotLost = errors.New("slot lost while streaming")
+
+func (r *Reader) slotLost(what string) error {
+	if r.cfg.SlotRecreate {
+		return fmt.Errorf("%w: slot %q %s", ErrSlotLost, r.cfg.Slot, what)
+	}
+	return fmt.Errorf("%w: slot %q %s while streaming; restart outboxd with OUTBOXD_SLOT_RECREATE=true or run `outboxd slot reset --yes`", errFatal, r.cfg.Slot, what)
+}
+
 // errFatal marks errors a reconnect cannot fix.
 var errFatal = errors.New("fatal")
 
@@ -185,7 +199,7 @@ func (r *Reader) Run(ctx context.Context, out chan<- *decode.Event, drained <-ch
 	var conn *pgconn.PgConn
 	err := r.loop(ctx, out, &conn)
 	close(out)
-	if conn != nil && !conn.IsClosed() {
+	if conn != nil && !conn.IsClosed() && r.copying {
 		r.finish(conn, drained)
 	}
 	if conn != nil {
@@ -203,7 +217,7 @@ func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgc
 		if ctx.Err() != nil {
 			return nil
 		}
-		if errors.Is(err, ErrIrreconcilable) || errors.Is(err, errFatal) {
+		if errors.Is(err, ErrIrreconcilable) || errors.Is(err, errFatal) || errors.Is(err, ErrSlotLost) {
 			return err
 		}
 		if *connp != nil {
@@ -247,6 +261,7 @@ func (r *Reader) finish(conn *pgconn.PgConn, drained <-chan struct{}) {
 				return
 			}
 			r.log.Info().Stringer("flush_lsn", r.ledger.Flushed()).Msg("final standby status sent")
+			r.endStream(conn)
 			return
 		case <-tick.C:
 			if err := r.sendStatus(conn, false); err != nil {
@@ -258,10 +273,34 @@ func (r *Reader) finish(conn *pgconn.PgConn, drained <-chan struct{}) {
 	}
 }
 
+// endStream ends copy-both mode and reads what the server still sends until
+// it is ready for a query. Closing a socket with unread data in it makes the
+// kernel reset the connection, and the walsender could then lose the final
+// status update it has not read yet.
+func (r *Reader) endStream(conn *pgconn.PgConn) {
+	conn.Frontend().Send(&pgproto3.CopyDone{})
+	if err := conn.Frontend().Flush(); err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for {
+		msg, err := conn.ReceiveMessage(ctx)
+		if err != nil {
+			return
+		}
+		switch msg.(type) {
+		case *pgproto3.ReadyForQuery, *pgproto3.ErrorResponse:
+			return
+		}
+	}
+}
+
 // session connects, prepares the slot on first use, and streams until an
 // error or ctx ends. healthy reports whether streaming got going, which resets
 // the reconnect backoff.
 func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **pgconn.PgConn) (healthy bool, err error) {
+	r.copying = false
 	conn, err := r.connect(ctx, true)
 	if err != nil {
 		return false, err
@@ -309,9 +348,9 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		}
 		switch {
 		case slot == nil:
-			return false, fmt.Errorf("%w: slot %q disappeared while streaming; restart outboxd (with OUTBOXD_SLOT_RECREATE=true) or run `outboxd slot reset --yes`", errFatal, r.cfg.Slot)
+			return false, r.slotLost("disappeared")
 		case slot.walStatus == "lost":
-			return false, fmt.Errorf("%w: slot %q was invalidated (wal_status lost) while streaming; restart outboxd (with OUTBOXD_SLOT_RECREATE=true) or run `outboxd slot reset --yes`", errFatal, r.cfg.Slot)
+			return false, r.slotLost("was invalidated (wal_status lost)")
 		case slot.active:
 			return false, errRetry{fmt.Sprintf("slot %q is active in process %d", r.cfg.Slot, slot.activePID)}
 		case slot.confirmedFlush > r.ledger.Flushed():
@@ -374,6 +413,7 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		return false, fmt.Errorf("start replication on slot %q at %s: %w", r.cfg.Slot, r.resume, err)
 	}
 	unlock() // the slot is active now: others see it in use
+	r.copying = true
 	r.log.Info().Stringer("start_lsn", r.resume).Stringer("flush_lsn", r.ledger.Flushed()).Msg("streaming")
 	if r.cfg.OnStreaming != nil {
 		r.cfg.OnStreaming(true)
@@ -533,8 +573,14 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 			return 0, nil, fmt.Errorf("drop slot %q: %w", r.cfg.Slot, err)
 		}
 	}
+	// Creating a logical slot waits for every transaction running in the
+	// cluster to end: say so while it waits, rather than look stuck.
+	waiting := time.AfterFunc(5*time.Second, func() {
+		r.log.Warn().Msg("creating the slot waits for transactions still running in the cluster (see pg_stat_activity: idle in transaction)")
+	})
 	res, err := pglogrepl.CreateReplicationSlot(ctx, conn, r.cfg.Slot, "pgoutput",
 		pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	waiting.Stop()
 	if err != nil {
 		return 0, nil, fmt.Errorf("create slot %q: %w", r.cfg.Slot, err)
 	}
@@ -727,20 +773,34 @@ func (s *stream) copyData(ctx context.Context, data []byte) error {
 	return nil
 }
 
-// firstSeen counts an outbox row of the current transaction and reports
-// whether it is seen for the first time: rows of a transaction resent after a
-// disconnect were handled already.
-func (s *stream) firstSeen() bool {
-	o := s.r.open
-	if o == nil {
-		return true
-	}
+// newRow counts a row of the current transaction in this session and reports
+// whether it was not handled yet: a transaction cut by a disconnect is sent
+// again from its start, and its rows already handed downstream are skipped.
+// The caller records the row with handled once it is really done with it.
+func (s *stream) newRow() bool {
 	s.seen++
-	if s.seen <= o.rows {
-		return false
+	return s.r.open == nil || s.seen > s.r.open.rows
+}
+
+// handled records that the row counted last is done with (handed downstream
+// or skipped for good).
+func (s *stream) handled() {
+	if o := s.r.open; o != nil {
+		o.rows = s.seen
 	}
-	o.rows = s.seen
-	return true
+}
+
+// dispatch hands e, the current row, downstream as the transaction's next
+// event; only once that succeeded is the row handled.
+func (s *stream) dispatch(ctx context.Context, e *decode.Event) error {
+	o := s.r.open
+	e.CommitLSN, e.TxnSeq, e.Index = o.finalLSN, o.seq, o.events
+	if err := s.emit(ctx, e); err != nil {
+		return err
+	}
+	o.events++
+	s.handled()
+	return nil
 }
 
 func (s *stream) message(ctx context.Context, xld pglogrepl.XLogData) error {
@@ -749,8 +809,9 @@ func (s *stream) message(ctx context.Context, xld pglogrepl.XLogData) error {
 	if err != nil {
 		var bad *decode.BadRowError
 		if errors.As(err, &bad) {
-			if s.firstSeen() {
+			if s.newRow() {
 				r.log.Error().Err(err).Stringer("lsn", xld.WALStart).Msg("row skipped: it cannot be delivered or marked")
+				s.handled()
 			}
 			return nil
 		}
@@ -777,13 +838,14 @@ func (s *stream) message(ctx context.Context, xld pglogrepl.XLogData) error {
 		if o == nil {
 			return fmt.Errorf("%w: insert at %s outside a transaction", errFatal, xld.WALStart)
 		}
-		if !s.firstSeen() || o.skip || m.Event.Processed {
+		if !s.newRow() {
 			return nil
 		}
-		e := m.Event
-		e.CommitLSN, e.TxnSeq, e.Index = o.finalLSN, o.seq, o.events
-		o.events++
-		return s.emit(ctx, e)
+		if o.skip || m.Event.Processed {
+			s.handled()
+			return nil
+		}
+		return s.dispatch(ctx, m.Event)
 	case decode.KindInsert, decode.KindUpdate, decode.KindDelete:
 		if m.Row.Relation.Name != SubscriptionTable || m.Row.Relation.Namespace != r.cfg.Table.Schema {
 			return nil
@@ -792,12 +854,14 @@ func (s *stream) message(ctx context.Context, xld pglogrepl.XLogData) error {
 		if o == nil {
 			return fmt.Errorf("%w: change at %s outside a transaction", errFatal, xld.WALStart)
 		}
-		if !s.firstSeen() || o.skip {
+		if !s.newRow() {
 			return nil
 		}
-		e := &decode.Event{Change: &decode.Change{Kind: m.Kind, Row: m.Row}, CommitLSN: o.finalLSN, TxnSeq: o.seq, Index: o.events}
-		o.events++
-		return s.emit(ctx, e)
+		if o.skip {
+			s.handled()
+			return nil
+		}
+		return s.dispatch(ctx, &decode.Event{Change: &decode.Change{Kind: m.Kind, Row: m.Row}})
 	case decode.KindCommit:
 		o := r.open
 		if o == nil {

@@ -22,6 +22,10 @@ type Flusher struct {
 	Interval time.Duration // time trigger; default 200ms
 	// FinalTimeout bounds the last flush after Run's context ends; default 10s.
 	FinalTimeout time.Duration
+	// WriteTimeout bounds each write: a connection that went silent (a
+	// black-holed network) is given up and the batch retried on a fresh one;
+	// default max(10s, 10 × Interval).
+	WriteTimeout time.Duration
 	// OnFlush, when set, is called after each successful write (metrics).
 	OnFlush func(b Batch, took time.Duration)
 	Log     zerolog.Logger
@@ -97,7 +101,14 @@ func (f *Flusher) flush(ctx context.Context) error {
 		return nil
 	}
 	start := time.Now()
-	if err := f.Writer.Write(ctx, f.pending); err != nil {
+	timeout := f.WriteTimeout
+	if timeout <= 0 {
+		timeout = max(10*time.Second, 10*f.Interval)
+	}
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	err := f.Writer.Write(wctx, f.pending)
+	cancel()
+	if err != nil {
 		return err
 	}
 	took := time.Since(start)

@@ -62,6 +62,9 @@ type Config struct {
 	// HeartbeatInterval enables the reader's heartbeat (cdc.Config); zero
 	// disables it.
 	HeartbeatInterval time.Duration
+	// ReplicationTimeout declares the replication connection dead when the
+	// server sends nothing for this long (cdc.Config.SilenceTimeout).
+	ReplicationTimeout time.Duration
 
 	// Observer receives counts for metrics; may be nil.
 	Observer Observer
@@ -129,7 +132,7 @@ func (c *Config) readerConfig() cdc.Config {
 		ConnString: c.DatabaseURL, Slot: c.Slot, Publication: c.Publication, Table: c.Table,
 		SubscriptionPublication: migrations.SubscriptionPublication(c.Publication),
 		SlotRecreate:            c.SlotRecreate, StatusInterval: c.StatusInterval,
-		HeartbeatInterval: c.HeartbeatInterval,
+		HeartbeatInterval: c.HeartbeatInterval, SilenceTimeout: c.ReplicationTimeout,
 	}
 	if o := c.Observer; o != nil {
 		rc.OnStreaming, rc.OnPosition = o.Streaming, o.Position

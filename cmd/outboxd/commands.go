@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -10,6 +11,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
 
+	"github.com/outboxd/outboxd/cdc"
 	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/pipeline"
 )
@@ -75,8 +77,19 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			defer opsSrv.stop()
 			pc.Observer = opsSrv.observer()
 			log.Info().Str("version", version).Str("slot", pc.Slot).Str("table", c.Table).Msg("outboxd starting")
-			if err := pipeline.Run(ctx, pc, log); err != nil {
-				return err
+			for {
+				err := pipeline.Run(ctx, pc, log)
+				if errors.Is(err, cdc.ErrSlotLost) && ctx.Err() == nil {
+					// Everything in flight was drained and checkpointed:
+					// start again, which recreates the slot and catches up
+					// from the table (OUTBOXD_SLOT_RECREATE=true).
+					log.Warn().Err(err).Msg("slot lost while streaming; recreating it")
+					continue
+				}
+				if err != nil {
+					return err
+				}
+				break
 			}
 			log.Info().Msg("outboxd stopped")
 			return nil

@@ -55,6 +55,7 @@ type config struct {
 
 	// Operations (README.md, "Operating outboxd").
 	HeartbeatInterval   time.Duration `env:"HEARTBEAT_INTERVAL" envDefault:"0s"`
+	ReplicationTimeout  time.Duration `env:"REPLICATION_TIMEOUT" envDefault:"10s"`
 	LagAlertBytes       string        `env:"LAG_ALERT_BYTES" envDefault:"1GiB"`
 	SlotStallTimeout    time.Duration `env:"SLOT_STALL_TIMEOUT" envDefault:"5m"`
 	SlotPollInterval    time.Duration `env:"SLOT_POLL_INTERVAL" envDefault:"5s"`
@@ -182,6 +183,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 		StatusInterval: c.StatusInterval,
 	}
 	pc.HeartbeatInterval = c.HeartbeatInterval
+	pc.ReplicationTimeout = c.ReplicationTimeout
 	// Check each part separately, so the error names the variable.
 	checks := []struct {
 		name string
@@ -198,6 +200,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 		{"SHUTDOWN_TIMEOUT", positiveDur(c.ShutdownTimeout)},
 		{"WEBHOOK_BATCH_WAIT", nonNegativeDur(c.WebhookBatchWait)},
 		{"HEARTBEAT_INTERVAL", nonNegativeDur(c.HeartbeatInterval)},
+		{"REPLICATION_TIMEOUT", atLeast(c.ReplicationTimeout, 2*c.StatusInterval, "twice OUTBOXD_STATUS_INTERVAL")},
 	}
 	for _, ch := range checks {
 		if ch.err != nil {
@@ -239,6 +242,13 @@ func positive(n int) error {
 func positiveDur(d time.Duration) error {
 	if d <= 0 {
 		return fmt.Errorf("must be a positive duration, got %s", d)
+	}
+	return nil
+}
+
+func atLeast(d, floor time.Duration, what string) error {
+	if d < floor {
+		return fmt.Errorf("must be at least %s (%s), got %s", floor, what, d)
 	}
 	return nil
 }
