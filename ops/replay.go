@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/outboxd/outboxd/deliver"
 	"math"
 	"path"
 	"slices"
@@ -42,33 +43,10 @@ type Filter struct {
 }
 
 // ParseGlobs splits a comma-separated list of event-name globs and checks
-// their syntax.
-func ParseGlobs(list string) ([]string, error) {
-	var out []string
-	for _, g := range strings.Split(list, ",") {
-		g = strings.TrimSpace(g)
-		if g == "" {
-			continue
-		}
-		if _, err := path.Match(g, ""); err != nil {
-			return nil, fmt.Errorf("event glob %q: %w", g, err)
-		}
-		out = append(out, g)
-	}
-	return out, nil
-}
+// their syntax (the same rules as routing).
+func ParseGlobs(list string) ([]string, error) { return deliver.ParseGlobs(list) }
 
-func matchAny(globs []string, name string) bool {
-	if len(globs) == 0 {
-		return true
-	}
-	for _, g := range globs {
-		if ok, _ := path.Match(g, name); ok {
-			return true
-		}
-	}
-	return false
-}
+func matchAny(globs []string, name string) bool { return deliver.MatchGlobs(globs, name) }
 
 // Validate checks the filter's ranges and globs.
 func (f Filter) Validate() error {

@@ -400,54 +400,38 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 	lf.flags(list)
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 
-	var rf dlqFilter
-	var rDry bool
-	retry := &cobra.Command{
-		Use:   "retry",
-		Short: "Move dead letters back to the retry schedule (a running outboxd delivers them)",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			s, err := openSession(ctx, envMap, stderr)
-			if err != nil {
-				return err
-			}
-			defer s.close(ctx)
-			out, err := rf.find(cmd, s)
-			if err != nil {
-				return err
-			}
-			if rDry {
-				fmt.Fprintf(stdout, "would retry %d dead letter(s)\n", len(out))
-				return nil
-			}
-			ids := make([]int64, len(out))
-			for i, d := range out {
-				ids[i] = d.ID
-			}
+	retry := dlqAction(envMap, stdout, stderr, "retry",
+		"Move dead letters back to the retry schedule (a running outboxd delivers them)", false,
+		func(ctx context.Context, s *dbSession, ids []int64) (int64, error) {
 			// The ordering key of a revived delivery is its event id: it no
 			// longer has a place in its key's order.
 			tag, err := s.conn.Exec(ctx, `WITH d AS (DELETE FROM `+s.dead+` WHERE id = ANY($1) RETURNING event_id, sink, last_status, last_error)
 INSERT INTO `+s.parked+` (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at, last_status, last_error)
 SELECT sink, event_id, event_id, '0/0', 0, now(), last_status, last_error FROM d
 ON CONFLICT (target, event_id) DO UPDATE SET next_attempt_at = now(), rounds = 0`, ids)
-			if err != nil {
-				return fmt.Errorf("retry dead letters: %w", err)
-			}
-			fmt.Fprintf(stdout, "%d dead letter(s) moved back to the retry schedule\n", tag.RowsAffected())
-			return nil
-		},
-	}
-	rf.flags(retry)
-	retry.Flags().BoolVar(&rDry, "dry-run", false, "count only")
+			return tag.RowsAffected(), err
+		}, "%d dead letter(s) moved back to the retry schedule\n")
+	purge := dlqAction(envMap, stdout, stderr, "purge",
+		"Delete dead letters (their rows stay unprocessed in the outbox table)", true,
+		func(ctx context.Context, s *dbSession, ids []int64) (int64, error) {
+			tag, err := s.conn.Exec(ctx, `DELETE FROM `+s.dead+` WHERE id = ANY($1)`, ids)
+			return tag.RowsAffected(), err
+		}, "%d dead letter(s) purged\n")
+	cmd.AddCommand(list, retry, purge)
+	return cmd
+}
 
-	var pf dlqFilter
-	var pDry, pYes bool
-	purge := &cobra.Command{
-		Use: "purge", Short: "Delete dead letters (their rows stay unprocessed in the outbox table)", Args: cobra.NoArgs,
+// dlqAction builds `dlq retry` and `dlq purge`: find the dead letters the
+// filters select, then act on them (or only count them with --dry-run).
+func dlqAction(envMap map[string]string, stdout, stderr io.Writer, verb, short string, needsYes bool,
+	act func(ctx context.Context, s *dbSession, ids []int64) (int64, error), done string) *cobra.Command {
+	var f dlqFilter
+	var dry, yes bool
+	cmd := &cobra.Command{
+		Use: verb, Short: short, Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if !pYes && !pDry {
-				return usageError{fmt.Errorf("purge needs --yes (or --dry-run)")}
+			if needsYes && !yes && !dry {
+				return usageError{fmt.Errorf("%s needs --yes (or --dry-run)", verb)}
 			}
 			ctx := cmd.Context()
 			s, err := openSession(ctx, envMap, stderr)
@@ -455,30 +439,31 @@ ON CONFLICT (target, event_id) DO UPDATE SET next_attempt_at = now(), rounds = 0
 				return err
 			}
 			defer s.close(ctx)
-			out, err := pf.find(cmd, s)
+			out, err := f.find(cmd, s)
 			if err != nil {
 				return err
 			}
-			if pDry {
-				fmt.Fprintf(stdout, "would purge %d dead letter(s)\n", len(out))
+			if dry {
+				fmt.Fprintf(stdout, "would %s %d dead letter(s)\n", verb, len(out))
 				return nil
 			}
 			ids := make([]int64, len(out))
 			for i, d := range out {
 				ids[i] = d.ID
 			}
-			tag, err := s.conn.Exec(ctx, `DELETE FROM `+s.dead+` WHERE id = ANY($1)`, ids)
+			n, err := act(ctx, s, ids)
 			if err != nil {
-				return fmt.Errorf("purge dead letters: %w", err)
+				return fmt.Errorf("%s dead letters: %w", verb, err)
 			}
-			fmt.Fprintf(stdout, "%d dead letter(s) purged\n", tag.RowsAffected())
+			fmt.Fprintf(stdout, done, n)
 			return nil
 		},
 	}
-	pf.flags(purge)
-	purge.Flags().BoolVar(&pDry, "dry-run", false, "count only")
-	purge.Flags().BoolVar(&pYes, "yes", false, "confirm")
-	cmd.AddCommand(list, retry, purge)
+	f.flags(cmd)
+	cmd.Flags().BoolVar(&dry, "dry-run", false, "count only")
+	if needsYes {
+		cmd.Flags().BoolVar(&yes, "yes", false, "confirm")
+	}
 	return cmd
 }
 
