@@ -654,6 +654,9 @@ func (s *stream) emit(ctx context.Context, e *decode.Event) error {
 	}
 	tick := time.NewTicker(s.r.cfg.StatusInterval)
 	defer tick.Stop()
+	// We are not reading while we wait: the server's silence meanwhile says
+	// nothing about the connection.
+	defer func() { s.lastHeard = time.Now() }()
 	for {
 		select {
 		case s.out <- e:
