@@ -1,0 +1,71 @@
+package fault
+
+import (
+	"fmt"
+	"os"
+	"testing"
+
+	"github.com/outboxd/outboxd/internal/pgtest"
+)
+
+func TestMain(m *testing.M) { pgtest.Main(m) }
+
+// scenario is one row of the matrix.
+type scenario struct {
+	name string
+	run  func(t *testing.T)
+}
+
+// scenarios is the matrix, in the order of issue 5's list.
+var scenarios = []scenario{
+	{"kill9-after-2xx-before-mark", scenarioKillBeforeMark},
+	{"kill9-after-mark-before-status", scenarioKillAfterMark},
+	{"kill9-during-catchup", scenarioKillDuringCatchup},
+	{"sigterm-mid-batch", scenarioSigterm},
+	{"pg-stop-immediate", scenarioPostgresImmediate},
+	{"pg-stop-fast-attached", scenarioPostgresFast},
+	{"proxy-close-rst", func(t *testing.T) { scenarioProxyClose(t, true) }},
+	{"proxy-close-fin", func(t *testing.T) { scenarioProxyClose(t, false) }},
+	{"proxy-blackhole", scenarioBlackHole},
+	{"proxy-cut-mid-transaction", func(t *testing.T) { scenarioCutMidTransaction(t, false) }},
+	{"pg-restart-mid-transaction", func(t *testing.T) { scenarioCutMidTransaction(t, true) }},
+	{"receiver-500s", scenarioReceiver500},
+	{"receiver-timeouts", scenarioReceiverTimeouts},
+	{"receiver-slow-2xx", scenarioReceiverSlow2xx},
+	{"receiver-429-retry-after", scenarioReceiver429},
+	{"receiver-down", scenarioReceiverDown},
+	{"redirect-not-followed", scenarioRedirect},
+	{"slot-dropped-while-stopped", scenarioSlotDropped},
+	{"slot-invalidated-while-stopped", scenarioSlotInvalidatedStopped},
+	{"slot-invalidated-while-streaming", scenarioSlotInvalidatedStreaming},
+	{"bad-rows-and-alter-table", scenarioBadRows},
+	{"big-transaction", scenarioBigTransaction},
+	{"insert-select-cancelled", scenarioCancelledInsert},
+	{"long-txn-across-restart", scenarioLongTxn},
+	{"prepared-transactions", scenarioPrepared},
+	{"catchup-commit-order", scenarioCatchupCommitOrder},
+	{"restart-recreates-slot-open-txn", scenarioRecreateWaitsForOpenTxn},
+	{"two-instances-one-slot", scenarioTwoInstances},
+	{"wal-sender-timeout-stall", scenarioWalSenderTimeout},
+}
+
+// TestFault runs the matrix, scenarios in parallel (bounded by -parallel),
+// and prints the table when all have finished.
+func TestFault(t *testing.T) {
+	t.Cleanup(func() {
+		table := summary()
+		t.Log("\n" + table)
+		fmt.Println(table)
+		if path := os.Getenv("OUTBOXD_FAULT_REPORT"); path != "" {
+			if err := os.WriteFile(path, []byte(table), 0o644); err != nil {
+				t.Errorf("write %s: %v", path, err)
+			}
+		}
+	})
+	for _, sc := range scenarios {
+		t.Run(sc.name, func(t *testing.T) {
+			t.Parallel()
+			sc.run(t)
+		})
+	}
+}
