@@ -1,7 +1,6 @@
 package sink
 
 import (
-	"bytes"
 	"context"
 	"encoding/base64"
 	"errors"
@@ -14,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hashicorp/go-retryablehttp"
 	"github.com/rs/zerolog"
 
 	"github.com/outboxd/outboxd/decode"
@@ -175,16 +175,12 @@ type Webhook struct {
 	name      string
 	rawURL    string
 	redacted  string
-	userAgent []string          // header value, shared by every request
-	basicAuth []string          // Authorization from the URL's userinfo; nil without
-	signer    *signer           // nil: unsigned
+	userAgent string
+	keys      [][]byte
 	scrub     *strings.Replacer // secrets a receiver might echo back
 	log       zerolog.Logger
 	transport *http.Transport
-
-	timeout                time.Duration
-	maxAttempts            int
-	backoffMin, backoffMax time.Duration
+	client    *retryablehttp.Client
 }
 
 var _ Sink = (*Webhook)(nil)
@@ -203,30 +199,36 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 		return nil, fmt.Errorf("webhook sink %q: %w", cfg.Name, err)
 	}
 	w := &Webhook{
-		name:        cfg.Name,
-		rawURL:      cfg.URL,
-		redacted:    redactURL(u),
-		userAgent:   []string{cfg.UserAgent},
-		signer:      newSigner(keys),
-		scrub:       newScrubber(cfg.Secrets, u),
-		timeout:     cfg.Timeout,
-		maxAttempts: cfg.MaxAttempts,
-		backoffMin:  cfg.BackoffMin,
-		backoffMax:  cfg.BackoffMax,
-	}
-	if u.User != nil {
-		// As http.Client does for a URL with userinfo.
-		pass, _ := u.User.Password()
-		w.basicAuth = []string{"Basic " + base64.StdEncoding.EncodeToString([]byte(u.User.Username()+":"+pass))}
+		name:      cfg.Name,
+		rawURL:    cfg.URL,
+		redacted:  redactURL(u),
+		userAgent: cfg.UserAgent,
+		keys:      keys,
+		scrub:     newScrubber(cfg.Secrets, u),
 	}
 	w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
 
-	// Requests go straight to the transport, one RoundTrip per attempt: the
-	// attempt loop is Deliver's own (retries, Retry-After, re-signing), and a
-	// 3xx is returned as is, never followed. Response bodies are drained
-	// unread, so compression would only cost.
 	w.transport = newGuardedTransport(cfg.Timeout, cfg.MaxIdleConns, cfg.AllowPrivate)
-	w.transport.DisableCompression = true
+	httpClient := &http.Client{
+		Transport: w.transport,
+		Timeout:   cfg.Timeout, // per attempt: retryablehttp calls Do once per attempt
+		CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse // a 3xx is a permanent failure, never followed
+		},
+	}
+	w.client = &retryablehttp.Client{
+		HTTPClient:   httpClient,
+		Logger:       nil, // no debug lines on stderr
+		RetryWaitMin: cfg.BackoffMin,
+		RetryWaitMax: cfg.BackoffMax,
+		RetryMax:     cfg.MaxAttempts - 1,
+		CheckRetry:   w.checkRetry,
+		Backoff:      backoff,
+		// Hand the last response back (its status is the outcome) instead of
+		// retryablehttp's generic "giving up" error; Deliver closes it.
+		ErrorHandler: retryablehttp.PassthroughErrorHandler,
+		PrepareRetry: w.prepareRetry,
+	}
 	return w, nil
 }
 
@@ -286,6 +288,8 @@ type call struct {
 	started    time.Time // start of the current attempt
 }
 
+type callKey struct{}
+
 // Deliver POSTs events as one request: the event's Body for one event, a JSON
 // array of the bodies for several. It retries in memory per the config and
 // returns the same Outcome for every event, one per event, in order.
@@ -311,73 +315,25 @@ func (w *Webhook) deliver(ctx context.Context, events []*decode.Event) Outcome {
 		return Outcome{Err: fmt.Errorf("post webhook %s: %w", w.redacted, err)}
 	}
 	c := &call{id: WebhookID(events), body: batchBody(events)}
-	extra := ExtraHeaders(ctx)
-	h := make(http.Header, 7+len(extra))
-	for _, e := range extra {
-		h.Set(e.Key, e.Value)
-	}
-	// Canonical keys, set directly: no canonicalisation per request.
-	h["Content-Type"] = jsonContentType
-	h["User-Agent"] = w.userAgent
-	h["Webhook-Id"] = []string{c.id}
-	if len(events) == 1 && events[0].Traceparent != "" && validHeaderValue(events[0].Traceparent) {
-		h["Traceparent"] = []string{events[0].Traceparent}
-	}
-	if w.basicAuth != nil && h.Get("Authorization") == "" {
-		h["Authorization"] = w.basicAuth
-	}
-	maxAttempts := w.maxAttempts
-	if m := MaxAttempts(ctx); m > 0 && m < maxAttempts {
-		maxAttempts = m
-	}
-	for {
-		w.sign(h, c)
-		actx, cancel := context.WithTimeout(ctx, w.timeout)
-		resp, err := w.roundTrip(actx, h, c.body)
-		err = attemptErr(ctx, w.timeout, err)
-		retry, err := w.checkRetry(ctx, c, resp, err, maxAttempts)
-		if !retry {
-			o := w.outcome(ctx, c, resp, err) // reads the body within the attempt's time
-			cancel()
-			return o
-		}
-		if resp != nil {
-			// Reuse the connection for the next attempt.
-			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, retryDrain))
-			resp.Body.Close()
-		}
-		cancel()
-		t := time.NewTimer(backoff(w.backoffMin, w.backoffMax, c.attempts-1, resp))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return w.outcome(ctx, c, nil, ctx.Err())
-		case <-t.C:
-		}
-		// The transport may still be reading the previous attempt's headers:
-		// the next attempt signs a copy.
-		h = h.Clone()
-	}
-}
-
-// jsonContentType is the Content-Type header value of every request.
-var jsonContentType = []string{"application/json"}
-
-// retryDrain is how much of a retried response is read so that its
-// connection can be reused.
-const retryDrain = 4 << 10
-
-// roundTrip makes one attempt: a POST of body with headers h.
-func (w *Webhook) roundTrip(ctx context.Context, h http.Header, body []byte) (*http.Response, error) {
-	// bytes.Reader makes the body rewindable (GetBody), so the transport may
-	// resend it on a keep-alive connection the server had just closed.
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, w.rawURL, bytes.NewReader(body))
+	ctx = context.WithValue(ctx, callKey{}, c)
+	req, err := retryablehttp.NewRequestWithContext(ctx, http.MethodPost, w.rawURL, c.body)
 	if err != nil {
-		// The URL was validated: only a broken ctx gets here.
-		return nil, fmt.Errorf("%w: build request: %w", ErrPermanent, cleanErr(err))
+		// The URL was validated: only a broken ctx or method gets here.
+		return Outcome{Err: fmt.Errorf("post webhook %s: %w: build request: %w", w.redacted, ErrPermanent, cleanErr(err))}
 	}
-	req.Header = h
-	return w.transport.RoundTrip(req)
+	for _, h := range ExtraHeaders(ctx) {
+		req.Header.Set(h.Key, h.Value)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("User-Agent", w.userAgent)
+	req.Header.Set("Webhook-Id", c.id)
+	if len(events) == 1 && events[0].Traceparent != "" && validHeaderValue(events[0].Traceparent) {
+		req.Header.Set("Traceparent", events[0].Traceparent)
+	}
+	w.sign(req.Header, c)
+
+	resp, err := w.client.Do(req)
+	return w.outcome(ctx, c, resp, err)
 }
 
 // batchBody returns the request body: the one envelope, or a JSON array of all.
@@ -400,25 +356,39 @@ func batchBody(events []*decode.Event) []byte {
 	return append(b, ']')
 }
 
-// sign sets a fresh webhook-timestamp and webhook-signature on h, before each
-// attempt: the timestamp is fresh (receivers reject stale ones) while
-// webhook-id stays the same.
+// sign sets a fresh webhook-timestamp and webhook-signature on h.
 func (w *Webhook) sign(h http.Header, c *call) {
-	c.started = time.Now()
-	ts := c.started.Unix()
-	h["Webhook-Timestamp"] = []string{strconv.FormatInt(ts, 10)}
-	if w.signer != nil {
-		c.signature = w.signer.sign(c.id, ts, c.body)
-		h["Webhook-Signature"] = []string{c.signature}
+	ts := time.Now().Unix()
+	h.Set("Webhook-Timestamp", strconv.FormatInt(ts, 10))
+	if len(w.keys) > 0 {
+		c.signature = signWith(w.keys, c.id, ts, c.body)
+		h.Set("Webhook-Signature", c.signature)
 	}
+	c.started = time.Now()
 }
 
-// checkRetry records the attempt's answer in c and decides whether to make
-// another: it stops on every final answer (Deliver classifies the response),
-// when ctx has ended (returning ctx's error, which then takes precedence) or
-// when maxAttempts are spent; it retries 408, 425, 429, 5xx and transport
-// errors other than a refused address.
-func (w *Webhook) checkRetry(ctx context.Context, c *call, resp *http.Response, err error, maxAttempts int) (bool, error) {
+// prepareRetry re-signs the request before each retry so that the timestamp is
+// fresh (receivers reject stale ones) while webhook-id stays the same.
+func (w *Webhook) prepareRetry(req *http.Request) error {
+	c, ok := req.Context().Value(callKey{}).(*call)
+	if !ok {
+		return errors.New("re-sign webhook: no delivery state in request context")
+	}
+	// req is a shallow copy whose Header map is shared with the previous
+	// attempt, which the transport may still be reading: sign a copy.
+	req.Header = req.Header.Clone()
+	w.sign(req.Header, c)
+	return nil
+}
+
+// checkRetry is the retryablehttp.CheckRetry policy. It stops (without error)
+// on every final answer, so that Deliver classifies the response, and reports
+// ctx errors; it retries 408, 425, 429, 5xx and transport errors.
+func (w *Webhook) checkRetry(ctx context.Context, resp *http.Response, err error) (bool, error) {
+	c, _ := ctx.Value(callKey{}).(*call)
+	if c == nil {
+		c = &call{}
+	}
 	c.attempts++
 	if resp != nil {
 		c.status = resp.StatusCode
@@ -440,11 +410,11 @@ func (w *Webhook) checkRetry(ctx context.Context, c *call, resp *http.Response, 
 	if ctxErr := ctx.Err(); ctxErr != nil {
 		return false, ctxErr
 	}
-	if c.attempts >= maxAttempts {
-		return false, err
+	if max := MaxAttempts(ctx); max > 0 && c.attempts >= max {
+		return false, nil
 	}
 	if err != nil {
-		return !errors.Is(err, ErrForbiddenAddress), err
+		return !errors.Is(err, ErrForbiddenAddress), nil
 	}
 	return true, nil
 }
@@ -473,7 +443,7 @@ func classify(code int) statusClass {
 	}
 }
 
-// outcome turns the last attempt's answer into an Outcome, draining and
+// outcome turns what retryablehttp returned into an Outcome, draining and
 // closing the response.
 func (w *Webhook) outcome(ctx context.Context, c *call, resp *http.Response, err error) Outcome {
 	o := Outcome{Attempts: c.attempts, Status: c.status, RetryAfter: c.retryAfter}
@@ -583,8 +553,7 @@ func cleanErr(err error) error {
 	return err
 }
 
-// backoff is the wait before retry number attempt+1 (attempt counts from 0
-// for the first retry). A Retry-After (delta-seconds or
+// backoff is the retryablehttp.Backoff policy. A Retry-After (delta-seconds or
 // HTTP-date) on a retryable answer is honoured, clamped to max; otherwise the
 // wait grows exponentially from min with equal jitter, capped at max.
 func backoff(minWait, maxWait time.Duration, attempt int, resp *http.Response) time.Duration {
