@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
 )
 
 // Checkpoint is the durable position of one slot.
@@ -44,6 +45,7 @@ type StoreConfig struct {
 type Store struct {
 	pool *pgxpool.Pool
 	cfg  StoreConfig
+	log  zerolog.Logger
 
 	markSQL, deadSQL, attemptsSQL, parkSQL, stateSQL, advanceSQL, loadSQL, saveSQL string
 }
@@ -89,6 +91,9 @@ ON CONFLICT (slot_name) DO UPDATE SET lsn = excluded.lsn, system_identifier = ex
 	}
 }
 
+// SetLogger sets the logger of the store (default: none).
+func (s *Store) SetLogger(log zerolog.Logger) { s.log = log }
+
 // ErrNoCheckpoint is returned by Load when the slot has no checkpoint yet.
 var ErrNoCheckpoint = errors.New("no checkpoint")
 
@@ -128,9 +133,18 @@ func (s *Store) Write(ctx context.Context, b Batch) error {
 	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // no-op after commit
 
 	var q pgx.Batch
+	var lo, hi []int64
+	var n []int32
+	var want, marked int64
 	if len(b.Marks) > 0 {
-		lo, hi, n := Ranges(b.Marks)
-		q.Queue(s.markSQL, lo, hi, n)
+		lo, hi, n = Ranges(b.Marks)
+		for i := range lo {
+			want += hi[i] - lo[i] + 1
+		}
+		q.Queue(s.markSQL, lo, hi, n).Exec(func(ct pgconn.CommandTag) error {
+			marked = ct.RowsAffected()
+			return nil
+		})
 	}
 	if len(b.Dead) > 0 {
 		ids := make([]int64, len(b.Dead))
@@ -170,8 +184,45 @@ func (s *Store) Write(ctx context.Context, b Batch) error {
 	if (b.LSN != 0 || b.CatchupDone) && advanced.RowsAffected() != 1 {
 		return fmt.Errorf("write checkpoint of slot %q: %w", s.cfg.Slot, ErrNoCheckpoint)
 	}
+	if marked < want {
+		if err := s.markLate(ctx, tx, lo, hi, n, want, marked); err != nil {
+			return err
+		}
+	}
 	if err := tx.Commit(ctx); err != nil {
 		return fmt.Errorf("commit checkpoint of slot %q: %w", s.cfg.Slot, err)
+	}
+	return nil
+}
+
+// markLate marks rows the marking statement did not see. The walsender can
+// send a transaction as soon as its commit record is written, a moment before
+// the commit is visible to new snapshots; a flush in that moment finds fewer
+// rows than it settled. Each statement of this READ COMMITTED transaction takes
+// a new snapshot, so it retries the rows still unmarked until they show up.
+// A row that never does (deleted by the application) is given up after a few
+// seconds, with a log line.
+func (s *Store) markLate(ctx context.Context, tx pgx.Tx, lo, hi []int64, n []int32, want, marked int64) error {
+	deadline := time.Now().Add(5 * time.Second)
+	wait := time.Millisecond
+	for marked < want && time.Now().Before(deadline) {
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("mark rows of slot %q: %w", s.cfg.Slot, ctx.Err())
+		case <-t.C:
+		}
+		wait = min(wait*2, 50*time.Millisecond)
+		tag, err := tx.Exec(ctx, s.markSQL+` AND NOT e.is_processed`, lo, hi, n)
+		if err != nil {
+			return fmt.Errorf("mark rows of slot %q: %w", s.cfg.Slot, err)
+		}
+		marked += tag.RowsAffected()
+	}
+	if marked < want {
+		s.log.Warn().Int64("settled", want).Int64("marked", marked).
+			Msg("some settled rows were not found to mark processed (deleted by the application?)")
 	}
 	return nil
 }

@@ -174,6 +174,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 
 	tracker := checkpoint.NewTracker(0, cfg.FlushSize)
 	store := checkpoint.NewStore(pool, checkpoint.StoreConfig{Schema: cfg.Table.Schema, Table: cfg.Table.Name, Slot: cfg.Slot})
+	store.SetLogger(log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger())
 	rcfg := cfg.readerConfig()
 	if err := rcfg.Validate(); err != nil {
 		return err
