@@ -2,7 +2,7 @@
 // pgoutput decoding, read by pg_recvlogical) and against a well-tuned polling
 // dispatcher, on one machine, in one run (issue 6):
 //
-//	go run ./bench                      # the full run: N=200,000, ~6 minutes
+//	go run ./bench                      # the full run: N=200,000, ~4 minutes
 //	go run ./bench -smoke               # a few seconds' worth of everything
 //	go run ./bench -json out.json -modes batched,recvlogical -n 100000
 //
@@ -39,6 +39,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"os/signal"
 	"slices"
@@ -75,6 +76,8 @@ type config struct {
 	LatencyTrace string
 	LogDir       string
 	Extra        map[string]string // OUTBOXD_* for every daemon run
+	// Flags are every flag's effective value, for the JSON results.
+	Flags map[string]string
 }
 
 var allModes = []string{"recvlogical", "perevent", "batched", "poller", "catchup", "latency", "bigtxn"}
@@ -104,7 +107,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&txn, "txn-sizes", "1000,1", "rows per transaction of the backlog, one measurement set each")
 	fs.IntVar(&c.PropsSize, "props-size", 330, "bytes of each row's properties (jsonb text)")
 	fs.IntVar(&c.Orgs, "orgs", 1000, "distinct organization_id values (ordering keys)")
-	fs.StringVar(&modes, "modes", "recvlogical,perevent,batched,poller,latency,bigtxn", "measurements, comma-separated, of: "+strings.Join(allModes, ","))
+	fs.StringVar(&modes, "modes", strings.Join(allModes, ","), "measurements, comma-separated, of: "+strings.Join(allModes, ","))
 	fs.IntVar(&c.PerEventConc, "perevent-concurrency", 32, "OUTBOXD_WEBHOOK_CONCURRENCY in per-event mode")
 	fs.IntVar(&c.BatchSize, "batch-size", 500, "OUTBOXD_WEBHOOK_BATCH_SIZE in batched mode")
 	fs.IntVar(&c.BatchConc, "batch-concurrency", 8, "OUTBOXD_WEBHOOK_CONCURRENCY in batched mode")
@@ -149,6 +152,15 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		if !set["timeout"] {
 			c.Timeout = time.Minute
 		}
+	}
+	c.Flags = map[string]string{}
+	fs.VisitAll(func(f *flag.Flag) { c.Flags[f.Name] = f.Value.String() })
+	// Smoke mode's sizes, as used.
+	c.Flags["n"], c.Flags["txn-sizes"] = strconv.Itoa(c.N), txn
+	c.Flags["latency-duration"], c.Flags["bigtxn-rows"] = c.LatencyDur.String(), strconv.Itoa(c.BigTxnRows)
+	c.Flags["timeout"] = c.Timeout.String()
+	if u, err := url.Parse(c.DatabaseURL); err == nil && c.DatabaseURL != "" {
+		c.Flags["database-url"] = u.Redacted()
 	}
 	var err error
 	if c.TxnSizes, err = ints(txn); err != nil {

@@ -34,13 +34,14 @@ type row struct {
 
 // results is the whole run, as written by -json.
 type results struct {
-	Command  string    `json:"command"`
-	Started  time.Time `json:"started"`
-	TookS    float64   `json:"took_s"`
-	Machine  machine   `json:"machine"`
-	Config   config    `json:"config"`
-	Rows     []row     `json:"rows"`
-	Failures []string  `json:"failures,omitempty"`
+	Command  string            `json:"command"`
+	Started  time.Time         `json:"started"`
+	TookS    float64           `json:"took_s"`
+	Machine  machine           `json:"machine"`
+	Config   config            `json:"-"`
+	Flags    map[string]string `json:"flags"`
+	Rows     []row             `json:"rows"`
+	Failures []string          `json:"failures,omitempty"`
 }
 
 type machine struct {
@@ -83,6 +84,7 @@ func (b *bench) results() results {
 		TookS:    time.Since(b.started).Seconds(),
 		Machine:  describeMachine(b),
 		Config:   b.cfg,
+		Flags:    b.cfg.Flags,
 		Rows:     rows,
 		Failures: b.failures,
 	}

@@ -176,7 +176,7 @@ type Webhook struct {
 	rawURL    string
 	redacted  string
 	userAgent string
-	keys      [][]byte
+	signer    *signer           // nil: unsigned
 	scrub     *strings.Replacer // secrets a receiver might echo back
 	log       zerolog.Logger
 	transport *http.Transport
@@ -203,7 +203,7 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 		rawURL:    cfg.URL,
 		redacted:  redactURL(u),
 		userAgent: cfg.UserAgent,
-		keys:      keys,
+		signer:    newSigner(keys),
 		scrub:     newScrubber(cfg.Secrets, u),
 	}
 	w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
@@ -360,8 +360,8 @@ func batchBody(events []*decode.Event) []byte {
 func (w *Webhook) sign(h http.Header, c *call) {
 	ts := time.Now().Unix()
 	h.Set("Webhook-Timestamp", strconv.FormatInt(ts, 10))
-	if len(w.keys) > 0 {
-		c.signature = signWith(w.keys, c.id, ts, c.body)
+	if w.signer != nil {
+		c.signature = w.signer.sign(c.id, ts, c.body)
 		h.Set("Webhook-Signature", c.signature)
 	}
 	c.started = time.Now()
