@@ -97,6 +97,9 @@ type Metrics struct {
 	pollErrors    *prometheus.CounterVec
 
 	streaming atomic.Bool
+	// changed is signalled when this instance starts or stops streaming,
+	// so the monitor reads the slot again at once (a first start creates it).
+	changed chan struct{}
 	// exactAttempts is set when attempts are reported one by one (Attempt),
 	// so that Delivered does not count them again from the outcome.
 	exactAttempts atomic.Bool
@@ -113,7 +116,7 @@ type Options struct {
 func New(opts Options) *Metrics {
 	reg := prometheus.NewRegistry()
 	f := factory{reg}
-	m := &Metrics{reg: reg}
+	m := &Metrics{reg: reg, changed: make(chan struct{}, 1)}
 	m.received = f.counter("events_received_total", "Outbox events received from the replication stream or the catch-up.")
 	m.delivered = f.counterVec("events_delivered_total", "Events a sink acknowledged (a 2xx for webhooks).", "sink")
 	m.failed = f.counterVec("events_failed_total",
@@ -239,6 +242,10 @@ func (m *Metrics) Streaming(active bool) {
 		return
 	}
 	m.streaming.Store(active)
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
 	if active {
 		m.leader.Set(1)
 	} else {

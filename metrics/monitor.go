@@ -170,6 +170,10 @@ func (mon *Monitor) Run(ctx context.Context) error {
 		defer t.Stop()
 		backlogC = t.C
 	}
+	var changed <-chan struct{}
+	if mon.m != nil {
+		changed = mon.m.changed
+	}
 	mon.pollSlot(ctx)
 	if backlogC != nil {
 		mon.pollBacklog(ctx)
@@ -178,6 +182,11 @@ func (mon *Monitor) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-changed:
+			// Streaming started or stopped: the slot may have just been
+			// created or released; do not report a stale state for a poll
+			// interval.
+			mon.pollSlot(ctx)
 		case <-slotTick.C:
 			mon.pollSlot(ctx)
 		case <-backlogC:

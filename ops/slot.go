@@ -193,8 +193,7 @@ func (c *Client) released(ctx context.Context, opts SlotOptions, res *SlotResult
 				return refused("slot %q was taken by another process meanwhile: stop the outboxd instances using it, or add --force", c.t.Slot)
 			}
 		} else if !opts.Force {
-			return refused("slot %q is active in process %d (an outboxd instance is streaming from it): stop it first, or add --force to terminate that backend",
-				c.t.Slot, pidOf(s))
+			return c.activeRefusal(s)
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("slot %q is still taken after %s of terminating its holder: stop the outboxd instances using it", c.t.Slot, opts.Wait)
@@ -211,6 +210,12 @@ func (c *Client) released(ctx context.Context, opts SlotOptions, res *SlotResult
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// activeRefusal is the error for acting on a slot another process streams
+// from without --force.
+func (c *Client) activeRefusal(s *slotRow) error {
+	return refused("slot %q is active in process %d (an outboxd instance is streaming from it): stop it first, or add --force to terminate that backend", c.t.Slot, pidOf(s))
 }
 
 func pidOf(s *slotRow) int32 {
@@ -409,7 +414,7 @@ func (c *Client) DropSlot(ctx context.Context, opts SlotOptions) (*SlotResult, e
 	if opts.DryRun {
 		if s != nil && s.active {
 			if !opts.Force {
-				return nil, refused("slot %q is active in process %d (an outboxd instance is streaming from it): stop it first, or add --force to terminate that backend", c.t.Slot, pidOf(s))
+				return nil, c.activeRefusal(s)
 			}
 			res.step("terminate process %d, which holds the slot", pidOf(s))
 		}
@@ -499,7 +504,7 @@ func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, 
 	if opts.DryRun {
 		if s != nil && s.active {
 			if !opts.Force {
-				return nil, refused("slot %q is active in process %d (an outboxd instance is streaming from it): stop it first, or add --force to terminate that backend", c.t.Slot, pidOf(s))
+				return nil, c.activeRefusal(s)
 			}
 			res.step("terminate process %d, which holds the slot", pidOf(s))
 			if hadCP {
@@ -610,7 +615,7 @@ func (c *Client) AdvanceSlot(ctx context.Context, to LSN, opts SlotOptions) (*Sl
 	if opts.DryRun {
 		if s.active {
 			if !opts.Force {
-				return nil, refused("slot %q is active in process %d (an outboxd instance is streaming from it): stop it first, or add --force to terminate that backend", c.t.Slot, pidOf(s))
+				return nil, c.activeRefusal(s)
 			}
 			res.step("terminate process %d, which holds the slot", pidOf(s))
 		}

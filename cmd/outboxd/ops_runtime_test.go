@@ -725,3 +725,21 @@ func TestOpsConfigErrorsNameTheVariable(t *testing.T) {
 		})
 	}
 }
+
+// On a first start the slot is created after the monitor's first poll:
+// /health/replication must not keep reporting it missing until the next poll
+// (FINDING-7 of the fault suite).
+func TestReplicationHealthyRightAfterFirstStart(t *testing.T) {
+	t.Parallel()
+	b := newBundle(t, pgtest.Shared(t), map[string]string{"OUTBOXD_SLOT_POLL_INTERVAL": "1h"})
+	w := startWatched(t, b.env)
+	e2e.WaitFor(t, 30*time.Second, func() bool { return strings.Contains(w.Log(), `"streaming"`) }, func() string { return "not streaming" })
+	e2e.WaitFor(t, 10*time.Second, func() bool {
+		code, _, err := w.get("/health/replication")
+		return err == nil && code == http.StatusOK
+	}, func() string {
+		_, body, err := w.get("/health/replication")
+		return fmt.Sprintf("still unhealthy with a 1h poll interval: %s %v", body, err)
+	})
+	require.Equal(t, 0, w.Stop(30*time.Second))
+}
