@@ -62,8 +62,6 @@ type Config struct {
 	// CatchupFetch is the number of rows fetched per round trip during
 	// catch-up; default 1000.
 	CatchupFetch int
-	// ExcludeDeadLetters names the sinks whose dead letters catch-up skips.
-	ExcludeDeadLetters bool
 	// HeartbeatInterval, when positive, emits a logical decoding message
 	// (pg_logical_emit_message, not transactional, prefix outboxd_heartbeat)
 	// on a regular connection whenever the stream has carried no data for

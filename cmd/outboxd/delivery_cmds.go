@@ -374,13 +374,7 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 	list := &cobra.Command{
 		Use: "list", Short: "List dead letters", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			s, err := openSession(ctx, envMap, stderr)
-			if err != nil {
-				return err
-			}
-			defer s.close(ctx)
-			out, err := lf.find(cmd, s)
+			out, err := findDead(cmd, envMap, stderr, &lf, nil)
 			if err != nil {
 				return err
 			}
@@ -421,6 +415,23 @@ ON CONFLICT (target, event_id) DO UPDATE SET next_attempt_at = now(), rounds = 0
 	return cmd
 }
 
+// findDead opens a session, finds the dead letters f selects and, when then
+// is set, calls it with them before the session closes.
+func findDead(cmd *cobra.Command, envMap map[string]string, stderr io.Writer, f *dlqFilter,
+	then func(ctx context.Context, s *dbSession, out []deadLetter) error) ([]deadLetter, error) {
+	ctx := cmd.Context()
+	s, err := openSession(ctx, envMap, stderr)
+	if err != nil {
+		return nil, err
+	}
+	defer s.close(ctx)
+	out, err := f.find(cmd, s)
+	if err != nil || then == nil {
+		return out, err
+	}
+	return out, then(ctx, s, out)
+}
+
 // dlqAction builds `dlq retry` and `dlq purge`: find the dead letters the
 // filters select, then act on them (or only count them with --dry-run).
 func dlqAction(envMap map[string]string, stdout, stderr io.Writer, verb, short string, needsYes bool,
@@ -433,30 +444,23 @@ func dlqAction(envMap map[string]string, stdout, stderr io.Writer, verb, short s
 			if needsYes && !yes && !dry {
 				return usageError{fmt.Errorf("%s needs --yes (or --dry-run)", verb)}
 			}
-			ctx := cmd.Context()
-			s, err := openSession(ctx, envMap, stderr)
-			if err != nil {
-				return err
-			}
-			defer s.close(ctx)
-			out, err := f.find(cmd, s)
-			if err != nil {
-				return err
-			}
-			if dry {
-				fmt.Fprintf(stdout, "would %s %d dead letter(s)\n", verb, len(out))
+			_, err := findDead(cmd, envMap, stderr, &f, func(ctx context.Context, s *dbSession, out []deadLetter) error {
+				if dry {
+					fmt.Fprintf(stdout, "would %s %d dead letter(s)\n", verb, len(out))
+					return nil
+				}
+				ids := make([]int64, len(out))
+				for i, d := range out {
+					ids[i] = d.ID
+				}
+				n, err := act(ctx, s, ids)
+				if err != nil {
+					return fmt.Errorf("%s dead letters: %w", verb, err)
+				}
+				fmt.Fprintf(stdout, done, n)
 				return nil
-			}
-			ids := make([]int64, len(out))
-			for i, d := range out {
-				ids[i] = d.ID
-			}
-			n, err := act(ctx, s, ids)
-			if err != nil {
-				return fmt.Errorf("%s dead letters: %w", verb, err)
-			}
-			fmt.Fprintf(stdout, done, n)
-			return nil
+			})
+			return err
 		},
 	}
 	f.flags(cmd)
