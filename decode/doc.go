@@ -17,7 +17,7 @@
 //     Relation.Validate error of an outbox relation message (returned with a
 //     KindRelation Message); the Decoder stays usable after any of them.
 //   - Every Event.Body is valid JSON (checked by FuzzDecode against
-//     encoding/json), valid UTF-8, and has the keys of DESIGN.md §4 in order:
+//     encoding/json), valid UTF-8, and has the keys of docs/DESIGN.md §4 in order:
 //     id, event_name, occurred_at, organization_id, user_id, entity_type,
 //     entity_id, correlation_id, source, schema_version, properties. A missing
 //     column or a NULL is null; other columns are not in the body.

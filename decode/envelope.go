@@ -157,7 +157,7 @@ type parsed struct {
 	propsValid   bool
 }
 
-// appendBody appends the envelope object of DESIGN.md §4 for one row.
+// appendBody appends the envelope object of docs/DESIGN.md §4 for one row.
 func appendBody(dst []byte, p *plan, vals [][]byte, pre *parsed) []byte {
 	if dst == nil {
 		n := prefixesLen + 32

@@ -8,7 +8,7 @@ import (
 
 // Event is one row inserted into the outbox table, decoded and ready to deliver.
 //
-// Body is the JSON envelope of DESIGN.md §4, built once by the decoder so that
+// Body is the JSON envelope of docs/DESIGN.md §4, built once by the decoder so that
 // sinks never re-encode it. An Event never aliases the buffer it was decoded
 // from: pglogrepl's XLogData.WALData is only valid until the next receive.
 type Event struct {

@@ -84,7 +84,7 @@ func logicalMsg(transactional bool, lsn uint64, prefix string, content []byte) [
 	return msg('M').u8(flags).u64(lsn).str(prefix).u32(uint32(len(content))).raw(content).b
 }
 
-// outboxCols are the columns of DESIGN.md §2, in order.
+// outboxCols are the columns of docs/DESIGN.md §2, in order.
 var outboxCols = []col{
 	{"id", pgtype.Int8OID},
 	{"event_name", pgtype.TextOID},
@@ -102,7 +102,7 @@ var outboxCols = []col{
 	{"delivery_attempts", pgtype.Int4OID},
 }
 
-// exampleRow is the DESIGN.md §4 example as pgoutput sends it.
+// exampleRow is the docs/DESIGN.md §4 example as pgoutput sends it.
 func exampleRow() []val {
 	return []val{
 		txt("42"), txt("batch_started"), txt("2026-11-26 10:00:00.123456+00"), txt("7"), txt("3"),

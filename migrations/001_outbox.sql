@@ -1,4 +1,4 @@
--- Version 1: the outbox table (DESIGN.md §2), outboxd's own tables and the
+-- Version 1: the outbox table (docs/DESIGN.md §2), outboxd's own tables and the
 -- outboxd_emit helper. A tern template: .schema and .table are identifiers
 -- already quoted by the Go side. Every statement is idempotent, so that a
 -- database whose table an ORM created migrates cleanly.

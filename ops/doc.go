@@ -3,7 +3,7 @@
 // and prints; everything that touches the database lives here, so it is tested
 // against a real Postgres without the CLI.
 //
-// The outbox table, not the slot, is the source of truth (DESIGN.md §1): every
+// The outbox table, not the slot, is the source of truth (docs/DESIGN.md §1): every
 // repair of the slot leaves the database in a state from which the next
 // `outboxd run` delivers every row still unprocessed.
 //

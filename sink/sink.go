@@ -15,7 +15,7 @@
 //     ran out, or ctx ended, in which case errors.Is(Err, ctx.Err()) holds.
 //
 // No webhook secret, signature, URL userinfo or URL query string ever appears in
-// an error or a log line written by this package (DESIGN.md §1 G8).
+// an error or a log line written by this package (docs/DESIGN.md §1 G8).
 package sink
 
 import (

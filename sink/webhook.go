@@ -169,7 +169,7 @@ func redactURL(u *url.URL) string {
 }
 
 // Webhook is a Sink that POSTs events to an HTTP endpoint, signed as Standard
-// Webhooks, with in-memory retries (DESIGN.md §4). It is safe for concurrent
+// Webhooks, with in-memory retries (docs/DESIGN.md §4). It is safe for concurrent
 // use; Deliver calls share one keep-alive connection pool.
 type Webhook struct {
 	name      string
@@ -428,7 +428,7 @@ const (
 	statusGone
 )
 
-// classify sorts an HTTP status per DESIGN.md §4.
+// classify sorts an HTTP status per docs/DESIGN.md §4.
 func classify(code int) statusClass {
 	switch {
 	case code >= 200 && code < 300:

@@ -26,7 +26,7 @@ func main() {
 	os.Exit(exitCode(err, os.Stderr))
 }
 
-// exitCode maps an error to the process exit code (DESIGN.md §4): 0 ok,
+// exitCode maps an error to the process exit code (docs/DESIGN.md §4): 0 ok,
 // 1 runtime failure, 2 bad usage or configuration.
 func exitCode(err error, stderr io.Writer) int {
 	if err == nil {

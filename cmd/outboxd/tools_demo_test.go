@@ -65,23 +65,29 @@ func TestDemoWorldTellsEachBatchStoryInOrder(t *testing.T) {
 // The dev printer shows one line per event, batches included, with the
 // properties compacted and cut when long, and reports rejected requests.
 func TestDevPrinterLines(t *testing.T) {
+	// Every time is fixed relative to the events' occurred_at, so the columns
+	// (and so the line lengths) are the same on any day.
+	occurred := time.Date(2026, 11, 26, 10, 0, 0, 123456000, time.UTC)
+	begin := occurred.Add(-1500 * time.Millisecond)
+	arrived := occurred.Add(7 * time.Millisecond)
 	var out bytes.Buffer
-	p := newDevPrinter(&out, time.Now())
+	p := newDevPrinter(&out, begin)
 	long := strings.Repeat("x", 400)
 	body := `[{"id":1,"event_name":"batch_started","occurred_at":"2026-11-26T10:00:00.123456Z","organization_id":7,
   "entity_type":"batch","entity_id":"B-19","properties":{ "batch_id" : "B-19" }},
- {"id":2,"event_name":"note","occurred_at":"2026-11-26T10:00:00.2Z","organization_id":null,"entity_type":null,"entity_id":null,"properties":{"text":"` + long + `"}}]`
+ {"id":2,"event_name":"note","occurred_at":"2026-11-26T10:00:00.123456Z","organization_id":null,"entity_type":null,"entity_id":null,"properties":{"text":"` + long + `"}}]`
 	valid := true
-	require.NoError(t, p.record(&hookRequest{At: time.Now(), Valid: &valid, Status: 200, Body: []byte(body)}))
+	require.NoError(t, p.record(&hookRequest{At: arrived, Valid: &valid, Status: 200, Body: []byte(body)}))
 	invalid := false
-	require.NoError(t, p.record(&hookRequest{At: time.Now(), Valid: &invalid, Status: 401, Problem: "no v1 signature matches"}))
+	require.NoError(t, p.record(&hookRequest{At: arrived, Valid: &invalid, Status: 401, Problem: "no v1 signature matches"}))
 
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
 	require.Len(t, lines, 4, out.String()) // two events, the first-event note, the rejection
-	require.Regexp(t, `^\d\d:\d\d:\d\d\.\d{3}  #1 +batch_started +org 7 +batch/B-19 +\{"batch_id":"B-19"\}  \+`, lines[0])
-	require.Regexp(t, `^\d\d:\d\d:\d\d\.\d{3}  #2 +note +org - +- +\{"text":"x+…  \+`, lines[1])
-	require.Less(t, len(lines[1]), 330, "long properties are cut")
-	require.Contains(t, lines[2], "first event")
+	require.Regexp(t, `^\d\d:\d\d:\d\d\.\d{3}  #1 +batch_started +org 7 +batch/B-19 +\{"batch_id":"B-19"\}  \+7ms$`, lines[0])
+	require.Regexp(t, `^\d\d:\d\d:\d\d\.\d{3}  #2 +note +org - +- +\{"text":"x+…  \+7ms$`, lines[1])
+	shown := lines[1][strings.Index(lines[1], `{"text"`):strings.LastIndex(lines[1], "  +")]
+	require.Equal(t, devMaxPropsShown+len("…"), len(shown), "long properties are cut at %d bytes", devMaxPropsShown)
+	require.Equal(t, "(first event 1.507s after start)", strings.TrimSpace(lines[2]))
 	require.Contains(t, lines[3], "rejected a request (answered 401): no v1 signature matches")
 	events, bad := p.counts()
 	require.Equal(t, 2, events)

@@ -300,7 +300,7 @@ func newDevPrinter(w io.Writer, begin time.Time) *devPrinter {
 	return &devPrinter{w: w, color: color, begin: begin, first: true}
 }
 
-// devEnvelope is the part of the webhook body (DESIGN.md §4) dev prints.
+// devEnvelope is the part of the webhook body (docs/DESIGN.md §4) dev prints.
 type devEnvelope struct {
 	ID             int64           `json:"id"`
 	EventName      string          `json:"event_name"`
@@ -364,7 +364,7 @@ func (p *devPrinter) record(d *hookRequest) error {
 	}
 	if p.first && len(events) > 0 {
 		p.first = false
-		fmt.Fprintf(&b, "  (first event %s after start)\n", time.Since(p.begin).Round(time.Millisecond))
+		fmt.Fprintf(&b, "  (first event %s after start)\n", d.At.Sub(p.begin).Round(time.Millisecond))
 	}
 	_, err := io.WriteString(p.w, b.String())
 	return err

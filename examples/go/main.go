@@ -3,7 +3,7 @@
 // if and only if the change was committed. outboxd delivers it afterwards.
 //
 // Two ways to write the event, both in the caller's transaction:
-//   - StartBatch: a plain INSERT INTO domain_event (the contract, DESIGN.md §2);
+//   - StartBatch: a plain INSERT INTO domain_event (the contract, docs/DESIGN.md §2);
 //   - AdjustInventory: SELECT outboxd_emit(...), the helper `outboxd migrate`
 //     creates, which returns the new event's id.
 //

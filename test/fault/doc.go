@@ -1,4 +1,4 @@
-// Package fault is outboxd's fault-injection suite (issue 5, DESIGN.md §1): it
+// Package fault is outboxd's fault-injection suite (issue 5, docs/DESIGN.md §1): it
 // runs the real outboxd binary as a child process against a real Postgres,
 // through a TCP proxy that can cut or black-hole connections, delivering to a
 // receiver with scripted behaviours, while a generator records every commit.

@@ -280,7 +280,7 @@ SELECT pg_replication_origin_create('capture_origin');
 
 // workload runs after the slot exists; each entry is one transaction.
 var workload = []string{
-	// 1. The envelope example of DESIGN.md §4.
+	// 1. The envelope example of docs/DESIGN.md §4.
 	`INSERT INTO domain_event (id, event_name, occurred_at, organization_id, user_id, entity_type, entity_id, correlation_id, source, schema_version, properties)
 	 VALUES (42, 'batch_started', '2026-11-26 10:00:00.123456+00', 7, 3, 'batch', 'B-19', 'c1', 'batch_service', 1, '{"a":1}')`,
 	// 2. Every nullable column NULL; a whole second, negative ids elsewhere.
