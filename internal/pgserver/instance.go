@@ -2,7 +2,9 @@
 // binaries: initdb into a temporary directory (as user postgres when running
 // as root), a postmaster on a loopback port with wal_level=logical, stop and
 // restart through pg_ctl. The tests (internal/pgtest), the benchmark and
-// `outboxd dev` use it.
+// `outboxd dev` use it. [FindBinDir] finds the default binaries, [BinDirFor]
+// those of one major (15 to 18 are tested), which scripts/install-postgres.sh
+// installs where the system has no package for them.
 //
 // Invariants: the postmaster is a child of the calling process and is shut
 // down by the kernel if that process dies; only clusters started here are ever
@@ -50,6 +52,8 @@ const (
 // settings override them. Durability is off (fsync, full_page_writes) because
 // the data directory is thrown away, but synchronous_commit stays on so that a
 // commit has its WAL written before the client hears of it, as in production.
+// Each is valid, with the same meaning, on every major from 15 to 18: an
+// unknown one stops the server from starting, so none may be major-specific.
 var defaultSettings = map[string]string{
 	"listen_addresses":          "127.0.0.1",
 	"wal_level":                 "logical",
@@ -76,6 +80,7 @@ host  replication all 127.0.0.1/32 trust
 // child process of the test binary.
 type Instance struct {
 	binDir   string
+	major    int    // of the binaries, from postgres --version
 	baseDir  string // temporary directory: owner file and data directory
 	dataDir  string
 	logPath  string
@@ -138,6 +143,11 @@ func Start(binDir string, settings map[string]string) (_ *Instance, err error) {
 	sweepOnce.Do(SweepStale)
 	in := &Instance{binDir: binDir, settings: maps.Clone(defaultSettings)}
 	maps.Copy(in.settings, settings)
+	// Also proves the binaries and their libraries load before initdb runs
+	// as another user with less telling errors.
+	if in.major, err = ServerMajor(binDir); err != nil {
+		return nil, fmt.Errorf("start server: %w", err)
+	}
 	if in.cred, err = credential(); err != nil {
 		return nil, err
 	}
@@ -217,6 +227,10 @@ func (in *Instance) makeBaseDir() (string, error) {
 func (in *Instance) initdb() error {
 	// C.UTF-8 where the C library has it, plain C otherwise: both are
 	// deterministic, and the encoding is UTF8 either way.
+	//
+	// The flags mean the same from 15 to 18. Data checksums stay at each
+	// major's default (on from 18) so that a cluster is like a fresh one of
+	// that major in production.
 	var out []byte
 	var err error
 	for _, locale := range []string{"C.UTF-8", "C"} {
@@ -599,6 +613,9 @@ func (in *Instance) Port() int { return in.port }
 
 // BinDir is the directory of the server binaries.
 func (in *Instance) BinDir() string { return in.binDir }
+
+// Major is the PostgreSQL major of the server binaries, e.g. 17.
+func (in *Instance) Major() int { return in.major }
 
 // DataDir is the cluster's data directory.
 func (in *Instance) DataDir() string { return in.dataDir }

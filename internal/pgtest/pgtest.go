@@ -1,4 +1,4 @@
-// Package pgtest starts PostgreSQL servers for tests (DESIGN.md §5): a server
+// Package pgtest starts PostgreSQL servers for tests (docs/DESIGN.md §5): a server
 // shared by a package's tests, and dedicated servers for tests that stop,
 // restart or reconfigure Postgres. It is test-only code.
 //
@@ -8,6 +8,13 @@
 //	func TestMain(m *testing.M) { pgtest.Main(m) }
 //
 // Each test then takes its own database with [Server.NewDatabase].
+//
+// Most tests run against the default server binaries. A test that must hold
+// on every supported PostgreSQL major runs its body through [ForEachMajor]
+// (majors chosen with OUTBOXD_TEST_PG_MAJORS, e.g. "15,16,17,18"): inside it,
+// [Shared] and [New] give servers of the subtest's major. [SharedMajor] and
+// [NewMajor] ask for a major by number; scripts/install-postgres.sh installs
+// the binaries.
 //
 // Invariants:
 //   - Only servers started here are ever stopped, always through their own data
@@ -27,6 +34,7 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -40,6 +48,12 @@ import (
 // postgres:// URL whose role may create and drop databases; its database is
 // used as the administrative database.
 const EnvDatabaseURL = "OUTBOXD_TEST_DATABASE_URL"
+
+// EnvMajors names the environment variable that selects the PostgreSQL majors
+// of [Majors]: a comma list such as "15,16,17,18". A selected major whose
+// binaries are missing fails the tests that use it rather than skipping them,
+// so a CI run cannot pass while testing fewer majors than asked for.
+const EnvMajors = "OUTBOXD_TEST_PG_MAJORS"
 
 const (
 	// superuser is the bootstrap role of clusters made by initdb here.
@@ -62,9 +76,21 @@ type Server struct {
 	adminDB string
 	// shared marks the package's shared server, which tests must not stop.
 	shared bool
+	// major is the server's PostgreSQL major, e.g. 17.
+	major int
 
 	// inst is the local cluster; nil for external servers.
 	inst *pgserver.Instance
+}
+
+// sharedSlot is one lazily started shared server. A failed start is kept, so
+// that every test asking for the server fails with the same error and log.
+type sharedSlot struct {
+	mu      sync.Mutex
+	started bool
+	server  *Server
+	err     error
+	startup time.Duration
 }
 
 var (
@@ -72,50 +98,123 @@ var (
 	// would stop.
 	mainActive atomic.Bool
 
-	sharedMu      sync.Mutex
-	sharedServer  *Server
-	sharedErr     error
-	sharedStarted bool
-	sharedStartup time.Duration
+	// sharedMu guards the slot map and sharedUsed, not the slots: servers of
+	// different majors start in parallel.
+	sharedMu sync.Mutex
+	// externalSlot is the server of OUTBOXD_TEST_DATABASE_URL.
+	externalSlot sharedSlot
+	// majorSlots holds the local shared servers, one per major. Shared's
+	// server is the one of the default binaries' major, so a package that
+	// also asks for that major by number gets the same server.
+	majorSlots = map[int]*sharedSlot{}
+	// sharedUsed is the slot Shared returned, for SharedStartup.
+	sharedUsed *sharedSlot
 )
 
+// binaries are the default server binaries and their major.
+type binaries struct {
+	dir   string
+	major int
+}
+
+// defaultBinaries finds the default server binaries once per test process:
+// they do not change during a run, and each look-up runs postgres --version.
+var defaultBinaries = sync.OnceValues(func() (binaries, error) {
+	dir, err := pgserver.FindBinDir()
+	if err != nil {
+		return binaries{}, err
+	}
+	major, err := pgserver.ServerMajor(dir)
+	if err != nil {
+		return binaries{}, err
+	}
+	return binaries{dir: dir, major: major}, nil
+})
+
+// binDirFor returns the binaries a server of major runs: the default ones
+// when they are of that major (so Shared and SharedMajor agree), else those
+// pgserver.BinDirFor finds.
+func binDirFor(major int) (string, error) {
+	if d, err := defaultBinaries(); err == nil && d.major == major {
+		return d.dir, nil
+	}
+	return pgserver.BinDirFor(major)
+}
+
 // Main is called from a package's TestMain: it runs m, then stops the shared
-// server if one was started, and exits with m's code.
+// servers that were started, and exits with m's code.
 func Main(m *testing.M) {
 	mainActive.Store(true)
 	code := m.Run()
 	sharedMu.Lock()
-	s := sharedServer
-	sharedMu.Unlock()
-	if s != nil && s.inst != nil {
-		if err := s.inst.Teardown(); err != nil {
-			fmt.Fprintf(os.Stderr, "pgtest: stop shared server: %v\n", err)
+	var servers []*Server
+	for _, slot := range majorSlots {
+		slot.mu.Lock() // no test runs any more: a start in flight has ended
+		if slot.server != nil && slot.server.inst != nil {
+			servers = append(servers, slot.server)
 		}
+		slot.mu.Unlock()
 	}
+	sharedMu.Unlock()
+	// In parallel: each fast stop waits for a checkpoint.
+	var wg sync.WaitGroup
+	for _, s := range servers {
+		wg.Go(func() {
+			if err := s.inst.Teardown(); err != nil {
+				fmt.Fprintf(os.Stderr, "pgtest: stop shared PostgreSQL %d server: %v\n", s.major, err)
+			}
+		})
+	}
+	wg.Wait()
 	os.Exit(code)
 }
 
 // Shared returns the package's shared server, started on first use, or the
 // server of OUTBOXD_TEST_DATABASE_URL when that is set. Tests sharing it must
 // not stop it or change its settings: use [New] for that. A failed start fails
-// every test that asks for the server, with the server's log.
+// every test that asks for the server, with the server's log. A local one runs
+// the default binaries and is also [SharedMajor] of their major.
 func Shared(t testing.TB) *Server {
 	t.Helper()
-	sharedMu.Lock()
-	defer sharedMu.Unlock()
-	if !sharedStarted {
-		sharedStarted = true
-		begin := time.Now()
-		sharedServer, sharedErr = startShared()
-		sharedStartup = time.Since(begin)
-		if sharedErr == nil {
-			t.Logf("pgtest: shared server %s:%d ready in %s", sharedServer.Host, sharedServer.Port, sharedStartup.Round(time.Millisecond))
+	if m, ok := majorOf(t); ok {
+		return SharedMajor(t, m)
+	}
+	var slot *sharedSlot
+	var start func() (*Server, error)
+	if raw := os.Getenv(EnvDatabaseURL); raw != "" {
+		slot = &externalSlot
+		start = func() (*Server, error) { return externalServer(raw) }
+	} else {
+		d, err := defaultBinaries()
+		if err != nil {
+			t.Fatalf("pgtest: shared server: %v (or set %s to use an existing server)", err, EnvDatabaseURL)
 		}
+		slot = majorSlot(d.major)
+		start = func() (*Server, error) { return startShared(d.dir) }
 	}
-	if sharedErr != nil {
-		t.Fatalf("pgtest: shared server: %v", sharedErr)
-	}
-	return sharedServer
+	sharedMu.Lock()
+	sharedUsed = slot
+	sharedMu.Unlock()
+	return slot.get(t, "shared server", start)
+}
+
+// SharedMajor returns the package's shared server of one PostgreSQL major,
+// started on first use from the binaries of that major; it is the server
+// Shared returns when the default binaries are of that major. It is always a
+// local server, also when OUTBOXD_TEST_DATABASE_URL is set, whose server has
+// the one major it has. Missing binaries fail the test, naming the script that
+// installs them. The rules of Shared apply: do not stop it or change its
+// settings, and call [Main] from TestMain.
+func SharedMajor(t testing.TB, major int) *Server {
+	t.Helper()
+	what := fmt.Sprintf("shared PostgreSQL %d server", major)
+	return majorSlot(major).get(t, what, func() (*Server, error) {
+		bin, err := binDirFor(major)
+		if err != nil {
+			return nil, err
+		}
+		return startShared(bin)
+	})
 }
 
 // SharedStartup reports how long Shared took to provide the shared server
@@ -123,20 +222,51 @@ func Shared(t testing.TB) *Server {
 // connection), zero before the first call. It is for logs, not assertions.
 func SharedStartup() time.Duration {
 	sharedMu.Lock()
-	defer sharedMu.Unlock()
-	return sharedStartup
+	slot := sharedUsed
+	sharedMu.Unlock()
+	if slot == nil {
+		return 0
+	}
+	slot.mu.Lock()
+	defer slot.mu.Unlock()
+	return slot.startup
 }
 
-func startShared() (*Server, error) {
-	if raw := os.Getenv(EnvDatabaseURL); raw != "" {
-		return externalServer(raw)
+func majorSlot(major int) *sharedSlot {
+	sharedMu.Lock()
+	defer sharedMu.Unlock()
+	slot := majorSlots[major]
+	if slot == nil {
+		slot = &sharedSlot{}
+		majorSlots[major] = slot
 	}
+	return slot
+}
+
+// get returns the slot's server, starting it with start on first use.
+func (slot *sharedSlot) get(t testing.TB, what string, start func() (*Server, error)) *Server {
+	t.Helper()
+	slot.mu.Lock()
+	defer slot.mu.Unlock()
+	if !slot.started {
+		slot.started = true
+		begin := time.Now()
+		slot.server, slot.err = start()
+		slot.startup = time.Since(begin)
+		if slot.err == nil {
+			t.Logf("pgtest: %s %s:%d (PostgreSQL %d) ready in %s", what, slot.server.Host, slot.server.Port,
+				slot.server.major, slot.startup.Round(time.Millisecond))
+		}
+	}
+	if slot.err != nil {
+		t.Fatalf("pgtest: %s: %v", what, slot.err)
+	}
+	return slot.server
+}
+
+func startShared(bin string) (*Server, error) {
 	if !mainActive.Load() {
 		return nil, fmt.Errorf("call pgtest.Main(m) from the package's TestMain: it stops the shared server when the tests end")
-	}
-	bin, err := pgserver.FindBinDir()
-	if err != nil {
-		return nil, fmt.Errorf("%w (or set %s to use an existing server)", err, EnvDatabaseURL)
 	}
 	inst, err := pgserver.Start(bin, nil)
 	if err != nil {
@@ -156,13 +286,33 @@ func startShared() (*Server, error) {
 // it skips the test when that is set and no server binaries are installed.
 func New(t testing.TB, settings map[string]string) *Server {
 	t.Helper()
-	bin, err := pgserver.FindBinDir()
+	if m, ok := majorOf(t); ok {
+		return NewMajor(t, m, settings)
+	}
+	d, err := defaultBinaries()
 	if err != nil {
 		if os.Getenv(EnvDatabaseURL) != "" {
 			t.Skipf("pgtest: this test needs a dedicated server, and %v", err)
 		}
 		t.Fatalf("pgtest: %v", err)
 	}
+	return startDedicated(t, d.dir, settings)
+}
+
+// NewMajor is [New] with the server binaries of one PostgreSQL major. Missing
+// binaries fail the test, naming the script that installs them: a test that
+// asks for a major by number must not pass without it.
+func NewMajor(t testing.TB, major int, settings map[string]string) *Server {
+	t.Helper()
+	bin, err := binDirFor(major)
+	if err != nil {
+		t.Fatalf("pgtest: dedicated PostgreSQL %d server: %v", major, err)
+	}
+	return startDedicated(t, bin, settings)
+}
+
+func startDedicated(t testing.TB, bin string, settings map[string]string) *Server {
+	t.Helper()
 	inst, err := pgserver.Start(bin, settings)
 	if err != nil {
 		t.Fatalf("pgtest: start dedicated server: %v", err)
@@ -175,8 +325,73 @@ func New(t testing.TB, settings map[string]string) *Server {
 	return localServer(inst)
 }
 
+// Majors returns the PostgreSQL majors a multi-version test runs against:
+// those of OUTBOXD_TEST_PG_MAJORS, in its order, or else only the major of the
+// default server binaries, so that a plain go test covers one major quickly.
+// A malformed list fails the test. With neither the list nor binaries, it
+// skips the test when OUTBOXD_TEST_DATABASE_URL is set (as New does) and
+// fails it otherwise.
+func Majors(t testing.TB) []int {
+	t.Helper()
+	if raw := os.Getenv(EnvMajors); strings.TrimSpace(raw) != "" {
+		majors, err := pgserver.ParseMajors(raw)
+		if err != nil {
+			t.Fatalf("pgtest: %s: %v", EnvMajors, err)
+		}
+		return majors
+	}
+	d, err := defaultBinaries()
+	if err != nil {
+		if os.Getenv(EnvDatabaseURL) != "" {
+			t.Skipf("pgtest: this test starts servers of its own, and %v; set %s to choose majors", err, EnvMajors)
+		}
+		t.Fatalf("pgtest: %v (set %s to choose majors; scripts/install-postgres.sh installs them)", err, EnvMajors)
+	}
+	return []int{d.major}
+}
+
+var (
+	matrixMu sync.Mutex
+	// matrix maps the name of each ForEachMajor subtest to its major.
+	matrix = map[string]int{}
+)
+
+// ForEachMajor runs f as one subtest per major of [Majors], named "pg15",
+// "pg16", …. Within f (and the subtests it starts), [Shared] and [New] give
+// servers of that major, so a test written for one server runs on every
+// selected major unchanged. With OUTBOXD_TEST_PG_MAJORS unset it is one
+// subtest on the default binaries.
+func ForEachMajor(t *testing.T, f func(t *testing.T)) {
+	t.Helper()
+	for _, m := range Majors(t) {
+		t.Run(fmt.Sprintf("pg%d", m), func(t *testing.T) {
+			matrixMu.Lock()
+			matrix[t.Name()] = m
+			matrixMu.Unlock()
+			f(t)
+		})
+	}
+}
+
+// majorOf returns the major of the ForEachMajor subtest t runs in, if any.
+func majorOf(t testing.TB) (int, bool) {
+	matrixMu.Lock()
+	defer matrixMu.Unlock()
+	for name := t.Name(); name != ""; {
+		if m, ok := matrix[name]; ok {
+			return m, true
+		}
+		i := strings.LastIndexByte(name, '/')
+		if i < 0 {
+			break
+		}
+		name = name[:i]
+	}
+	return 0, false
+}
+
 func localServer(inst *pgserver.Instance) *Server {
-	return &Server{Host: "127.0.0.1", Port: inst.Port(), adminDB: "postgres", inst: inst}
+	return &Server{Host: "127.0.0.1", Port: inst.Port(), adminDB: "postgres", inst: inst, major: inst.Major()}
 }
 
 func externalServer(raw string) (*Server, error) {
@@ -203,7 +418,14 @@ func externalServer(raw string) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", EnvDatabaseURL, err)
 	}
-	return s, conn.Close(ctx)
+	var version int
+	err = conn.QueryRow(ctx, "SELECT current_setting('server_version_num')::int").Scan(&version)
+	closeErr := conn.Close(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("read server version of %s: %w", EnvDatabaseURL, err)
+	}
+	s.major = version / 10000
+	return s, closeErr
 }
 
 func trimSlash(p string) string {
@@ -224,12 +446,16 @@ func (s *Server) BinDir() string {
 	if s.inst != nil {
 		return s.inst.BinDir()
 	}
-	bin, err := pgserver.FindBinDir()
+	d, err := defaultBinaries()
 	if err != nil {
 		return ""
 	}
-	return bin
+	return d.dir
 }
+
+// Major returns the server's PostgreSQL major, e.g. 17: that of its binaries
+// for servers started here, from server_version_num for an external server.
+func (s *Server) Major() int { return s.major }
 
 // URL returns the URL of database db on the server:
 // postgres://postgres@127.0.0.1:PORT/DB?sslmode=disable for servers started

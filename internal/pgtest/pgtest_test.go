@@ -4,7 +4,9 @@ import (
 	"github.com/outboxd/outboxd/internal/pgserver"
 
 	"context"
+	"fmt"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -190,6 +192,61 @@ func TestDedicatedRestartImmediate(t *testing.T) {
 	s.Exec(t, "postgres", "SELECT 1")
 }
 
+// TestMajors runs against the shared server of each selected major
+// (OUTBOXD_TEST_PG_MAJORS): it is that major, and a pgoutput slot can be made
+// and dropped on it. A selected major without binaries fails the test.
+func TestMajors(t *testing.T) {
+	t.Parallel()
+	for _, major := range Majors(t) {
+		t.Run(fmt.Sprintf("pg%d", major), func(t *testing.T) {
+			t.Parallel()
+			s := SharedMajor(t, major)
+			require.Same(t, s, SharedMajor(t, major), "one shared server per major")
+			require.Equal(t, major, s.Major())
+			require.True(t, s.Dedicated())
+			if d, err := defaultBinaries(); err == nil && d.major == major && os.Getenv(EnvDatabaseURL) == "" {
+				require.Same(t, Shared(t), s, "Shared is the shared server of the default major")
+			}
+
+			ctx := context.Background()
+			dbURL := s.NewDatabase(t)
+			cfg, err := pgx.ParseConfig(dbURL)
+			require.NoError(t, err)
+			conn, err := pgx.Connect(ctx, dbURL)
+			require.NoError(t, err)
+			defer conn.Close(ctx)
+
+			var versionNum int
+			require.NoError(t, conn.QueryRow(ctx, "SELECT current_setting('server_version_num')::int").Scan(&versionNum))
+			require.Equal(t, major, versionNum/10000, "server_version_num %d", versionNum)
+
+			// The database name is unique on the server, and so is a slot
+			// named after it.
+			slot := cfg.Database
+			_, err = conn.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot)
+			require.NoError(t, err)
+			var plugin string
+			require.NoError(t, conn.QueryRow(ctx, "SELECT plugin FROM pg_replication_slots WHERE slot_name = $1", slot).Scan(&plugin))
+			require.Equal(t, "pgoutput", plugin)
+			_, err = conn.Exec(ctx, "SELECT pg_drop_replication_slot($1)", slot)
+			require.NoError(t, err)
+		})
+	}
+}
+
+// TestNewMajor starts a dedicated server of the last selected major with a
+// setting of its own.
+func TestNewMajor(t *testing.T) {
+	t.Parallel()
+	majors := Majors(t)
+	major := majors[len(majors)-1]
+	s := NewMajor(t, major, map[string]string{"wal_sender_timeout": "7s"})
+	require.Equal(t, major, s.Major())
+	var timeout string
+	require.NoError(t, s.AdminConn(t).QueryRow(context.Background(), "SHOW wal_sender_timeout").Scan(&timeout))
+	require.Equal(t, "7s", timeout)
+}
+
 // startReplication sends START_REPLICATION and waits for CopyBothResponse.
 func startReplication(t *testing.T, conn *pgconn.PgConn, sql string) {
 	t.Helper()
@@ -228,4 +285,23 @@ func waitFor(t *testing.T, timeout time.Duration, cond func() bool) {
 		}
 		<-tick.C
 	}
+}
+
+// Inside ForEachMajor, Shared gives a server of the subtest's major, also in
+// the subtests it starts.
+func TestForEachMajorSelectsTheServer(t *testing.T) {
+	if os.Getenv(EnvDatabaseURL) != "" {
+		t.Skip("an external server has one major of its own")
+	}
+	seen := 0
+	ForEachMajor(t, func(t *testing.T) {
+		want, ok := majorOf(t)
+		require.True(t, ok)
+		require.Equal(t, want, Shared(t).Major())
+		t.Run("nested", func(t *testing.T) {
+			require.Equal(t, want, Shared(t).Major())
+		})
+		seen++
+	})
+	require.Equal(t, len(Majors(t)), seen)
 }
