@@ -79,32 +79,34 @@ func commitOrder(ids []int64, orgOf func(i int) int64) map[int64][]int64 {
 // commit order holds within each key and keys overlap in time.
 func TestPerKeyOrderUnderConcurrency(t *testing.T) {
 	t.Parallel()
-	b := newBundle(t, pgtest.Shared(t), map[string]string{"OUTBOXD_WEBHOOK_CONCURRENCY": "16"})
-	var active, maxActive atomic.Int32
-	var mu sync.Mutex
-	rng := rand.New(rand.NewPCG(11, 12))
-	b.recv.Respond = func(*e2e.Delivery) int {
-		n := active.Add(1)
-		for m := maxActive.Load(); n > m && !maxActive.CompareAndSwap(m, n); m = maxActive.Load() {
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := newBundle(t, pgtest.Shared(t), map[string]string{"OUTBOXD_WEBHOOK_CONCURRENCY": "16"})
+		var active, maxActive atomic.Int32
+		var mu sync.Mutex
+		rng := rand.New(rand.NewPCG(11, 12))
+		b.recv.Respond = func(*e2e.Delivery) int {
+			n := active.Add(1)
+			for m := maxActive.Load(); n > m && !maxActive.CompareAndSwap(m, n); m = maxActive.Load() {
+			}
+			mu.Lock()
+			d := time.Duration(rng.IntN(3000)) * time.Microsecond
+			mu.Unlock()
+			time.Sleep(d) // the receiver's latency, not a synchronisation
+			active.Add(-1)
+			return http.StatusOK
 		}
-		mu.Lock()
-		d := time.Duration(rng.IntN(3000)) * time.Microsecond
-		mu.Unlock()
-		time.Sleep(d) // the receiver's latency, not a synchronisation
-		active.Add(-1)
-		return http.StatusOK
-	}
-	d := e2e.StartDaemon(t, b.env)
-	orgOf := func(i int) int64 { return int64(i*7%20) + 1 }
-	ids := e2e.Insert(t, b.pool, 100, 20, orgOf)
-	b.recv.WaitAccepted(t, ids, 2*time.Minute)
-	got := firstReceipts(b.recv)
-	for o, want := range commitOrder(ids, orgOf) {
-		require.Equal(t, want, got[o], "organization %d out of commit order", o)
-	}
-	t.Logf("max concurrent requests: %d", maxActive.Load())
-	require.Greater(t, maxActive.Load(), int32(1), "different keys must overlap in time")
-	require.Equal(t, 0, d.Stop(30*time.Second))
+		d := e2e.StartDaemon(t, b.env)
+		orgOf := func(i int) int64 { return int64(i*7%20) + 1 }
+		ids := e2e.Insert(t, b.pool, 100, 20, orgOf)
+		b.recv.WaitAccepted(t, ids, 2*time.Minute)
+		got := firstReceipts(b.recv)
+		for o, want := range commitOrder(ids, orgOf) {
+			require.Equal(t, want, got[o], "organization %d out of commit order", o)
+		}
+		t.Logf("max concurrent requests: %d", maxActive.Load())
+		require.Greater(t, maxActive.Load(), int32(1), "different keys must overlap in time")
+		require.Equal(t, 0, d.Stop(30*time.Second))
+	})
 }
 
 // A receiver down for longer than the in-memory retries: its events are
@@ -113,317 +115,333 @@ func TestPerKeyOrderUnderConcurrency(t *testing.T) {
 // order and its rows become processed.
 func TestReceiverDownEventsParkedThenDelivered(t *testing.T) {
 	t.Parallel()
-	b := newBundle(t, pgtest.Shared(t), map[string]string{
-		"OUTBOXD_WEBHOOK_MAX_ATTEMPTS": "2",
-		"OUTBOXD_RETRY_SCHEDULE":       "500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms",
-	})
-	down := e2e.NewReceiver(t)
-	var up atomic.Bool
-	down.Respond = func(*e2e.Delivery) int {
-		if up.Load() {
-			return http.StatusOK
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := newBundle(t, pgtest.Shared(t), map[string]string{
+			"OUTBOXD_WEBHOOK_MAX_ATTEMPTS": "2",
+			"OUTBOXD_RETRY_SCHEDULE":       "500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms,500ms",
+		})
+		down := e2e.NewReceiver(t)
+		var up atomic.Bool
+		down.Respond = func(*e2e.Delivery) int {
+			if up.Load() {
+				return http.StatusOK
+			}
+			return http.StatusServiceUnavailable
 		}
-		return http.StatusServiceUnavailable
-	}
-	subID := addSubscription(t, b.pool, org(1), down.URL, nil, nil)
-	d := e2e.StartDaemon(t, b.env)
+		subID := addSubscription(t, b.pool, org(1), down.URL, nil, nil)
+		d := e2e.StartDaemon(t, b.env)
 
-	orgOf := func(i int) int64 { return int64(i%2) + 1 } // org 1 goes to the down subscription too
-	ids := e2e.Insert(t, b.pool, 20, 3, orgOf)
-	org1 := commitOrder(ids, orgOf)[1]
-	b.recv.WaitAccepted(t, ids, time.Minute)
+		orgOf := func(i int) int64 { return int64(i%2) + 1 } // org 1 goes to the down subscription too
+		ids := e2e.Insert(t, b.pool, 20, 3, orgOf)
+		org1 := commitOrder(ids, orgOf)[1]
+		b.recv.WaitAccepted(t, ids, time.Minute)
 
-	var parked int
-	e2e.WaitFor(t, time.Minute, func() bool {
-		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_parked WHERE target = $1`,
-			fmt.Sprintf("subscription:%d", subID)).Scan(&parked))
-		return parked == len(org1)
-	}, func() string { return fmt.Sprintf("%d of %d parked", parked, len(org1)) })
+		var parked int
+		e2e.WaitFor(t, time.Minute, func() bool {
+			require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_parked WHERE target = $1`,
+				fmt.Sprintf("subscription:%d", subID)).Scan(&parked))
+			return parked == len(org1)
+		}, func() string { return fmt.Sprintf("%d of %d parked", parked, len(org1)) })
 
-	// Other traffic flows and the slot advances past it.
-	more := e2e.Insert(t, b.pool, 10, 1, func(int) int64 { return 2 })
-	last := b.currentLSN(t)
-	b.recv.WaitAccepted(t, more, time.Minute)
-	e2e.WaitFor(t, 30*time.Second, func() bool { return b.confirmedFlush(t) >= last },
-		func() string { return "slot did not advance while deliveries were parked" })
-	lag := int64(b.currentLSN(t) - b.confirmedFlush(t))
-	t.Logf("slot lag while the receiver was down: %d bytes", lag)
+		// Other traffic flows and the slot advances past it.
+		more := e2e.Insert(t, b.pool, 10, 1, func(int) int64 { return 2 })
+		last := b.currentLSN(t)
+		b.recv.WaitAccepted(t, more, time.Minute)
+		e2e.WaitFor(t, 30*time.Second, func() bool { return b.confirmedFlush(t) >= last },
+			func() string { return "slot did not advance while deliveries were parked" })
+		lag := int64(b.currentLSN(t) - b.confirmedFlush(t))
+		t.Logf("slot lag while the receiver was down: %d bytes", lag)
 
-	// Org 1 rows are not processed: one of their targets has not acknowledged.
-	var processed int
-	require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM domain_event WHERE organization_id = 1 AND is_processed`).Scan(&processed))
-	require.Zero(t, processed)
+		// Org 1 rows are not processed: one of their targets has not acknowledged.
+		var processed int
+		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM domain_event WHERE organization_id = 1 AND is_processed`).Scan(&processed))
+		require.Zero(t, processed)
 
-	d.Kill()
-	d = e2e.StartDaemon(t, b.env)
-	up.Store(true)
-	down.WaitAccepted(t, org1, time.Minute)
-	require.Equal(t, org1, firstReceipts(down)[1], "parked events arrive in commit order")
-	b.waitProcessed(t, int64(len(ids)+len(more)), time.Minute)
-	require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_parked`).Scan(&parked))
-	require.Zero(t, parked)
-	c := down.Count(org1)
-	t.Logf("down receiver: %s", c)
-	require.Zero(t, c.Lost)
-	require.Zero(t, c.Unexpected)
-	require.Equal(t, 0, d.Stop(30*time.Second))
+		d.Kill()
+		d = e2e.StartDaemon(t, b.env)
+		up.Store(true)
+		down.WaitAccepted(t, org1, time.Minute)
+		require.Equal(t, org1, firstReceipts(down)[1], "parked events arrive in commit order")
+		b.waitProcessed(t, int64(len(ids)+len(more)), time.Minute)
+		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_parked`).Scan(&parked))
+		require.Zero(t, parked)
+		c := down.Count(org1)
+		t.Logf("down receiver: %s", c)
+		require.Zero(t, c.Lost)
+		require.Zero(t, c.Unexpected)
+		require.Equal(t, 0, d.Stop(30*time.Second))
+	})
 }
 
 // Subscription changes apply in commit order with the events.
 func TestSubscriptionChangesApplyInCommitOrder(t *testing.T) {
 	t.Parallel()
-	b := newBundle(t, pgtest.Shared(t), nil)
-	sub := e2e.NewReceiver(t)
-	d := e2e.StartDaemon(t, b.env)
-	waitStreaming(t, d)
-	ctx := context.Background()
-	insert := func(tx pgx.Tx, name string) int64 {
-		var id int64
-		require.NoError(t, tx.QueryRow(ctx, `INSERT INTO domain_event (event_name, organization_id) VALUES ($1, 5) RETURNING id`, name).Scan(&id))
-		return id
-	}
-	var before, with, after, disabled int64
-	var subID int64
-	require.NoError(t, pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error { before = insert(tx, "batch_started"); return nil }))
-	require.NoError(t, pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
-		require.NoError(t, tx.QueryRow(ctx, `INSERT INTO outboxd_subscription (organization_id, url, secrets) VALUES (5, $1, $2) RETURNING id`,
-			sub.URL, []string{e2e.Secret}).Scan(&subID))
-		with = insert(tx, "batch_completed")
-		return nil
-	}))
-	require.NoError(t, pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error { after = insert(tx, "timer_started"); return nil }))
-	require.NoError(t, pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
-		_, err := tx.Exec(ctx, `UPDATE outboxd_subscription SET enabled = false WHERE id = $1`, subID)
-		require.NoError(t, err)
-		disabled = insert(tx, "timer_stopped")
-		return nil
-	}))
-	final := e2e.Insert(t, b.pool, 1, 1, func(int) int64 { return 5 })
-	all := []int64{before, with, after, disabled, final[0]}
-	b.recv.WaitAccepted(t, all, time.Minute)
-	b.waitProcessed(t, int64(len(all)), time.Minute)
-	require.Equal(t, []int64{with, after}, sub.Accepted(), "only events committed while the subscription was enabled")
-	require.Equal(t, 0, d.Stop(30*time.Second))
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := newBundle(t, pgtest.Shared(t), nil)
+		sub := e2e.NewReceiver(t)
+		d := e2e.StartDaemon(t, b.env)
+		waitStreaming(t, d)
+		ctx := context.Background()
+		insert := func(tx pgx.Tx, name string) int64 {
+			var id int64
+			require.NoError(t, tx.QueryRow(ctx, `INSERT INTO domain_event (event_name, organization_id) VALUES ($1, 5) RETURNING id`, name).Scan(&id))
+			return id
+		}
+		var before, with, after, disabled int64
+		var subID int64
+		require.NoError(t, pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error { before = insert(tx, "batch_started"); return nil }))
+		require.NoError(t, pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
+			require.NoError(t, tx.QueryRow(ctx, `INSERT INTO outboxd_subscription (organization_id, url, secrets) VALUES (5, $1, $2) RETURNING id`,
+				sub.URL, []string{e2e.Secret}).Scan(&subID))
+			with = insert(tx, "batch_completed")
+			return nil
+		}))
+		require.NoError(t, pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error { after = insert(tx, "timer_started"); return nil }))
+		require.NoError(t, pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
+			_, err := tx.Exec(ctx, `UPDATE outboxd_subscription SET enabled = false WHERE id = $1`, subID)
+			require.NoError(t, err)
+			disabled = insert(tx, "timer_stopped")
+			return nil
+		}))
+		final := e2e.Insert(t, b.pool, 1, 1, func(int) int64 { return 5 })
+		all := []int64{before, with, after, disabled, final[0]}
+		b.recv.WaitAccepted(t, all, time.Minute)
+		b.waitProcessed(t, int64(len(all)), time.Minute)
+		require.Equal(t, []int64{with, after}, sub.Accepted(), "only events committed while the subscription was enabled")
+		require.Equal(t, 0, d.Stop(30*time.Second))
+	})
 }
 
 // Tenant isolation: many organizations with their own endpoints and random
 // interleavings; no endpoint ever receives another tenant's event.
 func TestTenantIsolation(t *testing.T) {
 	t.Parallel()
-	b := newBundle(t, pgtest.Shared(t), nil)
-	ep := e2e.NewReceiver(t)
-	platform := e2e.NewReceiver(t)
-	const orgs = 8
-	for o := int64(1); o <= orgs/2; o++ {
-		addSubscription(t, b.pool, org(o), ep.URL+"/org/"+strconv.FormatInt(o, 10), nil, nil)
-	}
-	addSubscription(t, b.pool, nil, platform.URL, nil, []string{"batch_*"})
-	d := e2e.StartDaemon(t, b.env)
-	waitStreaming(t, d)
-
-	ctx := context.Background()
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var ids []int64
-	for w := range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(w), 99))
-			got, err := e2e.InsertErr(ctx, b.pool, 50, 4, func(int) int64 { return int64(rng.IntN(orgs)) + 1 })
-			mu.Lock()
-			ids = append(ids, got...)
-			mu.Unlock()
-			require.NoError(t, err)
-		}()
-	}
-	// Half the organizations subscribe while events flow.
-	for o := int64(orgs/2 + 1); o <= orgs; o++ {
-		addSubscription(t, b.pool, org(o), ep.URL+"/org/"+strconv.FormatInt(o, 10), nil, nil)
-	}
-	wg.Wait()
-	b.recv.WaitAccepted(t, ids, time.Minute)
-	b.waitProcessed(t, int64(len(ids)), time.Minute)
-	platform.WaitAccepted(t, ids, time.Minute) // every event here is a batch_started
-
-	perOrg := map[int64]int{}
-	for _, dl := range ep.Deliveries() {
-		want, err := strconv.ParseInt(strings.TrimPrefix(dl.Path, "/org/"), 10, 64)
-		require.NoError(t, err)
-		for _, o := range dl.Orgs {
-			require.Equal(t, want, o, "endpoint of organization %d received an event of organization %d", want, o)
-			perOrg[o]++
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := newBundle(t, pgtest.Shared(t), nil)
+		ep := e2e.NewReceiver(t)
+		platform := e2e.NewReceiver(t)
+		const orgs = 8
+		for o := int64(1); o <= orgs/2; o++ {
+			addSubscription(t, b.pool, org(o), ep.URL+"/org/"+strconv.FormatInt(o, 10), nil, nil)
 		}
-	}
-	t.Logf("per-organization deliveries: %v (platform: %d)", perOrg, len(platform.Accepted()))
-	for o := int64(1); o <= orgs/2; o++ {
-		require.NotZero(t, perOrg[o], "organization %d subscribed from the start", o)
-	}
-	require.Equal(t, 0, d.Stop(30*time.Second))
+		addSubscription(t, b.pool, nil, platform.URL, nil, []string{"batch_*"})
+		d := e2e.StartDaemon(t, b.env)
+		waitStreaming(t, d)
+
+		ctx := context.Background()
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		var ids []int64
+		for w := range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				rng := rand.New(rand.NewPCG(uint64(w), 99))
+				got, err := e2e.InsertErr(ctx, b.pool, 50, 4, func(int) int64 { return int64(rng.IntN(orgs)) + 1 })
+				mu.Lock()
+				ids = append(ids, got...)
+				mu.Unlock()
+				require.NoError(t, err)
+			}()
+		}
+		// Half the organizations subscribe while events flow.
+		for o := int64(orgs/2 + 1); o <= orgs; o++ {
+			addSubscription(t, b.pool, org(o), ep.URL+"/org/"+strconv.FormatInt(o, 10), nil, nil)
+		}
+		wg.Wait()
+		b.recv.WaitAccepted(t, ids, time.Minute)
+		b.waitProcessed(t, int64(len(ids)), time.Minute)
+		platform.WaitAccepted(t, ids, time.Minute) // every event here is a batch_started
+
+		perOrg := map[int64]int{}
+		for _, dl := range ep.Deliveries() {
+			want, err := strconv.ParseInt(strings.TrimPrefix(dl.Path, "/org/"), 10, 64)
+			require.NoError(t, err)
+			for _, o := range dl.Orgs {
+				require.Equal(t, want, o, "endpoint of organization %d received an event of organization %d", want, o)
+				perOrg[o]++
+			}
+		}
+		t.Logf("per-organization deliveries: %v (platform: %d)", perOrg, len(platform.Accepted()))
+		for o := int64(1); o <= orgs/2; o++ {
+			require.NotZero(t, perOrg[o], "organization %d subscribed from the start", o)
+		}
+		require.Equal(t, 0, d.Stop(30*time.Second))
+	})
 }
 
 // Batching: arrays of envelopes, a stable batch webhook-id, per-key order.
 func TestBatchedDelivery(t *testing.T) {
 	t.Parallel()
-	b := newBundle(t, pgtest.Shared(t), map[string]string{
-		"OUTBOXD_WEBHOOK_BATCH_SIZE": "50", "OUTBOXD_WEBHOOK_BATCH_WAIT": "20ms", "OUTBOXD_WEBHOOK_CONCURRENCY": "4",
-	})
-	d := e2e.StartDaemon(t, b.env)
-	orgOf := func(i int) int64 { return int64(i % 5) }
-	ids := e2e.Insert(t, b.pool, 20, 50, orgOf)
-	b.recv.WaitAccepted(t, ids, time.Minute)
-	b.waitProcessed(t, int64(len(ids)), time.Minute)
-	c := b.recv.Count(ids)
-	require.Zero(t, c.Duplicates)
-	require.Zero(t, c.BadSignatures)
-	batches := 0
-	for _, dl := range b.recv.Deliveries() {
-		if len(dl.IDs) > 1 {
-			batches++
-			require.True(t, strings.HasPrefix(dl.WebhookID, "batch_"), dl.WebhookID)
-			require.True(t, json.Valid(dl.Body))
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := newBundle(t, pgtest.Shared(t), map[string]string{
+			"OUTBOXD_WEBHOOK_BATCH_SIZE": "50", "OUTBOXD_WEBHOOK_BATCH_WAIT": "20ms", "OUTBOXD_WEBHOOK_CONCURRENCY": "4",
+		})
+		d := e2e.StartDaemon(t, b.env)
+		orgOf := func(i int) int64 { return int64(i % 5) }
+		ids := e2e.Insert(t, b.pool, 20, 50, orgOf)
+		b.recv.WaitAccepted(t, ids, time.Minute)
+		b.waitProcessed(t, int64(len(ids)), time.Minute)
+		c := b.recv.Count(ids)
+		require.Zero(t, c.Duplicates)
+		require.Zero(t, c.BadSignatures)
+		batches := 0
+		for _, dl := range b.recv.Deliveries() {
+			if len(dl.IDs) > 1 {
+				batches++
+				require.True(t, strings.HasPrefix(dl.WebhookID, "batch_"), dl.WebhookID)
+				require.True(t, json.Valid(dl.Body))
+			}
 		}
-	}
-	require.NotZero(t, batches)
-	got := firstReceipts(b.recv)
-	for o, want := range commitOrder(ids, orgOf) {
-		require.Equal(t, want, got[o])
-	}
-	t.Logf("%d events in %d requests", len(ids), len(b.recv.Deliveries()))
-	require.Equal(t, 0, d.Stop(30*time.Second))
+		require.NotZero(t, batches)
+		got := firstReceipts(b.recv)
+		for o, want := range commitOrder(ids, orgOf) {
+			require.Equal(t, want, got[o])
+		}
+		t.Logf("%d events in %d requests", len(ids), len(b.recv.Deliveries()))
+		require.Equal(t, 0, d.Stop(30*time.Second))
+	})
 }
 
 // 410 Gone disables the subscription and parks its events; re-enabling it
 // delivers them.
 func TestGoneDisablesSubscriptionUntilReenabled(t *testing.T) {
 	t.Parallel()
-	b := newBundle(t, pgtest.Shared(t), map[string]string{"OUTBOXD_RETRY_SCHEDULE": "300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms"})
-	sub := e2e.NewReceiver(t)
-	var gone atomic.Bool
-	gone.Store(true)
-	sub.Respond = func(*e2e.Delivery) int {
-		if gone.Load() {
-			return http.StatusGone
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := newBundle(t, pgtest.Shared(t), map[string]string{"OUTBOXD_RETRY_SCHEDULE": "300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms"})
+		sub := e2e.NewReceiver(t)
+		var gone atomic.Bool
+		gone.Store(true)
+		sub.Respond = func(*e2e.Delivery) int {
+			if gone.Load() {
+				return http.StatusGone
+			}
+			return http.StatusOK
 		}
-		return http.StatusOK
-	}
-	id := addSubscription(t, b.pool, org(3), sub.URL, nil, nil)
-	d := e2e.StartDaemon(t, b.env)
-	ids := e2e.Insert(t, b.pool, 5, 2, func(int) int64 { return 3 })
-	b.recv.WaitAccepted(t, ids, time.Minute)
-	var enabled bool
-	var reason string
-	e2e.WaitFor(t, time.Minute, func() bool {
-		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT enabled, coalesce(disabled_reason, '') FROM outboxd_subscription WHERE id = $1`, id).Scan(&enabled, &reason))
-		return !enabled
-	}, func() string { return "subscription not disabled" })
-	require.Contains(t, reason, "410")
-	var parked int
-	e2e.WaitFor(t, time.Minute, func() bool {
-		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_parked`).Scan(&parked))
-		return parked == len(ids)
-	}, func() string { return fmt.Sprintf("%d parked", parked) })
+		id := addSubscription(t, b.pool, org(3), sub.URL, nil, nil)
+		d := e2e.StartDaemon(t, b.env)
+		ids := e2e.Insert(t, b.pool, 5, 2, func(int) int64 { return 3 })
+		b.recv.WaitAccepted(t, ids, time.Minute)
+		var enabled bool
+		var reason string
+		e2e.WaitFor(t, time.Minute, func() bool {
+			require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT enabled, coalesce(disabled_reason, '') FROM outboxd_subscription WHERE id = $1`, id).Scan(&enabled, &reason))
+			return !enabled
+		}, func() string { return "subscription not disabled" })
+		require.Contains(t, reason, "410")
+		var parked int
+		e2e.WaitFor(t, time.Minute, func() bool {
+			require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_parked`).Scan(&parked))
+			return parked == len(ids)
+		}, func() string { return fmt.Sprintf("%d parked", parked) })
 
-	gone.Store(false)
-	code, out := e2e.RunCommand(t, b.env, "subscription", "enable", strconv.FormatInt(id, 10))
-	require.Equal(t, 0, code, out)
-	sub.WaitAccepted(t, ids, time.Minute)
-	b.waitProcessed(t, int64(len(ids)), time.Minute)
-	require.Equal(t, 0, d.Stop(30*time.Second))
+		gone.Store(false)
+		code, out := e2e.RunCommand(t, b.env, "subscription", "enable", strconv.FormatInt(id, 10))
+		require.Equal(t, 0, code, out)
+		sub.WaitAccepted(t, ids, time.Minute)
+		b.waitProcessed(t, int64(len(ids)), time.Minute)
+		require.Equal(t, 0, d.Stop(30*time.Second))
+	})
 }
 
 // A subscription with two secrets sends both signatures; each verifies with
 // an independent verifier.
 func TestSecretRotationSignsWithBoth(t *testing.T) {
 	t.Parallel()
-	b := newBundle(t, pgtest.Shared(t), nil)
-	sub := e2e.NewReceiver(t)
-	const newer = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24hIQ=="
-	addSubscription(t, b.pool, nil, sub.URL, []string{newer, e2e.Secret}, nil)
-	d := e2e.StartDaemon(t, b.env)
-	ids := e2e.Insert(t, b.pool, 3, 1, one)
-	sub.WaitAccepted(t, ids, time.Minute)
-	for _, dl := range sub.Deliveries() {
-		require.Len(t, strings.Fields(dl.Signature), 2)
-		require.True(t, e2e.Verify(newer, dl.WebhookID, dl.Timestamp, dl.Body, dl.Signature))
-		require.True(t, e2e.Verify(e2e.Secret, dl.WebhookID, dl.Timestamp, dl.Body, dl.Signature))
-	}
-	require.Equal(t, 0, d.Stop(30*time.Second))
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := newBundle(t, pgtest.Shared(t), nil)
+		sub := e2e.NewReceiver(t)
+		const newer = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24hIQ=="
+		addSubscription(t, b.pool, nil, sub.URL, []string{newer, e2e.Secret}, nil)
+		d := e2e.StartDaemon(t, b.env)
+		ids := e2e.Insert(t, b.pool, 3, 1, one)
+		sub.WaitAccepted(t, ids, time.Minute)
+		for _, dl := range sub.Deliveries() {
+			require.Len(t, strings.Fields(dl.Signature), 2)
+			require.True(t, e2e.Verify(newer, dl.WebhookID, dl.Timestamp, dl.Body, dl.Signature))
+			require.True(t, e2e.Verify(e2e.Secret, dl.WebhookID, dl.Timestamp, dl.Body, dl.Signature))
+		}
+		require.Equal(t, 0, d.Stop(30*time.Second))
+	})
 }
 
 // dlq list, retry and purge round trip.
 func TestDeadLetterListRetryPurge(t *testing.T) {
 	t.Parallel()
-	b := newBundle(t, pgtest.Shared(t), nil)
-	var refuse atomic.Bool
-	refuse.Store(true)
-	b.recv.Respond = func(dl *e2e.Delivery) int {
-		if refuse.Load() {
-			return http.StatusUnprocessableEntity
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := newBundle(t, pgtest.Shared(t), nil)
+		var refuse atomic.Bool
+		refuse.Store(true)
+		b.recv.Respond = func(dl *e2e.Delivery) int {
+			if refuse.Load() {
+				return http.StatusUnprocessableEntity
+			}
+			return http.StatusOK
 		}
-		return http.StatusOK
-	}
-	d := e2e.StartDaemon(t, b.env)
-	ids := e2e.Insert(t, b.pool, 3, 1, func(i int) int64 { return int64(i) })
-	e2e.WaitFor(t, time.Minute, func() bool {
-		var n int
-		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_dead_letter`).Scan(&n))
-		return n == 3
-	}, func() string { return "not dead-lettered" })
+		d := e2e.StartDaemon(t, b.env)
+		ids := e2e.Insert(t, b.pool, 3, 1, func(i int) int64 { return int64(i) })
+		e2e.WaitFor(t, time.Minute, func() bool {
+			var n int
+			require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_dead_letter`).Scan(&n))
+			return n == 3
+		}, func() string { return "not dead-lettered" })
 
-	code, out := e2e.RunCommand(t, b.env, "dlq", "list", "--json")
-	require.Equal(t, 0, code, out)
-	var listed []struct {
-		EventID int64  `json:"event_id"`
-		Sink    string `json:"sink"`
-		Status  int    `json:"last_status"`
-	}
-	require.NoError(t, json.Unmarshal([]byte(out[strings.Index(out, "["):]), &listed))
-	require.Len(t, listed, 3)
-	require.Equal(t, 422, listed[0].Status)
+		code, out := e2e.RunCommand(t, b.env, "dlq", "list", "--json")
+		require.Equal(t, 0, code, out)
+		var listed []struct {
+			EventID int64  `json:"event_id"`
+			Sink    string `json:"sink"`
+			Status  int    `json:"last_status"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(out[strings.Index(out, "["):]), &listed))
+		require.Len(t, listed, 3)
+		require.Equal(t, 422, listed[0].Status)
 
-	code, out = e2e.RunCommand(t, b.env, "dlq", "retry", "--organization", "1", "--dry-run")
-	require.Equal(t, 0, code, out)
-	require.Contains(t, out, "would retry 1 ")
-	refuse.Store(false)
-	code, out = e2e.RunCommand(t, b.env, "dlq", "retry", "--organization", "1")
-	require.Equal(t, 0, code, out)
-	e2e.WaitFor(t, time.Minute, func() bool {
-		var p bool
-		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT is_processed FROM domain_event WHERE id = $1`, ids[1]).Scan(&p))
-		return p
-	}, func() string { return "retried dead letter not delivered" })
+		code, out = e2e.RunCommand(t, b.env, "dlq", "retry", "--organization", "1", "--dry-run")
+		require.Equal(t, 0, code, out)
+		require.Contains(t, out, "would retry 1 ")
+		refuse.Store(false)
+		code, out = e2e.RunCommand(t, b.env, "dlq", "retry", "--organization", "1")
+		require.Equal(t, 0, code, out)
+		e2e.WaitFor(t, time.Minute, func() bool {
+			var p bool
+			require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT is_processed FROM domain_event WHERE id = $1`, ids[1]).Scan(&p))
+			return p
+		}, func() string { return "retried dead letter not delivered" })
 
-	code, out = e2e.RunCommand(t, b.env, "dlq", "purge")
-	require.Equal(t, 2, code, "purge without --yes is refused: %s", out)
-	code, out = e2e.RunCommand(t, b.env, "dlq", "purge", "--yes")
-	require.Equal(t, 0, code, out)
-	require.Contains(t, out, "2 dead letter(s) purged")
-	var left int
-	require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_dead_letter`).Scan(&left))
-	require.Zero(t, left)
-	require.Equal(t, 0, d.Stop(30*time.Second))
+		code, out = e2e.RunCommand(t, b.env, "dlq", "purge")
+		require.Equal(t, 2, code, "purge without --yes is refused: %s", out)
+		code, out = e2e.RunCommand(t, b.env, "dlq", "purge", "--yes")
+		require.Equal(t, 0, code, out)
+		require.Contains(t, out, "2 dead letter(s) purged")
+		var left int
+		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_dead_letter`).Scan(&left))
+		require.Zero(t, left)
+		require.Equal(t, 0, d.Stop(30*time.Second))
+	})
 }
 
 // The default webhook's event filter: events not matching go nowhere and are
 // marked processed.
 func TestDefaultWebhookEventFilter(t *testing.T) {
 	t.Parallel()
-	b := newBundle(t, pgtest.Shared(t), map[string]string{"OUTBOXD_WEBHOOK_EVENTS": "batch_*,inventory_adjusted"})
-	d := e2e.StartDaemon(t, b.env)
-	ctx := context.Background()
-	var keep, skip []int64
-	for _, name := range []string{"batch_started", "timer_started", "inventory_adjusted", "recipe_created", "batch_failed"} {
-		var id int64
-		require.NoError(t, b.pool.QueryRow(ctx, `INSERT INTO domain_event (event_name, organization_id) VALUES ($1, 1) RETURNING id`, name).Scan(&id))
-		if strings.HasPrefix(name, "batch_") || name == "inventory_adjusted" {
-			keep = append(keep, id)
-		} else {
-			skip = append(skip, id)
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := newBundle(t, pgtest.Shared(t), map[string]string{"OUTBOXD_WEBHOOK_EVENTS": "batch_*,inventory_adjusted"})
+		d := e2e.StartDaemon(t, b.env)
+		ctx := context.Background()
+		var keep, skip []int64
+		for _, name := range []string{"batch_started", "timer_started", "inventory_adjusted", "recipe_created", "batch_failed"} {
+			var id int64
+			require.NoError(t, b.pool.QueryRow(ctx, `INSERT INTO domain_event (event_name, organization_id) VALUES ($1, 1) RETURNING id`, name).Scan(&id))
+			if strings.HasPrefix(name, "batch_") || name == "inventory_adjusted" {
+				keep = append(keep, id)
+			} else {
+				skip = append(skip, id)
+			}
 		}
-	}
-	b.recv.WaitAccepted(t, keep, time.Minute)
-	b.waitProcessed(t, 5, time.Minute)
-	require.Equal(t, keep, b.recv.Accepted())
-	require.Equal(t, 0, d.Stop(30*time.Second))
+		b.recv.WaitAccepted(t, keep, time.Minute)
+		b.waitProcessed(t, 5, time.Minute)
+		require.Equal(t, keep, b.recv.Accepted())
+		require.Equal(t, 0, d.Stop(30*time.Second))
+	})
 }

@@ -287,7 +287,8 @@ func tail(s string, n int) string {
 	return s
 }
 
-// until polls cond every 50 ms until it holds (true) or timeout passes.
+// until polls cond every 50 ms until it holds (true) or timeout passes. It is
+// for conditions with no count to watch; waits on a count use untilN.
 func until(timeout time.Duration, cond func() bool) bool {
 	deadline := time.Now().Add(timeout)
 	for !cond() {
@@ -295,6 +296,30 @@ func until(timeout time.Duration, cond func() bool) bool {
 			return false
 		}
 		time.Sleep(50 * time.Millisecond) //nolint:forbidigo // the poll interval of a wait-or-timeout helper
+	}
+	return true
+}
+
+// untilN polls n every 50 ms until it reaches want (true), or false when n
+// has not grown for stall: a loaded machine makes the wait longer, a pipeline
+// that stopped moving still fails it.
+func untilN(stall time.Duration, n func() int, want int) bool {
+	return untilProgress(stall, func() int64 { return int64(n()) }, func() bool { return n() >= want })
+}
+
+// untilProgress polls cond every 50 ms until it holds (true), or false when
+// mark has not changed for stall.
+func untilProgress(stall time.Duration, mark func() int64, cond func() bool) bool {
+	last, moved := mark(), time.Now()
+	for !cond() {
+		time.Sleep(50 * time.Millisecond) //nolint:forbidigo // the poll interval of a wait-on-progress helper
+		if v := mark(); v != last {
+			last, moved = v, time.Now()
+			continue
+		}
+		if time.Since(moved) > stall {
+			return false
+		}
 	}
 	return true
 }
@@ -420,7 +445,7 @@ func (r *rig) assertNotRedelivered(processed map[int64]bool, crash time.Time) {
 	again := 0
 	var example int64
 	for _, d := range r.recv.Deliveries() {
-		if !d.Accepted() || !d.Start.After(crash) {
+		if !d.Accepted() || sentBefore(d, crash) {
 			continue
 		}
 		for _, id := range d.IDs {
@@ -440,7 +465,7 @@ func (r *rig) finish(timeout time.Duration) Check {
 	r.t.Helper()
 	var expected []int64
 	var lastFull time.Time
-	delivered := until(timeout, func() bool {
+	delivered := untilProgress(timeout, func() int64 { return int64(r.recv.AcceptedCount()) }, func() bool {
 		// Cheap test first (recorded commits), the table's truth at most
 		// every two seconds: counting a big table is not free.
 		if r.recv.AcceptedCount() < r.gen.Len()-len(r.exclude) || time.Since(lastFull) < 2*time.Second && expected != nil {
@@ -453,8 +478,10 @@ func (r *rig) finish(timeout time.Duration) Check {
 	if expected == nil {
 		expected = r.expectedIDs()
 	}
-	marked := delivered && until(timeout, func() bool {
-		return r.unmarked(expected) == 0
+	unmarked := int64(-1)
+	marked := delivered && untilProgress(timeout, func() int64 { return unmarked }, func() bool {
+		unmarked = r.unmarked(expected)
+		return unmarked == 0
 	})
 	r.stopPoll()
 	r.mu.Lock()

@@ -62,10 +62,14 @@ func TestFault(t *testing.T) {
 			}
 		}
 	})
-	for _, sc := range scenarios {
-		t.Run(sc.name, func(t *testing.T) {
-			t.Parallel()
-			sc.run(t)
-		})
-	}
+	// Every scenario on every selected PostgreSQL major (OUTBOXD_TEST_PG_MAJORS;
+	// the default binaries' major when unset): subtests pgNN/<scenario>.
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		for _, sc := range scenarios {
+			t.Run(sc.name, func(t *testing.T) {
+				t.Parallel()
+				sc.run(t)
+			})
+		}
+	})
 }

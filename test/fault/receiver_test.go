@@ -2,6 +2,7 @@ package fault
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"io"
 	"net"
@@ -23,10 +24,14 @@ type Delivery struct {
 	IDs       []int64 // envelope ids in the body, in body order
 	Orgs      []int64 // their organization_id (-1 for null)
 	SigOK     bool
-	Attempt   int // 1 for the first request with this webhook-id
-	Status    int // what the receiver answered
-	Start     time.Time
-	At        time.Time // when the answer was written
+	Attempt   int       // 1 for the first request with this webhook-id
+	Status    int       // what the receiver answered
+	Start     time.Time // when the handler began (after reading the body)
+	// ConnAt is when the request's TCP connection was accepted. A request
+	// on a connection accepted before a kill was sent by the killed process
+	// (or one alive then), however late the handler ran.
+	ConnAt time.Time
+	At     time.Time // when the answer was written
 	// ClientGone is true when the client had given up (timeout) before the
 	// answer was written: the receiver processed a request the sender
 	// considers failed.
@@ -66,6 +71,9 @@ type Receiver struct {
 	attempts   map[string]int
 	behaviour  Behaviour
 	pending    atomic.Int64
+	conns      map[net.Conn]time.Time // open connections and when each was accepted
+	// acceptedIDs holds every event id answered 2xx at least once.
+	acceptedIDs map[int64]struct{}
 }
 
 // NewReceiver starts a receiver on a free loopback port; it is shut down at
@@ -74,7 +82,7 @@ func NewReceiver(t testing.TB) *Receiver {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	r := &Receiver{addr: ln.Addr().String(), attempts: map[string]int{}}
+	r := &Receiver{addr: ln.Addr().String(), attempts: map[string]int{}, conns: map[net.Conn]time.Time{}, acceptedIDs: map[int64]struct{}{}}
 	r.serve(ln)
 	t.Cleanup(r.Down)
 	return r
@@ -91,7 +99,24 @@ func (r *Receiver) SetBehaviour(b Behaviour) {
 }
 
 func (r *Receiver) serve(ln net.Listener) {
-	srv := &http.Server{Handler: http.HandlerFunc(r.handle), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{
+		Handler:           http.HandlerFunc(r.handle),
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			at := time.Now()
+			r.mu.Lock()
+			r.conns[c] = at
+			r.mu.Unlock()
+			return context.WithValue(ctx, connAtKey{}, at)
+		},
+		ConnState: func(c net.Conn, st http.ConnState) {
+			if st == http.StateClosed || st == http.StateHijacked {
+				r.mu.Lock()
+				delete(r.conns, c)
+				r.mu.Unlock()
+			}
+		},
+	}
 	r.mu.Lock()
 	r.srv = srv
 	r.mu.Unlock()
@@ -108,6 +133,9 @@ func (r *Receiver) Down() {
 	if srv != nil {
 		_ = srv.Close()
 	}
+	r.mu.Lock()
+	clear(r.conns) // closed with the server
+	r.mu.Unlock()
 }
 
 // Up brings a downed receiver back on the same address.
@@ -127,6 +155,21 @@ func (r *Receiver) Up(t testing.TB) {
 	r.serve(ln)
 }
 
+type connAtKey struct{}
+
+// OpenConnsAcceptedBefore counts the open connections accepted before t.
+func (r *Receiver) OpenConnsAcceptedBefore(t time.Time) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, at := range r.conns {
+		if at.Before(t) {
+			n++
+		}
+	}
+	return n
+}
+
 // Pending is the number of requests being handled (not yet answered).
 func (r *Receiver) Pending() int64 { return r.pending.Load() }
 
@@ -135,6 +178,7 @@ func (r *Receiver) handle(w http.ResponseWriter, req *http.Request) {
 	defer r.pending.Add(-1)
 	body, _ := io.ReadAll(req.Body)
 	d := Delivery{WebhookID: req.Header.Get("webhook-id"), Start: time.Now()}
+	d.ConnAt, _ = req.Context().Value(connAtKey{}).(time.Time)
 	d.SigOK = e2e.Verify(e2e.Secret, d.WebhookID, req.Header.Get("webhook-timestamp"), body, req.Header.Get("webhook-signature"))
 	d.IDs, d.Orgs = parseEnvelopes(body)
 	r.mu.Lock()
@@ -167,6 +211,11 @@ func (r *Receiver) handle(w http.ResponseWriter, req *http.Request) {
 	d.At = time.Now()
 	r.mu.Lock()
 	r.deliveries = append(r.deliveries, d)
+	if d.Accepted() {
+		for _, id := range d.IDs {
+			r.acceptedIDs[id] = struct{}{}
+		}
+	}
 	r.mu.Unlock()
 }
 
@@ -204,19 +253,13 @@ func (r *Receiver) Deliveries() []Delivery {
 	return append([]Delivery(nil), r.deliveries...)
 }
 
-// AcceptedCount is the number of distinct event ids answered 2xx.
+// AcceptedCount is the number of distinct event ids answered 2xx. It is
+// kept as requests arrive: a poll never walks the deliveries under the lock
+// the handler needs.
 func (r *Receiver) AcceptedCount() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	seen := map[int64]bool{}
-	for _, d := range r.deliveries {
-		if d.Accepted() {
-			for _, id := range d.IDs {
-				seen[id] = true
-			}
-		}
-	}
-	return len(seen)
+	return len(r.acceptedIDs)
 }
 
 // Requests is the number of requests answered so far.

@@ -20,13 +20,13 @@ func scenarioProxyClose(t *testing.T, rst bool) {
 	cuts := pick(3, 10)
 	for i := range cuts {
 		target := r.recv.AcceptedCount() + 200
-		require.True(t, until(time.Minute, func() bool { return r.recv.AcceptedCount() >= target }), "deliveries stalled before cut %d", i+1)
+		require.True(t, untilN(time.Minute, r.recv.AcceptedCount, target), "deliveries stalled before cut %d", i+1)
 		n := r.proxy.CloseAll(rst)
 		r.faultEnd = time.Now()
 		t.Logf("cut %d: closed %d connections", i+1, n)
 	}
 	n := r.gen.Len()
-	require.True(t, until(time.Minute, func() bool { return r.gen.Len() >= n+300 }), "generator stalled")
+	require.True(t, untilN(time.Minute, r.gen.Len, n+300), "generator stalled")
 	stop()
 	r.note("%d cuts, %d connections accepted in all", cuts, r.proxy.Accepted())
 	r.finish(2 * time.Minute)
@@ -48,7 +48,7 @@ func scenarioBlackHole(t *testing.T) {
 	d.waitReady()
 	stop := r.gen.Start(5*time.Millisecond, 10, 0)
 	defer stop()
-	require.True(t, until(time.Minute, func() bool { return r.recv.AcceptedCount() >= 300 }), "deliveries stalled")
+	require.True(t, untilN(time.Minute, r.recv.AcceptedCount, 300), "deliveries stalled")
 	before := d.countLog("reconnecting")
 	frozen := r.proxy.BlackHole()
 	holeAt := time.Now()
@@ -66,7 +66,7 @@ func scenarioBlackHole(t *testing.T) {
 		r.note("froze %d connections; stall NOT detected within 1m", frozen)
 	}
 	n := r.gen.Len()
-	require.True(t, until(time.Minute, func() bool { return r.gen.Len() >= n+300 }), "generator stalled")
+	require.True(t, untilN(time.Minute, r.gen.Len, n+300), "generator stalled")
 	stop()
 	r.finish(pick(90*time.Second, 3*time.Minute))
 	require.True(t, detected, "a black-holed replication connection must be detected")
@@ -117,7 +117,7 @@ func scenarioCutMidTransaction(t *testing.T, restartPostgres bool) {
 	cuts := 0
 	for want := 0; cuts < pick(3, 6); cuts++ {
 		want += n / 5
-		if !until(time.Minute, func() bool { return r.recv.AcceptedCount() >= want }) {
+		if !untilN(time.Minute, r.recv.AcceptedCount, want) {
 			break
 		}
 		if r.recv.AcceptedCount() >= n {

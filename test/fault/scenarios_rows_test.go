@@ -13,7 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// envelopeKeys are the keys of DESIGN.md §4, in order.
+// envelopeKeys are the keys of docs/DESIGN.md §4, in order.
 var envelopeKeys = []string{"id", "event_name", "occurred_at", "organization_id", "user_id", "entity_type",
 	"entity_id", "correlation_id", "source", "schema_version", "properties"}
 
@@ -239,7 +239,7 @@ WHERE g % 2000 <> 0 OR pg_sleep(0.02)::text = ''`) // at most ~100,000 rows a se
 	require.True(t, errors.As(insertErr, &pgErr) && pgErr.Code == "57014", "the insert is cancelled: %v", insertErr)
 	r.faultEnd = time.Now()
 	n := r.gen.Len()
-	require.True(t, until(time.Minute, func() bool { return r.gen.Len() >= n+100 }), "generator stalled")
+	require.True(t, untilN(time.Minute, r.gen.Len, n+100), "generator stalled")
 	stop()
 	require.Zero(t, r.count("event_name = 'doomed'"))
 	r.finish(2 * time.Minute)
@@ -277,7 +277,7 @@ func scenarioLongTxn(t *testing.T) {
 		_, err := r.gen.TxnOrgs(ctx, []int64{1, 2, 1})
 		require.NoError(t, err)
 	}
-	require.True(t, until(time.Minute, func() bool { return r.recv.AcceptedCount() >= 15 }))
+	require.True(t, untilN(time.Minute, r.recv.AcceptedCount, 15))
 	at, processed, win := r.crash(d)
 	for range 5 {
 		_, err := r.gen.TxnOrgs(ctx, []int64{2, 1})
@@ -410,7 +410,7 @@ func scenarioRecreateWaitsForOpenTxn(t *testing.T) {
 		require.NoError(t, err)
 	}
 	d := r.start(nil)
-	require.True(t, until(time.Minute, func() bool { return r.recv.AcceptedCount() >= 2000 }), "catch-up stalled")
+	require.True(t, untilN(time.Minute, r.recv.AcceptedCount, 2000), "catch-up stalled")
 	at, processed, win := r.crash(d)
 	open, err := r.pool.Begin(ctx)
 	require.NoError(t, err)

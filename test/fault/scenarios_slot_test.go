@@ -185,7 +185,7 @@ func scenarioSlotInvalidatedStreaming(t *testing.T) {
 		r.note("slot recreated in process")
 	}
 	n := r.gen.Len()
-	require.True(t, until(time.Minute, func() bool { return r.gen.Len() >= n+100 }), "generator stalled")
+	require.True(t, untilN(time.Minute, r.gen.Len, n+100), "generator stalled")
 	stop()
 	r.finish(2 * time.Minute)
 	require.False(t, d.Exited())
