@@ -1,6 +1,8 @@
 package cdc
 
 import (
+	"github.com/outboxd/outboxd/store"
+
 	"context"
 	"fmt"
 
@@ -33,8 +35,6 @@ func (s *snapshot) begin(ctx context.Context) error {
 	s.conn = conn
 	t := s.r.cfg.Table
 	table := pgx.Identifier{t.Schema, t.Name}.Sanitize()
-	dead := pgx.Identifier{t.Schema, "outboxd_dead_letter"}.Sanitize()
-	parked := pgx.Identifier{t.Schema, "outboxd_parked"}.Sanitize()
 	// The snapshot name comes from the server; it is a plain token.
 	if _, err := conn.Exec(ctx, `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 SET TRANSACTION SNAPSHOT '`+s.name+`'`).ReadAll(); err != nil {
@@ -49,9 +49,7 @@ SET TRANSACTION SNAPSHOT '`+s.name+`'`).ReadAll(); err != nil {
 	}
 	sql := `DECLARE outboxd_catchup NO SCROLL CURSOR FOR
   SELECT * FROM ` + table + ` AS e
-  WHERE NOT e.is_processed
-    AND NOT EXISTS (SELECT 1 FROM ` + dead + ` AS d WHERE d.event_id = e.id)
-    AND NOT EXISTS (SELECT 1 FROM ` + parked + ` AS p WHERE p.event_id = e.id)
+  WHERE ` + store.PendingPredicate(t.Schema, "e", store.All) + `
   ORDER BY ` + order
 	if _, err := conn.Exec(ctx, sql).ReadAll(); err != nil {
 		return fmt.Errorf("open catch-up cursor: %w", err)

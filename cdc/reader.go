@@ -1,6 +1,8 @@
 package cdc
 
 import (
+	"github.com/outboxd/outboxd/store"
+
 	"context"
 	"errors"
 	"fmt"
@@ -142,6 +144,9 @@ type Reader struct {
 	copying  bool          // the connection is in copy-both mode (streaming)
 	sysID    string
 	timeline int32
+	// rels identifies the outbox and subscription tables in the stream by
+	// relation OID, looked up at the start of each session.
+	rels tableOIDs
 }
 
 type openTxn struct {
@@ -159,7 +164,7 @@ func NewReader(cfg Config, ledger Ledger, store CheckpointStore, log zerolog.Log
 
 // SubscriptionTable is the table of webhook subscriptions, in the outbox
 // table's schema.
-const SubscriptionTable = "outboxd_subscription"
+const SubscriptionTable = store.SubscriptionTable
 
 // SlotLockKey is the key (for hashtext) of the advisory lock held while a
 // slot is prepared and started, by the daemon and by the slot commands.
@@ -328,6 +333,10 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		return false, fmt.Errorf("lock slot %q: %w", r.cfg.Slot, err)
 	}
 
+	if r.rels, err = lookupTables(ctx, lock, r.cfg); err != nil {
+		return false, err
+	}
+
 	var snap *snapshot
 	if !r.started {
 		start, s, err := r.prepare(ctx, conn, sys)
@@ -335,7 +344,15 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 			return false, err
 		}
 		r.ledger.SetFlushed(start)
-		r.resume, r.received, r.started, snap = start, start, true, s
+		r.resume, r.received, snap = start, start, s
+		// A slot created now is prepared for good only once its catch-up
+		// from the exported snapshot is done: a session that breaks before
+		// that (a cut at START_REPLICATION, say) leaves the checkpoint's
+		// catch-up pending, and the next session prepares again, which
+		// recreates the slot and catches up from a new snapshot. Marking it
+		// prepared at once would stream without ever reading the rows
+		// committed before the slot.
+		r.started = snap == nil
 	} else {
 		if sys.SystemID != r.sysID {
 			return false, fmt.Errorf("%w: reconnected to cluster %s, streaming started on cluster %s", ErrIrreconcilable, sys.SystemID, r.sysID)
@@ -390,7 +407,8 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		// replication connection invalidates it.
 		if err := snap.begin(sctx); err != nil {
 			snap.close()
-			return false, fmt.Errorf("%w: %w", errFatal, err)
+			// Retried: the next session recreates the slot (see above).
+			return false, err
 		}
 		defer snap.close()
 	}
@@ -440,6 +458,7 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 			return true, fmt.Errorf("%w: catch-up from the table: %w (a restart recreates the slot and catches up again)", errFatal, err)
 		}
 		snap.close()
+		r.started = true
 	}
 	err = st.run(sctx)
 	if c := context.Cause(sctx); c != nil && ctx.Err() == nil && err != nil {
@@ -679,7 +698,9 @@ const stopGrace = 5 * time.Second
 func (s *stream) run(ctx context.Context) error {
 	r := s.r
 	if s.dec == nil {
-		s.dec = decode.NewDecoder(r.cfg.Table)
+		t := r.cfg.Table
+		t.OID = r.rels.outbox
+		s.dec = decode.NewDecoder(t)
 	}
 	s.lastHeard = time.Now()
 	// After the caller stops us, keep going for a moment to finish the
@@ -848,7 +869,16 @@ func (s *stream) message(ctx context.Context, xld pglogrepl.XLogData) error {
 		}
 		return s.dispatch(ctx, m.Event)
 	case decode.KindInsert, decode.KindUpdate, decode.KindDelete:
-		if m.Row.Relation.Name != SubscriptionTable || m.Row.Relation.Namespace != r.cfg.Table.Schema {
+		if m.Row.Relation.ID != r.rels.subscription || r.rels.subscription == 0 {
+			// An insert into a published relation that is neither the outbox
+			// nor the subscription table is not skipped (G10): it may be the
+			// outbox under a form we do not recognise, and skipping it would
+			// let the checkpoint pass a row that was never delivered.
+			if m.Kind == decode.KindInsert && r.open != nil && !r.open.skip {
+				rel := m.Row.Relation
+				return fmt.Errorf("%w: insert at %s into %s.%s (relation %d), which publication %q publishes, is not the outbox table %s (relation %d): stopping rather than skip it; remove that table from the publication, or point OUTBOXD_TABLE at it",
+					errFatal, xld.WALStart, rel.Namespace, rel.Name, rel.ID, r.cfg.Publication, r.cfg.Table, r.rels.outbox)
+			}
 			return nil
 		}
 		o := r.open

@@ -1,6 +1,8 @@
 package checkpoint
 
 import (
+	"github.com/outboxd/outboxd/store"
+
 	"context"
 	"fmt"
 	"strconv"
@@ -133,7 +135,7 @@ func (s *Store) Delivered(ctx context.Context, target string, eventID int64, att
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var q pgx.Batch
 		q.Queue(`DELETE FROM `+s.parked()+` WHERE target = $1 AND event_id = $2`, target, eventID)
-		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = e.delivery_attempts + $2,
+		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+store.AddAttempts("e", "$2")+`,
   is_processed = NOT EXISTS (SELECT 1 FROM `+s.parked()+` AS p WHERE p.event_id = $1)
     AND NOT EXISTS (SELECT 1 FROM `+s.dead()+` AS d WHERE d.event_id = $1),
   processed_at = CASE WHEN e.processed_at IS NULL
@@ -150,7 +152,7 @@ func (s *Store) Reschedule(ctx context.Context, target string, eventID int64, at
 		var q pgx.Batch
 		q.Queue(`UPDATE `+s.parked()+` SET attempts = attempts + $3, rounds = rounds + 1, next_attempt_at = $4,
   last_status = $5, last_error = $6 WHERE target = $1 AND event_id = $2`, target, eventID, attempts, next, nullStatus(status), reason)
-		q.Queue(`UPDATE `+s.table()+` SET delivery_attempts = delivery_attempts + $2 WHERE id = $1`, eventID, attempts)
+		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+store.AddAttempts("e", "$2")+` WHERE e.id = $1`, eventID, attempts)
 		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "reschedule parked delivery of event %d", eventID)
 	})
 }
@@ -165,7 +167,7 @@ INSERT INTO `+s.dead()+` AS d (event_id, sink, last_status, last_error, attempts
 SELECT $2, $1, $3, $4, coalesce((SELECT attempts FROM p), 0) + $5
 ON CONFLICT (event_id, sink) DO UPDATE SET last_status = excluded.last_status, last_error = excluded.last_error,
   attempts = d.attempts + excluded.attempts, dead_at = now()`, target, eventID, nullStatus(status), reason, attempts)
-		q.Queue(`UPDATE `+s.table()+` SET delivery_attempts = delivery_attempts + $2 WHERE id = $1`, eventID, attempts)
+		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+store.AddAttempts("e", "$2")+` WHERE e.id = $1`, eventID, attempts)
 		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "dead-letter parked delivery of event %d", eventID)
 	})
 }

@@ -1,6 +1,8 @@
 package checkpoint
 
 import (
+	"github.com/outboxd/outboxd/store"
+
 	"cmp"
 	"context"
 	"errors"
@@ -64,14 +66,14 @@ func NewStore(pool *pgxpool.Pool, cfg StoreConfig) *Store {
 		// the update can stay HOT where the page has room.
 		markSQL: `UPDATE ` + table + ` AS e SET is_processed = true,
   processed_at = coalesce(e.processed_at, now()),
-  delivery_attempts = e.delivery_attempts + r.n
+  delivery_attempts = ` + store.AddAttempts("e", "r.n") + `
 FROM unnest($1::bigint[], $2::bigint[], $3::int[]) AS r(lo, hi, n)
 WHERE e.id BETWEEN r.lo AND r.hi`,
 		deadSQL: `INSERT INTO ` + dl + ` AS d (event_id, sink, last_status, last_error, attempts)
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::int[])
 ON CONFLICT (event_id, sink) DO UPDATE SET last_status = excluded.last_status,
   last_error = excluded.last_error, attempts = d.attempts + excluded.attempts, dead_at = now()`,
-		attemptsSQL: `UPDATE ` + table + ` AS e SET delivery_attempts = e.delivery_attempts + r.n
+		attemptsSQL: `UPDATE ` + table + ` AS e SET delivery_attempts = ` + store.AddAttempts("e", "r.n") + `
 FROM unnest($1::bigint[], $2::int[]) AS r(id, n) WHERE e.id = r.id`,
 		parkSQL: `INSERT INTO ` + pgx.Identifier{cfg.Schema, "outboxd_parked"}.Sanitize() + ` AS p
   (target, event_id, ordering_key, commit_lsn, commit_index, attempts, next_attempt_at, last_status, last_error)
@@ -214,7 +216,7 @@ func (s *Store) markLate(ctx context.Context, tx pgx.Tx, lo, hi []int64, n []int
 		case <-t.C:
 		}
 		wait = min(wait*2, 50*time.Millisecond)
-		tag, err := tx.Exec(ctx, s.markSQL+` AND NOT e.is_processed`, lo, hi, n)
+		tag, err := tx.Exec(ctx, s.markSQL+` AND `+store.NotProcessed("e"), lo, hi, n)
 		if err != nil {
 			return fmt.Errorf("mark rows of slot %q: %w", s.cfg.Slot, err)
 		}

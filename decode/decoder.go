@@ -273,7 +273,7 @@ func (d *Decoder) relation(b []byte) (Message, error) {
 	if i != len(b) {
 		return Message{}, malformed("relation", "relation %d: %d trailing bytes", id, len(b)-i)
 	}
-	e := &relEntry{rel: rel, outbox: rel.Namespace == d.table.schema() && rel.Name == d.table.Name}
+	e := &relEntry{rel: rel, outbox: d.table.Matches(rel)}
 	if e.outbox {
 		e.plan = newPlan(rel)
 	}

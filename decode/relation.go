@@ -7,10 +7,28 @@ import (
 )
 
 // Table names the outbox table. An empty Schema means "public".
-type Table struct{ Schema, Name string }
+//
+// OID, when not zero, is the table's relation OID, and it alone identifies
+// the outbox in the stream: pgoutput names a relation as the catalog had it
+// when the row was written, so an insert made while the table was renamed
+// carries another name, and a partitioned table published through its root
+// (publish_via_partition_root) carries the root's OID. With OID zero the
+// relation is matched by schema and name.
+type Table struct {
+	Schema, Name string
+	OID          uint32
+}
 
 // String returns the table as schema.name.
 func (t Table) String() string { return t.schema() + "." + t.Name }
+
+// Matches reports whether relation rel is this table.
+func (t Table) Matches(rel *Relation) bool {
+	if t.OID != 0 {
+		return rel.ID == t.OID
+	}
+	return rel.Namespace == t.schema() && rel.Name == t.Name
+}
 
 func (t Table) schema() string {
 	if t.Schema == "" {
@@ -58,7 +76,7 @@ func (r *Relation) Validate() error {
 	return fmt.Errorf("validate relation %s.%s: no id column", r.Namespace, r.Name)
 }
 
-// field is one key of the envelope (DESIGN.md §4), in body order.
+// field is one key of the envelope (docs/DESIGN.md §4), in body order.
 type field int
 
 const (

@@ -1,6 +1,8 @@
 package metrics
 
 import (
+	"github.com/outboxd/outboxd/store"
+
 	"context"
 	"errors"
 	"fmt"
@@ -277,16 +279,14 @@ func (mon *Monitor) record(s SlotSample, err error) {
 	}
 }
 
-// CountBacklog counts the unprocessed rows of the outbox table that are not
-// dead-lettered: a sequential scan of the table.
+// CountBacklog counts the pending rows of the outbox table (store's
+// predicate: what a catch-up would read): a sequential scan of the table.
 func CountBacklog(ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }, table decode.Table) (int64, error) {
 	t := pgx.Identifier{table.Schema, table.Name}.Sanitize()
-	dead := pgx.Identifier{table.Schema, "outboxd_dead_letter"}.Sanitize()
 	var n int64
-	err := q.QueryRow(ctx, `SELECT count(*) FROM `+t+` AS e WHERE NOT e.is_processed
-  AND NOT EXISTS (SELECT 1 FROM `+dead+` AS d WHERE d.event_id = e.id)`).Scan(&n)
+	err := q.QueryRow(ctx, `SELECT count(*) FROM `+t+` AS e WHERE `+store.PendingPredicate(table.Schema, "e", store.All)).Scan(&n)
 	if err != nil {
 		return 0, fmt.Errorf("count unprocessed rows of %s: %w", t, err)
 	}

@@ -272,6 +272,10 @@ func (c *checker) checkPublication() error {
 		// The marking UPDATEs would come back through the slot.
 		c.migrate("publication %s also publishes %s: outboxd needs inserts only", pubName, strings.Join(ops, ", "))
 	}
+	if pub.partitioned && !pub.viaRoot {
+		// Rows would arrive under each partition's relation, not the outbox's.
+		c.migrate("publication %s does not set publish_via_partition_root, and %s is partitioned", pubName, table)
+	}
 	if pub.rowFilter != nil {
 		c.other("publication %s filters the rows of %s (WHERE %s): filtered events would never be delivered; drop the filter", pubName, table, *pub.rowFilter)
 	}

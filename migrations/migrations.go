@@ -10,7 +10,7 @@
 //     outbox table's schema. It tracks one outbox table per schema: a second
 //     outbox table needs a schema of its own.
 //   - outboxd's own objects are prefixed outboxd_ and live in the outbox
-//     table's schema; the publication publishes inserts only (DESIGN.md §2).
+//     table's schema; the publication publishes inserts only (docs/DESIGN.md §2).
 //   - Identifiers are quoted with pgx.Identifier.Sanitize, in Go and in the
 //     templates alike.
 //   - Migrate runs under a session advisory lock: concurrent runs serialise.
@@ -151,7 +151,8 @@ type Result struct {
 	// outbox table.
 	TableAddedToPublication bool
 	// PublicationPublishChanged is set when an existing publication published
-	// more than inserts (or not inserts) and was set to publish = 'insert'.
+	// more than inserts (or not inserts) and was set to publish = 'insert', or
+	// did not publish via the partition root and was set to.
 	PublicationPublishChanged bool
 }
 
@@ -296,7 +297,7 @@ func ensurePublication(ctx context.Context, conn *pgx.Conn, opts Options, res *R
 		return err
 	}
 	if !found {
-		if _, err := conn.Exec(ctx, "CREATE PUBLICATION "+pubName+" FOR TABLE "+table+" WITH (publish = 'insert')"); err != nil {
+		if _, err := conn.Exec(ctx, "CREATE PUBLICATION "+pubName+" FOR TABLE "+table+" WITH (publish = 'insert', publish_via_partition_root = true)"); err != nil {
 			return fmt.Errorf("create publication %s for %s: %w", pubName, table, err)
 		}
 		res.PublicationCreated = true
@@ -311,6 +312,14 @@ func ensurePublication(ctx context.Context, conn *pgx.Conn, opts Options, res *R
 	if !pub.insertOnly() {
 		if _, err := conn.Exec(ctx, "ALTER PUBLICATION "+pubName+" SET (publish = 'insert')"); err != nil {
 			return fmt.Errorf("set publication %s to publish inserts only: %w", pubName, err)
+		}
+		res.PublicationPublishChanged = true
+	}
+	if !pub.viaRoot {
+		// A partitioned outbox's rows must arrive under the table's own
+		// relation, not each partition's; harmless for a plain table.
+		if _, err := conn.Exec(ctx, "ALTER PUBLICATION "+pubName+" SET (publish_via_partition_root = true)"); err != nil {
+			return fmt.Errorf("set publication %s to publish via the partition root: %w", pubName, err)
 		}
 		res.PublicationPublishChanged = true
 	}
@@ -389,6 +398,8 @@ func schemaVersion(ctx context.Context, conn *pgx.Conn, schema string) (int32, b
 type publication struct {
 	allTables                        bool
 	insert, update, delete, truncate bool
+	viaRoot                          bool // publish_via_partition_root
+	partitioned                      bool // the outbox table is partitioned
 	hasTable                         bool
 	rowFilter                        *string // PostgreSQL 15+: WHERE of the table
 	columnList                       bool    // PostgreSQL 15+: only some columns
@@ -417,9 +428,9 @@ func (p publication) extraOps() []string {
 func lookupPublication(ctx context.Context, conn *pgx.Conn, opts Options) (p publication, found bool, err error) {
 	pubName := pgx.Identifier{opts.Publication}.Sanitize()
 	var pubOID uint32
-	err = conn.QueryRow(ctx, `SELECT oid, puballtables, pubinsert, pubupdate, pubdelete, pubtruncate
+	err = conn.QueryRow(ctx, `SELECT oid, puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot
 FROM pg_catalog.pg_publication WHERE pubname = $1`, opts.Publication).
-		Scan(&pubOID, &p.allTables, &p.insert, &p.update, &p.delete, &p.truncate)
+		Scan(&pubOID, &p.allTables, &p.insert, &p.update, &p.delete, &p.truncate, &p.viaRoot)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return p, false, nil
 	}
@@ -429,6 +440,9 @@ FROM pg_catalog.pg_publication WHERE pubname = $1`, opts.Publication).
 	tableOID, err := tableOID(ctx, conn, opts.Schema, opts.Table)
 	if err != nil || tableOID == 0 {
 		return p, true, err
+	}
+	if err := conn.QueryRow(ctx, `SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = $1`, tableOID).Scan(&p.partitioned); err != nil {
+		return p, true, fmt.Errorf("look up table of publication %s: %w", pubName, err)
 	}
 	// pg_publication_tables covers FOR ALL TABLES and, from 15, TABLES IN
 	// SCHEMA; pg_publication_rel covers a partitioned table listed by name

@@ -1,6 +1,8 @@
 package ops
 
 import (
+	"github.com/outboxd/outboxd/store"
+
 	"context"
 	"errors"
 	"fmt"
@@ -62,12 +64,12 @@ func (t Target) ownSQL(name string) string {
 }
 
 const (
-	checkpointTable = "outboxd_checkpoint"
-	deadLetterTable = "outboxd_dead_letter"
+	checkpointTable = store.CheckpointTable
+	deadLetterTable = store.DeadLetterTable
 	// parkedTable comes with the delivery engine (migration 2); older schemas
 	// have none and its counts are reported as unknown.
-	parkedTable       = "outboxd_parked"
-	subscriptionTable = "outboxd_subscription"
+	parkedTable       = store.ParkedTable
+	subscriptionTable = store.SubscriptionTable
 )
 
 // ErrRefused marks a command that was not carried out because acting would be

@@ -41,6 +41,8 @@ package ops
 // see ResetSlot.
 
 import (
+	"github.com/outboxd/outboxd/store"
+
 	"context"
 	"errors"
 	"fmt"
@@ -152,8 +154,8 @@ func (c *Client) hasCheckpoint(ctx context.Context) (bool, error) {
 	return ok, nil
 }
 
-// PendingRows counts the rows a catch-up reads: not processed and not
-// dead-lettered (the predicate of cdc/catchup.go). It scans the table.
+// PendingRows counts the rows a catch-up reads (store.PendingPredicate). It
+// scans the table.
 func (c *Client) PendingRows(ctx context.Context) (int64, error) {
 	cols, err := c.columns(ctx)
 	if err != nil {
@@ -162,12 +164,12 @@ func (c *Client) PendingRows(ctx context.Context) (int64, error) {
 	if !cols["is_processed"] {
 		return 0, fmt.Errorf("table %s has no is_processed column: run `outboxd migrate`", c.t.Table)
 	}
-	haveDead, err := c.exists(ctx, deadLetterTable)
+	scope, err := c.pendingScope(ctx)
 	if err != nil {
 		return 0, err
 	}
 	var n int64
-	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM `+c.t.tableSQL()+` AS e WHERE `+c.pendingPredicate(haveDead)).Scan(&n); err != nil {
+	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM `+c.t.tableSQL()+` AS e WHERE `+store.PendingPredicate(c.t.schema(), "e", scope)).Scan(&n); err != nil {
 		return 0, fmt.Errorf("count unprocessed rows: %w", err)
 	}
 	return n, nil

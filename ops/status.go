@@ -1,6 +1,8 @@
 package ops
 
 import (
+	"github.com/outboxd/outboxd/store"
+
 	"context"
 	"errors"
 	"fmt"
@@ -117,11 +119,16 @@ type PublicationStatus struct {
 	Exists          bool   `json:"exists"`
 	IncludesTable   bool   `json:"includes_table"`
 	PublishesInsert bool   `json:"publishes_insert"`
+	// TablePartitioned and ViaPartitionRoot: a partitioned outbox needs
+	// publish_via_partition_root, or its rows arrive under partition names.
+	TablePartitioned bool `json:"table_partitioned"`
+	ViaPartitionRoot bool `json:"via_partition_root"`
 }
 
 // BacklogStatus counts what is still to deliver.
 type BacklogStatus struct {
-	// UnprocessedRows are rows with is_processed = false and no dead letter:
+	// UnprocessedRows are pending rows (is_processed not true, NULL included;
+	// neither dead-lettered nor parked):
 	// what a catch-up would read. Null when the count timed out.
 	UnprocessedRows             *int64     `json:"unprocessed_rows"`
 	OldestUnprocessedAt         *time.Time `json:"oldest_unprocessed_at"`
@@ -319,9 +326,16 @@ FROM `+c.t.ownSQL(checkpointTable)+` WHERE slot_name = $1`, c.t.Slot).
 
 func (c *Client) publication(ctx context.Context) (*PublicationStatus, error) {
 	p := &PublicationStatus{Name: c.t.Publication}
-	err := c.pool.QueryRow(ctx, `SELECT p.pubinsert, EXISTS (SELECT 1 FROM pg_publication_tables t
-  WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3)
-FROM pg_publication p WHERE p.pubname = $1`, c.t.Publication, c.t.schema(), c.t.Table.Name).Scan(&p.PublishesInsert, &p.IncludesTable)
+	// pg_publication_rel names a partitioned table listed by name (whose
+	// leaves pg_publication_tables shows instead when not published via the
+	// root); pg_publication_tables covers FOR ALL TABLES and TABLES IN SCHEMA.
+	rel := pgx.Identifier{c.t.schema(), c.t.Table.Name}.Sanitize()
+	err := c.pool.QueryRow(ctx, `SELECT p.pubinsert, p.pubviaroot,
+  EXISTS (SELECT 1 FROM pg_publication_rel r WHERE r.prpubid = p.oid AND r.prrelid = to_regclass($4))
+  OR EXISTS (SELECT 1 FROM pg_publication_tables t WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3),
+  coalesce((SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($4)), false)
+FROM pg_publication p WHERE p.pubname = $1`, c.t.Publication, c.t.schema(), c.t.Table.Name, rel).
+		Scan(&p.PublishesInsert, &p.ViaPartitionRoot, &p.IncludesTable, &p.TablePartitioned)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return p, nil
 	}
@@ -332,14 +346,16 @@ FROM pg_publication p WHERE p.pubname = $1`, c.t.Publication, c.t.schema(), c.t.
 	return p, nil
 }
 
-// pendingPredicate is the catch-up's choice of rows (cdc/catchup.go): not
-// processed and not dead-lettered. e is the outbox table's alias.
-func (c *Client) pendingPredicate(haveDead bool) string {
-	p := "NOT e.is_processed"
-	if haveDead {
-		p += " AND NOT EXISTS (SELECT 1 FROM " + c.t.ownSQL(deadLetterTable) + " AS d WHERE d.event_id = e.id)"
+// pendingScope says which of outboxd's tables exist, for the pending
+// predicate (store.PendingPredicate: what a catch-up reads).
+func (c *Client) pendingScope(ctx context.Context) (store.Scope, error) {
+	var sc store.Scope
+	var err error
+	if sc.DeadLetters, err = c.exists(ctx, deadLetterTable); err != nil {
+		return sc, err
 	}
-	return p
+	sc.Parked, err = c.exists(ctx, parkedTable)
+	return sc, err
 }
 
 func (c *Client) backlog(ctx context.Context, timeout time.Duration, warnings *[]string) (*BacklogStatus, error) {
@@ -400,7 +416,7 @@ func (c *Client) backlog(ctx context.Context, timeout time.Duration, warnings *[
 			return err
 		}
 		return tx.QueryRow(ctx, `SELECT count(*), `+oldest+`, extract(epoch FROM now() - `+oldest+`)::float8
-FROM `+c.t.tableSQL()+` AS e WHERE `+c.pendingPredicate(haveDead)).Scan(&n, &at, &age)
+FROM `+c.t.tableSQL()+` AS e WHERE `+store.PendingPredicate(c.t.schema(), "e", store.Scope{DeadLetters: haveDead, Parked: haveParked})).Scan(&n, &at, &age)
 	})
 	switch {
 	case sqlState(err) == "57014": // query_canceled: the timeout
@@ -473,6 +489,8 @@ func evaluate(st *Status, opts StatusOptions, table string) {
 			problem("publication %q does not include table %s: run `outboxd migrate`", p.Name, table)
 		case !p.PublishesInsert:
 			problem("publication %q does not publish inserts: run `outboxd migrate`", p.Name)
+		case p.TablePartitioned && !p.ViaPartitionRoot:
+			problem("publication %q does not set publish_via_partition_root and table %s is partitioned: run `outboxd migrate`", p.Name, table)
 		}
 	}
 	st.OK = len(st.Problems) == 0

@@ -47,6 +47,11 @@ var scenarios = []scenario{
 	{"restart-recreates-slot-open-txn", scenarioRecreateWaitsForOpenTxn},
 	{"two-instances-one-slot", scenarioTwoInstances},
 	{"wal-sender-timeout-stall", scenarioWalSenderTimeout},
+	{"first-start-cut-create-slot", scenarioFirstStartCut("CREATE_REPLICATION_SLOT", false)},
+	{"first-start-cut-import-snapshot", scenarioFirstStartCut("SET TRANSACTION SNAPSHOT", false)},
+	{"first-start-cut-open-cursor", scenarioFirstStartCut("DECLARE outboxd_catchup", false)},
+	{"first-start-cut-start-replication", scenarioFirstStartCut("START_REPLICATION", false)},
+	{"first-start-cut-fetch", scenarioFirstStartCut("FETCH", true)},
 }
 
 // TestFault runs the matrix, scenarios in parallel (bounded by -parallel),

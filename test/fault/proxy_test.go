@@ -31,6 +31,10 @@ type Proxy struct {
 
 	accepted atomic.Int64
 	wg       sync.WaitGroup
+	// cutOn, when set, is a byte string: the first client packet that
+	// contains it is not forwarded, and its connection is reset (CutOn).
+	cutOn atomic.Pointer[[]byte]
+	cuts  atomic.Int64
 }
 
 // link is one proxied connection.
@@ -160,6 +164,12 @@ func (p *Proxy) pump(l *link, src, dst net.Conn, fromClient bool) {
 			<-l.done
 			return
 		}
+		if pat := p.cutOn.Load(); fromClient && n > 0 && pat != nil && bytes.Contains(buf[:n], *pat) &&
+			p.cutOn.CompareAndSwap(pat, nil) {
+			p.cuts.Add(1)
+			p.drop(l, true)
+			return
+		}
 		if n > 0 {
 			if _, werr := dst.Write(buf[:n]); werr != nil {
 				err = werr
@@ -185,6 +195,17 @@ func (p *Proxy) drop(l *link, rst bool) {
 	delete(p.links, l)
 	p.mu.Unlock()
 }
+
+// CutOn arms a one-shot cut: the next packet a client sends that contains
+// pattern (a protocol command such as "START_REPLICATION") is dropped and its
+// connection reset, as if the network failed at exactly that step.
+func (p *Proxy) CutOn(pattern string) {
+	b := []byte(pattern)
+	p.cutOn.Store(&b)
+}
+
+// Cuts is how many CutOn cuts happened.
+func (p *Proxy) Cuts() int64 { return p.cuts.Load() }
 
 // CloseAll ends every current connection at once, with a reset (rst) or an
 // orderly FIN, on both sides. New connections are still accepted.

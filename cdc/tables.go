@@ -1,0 +1,59 @@
+package cdc
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// tableOIDs are the relation OIDs the stream is read by. pgoutput names a
+// relation as the catalog had it when the row was written (a rename inside
+// the writing transaction gives another name), and sends a partition's rows
+// under the root's OID only when the publication publishes via the root: the
+// OID is the one identity that holds across both.
+type tableOIDs struct {
+	outbox       uint32
+	subscription uint32 // 0 when there is no subscription table
+}
+
+// lookupTables resolves the outbox and subscription tables and checks that
+// the publication sends a partitioned outbox's rows under the root: otherwise
+// they would arrive under each partition's OID.
+func lookupTables(ctx context.Context, conn *pgconn.PgConn, cfg Config) (tableOIDs, error) {
+	outbox := pgx.Identifier{cfg.Table.Schema, cfg.Table.Name}.Sanitize()
+	sub := pgx.Identifier{cfg.Table.Schema, SubscriptionTable}.Sanitize()
+	res := conn.ExecParams(ctx, `SELECT coalesce(to_regclass($1)::oid, 0), coalesce((SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = to_regclass($1)), ''),
+  coalesce(to_regclass($2)::oid, 0), coalesce((SELECT pubviaroot FROM pg_catalog.pg_publication WHERE pubname = $3), false)`,
+		[][]byte{[]byte(outbox), []byte(sub), []byte(cfg.Publication)}, nil, nil, nil).Read()
+	if res.Err != nil {
+		return tableOIDs{}, fmt.Errorf("look up table %s: %w", cfg.Table, res.Err)
+	}
+	if len(res.Rows) != 1 || len(res.Rows[0]) != 4 {
+		return tableOIDs{}, fmt.Errorf("look up table %s: unexpected answer", cfg.Table)
+	}
+	row := res.Rows[0]
+	var t tableOIDs
+	oid, err := strconv.ParseUint(string(row[0]), 10, 32)
+	if err != nil {
+		return tableOIDs{}, fmt.Errorf("look up table %s: oid %q: %w", cfg.Table, row[0], err)
+	}
+	if oid == 0 {
+		return tableOIDs{}, fmt.Errorf("%w: outbox table %s does not exist: run `outboxd migrate`", errFatal, cfg.Table)
+	}
+	t.outbox = uint32(oid)
+	if string(row[1]) == "p" && string(row[3]) != "t" {
+		return tableOIDs{}, fmt.Errorf("%w: outbox table %s is partitioned and publication %q does not set publish_via_partition_root: its rows would arrive under each partition's name; run `outboxd migrate` (it sets it)",
+			errFatal, cfg.Table, cfg.Publication)
+	}
+	if cfg.SubscriptionPublication != "" {
+		oid, err := strconv.ParseUint(string(row[2]), 10, 32)
+		if err != nil {
+			return tableOIDs{}, fmt.Errorf("look up table %s: oid %q: %w", sub, row[2], err)
+		}
+		t.subscription = uint32(oid)
+	}
+	return t, nil
+}
