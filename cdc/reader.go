@@ -79,6 +79,12 @@ type Config struct {
 	// OnPosition, when set, is called after each standby status update with
 	// the highest WAL position received and the durable position confirmed.
 	OnPosition func(received, flushed pglogrepl.LSN)
+	// OnTake, when set, is called each time this instance has taken the slot
+	// (START_REPLICATION succeeded), before the session hands anything
+	// downstream: the place to load what the slot holder acts on (routing
+	// state, parked deliveries) as of now, not as of the process start. An
+	// error stops the reader.
+	OnTake func(ctx context.Context) error
 }
 
 // HeartbeatPrefix is the prefix of the logical decoding messages the
@@ -147,7 +153,18 @@ type Reader struct {
 	// rels identifies the outbox and subscription tables in the stream by
 	// relation OID, looked up at the start of each session.
 	rels tableOIDs
+	// pid is the process id of this instance's walsender while it holds the
+	// slot (0 otherwise), the fence of the checkpoint store's writes; lastPID
+	// is that of the last one, to tell our own lingering walsender from
+	// another instance's after a cut.
+	pid     atomic.Uint32
+	lastPID uint32
 }
+
+// WalsenderPID returns the process id of the walsender streaming the slot
+// for this instance, or 0 when this instance does not hold the slot (not yet,
+// between sessions, or after Run returned).
+func (r *Reader) WalsenderPID() uint32 { return r.pid.Load() }
 
 type openTxn struct {
 	seq      uint64
@@ -205,6 +222,7 @@ func (r *Reader) Run(ctx context.Context, out chan<- *decode.Event, drained <-ch
 	if conn != nil && !conn.IsClosed() && r.copying {
 		r.finish(conn, drained)
 	}
+	r.pid.Store(0)
 	if conn != nil {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		conn.Close(cctx) //nolint:errcheck // closing; the error changes nothing
@@ -304,6 +322,7 @@ func (r *Reader) endStream(conn *pgconn.PgConn) {
 // the reconnect backoff.
 func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **pgconn.PgConn) (healthy bool, err error) {
 	r.copying = false
+	r.pid.Store(0) // the previous session's walsender, if any, is gone or going
 	conn, err := r.connect(ctx, true)
 	if err != nil {
 		return false, err
@@ -366,8 +385,15 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 			return false, r.slotLost("disappeared")
 		case slot.walStatus == "lost":
 			return false, r.slotLost("was invalidated (wal_status lost)")
+		case slot.active && uint32(slot.activePID) == r.lastPID:
+			// Our own walsender of before the cut, not yet gone.
+			return false, errRetry{fmt.Sprintf("slot %q is still active in this instance's previous walsender %d", r.cfg.Slot, slot.activePID)}
 		case slot.active:
-			return false, errRetry{fmt.Sprintf("slot %q is active in process %d", r.cfg.Slot, slot.activePID)}
+			// Another instance took the slot while we were cut off: it acts
+			// now (G9). Stop, rather than wait as a standby with the routing
+			// state and deliveries of a leadership that is over.
+			return false, fmt.Errorf("%w: slot %q was taken over by process %d while this instance was disconnected; stopping (a restart makes this instance a standby)",
+				errFatal, r.cfg.Slot, slot.activePID)
 		case slot.confirmedFlush > r.ledger.Flushed():
 			// We never confirm beyond our durable position: someone reset or
 			// advanced the slot while we were away.
@@ -413,11 +439,7 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		defer snap.close()
 	}
 
-	pubs := fmt.Sprintf("%q", r.cfg.Publication)
-	if r.cfg.SubscriptionPublication != "" {
-		pubs += fmt.Sprintf(",%q", r.cfg.SubscriptionPublication)
-	}
-	pluginArgs := []string{"proto_version '1'", "publication_names '" + pubs + "'"}
+	pluginArgs := []string{"proto_version '1'", "publication_names " + publicationNames(r.cfg.Publication, r.cfg.SubscriptionPublication)}
 	heartbeat := r.heartbeatOn(conn)
 	if heartbeat {
 		pluginArgs = append(pluginArgs, "messages 'true'")
@@ -430,6 +452,13 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 	}
 	unlock() // the slot is active now: others see it in use
 	r.copying = true
+	r.lastPID = conn.PID()
+	r.pid.Store(conn.PID())
+	if r.cfg.OnTake != nil {
+		if err := r.cfg.OnTake(sctx); err != nil {
+			return true, fmt.Errorf("%w: take the slot: %w", errFatal, err)
+		}
+	}
 	r.log.Info().Stringer("start_lsn", r.resume).Stringer("flush_lsn", r.ledger.Flushed()).Msg("streaming")
 	if r.cfg.OnStreaming != nil {
 		r.cfg.OnStreaming(true)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -56,4 +57,19 @@ func lookupTables(ctx context.Context, conn *pgconn.PgConn, cfg Config) (tableOI
 		t.subscription = uint32(oid)
 	}
 	return t, nil
+}
+
+// publicationNames renders pgoutput's publication_names option: a string
+// literal holding a comma list of identifiers. Each name is quoted as an SQL
+// identifier (inner double quotes doubled), then the list as a literal (inner
+// single quotes doubled): a name that Go's %q would quote differently, or one
+// with a quote in it, still reaches the server as written.
+func publicationNames(names ...string) string {
+	var ids []string
+	for _, n := range names {
+		if n != "" {
+			ids = append(ids, pgx.Identifier{n}.Sanitize())
+		}
+	}
+	return "'" + strings.ReplaceAll(strings.Join(ids, ","), "'", "''") + "'"
 }

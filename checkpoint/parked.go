@@ -133,6 +133,9 @@ ORDER BY p.commit_lsn, p.commit_index, p.event_id LIMIT $3`
 // nothing else of it is parked or dead.
 func (s *Store) Delivered(ctx context.Context, target string, eventID int64, attempts int32) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if err := s.fenced(ctx, tx); err != nil {
+			return err
+		}
 		var q pgx.Batch
 		q.Queue(`DELETE FROM `+s.parked()+` WHERE target = $1 AND event_id = $2`, target, eventID)
 		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+store.AddAttempts("e", "$2")+`,
@@ -149,6 +152,9 @@ WHERE e.id = $1`, eventID, attempts)
 // Reschedule records a failed retry of a parked delivery and when to try next.
 func (s *Store) Reschedule(ctx context.Context, target string, eventID int64, attempts int32, next time.Time, status int, reason string) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if err := s.fenced(ctx, tx); err != nil {
+			return err
+		}
 		var q pgx.Batch
 		q.Queue(`UPDATE `+s.parked()+` SET attempts = attempts + $3, rounds = rounds + 1, next_attempt_at = $4,
   last_status = $5, last_error = $6 WHERE target = $1 AND event_id = $2`, target, eventID, attempts, next, nullStatus(status), reason)
@@ -161,6 +167,9 @@ func (s *Store) Reschedule(ctx context.Context, target string, eventID int64, at
 // permanently, or its row is gone).
 func (s *Store) GiveUp(ctx context.Context, target string, eventID int64, attempts int32, status int, reason string) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if err := s.fenced(ctx, tx); err != nil {
+			return err
+		}
 		var q pgx.Batch
 		q.Queue(`WITH p AS (DELETE FROM `+s.parked()+` WHERE target = $1 AND event_id = $2 RETURNING attempts)
 INSERT INTO `+s.dead()+` AS d (event_id, sink, last_status, last_error, attempts)

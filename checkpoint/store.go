@@ -48,6 +48,8 @@ type Store struct {
 	pool *pgxpool.Pool
 	cfg  StoreConfig
 	log  zerolog.Logger
+	// fence, when set, returns this instance's walsender pid (SetFence).
+	fence func() uint32
 
 	markSQL, deadSQL, attemptsSQL, parkSQL, stateSQL, advanceSQL, loadSQL, saveSQL string
 }
@@ -96,6 +98,39 @@ ON CONFLICT (slot_name) DO UPDATE SET lsn = excluded.lsn, system_identifier = ex
 // SetLogger sets the logger of the store (default: none).
 func (s *Store) SetLogger(log zerolog.Logger) { s.log = log }
 
+// ErrNotLeader is returned by the writes of a fenced store when this instance
+// does not hold the slot: it may not mark rows, move the checkpoint or resolve
+// parked deliveries (only the slot holder acts). The write is not made.
+var ErrNotLeader = errors.New("this instance does not hold the slot")
+
+// SetFence fences every write of the store: pid returns the process id of
+// this instance's walsender (0 while it has none), and a write commits only
+// if that walsender is the slot's active_pid at the time, checked inside the
+// write's transaction. A slot is active in one walsender at a time, so an
+// instance that lost the slot (a standby took over while its connection was
+// cut) cannot write over the new holder's marks and checkpoint.
+func (s *Store) SetFence(pid func() uint32) { s.fence = pid }
+
+// fenced checks the fence inside tx.
+func (s *Store) fenced(ctx context.Context, tx pgx.Tx) error {
+	if s.fence == nil {
+		return nil
+	}
+	pid := s.fence()
+	if pid == 0 {
+		return fmt.Errorf("write for slot %q: %w (not streaming)", s.cfg.Slot, ErrNotLeader)
+	}
+	var holds bool
+	if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1 AND active_pid = $2)`,
+		s.cfg.Slot, int32(pid)).Scan(&holds); err != nil {
+		return fmt.Errorf("check that this instance holds slot %q: %w", s.cfg.Slot, err)
+	}
+	if !holds {
+		return fmt.Errorf("write for slot %q: %w (walsender %d is not its active process)", s.cfg.Slot, ErrNotLeader, pid)
+	}
+	return nil
+}
+
 // ErrNoCheckpoint is returned by Load when the slot has no checkpoint yet.
 var ErrNoCheckpoint = errors.New("no checkpoint")
 
@@ -133,6 +168,9 @@ func (s *Store) Write(ctx context.Context, b Batch) error {
 		return fmt.Errorf("begin checkpoint transaction: %w", err)
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // no-op after commit
+	if err := s.fenced(ctx, tx); err != nil {
+		return err
+	}
 
 	var q pgx.Batch
 	var lo, hi []int64

@@ -65,7 +65,11 @@ type Retrier struct {
 	Interval time.Duration
 	// Workers is how many keys are retried at once; default 8.
 	Workers int
-	Log     zerolog.Logger
+	// Leader, when set, reports whether this instance holds the slot now;
+	// rounds are skipped while it does not (between two sessions of the
+	// reader), so that only the slot holder delivers parked events (G9).
+	Leader func() bool
+	Log    zerolog.Logger
 }
 
 // Run retries until ctx ends. Database errors are logged and retried on the
@@ -91,6 +95,9 @@ func (r *Retrier) Run(ctx context.Context) error {
 
 // Round retries every key whose first parked delivery is due.
 func (r *Retrier) Round(ctx context.Context) error {
+	if r.Leader != nil && !r.Leader() {
+		return nil
+	}
 	heads, err := r.Store.DueHeads(ctx, 1000)
 	if err != nil {
 		return err

@@ -179,7 +179,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	if err := rcfg.Validate(); err != nil {
 		return err
 	}
-	reader := cdc.NewReader(rcfg, tracker, store, log)
+	var reader *cdc.Reader
 	flusher := &checkpoint.Flusher{Tracker: tracker, Writer: store, Interval: cfg.FlushInterval,
 		Log: log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger()}
 	var onResult func(deliver.Result)
@@ -187,38 +187,38 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 		onResult = o.Delivered
 		flusher.OnFlush = o.Flushed
 	}
-	// The routing state and parked deliveries as of the checkpoint: routing
-	// resumes exactly where the checkpoint is (if the reader recreates the
-	// slot, the catch-up seeds the routing state again).
-	var routing []byte
-	if cp, err := store.Load(ctx); err == nil {
-		routing = cp.Routing
-	} else if !errors.Is(err, checkpoint.ErrNoCheckpoint) {
-		return err
-	}
-	parked, err := store.ParkedCounts(ctx)
-	if err != nil {
-		return err
-	}
+	// Only the slot holder acts (G9): the store's writes are fenced by this
+	// instance's walsender, and the router (with the routing state and the
+	// parked deliveries), the retrier and the flusher are made when the slot
+	// is taken, from the database as it is then, not as it was when this
+	// process started: a standby that waited for an hour acts on the
+	// subscriptions and parked deliveries of now.
 	dlog := log.With().Str("component", "deliver").Logger()
-	router, err := deliver.NewRouter(deliver.RouterConfig{
-		Deliver: cfg.Deliver, Default: s, DefaultEvents: cfg.DefaultEvents,
-		Subscription: func(sub deliver.Subscription) (sink.Sink, error) {
-			wc := cfg.Webhook
-			wc.Name, wc.URL, wc.Secrets = sub.TargetName(), sub.URL, sub.Secrets
-			if err := wc.Validate(); err != nil {
-				return nil, err
-			}
-			return sink.NewWebhook(wc, log)
-		},
-		Routing: routing, Parked: parked, OnResult: onResult,
-		OnGone: func(target string) { disableGone(ctx, pool, cfg, target, dlog) },
-	}, tracker, dlog)
-	if err != nil {
-		return err
+	var (
+		router  *deliver.Router
+		retrier *deliver.Retrier
+		leading = make(chan struct{}) // closed when the slot is first taken
+	)
+	rcfg.OnTake = func(ctx context.Context) error {
+		if router != nil {
+			// The slot again, after a cut, with nobody in between (the reader
+			// stops when another instance held it): the state in memory is
+			// the state of the stream we continue.
+			return nil
+		}
+		var err error
+		router, err = newRouter(ctx, cfg, store, s, tracker, onResult, pool, log, dlog)
+		if err != nil {
+			return err
+		}
+		retrier = &deliver.Retrier{Store: store, Router: router, Schedule: cfg.Schedule, Interval: cfg.RetryInterval,
+			Leader: func() bool { return reader.WalsenderPID() != 0 },
+			Log:    log.With().Str("component", "retrier").Logger()}
+		close(leading)
+		return nil
 	}
-	retrier := &deliver.Retrier{Store: store, Router: router, Schedule: cfg.Schedule, Interval: cfg.RetryInterval,
-		Log: log.With().Str("component", "retrier").Logger()}
+	reader = cdc.NewReader(rcfg, tracker, store, log)
+	store.SetFence(reader.WalsenderPID)
 
 	var (
 		mu       sync.Mutex
@@ -256,40 +256,94 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 		}()
 	}
 	drained := make(chan struct{})
+	readerDone := make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Add(4)
+	wg.Add(2)
+	var readerErr error
 	go func() {
 		defer wg.Done()
-		if err := retrier.Run(readCtx); err != nil {
-			fail(fmt.Errorf("retry parked deliveries: %w", err))
-		}
-	}()
-	go func() {
-		defer wg.Done()
-		if err := reader.Run(readCtx, raw, drained); err != nil {
-			fail(err)
+		defer close(readerDone)
+		// Run returns only after the drain (the final flush included), so
+		// its error is kept apart: it is the cause, and must not be hidden by
+		// a failure of that final flush which it brought about.
+		readerErr = reader.Run(readCtx, raw, drained)
+		if readerErr != nil {
 			stopReading()
 		}
 	}()
+	// The slot holder's components start when the slot is first taken; a
+	// standby that never takes it starts none of them.
 	go func() {
 		defer wg.Done()
-		defer stopFlushing()
-		if err := router.Run(deliverCtx, events); err != nil && !errors.Is(err, context.Canceled) {
-			fail(fmt.Errorf("deliver: %w", err))
-			stopReading()
+		select {
+		case <-leading:
+		case <-readerDone:
+			close(drained)
+			return
 		}
-	}()
-	go func() {
-		defer wg.Done()
-		defer close(drained)
-		if err := flusher.Run(flushCtx); err != nil {
-			fail(err)
-			stopReading()
-			stopDelivering()
-		}
+		var lwg sync.WaitGroup
+		lwg.Add(3)
+		go func() {
+			defer lwg.Done()
+			if err := retrier.Run(readCtx); err != nil {
+				fail(fmt.Errorf("retry parked deliveries: %w", err))
+			}
+		}()
+		go func() {
+			defer lwg.Done()
+			defer stopFlushing()
+			if err := router.Run(deliverCtx, events); err != nil && !errors.Is(err, context.Canceled) {
+				fail(fmt.Errorf("deliver: %w", err))
+				stopReading()
+			}
+		}()
+		go func() {
+			defer lwg.Done()
+			defer close(drained)
+			if err := flusher.Run(flushCtx); err != nil {
+				fail(err)
+				stopReading()
+				stopDelivering()
+			}
+		}()
+		lwg.Wait()
 	}()
 	wg.Wait()
+	if readerErr != nil {
+		return readerErr
+	}
 	return firstErr
+}
+
+// newRouter builds the router with the routing state and the parked
+// deliveries as they are stored now: routing resumes exactly where the
+// checkpoint is (if the reader recreates the slot, the catch-up seeds the
+// routing state again).
+func newRouter(ctx context.Context, cfg Config, store *checkpoint.Store, s sink.Sink, tracker *checkpoint.Tracker,
+	onResult func(deliver.Result), pool *pgxpool.Pool, log, dlog zerolog.Logger) (*deliver.Router, error) {
+	var routing []byte
+	if cp, err := store.Load(ctx); err == nil {
+		routing = cp.Routing
+	} else if !errors.Is(err, checkpoint.ErrNoCheckpoint) {
+		return nil, err
+	}
+	parked, err := store.ParkedCounts(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return deliver.NewRouter(deliver.RouterConfig{
+		Deliver: cfg.Deliver, Default: s, DefaultEvents: cfg.DefaultEvents,
+		Subscription: func(sub deliver.Subscription) (sink.Sink, error) {
+			wc := cfg.Webhook
+			wc.Name, wc.URL, wc.Secrets = sub.TargetName(), sub.URL, sub.Secrets
+			if err := wc.Validate(); err != nil {
+				return nil, err
+			}
+			return sink.NewWebhook(wc, log)
+		},
+		Routing: routing, Parked: parked, OnResult: onResult,
+		OnGone: func(target string) { disableGone(ctx, pool, cfg, target, dlog) },
+	}, tracker, dlog)
 }
 
 // disableGone disables a subscription whose endpoint answered 410 Gone. The
