@@ -103,7 +103,13 @@ func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 				r.log.Error().Err(err).Msg("catch-up row skipped: it cannot be delivered or marked")
 				continue
 			}
-			e.TxnSeq, e.Index = seq, n
+			// Every row read here committed before the slot's consistent
+			// point, and after whatever was parked before it (a parked head
+			// holds its key's later events back, parked too): giving them
+			// that point as their commit LSN sorts them after the parked
+			// deliveries of their key, in catch-up order (Index), when
+			// they are parked in turn. Zero sorted them first.
+			e.CommitLSN, e.TxnSeq, e.Index = s.lsn, seq, n
 			n++
 			if err := st.emit(ctx, e); err != nil {
 				rr.Close() //nolint:errcheck // failing anyway
