@@ -20,6 +20,8 @@
 package migrations
 
 import (
+	"github.com/outboxd/outboxd/store"
+
 	"context"
 	"embed"
 	"errors"
@@ -63,7 +65,7 @@ const lockKey int64 = 0x6f7574626f786400
 var bookkeeping = []string{"is_processed", "processed_at", "delivery_attempts"}
 
 // ownTables are outboxd's own tables, created next to the outbox table.
-var ownTables = []string{"outboxd_checkpoint", "outboxd_dead_letter", VersionTable}
+var ownTables = []string{store.CheckpointTable, store.DeadLetterTable, store.ParkedTable, store.SubscriptionTable, VersionTable}
 
 // latest is the version of the newest embedded migration.
 var latest = func() int32 {
@@ -93,7 +95,12 @@ type Options struct {
 // Validate fills in defaults for empty names and checks each name: valid
 // UTF-8, no control characters, at most 63 bytes (Postgres would silently
 // truncate a longer name) and, for the table, not one of outboxd's own tables.
-// Any other character is fine: names are always quoted.
+// Any other character is fine in the schema and table names: they are always
+// quoted. The publication name is stricter, because it also travels inside
+// replication commands (a quoted list in a string literal) and, with
+// "_subscriptions" appended, names a second publication that must fit 63
+// bytes too: 1-49 characters of A-Z, a-z, 0-9, _, $ and -, starting with a
+// letter or _. The daemon and the operator commands check names with this.
 func (o *Options) Validate() error {
 	if o.Schema == "" {
 		o.Schema = DefaultSchema
@@ -114,6 +121,21 @@ func (o *Options) Validate() error {
 	}
 	if slices.Contains(ownTables, o.Table) {
 		errs = append(errs, fmt.Errorf("table name %q: taken by outboxd's own table", o.Table))
+	}
+	maxPublication := 63 - len(SubscriptionPublication(""))
+	plain := len(o.Publication) <= maxPublication
+	for i, r := range o.Publication {
+		switch {
+		case r == '_' || 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z':
+		case i > 0 && (r == '$' || r == '-' || '0' <= r && r <= '9'):
+		default:
+			plain = false
+		}
+	}
+	if !plain && validateIdentifier(o.Publication) == nil {
+		errs = append(errs, fmt.Errorf("publication name %q: must be 1-%d characters of A-Z, a-z, 0-9, _, $ and -, starting with a letter or _ "+
+			"(it is quoted into replication commands, and with %q appended must still fit Postgres's 63-byte names)",
+			o.Publication, maxPublication, SubscriptionPublication("")))
 	}
 	return errors.Join(errs...)
 }

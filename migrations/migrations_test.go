@@ -227,7 +227,7 @@ INSERT INTO domain_event VALUES (1, 'legacy', '{"a": 1}', 'y', 'orm')`)
 func TestMigrateCustomNames(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	opts := migrations.Options{Schema: `Out "Box"`, Table: "Domain Event.v2", Publication: `pub-Ünï "x"`}
+	opts := migrations.Options{Schema: `Out "Box"`, Table: "Domain Event.v2", Publication: "Pub-Custom_1"}
 
 	require.Error(t, migrations.Check(b.ctx, b.conn, opts))
 	res, err := migrations.Migrate(b.ctx, b.conn, opts)

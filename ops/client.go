@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/migrations"
 )
 
 // Target names the database objects the commands work on.
@@ -33,7 +34,9 @@ type Target struct {
 var slotNameRE = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
 
 // Validate checks t. The slot name rule is the reader's: it is interpolated
-// into replication commands.
+// into replication commands. The schema, table and publication names follow
+// migrate's rules (migrations.Options.Validate), so that a name migrate
+// refuses is refused here too, and the other way round.
 func (t Target) Validate() error {
 	if t.DatabaseURL == "" {
 		return errors.New("database URL is empty")
@@ -47,7 +50,7 @@ func (t Target) Validate() error {
 	if t.Publication == "" {
 		return errors.New("publication name is empty")
 	}
-	return nil
+	return (&migrations.Options{Schema: t.schema(), Table: t.Table.Name, Publication: t.Publication}).Validate()
 }
 
 func (t Target) schema() string {

@@ -112,9 +112,10 @@ func (c *Config) Validate() error {
 	if len(c.Schedule) == 0 {
 		c.Schedule = deliver.DefaultSchedule
 	}
-	if c.Deliver.FirstRetry == 0 {
-		c.Deliver.FirstRetry = c.Schedule[0]
-	}
+	// The first retry of a parked delivery is the schedule's first step,
+	// always: Deliver.FirstRetry may already hold deliver's own 5s default
+	// (Deliver validated earlier), so "only when unset" would lose the step.
+	c.Deliver.FirstRetry = c.Schedule[0]
 	if err := c.Deliver.Validate(); err != nil {
 		return err
 	}

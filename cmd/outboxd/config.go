@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/deliver"
+	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/pipeline"
 	"github.com/outboxd/outboxd/sink"
 )
@@ -128,6 +130,9 @@ func (c config) table() (decode.Table, error) {
 	return decode.Table{Schema: schema, Name: name}, nil
 }
 
+// requireDatabase checks what every command that works on the database
+// needs, before it connects: the connection string, and the names of the
+// objects (OUTBOXD_TABLE, OUTBOXD_SLOT, OUTBOXD_PUBLICATION).
 func (c config) requireDatabase() error {
 	if strings.TrimSpace(c.DatabaseURL) == "" {
 		return badVar("DATABASE_URL", "required: a libpq URL or key/value connection string")
@@ -135,6 +140,30 @@ func (c config) requireDatabase() error {
 	if _, err := pgconn.ParseConfig(c.DatabaseURL); err != nil {
 		// pgconn's parse errors may quote the string, password included.
 		return badVar("DATABASE_URL", "cannot be parsed as a libpq URL or key/value connection string")
+	}
+	return c.checkNames()
+}
+
+// slotNameRE is Postgres's rule for replication slot names.
+var slotNameRE = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
+
+// checkNames checks the database object names with the rules migrate
+// (migrations.Options.Validate) and the operator commands (ops.Target.Validate)
+// apply, so that a name outboxd cannot use is refused at start, naming the
+// variable, instead of failing later in SQL or a replication command.
+func (c config) checkNames() error {
+	table, err := c.table()
+	if err != nil {
+		return err
+	}
+	if err := (&migrations.Options{Schema: table.Schema, Table: table.Name}).Validate(); err != nil {
+		return badVar("TABLE", "%v", err)
+	}
+	if !slotNameRE.MatchString(c.Slot) {
+		return badVar("SLOT", "%q must be 1-63 characters of a-z, 0-9 and _ (Postgres's rule for replication slot names)", c.Slot)
+	}
+	if err := (&migrations.Options{Publication: c.Publication}).Validate(); err != nil {
+		return badVar("PUBLICATION", "%v", err)
 	}
 	return nil
 }
@@ -207,7 +236,11 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 			return pipeline.Config{}, badVar(ch.name, "%v", ch.err)
 		}
 	}
-	if err := pc.Deliver.Validate(); err != nil {
+	// Check a copy: Validate fills in defaults, among them a first retry of
+	// 5s, which must not stand in for the schedule's first step (pc.Validate
+	// takes it from the schedule).
+	deliverCheck := pc.Deliver
+	if err := deliverCheck.Validate(); err != nil {
 		return pipeline.Config{}, badVar("WEBHOOK_CONCURRENCY", "%v", err)
 	}
 	if c.Sink != "webhook" {

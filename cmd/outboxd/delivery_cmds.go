@@ -117,6 +117,11 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 			if err != nil {
 				return usageError{err}
 			}
+			if globs == nil {
+				// No globs: every event. The column is NOT NULL, empty
+				// meaning all; a nil slice would be sent as NULL.
+				globs = []string{}
+			}
 			if secret == "" {
 				secret = newSecret()
 			}

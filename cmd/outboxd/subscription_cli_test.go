@@ -71,3 +71,44 @@ func TestSubscriptionCommands(t *testing.T) {
 	require.Equal(t, 1, code, out)
 	require.Contains(t, out, "not found")
 }
+
+// `subscription add` without --events (or with an empty list) adds a
+// subscription to every event, as its help says: events is '{}', not NULL
+// (issue 11 item 10: it failed with a NOT NULL violation).
+func TestSubscriptionAddWithoutEventsTakesEveryEvent(t *testing.T) {
+	t.Parallel()
+	b := newBundle(t, pgtest.Shared(t), nil)
+	var ids []string
+	for _, args := range [][]string{
+		{"subscription", "add", "--url", "https://platform.example/hooks"},
+		{"subscription", "add", "--url", "https://tenant8.example/hooks", "--organization", "8", "--events", ""},
+		{"subscription", "add", "--url", "https://tenant9.example/hooks", "--organization", "9", "--events", " , "},
+	} {
+		code, out := e2e.RunCommand(t, b.env, args...)
+		require.Equal(t, 0, code, out)
+		m := regexp.MustCompile(`subscription (\d+) added`).FindStringSubmatch(out)
+		require.NotNil(t, m, out)
+		ids = append(ids, m[1])
+	}
+	for _, id := range ids {
+		var events []string
+		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT events FROM outboxd_subscription WHERE id = $1::bigint`, id).Scan(&events))
+		require.NotNil(t, events)
+		require.Empty(t, events, "empty = every event (docs/DESIGN.md §2)")
+	}
+
+	code, out := e2e.RunCommand(t, b.env, "subscription", "list", "--json")
+	require.Equal(t, 0, code, out)
+	var subs []struct {
+		ID     int64    `json:"id"`
+		Events []string `json:"events"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out[strings.Index(out, "["):]), &subs))
+	require.Len(t, subs, 3)
+	for _, s := range subs {
+		require.Empty(t, s.Events)
+	}
+	code, out = e2e.RunCommand(t, b.env, "subscription", "list")
+	require.Equal(t, 0, code, out)
+	require.Regexp(t, `https://platform\.example/hooks\s+\*\s`, out, "the table shows every event as *")
+}
