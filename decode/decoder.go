@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -34,7 +35,7 @@ const (
 	KindEvent                // an insert into the outbox table: Message.Event set
 	KindInsert               // an insert into another published relation: Message.Row set (used later for a subscription table)
 	KindLogical              // a logical decoding message (pg_logical_emit_message), Message.Logical set
-	KindUpdate               // an update of another published relation: Message.Row holds the new row
+	KindUpdate               // an update of another published relation: Message.Row holds the new row (see Row.Unchanged)
 	KindDelete               // a delete from another published relation: Message.Row holds the old key (other columns NULL)
 )
 
@@ -78,11 +79,40 @@ type Commit struct {
 	CommitTime        time.Time
 }
 
-// Row is an insert into a relation other than the outbox table.
+// Row is a row of a relation other than the outbox table: inserted, the new
+// row of an update, or the old key of a delete.
 type Row struct {
 	Relation *Relation
-	// Values are in text form, one per column of Relation; nil is NULL.
+	// Values are in text form, one per column of Relation; nil is NULL,
+	// unless Unchanged says the column was not sent at all.
 	Values [][]byte
+	// Unchanged is nil when every column was sent. Otherwise it has one entry
+	// per column, true for a column pgoutput sent as 'u': a TOASTed value the
+	// update did not change, whose content is not in the message (its Value
+	// is nil, but it is NOT NULL: the value is whatever the row held before
+	// the update). A caller must take such a column from the row it already
+	// knows, or refuse the row; it must never read it as NULL
+	// (docs/DESIGN.md G10). Only update rows can have unchanged columns: an
+	// insert carrying one is ErrMalformed, and a delete's old key is never
+	// TOASTed.
+	Unchanged []bool
+}
+
+// IsUnchanged reports whether column i was sent as 'u' (unchanged TOAST).
+func (r *Row) IsUnchanged(i int) bool {
+	return i >= 0 && i < len(r.Unchanged) && r.Unchanged[i]
+}
+
+// UnchangedColumns returns the names of the unchanged columns, in column
+// order (none: nil).
+func (r *Row) UnchangedColumns() []string {
+	var out []string
+	for i, u := range r.Unchanged {
+		if u && i < len(r.Relation.Columns) {
+			out = append(out, r.Relation.Columns[i].Name)
+		}
+	}
+	return out
 }
 
 // Logical is a logical decoding message written by pg_logical_emit_message.
@@ -115,9 +145,13 @@ type Decoder struct {
 	index    int
 
 	// Scratch space reused by every insert: column values (slices of the
-	// input, cleared before Decode returns) and the Event's strings.
-	vals [][]byte
-	strs []byte
+	// input, cleared before Decode returns) and the Event's strings; for
+	// updates also the 'u' flags and the old row.
+	vals    [][]byte
+	unch    []bool
+	oldVals [][]byte
+	oldUnch []bool
+	strs    []byte
 }
 
 type relEntry struct {
@@ -304,7 +338,9 @@ func (d *Decoder) insert(b []byte) (Message, error) {
 	}
 	vals := d.vals[:n]
 	defer clear(vals) // do not keep the caller's buffer alive
-	if err := scanTuple(b[5:], vals); err != nil {
+	// An inserted row has no previous value: 'u' cannot occur (nil flags
+	// make scanTuple refuse it), and reading it as NULL would invent a value.
+	if err := scanTuple(b[5:], vals, nil); err != nil {
 		return Message{}, fmt.Errorf("decode insert: relation %d (%s.%s): %w", id, e.rel.Namespace, e.rel.Name, err)
 	}
 	if !e.outbox {
@@ -329,6 +365,12 @@ func (d *Decoder) insert(b []byte) (Message, error) {
 // TupleData, then Byte1 'N' and the new TupleData. Updates of the outbox table
 // are ignored (the marking UPDATEs never matter); for other relations the new
 // row is returned.
+//
+// A TOASTed column the update did not change comes as 'u', without its value.
+// With REPLICA IDENTITY FULL the old row ('O') carries every column in full
+// (Postgres inlines its TOASTed values), so such a column takes the old
+// row's value, which is by definition the new one; any column still unknown
+// is flagged in Row.Unchanged for the caller to resolve.
 func (d *Decoder) update(b []byte) (Message, error) {
 	if len(b) < 5 {
 		return Message{}, malformed("update", "truncated header")
@@ -339,10 +381,14 @@ func (d *Decoder) update(b []byte) (Message, error) {
 		return Message{}, fmt.Errorf("decode update: relation %d: %w", id, ErrUnknownRelation)
 	}
 	rest := b[4:]
+	var old []byte // the old full row ('O'), if sent
 	if rest[0] == 'K' || rest[0] == 'O' {
 		n, err := tupleLen(rest[1:])
 		if err != nil {
 			return Message{}, fmt.Errorf("decode update: relation %d: old tuple: %w", id, err)
+		}
+		if rest[0] == 'O' {
+			old = rest[1 : 1+n]
 		}
 		rest = rest[1+n:]
 	}
@@ -352,11 +398,41 @@ func (d *Decoder) update(b []byte) (Message, error) {
 	if e.outbox {
 		return Message{Kind: KindIgnored}, nil
 	}
-	row, err := d.otherRow(e, rest[1:])
-	if err != nil {
+	n := len(e.rel.Columns)
+	if cap(d.vals) < n {
+		d.vals = make([][]byte, n)
+	}
+	if cap(d.unch) < n {
+		d.unch = make([]bool, n)
+	}
+	vals, unch := d.vals[:n], d.unch[:n]
+	defer clear(vals)
+	defer clear(unch)
+	if err := scanTuple(rest[1:], vals, unch); err != nil {
 		return Message{}, fmt.Errorf("decode update: relation %d (%s.%s): %w", id, e.rel.Namespace, e.rel.Name, err)
 	}
-	return Message{Kind: KindUpdate, Row: row}, nil
+	if old != nil && slices.Contains(unch, true) {
+		if cap(d.oldVals) < n {
+			d.oldVals = make([][]byte, n)
+		}
+		if cap(d.oldUnch) < n {
+			d.oldUnch = make([]bool, n)
+		}
+		oldVals, oldUnch := d.oldVals[:n], d.oldUnch[:n]
+		defer clear(oldVals)
+		defer clear(oldUnch)
+		if err := scanTuple(old, oldVals, oldUnch); err != nil {
+			return Message{}, fmt.Errorf("decode update: relation %d (%s.%s): old tuple: %w", id, e.rel.Namespace, e.rel.Name, err)
+		}
+		for c := range unch {
+			// A NULL is never TOASTed: an old NULL under a new 'u' is not
+			// a value to take.
+			if unch[c] && !oldUnch[c] && oldVals[c] != nil {
+				vals[c], unch[c] = oldVals[c], false
+			}
+		}
+	}
+	return Message{Kind: KindUpdate, Row: copyRowUnchanged(e.rel, vals, unch)}, nil
 }
 
 // delete: Int32 relation id, Byte1 'K' or 'O', TupleData of the old key or row.
@@ -375,24 +451,22 @@ func (d *Decoder) delete(b []byte) (Message, error) {
 	if e.outbox {
 		return Message{Kind: KindIgnored}, nil
 	}
-	row, err := d.otherRow(e, b[5:])
-	if err != nil {
-		return Message{}, fmt.Errorf("decode delete: relation %d (%s.%s): %w", id, e.rel.Namespace, e.rel.Name, err)
-	}
-	return Message{Kind: KindDelete, Row: row}, nil
-}
-
-func (d *Decoder) otherRow(e *relEntry, b []byte) (*Row, error) {
 	n := len(e.rel.Columns)
 	if cap(d.vals) < n {
 		d.vals = make([][]byte, n)
 	}
-	vals := d.vals[:n]
-	defer clear(vals)
-	if err := scanTuple(b, vals); err != nil {
-		return nil, err
+	if cap(d.unch) < n {
+		d.unch = make([]bool, n)
 	}
-	return copyRow(e.rel, vals), nil
+	vals, unch := d.vals[:n], d.unch[:n]
+	defer clear(vals)
+	defer clear(unch)
+	// The old key is never TOASTed, and a full old row is sent inlined; a
+	// 'u' here is still kept apart from NULL rather than refused.
+	if err := scanTuple(b[5:], vals, unch); err != nil {
+		return Message{}, fmt.Errorf("decode delete: relation %d (%s.%s): %w", id, e.rel.Namespace, e.rel.Name, err)
+	}
+	return Message{Kind: KindDelete, Row: copyRowUnchanged(e.rel, vals, unch)}, nil
 }
 
 // tupleLen returns the length of the TupleData at the start of b.
@@ -430,10 +504,15 @@ func tupleLen(b []byte) (int, error) {
 // scanTuple parses TupleData: Int16 column count, then per column Byte1 kind
 // ('n' null, 'u' unchanged TOAST, 't' text, 'b' binary) and, for 't' and 'b',
 // Int32 length and the bytes. It fills vals (one per relation column) with
-// slices of b, nil for NULL. 'u' cannot occur in an insert and is read as
-// NULL. 'b' is only sent when binary mode is requested, which outboxd never
-// does, so it is ErrUnsupported rather than a guess at the value.
-func scanTuple(b []byte, vals [][]byte) error {
+// slices of b, nil for NULL.
+//
+// 'u' (a TOASTed value an update left unchanged, sent without its content)
+// is never read as NULL: with unch nil it is ErrMalformed (inserts, where it
+// cannot occur); otherwise unch (one per column) gets true for it, false for
+// every other column, and its vals entry is nil. 'b' is only sent when binary
+// mode is requested, which outboxd never does, so it is ErrUnsupported rather
+// than a guess at the value.
+func scanTuple(b []byte, vals [][]byte, unch []bool) error {
 	if len(b) < 2 {
 		return fmt.Errorf("truncated column count: %w", ErrMalformed)
 	}
@@ -448,9 +527,18 @@ func scanTuple(b []byte, vals [][]byte) error {
 		}
 		kind := b[i]
 		i++
+		if unch != nil {
+			unch[c] = false
+		}
 		switch kind {
-		case 'n', 'u':
+		case 'n':
 			vals[c] = nil
+		case 'u':
+			if unch == nil {
+				return fmt.Errorf("column %d: unchanged TOAST value ('u') where a full row is due: %w", c, ErrMalformed)
+			}
+			vals[c] = nil
+			unch[c] = true
 		case 't':
 			if len(b)-i < 4 {
 				return fmt.Errorf("column %d: truncated length: %w", c, ErrMalformed)
@@ -477,6 +565,12 @@ func scanTuple(b []byte, vals [][]byte) error {
 
 // copyRow copies vals into one allocation.
 func copyRow(rel *Relation, vals [][]byte) *Row {
+	return copyRowUnchanged(rel, vals, nil)
+}
+
+// copyRowUnchanged copies vals into one allocation, and unch when one of
+// its flags is set.
+func copyRowUnchanged(rel *Relation, vals [][]byte, unch []bool) *Row {
 	n := 0
 	for _, v := range vals {
 		n += len(v)
@@ -491,7 +585,11 @@ func copyRow(rel *Relation, vals [][]byte) *Row {
 		buf = append(buf, v...)
 		out[i] = buf[start:len(buf):len(buf)]
 	}
-	return &Row{Relation: rel, Values: out}
+	row := &Row{Relation: rel, Values: out}
+	if slices.Contains(unch, true) {
+		row.Unchanged = slices.Clone(unch)
+	}
+	return row
 }
 
 // decodeLogical: Int8 flags (1 = transactional), Int64 LSN, String prefix,

@@ -49,7 +49,9 @@
 // connections should set (options=-c datestyle=ISO, as Postgres's own
 // subscriber does); the session time zone does not matter.
 //
-// Unchanged-TOAST ('u') values cannot occur in inserts and are read as NULL.
+// Unchanged-TOAST ('u') values are never read as NULL: an insert carrying one
+// is malformed, and an update's are taken from its old row when the relation
+// sends it (REPLICA IDENTITY FULL) or flagged in Row.Unchanged for the caller.
 // Binary ('b') values are only sent when the binary option is requested, which
 // outboxd never does: they are ErrUnsupported rather than guessed at.
 //

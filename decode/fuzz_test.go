@@ -40,6 +40,7 @@ func fuzzRelations(tb testing.TB) [][]byte {
 		relationMsg(1, "public", "domain_event", outboxCols...),
 		relationMsg(2, "public", "domain_event", allTypes...),
 		relationMsg(3, "public", "domain_event", col{"id", pgtype.Int8OID}),
+		relationMsg(5, "public", "outboxd_subscription", col{"id", pgtype.Int8OID}, col{"secrets", pgtype.TextArrayOID}),
 	)
 }
 
@@ -60,6 +61,10 @@ func FuzzDecode(f *testing.F) {
 	f.Add(logicalMsg(true, 1, "outboxd", []byte("x")))
 	f.Add(relationMsg(4, "public", "domain_event", col{"id", pgtype.TextOID}))
 	f.Add(msg('Y').u32(1).str("public").str("t").b)
+	f.Add(updateMsg(5, 0, nil, txt("1"), val{kind: 'u'}))
+	f.Add(updateMsg(5, 'O', []val{txt("1"), txt("{whsec_a}")}, txt("1"), val{kind: 'u'}))
+	f.Add(updateMsg(5, 'K', []val{txt("1"), null}, txt("2"), val{kind: 'u'}))
+	f.Add(insertMsg(5, txt("1"), val{kind: 'u'}))
 
 	rels := fuzzRelations(f)
 	good := insertMsg(1, exampleRow()...)
@@ -95,8 +100,23 @@ func FuzzDecode(f *testing.F) {
 				if !json.Valid(AppendBatch(nil, []*Event{m.Event, m.Event})) {
 					t.Fatalf("invalid batch")
 				}
-			case KindInsert:
+			case KindInsert, KindUpdate, KindDelete:
 				keep = bytes.Join(m.Row.Values, []byte{0})
+				// 'u' is never NULL: only updates and deletes may flag it,
+				// one flag per column, and a flagged column has no value.
+				if m.Kind == KindInsert && m.Row.Unchanged != nil {
+					t.Fatalf("insert with unchanged columns %v", m.Row.Unchanged)
+				}
+				if m.Row.Unchanged != nil {
+					if len(m.Row.Unchanged) != len(m.Row.Values) {
+						t.Fatalf("%d flags for %d values", len(m.Row.Unchanged), len(m.Row.Values))
+					}
+					for i, u := range m.Row.Unchanged {
+						if u && m.Row.Values[i] != nil {
+							t.Fatalf("unchanged column %d has a value", i)
+						}
+					}
+				}
 			case KindLogical:
 				keep = bytes.Clone(m.Logical.Content)
 			}
@@ -109,7 +129,7 @@ func FuzzDecode(f *testing.F) {
 				if !bytes.Equal(keep, m.Event.Body) {
 					t.Fatalf("body aliases the input")
 				}
-			case KindInsert:
+			case KindInsert, KindUpdate, KindDelete:
 				if !bytes.Equal(keep, bytes.Join(m.Row.Values, []byte{0})) {
 					t.Fatalf("row aliases the input")
 				}

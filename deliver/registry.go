@@ -2,6 +2,7 @@ package deliver
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"path"
 	"slices"
@@ -115,8 +116,24 @@ func (r *Registry) Each(f func(*Subscription)) {
 	}
 }
 
+// ErrUnknownUnchanged is returned (wrapped) by Registry.Apply for an update
+// that left columns the router reads unchanged (TOASTed values pgoutput does
+// not resend, decode.Row.Unchanged) for a subscription the registry does not
+// know, so there is nothing to take their values from. The registry then does
+// not route that subscription at all: it is never guessed, nor routed with
+// empty secrets or globs, until a change carries those columns again (an
+// update that rewrites them, or a table catch-up).
+var ErrUnknownUnchanged = errors.New("unchanged columns of an unknown subscription")
+
 // Apply applies one change of the subscription table and returns the
 // subscription it concerns (nil for a reset or a delete).
+//
+// An update's unchanged columns (decode.Row.Unchanged) keep the values the
+// registry knows for that subscription: the registry is the subscription
+// table as of the router's position in the stream (seeded from the
+// checkpoint's routing state or the catch-up's snapshot), so the row it holds
+// is the row the update started from. When it does not know the subscription,
+// Apply drops it and returns an error wrapping ErrUnknownUnchanged.
 func (r *Registry) Apply(c *decode.Change) (*Subscription, error) {
 	switch {
 	case c.Row == nil:
@@ -130,8 +147,17 @@ func (r *Registry) Apply(c *decode.Change) (*Subscription, error) {
 		delete(r.subs, id)
 		return nil, nil
 	default:
-		s, err := SubscriptionFromRow(c.Row)
+		var base *Subscription
+		if c.Row.Unchanged != nil {
+			if id, err := rowID(c.Row); err == nil {
+				base = r.subs[id]
+			}
+		}
+		s, err := subscriptionFromRow(c.Row, base)
 		if err != nil {
+			if errors.Is(err, ErrUnknownUnchanged) {
+				delete(r.subs, s.ID)
+			}
 			return nil, err
 		}
 		r.subs[s.ID] = &s
@@ -148,12 +174,51 @@ func rowID(row *decode.Row) (int64, error) {
 	return 0, fmt.Errorf("subscription row without id")
 }
 
-// SubscriptionFromRow reads a subscription from a row in text format.
+// SubscriptionFromRow reads a subscription from a row in text format. A row
+// with unchanged columns (decode.Row.Unchanged) that the subscription needs
+// is refused with ErrUnknownUnchanged: their values are not in the row, and
+// reading them as NULL would drop the secrets (unsigned requests) or the
+// event globs (every event); Registry.Apply merges them instead.
 func SubscriptionFromRow(row *decode.Row) (Subscription, error) {
+	return subscriptionFromRow(row, nil)
+}
+
+// subscriptionFromRow reads a subscription from row, taking the columns the
+// row left unchanged from base; with base nil such a column is an error
+// wrapping ErrUnknownUnchanged (s.ID is set when the row has one).
+func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, error) {
 	var s Subscription
 	var haveID bool
+	var missing []string
 	for i, c := range row.Relation.Columns {
 		v := row.Values[i]
+		if row.IsUnchanged(i) {
+			switch c.Name {
+			case "id", "organization_id", "url", "secrets", "events", "enabled":
+				if base == nil {
+					missing = append(missing, c.Name)
+					continue
+				}
+			}
+			switch c.Name {
+			case "id":
+				s.ID, haveID = base.ID, true
+			case "organization_id":
+				if base.OrganizationID != nil {
+					org := *base.OrganizationID
+					s.OrganizationID = &org
+				}
+			case "url":
+				s.URL = base.URL
+			case "secrets":
+				s.Secrets = slices.Clone(base.Secrets)
+			case "events":
+				s.Events = slices.Clone(base.Events)
+			case "enabled":
+				s.Enabled = base.Enabled
+			}
+			continue // a column outboxd does not read: nothing to merge
+		}
 		var err error
 		switch c.Name {
 		case "id":
@@ -183,7 +248,26 @@ func SubscriptionFromRow(row *decode.Row) (Subscription, error) {
 	if !haveID {
 		return s, fmt.Errorf("subscription row without id")
 	}
+	if missing != nil {
+		id := s.ID
+		return Subscription{ID: id}, fmt.Errorf("update of subscription %d sent column(s) %s as unchanged (TOASTed, value not sent), and the routing state does not know that subscription: it is not routed until a change carries those columns: %w",
+			id, strings.Join(missing, ", "), ErrUnknownUnchanged)
+	}
 	return s, nil
+}
+
+// errNoSecret is the reason a subscription without a signing secret does
+// not deliver.
+var errNoSecret = errors.New("has no signing secret")
+
+// signingError returns why s cannot sign its requests, or nil. A subscription
+// never sends unsigned (docs/DESIGN.md G8): with an empty secret list its
+// deliveries fail permanently (see Router.subscriptionSink).
+func (s *Subscription) signingError() error {
+	if len(s.Secrets) == 0 {
+		return fmt.Errorf("subscription %d %w", s.ID, errNoSecret)
+	}
+	return nil
 }
 
 // ParseTextArray parses a one-dimensional Postgres text[] in its text form,

@@ -1,12 +1,17 @@
 package deliver
 
 import (
+	"context"
+	"strings"
+	"sync"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/sink"
 )
 
 func TestParseTextArray(t *testing.T) {
@@ -85,4 +90,263 @@ func TestRegistryApplyAndSnapshot(t *testing.T) {
 	_, err = reg.Apply(&decode.Change{Kind: decode.KindIgnored})
 	require.NoError(t, err)
 	require.Nil(t, reg.Get(4), "a reset forgets everything")
+}
+
+// subRel is the subscription table as pgoutput announces it (every column of
+// migrations/002_delivery.sql).
+var subRel = &decode.Relation{Name: "outboxd_subscription", Columns: []decode.Column{
+	{Name: "id", TypeOID: pgtype.Int8OID}, {Name: "organization_id", TypeOID: pgtype.Int8OID},
+	{Name: "url", TypeOID: pgtype.TextOID}, {Name: "secrets", TypeOID: pgtype.TextArrayOID},
+	{Name: "events", TypeOID: pgtype.TextArrayOID}, {Name: "enabled", TypeOID: pgtype.BoolOID},
+	{Name: "disabled_reason", TypeOID: pgtype.TextOID}, {Name: "created_at", TypeOID: pgtype.TimestamptzOID},
+	{Name: "updated_at", TypeOID: pgtype.TimestamptzOID},
+}}
+
+// unchanged stands for a column pgoutput sent as 'u' in subRow.
+const unchanged = "\x00unchanged"
+
+// subRow builds a row of subRel: "NULL" is NULL, unchanged is 'u'.
+func subRow(vals ...string) *decode.Row {
+	r := &decode.Row{Relation: subRel, Values: make([][]byte, len(vals))}
+	for i, v := range vals {
+		switch v {
+		case "NULL":
+		case unchanged:
+			if r.Unchanged == nil {
+				r.Unchanged = make([]bool, len(vals))
+			}
+			r.Unchanged[i] = true
+		default:
+			r.Values[i] = []byte(v)
+		}
+	}
+	return r
+}
+
+// An UPDATE that does not touch the TOASTed secrets and events arrays sends
+// them as unchanged: the registry keeps what it knew, it never reads them as
+// NULL (which sent requests unsigned and matched every event).
+func TestRegistryMergesUnchangedColumns(t *testing.T) {
+	t.Parallel()
+	reg, err := NewRegistry(nil)
+	require.NoError(t, err)
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert,
+		Row: subRow("3", "7", "https://a", "{whsec_x,whsec_y}", "{batch_*,timer_*}", "t", "NULL", "2026-01-01", "2026-01-01")})
+	require.NoError(t, err)
+	want := Subscription{ID: 3, OrganizationID: func() *int64 { o := int64(7); return &o }(), URL: "https://a",
+		Secrets: []string{"whsec_x", "whsec_y"}, Events: []string{"batch_*", "timer_*"}, Enabled: true}
+	require.Equal(t, want, *reg.Get(3))
+
+	// subscription disable: only enabled, disabled_reason and updated_at sent.
+	s, err := reg.Apply(&decode.Change{Kind: decode.KindUpdate,
+		Row: subRow("3", "7", "https://a", unchanged, unchanged, "f", "410 Gone", "2026-01-01", "2026-01-02")})
+	require.NoError(t, err)
+	want.Enabled = false
+	require.Equal(t, want, *s)
+	require.Equal(t, want, *reg.Get(3))
+
+	// The routing state kept with the checkpoint round-trips, and a registry
+	// seeded from it merges the same way (the update after a restart).
+	reg, err = NewRegistry(reg.Snapshot())
+	require.NoError(t, err)
+	s, err = reg.Apply(&decode.Change{Kind: decode.KindUpdate,
+		Row: subRow("3", "7", unchanged, unchanged, unchanged, "t", "NULL", unchanged, "2026-01-03")})
+	require.NoError(t, err)
+	want.Enabled = true
+	require.Equal(t, want, *s)
+	require.True(t, s.Matches(&decode.Event{Name: "batch_started", OrganizationID: 7, HasOrganization: true}))
+	require.False(t, s.Matches(&decode.Event{Name: "recipe_created", OrganizationID: 7, HasOrganization: true}), "the globs were kept")
+
+	// A changed column is taken from the row, unchanged ones still merge; a
+	// real NULL stays NULL.
+	s, err = reg.Apply(&decode.Change{Kind: decode.KindUpdate,
+		Row: subRow("3", "NULL", "https://b", "{whsec_z}", unchanged, "t", "NULL", unchanged, unchanged)})
+	require.NoError(t, err)
+	require.Nil(t, s.OrganizationID)
+	require.Equal(t, "https://b", s.URL)
+	require.Equal(t, []string{"whsec_z"}, s.Secrets)
+	require.Equal(t, []string{"batch_*", "timer_*"}, s.Events)
+
+	// The merged subscription shares nothing with the one it came from.
+	before := reg.Get(3)
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindUpdate,
+		Row: subRow("3", "NULL", "https://b", unchanged, unchanged, "f", "NULL", unchanged, unchanged)})
+	require.NoError(t, err)
+	reg.Get(3).Events[0] = "scribbled"
+	require.Equal(t, "batch_*", before.Events[0])
+}
+
+// An update with unchanged columns of a subscription the registry does not
+// know is refused, not guessed: the subscription is not routed at all, and
+// the error says why. Unchanged columns the router does not read need no
+// merge.
+func TestRegistryUnknownSubscriptionWithUnchangedColumns(t *testing.T) {
+	t.Parallel()
+	reg, err := NewRegistry(nil)
+	require.NoError(t, err)
+	s, err := reg.Apply(&decode.Change{Kind: decode.KindUpdate,
+		Row: subRow("9", "7", "https://a", unchanged, unchanged, "t", "NULL", "2026-01-01", "2026-01-01")})
+	require.ErrorIs(t, err, ErrUnknownUnchanged)
+	require.ErrorContains(t, err, "subscription 9")
+	require.ErrorContains(t, err, "secrets, events")
+	require.Nil(t, s)
+	require.Nil(t, reg.Get(9), "not routed with NULL secrets or globs")
+	require.Equal(t, "[]", string(reg.Snapshot()))
+
+	_, err = SubscriptionFromRow(subRow("9", "7", "https://a", unchanged, "{}", "t", "NULL", "2026-01-01", "2026-01-01"))
+	require.ErrorIs(t, err, ErrUnknownUnchanged, "a row alone cannot stand for unchanged columns")
+
+	// Known, then a delete and an update with unchanged columns: dropped.
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert,
+		Row: subRow("9", "7", "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01")})
+	require.NoError(t, err)
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindDelete,
+		Row: subRow("9", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL")})
+	require.NoError(t, err)
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindUpdate,
+		Row: subRow("9", "7", "https://a", unchanged, "{}", "t", "NULL", "2026-01-01", "2026-01-01")})
+	require.ErrorIs(t, err, ErrUnknownUnchanged)
+	require.Nil(t, reg.Get(9))
+
+	// Only columns outboxd does not read are unchanged: nothing to merge.
+	s, err = reg.Apply(&decode.Change{Kind: decode.KindUpdate,
+		Row: subRow("9", "7", "https://a", "{whsec_x}", "{}", "t", unchanged, unchanged, "2026-01-02")})
+	require.NoError(t, err)
+	require.Equal(t, []string{"whsec_x"}, s.Secrets)
+	require.Equal(t, s, reg.Get(9))
+}
+
+// recordingSinks builds subscription sinks that acknowledge and record what
+// they were built with and what they got.
+type recordingSinks struct {
+	mu      sync.Mutex
+	built   []Subscription
+	got     map[int64][]int64 // subscription id -> event ids
+	secrets map[int64][]string
+}
+
+func (r *recordingSinks) build(s Subscription) (sink.Sink, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.built = append(r.built, s)
+	return &fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		for _, e := range evs {
+			r.got[s.ID] = append(r.got[s.ID], e.ID)
+		}
+		r.secrets[s.ID] = s.Secrets
+		out := make([]sink.Outcome, len(evs))
+		for i := range out {
+			out[i].Attempts = 1
+		}
+		return out
+	}}, nil
+}
+
+// runRouter routes items (subscription changes and events, in order)
+// through a Router whose subscription sinks come from subs, and returns when
+// all of it has settled.
+func runRouter(t *testing.T, routing []byte, subs *recordingSinks, items ...*decode.Event) *fakeSettler {
+	t.Helper()
+	cfg := Config{Concurrency: 2}
+	require.NoError(t, cfg.Validate())
+	ack := &fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
+		out := make([]sink.Outcome, len(evs))
+		for i := range out {
+			out[i].Attempts = 1
+		}
+		return out
+	}}
+	st := newSettler(len(items) * 4)
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: ack, Subscription: subs.build, Routing: routing}, st, zerolog.Nop())
+	require.NoError(t, err)
+	in := make(chan *decode.Event, len(items))
+	for _, e := range items {
+		in <- e
+	}
+	close(in)
+	require.NoError(t, r.Run(context.Background(), in))
+	return st
+}
+
+func change(kind decode.Kind, row *decode.Row) *decode.Event {
+	return &decode.Event{Change: &decode.Change{Kind: kind, Row: row}}
+}
+
+func orgEvent(id int64, name string) *decode.Event {
+	return &decode.Event{ID: id, Name: name, OrganizationID: 7, HasOrganization: true}
+}
+
+// The defect end to end in the router: disable and enable a subscription
+// whose secrets and globs are TOASTed, then route. Its sink is built with
+// its secrets, and only events matching its globs reach it.
+func TestRouterDisableEnableKeepsSecretsAndGlobs(t *testing.T) {
+	t.Parallel()
+	subs := &recordingSinks{got: map[int64][]int64{}, secrets: map[int64][]string{}}
+	runRouter(t, nil, subs,
+		change(decode.KindInsert, subRow("3", "7", "https://a", "{whsec_x,whsec_y}", "{batch_*}", "t", "NULL", "2026-01-01", "2026-01-01")),
+		orgEvent(1, "batch_started"),
+		change(decode.KindUpdate, subRow("3", "7", "https://a", unchanged, unchanged, "f", "NULL", "2026-01-01", "2026-01-02")),
+		orgEvent(2, "batch_started"),
+		change(decode.KindUpdate, subRow("3", "7", "https://a", unchanged, unchanged, "t", "NULL", "2026-01-01", "2026-01-03")),
+		orgEvent(3, "batch_started"),
+		orgEvent(4, "recipe_created"),
+	)
+	require.Equal(t, []int64{1, 3}, subs.got[3])
+	require.Equal(t, []string{"whsec_x", "whsec_y"}, subs.secrets[3])
+	for _, b := range subs.built {
+		require.Equal(t, []string{"whsec_x", "whsec_y"}, b.Secrets, "a sink built without the secrets")
+	}
+
+	// An update with unchanged columns for a subscription the routing state
+	// does not know: not routed at all (only the default target gets the
+	// event), no sink built for it.
+	subs = &recordingSinks{got: map[int64][]int64{}, secrets: map[int64][]string{}}
+	st := runRouter(t, []byte(`[]`), subs,
+		change(decode.KindUpdate, subRow("5", "7", "https://a", unchanged, unchanged, "t", "NULL", "2026-01-01", "2026-01-03")),
+		orgEvent(5, "batch_started"),
+	)
+	require.Empty(t, subs.built)
+	require.Empty(t, subs.got)
+	require.Contains(t, st.marks, int64(5), "delivered to the default target")
+	require.Empty(t, st.dead)
+}
+
+// A subscription without a signing secret never sends unsigned: its
+// deliveries are dead-lettered with the reason, and its sink is never built.
+// Once it gets a secret, it delivers.
+func TestRouterSubscriptionWithoutSecretDeadLetters(t *testing.T) {
+	t.Parallel()
+	subs := &recordingSinks{got: map[int64][]int64{}, secrets: map[int64][]string{}}
+	st := runRouter(t, nil, subs,
+		change(decode.KindInsert, subRow("4", "7", "https://a", "{}", "{}", "t", "NULL", "2026-01-01", "2026-01-01")),
+		orgEvent(1, "batch_started"),
+		change(decode.KindInsert, subRow("6", "NULL", "https://b", "{NULL}", "{}", "t", "NULL", "2026-01-01", "2026-01-01")),
+		&decode.Event{ID: 2, Name: "batch_started"}, // no organization: platform-wide subscriptions only
+	)
+	require.Empty(t, subs.built, "no sink for a subscription without a secret")
+	require.Empty(t, subs.got)
+	for _, id := range []int64{1, 2} {
+		d, ok := st.dead[id]
+		require.True(t, ok, "event %d not dead-lettered", id)
+		require.True(t, strings.HasPrefix(d.Sink, "subscription:"), d.Sink)
+	}
+	require.Contains(t, st.dead[1].Reason, "subscription 4 has no signing secret")
+	require.Contains(t, st.dead[2].Reason, "subscription 6 has no signing secret")
+	require.Empty(t, st.marks, "a dead letter is not an acknowledgement")
+
+	// Given a secret (its globs unchanged, merged from the routing state
+	// the checkpoint kept), it delivers.
+	routing := []byte(`[{"id":4,"organization_id":7,"url":"https://a","secrets":[],"events":["batch_*"],"enabled":true}]`)
+	subs = &recordingSinks{got: map[int64][]int64{}, secrets: map[int64][]string{}}
+	st = runRouter(t, routing, subs,
+		change(decode.KindUpdate, subRow("4", "7", "https://a", "{whsec_x}", unchanged, "t", "NULL", "2026-01-01", "2026-01-02")),
+		orgEvent(3, "batch_started"),
+		orgEvent(4, "recipe_created"),
+	)
+	require.Len(t, subs.built, 1)
+	require.Equal(t, []string{"whsec_x"}, subs.built[0].Secrets)
+	require.Equal(t, []int64{3}, subs.got[4])
+	require.Empty(t, st.dead)
 }

@@ -201,7 +201,20 @@ func (r *Router) startSubscription(start func(string, sink.Sink, *Subscription) 
 // subscriptionSink builds the sink of s; a subscription that cannot be used
 // (a malformed URL or secret) gets a sink that refuses permanently, so its
 // events are dead-lettered with the reason instead of silently skipped.
+//
+// A subscription without a signing secret is unusable too: a tenant endpoint
+// never gets an unsigned request (docs/DESIGN.md G8), whatever emptied the
+// list (an operator's UPDATE, a row inserted with the default '{}'). Its
+// deliveries are dead-lettered with "subscription N has no signing secret"
+// rather than the subscription being skipped: the events stay visible in
+// outboxd_dead_letter and `outboxd dlq retry` delivers them once a secret is
+// set. Parked deliveries of it go through the same sink, so the retrier
+// dead-letters them as well.
 func (r *Router) subscriptionSink(s Subscription) (sink.Sink, error) {
+	if err := s.signingError(); err != nil {
+		r.log.Error().Err(err).Str("target", s.TargetName()).Msg("subscription is unusable; its events are dead-lettered")
+		return refusingSink{name: s.TargetName(), err: fmt.Errorf("%w: %w", err, sink.ErrPermanent)}, nil
+	}
 	snk, err := r.cfg.Subscription(s)
 	if err != nil {
 		r.log.Error().Err(err).Str("target", s.TargetName()).Msg("subscription is unusable; its events are dead-lettered")
@@ -217,17 +230,19 @@ func (r *Router) change(start func(string, sink.Sink, *Subscription) *target, e 
 	if err != nil {
 		r.log.Error().Err(err).Msg("subscription change ignored")
 	}
+	if errors.Is(err, ErrUnknownUnchanged) {
+		// The registry dropped the subscription rather than guess its
+		// unchanged columns; a running target of it (the retrier's way to
+		// its parked deliveries) stops too, as for a delete.
+		if id, err := rowID(e.Change.Row); err == nil {
+			r.disableTarget(id)
+		}
+	}
 	if e.Change.Kind == decode.KindDelete && e.Change.Row != nil {
 		// A deleted subscription's target stops: its parked deliveries stay
 		// in the table (an operator may dead-letter or purge them).
 		if id, err := rowID(e.Change.Row); err == nil {
-			r.mu.Lock()
-			if t := r.targets[SubscriptionTarget(id)]; t != nil && t.sub != nil {
-				gone := *t.sub
-				gone.Enabled = false
-				t.sub = &gone
-			}
-			r.mu.Unlock()
+			r.disableTarget(id)
 			r.log.Info().Str("target", SubscriptionTarget(id)).Msg("subscription deleted")
 		}
 	}
@@ -248,6 +263,18 @@ func (r *Router) change(start func(string, sink.Sink, *Subscription) *target, e 
 		r.log.Info().Str("target", s.TargetName()).Bool("enabled", s.Enabled).Msg("subscription changed")
 	}
 	return r.settler.Settle(e.TxnSeq, checkpoint.Settlement{State: r.reg.Snapshot()})
+}
+
+// disableTarget marks the running target of subscription id, if any, as
+// disabled.
+func (r *Router) disableTarget(id int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if t := r.targets[SubscriptionTarget(id)]; t != nil && t.sub != nil {
+		gone := *t.sub
+		gone.Enabled = false
+		t.sub = &gone
+	}
 }
 
 func equalStrings(a, b []string) bool {

@@ -113,6 +113,11 @@ Exit code 1 when any event failed (after the webhook's retries).`,
 				if f, err = f.Restrict(sub); err != nil {
 					return usageError{fmt.Errorf("--subscription: %w", err)}
 				}
+				if len(sub.Secrets) == 0 {
+					// Never unsigned by accident: a subscription without a
+					// secret gets nothing from the daemon either.
+					return usageError{fmt.Errorf("--subscription: subscription %d has no signing secret; add one with `outboxd subscription rotate-secret`", sub.ID)}
+				}
 				if !sub.Enabled {
 					env.log.Warn().Int64("subscription", sub.ID).Msg("the subscription is disabled; replaying to it anyway, as asked")
 				}

@@ -1,4 +1,5 @@
--- Version 3: outboxd_emit converts its arguments to the outbox table's own
+-- Version 3 (with the REPLICA IDENTITY of outboxd_subscription at the end):
+-- outboxd_emit converts its arguments to the outbox table's own
 -- column types. Version 1 inserted its text and bigint arguments as they are,
 -- so on a table an ORM made (an integer entity_id, json or text properties)
 -- the call failed with "column ... is of type integer but expression is of
@@ -43,3 +44,9 @@ BEGIN
   RETURN new_id;
 END
 $outboxd$;
+
+-- Updates of a subscription carry its whole old row: a TOASTed column the
+-- update did not touch (a long secrets or events array) then comes with its
+-- value instead of as "unchanged", and the router need not rely on the copy it
+-- holds. Subscription rows change rarely; the extra WAL is small.
+ALTER TABLE {{.schema}}.outboxd_subscription REPLICA IDENTITY FULL;
