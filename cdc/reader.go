@@ -55,9 +55,15 @@ type Config struct {
 	// SilenceTimeout declares the connection dead when the server sends
 	// nothing for this long although replies were requested; default 10s.
 	SilenceTimeout time.Duration
-	// IdleAdvanceBytes is how far a keepalive's WAL end must be ahead of the
-	// durable position before an idle outbox records it; default 1 MiB.
-	IdleAdvanceBytes uint64
+	// IdleAdvanceBytes and IdleAdvanceInterval throttle idle advances: a
+	// keepalive's WAL end is recorded (one checkpoint write) and then
+	// confirmed when it is at least IdleAdvanceBytes ahead of the durable
+	// position, when IdleAdvanceInterval passed since the last idle advance,
+	// or when the server asks for a reply. Without a throttle an idle
+	// outboxd would write the checkpoint at every keepalive, each write
+	// making the WAL end move again. Defaults 1 MiB and 10s.
+	IdleAdvanceBytes    uint64
+	IdleAdvanceInterval time.Duration
 	// ReconnectMin and ReconnectMax bound the jittered reconnect backoff;
 	// defaults 100ms and 10s.
 	ReconnectMin, ReconnectMax time.Duration
@@ -115,6 +121,9 @@ func (c *Config) Validate() error {
 	}
 	if c.IdleAdvanceBytes == 0 {
 		c.IdleAdvanceBytes = 1 << 20
+	}
+	if c.IdleAdvanceInterval == 0 {
+		c.IdleAdvanceInterval = 10 * time.Second
 	}
 	if c.ReconnectMin == 0 {
 		c.ReconnectMin = 100 * time.Millisecond
@@ -606,6 +615,17 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 		log.Warn().Msg("slot exists without a checkpoint; recreating it and catching up from the table")
 	case cp.CatchupPending:
 		log.Warn().Msg("the previous catch-up did not finish; recreating the slot and catching up again")
+	case cp.ConfirmsRecorded && slot.confirmedFlush > cp.LSN:
+		// outboxd records every position before confirming it: a slot ahead
+		// of the checkpoint was advanced by someone else (pg_replication_slot_advance,
+		// another consumer), and whatever it passed may never have been
+		// delivered. Streaming from there would skip those rows silently.
+		what := fmt.Sprintf("confirms %s, beyond the checkpoint %s: it was advanced outside outboxd, past rows that may not have been delivered", slot.confirmedFlush, cp.LSN)
+		if !r.cfg.SlotRecreate {
+			return 0, nil, fmt.Errorf("%w: slot %q %s; run `outboxd slot reset --yes` (or set OUTBOXD_SLOT_RECREATE=true) to recreate it and deliver every unprocessed row from the table",
+				ErrIrreconcilable, r.cfg.Slot, what)
+		}
+		log.Warn().Str("slot_state", what).Msg("recreating slot; unprocessed rows will be caught up from the table")
 	default:
 		if cp.Timeline != sys.Timeline {
 			log.Warn().Int32("checkpoint_timeline", cp.Timeline).Int32("timeline", sys.Timeline).Msg("timeline changed since the checkpoint")
@@ -676,6 +696,17 @@ type stream struct {
 	// lastData is when the last XLogData arrived (unix nanoseconds), for
 	// the heartbeat goroutine.
 	lastData atomic.Int64
+	// lastIdle is when the last idle advance was recorded.
+	lastIdle time.Time
+}
+
+// idleDue reports whether a keepalive's WAL end is worth an idle advance now
+// (see Config.IdleAdvanceBytes).
+func (s *stream) idleDue(ka pglogrepl.PrimaryKeepaliveMessage) bool {
+	c := s.r.cfg
+	return ka.ReplyRequested ||
+		uint64(ka.ServerWALEnd-s.r.ledger.Flushed()) >= c.IdleAdvanceBytes ||
+		time.Since(s.lastIdle) >= c.IdleAdvanceInterval
 }
 
 // status sends a standby status update when one is due: every status
@@ -800,12 +831,14 @@ func (s *stream) copyData(ctx context.Context, data []byte) error {
 			return fmt.Errorf("parse keepalive: %w", err)
 		}
 		r.received = max(r.received, ka.ServerWALEnd)
-		if r.open == nil && r.ledger.InFlight() == 0 && ka.ServerWALEnd > r.ledger.Flushed() {
+		if r.open == nil && r.ledger.InFlight() == 0 && ka.ServerWALEnd > r.ledger.Flushed() && s.idleDue(ka) {
 			// Nothing is in flight and everything received is durable: the
-			// server's WAL end can be confirmed, so an idle outbox does not pin
-			// WAL (G7) and a stopping server is not kept waiting.
+			// server's WAL end can be recorded and then confirmed, so an idle
+			// outbox does not pin WAL (G7) and a stopping server is not kept
+			// waiting.
 			if r.ledger.AdvanceIdle(ka.ServerWALEnd) {
 				r.resume = max(r.resume, ka.ServerWALEnd)
+				s.lastIdle = time.Now()
 			}
 		}
 		if ka.ReplyRequested || r.ledger.Flushed() != s.lastFlush {

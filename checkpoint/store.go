@@ -21,7 +21,8 @@ import (
 type Checkpoint struct {
 	Slot string
 	// LSN is the end LSN of the last transaction whose events are all settled
-	// and recorded (or an idle position reported by the server).
+	// and recorded, or an idle position reported by the server, written
+	// before it was confirmed to the slot.
 	LSN pglogrepl.LSN
 	// SystemID and Timeline identify the cluster the LSN belongs to.
 	SystemID string
@@ -33,6 +34,11 @@ type Checkpoint struct {
 	// Routing is the subscription registry as of LSN (JSON), nil when
 	// unknown.
 	Routing []byte
+	// ConfirmsRecorded is true when the checkpoint was written by a version
+	// that records every position before confirming it to the slot: the
+	// slot's confirmed_flush_lsn is then never ahead of LSN unless someone
+	// else advanced it.
+	ConfirmsRecorded bool
 }
 
 // StoreConfig names the outbox table and the slot whose checkpoint is kept.
@@ -85,13 +91,14 @@ ON CONFLICT (target, event_id) DO UPDATE SET attempts = p.attempts + excluded.at
   last_error = CASE WHEN excluded.last_error = '' THEN p.last_error ELSE excluded.last_error END`,
 		stateSQL: `UPDATE ` + cp + ` SET routing = $2 WHERE slot_name = $1`,
 		advanceSQL: `UPDATE ` + cp + ` SET lsn = greatest(lsn, $2::pg_lsn),
-  catchup_pending = catchup_pending AND NOT $3, updated_at = now()
+  catchup_pending = catchup_pending AND NOT $3, updated_at = now(), confirms_recorded = true
 WHERE slot_name = $1`,
-		loadSQL: `SELECT lsn, system_identifier, timeline, catchup_pending, updated_at, routing FROM ` + cp + ` WHERE slot_name = $1`,
-		saveSQL: `INSERT INTO ` + cp + ` (slot_name, lsn, system_identifier, timeline, catchup_pending, updated_at)
-VALUES ($1, $2, $3, $4, $5, now())
+		loadSQL: `SELECT lsn, system_identifier, timeline, catchup_pending, updated_at, routing, confirms_recorded FROM ` + cp + ` WHERE slot_name = $1`,
+		saveSQL: `INSERT INTO ` + cp + ` (slot_name, lsn, system_identifier, timeline, catchup_pending, updated_at, confirms_recorded)
+VALUES ($1, $2, $3, $4, $5, now(), true)
 ON CONFLICT (slot_name) DO UPDATE SET lsn = excluded.lsn, system_identifier = excluded.system_identifier,
-  timeline = excluded.timeline, catchup_pending = excluded.catchup_pending, updated_at = now(), routing = NULL`,
+  timeline = excluded.timeline, catchup_pending = excluded.catchup_pending, updated_at = now(), routing = NULL,
+  confirms_recorded = true`,
 	}
 }
 
@@ -137,7 +144,7 @@ var ErrNoCheckpoint = errors.New("no checkpoint")
 // Load returns the stored checkpoint of the slot, or ErrNoCheckpoint.
 func (s *Store) Load(ctx context.Context) (Checkpoint, error) {
 	cp := Checkpoint{Slot: s.cfg.Slot}
-	err := s.pool.QueryRow(ctx, s.loadSQL, s.cfg.Slot).Scan(&cp.LSN, &cp.SystemID, &cp.Timeline, &cp.CatchupPending, &cp.UpdatedAt, &cp.Routing)
+	err := s.pool.QueryRow(ctx, s.loadSQL, s.cfg.Slot).Scan(&cp.LSN, &cp.SystemID, &cp.Timeline, &cp.CatchupPending, &cp.UpdatedAt, &cp.Routing, &cp.ConfirmsRecorded)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return cp, ErrNoCheckpoint
 	}

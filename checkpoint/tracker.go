@@ -320,8 +320,12 @@ func (t *Tracker) AdvanceIdle(lsn pglogrepl.LSN) bool {
 	if uint64(lsn) <= flushed {
 		return false
 	}
+	// Recorded first, confirmed after: the position goes to the flusher like
+	// a settled transaction's, and Flushed moves only once it is written. A
+	// slot is then never confirmed past the checkpoint, and a slot found
+	// ahead of it at start was advanced by someone else.
 	t.prefix = lsn
-	t.SetFlushed(lsn)
+	t.Kick() // a non-blocking send: safe under mu
 	return true
 }
 

@@ -80,6 +80,13 @@ func TestTrackerIdleAdvanceWaitsForDurability(t *testing.T) {
 	require.False(t, tr.AdvanceIdle(500), "drained but not yet written")
 	tr.Written(b.LSN)
 	require.True(t, tr.AdvanceIdle(500))
+	// Recorded before confirmed: the idle position is written by the next
+	// flush like a transaction's end, and only then is it durable.
+	require.Equal(t, pglogrepl.LSN(20), tr.Flushed(), "not confirmed before it is written")
+	require.False(t, tr.AdvanceIdle(600), "one idle position in flight at a time")
+	b = tr.Drain()
+	require.Equal(t, pglogrepl.LSN(500), b.LSN)
+	tr.Written(b.LSN)
 	require.Equal(t, pglogrepl.LSN(500), tr.Flushed())
 	require.False(t, tr.AdvanceIdle(400), "never backwards")
 }

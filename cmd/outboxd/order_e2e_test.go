@@ -63,3 +63,42 @@ func waitParked(t *testing.T, b *bundle, n int) {
 		return parked >= int64(n), parked
 	}, func() string { return "deliveries not parked" })
 }
+
+// G2/G10: a slot advanced by someone else while outboxd was stopped, past
+// rows it never delivered, is refused at start with the repair command; with
+// OUTBOXD_SLOT_RECREATE=true the slot is recreated and the rows are caught up
+// from the table. Before, outboxd streamed from the advanced position and the
+// rows were skipped without a word.
+func TestSlotAdvancedOutsideWhileStoppedIsRefused(t *testing.T) {
+	t.Parallel()
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := newBundle(t, pgtest.Shared(t), nil)
+		d := e2e.StartDaemon(t, b.env)
+		waitStreaming(t, d)
+		first := e2e.Insert(t, b.pool, 2, 2, one)
+		b.recv.WaitAccepted(t, first, time.Minute)
+		b.waitProcessed(t, int64(len(first)), time.Minute)
+		require.Equal(t, 0, d.Stop(30*time.Second))
+
+		skipped := e2e.Insert(t, b.pool, 3, 1, one)
+		_, err := b.pool.Exec(t.Context(), `SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())`, b.env["OUTBOXD_SLOT"])
+		require.NoError(t, err)
+
+		refused := e2e.StartDaemon(t, b.env)
+		require.Equal(t, 1, refused.Wait(time.Minute), "a slot advanced past unprocessed rows is refused; log:\n%s", refused.Log())
+		require.Contains(t, refused.Log(), "advanced outside outboxd")
+		require.Contains(t, refused.Log(), "outboxd slot reset --yes")
+
+		env := map[string]string{}
+		for k, v := range b.env {
+			env[k] = v
+		}
+		env["OUTBOXD_SLOT_RECREATE"] = "true"
+		d = e2e.StartDaemon(t, env)
+		b.recv.WaitAccepted(t, skipped, time.Minute)
+		b.waitProcessed(t, int64(len(first)+len(skipped)), time.Minute)
+		c := b.recv.Count(append(append([]int64(nil), first...), skipped...))
+		require.Zero(t, c.Duplicates, "only the skipped rows come from the table")
+		require.Equal(t, 0, d.Stop(30*time.Second))
+	})
+}
