@@ -335,8 +335,11 @@ func newRouter(ctx context.Context, cfg Config, store *checkpoint.Store, s sink.
 	return deliver.NewRouter(deliver.RouterConfig{
 		Deliver: cfg.Deliver, Default: s, DefaultEvents: cfg.DefaultEvents,
 		Subscription: func(sub deliver.Subscription) (sink.Sink, error) {
-			wc := cfg.Webhook
-			wc.Name, wc.URL, wc.Secrets = sub.TargetName(), sub.URL, sub.Secrets
+			// The subscriptions' own address guard, never the default
+			// webhook's (G8): a URL it refuses is never connected to, and
+			// the deliveries are dead-lettered with the guard's reason,
+			// however the subscription was added or changed.
+			wc := cfg.Webhook.ForSubscription(sub.TargetName(), sub.URL, sub.Secrets)
 			if err := wc.Validate(); err != nil {
 				return nil, err
 			}

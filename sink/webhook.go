@@ -71,6 +71,18 @@ type WebhookConfig struct {
 	// AllowPrivate allows loopback, private, link-local and other
 	// non-public destinations. Default false: such addresses are refused.
 	AllowPrivate bool
+	// AllowPrivateSetting names the setting behind AllowPrivate (such as
+	// OUTBOXD_ALLOW_PRIVATE_SINKS). The error of a refused address names it,
+	// so that a dead letter's reason says which switch the guard applied.
+	// Empty: the error names the field AllowPrivate.
+	AllowPrivateSetting string
+	// SubscriptionAllowPrivate and SubscriptionAllowPrivateSetting are the
+	// AllowPrivate and AllowPrivateSetting of the subscription webhooks made
+	// from this configuration by ForSubscription. Tenant-controlled URLs have
+	// an allowance of their own and never inherit AllowPrivate (G8). Default
+	// false: a subscription URL's private address is refused.
+	SubscriptionAllowPrivate        bool
+	SubscriptionAllowPrivateSetting string
 	// MaxIdleConns is the keep-alive pool size. Default 64.
 	MaxIdleConns int
 	// UserAgent is the User-Agent header. Default "outboxd".
@@ -138,6 +150,28 @@ func (c *WebhookConfig) Validate() error {
 	return errors.Join(errs...)
 }
 
+// ForSubscription returns the configuration of a subscription's webhook: c as
+// the template (timeouts, attempts, backoff, pool, user agent) with the
+// subscription's name, URL and secrets, and with the subscriptions' own
+// address guard (SubscriptionAllowPrivate) in place of c's AllowPrivate, so
+// that a switch meant for the operator's destinations does not open private
+// ranges to tenant-controlled URLs.
+func (c WebhookConfig) ForSubscription(name, url string, secrets []string) WebhookConfig {
+	c.Name, c.URL, c.Secrets = name, url, secrets
+	c.AllowPrivate, c.AllowPrivateSetting = c.SubscriptionAllowPrivate, c.SubscriptionAllowPrivateSetting
+	return c
+}
+
+// guardHint is what the error of a refused address adds: the setting that
+// would allow the destination.
+func (c *WebhookConfig) guardHint() string {
+	setting := c.AllowPrivateSetting
+	if setting == "" {
+		setting = "AllowPrivate"
+	}
+	return "; the address guard refuses non-public destinations unless " + setting + "=true"
+}
+
 // parseWebhookURL parses an absolute http or https URL. Its errors do not
 // repeat the URL.
 func parseWebhookURL(raw string) (*url.URL, error) {
@@ -177,6 +211,7 @@ type Webhook struct {
 	redacted  string
 	userAgent string
 	signer    *signer           // nil: unsigned
+	guardHint string            // appended to a refused address's error
 	scrub     *strings.Replacer // secrets a receiver might echo back
 	log       zerolog.Logger
 	transport *http.Transport
@@ -205,6 +240,7 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 		userAgent: cfg.UserAgent,
 		signer:    newSigner(keys),
 		scrub:     newScrubber(cfg.Secrets, u),
+		guardHint: cfg.guardHint(),
 	}
 	w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
 
@@ -459,7 +495,7 @@ func (w *Webhook) outcome(ctx context.Context, c *call, resp *http.Response, err
 			o.Err = fmt.Errorf("post webhook %s: stopped after %d attempt(s)%s: %w",
 				w.redacted, o.Attempts, lastStatus(o.Status), ctxErr)
 		case errors.Is(err, ErrForbiddenAddress):
-			o.Err = fmt.Errorf("post webhook %s: %w: %w", w.redacted, ErrPermanent, err)
+			o.Err = fmt.Errorf("post webhook %s: %w: %w%s", w.redacted, ErrPermanent, err, w.guardHint)
 		default:
 			o.Err = fmt.Errorf("post webhook %s: giving up after %d attempt(s): %w", w.redacted, o.Attempts, err)
 		}

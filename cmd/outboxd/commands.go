@@ -17,9 +17,14 @@ import (
 )
 
 // setup reads the configuration, applies flag overrides and builds the logger.
+// An unknown OUTBOXD_* variable close to a known name is bad configuration
+// (checkNearMisses); other unknown ones are logged as warnings.
 func setup(envMap map[string]string, stderr io.Writer, override func(*config)) (config, zerolog.Logger, error) {
 	c, warnings, err := loadConfig(envMap)
 	if err != nil {
+		return c, zerolog.Nop(), err
+	}
+	if err := checkNearMisses(envMap); err != nil {
 		return c, zerolog.Nop(), err
 	}
 	if override != nil {
@@ -61,6 +66,15 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if c.HTTPAddr != "" {
+				if _, err := c.monitorConfig(pc); err != nil {
+					return err
+				}
+			}
+			// Signed, or unsigned on purpose: checked before anything starts.
+			if err := c.checkSigning(); err != nil {
+				return err
+			}
 			if c.Sink != "webhook" {
 				s, err := buildSink(c.Sink, envMap, log)
 				if err != nil {
@@ -77,6 +91,9 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			defer opsSrv.stop()
 			pc.Observer = opsSrv.observer()
 			log.Info().Str("version", version).Str("slot", pc.Slot).Str("table", c.Table).Msg("outboxd starting")
+			if c.Sink == "webhook" && c.WebhookUnsigned {
+				log.Warn().Msg("OUTBOXD_WEBHOOK_UNSIGNED=true: requests to the default webhook are not signed")
+			}
 			for {
 				err := pipeline.Run(ctx, pc, log)
 				if errors.Is(err, cdc.ErrSlotLost) && ctx.Err() == nil {

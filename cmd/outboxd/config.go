@@ -33,6 +33,7 @@ type config struct {
 	Sink               string        `env:"SINK" envDefault:"webhook"`
 	WebhookURL         string        `env:"WEBHOOK_URL"`
 	WebhookSecret      string        `env:"WEBHOOK_SECRET"`
+	WebhookUnsigned    bool          `env:"WEBHOOK_UNSIGNED" envDefault:"false"`
 	WebhookTimeout     time.Duration `env:"WEBHOOK_TIMEOUT" envDefault:"10s"`
 	WebhookMaxAttempts int           `env:"WEBHOOK_MAX_ATTEMPTS" envDefault:"8"`
 	WebhookBackoffMax  time.Duration `env:"WEBHOOK_BACKOFF_MAX" envDefault:"30s"`
@@ -43,6 +44,9 @@ type config struct {
 	RetrySchedule      string        `env:"RETRY_SCHEDULE" envDefault:"5s,5m,30m,2h,5h,10h,14h,20h,24h"`
 	OrderingKey        string        `env:"ORDERING_KEY" envDefault:"organization"`
 	AllowPrivateSinks  bool          `env:"ALLOW_PRIVATE_SINKS" envDefault:"false"`
+	// AllowPrivateSubscriptions is the address guard of the tenant
+	// subscription URLs, independent of AllowPrivateSinks (G8).
+	AllowPrivateSubscriptions bool `env:"ALLOW_PRIVATE_SUBSCRIPTIONS" envDefault:"false"`
 
 	SlotRecreate    bool          `env:"SLOT_RECREATE" envDefault:"false"`
 	FlushInterval   time.Duration `env:"FLUSH_INTERVAL" envDefault:"200ms"`
@@ -74,26 +78,130 @@ func badVar(name, format string, args ...any) error {
 }
 
 // loadConfig reads the OUTBOXD_* variables from environ. It returns warnings
-// for unknown OUTBOXD_* variables.
+// for unknown OUTBOXD_* variables; checkNearMisses refuses those close to a
+// known name.
 func loadConfig(environ map[string]string) (config, []string, error) {
 	var c config
 	err := env.ParseWithOptions(&c, env.Options{Environment: environ, Prefix: envPrefix})
 	if err != nil {
 		return c, nil, configError{describeEnvError(err)}
 	}
-	known := map[string]bool{}
-	t := reflect.TypeOf(c)
-	for i := range t.NumField() {
-		known[envPrefix+t.Field(i).Tag.Get("env")] = true
-	}
 	var warnings []string
-	for k := range environ {
-		if strings.HasPrefix(k, envPrefix) && !known[k] && !sinkVar(k) && !strings.HasPrefix(k, "OUTBOXD_TEST_") {
-			warnings = append(warnings, fmt.Sprintf("unknown variable %s ignored", k))
+	for _, k := range unknownVars(environ) {
+		warnings = append(warnings, fmt.Sprintf("unknown variable %s ignored", k))
+	}
+	return c, warnings, nil
+}
+
+// testVarPrefixes are the prefixes of variables the test suites read
+// (internal/pgtest, test/fault): never settings, so neither warned about nor
+// refused as a misspelling.
+var testVarPrefixes = []string{envPrefix + "TEST_", envPrefix + "FAULT_"}
+
+// knownVars returns every variable outboxd reads: config's and the sinks'.
+func knownVars() map[string]bool {
+	known := map[string]bool{}
+	for _, name := range envVars(config{}) {
+		known[name] = true
+	}
+	for _, e := range sinkEnvs {
+		for _, name := range envVars(e) {
+			known[name] = true
 		}
 	}
-	sort.Strings(warnings)
-	return c, warnings, nil
+	return known
+}
+
+// unknownVars returns, sorted, the OUTBOXD_* names in environ outboxd does
+// not read.
+func unknownVars(environ map[string]string) []string {
+	known := knownVars()
+	var unknown []string
+	for k := range environ {
+		if !strings.HasPrefix(k, envPrefix) || known[k] {
+			continue
+		}
+		test := false
+		for _, p := range testVarPrefixes {
+			test = test || strings.HasPrefix(k, p)
+		}
+		if !test {
+			unknown = append(unknown, k)
+		}
+	}
+	sort.Strings(unknown)
+	return unknown
+}
+
+// checkNearMisses refuses unknown OUTBOXD_* variables close to a known name
+// (docs/DESIGN.md §4): a misspelt setting must not quietly leave its default
+// in force (OUTBOXD_WEBHOOK_SECRETS would leave every request unsigned).
+// Other unknown variables stay warnings (loadConfig). Only names are
+// compared and printed, never a value: it may be a secret.
+func checkNearMisses(environ map[string]string) error {
+	known := knownVars()
+	var msgs []string
+	for _, k := range unknownVars(environ) {
+		if meant := nearestVar(k, known); meant != "" {
+			msgs = append(msgs, fmt.Sprintf("%s is not a setting; did you mean %s?", k, meant))
+		}
+	}
+	if msgs == nil {
+		return nil
+	}
+	return configError{strings.Join(msgs, "; ")}
+}
+
+// nearestVar returns the known variable name is a near miss of, or "": the
+// same name in another case, a name within a small edit distance (one edit
+// for names of up to five letters after the prefix, two for longer ones;
+// plural and singular among them), or a known name with a word added before
+// or after it (OUTBOXD_WEBHOOK_SECRET_FILE, OUTBOXD_OUTBOXD_SLOT). Of several,
+// the closest wins, then the first in alphabetical order.
+func nearestVar(name string, known map[string]bool) string {
+	u := strings.ToUpper(strings.TrimPrefix(name, envPrefix))
+	best, bestDist := "", -1
+	for k := range known {
+		kb := strings.TrimPrefix(k, envPrefix)
+		d := editDistance(u, kb)
+		limit := 2
+		if len(kb) <= 5 {
+			limit = 1
+		}
+		if d > limit && !strings.HasPrefix(u, kb+"_") && !strings.HasSuffix(u, "_"+kb) {
+			continue
+		}
+		if bestDist < 0 || d < bestDist || (d == bestDist && k < best) {
+			best, bestDist = k, d
+		}
+	}
+	return best
+}
+
+// editDistance is the optimal string alignment distance of a and b:
+// insertions, deletions, substitutions and transpositions of adjacent bytes.
+func editDistance(a, b string) int {
+	prev2 := make([]int, len(b)+1)
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+			if i > 1 && j > 1 && a[i-1] == b[j-2] && a[i-2] == b[j-1] {
+				cur[j] = min(cur[j], prev2[j-2]+1)
+			}
+		}
+		prev2, prev, cur = prev, cur, prev2
+	}
+	return prev[len(b)]
 }
 
 // describeEnvError names the variable behind a parse error of caarlos0/env,
@@ -196,17 +304,17 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 	if err != nil {
 		return pipeline.Config{}, badVar("RETRY_SCHEDULE", "%v", err)
 	}
-	var secrets []string
-	for _, s := range strings.Fields(strings.ReplaceAll(c.WebhookSecret, ",", " ")) {
-		secrets = append(secrets, s)
-	}
+	secrets := c.webhookSecrets()
 	pc := pipeline.Config{
 		DatabaseURL: c.DatabaseURL, Table: table, Slot: c.Slot, Publication: c.Publication,
 		SlotRecreate: c.SlotRecreate,
 		Deliver: deliver.Config{Ordering: ordering, Concurrency: c.WebhookConcurrency, BatchSize: c.WebhookBatchSize,
 			BatchWait: c.WebhookBatchWait, MaxInFlight: c.MaxInFlight},
 		Webhook: sink.WebhookConfig{Name: "webhook", URL: c.WebhookURL, Secrets: secrets, Timeout: c.WebhookTimeout,
-			MaxAttempts: c.WebhookMaxAttempts, BackoffMax: c.WebhookBackoffMax, AllowPrivate: c.AllowPrivateSinks},
+			MaxAttempts: c.WebhookMaxAttempts, BackoffMax: c.WebhookBackoffMax,
+			AllowPrivate: c.AllowPrivateSinks, AllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SINKS",
+			SubscriptionAllowPrivate:        c.AllowPrivateSubscriptions,
+			SubscriptionAllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SUBSCRIPTIONS"},
 		DefaultEvents: events, Schedule: schedule,
 		FlushInterval: c.FlushInterval, FlushSize: c.FlushSize, ShutdownTimeout: c.ShutdownTimeout,
 		StatusInterval: c.StatusInterval,
@@ -263,6 +371,32 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 		return pipeline.Config{}, badVar(name, "%v", err)
 	}
 	return pc, nil
+}
+
+// webhookSecrets splits OUTBOXD_WEBHOOK_SECRET (comma- or space-separated).
+func (c config) webhookSecrets() []string {
+	secrets := strings.Fields(strings.ReplaceAll(c.WebhookSecret, ",", " "))
+	if len(secrets) == 0 {
+		return nil
+	}
+	return secrets
+}
+
+// checkSigning applies the signing rule of the default webhook (docs/DESIGN.md
+// §4, G8): it signs with OUTBOXD_WEBHOOK_SECRET, and sends unsigned requests
+// only when OUTBOXD_WEBHOOK_UNSIGNED=true says that is meant, never because a
+// variable is missing (or misspelt: checkNearMisses). Both at once is a
+// contradiction. `run` checks it after the other settings (pipelineConfig,
+// monitorConfig), so that their errors keep naming their own variable.
+func (c config) checkSigning() error {
+	secrets := c.webhookSecrets()
+	if c.WebhookUnsigned && len(secrets) > 0 {
+		return badVar("WEBHOOK_UNSIGNED", "true contradicts %sWEBHOOK_SECRET, which is set: requests are either signed or unsigned; unset one of the two", envPrefix)
+	}
+	if c.Sink == "webhook" && !c.WebhookUnsigned && len(secrets) == 0 {
+		return badVar("WEBHOOK_SECRET", "required: the Standard Webhooks secret (whsec_ + base64) requests are signed with; to send unsigned requests on purpose, set %sWEBHOOK_UNSIGNED=true", envPrefix)
+	}
+	return nil
 }
 
 func positive(n int) error {

@@ -281,6 +281,15 @@ func TestReplayCommand(t *testing.T) {
 	require.Equal(t, 0, code, out+errOut)
 	require.Equal(t, c8, filtered.Accepted())
 
+	// No secret and no OUTBOXD_WEBHOOK_UNSIGNED: nothing is replayed unsigned.
+	unsigned := maps.Clone(env)
+	delete(unsigned, "OUTBOXD_WEBHOOK_SECRET")
+	before := len(filtered.Deliveries())
+	code, out, errOut = opsRun(t, unsigned, "replay")
+	require.Equal(t, 2, code, out+errOut)
+	require.Contains(t, errOut, "OUTBOXD_WEBHOOK_SECRET")
+	require.Len(t, filtered.Deliveries(), before, "nothing was sent")
+
 	// An id range, a receiver that refuses one event: exit 1 naming it.
 	recv := e2e.NewReceiver(t)
 	recv.Respond = func(d *e2e.Delivery) int {

@@ -100,7 +100,9 @@ Exit code 1 when any event failed (after the webhook's retries).`,
 			c := env.cfg
 
 			wc := sink.WebhookConfig{Name: "webhook", URL: c.WebhookURL, Secrets: splitSecrets(c.WebhookSecret),
-				Timeout: c.WebhookTimeout, MaxAttempts: c.WebhookMaxAttempts, BackoffMax: c.WebhookBackoffMax, AllowPrivate: c.AllowPrivateSinks}
+				Timeout: c.WebhookTimeout, MaxAttempts: c.WebhookMaxAttempts, BackoffMax: c.WebhookBackoffMax,
+				AllowPrivate: c.AllowPrivateSinks, AllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SINKS",
+				SubscriptionAllowPrivate: c.AllowPrivateSubscriptions, SubscriptionAllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SUBSCRIPTIONS"}
 			target := "the default webhook"
 			if cmd.Flags().Changed("subscription") {
 				sub, err := env.client.Subscription(ctx, subscription)
@@ -121,10 +123,15 @@ Exit code 1 when any event failed (after the webhook's retries).`,
 				if !sub.Enabled {
 					env.log.Warn().Int64("subscription", sub.ID).Msg("the subscription is disabled; replaying to it anyway, as asked")
 				}
-				wc.Name, wc.URL, wc.Secrets = fmt.Sprintf("subscription:%d", sub.ID), sub.URL, sub.Secrets
+				// A tenant's URL: the subscriptions' own address guard.
+				wc = wc.ForSubscription(fmt.Sprintf("subscription:%d", sub.ID), sub.URL, sub.Secrets)
 				target = fmt.Sprintf("subscription %d", sub.ID)
 			}
 			if target == "the default webhook" {
+				// Unsigned only when OUTBOXD_WEBHOOK_UNSIGNED says so, as for run.
+				if err := c.checkSigning(); err != nil {
+					return err
+				}
 				// The default webhook receives only OUTBOXD_WEBHOOK_EVENTS
 				// (all when empty): a replay sends it nothing else.
 				globs, err := ops.ParseGlobs(envMap[envPrefix+"WEBHOOK_EVENTS"])

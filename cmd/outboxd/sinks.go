@@ -249,6 +249,12 @@ func buildKafka(envMap map[string]string, log zerolog.Logger) (closableSink, err
 	if strings.TrimSpace(e.Topic) == "" {
 		return nil, badVar("KAFKA_TOPIC", "required: a topic, or a template such as events.{event_name}")
 	}
+	if e.SASLMechanism == "" && (e.SASLUser != "" || e.SASLPassword != "") {
+		// Credentials without a mechanism would be ignored: the client
+		// would connect unauthenticated, with nothing saying so.
+		return nil, badVar("KAFKA_SASL_MECHANISM", "required when %sKAFKA_SASL_USERNAME or %sKAFKA_SASL_PASSWORD is set: plain, scram-sha-256 or scram-sha-512",
+			envPrefix, envPrefix)
+	}
 	if err := checkCommon("KAFKA_MAX_ATTEMPTS", e.MaxAttempts, map[string]time.Duration{
 		"KAFKA_TIMEOUT": e.Timeout, "KAFKA_BACKOFF_MAX": e.BackoffMax,
 	}); err != nil {

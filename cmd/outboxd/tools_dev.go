@@ -35,13 +35,16 @@ const demoInterval = 400 * time.Millisecond
 // devEnv is the configuration `outboxd dev` runs the pipeline with: the
 // user's OUTBOXD_* variables (log level, batching, ordering, …), with the
 // database, the sink and the names pinned to what dev itself set up. The
-// receiver is on loopback, so private sinks must be allowed.
+// receiver is on loopback, so private sinks must be allowed. dev signs with a
+// secret of its own, which its receiver checks: a user's
+// OUTBOXD_WEBHOOK_UNSIGNED does not apply. Subscriptions keep the user's
+// OUTBOXD_ALLOW_PRIVATE_SUBSCRIPTIONS.
 func devEnv(envMap map[string]string, dbURL, webhookURL, secret string) map[string]string {
 	env := maps.Clone(envMap)
 	if env == nil {
 		env = map[string]string{}
 	}
-	for _, k := range []string{"TABLE", "SLOT", "PUBLICATION", "HTTP_ADDR"} {
+	for _, k := range []string{"TABLE", "SLOT", "PUBLICATION", "HTTP_ADDR", "WEBHOOK_UNSIGNED"} {
 		delete(env, envPrefix+k)
 	}
 	env[envPrefix+"DATABASE_URL"] = dbURL

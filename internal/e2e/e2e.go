@@ -303,17 +303,22 @@ type Daemon struct {
 	err     error
 }
 
-// Env returns the usual environment for a daemon on db with slot slot.
+// Env returns the usual environment for a daemon on db with slot slot:
+// requests signed with Secret, and the receivers (the default webhook's and
+// the subscriptions') on loopback allowed. A test that means unsigned
+// requests says so: OUTBOXD_WEBHOOK_UNSIGNED=true with OUTBOXD_WEBHOOK_SECRET
+// set to "".
 func Env(dbURL, slot, webhookURL string, extra map[string]string) map[string]string {
 	env := map[string]string{
-		"OUTBOXD_DATABASE_URL":        dbURL,
-		"OUTBOXD_SLOT":                slot,
-		"OUTBOXD_WEBHOOK_URL":         webhookURL,
-		"OUTBOXD_WEBHOOK_SECRET":      Secret,
-		"OUTBOXD_ALLOW_PRIVATE_SINKS": "true",
-		"OUTBOXD_HTTP_ADDR":           "127.0.0.1:0",
-		"OUTBOXD_LOG_LEVEL":           "debug",
-		"OUTBOXD_WEBHOOK_BACKOFF_MAX": "200ms",
+		"OUTBOXD_DATABASE_URL":                dbURL,
+		"OUTBOXD_SLOT":                        slot,
+		"OUTBOXD_WEBHOOK_URL":                 webhookURL,
+		"OUTBOXD_WEBHOOK_SECRET":              Secret,
+		"OUTBOXD_ALLOW_PRIVATE_SINKS":         "true",
+		"OUTBOXD_ALLOW_PRIVATE_SUBSCRIPTIONS": "true",
+		"OUTBOXD_HTTP_ADDR":                   "127.0.0.1:0",
+		"OUTBOXD_LOG_LEVEL":                   "debug",
+		"OUTBOXD_WEBHOOK_BACKOFF_MAX":         "200ms",
 	}
 	for k, v := range extra {
 		env[k] = v

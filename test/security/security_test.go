@@ -4,6 +4,18 @@
 // password, webhook secret, signature, webhook credentials) ever appears in a
 // log line, an error, a dead letter, /metrics or `outboxd status`.
 //
+// Security round 2 (config_test.go):
+//   - TestMisspeltSecretVariableRefusesToStart: OUTBOXD_WEBHOOK_SECRETS (a typo)
+//     without a secret exits 2 naming OUTBOXD_WEBHOOK_SECRET, before any
+//     (unsigned) request, never printing the value.
+//   - TestUnsignedWebhookOnlyWhenExplicit: no secret without
+//     OUTBOXD_WEBHOOK_UNSIGNED=true exits 2, a secret with it exits 2, and
+//     with it alone requests go out without a webhook-signature header.
+//   - TestPrivateSubscriptionsNeedTheirOwnAllowance: OUTBOXD_ALLOW_PRIVATE_SINKS
+//     does not open loopback to subscription URLs (added or changed by SQL):
+//     they are never contacted and their deliveries are dead-lettered naming
+//     OUTBOXD_ALLOW_PRIVATE_SUBSCRIPTIONS, which alone allows them.
+//
 // Run: go test ./test/security/
 package security
 
