@@ -153,6 +153,13 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	}
 	poolCfg.MaxConns = 4
 	poolCfg.ConnConfig.RuntimeParams["application_name"] = "outboxd"
+	// A flush whose connection went silent mid-transaction (a black-holed
+	// network path: the server hears nothing, not even a reset) leaves a
+	// backend holding the row locks of the rows it was marking, and every
+	// later flush waits on them until the server's TCP keepalive gives up,
+	// hours later. Our own transactions are never idle for long between
+	// statements: let the server end such a zombie within half a minute.
+	poolCfg.ConnConfig.RuntimeParams["idle_in_transaction_session_timeout"] = "30s"
 	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
 	if err != nil {
 		return fmt.Errorf("open database pool: %w", err)
