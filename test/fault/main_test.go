@@ -21,6 +21,7 @@ var scenarios = []scenario{
 	{"kill9-after-2xx-before-mark", scenarioKillBeforeMark},
 	{"kill9-after-mark-before-status", scenarioKillAfterMark},
 	{"kill9-during-catchup", scenarioKillDuringCatchup},
+	{"kill9-during-catchup-slow-receiver", scenarioKillDuringCatchupSlowReceiver},
 	{"sigterm-mid-batch", scenarioSigterm},
 	{"pg-stop-immediate", scenarioPostgresImmediate},
 	{"pg-stop-fast-attached", scenarioPostgresFast},

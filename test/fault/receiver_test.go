@@ -71,7 +71,9 @@ type Receiver struct {
 	attempts   map[string]int
 	behaviour  Behaviour
 	pending    atomic.Int64
-	conns      map[net.Conn]time.Time // open connections and when each was accepted
+	// handlerDelay (nanoseconds) is waited before a request is read.
+	handlerDelay atomic.Int64
+	conns        map[net.Conn]time.Time // open connections and when each was accepted
 	// acceptedIDs holds every event id answered 2xx at least once.
 	acceptedIDs map[int64]struct{}
 }
@@ -173,9 +175,17 @@ func (r *Receiver) OpenConnsAcceptedBefore(t time.Time) int {
 // Pending is the number of requests being handled (not yet answered).
 func (r *Receiver) Pending() int64 { return r.pending.Load() }
 
+// SetHandlerDelay makes every request wait d before the receiver reads it:
+// a receiver slow to get to its requests (a loaded machine), so that requests
+// written before a kill are handled after it.
+func (r *Receiver) SetHandlerDelay(d time.Duration) { r.handlerDelay.Store(int64(d)) }
+
 func (r *Receiver) handle(w http.ResponseWriter, req *http.Request) {
 	r.pending.Add(1)
 	defer r.pending.Add(-1)
+	if d := time.Duration(r.handlerDelay.Load()); d > 0 {
+		time.Sleep(d) //nolint:forbidigo // a slow receiver is the behaviour under test
+	}
 	body, _ := io.ReadAll(req.Body)
 	d := Delivery{WebhookID: req.Header.Get("webhook-id"), Start: time.Now()}
 	d.ConnAt, _ = req.Context().Value(connAtKey{}).(time.Time)
