@@ -34,6 +34,9 @@ type poller struct {
 	doneAt atomic.Int64 // unix ns when stopAt rows were marked
 }
 
+// pollerNamespace is the message namespace of the baseline's events.
+const pollerNamespace = "0000000000000000"
+
 const pollSQL = `SELECT id, event_name, occurred_at, organization_id, user_id, entity_type, entity_id,
   correlation_id, source, schema_version, properties
 FROM domain_event WHERE NOT is_processed ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED`
@@ -111,7 +114,8 @@ func (p *poller) worker(ctx context.Context, stopAt int64) error {
 		events, ids = events[:0], ids[:0]
 		var evErr error
 		for rr.NextRow() {
-			ev, err := decode.EventFromText(rel, rr.Values())
+			// The baseline sends no message id; it builds one, as outboxd does.
+			ev, err := decode.EventFromText(pollerNamespace, rel, rr.Values())
 			if err != nil {
 				evErr = err
 				continue

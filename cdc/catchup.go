@@ -98,7 +98,7 @@ func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 				}
 			}
 			rows++
-			e, err := decode.EventFromText(rel, rr.Values())
+			e, err := decode.EventFromText(r.cfg.Table.MessageNamespace, rel, rr.Values())
 			if err != nil {
 				r.log.Error().Err(err).Msg("catch-up row skipped: it cannot be delivered or marked")
 				continue

@@ -51,7 +51,7 @@ func BenchmarkEventFromText(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := EventFromText(m.Relation, values); err != nil {
+		if _, err := EventFromText("0a1b2c3d4e5f6789", m.Relation, values); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -346,7 +346,7 @@ func (d *Decoder) insert(b []byte) (Message, error) {
 	if !e.outbox {
 		return Message{Kind: KindInsert, Row: copyRow(e.rel, vals)}, nil
 	}
-	ev, strs, err := buildEvent(&e.plan, e.rel, vals, d.strs)
+	ev, strs, err := buildEvent(&e.plan, e.rel, vals, d.table.MessageNamespace, d.strs)
 	d.strs = strs
 	if err != nil {
 		var bad *BadRowError

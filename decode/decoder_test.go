@@ -15,6 +15,9 @@ import (
 
 const outboxRelID = 16385
 
+// testNS is the message namespace of the decoders made by setup.
+const testNS = "0a1b2c3d4e5f6789"
+
 // setup returns a Decoder for public.domain_event that has seen the outbox
 // relation message with cols.
 func setup(t *testing.T, cols ...col) *Decoder {
@@ -22,7 +25,7 @@ func setup(t *testing.T, cols ...col) *Decoder {
 	if cols == nil {
 		cols = outboxCols
 	}
-	d := NewDecoder(Table{Schema: "public", Name: "domain_event"})
+	d := NewDecoder(Table{Schema: "public", Name: "domain_event", MessageNamespace: testNS})
 	m, err := d.Decode(relationMsg(outboxRelID, "public", "domain_event", cols...))
 	require.NoError(t, err)
 	require.Equal(t, KindRelation, m.Kind)
@@ -65,6 +68,8 @@ func TestDecodeExample(t *testing.T) {
 		EntityType: "batch", EntityID: "B-19",
 		OccurredAt: time.Date(2026, 11, 26, 10, 0, 0, 123456000, time.UTC),
 		Body:       []byte(exampleBody), CommitLSN: 0x16B3748, Index: 0,
+		// 1795687200123456 µs is hoinb7omdc in base 36.
+		MessageID: "evt_0a1b2c3d4e5f6789_42_hoinb7omdc",
 	}, ev)
 
 	ev = decodeEvent(t, d, insertMsg(outboxRelID, exampleRow()...))
@@ -332,7 +337,7 @@ func TestNulls(t *testing.T) {
 	}
 	ev := decodeEvent(t, d, insertMsg(outboxRelID, row...))
 	require.Equal(t, `{"id":42,"event_name":null,"occurred_at":null,"organization_id":null,"user_id":null,"entity_type":null,"entity_id":null,"correlation_id":null,"source":null,"schema_version":null,"properties":null}`, string(ev.Body))
-	require.Equal(t, &Event{ID: 42, Body: ev.Body, Index: ev.Index}, ev)
+	require.Equal(t, &Event{ID: 42, Body: ev.Body, Index: ev.Index, MessageID: "evt_" + testNS + "_42"}, ev)
 }
 
 func TestMissingAndExtraColumns(t *testing.T) {

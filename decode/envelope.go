@@ -28,10 +28,11 @@ func (e *BadRowError) Error() string {
 
 // EventFromText builds an Event from a row in text format (nil = NULL),
 // columns matched by name; the table catch-up uses it with rows read by SQL
-// in text format, so the envelope is identical to the stream's. The returned
+// in text format, so the envelope is identical to the stream's, and so is the
+// MessageID, made in namespace ns (Table.MessageNamespace). The returned
 // Event does not alias values. A row whose id is NULL or not an integer
 // returns a *BadRowError.
-func EventFromText(rel *Relation, values [][]byte) (*Event, error) {
+func EventFromText(ns string, rel *Relation, values [][]byte) (*Event, error) {
 	if rel == nil {
 		return nil, errors.New("event from text: nil relation")
 	}
@@ -40,7 +41,7 @@ func EventFromText(rel *Relation, values [][]byte) (*Event, error) {
 	}
 	p := newPlan(rel)
 	var scratch [128]byte
-	ev, _, err := buildEvent(&p, rel, values, scratch[:0])
+	ev, _, err := buildEvent(&p, rel, values, ns, scratch[:0])
 	if err != nil {
 		var bad *BadRowError
 		if errors.As(err, &bad) {
@@ -80,11 +81,11 @@ func AppendBatch(dst []byte, events []*Event) []byte {
 	return append(dst, ']')
 }
 
-// buildEvent builds the Event and its Body from one row of rel, whose fields
-// are located by p. vals are text values, nil for NULL; they are not
-// retained. strs is scratch space for the Event's strings, returned grown so
-// the Decoder can keep it.
-func buildEvent(p *plan, rel *Relation, vals [][]byte, strs []byte) (*Event, []byte, error) {
+// buildEvent builds the Event, its Body and its MessageID (in namespace ns)
+// from one row of rel, whose fields are located by p. vals are text values,
+// nil for NULL; they are not retained. strs is scratch space for the Event's
+// strings, returned grown so the Decoder can keep it.
+func buildEvent(p *plan, rel *Relation, vals [][]byte, ns string, strs []byte) (*Event, []byte, error) {
 	if p.idErr != nil {
 		return nil, strs, &BadRowError{Relation: rel, Reason: p.idErr.Error()}
 	}
@@ -128,9 +129,10 @@ func buildEvent(p *plan, rel *Relation, vals [][]byte, strs []byte) (*Event, []b
 		ev.Processed = len(v) > 0 && (v[0] == 't' || v[0] == 'T')
 	}
 
-	// Name, EntityType, EntityID and Traceparent share one allocation.
+	// Name, EntityType, EntityID, Traceparent and MessageID share one
+	// allocation.
 	strs = strs[:0]
-	var ends [4]int
+	var ends [5]int
 	for i, c := range [3]int{p.col[fieldEventName], p.col[fieldEntityType], p.col[fieldEntityID]} {
 		if c >= 0 {
 			strs = append(strs, vals[c]...)
@@ -139,13 +141,14 @@ func buildEvent(p *plan, rel *Relation, vals [][]byte, strs []byte) (*Event, []b
 	}
 	strs = append(strs, trace...)
 	ends[3] = len(strs)
-	if len(strs) > 0 {
-		s := string(strs)
-		ev.Name = s[:ends[0]]
-		ev.EntityType = s[ends[0]:ends[1]]
-		ev.EntityID = s[ends[1]:ends[2]]
-		ev.Traceparent = s[ends[2]:ends[3]]
-	}
+	strs = AppendMessageID(strs, ns, id, ev.OccurredAt)
+	ends[4] = len(strs)
+	s := string(strs)
+	ev.Name = s[:ends[0]]
+	ev.EntityType = s[ends[0]:ends[1]]
+	ev.EntityID = s[ends[1]:ends[2]]
+	ev.Traceparent = s[ends[2]:ends[3]]
+	ev.MessageID = s[ends[3]:ends[4]]
 	return ev, strs, nil
 }
 

@@ -237,7 +237,7 @@ func TestEventFromText(t *testing.T) {
 			values[i] = []byte(v.data)
 		}
 	}
-	ev, err := EventFromText(rel, values)
+	ev, err := EventFromText(testNS, rel, values)
 	require.NoError(t, err)
 	stream.CommitLSN, stream.Index = 0, 0
 	require.Equal(t, stream, ev)
@@ -251,13 +251,13 @@ func TestEventFromText(t *testing.T) {
 	require.Equal(t, exampleBody, string(ev.Body))
 	require.Equal(t, "batch_started", ev.Name)
 
-	_, err = EventFromText(rel, values[:3])
+	_, err = EventFromText(testNS, rel, values[:3])
 	require.ErrorContains(t, err, "event from text: 3 values for 14 columns of public.domain_event")
-	_, err = EventFromText(nil, values)
+	_, err = EventFromText(testNS, nil, values)
 	require.Error(t, err)
 
 	values[0] = nil
-	_, err = EventFromText(rel, values)
+	_, err = EventFromText(testNS, rel, values)
 	var bad *BadRowError
 	require.ErrorAs(t, err, &bad)
 	require.Equal(t, "id is null", bad.Reason)
@@ -265,7 +265,7 @@ func TestEventFromText(t *testing.T) {
 	require.Nil(t, bad.Row.Values[0])
 
 	// Any relation shape works, as on the stream.
-	ev, err = EventFromText(&Relation{Namespace: "s", Name: "t", Columns: []Column{{"id", pgtype.Int2OID}, {"color", pgtype.TextOID}}}, [][]byte{[]byte("3"), []byte("red")})
+	ev, err = EventFromText(testNS, &Relation{Namespace: "s", Name: "t", Columns: []Column{{"id", pgtype.Int2OID}, {"color", pgtype.TextOID}}}, [][]byte{[]byte("3"), []byte("red")})
 	require.NoError(t, err)
 	require.Equal(t, `{"id":3,"event_name":null,"occurred_at":null,"organization_id":null,"user_id":null,"entity_type":null,"entity_id":null,"correlation_id":null,"source":null,"schema_version":null,"properties":null}`, string(ev.Body))
 }

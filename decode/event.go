@@ -29,8 +29,13 @@ type Event struct {
 	Traceparent string
 	// Processed is the is_processed value the row was inserted with.
 	Processed bool
-	// Body is the envelope JSON object.
+	// Body is the envelope JSON object. Its "id" is the row id.
 	Body []byte
+	// MessageID names this event to receivers (webhook-id, Nats-Msg-Id,
+	// outboxd-message-id, the PostHog uuid), unique across outboxes:
+	// MessageID(namespace, ID, OccurredAt), the same for the same row
+	// whoever reads it (stream, catch-up, retrier, replay).
+	MessageID string
 
 	// CommitLSN is the LSN of the commit record of the event's transaction
 	// (pgoutput Begin.FinalLSN); zero for rows read by the table catch-up.

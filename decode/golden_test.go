@@ -76,7 +76,7 @@ var goldenAlt = map[int64]string{
 func TestGoldenPublic(t *testing.T) {
 	t.Parallel()
 	names, msgs := goldenMessages(t)
-	d := NewDecoder(Table{Name: "domain_event"})
+	d := NewDecoder(Table{Name: "domain_event", MessageNamespace: "0a1b2c3d4e5f6789"})
 
 	var (
 		kinds   []string
@@ -147,7 +147,7 @@ func TestGoldenPublic(t *testing.T) {
 		ID: 42, Name: "batch_started", OrganizationID: 7, HasOrganization: true,
 		EntityType: "batch", EntityID: "B-19",
 		OccurredAt: time.Date(2026, 11, 26, 10, 0, 0, 123456000, time.UTC),
-		Body:       ev.Body, CommitLSN: ev.CommitLSN,
+		Body:       ev.Body, CommitLSN: ev.CommitLSN, MessageID: "evt_0a1b2c3d4e5f6789_42_hoinb7omdc",
 	}, ev)
 
 	ev = events[44]

@@ -14,9 +14,14 @@ import (
 // carries another name, and a partitioned table published through its root
 // (publish_via_partition_root) carries the root's OID. With OID zero the
 // relation is matched by schema and name.
+//
+// MessageNamespace is the outbox's message namespace (docs/DESIGN.md §4),
+// stored by `outboxd migrate` in outboxd_outbox: every Event decoded for this
+// table gets its MessageID in it. Empty only in tests.
 type Table struct {
-	Schema, Name string
-	OID          uint32
+	Schema, Name     string
+	OID              uint32
+	MessageNamespace string
 }
 
 // String returns the table as schema.name.

@@ -69,7 +69,11 @@ type Retrier struct {
 	// rounds are skipped while it does not (between two sessions of the
 	// reader), so that only the slot holder delivers parked events (G9).
 	Leader func() bool
-	Log    zerolog.Logger
+	// Namespace is the outbox's message namespace (decode.Table's
+	// MessageNamespace): a parked event is sent with the message id its
+	// first attempt had.
+	Namespace string
+	Log       zerolog.Logger
 }
 
 // Run retries until ctx ends. Database errors are logged and retried on the
@@ -150,7 +154,7 @@ func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h ch
 				disp.Unparked(uint64(h.Key), 1)
 				continue
 			}
-			e, err := decode.EventFromText(row.Relation, row.Values)
+			e, err := decode.EventFromText(r.Namespace, row.Relation, row.Values)
 			if err != nil {
 				if err := r.Store.GiveUp(ctx, h.Target, row.EventID, 0, 0, "row cannot be delivered: "+err.Error()); err != nil {
 					return err

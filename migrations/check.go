@@ -54,6 +54,7 @@ var required = map[string][]string{
 	"outboxd_dead_letter":  {"event_id", "sink", "last_status", "last_error", "attempts", "dead_at"},
 	"outboxd_parked":       {"target", "event_id", "ordering_key", "commit_lsn", "commit_index", "attempts", "rounds", "next_attempt_at", "last_status", "last_error"},
 	"outboxd_subscription": {"id", "organization_id", "url", "secrets", "events", "enabled", "disabled_reason"},
+	"outboxd_outbox":       {"namespace"},
 }
 
 // privileges are what outboxd does with each table: checked for the
@@ -64,6 +65,7 @@ var privileges = map[string][]string{
 	"outboxd_dead_letter":  {"SELECT", "INSERT", "UPDATE", "DELETE"},
 	"outboxd_parked":       {"SELECT", "INSERT", "UPDATE", "DELETE"},
 	"outboxd_subscription": {"SELECT", "UPDATE"},
+	"outboxd_outbox":       {"SELECT"},
 	VersionTable:           {"SELECT"},
 }
 
@@ -131,7 +133,7 @@ FROM pg_catalog.pg_namespace WHERE nspname = $1`, c.opts.Schema).Scan(&exists, &
 	if err := c.checkOutboxTable(); err != nil {
 		return err
 	}
-	for _, name := range []string{"outboxd_checkpoint", "outboxd_dead_letter", "outboxd_parked", "outboxd_subscription"} {
+	for _, name := range []string{"outboxd_checkpoint", "outboxd_dead_letter", "outboxd_parked", "outboxd_subscription", "outboxd_outbox"} {
 		if err := c.checkOwnTable(name); err != nil {
 			return err
 		}

@@ -33,7 +33,10 @@ import (
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/tern/v2/migrate"
+
+	"github.com/outboxd/outboxd/decode"
 )
 
 //go:embed [0-9]*.sql
@@ -65,7 +68,7 @@ const lockKey int64 = 0x6f7574626f786400
 var bookkeeping = []string{"is_processed", "processed_at", "delivery_attempts"}
 
 // ownTables are outboxd's own tables, created next to the outbox table.
-var ownTables = []string{store.CheckpointTable, store.DeadLetterTable, store.ParkedTable, store.SubscriptionTable, VersionTable}
+var ownTables = []string{store.CheckpointTable, store.DeadLetterTable, store.ParkedTable, store.SubscriptionTable, store.NamespaceTable, VersionTable}
 
 // latest is the version of the newest embedded migration.
 var latest = func() int32 {
@@ -284,6 +287,39 @@ func migrateLocked(ctx context.Context, conn *pgx.Conn, opts Options) (res Resul
 		return res, err
 	}
 	return res, nil
+}
+
+// Querier runs a query that returns one row: a *pgx.Conn, a *pgxpool.Pool
+// or a pgx.Tx.
+type Querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// Namespace reads the outbox's message namespace (docs/DESIGN.md §4), made by
+// migration 5 in outboxd_outbox in the outbox table's schema. Every message id
+// of the outbox's events starts with it. A missing table or row says to run
+// `outboxd migrate`; a namespace that decode.CheckNamespace refuses (edited by
+// hand) is an error too.
+func Namespace(ctx context.Context, q Querier, schema string) (string, error) {
+	if schema == "" {
+		schema = DefaultSchema
+	}
+	table := pgx.Identifier{schema, store.NamespaceTable}.Sanitize()
+	var ns string
+	err := q.QueryRow(ctx, "SELECT namespace FROM "+table).Scan(&ns)
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return "", fmt.Errorf("%s has no message namespace: run `outboxd migrate`", table)
+	case errors.As(err, &pgErr) && pgErr.Code == "42P01": // undefined_table
+		return "", fmt.Errorf("%s does not exist: run `outboxd migrate`", table)
+	case err != nil:
+		return "", fmt.Errorf("read message namespace from %s: %w", table, err)
+	}
+	if err := decode.CheckNamespace(ns); err != nil {
+		return "", fmt.Errorf("message namespace %q in %s: %w", ns, table, err)
+	}
+	return ns, nil
 }
 
 // SubscriptionPublication names the publication of the subscription table:

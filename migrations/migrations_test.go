@@ -127,7 +127,11 @@ func TestMigrateFresh(t *testing.T) {
 	require.Equal(t, map[string]string{
 		"slot_name": "text", "lsn": "pg_lsn", "system_identifier": "text", "timeline": "integer",
 		"catchup_pending": "boolean", "updated_at": "timestamp with time zone", "routing": "jsonb",
+		"confirms_recorded": "boolean",
 	}, b.columns(t, "public", "outboxd_checkpoint"))
+	require.Equal(t, map[string]string{
+		"singleton": "boolean", "namespace": "text", "created_at": "timestamp with time zone",
+	}, b.columns(t, "public", "outboxd_outbox"))
 	require.Equal(t, map[string]string{
 		"id": "bigint", "event_id": "bigint", "sink": "text", "last_status": "integer",
 		"last_error": "text", "attempts": "integer", "dead_at": "timestamp with time zone",
@@ -348,6 +352,56 @@ func TestCheck(t *testing.T) {
 	require.False(t, ce.NeedsMigrate)
 }
 
+// Migration 5 makes the outbox's message namespace once: random, 16 hex
+// digits, kept by every later migrate (a version reset included), another in
+// another database.
+func TestMessageNamespace(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	_, err := migrations.Namespace(b.ctx, b.conn, "public")
+	require.ErrorContains(t, err, "run `outboxd migrate`")
+
+	_, err = migrations.Migrate(b.ctx, b.conn, migrations.Options{})
+	require.NoError(t, err)
+	ns, err := migrations.Namespace(b.ctx, b.conn, "")
+	require.NoError(t, err)
+	require.Regexp(t, `^[0-9a-f]{16}$`, ns)
+
+	_, err = migrations.Migrate(b.ctx, b.conn, migrations.Options{})
+	require.NoError(t, err)
+	b.exec(t, "UPDATE outboxd_schema_version SET version = 0")
+	_, err = migrations.Migrate(b.ctx, b.conn, migrations.Options{})
+	require.NoError(t, err)
+	again, err := migrations.Namespace(b.ctx, b.conn, "public")
+	require.NoError(t, err)
+	require.Equal(t, ns, again, "made once, kept by later migrations")
+	var rows int
+	require.NoError(t, b.conn.QueryRow(b.ctx, "SELECT count(*) FROM outboxd_outbox").Scan(&rows))
+	require.Equal(t, 1, rows)
+	_, err = b.conn.Exec(b.ctx, "INSERT INTO outboxd_outbox (namespace) VALUES ('abc')")
+	require.Error(t, err, "one row only")
+	_, err = b.conn.Exec(b.ctx, "UPDATE outboxd_outbox SET namespace = 'Not_Valid'")
+	require.Error(t, err, "the form is checked")
+
+	other := setup(t)
+	_, err = migrations.Migrate(other.ctx, other.conn, migrations.Options{Schema: "svc"})
+	require.NoError(t, err)
+	otherNS, err := migrations.Namespace(other.ctx, other.conn, "svc")
+	require.NoError(t, err)
+	require.NotEqual(t, ns, otherNS, "another outbox, another namespace")
+
+	// Missing or edited into something else: named, not used.
+	b.exec(t, "ALTER TABLE outboxd_outbox DROP CONSTRAINT outboxd_outbox_namespace_check")
+	b.exec(t, "UPDATE outboxd_outbox SET namespace = 'a_b'")
+	_, err = migrations.Namespace(b.ctx, b.conn, "public")
+	require.ErrorContains(t, err, `message namespace "a_b"`)
+	b.exec(t, "DELETE FROM outboxd_outbox")
+	_, err = migrations.Namespace(b.ctx, b.conn, "public")
+	require.ErrorContains(t, err, "has no message namespace: run `outboxd migrate`")
+	b.exec(t, "DROP TABLE outboxd_outbox")
+	require.ErrorContains(t, migrations.Check(b.ctx, b.conn, migrations.Options{}), `table "public"."outboxd_outbox" does not exist`)
+}
+
 func TestMigrateNewerVersion(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
@@ -419,6 +473,8 @@ ON CONFLICT (slot_name) DO UPDATE SET lsn = excluded.lsn`)
 	_, err = role.Exec(ctx, "DELETE FROM outboxd_checkpoint")
 	require.NoError(t, err)
 	require.NoError(t, migrations.Check(ctx, role, migrations.Options{}), "the role passes outboxd's start check")
+	_, err = migrations.Namespace(ctx, role, "public")
+	require.NoError(t, err, "the role reads the message namespace")
 
 	for _, denied := range []string{
 		"DELETE FROM domain_event",
@@ -426,6 +482,7 @@ ON CONFLICT (slot_name) DO UPDATE SET lsn = excluded.lsn`)
 		"INSERT INTO domain_event (event_name) VALUES ('forged')",
 		"TRUNCATE domain_event",
 		"UPDATE outboxd_schema_version SET version = 0",
+		"UPDATE outboxd_outbox SET namespace = 'forged'",
 	} {
 		_, err := role.Exec(ctx, denied)
 		var pgErr *pgconn.PgError

@@ -19,7 +19,9 @@
 --     delivery_attempts only. It never inserts, deletes or edits events;
 --   * keeps its checkpoint and dead letters: SELECT, INSERT, UPDATE, DELETE on
 --     outboxd_checkpoint and outboxd_dead_letter;
---   * checks the schema version at start: SELECT on outboxd_schema_version.
+--   * checks the schema version at start: SELECT on outboxd_schema_version;
+--   * reads the outbox's message namespace: SELECT on outboxd_outbox
+--     (migration 5 grants it to PUBLIC already; the namespace is no secret).
 -- It needs no ownership and no superuser. `outboxd migrate` is a different
 -- matter: it runs as the table owner, since creating a publication for a table
 -- requires owning it.
@@ -43,3 +45,4 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON public.outboxd_checkpoint, public.outbox
 -- Subscriptions: read for routing, update to disable an endpoint that answered 410.
 GRANT SELECT, UPDATE ON public.outboxd_subscription TO outboxd;
 GRANT SELECT ON public.outboxd_schema_version TO outboxd;
+GRANT SELECT ON public.outboxd_outbox TO outboxd;

@@ -17,12 +17,13 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/sink"
 )
 
 // ReplayHeader is the request header that marks a replayed delivery. Its
-// value is "true". The webhook-id stays the event id, as on the first
-// delivery, so receivers that deduplicate still can.
+// value is "true". The webhook-id stays the event's message id, as on the
+// first delivery, so receivers that deduplicate still can.
 const ReplayHeader = "webhook-replay"
 
 // Filter selects the rows to replay; zero fields do not filter. Every
@@ -282,12 +283,18 @@ func (c *Client) Replay(ctx context.Context, opts ReplayOptions) (*ReplayResult,
 	if opts.DryRun || res.Matched == 0 {
 		return res, nil
 	}
-	return res, c.deliver(ctx, opts, q, res)
+	// The message ids are the daemon's (docs/DESIGN.md §4): the same
+	// namespace, so a replayed event has the id it was first delivered with.
+	ns, err := migrations.Namespace(ctx, c.pool, c.t.schema())
+	if err != nil {
+		return nil, err
+	}
+	return res, c.deliver(ctx, opts, q, ns, res)
 }
 
 // deliver pages through the selected rows by id (keyset, no OFFSET) and hands
 // each event to the workers at the allowed rate.
-func (c *Client) deliver(ctx context.Context, opts ReplayOptions, q query, res *ReplayResult) error {
+func (c *Client) deliver(ctx context.Context, opts ReplayOptions, q query, ns string, res *ReplayResult) error {
 	var (
 		mu   sync.Mutex
 		wg   sync.WaitGroup
@@ -326,13 +333,13 @@ func (c *Client) deliver(ctx context.Context, opts ReplayOptions, q query, res *
 			}
 		}()
 	}
-	err := c.produce(ctx, opts, q, res, &mu, work)
+	err := c.produce(ctx, opts, q, ns, res, &mu, work)
 	close(work)
 	wg.Wait()
 	return err
 }
 
-func (c *Client) produce(ctx context.Context, opts ReplayOptions, q query, res *ReplayResult, mu *sync.Mutex, work chan<- *decode.Event) error {
+func (c *Client) produce(ctx context.Context, opts ReplayOptions, q query, ns string, res *ReplayResult, mu *sync.Mutex, work chan<- *decode.Event) error {
 	lim := newLimiter(opts.Rate)
 	last := int64(math.MinInt64)
 	keyArg := len(q.args) + 1
@@ -341,7 +348,7 @@ func (c *Client) produce(ctx context.Context, opts ReplayOptions, q query, res *
 	var rel *decode.Relation
 	for {
 		args := append(append([]any{pgx.QueryResultFormats{pgx.TextFormatCode}}, q.args...), last)
-		page, err := c.page(ctx, sql, args, &rel)
+		page, err := c.page(ctx, sql, args, ns, &rel)
 		if err != nil {
 			return err
 		}
@@ -375,9 +382,10 @@ type pageRow struct {
 	err   error
 }
 
-// page reads one page in text format, so rows become the same envelopes as
-// the stream's (decode.EventFromText, as the catch-up does).
-func (c *Client) page(ctx context.Context, sql string, args []any, rel **decode.Relation) ([]pageRow, error) {
+// page reads one page in text format, so rows become the same envelopes and
+// message ids (in namespace ns) as the stream's (decode.EventFromText, as the
+// catch-up does).
+func (c *Client) page(ctx context.Context, sql string, args []any, ns string, rel **decode.Relation) ([]pageRow, error) {
 	rows, err := c.pool.Query(ctx, sql, args...)
 	if err != nil {
 		return nil, fmt.Errorf("read rows to replay: %w", err)
@@ -402,7 +410,7 @@ func (c *Client) page(ctx context.Context, sql string, args []any, rel **decode.
 		vals := rows.RawValues()
 		var id int64
 		fmt.Sscan(string(vals[idCol]), &id) //nolint:errcheck // an integer column; a NULL id fails below
-		e, err := decode.EventFromText(*rel, vals)
+		e, err := decode.EventFromText(ns, *rel, vals)
 		out = append(out, pageRow{id: id, event: e, err: err})
 	}
 	if err := rows.Err(); err != nil {

@@ -2,7 +2,6 @@ package ops
 
 import (
 	"context"
-	"fmt"
 	"net/http"
 	"slices"
 	"testing"
@@ -27,7 +26,8 @@ func webhook(t *testing.T, url string) *sink.Webhook {
 func ptr[T any](v T) *T { return &v }
 
 // Replay delivers exactly the rows the filters select, in id order, signed,
-// with the event id as webhook-id and the replay header; it marks nothing.
+// with the event's message id as webhook-id (the one the daemon sends) and the
+// replay header; it marks nothing.
 func TestReplayFiltersAndCounts(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
@@ -39,6 +39,7 @@ func TestReplayFiltersAndCounts(t *testing.T) {
 	ordOther := b.insert(t, 5, "order.created", 8, day(4))
 	b.exec(t, `UPDATE domain_event SET is_processed = true, processed_at = now() WHERE id = ANY($1)`, ordCreated[:3])
 	all := slices.Concat(ordCreated, ordPaid, userOther, ordOther)
+	ns := e2e.Namespace(t, b.pool)
 
 	cases := []struct {
 		name   string
@@ -73,7 +74,7 @@ func TestReplayFiltersAndCounts(t *testing.T) {
 			for _, d := range recv.Deliveries() {
 				require.True(t, d.Replay, "webhook-replay header")
 				require.True(t, d.SigOK)
-				require.Equal(t, fmt.Sprint(d.IDs[0]), d.WebhookID)
+				require.Equal(t, e2e.WebhookIDOf(ns, d), d.WebhookID)
 			}
 			s := p.Snapshot()
 			require.EqualValues(t, len(tc.want), s.Done)

@@ -169,6 +169,13 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	if err := checkSchema(ctx, pool, cfg); err != nil {
 		return err
 	}
+	// Every message id is made in the outbox's namespace (docs/DESIGN.md
+	// §4): by the decoder and the catch-up (through Table) and the retrier.
+	ns, err := migrations.Namespace(ctx, pool, cfg.Table.Schema)
+	if err != nil {
+		return err
+	}
+	cfg.Table.MessageNamespace = ns
 
 	s := cfg.Sink
 	if s == nil {
@@ -220,8 +227,9 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 			return err
 		}
 		retrier = &deliver.Retrier{Store: store, Router: router, Schedule: cfg.Schedule, Interval: cfg.RetryInterval,
-			Leader: func() bool { return reader.WalsenderPID() != 0 },
-			Log:    log.With().Str("component", "retrier").Logger()}
+			Leader:    func() bool { return reader.WalsenderPID() != 0 },
+			Namespace: cfg.Table.MessageNamespace,
+			Log:       log.With().Str("component", "retrier").Logger()}
 		close(leading)
 		return nil
 	}

@@ -40,8 +40,13 @@ const (
 
 // Header names set on every Kafka record and NATS message.
 const (
-	// HeaderEventID carries the event id in decimal, the same on every
-	// retry and redelivery: consumers deduplicate on it.
+	// HeaderMessageID carries the event's message id
+	// (decode.Event.MessageID), the same on every retry and redelivery and
+	// unique across outboxes: consumers deduplicate on it.
+	HeaderMessageID = "outboxd-message-id"
+	// HeaderEventID carries the row id in decimal, as the body's "id". It is
+	// not unique across outboxes, nor after a restarted identity or a
+	// restore: do not deduplicate on it.
 	HeaderEventID = "outboxd-event-id"
 	// HeaderEventName carries event_name, for routing without parsing.
 	HeaderEventName = "outboxd-event-name"
@@ -334,15 +339,16 @@ func (k *Kafka) attempt(ctx context.Context, events []*decode.Event, pending []i
 func (k *Kafka) record(ev *decode.Event, extra []ExtraHeader) *kgo.Record {
 	topic := k.topic.expand(ev.Name)
 	id := strconv.FormatInt(ev.ID, 10)
-	headers := make([]kgo.RecordHeader, 0, 4+len(extra))
+	headers := make([]kgo.RecordHeader, 0, 5+len(extra))
 	for _, h := range extra {
 		switch strings.ToLower(h.Key) {
-		case HeaderEventID, HeaderEventName, "content-type", HeaderTraceparent:
+		case HeaderMessageID, HeaderEventID, HeaderEventName, "content-type", HeaderTraceparent:
 			continue // the sink's own headers take precedence
 		}
 		headers = append(headers, kgo.RecordHeader{Key: h.Key, Value: []byte(h.Value)})
 	}
 	headers = append(headers,
+		kgo.RecordHeader{Key: HeaderMessageID, Value: []byte(messageID(ev))},
 		kgo.RecordHeader{Key: HeaderEventID, Value: []byte(id)},
 		kgo.RecordHeader{Key: HeaderEventName, Value: []byte(ev.Name)},
 		kgo.RecordHeader{Key: "content-type", Value: []byte("application/json")},

@@ -153,7 +153,7 @@ func header(r *kgo.Record, key string) (string, bool) {
 // kafkaEvent is an event with the fields the record key and headers use.
 func kafkaEvent(id int64, name string, org int64, entity string) *decode.Event {
 	ev := &decode.Event{ID: id, Name: name, OrganizationID: org, HasOrganization: org != 0,
-		EntityType: "batch", EntityID: entity}
+		EntityType: "batch", EntityID: entity, MessageID: decode.MessageID("0a1b2c3d4e5f6789", id, time.Time{})}
 	ev.Body = fmt.Appendf(nil, `{"id":%d,"event_name":%q,"organization_id":%d,"entity_type":"batch","entity_id":%q}`, id, name, org, entity)
 	return ev
 }
@@ -203,6 +203,8 @@ func TestKafkaRecordsCarryKeyHeadersAndValue(t *testing.T) {
 				require.Equal(t, "events", r.Topic)
 				require.Equal(t, string(ev.Body), string(r.Value), "value = envelope, unchanged")
 				require.Equal(t, tt.want[i], string(r.Key), "key of event %d", ev.ID)
+				mid, _ := header(r, sink.HeaderMessageID)
+				require.Equal(t, ev.MessageID, mid, "the message id, to deduplicate on")
 				name, _ := header(r, sink.HeaderEventName)
 				require.Equal(t, ev.Name, name)
 				ct, _ := header(r, "content-type")

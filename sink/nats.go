@@ -104,10 +104,12 @@ func redactNATSURL(raw string) (string, error) {
 }
 
 // NATS is a Sink that publishes each event to JetStream and waits for its
-// PubAck. The message carries the envelope, Nats-Msg-Id = the event id (so
-// the stream drops a redelivery within its duplicate window), and the headers
-// outboxd-event-id, outboxd-event-name, Content-Type, traceparent (when the
-// event has one) and those added with WithHeader.
+// PubAck. The message carries the envelope, Nats-Msg-Id = the event's
+// message id (decode.Event.MessageID: the stream drops a redelivery within its
+// duplicate window, and never an event of another outbox, or a new event
+// that reuses a row id, as one), and the headers outboxd-message-id (the same
+// id), outboxd-event-id (the row id), outboxd-event-name, Content-Type,
+// traceparent (when the event has one) and those added with WithHeader.
 //
 // The events of one Deliver call are published one after the other, in order;
 // after a retryable failure the rest of the call waits for the next attempt,
@@ -295,12 +297,13 @@ func (n *NATS) rejected(events []*decode.Event) []error {
 // publish publishes ev and waits for its PubAck, for at most the timeout.
 func (n *NATS) publish(ctx context.Context, ev *decode.Event) error {
 	subject := n.subject.expand(ev.Name)
-	id := strconv.FormatInt(ev.ID, 10)
+	id := messageID(ev)
 	msg := &nats.Msg{Subject: subject, Data: ev.Body, Header: nats.Header{}}
 	for _, h := range ExtraHeaders(ctx) {
 		msg.Header.Set(h.Key, h.Value)
 	}
-	msg.Header.Set(HeaderEventID, id)
+	msg.Header.Set(HeaderMessageID, id)
+	msg.Header.Set(HeaderEventID, strconv.FormatInt(ev.ID, 10))
 	msg.Header.Set(HeaderEventName, ev.Name)
 	msg.Header.Set("Content-Type", "application/json")
 	if ev.Traceparent != "" && validHeaderValue(ev.Traceparent) {

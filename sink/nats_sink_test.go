@@ -80,8 +80,8 @@ func fakeJetStream(t *testing.T, nc *nats.Conn, subjects string, answer func(ids
 				t.Errorf("decode message: %v", err)
 				return
 			}
-			if got := m.Header.Get("Nats-Msg-Id"); got != strconv.FormatInt(ids[0], 10) {
-				t.Errorf("Nats-Msg-Id %q, want the event id %d", got, ids[0])
+			if got := m.Header.Get("Nats-Msg-Id"); got != sinktest.MessageID(ids[0]) {
+				t.Errorf("Nats-Msg-Id %q, want the message id of event %d", got, ids[0])
 			}
 			var reply string
 			switch answer(ids) {
@@ -119,8 +119,17 @@ func TestNATSConformance(t *testing.T) {
 	}, sinktest.InOrder())
 }
 
+// natsNS is the message namespace of the events natsEvent makes.
+const natsNS = "0a1b2c3d4e5f6789"
+
 func natsEvent(id int64, name string) *decode.Event {
-	return &decode.Event{ID: id, Name: name,
+	return natsEventIn(natsNS, id, name)
+}
+
+// natsEventIn makes an event with row id id in the outbox of namespace ns.
+func natsEventIn(ns string, id int64, name string) *decode.Event {
+	at := time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)
+	return &decode.Event{ID: id, Name: name, OccurredAt: at, MessageID: decode.MessageID(ns, id, at),
 		Body: fmt.Appendf(nil, `{"id":%d,"event_name":%q,"organization_id":7}`, id, name)}
 }
 
@@ -151,8 +160,9 @@ func TestNATSJetStreamDeliversAndDeduplicates(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, wantSubjects[i], m.Subject, "in order, subject from the template")
 		require.Equal(t, string(ev.Body), string(m.Data))
-		require.Equal(t, strconv.FormatInt(ev.ID, 10), m.Header.Get("Nats-Msg-Id"))
-		require.Equal(t, strconv.FormatInt(ev.ID, 10), m.Header.Get(sink.HeaderEventID))
+		require.Equal(t, ev.MessageID, m.Header.Get("Nats-Msg-Id"), "the message id, which the stream deduplicates on")
+		require.Equal(t, ev.MessageID, m.Header.Get(sink.HeaderMessageID))
+		require.Equal(t, strconv.FormatInt(ev.ID, 10), m.Header.Get(sink.HeaderEventID), "the row id, as the body's")
 		require.Equal(t, ev.Name, m.Header.Get(sink.HeaderEventName))
 		require.Equal(t, "application/json", m.Header.Get("Content-Type"))
 		require.Equal(t, "true", m.Header.Get("webhook-replay"))
@@ -168,13 +178,56 @@ func TestNATSJetStreamDeliversAndDeduplicates(t *testing.T) {
 	require.Equal(t, uint64(3), info.State.Msgs, "the duplicate is not stored")
 	require.Contains(t, logs.String(), `"duplicate":true`)
 	ack, err := js.PublishMsg(t.Context(), &nats.Msg{Subject: "events.batch_started", Data: evs[0].Body},
-		jetstream.WithMsgID("1"))
+		jetstream.WithMsgID(evs[0].MessageID))
 	require.NoError(t, err)
 	require.True(t, ack.Duplicate, "the id the sink set is the one the stream deduplicates on")
 	require.NotContains(t, logs.String(), `"id":1,"event_name"`, "payloads are not logged")
 
 	// Restarting with the stream present leaves it alone.
 	newNATS(t, cfg, zerolog.Nop())
+}
+
+// Two outboxes (two databases) publishing to one stream both have an event
+// with row id 5, and a table whose identity restarted has a new event 5: the
+// stream stores all three. With the bare row id as Nats-Msg-Id it acked the
+// later ones as duplicates and dropped them (silent loss). A true redelivery
+// is still dropped.
+func TestNATSSameRowIDFromTwoOutboxesIsStored(t *testing.T) {
+	t.Parallel()
+	srv := newNATSServer(t, true)
+	cfg := fastNATS(srv.ClientURL(), "events.{event_name}")
+	cfg.Stream = "EVENTS"
+	a, b := newNATS(t, cfg, zerolog.Nop()), newNATS(t, cfg, zerolog.Nop())
+	js, err := jetstream.New(connect(t, srv))
+	require.NoError(t, err)
+	stream, err := js.Stream(t.Context(), "EVENTS")
+	require.NoError(t, err)
+
+	first := natsEventIn("0a1b2c3d4e5f6789", 5, "batch_started")
+	other := natsEventIn("fedcba9876543210", 5, "batch_started")
+	restarted := natsEventIn("0a1b2c3d4e5f6789", 5, "batch_started")
+	restarted.OccurredAt = first.OccurredAt.Add(time.Hour)
+	restarted.MessageID = decode.MessageID("0a1b2c3d4e5f6789", 5, restarted.OccurredAt)
+	require.NoError(t, a.Deliver(t.Context(), []*decode.Event{first})[0].Err)
+	require.NoError(t, b.Deliver(t.Context(), []*decode.Event{other})[0].Err)
+	require.NoError(t, a.Deliver(t.Context(), []*decode.Event{restarted})[0].Err)
+	info, err := stream.Info(t.Context())
+	require.NoError(t, err)
+	require.Equal(t, uint64(3), info.State.Msgs, "three different events with row id 5, all stored")
+	seen := map[string]bool{}
+	for seq := uint64(1); seq <= 3; seq++ {
+		m, err := stream.GetMsg(t.Context(), seq)
+		require.NoError(t, err)
+		require.Equal(t, "5", m.Header.Get(sink.HeaderEventID))
+		seen[m.Header.Get("Nats-Msg-Id")] = true
+	}
+	require.Len(t, seen, 3)
+
+	// The same event again (a redelivery after a crash) is still a duplicate.
+	require.NoError(t, b.Deliver(t.Context(), []*decode.Event{natsEventIn("fedcba9876543210", 5, "batch_started")})[0].Err)
+	info, err = stream.Info(t.Context())
+	require.NoError(t, err)
+	require.Equal(t, uint64(3), info.State.Msgs)
 }
 
 func TestNATSFailuresClassified(t *testing.T) {

@@ -113,8 +113,8 @@ func posthogEndpoint(host string) (*url.URL, error) {
 // it. Each event becomes
 //
 //	{"event": event_name, "distinct_id": user_id as a string,
-//	 "uuid": a UUIDv5 of the event id (stable, so PostHog deduplicates
-//	         redeliveries),
+//	 "uuid": a UUIDv5 of the event's message id (stable, so PostHog
+//	         deduplicates redeliveries; unique across outboxes),
 //	 "timestamp": occurred_at,
 //	 "properties": {...the event's properties...,
 //	     "$groups": {"organization": "<organization_id>"},
@@ -341,7 +341,7 @@ func posthogEvent(ev *decode.Event) (json.RawMessage, error) {
 	if env.EventName != nil {
 		name = *env.EventName
 	}
-	item := posthogItem{Event: name, UUID: EventUUID(ev.ID), Properties: props}
+	item := posthogItem{Event: name, UUID: EventUUID(messageID(ev)), Properties: props}
 	if len(env.OccurredAt) > 0 && !bytes.Equal(env.OccurredAt, jsonNull) {
 		item.Timestamp = env.OccurredAt
 	}
@@ -408,20 +408,21 @@ func mustJSON(v any) json.RawMessage {
 	return b
 }
 
-// eventUUIDNamespace is the UUIDv5 namespace of event ids: a fixed, random
+// eventUUIDNamespace is the UUIDv5 namespace of message ids: a fixed, random
 // UUID that belongs to outboxd.
 var eventUUIDNamespace = [16]byte{
 	0x6f, 0x7a, 0x2c, 0x1e, 0x8b, 0x43, 0x4d, 0x0a,
 	0x9c, 0x5e, 0x31, 0xf2, 0x64, 0xa8, 0x0d, 0x57,
 }
 
-// EventUUID returns the UUID PostHog events of event id carry: a version-5
-// (SHA-1, RFC 9562 §5.5) UUID of the decimal id in a fixed namespace, the same
-// on every delivery so that PostHog can deduplicate.
-func EventUUID(id int64) string {
+// EventUUID returns the UUID a PostHog event carries for the event with
+// message id messageID (decode.Event.MessageID): a version-5 (SHA-1, RFC 9562
+// §5.5) UUID of the message id in a fixed namespace, the same on every
+// delivery so that PostHog can deduplicate, and as unique as the message id.
+func EventUUID(messageID string) string {
 	h := sha1.New() //nolint:gosec // see import
 	h.Write(eventUUIDNamespace[:])
-	h.Write(strconv.AppendInt(nil, id, 10))
+	h.Write([]byte(messageID))
 	var u [16]byte
 	copy(u[:], h.Sum(nil))
 	u[6] = u[6]&0x0f | 0x50 // version 5

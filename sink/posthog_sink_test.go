@@ -125,7 +125,7 @@ func TestPostHogConformance(t *testing.T) {
 // phEvent builds an event the way the decoder does: typed fields plus the
 // envelope.
 func phEvent(id int64, body string) *decode.Event {
-	ev := &decode.Event{ID: id, Body: []byte(body)}
+	ev := &decode.Event{ID: id, Body: []byte(body), MessageID: decode.MessageID("0a1b2c3d4e5f6789", id, time.Time{})}
 	var env struct {
 		EventName string `json:"event_name"`
 		Org       *int64 `json:"organization_id"`
@@ -192,7 +192,7 @@ func TestPostHogBatchBody(t *testing.T) {
 
 	require.Equal(t, "batch_started", got[0].Event)
 	require.Equal(t, "3", got[0].DistinctID)
-	require.Equal(t, sink.EventUUID(42), got[0].UUID)
+	require.Equal(t, sink.EventUUID("evt_0a1b2c3d4e5f6789_42"), got[0].UUID, "from the message id")
 	require.Equal(t, "2026-11-26T10:00:00.123456Z", got[0].Timestamp)
 	require.Equal(t, `1.50`, prop(0, "qty"), "numbers pass through as written")
 	require.Equal(t, `12345678901234567890`, prop(0, "big"))
@@ -210,7 +210,7 @@ func TestPostHogBatchBody(t *testing.T) {
 
 	require.Equal(t, "inventory_adjusted", got[1].Event)
 	require.Equal(t, "org_7", got[1].DistinctID)
-	require.Equal(t, sink.EventUUID(43), got[1].UUID)
+	require.Equal(t, sink.EventUUID(evs[1].MessageID), got[1].UUID)
 	require.Equal(t, "2026-11-26T10:00:01Z", got[1].Timestamp)
 	require.Equal(t, `false`, prop(1, "$process_person_profile"))
 	require.JSONEq(t, `{"organization":"7"}`, prop(1, "$groups"))
@@ -241,15 +241,19 @@ func TestPostHogBatchBody(t *testing.T) {
 func TestEventUUIDIsUUIDv5(t *testing.T) {
 	t.Parallel()
 	ns := uuid.MustParse("6f7a2c1e-8b43-4d0a-9c5e-31f264a80d57")
+	at := time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)
 	for _, id := range []int64{0, 1, 42, -7, 9223372036854775807} {
-		want := uuid.NewSHA1(ns, fmt.Appendf(nil, "%d", id))
-		got := sink.EventUUID(id)
+		mid := decode.MessageID("0a1b2c3d4e5f6789", id, at)
+		want := uuid.NewSHA1(ns, []byte(mid))
+		got := sink.EventUUID(mid)
 		require.Equal(t, want.String(), got)
 		u := uuid.MustParse(got)
 		require.Equal(t, uuid.Version(5), u.Version())
 		require.Equal(t, uuid.RFC4122, u.Variant())
 	}
-	require.NotEqual(t, sink.EventUUID(1), sink.EventUUID(2))
+	// The same row id in another outbox is another event: another uuid.
+	require.NotEqual(t, sink.EventUUID(decode.MessageID("0a1b2c3d4e5f6789", 1, at)), sink.EventUUID(decode.MessageID("0a1b2c3d4e5f6789", 2, at)))
+	require.NotEqual(t, sink.EventUUID(decode.MessageID("0a1b2c3d4e5f6789", 1, at)), sink.EventUUID(decode.MessageID("fedcba9876543210", 1, at)))
 }
 
 func TestPostHogAnswersClassified(t *testing.T) {

@@ -4,7 +4,6 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -32,28 +31,43 @@ func Sign(secrets []string, id string, ts int64, body []byte) (string, error) {
 	return signWith(keys, id, ts, body), nil
 }
 
-// WebhookID returns the webhook-id of a delivery of events: the decimal event
-// id for one event; for a batch, "batch_<first>_<last>_<h>" where h is the
-// first 16 hex digits of SHA-256 over the ids of all members, each as 8 bytes
-// big-endian, in order. The id is the same on every retry and redelivery of the
-// same events, so receivers can deduplicate. It returns "" for no events.
+// WebhookID returns the webhook-id of a delivery of events
+// (docs/DESIGN.md §4): the event's message id (decode.Event.MessageID,
+// evt_<namespace>_<row id>_<occurred_at>) for one event; for a batch,
+// "batch_<namespace>_<first row id>_<last row id>_<h>" where h is the first 16
+// hex digits of SHA-256 over the message ids of all members, each followed by
+// a newline, in order. The id is the same on every retry and redelivery of the
+// same events, so receivers can deduplicate, and it never names two different
+// events: the message ids are unique across outboxes and identity restarts.
+// It returns "" for no events.
 func WebhookID(events []*decode.Event) string {
 	switch len(events) {
 	case 0:
 		return ""
 	case 1:
-		return strconv.FormatInt(events[0].ID, 10)
+		return messageID(events[0])
 	}
 	h := sha256.New()
-	var b [8]byte
+	var buf [64]byte
 	for _, ev := range events {
-		binary.BigEndian.PutUint64(b[:], uint64(ev.ID))
-		h.Write(b[:])
+		b := append(buf[:0], messageID(ev)...)
+		h.Write(append(b, '\n'))
 	}
 	var sum [sha256.Size]byte
-	return "batch_" + strconv.FormatInt(events[0].ID, 10) + "_" +
+	return "batch_" + decode.MessageNamespace(messageID(events[0])) + "_" +
+		strconv.FormatInt(events[0].ID, 10) + "_" +
 		strconv.FormatInt(events[len(events)-1].ID, 10) + "_" +
 		hex.EncodeToString(h.Sum(sum[:0])[:8])
+}
+
+// messageID returns ev's message id: ev.MessageID, which the decoder always
+// sets, or for an Event made by hand without one, the id of its row in no
+// namespace.
+func messageID(ev *decode.Event) string {
+	if ev.MessageID != "" {
+		return ev.MessageID
+	}
+	return decode.MessageID("", ev.ID, ev.OccurredAt)
 }
 
 // decodeSecrets decodes Standard Webhooks secrets into HMAC keys.

@@ -112,10 +112,18 @@ func newWebhook(t testing.TB, cfg sink.WebhookConfig, log zerolog.Logger) *sink.
 	return w
 }
 
+// testNS is the message namespace of the events made by event.
+const testNS = "0a1b2c3d4e5f6789"
+
+// testOccurredAt is the occurred_at of the events made by event.
+var testOccurredAt = time.Date(2026, 11, 26, 10, 0, 0, 123456000, time.UTC)
+
 func event(id int64) *decode.Event {
 	return &decode.Event{
-		ID:   id,
-		Name: "batch_started",
+		ID:         id,
+		OccurredAt: testOccurredAt,
+		MessageID:  decode.MessageID(testNS, id, testOccurredAt),
+		Name:       "batch_started",
 		Body: fmt.Appendf(nil, `{"id":%d,"event_name":"batch_started","occurred_at":"2026-11-26T10:00:00.123456Z",`+
 			`"organization_id":7,"user_id":null,"properties":{"n":%d,"s":"é\u2028"}}`, id, id*3),
 	}
@@ -183,14 +191,36 @@ func TestSignStandardWebhooksVector(t *testing.T) {
 func TestWebhookID(t *testing.T) {
 	t.Parallel()
 	require.Empty(t, sink.WebhookID(nil))
-	require.Equal(t, "42", sink.WebhookID([]*decode.Event{event(42)}))
+	require.Equal(t, "evt_0a1b2c3d4e5f6789_42_hoinb7omdc", sink.WebhookID([]*decode.Event{event(42)}), "the message id")
 
 	batch := []*decode.Event{event(7), event(8), event(12)}
 	id := sink.WebhookID(batch)
-	require.Regexp(t, regexp.MustCompile(`^batch_7_12_[0-9a-f]{16}$`), id)
+	require.Regexp(t, regexp.MustCompile(`^batch_0a1b2c3d4e5f6789_7_12_[0-9a-f]{16}$`), id)
 	require.Equal(t, id, sink.WebhookID([]*decode.Event{event(7), event(8), event(12)}), "stable")
 	require.NotEqual(t, id, sink.WebhookID([]*decode.Event{event(7), event(9), event(12)}), "covers every member")
 	require.NotEqual(t, id, sink.WebhookID([]*decode.Event{event(7), event(12)}))
+
+	// The same row ids in another outbox, or reused later (a restarted
+	// identity), are other events: other ids.
+	other := func(ns string, at time.Time, ids ...int64) []*decode.Event {
+		evs := make([]*decode.Event, len(ids))
+		for i, n := range ids {
+			evs[i] = event(n)
+			evs[i].OccurredAt, evs[i].MessageID = at, decode.MessageID(ns, n, at)
+		}
+		return evs
+	}
+	for _, evs := range [][]*decode.Event{
+		other("ffffffffffffffff", testOccurredAt, 7, 8, 12),
+		other(testNS, testOccurredAt.Add(time.Hour), 7, 8, 12),
+	} {
+		require.NotEqual(t, id, sink.WebhookID(evs))
+		require.NotEqual(t, sink.WebhookID(batch[:1]), sink.WebhookID(evs[:1]))
+	}
+	require.Regexp(t, `^batch_ffffffffffffffff_7_12_[0-9a-f]{16}$`, sink.WebhookID(other("ffffffffffffffff", testOccurredAt, 7, 8, 12)))
+
+	// An Event made by hand without a message id gets one without a namespace.
+	require.Equal(t, "evt__42", sink.WebhookID([]*decode.Event{{ID: 42}}))
 }
 
 func TestWebhookSignatureVerifies(t *testing.T) {
@@ -227,7 +257,7 @@ func TestWebhookUnsigned(t *testing.T) {
 	require.NoError(t, out[0].Err)
 	h := rc.requests()[0].header
 	require.Empty(t, h.Values("webhook-signature"))
-	require.Equal(t, "1", h.Get("webhook-id"))
+	require.Equal(t, event(1).MessageID, h.Get("webhook-id"))
 	require.NotEmpty(t, h.Get("webhook-timestamp"))
 }
 
@@ -256,7 +286,7 @@ func TestWebhookRequest(t *testing.T) {
 	require.Equal(t, ev.Body, r.body, "body is exactly the event's envelope")
 	require.Equal(t, "application/json", r.header.Get("Content-Type"))
 	require.Equal(t, "outboxd-test/1.0", r.header.Get("User-Agent"))
-	require.Equal(t, "42", r.header.Get("webhook-id"))
+	require.Equal(t, ev.MessageID, r.header.Get("webhook-id"))
 	require.Equal(t, ev.Traceparent, r.header.Get("traceparent"))
 	require.Equal(t, "true", r.header.Get("webhook-replay"))
 	ts, err := strconv.ParseInt(r.header.Get("webhook-timestamp"), 10, 64)
@@ -301,7 +331,7 @@ func TestWebhookBatch(t *testing.T) {
 		require.Equal(t, evs[i].ID, env.ID)
 	}
 	require.Equal(t, sink.WebhookID(evs), r.header.Get("webhook-id"))
-	require.Regexp(t, `^batch_10_13_[0-9a-f]{16}$`, r.header.Get("webhook-id"))
+	require.Regexp(t, `^batch_0a1b2c3d4e5f6789_10_13_[0-9a-f]{16}$`, r.header.Get("webhook-id"))
 	require.Empty(t, r.header.Get("traceparent"), "no single trace for a batch")
 	require.NoError(t, verifyStandardWebhooks(secretA, r.header, r.body))
 }
@@ -329,7 +359,7 @@ func TestWebhookIDStableSignatureFresh(t *testing.T) {
 	reqs := rc.requests()
 	require.Len(t, reqs, 2)
 	first, second := reqs[0].header, reqs[1].header
-	require.Equal(t, "77", first.Get("webhook-id"))
+	require.Equal(t, event(77).MessageID, first.Get("webhook-id"))
 	require.Equal(t, first.Get("webhook-id"), second.Get("webhook-id"), "webhook-id is the same on every attempt")
 	ts1, err := strconv.ParseInt(first.Get("webhook-timestamp"), 10, 64)
 	require.NoError(t, err)

@@ -20,6 +20,9 @@ const (
 	DeadLetterTable   = "outboxd_dead_letter"
 	ParkedTable       = "outboxd_parked"
 	SubscriptionTable = "outboxd_subscription"
+	// NamespaceTable holds the outbox's message namespace (one row,
+	// migration 5; docs/DESIGN.md §4).
+	NamespaceTable = "outboxd_outbox"
 )
 
 // Ident returns the quoted identifier of table name in schema.

@@ -169,6 +169,12 @@ func TestReceiverDownEventsParkedThenDelivered(t *testing.T) {
 		t.Logf("down receiver: %s", c)
 		require.Zero(t, c.Lost)
 		require.Zero(t, c.Unexpected)
+		// In-memory attempts, parked retries and those after the kill all
+		// carry the event's message id.
+		ns := e2e.Namespace(t, b.pool)
+		for _, dl := range down.Deliveries() {
+			require.Equal(t, e2e.WebhookIDOf(ns, dl), dl.WebhookID)
+		}
 		require.Equal(t, 0, d.Stop(30*time.Second))
 	})
 }
@@ -286,10 +292,12 @@ func TestBatchedDelivery(t *testing.T) {
 		require.Zero(t, c.Duplicates)
 		require.Zero(t, c.BadSignatures)
 		batches := 0
+		ns := e2e.Namespace(t, b.pool)
 		for _, dl := range b.recv.Deliveries() {
+			require.Equal(t, e2e.WebhookIDOf(ns, dl), dl.WebhookID)
 			if len(dl.IDs) > 1 {
 				batches++
-				require.True(t, strings.HasPrefix(dl.WebhookID, "batch_"), dl.WebhookID)
+				require.True(t, strings.HasPrefix(dl.WebhookID, "batch_"+ns+"_"), dl.WebhookID)
 				require.True(t, json.Valid(dl.Body))
 			}
 		}

@@ -115,8 +115,9 @@ func TestDeliversEveryEventOnceInCommitOrder(t *testing.T) {
 		require.Zero(t, c.Unexpected)
 		require.Zero(t, c.BadSignatures)
 		require.Equal(t, ids, b.recv.Accepted(), "one ordering key: receipt order must be commit order")
+		ns := e2e.Namespace(t, b.pool)
 		for _, dl := range b.recv.Deliveries() {
-			require.Equal(t, fmt.Sprint(dl.IDs[0]), dl.WebhookID, "webhook-id is the event id")
+			require.Equal(t, e2e.WebhookIDOf(ns, dl), dl.WebhookID, "webhook-id is the event's message id")
 		}
 		rows, attempts := e2e.Processed(t, b.pool)
 		require.EqualValues(t, total, rows)
@@ -312,12 +313,18 @@ func TestKill9WhileInserting(t *testing.T) {
 		// A duplicate is only allowed for an event that was not yet marked
 		// processed when outboxd was killed (it was past the checkpoint): a row
 		// marked processed is never delivered again. Every copy carries the
-		// event id as webhook-id.
+		// event's message id as webhook-id, the same on every copy.
+		ns := e2e.Namespace(t, b.pool)
+		firstID := map[int64]string{}
 		for _, dl := range b.recv.Deliveries() {
 			if dl.Status/100 != 2 {
 				continue
 			}
-			require.Equal(t, fmt.Sprint(dl.IDs[0]), dl.WebhookID)
+			require.Equal(t, e2e.WebhookIDOf(ns, dl), dl.WebhookID)
+			if w, ok := firstID[dl.IDs[0]]; ok {
+				require.Equal(t, w, dl.WebhookID, "a redelivery of event %d carries another webhook-id", dl.IDs[0])
+			}
+			firstID[dl.IDs[0]] = dl.WebhookID
 			if at, ok := processedAtKill[dl.IDs[0]]; ok {
 				require.True(t, dl.At.Before(at), "event %d was delivered again after it was marked processed", dl.IDs[0])
 			}

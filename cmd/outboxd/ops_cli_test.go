@@ -239,7 +239,7 @@ func TestSlotCommands(t *testing.T) {
 	require.False(t, exists)
 }
 
-// replay: filters select exactly the rows, requests carry the event id and
+// replay: filters select exactly the rows, requests carry the message id and
 // webhook-replay; --dry-run sends nothing; failures exit 1; a subscription
 // target gets only its organization's events, signed with its secret.
 func TestReplayCommand(t *testing.T) {
@@ -269,7 +269,7 @@ func TestReplayCommand(t *testing.T) {
 	for _, d := range db.recv.Deliveries() {
 		require.True(t, d.Replay)
 		require.True(t, d.SigOK)
-		require.Equal(t, fmt.Sprint(d.IDs[0]), d.WebhookID)
+		require.Equal(t, e2e.WebhookIDOf(e2e.Namespace(t, db.pool), d), d.WebhookID)
 	}
 
 	// The default webhook gets only OUTBOXD_WEBHOOK_EVENTS.

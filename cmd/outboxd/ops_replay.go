@@ -29,8 +29,9 @@ func replayCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Co
 		Short: "Re-deliver events from the table, processed or not, to the webhook (filters, rate limit, --dry-run)",
 		Long: `Re-deliver events from the outbox table whatever their processed flag, in id
 order, to the default webhook (OUTBOXD_WEBHOOK_URL, signed with
-OUTBOXD_WEBHOOK_SECRET) or to a subscription. Each request carries the event id
-as webhook-id, as the first delivery did, and the header "webhook-replay: true".
+OUTBOXD_WEBHOOK_SECRET) or to a subscription. Each request carries the event's
+message id as webhook-id, as the first delivery did, and the header
+"webhook-replay: true".
 Replay marks nothing and does not touch the slot; rows inserted after it starts
 are left to the daemon.
 

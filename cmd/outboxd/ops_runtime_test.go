@@ -655,11 +655,16 @@ func TestTraceparentReachesWebhook(t *testing.T) {
 	t.Parallel()
 	var (
 		mu     sync.Mutex
-		traces = map[string]string{} // webhook-id -> traceparent header
+		traces = map[string]string{} // event id -> traceparent header
 	)
 	recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var env struct {
+			ID int64 `json:"id"`
+		}
+		body, _ := io.ReadAll(r.Body)
+		_ = json.Unmarshal(body, &env)
 		mu.Lock()
-		traces[r.Header.Get("webhook-id")] = r.Header.Get("traceparent")
+		traces[fmt.Sprint(env.ID)] = r.Header.Get("traceparent")
 		mu.Unlock()
 		w.WriteHeader(http.StatusNoContent)
 	}))

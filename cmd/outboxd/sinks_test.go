@@ -64,6 +64,14 @@ func envelopeIDs(t *testing.T, body []byte) (id, org int64) {
 	return env.ID, env.Org
 }
 
+// checkMessageID asserts that got is the message id of event id: the form of
+// docs/DESIGN.md §4 (evt_<namespace>_<id>_<occurred_at>), the exact value
+// being checked by the webhook tests against the database's namespace.
+func checkMessageID(t *testing.T, id int64, got string) {
+	t.Helper()
+	require.Regexp(t, `^evt_[0-9a-f]{16}_`+strconv.FormatInt(id, 10)+`_[0-9a-z]+$`, got, "message id of event %d", id)
+}
+
 // checkDelivered asserts every id arrived exactly once and, per
 // organization, in commit order (ids ascend within an organization: each
 // transaction commits before the next starts).
@@ -160,6 +168,13 @@ func kafkaCase(t *testing.T) (map[string]string, deliveredFunc) {
 				for _, rec := range recs {
 					id, org := envelopeIDs(t, rec.Value)
 					require.Equal(t, strconv.FormatInt(org, 10), string(rec.Key), "key = organization")
+					mid := ""
+					for _, h := range rec.Headers {
+						if h.Key == sink.HeaderMessageID {
+							mid = string(h.Value)
+						}
+					}
+					checkMessageID(t, id, mid)
 					r.add(id, org)
 				}
 			}
@@ -193,7 +208,9 @@ func natsCase(t *testing.T) (map[string]string, deliveredFunc) {
 				require.NoError(t, err)
 				require.Equal(t, "events.batch_started", m.Subject)
 				id, org := envelopeIDs(t, m.Data)
-				require.Equal(t, strconv.FormatInt(id, 10), m.Header.Get("Nats-Msg-Id"))
+				checkMessageID(t, id, m.Header.Get("Nats-Msg-Id"))
+				require.Equal(t, m.Header.Get("Nats-Msg-Id"), m.Header.Get(sink.HeaderMessageID))
+				require.Equal(t, strconv.FormatInt(id, 10), m.Header.Get(sink.HeaderEventID))
 				r.add(id, org)
 			}
 			return r.ids, r.orgs

@@ -154,7 +154,8 @@ func TestReceiveVerifiesScriptsAndWritesJSONLines(t *testing.T) {
 	require.NoError(t, err)
 	defer w.Close()
 	body := []byte(`{"id":42,"event_name":"batch_started","organization_id":7,"properties":{"batch_id":"B-19"}}`)
-	outcomes := w.Deliver(context.Background(), []*decode.Event{{ID: 42, Name: "batch_started", Body: body}})
+	const wid = "evt_0a1b2c3d4e5f6789_42"
+	outcomes := w.Deliver(context.Background(), []*decode.Event{{ID: 42, Name: "batch_started", Body: body, MessageID: wid}})
 	require.NoError(t, outcomes[0].Err)
 	require.Equal(t, 3, outcomes[0].Attempts)
 
@@ -165,7 +166,7 @@ func TestReceiveVerifiesScriptsAndWritesJSONLines(t *testing.T) {
 	for i, want := range []int{503, 503, 200} {
 		l := lines[i]
 		require.Equal(t, want, l.Status)
-		require.Equal(t, "42", l.WebhookID)
+		require.Equal(t, wid, l.WebhookID)
 		require.NotNil(t, l.SignatureValid)
 		require.True(t, *l.SignatureValid, l.Error)
 		require.JSONEq(t, string(body), string(l.Body))
@@ -173,7 +174,7 @@ func TestReceiveVerifiesScriptsAndWritesJSONLines(t *testing.T) {
 		require.True(t, ok, "timestamp is a number: %v", l.Timestamp)
 		require.InDelta(t, float64(time.Now().Unix()), ts, 60)
 	}
-	require.Equal(t, 3, strings.Count(stdout.String(), "webhook-id=42 signature=valid"), stdout.String())
+	require.Equal(t, 3, strings.Count(stdout.String(), "webhook-id="+wid+" signature=valid"), stdout.String())
 
 	// Hand-made requests; the script is at its last entry (200).
 	url := "http://" + addr + "/"
@@ -348,19 +349,21 @@ func TestRunDeliversToReceive(t *testing.T) {
 	}, func() string {
 		return fmt.Sprintf("%d of %d received; receiver log:\n%s", len(lines), len(ids), recv.Log())
 	})
-	seen := map[string]bool{}
+	seen := map[int64]bool{}
+	ns := e2e.Namespace(t, e2e.Pool(t, url))
 	for _, l := range lines {
 		require.True(t, *l.SignatureValid, l.Error)
 		require.Equal(t, 200, l.Status)
 		var body struct {
-			ID int64 `json:"id"`
+			ID         int64     `json:"id"`
+			OccurredAt time.Time `json:"occurred_at"`
 		}
 		require.NoError(t, json.Unmarshal(l.Body, &body))
-		require.Equal(t, strconv.FormatInt(body.ID, 10), l.WebhookID)
-		seen[l.WebhookID] = true
+		require.Equal(t, e2e.MessageID(ns, body.ID, body.OccurredAt), l.WebhookID)
+		seen[body.ID] = true
 	}
 	for _, id := range ids {
-		require.True(t, seen[strconv.FormatInt(id, 10)], "event %d received", id)
+		require.True(t, seen[id], "event %d received", id)
 	}
 	require.Equal(t, 0, d.Stop(30*time.Second))
 	require.Equal(t, 0, recv.Stop(10*time.Second), "receive exits 0 on SIGTERM")

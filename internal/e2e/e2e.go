@@ -70,13 +70,16 @@ type Delivery struct {
 	Timestamp string
 	IDs       []int64 // envelope ids in the body
 	Orgs      []int64
-	SigOK     bool
-	Status    int // what the receiver answered
-	At        time.Time
-	Replay    bool
-	Body      []byte
-	Path      string
-	Signature string
+	// OccurredAt are the envelopes' occurred_at (zero when null or not a
+	// timestamp), for WebhookIDOf.
+	OccurredAt []time.Time
+	SigOK      bool
+	Status     int // what the receiver answered
+	At         time.Time
+	Replay     bool
+	Body       []byte
+	Path       string
+	Signature  string
 }
 
 // Receiver is a webhook endpoint that records every request.
@@ -115,8 +118,9 @@ func (r *Receiver) serve(w http.ResponseWriter, req *http.Request) {
 	}
 	d.SigOK = Verify(Secret, d.WebhookID, d.Timestamp, body, req.Header.Get("webhook-signature"))
 	type env struct {
-		ID  int64  `json:"id"`
-		Org *int64 `json:"organization_id"`
+		ID         int64  `json:"id"`
+		Org        *int64 `json:"organization_id"`
+		OccurredAt any    `json:"occurred_at"`
 	}
 	var one env
 	var many []env
@@ -132,6 +136,11 @@ func (r *Receiver) serve(w http.ResponseWriter, req *http.Request) {
 			org = *e.Org
 		}
 		d.Orgs = append(d.Orgs, org)
+		var at time.Time
+		if ts, ok := e.OccurredAt.(string); ok {
+			at, _ = time.Parse(time.RFC3339Nano, ts)
+		}
+		d.OccurredAt = append(d.OccurredAt, at)
 	}
 	d.Status = http.StatusOK
 	if r.Respond != nil {
@@ -253,6 +262,47 @@ func Verify(secret, id, ts string, body []byte, header string) bool {
 		}
 	}
 	return false
+}
+
+// Namespace returns the outbox's message namespace, which `outboxd migrate`
+// stored in outboxd_outbox (in the schema search_path finds first).
+func Namespace(t testing.TB, pool *pgxpool.Pool) string {
+	t.Helper()
+	var ns string
+	require.NoError(t, pool.QueryRow(context.Background(), `SELECT namespace FROM outboxd_outbox`).Scan(&ns))
+	require.Regexp(t, `^[0-9a-f]{16}$`, ns)
+	return ns
+}
+
+// MessageID is the contract's message id of an event (docs/DESIGN.md §4),
+// implemented here on its own: evt_<namespace>_<row id>_<occurred_at in
+// microseconds since 1970, base 36>, or evt_<namespace>_<row id> for an event
+// without occurred_at.
+func MessageID(ns string, id int64, occurredAt time.Time) string {
+	s := "evt_" + ns + "_" + strconv.FormatInt(id, 10)
+	if !occurredAt.IsZero() {
+		s += "_" + strconv.FormatInt(occurredAt.UnixMicro(), 36)
+	}
+	return s
+}
+
+// WebhookIDOf returns the webhook-id the contract gives delivery d of the
+// outbox with namespace ns: the message id of its one event, or for a batch
+// batch_<namespace>_<first id>_<last id>_<16 hex digits of SHA-256 over the
+// members' message ids, each followed by a newline>. Every test that checks a
+// webhook-id compares it with this.
+func WebhookIDOf(ns string, d Delivery) string {
+	switch len(d.IDs) {
+	case 0:
+		return ""
+	case 1:
+		return MessageID(ns, d.IDs[0], d.OccurredAt[0])
+	}
+	h := sha256.New()
+	for i, id := range d.IDs {
+		h.Write([]byte(MessageID(ns, id, d.OccurredAt[i]) + "\n"))
+	}
+	return fmt.Sprintf("batch_%s_%d_%d_%x", ns, d.IDs[0], d.IDs[len(d.IDs)-1], h.Sum(nil)[:8])
 }
 
 // WaitFor polls cond until it holds or the timeout passes. Use it for

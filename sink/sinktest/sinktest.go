@@ -412,15 +412,22 @@ func Run(t *testing.T, newSink Factory, opts ...Option) {
 	})
 }
 
-// Events returns events with the given ids and minimal envelope bodies
-// {"id":<id>,"event_name":"sinktest"}.
+// Namespace is the message namespace of the events Events makes.
+const Namespace = "5e75e75e75e75e75"
+
+// MessageID returns the message id Events gives the event with id id.
+func MessageID(id int64) string { return decode.MessageID(Namespace, id, time.Time{}) }
+
+// Events returns events with the given ids, minimal envelope bodies
+// {"id":<id>,"event_name":"sinktest"} and message ids MessageID(id).
 func Events(ids ...int64) []*decode.Event {
 	evs := make([]*decode.Event, len(ids))
 	for i, id := range ids {
 		evs[i] = &decode.Event{
-			ID:   id,
-			Name: "sinktest",
-			Body: fmt.Appendf(nil, `{"id":%d,"event_name":"sinktest"}`, id),
+			ID:        id,
+			Name:      "sinktest",
+			Body:      fmt.Appendf(nil, `{"id":%d,"event_name":"sinktest"}`, id),
+			MessageID: MessageID(id),
 		}
 	}
 	return evs

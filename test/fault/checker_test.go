@@ -2,6 +2,7 @@ package fault
 
 import (
 	"fmt"
+	"regexp"
 	"slices"
 	"strconv"
 	"testing"
@@ -20,8 +21,13 @@ type Check struct {
 	Unexpected int // accepted events that were not expected
 	OutOfOrder int // inversions of first receipts within an ordering key
 	BadSig     int // requests whose signature did not verify
-	BadID      int // requests whose webhook-id is not the event id (single-event bodies)
-	LostIDs    []int64
+	// BadID counts single-event requests whose webhook-id is not a message
+	// id of their event (evt_<namespace>_<id>_<occurred_at>, docs/DESIGN.md
+	// §4), differs from an earlier copy's, names another event than an
+	// earlier request with that webhook-id, or is in another namespace than
+	// the others (one outbox per scenario).
+	BadID   int
+	LostIDs []int64
 	// FirstAccepted maps each accepted id to the time of its first 2xx.
 	FirstAccepted map[int64]time.Time
 }
@@ -46,11 +52,12 @@ func check(expected []int64, order []Row, deliveries []Delivery) Check {
 	copies := map[int64]int{}
 	receipt := map[int64]int{} // id -> position of its first 2xx receipt
 	pos := 0
+	var ids webhookIDs
 	for _, d := range deliveries {
 		if !d.SigOK {
 			c.BadSig++
 		}
-		if len(d.IDs) == 1 && d.WebhookID != strconv.FormatInt(d.IDs[0], 10) {
+		if len(d.IDs) == 1 && !ids.ok(d.WebhookID, d.IDs[0]) {
 			c.BadID++
 		}
 		if !d.Accepted() {
@@ -98,6 +105,43 @@ func check(expected []int64, order []Row, deliveries []Delivery) Check {
 	return c
 }
 
+// messageIDRE is the form of a message id: namespace, row id and, when the
+// row has one, occurred_at.
+var messageIDRE = regexp.MustCompile(`^evt_([0-9a-f]{16})_(-?[0-9]+)(_[0-9a-z]+)?$`)
+
+// webhookIDs checks the webhook-ids of single-event requests: each is a
+// message id of its event, every copy of an event carries the same one, and
+// no webhook-id names two events.
+type webhookIDs struct {
+	ns    string
+	byID  map[int64]string
+	event map[string]int64
+}
+
+func (w *webhookIDs) ok(wid string, id int64) bool {
+	if w.byID == nil {
+		w.byID, w.event = map[int64]string{}, map[string]int64{}
+	}
+	m := messageIDRE.FindStringSubmatch(wid)
+	if m == nil || m[2] != strconv.FormatInt(id, 10) {
+		return false
+	}
+	if w.ns == "" {
+		w.ns = m[1]
+	}
+	if m[1] != w.ns {
+		return false
+	}
+	if prev, seen := w.byID[id]; seen && prev != wid {
+		return false
+	}
+	if prev, seen := w.event[wid]; seen && prev != id {
+		return false
+	}
+	w.byID[id], w.event[wid] = wid, id
+	return true
+}
+
 // inversions counts pairs i<j with s[i] > s[j] (merge sort, O(n log n)).
 func inversions(s []int) int {
 	a := slices.Clone(s)
@@ -138,11 +182,12 @@ func TestChecker(t *testing.T) {
 	require.Equal(t, 3, inversions([]int{1, 2, 3, 0}))
 
 	at := time.Now()
+	mid := func(id int64) string { return "evt_0a1b2c3d4e5f6789_" + strconv.FormatInt(id, 10) + "_hoinb7omdc" }
 	ok := func(ids ...int64) Delivery {
 		orgs := make([]int64, len(ids))
 		wid := "batch"
 		if len(ids) == 1 {
-			wid = strconv.FormatInt(ids[0], 10)
+			wid = mid(ids[0])
 		}
 		return Delivery{WebhookID: wid, IDs: ids, Orgs: orgs, SigOK: true, Status: 200, At: at}
 	}
@@ -162,11 +207,25 @@ func TestChecker(t *testing.T) {
 	require.Equal(t, 1, c.Unexpected)
 	require.Equal(t, 1, c.OutOfOrder)
 	require.Zero(t, c.BadSig)
+	require.Zero(t, c.BadID)
 
 	bad := ok(7)
-	bad.WebhookID, bad.SigOK = "8", false
+	bad.WebhookID, bad.SigOK = mid(8), false
 	c = check([]int64{7}, nil, []Delivery{bad})
 	require.Equal(t, 1, c.BadID)
 	require.Equal(t, 1, c.BadSig)
 	require.Zero(t, c.Lost)
+
+	// The bare row id (the first version's webhook-id), a copy with another
+	// id, one webhook-id for two events, another namespace: all bad.
+	with := func(id int64, wid string) Delivery { d := ok(id); d.WebhookID = wid; return d }
+	for _, ds := range [][]Delivery{
+		{with(7, "7")},
+		{ok(7), with(7, "evt_0a1b2c3d4e5f6789_7_hoinb7omdd")},
+		{ok(7), with(8, mid(7))},
+		{ok(7), with(8, "evt_ffffffffffffffff_8_hoinb7omdc")},
+	} {
+		c = check([]int64{7, 8}, nil, ds)
+		require.Equal(t, 1, c.BadID, "%+v", ds)
+	}
 }

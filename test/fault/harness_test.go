@@ -519,7 +519,7 @@ func (r *rig) finish(timeout time.Duration) Check {
 	require.Zero(r.t, c.Unexpected, "events delivered that were not committed or must not be delivered")
 	require.Zero(r.t, c.OutOfOrder, "deliveries out of commit order within an organization (G5)")
 	require.Zero(r.t, c.BadSig, "bad signatures")
-	require.Zero(r.t, c.BadID, "webhook-id differs from the event id")
+	require.Zero(r.t, c.BadID, "webhook-id not the event's namespaced message id, or not the same on every copy")
 	return c
 }
 

@@ -3,7 +3,9 @@ package security
 import (
 	"context"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -40,8 +42,13 @@ func newEchoReceiver(t *testing.T, secret string) *echoReceiver {
 		n := r.attempts[id]
 		r.mu.Unlock()
 		echo := fmt.Sprintf("auth=%s sig=%s secret=%s query=%s", req.Header.Get("Authorization"), sig, secret, req.URL.RawQuery)
-		var eventID int64
-		fmt.Sscan(id, &eventID) //nolint:errcheck // a batch id stays 0
+		// The event id is the body's (webhook-id is the message id).
+		var env struct {
+			ID int64 `json:"id"`
+		}
+		body, _ := io.ReadAll(req.Body)
+		_ = json.Unmarshal(body, &env) // a batch (an array) stays 0
+		eventID := env.ID
 		switch {
 		case eventID%5 == 0:
 			w.WriteHeader(http.StatusBadRequest) // dead letter
@@ -49,7 +56,7 @@ func newEchoReceiver(t *testing.T, secret string) *echoReceiver {
 			w.WriteHeader(http.StatusServiceUnavailable) // retried
 		default:
 			r.mu.Lock()
-			r.accepted[id] = true
+			r.accepted[fmt.Sprint(eventID)] = true
 			r.mu.Unlock()
 			w.WriteHeader(http.StatusOK)
 		}
