@@ -58,13 +58,16 @@ func (s *Store) ParkedCounts(ctx context.Context) (map[string]map[uint64]int, er
 	return out, nil
 }
 
-// DueHeads returns the keys whose first parked delivery (in commit order) is
-// due.
-func (s *Store) DueHeads(ctx context.Context, limit int) ([]ParkedHead, error) {
+// DueHeads returns the keys of targets whose first parked delivery (in
+// commit order) is due, oldest first, among targets only: parked
+// deliveries of a target that cannot deliver now (a disabled subscription,
+// one that no longer exists) stay due and would otherwise fill the limit at
+// every round, starving every live target behind them.
+func (s *Store) DueHeads(ctx context.Context, targets []string, limit int) ([]ParkedHead, error) {
 	rows, err := s.pool.Query(ctx, `SELECT target, ordering_key FROM (
   SELECT DISTINCT ON (target, ordering_key) target, ordering_key, next_attempt_at
-  FROM `+s.parked()+` ORDER BY target, ordering_key, commit_lsn, commit_index, event_id) AS h
-WHERE next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $1`, limit)
+  FROM `+s.parked()+` WHERE target = ANY($2) ORDER BY target, ordering_key, commit_lsn, commit_index, event_id) AS h
+WHERE next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $1`, limit, targets)
 	if err != nil {
 		return nil, fmt.Errorf("find due parked deliveries: %w", err)
 	}

@@ -46,7 +46,7 @@ func ParseSchedule(s string) ([]time.Duration, error) {
 
 // ParkStore is the durable side of parked deliveries; *checkpoint.Store is one.
 type ParkStore interface {
-	DueHeads(ctx context.Context, limit int) ([]checkpoint.ParkedHead, error)
+	DueHeads(ctx context.Context, targets []string, limit int) ([]checkpoint.ParkedHead, error)
 	ParkedRun(ctx context.Context, target string, key int64, limit int) ([]checkpoint.ParkedRow, error)
 	Delivered(ctx context.Context, target string, eventID int64, attempts int32) error
 	Reschedule(ctx context.Context, target string, eventID int64, attempts int32, next time.Time, status int, reason string) error
@@ -102,7 +102,9 @@ func (r *Retrier) Round(ctx context.Context) error {
 	if r.Leader != nil && !r.Leader() {
 		return nil
 	}
-	heads, err := r.Store.DueHeads(ctx, 1000)
+	// Only targets that can deliver: the heads of the others would take the
+	// places of live ones at every round (they stay due).
+	heads, err := r.Store.DueHeads(ctx, r.Router.LiveTargets(), 1000)
 	if err != nil {
 		return err
 	}

@@ -81,6 +81,21 @@ func (r *Router) Lookup(name string) (*Dispatcher, sink.Sink, bool) {
 	return t.disp, t.sink.Load().s, enabled
 }
 
+// LiveTargets returns the names of the targets that can deliver now: started
+// and, for a subscription, enabled. The retrier looks only for their parked
+// deliveries.
+func (r *Router) LiveTargets() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]string, 0, len(r.targets))
+	for name, t := range r.targets {
+		if t.disp != nil && (t.sub == nil || t.sub.Enabled) {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
 // Run routes events from in until it is closed (then waits for every target
 // to settle what it holds) or ctx ends.
 func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {

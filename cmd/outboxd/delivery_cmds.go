@@ -28,6 +28,9 @@ func deliveryCommands(envMap map[string]string, stdout, stderr io.Writer) []*cob
 type dbSession struct {
 	conn                              *pgx.Conn
 	table, subs, dead, parked, schema string
+	// defaultTarget is the name of the default sink (OUTBOXD_SINK): with
+	// the subscriptions, the targets a running outboxd delivers to.
+	defaultTarget string
 }
 
 func openSession(ctx context.Context, envMap map[string]string, stderr io.Writer) (*dbSession, error) {
@@ -48,7 +51,7 @@ func openSession(ctx context.Context, envMap map[string]string, stderr io.Writer
 	}
 	q := func(name string) string { return pgx.Identifier{t.Schema, name}.Sanitize() }
 	return &dbSession{conn: conn, schema: t.Schema, table: q(t.Name), subs: q("outboxd_subscription"),
-		dead: q("outboxd_dead_letter"), parked: q("outboxd_parked")}, nil
+		dead: q("outboxd_dead_letter"), parked: q("outboxd_parked"), defaultTarget: c.Sink}, nil
 }
 
 func (s *dbSession) close(ctx context.Context) { s.conn.Close(context.WithoutCancel(ctx)) }
@@ -402,11 +405,27 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 	retry := dlqAction(envMap, stdout, stderr, "retry",
 		"Move dead letters back to the retry schedule (a running outboxd delivers them)", false,
 		func(ctx context.Context, s *dbSession, ids []int64) (int64, error) {
-			// The ordering key of a revived delivery is its event id: it no
-			// longer has a place in its key's order.
+			// A dead letter of a target no running outboxd delivers to (a
+			// removed subscription, another sink) would stay parked and due
+			// for ever: refuse to revive it, and say which.
+			var unknown []string
+			err := s.conn.QueryRow(ctx, `SELECT coalesce(array_agg(DISTINCT d.sink ORDER BY d.sink), '{}') FROM `+s.dead+` AS d
+WHERE d.id = ANY($1) AND d.sink <> $2
+  AND NOT EXISTS (SELECT 1 FROM `+s.subs+` AS s WHERE 'subscription:' || s.id = d.sink)`, ids, s.defaultTarget).Scan(&unknown)
+			if err != nil {
+				return 0, err
+			}
+			if len(unknown) > 0 {
+				return 0, usageError{fmt.Errorf("dead letters of targets this outboxd does not deliver to (%s): nothing retried; select others with --target or --subscription, or purge them",
+					strings.Join(unknown, ", "))}
+			}
+			// The ordering key of a revived delivery is minus its event id:
+			// it no longer has a place in its key's order, and a key space of
+			// its own (organization keys are odd positives, event-id keys
+			// positive) keeps it from landing in another key's parked run.
 			tag, err := s.conn.Exec(ctx, `WITH d AS (DELETE FROM `+s.dead+` WHERE id = ANY($1) RETURNING event_id, sink, last_status, last_error)
 INSERT INTO `+s.parked+` (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at, last_status, last_error)
-SELECT sink, event_id, event_id, '0/0', 0, now(), last_status, last_error FROM d
+SELECT sink, event_id, -event_id, '0/0', 0, now(), last_status, last_error FROM d
 ON CONFLICT (target, event_id) DO UPDATE SET next_attempt_at = now(), rounds = 0`, ids)
 			return tag.RowsAffected(), err
 		}, "%d dead letter(s) moved back to the retry schedule\n")

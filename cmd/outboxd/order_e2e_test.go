@@ -102,3 +102,61 @@ func TestSlotAdvancedOutsideWhileStoppedIsRefused(t *testing.T) {
 		require.Equal(t, 0, d.Stop(30*time.Second))
 	})
 }
+
+// Parked deliveries of targets no running outboxd delivers to (a removed
+// subscription, a sink no longer configured) never starve the live ones: the
+// retrier looks only for due heads of live targets. Before, the 1,000 oldest
+// due heads were fetched, the unknown ones skipped without being
+// rescheduled, and with 1,000 such orphans nothing else was ever retried.
+// dlq retry refuses to revive dead letters of unknown targets, and a revived
+// delivery gets an ordering key of its own (minus the event id), which no
+// organization key can equal.
+func TestOrphanParkedDeliveriesDoNotStarveLiveOnes(t *testing.T) {
+	t.Parallel()
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := newBundle(t, pgtest.Shared(t), map[string]string{
+			"OUTBOXD_WEBHOOK_MAX_ATTEMPTS": "1",
+			"OUTBOXD_RETRY_SCHEDULE":       strings.TrimSuffix(strings.Repeat("300ms,", 300), ","),
+		})
+		ctx := t.Context()
+		// 1,000 orphans, due long ago: they sort first.
+		_, err := b.pool.Exec(ctx, `INSERT INTO outboxd_parked (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at, last_error)
+SELECT 'subscription:999999', g, g, '0/0', 0, now() - interval '1 hour', 'gone' FROM generate_series(1000000, 1000999) g`)
+		require.NoError(t, err)
+		var up atomic.Bool
+		b.recv.Respond = func(*e2e.Delivery) int {
+			if up.Load() {
+				return http.StatusOK
+			}
+			return http.StatusServiceUnavailable
+		}
+		d := e2e.StartDaemon(t, b.env)
+		waitStreaming(t, d)
+		ids := e2e.Insert(t, b.pool, 5, 1, one)
+		waitParked(t, b, 1000+len(ids))
+		up.Store(true)
+		b.recv.WaitAccepted(t, ids, time.Minute)
+		b.waitProcessed(t, int64(len(ids)), time.Minute)
+
+		// A dead letter of an unknown target is not revived...
+		_, err = b.pool.Exec(ctx, `INSERT INTO outboxd_dead_letter (event_id, sink, last_error, attempts) VALUES ($1, 'fakesink', 'x', 1)`, ids[0])
+		require.NoError(t, err)
+		code, out := e2e.RunCommand(t, b.env, "dlq", "retry", "--target", "fakesink")
+		require.Equal(t, 2, code, out)
+		require.Contains(t, out, "fakesink")
+		var left int
+		require.NoError(t, b.pool.QueryRow(ctx, `SELECT count(*) FROM outboxd_parked WHERE target = 'fakesink'`).Scan(&left))
+		require.Zero(t, left)
+		// ...one of the webhook is, under a key no organization key can be.
+		_, err = b.pool.Exec(ctx, `DELETE FROM outboxd_dead_letter`)
+		require.NoError(t, err)
+		_, err = b.pool.Exec(ctx, `INSERT INTO outboxd_dead_letter (event_id, sink, last_error, attempts) VALUES ($1, 'webhook', 'x', 1)`, ids[1])
+		require.NoError(t, err)
+		require.Equal(t, 0, d.Stop(30*time.Second))
+		code, out = e2e.RunCommand(t, b.env, "dlq", "retry", "--target", "webhook")
+		require.Equal(t, 0, code, out)
+		var key int64
+		require.NoError(t, b.pool.QueryRow(ctx, `SELECT ordering_key FROM outboxd_parked WHERE target = 'webhook' AND event_id = $1`, ids[1]).Scan(&key))
+		require.Equal(t, -ids[1], key)
+	})
+}

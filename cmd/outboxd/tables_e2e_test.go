@@ -82,6 +82,21 @@ func TestPartitionedOutboxDeliversEveryRow(t *testing.T) {
 		require.EqualValues(t, len(all), rows)
 		require.EqualValues(t, len(all), attempts)
 		require.Equal(t, 0, d.Stop(30*time.Second))
+
+		// replay reads every partition.
+		again := e2e.NewReceiver(t)
+		code, out := e2e.RunCommand(t, b.env, "replay", "--webhook-url", again.URL)
+		require.Equal(t, 0, code, out)
+		require.Equal(t, all, again.Accepted(), "replayed in id order, from every partition")
+		// prune deletes processed rows older than the cutoff in every
+		// partition (processed_at moved back instead of waiting).
+		_, err := b.pool.Exec(context.Background(), `UPDATE domain_event SET processed_at = processed_at - interval '2 days'`)
+		require.NoError(t, err)
+		code, out = e2e.RunCommand(t, b.env, "prune", "--older-than", "1d")
+		require.Equal(t, 0, code, out)
+		var left int
+		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM domain_event`).Scan(&left))
+		require.Zero(t, left, out)
 	})
 }
 
