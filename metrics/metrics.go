@@ -85,6 +85,7 @@ type Metrics struct {
 	flushes          prometheus.Histogram
 	checkpointLSN    prometheus.Gauge
 	receivedLSN      prometheus.Gauge
+	receivedVal      atomic.Uint64 // the value of receivedLSN
 	leader           prometheus.Gauge
 
 	slotExists    prometheus.Gauge
@@ -232,6 +233,24 @@ func (m *Metrics) Flushed(b checkpoint.Batch, took time.Duration) {
 	m.flushes.Observe(took.Seconds())
 	if b.LSN != 0 {
 		m.checkpointLSN.Set(lsnFloat(b.LSN))
+		// Nothing is checkpointed before it was received, but the received
+		// gauge is set at the next standby status: an idle advance written
+		// now would show the checkpoint ahead of it until then.
+		m.raiseReceived(b.LSN)
+	}
+}
+
+// raiseReceived sets the received gauge to lsn unless it is already higher.
+func (m *Metrics) raiseReceived(lsn pglogrepl.LSN) {
+	for {
+		cur := m.receivedVal.Load()
+		if uint64(lsn) <= cur {
+			return
+		}
+		if m.receivedVal.CompareAndSwap(cur, uint64(lsn)) {
+			m.receivedLSN.Set(lsnFloat(lsn))
+			return
+		}
 	}
 }
 
@@ -263,6 +282,8 @@ func (m *Metrics) Position(received, flushed pglogrepl.LSN) {
 		return
 	}
 	if received != 0 {
+		// The reader's own figure: authoritative.
+		m.receivedVal.Store(uint64(received))
 		m.receivedLSN.Set(lsnFloat(received))
 	}
 	if flushed != 0 {

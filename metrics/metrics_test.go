@@ -121,6 +121,13 @@ func TestObserverCountsDeliveries(t *testing.T) {
 	require.GreaterOrEqual(t, last, float64(now.UnixNano())/1e9)
 	require.LessOrEqual(t, last, float64(time.Now().UnixNano())/1e9)
 
+	// A checkpoint written (an idle advance) before the next standby status:
+	// the received gauge is never behind it.
+	m.Position(pglogrepl.LSN(0x16B374D000), pglogrepl.LSN(0x16B374D000))
+	m.Flushed(checkpoint.Batch{LSN: pglogrepl.LSN(0x16B374F000)}, time.Millisecond)
+	require.EqualValues(t, 0x16B374F000, counter("outboxd_checkpoint_lsn"))
+	require.EqualValues(t, 0x16B374F000, counter("outboxd_received_lsn"), "received never behind the checkpoint")
+
 	m.Position(pglogrepl.LSN(0x20000000), pglogrepl.LSN(0x1F000000))
 	require.EqualValues(t, 0x1F000000, counter("outboxd_checkpoint_lsn"))
 	require.EqualValues(t, 0x20000000, counter("outboxd_received_lsn"))

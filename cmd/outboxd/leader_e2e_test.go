@@ -3,9 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -37,17 +35,10 @@ func TestStandbyNeverRetriesParkedDeliveries(t *testing.T) {
 			"OUTBOXD_WEBHOOK_MAX_ATTEMPTS": "1",
 			"OUTBOXD_RETRY_SCHEDULE":       strings.TrimSuffix(strings.Repeat("300ms,", 200), ","),
 		})
-		var up atomic.Bool
-		b.recv.Respond = func(*e2e.Delivery) int {
-			if up.Load() {
-				// A slow receiver: a retry round over the 30 parked events
-				// lasts well beyond a retrier tick, so two instances retrying
-				// would overlap.
-				time.Sleep(50 * time.Millisecond) //nolint:forbidigo // the receiver's behaviour, not a synchronisation
-				return http.StatusOK
-			}
-			return http.StatusServiceUnavailable
-		}
+		// A slow receiver once up: a retry round over the 30 parked events
+		// lasts well beyond a retrier tick, so two instances retrying would
+		// overlap.
+		up := refuseUntilUp(b.recv, 50*time.Millisecond)
 		leader := e2e.StartDaemon(t, b.env)
 		waitStreaming(t, leader)
 		standby := e2e.StartDaemon(t, b.env)

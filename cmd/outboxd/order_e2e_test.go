@@ -23,13 +23,7 @@ func TestParkedOrderHoldsAcrossSlotReset(t *testing.T) {
 			"OUTBOXD_WEBHOOK_MAX_ATTEMPTS": "1",
 			"OUTBOXD_RETRY_SCHEDULE":       strings.TrimSuffix(strings.Repeat("300ms,", 300), ","),
 		})
-		var up atomic.Bool
-		b.recv.Respond = func(*e2e.Delivery) int {
-			if up.Load() {
-				return http.StatusOK
-			}
-			return http.StatusServiceUnavailable
-		}
+		up := refuseUntilUp(b.recv, 0)
 		d := e2e.StartDaemon(t, b.env)
 		waitStreaming(t, d)
 		first := e2e.Insert(t, b.pool, 3, 1, one)
@@ -52,6 +46,22 @@ func TestParkedOrderHoldsAcrossSlotReset(t *testing.T) {
 		b.waitProcessed(t, int64(len(all)), time.Minute)
 		require.Equal(t, 0, d.Stop(30*time.Second))
 	})
+}
+
+// refuseUntilUp makes r answer 503 until the returned flag is set, then 200
+// (after delay: a slow receiver, when not zero).
+func refuseUntilUp(r *e2e.Receiver, delay time.Duration) *atomic.Bool {
+	up := new(atomic.Bool)
+	r.Respond = func(*e2e.Delivery) int {
+		if !up.Load() {
+			return http.StatusServiceUnavailable
+		}
+		if delay > 0 {
+			time.Sleep(delay) //nolint:forbidigo // the receiver's behaviour, not a synchronisation
+		}
+		return http.StatusOK
+	}
+	return up
 }
 
 // waitParked waits until n deliveries are parked.
@@ -123,13 +133,7 @@ func TestOrphanParkedDeliveriesDoNotStarveLiveOnes(t *testing.T) {
 		_, err := b.pool.Exec(ctx, `INSERT INTO outboxd_parked (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at, last_error)
 SELECT 'subscription:999999', g, g, '0/0', 0, now() - interval '1 hour', 'gone' FROM generate_series(1000000, 1000999) g`)
 		require.NoError(t, err)
-		var up atomic.Bool
-		b.recv.Respond = func(*e2e.Delivery) int {
-			if up.Load() {
-				return http.StatusOK
-			}
-			return http.StatusServiceUnavailable
-		}
+		up := refuseUntilUp(b.recv, 0)
 		d := e2e.StartDaemon(t, b.env)
 		waitStreaming(t, d)
 		ids := e2e.Insert(t, b.pool, 5, 1, one)
