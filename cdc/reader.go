@@ -202,6 +202,12 @@ func SlotLockKey(slot string) string { return "outboxd slot " + slot }
 // recreates the slot and catches up from the table.
 var ErrSlotLost = errors.New("slot lost while streaming")
 
+// ErrCatchupInterrupted is returned by Run when the connection broke during
+// the catch-up of a slot created in this process: like ErrSlotLost, the
+// caller drains what it holds and runs the pipeline again, which recreates
+// the slot (the checkpoint's catch-up is still pending) and catches up.
+var ErrCatchupInterrupted = errors.New("catch-up interrupted")
+
 func (r *Reader) slotLost(what string) error {
 	if r.cfg.SlotRecreate {
 		return fmt.Errorf("%w: slot %q %s", ErrSlotLost, r.cfg.Slot, what)
@@ -247,7 +253,7 @@ func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgc
 		if ctx.Err() != nil {
 			return nil
 		}
-		if errors.Is(err, ErrIrreconcilable) || errors.Is(err, errFatal) || errors.Is(err, ErrSlotLost) {
+		if errors.Is(err, ErrIrreconcilable) || errors.Is(err, errFatal) || errors.Is(err, ErrSlotLost) || errors.Is(err, ErrCatchupInterrupted) {
 			return err
 		}
 		if *connp != nil {
@@ -493,7 +499,17 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 			if ctx.Err() != nil {
 				return true, nil
 			}
-			return true, fmt.Errorf("%w: catch-up from the table: %w (a restart recreates the slot and catches up again)", errFatal, err)
+			var pgErr *pgconn.PgError
+			if errors.As(err, &pgErr) {
+				// The server refused (privileges, a changed table): no retry
+				// fixes it.
+				return true, fmt.Errorf("%w: catch-up from the table: %w (a restart recreates the slot and catches up again)", errFatal, err)
+			}
+			// The connection broke half-way (a Postgres restart, a cut):
+			// the pipeline drains what the partial catch-up handed over,
+			// which leaves the checkpoint's catch-up pending, and runs
+			// again, which recreates the slot and catches up from the start.
+			return true, fmt.Errorf("%w: catch-up from the table interrupted: %w", ErrCatchupInterrupted, err)
 		}
 		snap.close()
 		r.started = true

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/jackc/pgx/v5/pgconn"
 	"io"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
@@ -94,8 +96,31 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			if c.Sink == "webhook" && c.WebhookUnsigned {
 				log.Warn().Msg("OUTBOXD_WEBHOOK_UNSIGNED=true: requests to the default webhook are not signed")
 			}
+			again := false // the pipeline runs again after an interruption
+			wait := 100 * time.Millisecond
 			for {
 				err := pipeline.Run(ctx, pc, log)
+				var connErr *pgconn.ConnectError
+				if again && errors.As(err, &connErr) && ctx.Err() == nil {
+					// Running again right after an interruption (Postgres
+					// restarting, say): wait for the database, as the
+					// reader does, instead of exiting.
+					log.Warn().Err(err).Dur("retry_in", wait).Msg("database not reachable; retrying")
+					select {
+					case <-ctx.Done():
+					case <-time.After(wait):
+					}
+					wait = min(2*wait, 10*time.Second)
+					continue
+				}
+				again = false
+				if errors.Is(err, cdc.ErrCatchupInterrupted) && ctx.Err() == nil {
+					// Drained and checkpointed, the catch-up still pending:
+					// the next run recreates the slot and catches up again.
+					log.Warn().Err(err).Msg("catch-up interrupted; recreating the slot and catching up again")
+					again, wait = true, 100*time.Millisecond
+					continue
+				}
 				if errors.Is(err, cdc.ErrSlotLost) && ctx.Err() == nil {
 					// Everything in flight was drained and checkpointed:
 					// start again, which recreates the slot and catches up

@@ -52,7 +52,7 @@ var scenarios = []scenario{
 	{"first-start-cut-import-snapshot", scenarioFirstStartCut("SET TRANSACTION SNAPSHOT", false)},
 	{"first-start-cut-open-cursor", scenarioFirstStartCut("DECLARE outboxd_catchup", false)},
 	{"first-start-cut-start-replication", scenarioFirstStartCut("START_REPLICATION", false)},
-	{"first-start-cut-fetch", scenarioFirstStartCut("FETCH", true)},
+	{"first-start-cut-fetch", scenarioFirstStartCut("FETCH", false)},
 }
 
 // TestFault runs the matrix, scenarios in parallel (bounded by -parallel),
