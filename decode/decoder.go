@@ -333,9 +333,7 @@ func (d *Decoder) insert(b []byte) (Message, error) {
 		return Message{}, fmt.Errorf("decode insert: relation %d: %w", id, ErrUnknownRelation)
 	}
 	n := len(e.rel.Columns)
-	if cap(d.vals) < n {
-		d.vals = make([][]byte, n)
-	}
+	d.vals = scratch(d.vals, n)
 	vals := d.vals[:n]
 	defer clear(vals) // do not keep the caller's buffer alive
 	// An inserted row has no previous value: 'u' cannot occur (nil flags
@@ -399,12 +397,8 @@ func (d *Decoder) update(b []byte) (Message, error) {
 		return Message{Kind: KindIgnored}, nil
 	}
 	n := len(e.rel.Columns)
-	if cap(d.vals) < n {
-		d.vals = make([][]byte, n)
-	}
-	if cap(d.unch) < n {
-		d.unch = make([]bool, n)
-	}
+	d.vals = scratch(d.vals, n)
+	d.unch = scratch(d.unch, n)
 	vals, unch := d.vals[:n], d.unch[:n]
 	defer clear(vals)
 	defer clear(unch)
@@ -412,12 +406,8 @@ func (d *Decoder) update(b []byte) (Message, error) {
 		return Message{}, fmt.Errorf("decode update: relation %d (%s.%s): %w", id, e.rel.Namespace, e.rel.Name, err)
 	}
 	if old != nil && slices.Contains(unch, true) {
-		if cap(d.oldVals) < n {
-			d.oldVals = make([][]byte, n)
-		}
-		if cap(d.oldUnch) < n {
-			d.oldUnch = make([]bool, n)
-		}
+		d.oldVals = scratch(d.oldVals, n)
+		d.oldUnch = scratch(d.oldUnch, n)
 		oldVals, oldUnch := d.oldVals[:n], d.oldUnch[:n]
 		defer clear(oldVals)
 		defer clear(oldUnch)
@@ -452,12 +442,8 @@ func (d *Decoder) delete(b []byte) (Message, error) {
 		return Message{Kind: KindIgnored}, nil
 	}
 	n := len(e.rel.Columns)
-	if cap(d.vals) < n {
-		d.vals = make([][]byte, n)
-	}
-	if cap(d.unch) < n {
-		d.unch = make([]bool, n)
-	}
+	d.vals = scratch(d.vals, n)
+	d.unch = scratch(d.unch, n)
 	vals, unch := d.vals[:n], d.unch[:n]
 	defer clear(vals)
 	defer clear(unch)
@@ -467,6 +453,15 @@ func (d *Decoder) delete(b []byte) (Message, error) {
 		return Message{}, fmt.Errorf("decode delete: relation %d (%s.%s): %w", id, e.rel.Namespace, e.rel.Name, err)
 	}
 	return Message{Kind: KindDelete, Row: copyRowUnchanged(e.rel, vals, unch)}, nil
+}
+
+// scratch returns buf with room for n elements, reused when it has it: the
+// decoder's per-message buffers grow to the widest relation and stay.
+func scratch[T any](buf []T, n int) []T {
+	if cap(buf) < n {
+		return make([]T, n)
+	}
+	return buf
 }
 
 // tupleLen returns the length of the TupleData at the start of b.
