@@ -376,7 +376,11 @@ func disableGone(ctx context.Context, pool *pgxpool.Pool, cfg Config, target str
 		return
 	}
 	table := pgx.Identifier{cfg.Table.Schema, cdc.SubscriptionTable}.Sanitize()
-	tag, err := pool.Exec(context.WithoutCancel(ctx), `UPDATE `+table+` SET enabled = false,
+	// Called from a dispatcher: bounded, so a stuck database cannot hold the
+	// dispatcher's loop.
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	tag, err := pool.Exec(uctx, `UPDATE `+table+` SET enabled = false,
   disabled_reason = '410 Gone at ' || now()::text, updated_at = now() WHERE id = $1 AND enabled`, id)
 	if err != nil {
 		log.Error().Err(err).Str("target", target).Msg("disable subscription after 410 Gone")
