@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/jackc/pgx/v5/pgconn"
 	"io"
+	"net"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
 
@@ -101,10 +103,13 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			for {
 				err := pipeline.Run(ctx, pc, log)
 				var connErr *pgconn.ConnectError
-				if again && errors.As(err, &connErr) && ctx.Err() == nil {
-					// Running again right after an interruption (Postgres
+				if ctx.Err() == nil && (again && errors.As(err, &connErr) || connectionLost(err)) {
+					// Running again right after an interruption, or a
+					// connection that broke in a start-up step (Postgres
 					// restarting, say): wait for the database, as the
-					// reader does, instead of exiting.
+					// reader does, instead of exiting. Only a database that
+					// never answered at the very start is an exit.
+					again = true
 					log.Warn().Err(err).Dur("retry_in", wait).Msg("database not reachable; retrying")
 					select {
 					case <-ctx.Done():
@@ -185,4 +190,29 @@ func migrateCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.C
 			return nil
 		},
 	}
+}
+
+// connectionLost reports whether err says an established database
+// connection broke (reset, closed, the server shutting down or starting up):
+// a transient failure whichever start-up step it hit, unlike a database that
+// never answered (a *pgconn.ConnectError without a server error), which at
+// the very start is more likely a wrong address than an outage.
+func connectionLost(err error) bool {
+	if err == nil {
+		return false
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code {
+		case "57P01", "57P02", "57P03": // admin_shutdown, crash_shutdown, cannot_connect_now
+			return true
+		}
+		return strings.HasPrefix(pgErr.Code, "08") // connection_exception
+	}
+	var connErr *pgconn.ConnectError
+	if errors.As(err, &connErr) {
+		return false
+	}
+	var netErr net.Error
+	return errors.As(err, &netErr) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
 }

@@ -48,6 +48,8 @@ var scenarios = []scenario{
 	{"restart-recreates-slot-open-txn", scenarioRecreateWaitsForOpenTxn},
 	{"two-instances-one-slot", scenarioTwoInstances},
 	{"wal-sender-timeout-stall", scenarioWalSenderTimeout},
+	{"first-start-cut-check-schema", scenarioFirstStartCut("has_schema_privilege", false)},
+	{"first-start-cut-read-namespace", scenarioFirstStartCut("SELECT namespace FROM", false)},
 	{"first-start-cut-create-slot", scenarioFirstStartCut("CREATE_REPLICATION_SLOT", false)},
 	{"first-start-cut-import-snapshot", scenarioFirstStartCut("SET TRANSACTION SNAPSHOT", false)},
 	{"first-start-cut-open-cursor", scenarioFirstStartCut("DECLARE outboxd_catchup", false)},
