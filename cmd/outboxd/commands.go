@@ -192,11 +192,11 @@ func migrateCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.C
 	}
 }
 
-// connectionLost reports whether err says an established database
-// connection broke (reset, closed, the server shutting down or starting up):
-// a transient failure whichever start-up step it hit, unlike a database that
-// never answered (a *pgconn.ConnectError without a server error), which at
-// the very start is more likely a wrong address than an outage.
+// connectionLost reports whether err says a database connection broke
+// (reset, closed, the server shutting down or starting up): a transient
+// failure whichever start-up step it hit, unlike a database that never
+// answered (nothing listening, no route, unknown host), which at the very
+// start is more likely a wrong address than an outage.
 func connectionLost(err error) bool {
 	if err == nil {
 		return false
@@ -209,10 +209,14 @@ func connectionLost(err error) bool {
 		}
 		return strings.HasPrefix(pgErr.Code, "08") // connection_exception
 	}
+	dropped := errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
 	var connErr *pgconn.ConnectError
 	if errors.As(err, &connErr) {
-		return false
+		// Something accepted the connection and then dropped it: a server
+		// (or a pooler, a proxy) in front of a Postgres that is going down
+		// or coming up. Nothing listening at all stays an exit.
+		return dropped
 	}
 	var netErr net.Error
-	return errors.As(err, &netErr) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
+	return dropped || errors.As(err, &netErr)
 }

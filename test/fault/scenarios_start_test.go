@@ -42,3 +42,24 @@ func scenarioFirstStartCut(step string, exits bool) func(t *testing.T) {
 		r.note("cut at %s: %d reconnects", step, d.countLog("reconnecting"))
 	}
 }
+
+// scenarioFirstStartPostgresDown starts outboxd while Postgres is down
+// behind the proxy (which accepts and then drops the connection, as a pooler
+// or a restarting server does): outboxd waits for it instead of exiting, and
+// delivers what was committed before once Postgres is back. Found by the
+// soak: an instance started during a Postgres restart exited 1.
+func scenarioFirstStartPostgresDown(t *testing.T) {
+	r := newRig(t, rigOpts{settings: map[string]string{}})
+	r.commitRows(20, 5)
+	r.srv.Stop(t, "fast")
+	d := r.start(nil)
+	_, ok := d.waitLog("database not reachable; retrying", time.Minute)
+	require.True(t, ok, "outboxd waits for the database; log:\n%s", tail(d.Log(), 3000))
+	require.False(t, d.Exited(), "outboxd waits for the database instead of exiting")
+	r.srv.Start(t)
+	r.faultEnd = time.Now()
+	d.waitReady()
+	r.commitRows(20, 5)
+	r.finish(time.Minute)
+	require.False(t, d.Exited())
+}
