@@ -140,6 +140,12 @@ func (c *Config) Validate() error {
 	return nil
 }
 
+// ErrTakenOver ends a session whose slot another instance took while this one
+// was disconnected: the other acts now (G9). What this instance still holds
+// is past the checkpoint, so the new holder delivers it; the caller drops it
+// and starts again as a standby.
+var ErrTakenOver = errors.New("slot taken over by another instance")
+
 // ErrIrreconcilable marks start-up states that need an operator: the slot and
 // the checkpoint disagree in a way that could lose or re-send events.
 var ErrIrreconcilable = errors.New("slot and checkpoint cannot be reconciled")
@@ -253,7 +259,7 @@ func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgc
 		if ctx.Err() != nil {
 			return nil
 		}
-		if errors.Is(err, ErrIrreconcilable) || errors.Is(err, errFatal) || errors.Is(err, ErrSlotLost) || errors.Is(err, ErrCatchupInterrupted) {
+		if errors.Is(err, ErrIrreconcilable) || errors.Is(err, errFatal) || errors.Is(err, ErrSlotLost) || errors.Is(err, ErrCatchupInterrupted) || errors.Is(err, ErrTakenOver) {
 			return err
 		}
 		if *connp != nil {
@@ -407,8 +413,8 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 			// Another instance took the slot while we were cut off: it acts
 			// now (G9). Stop, rather than wait as a standby with the routing
 			// state and deliveries of a leadership that is over.
-			return false, fmt.Errorf("%w: slot %q was taken over by process %d while this instance was disconnected; stopping (a restart makes this instance a standby)",
-				errFatal, r.cfg.Slot, slot.activePID)
+			return false, fmt.Errorf("%w: slot %q was taken over by process %d while this instance was disconnected",
+				ErrTakenOver, r.cfg.Slot, slot.activePID)
 		case slot.confirmedFlush > r.ledger.Flushed():
 			// We never confirm beyond our durable position: someone reset or
 			// advanced the slot while we were away.

@@ -126,6 +126,13 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 					again, wait = true, 100*time.Millisecond
 					continue
 				}
+				if errors.Is(err, cdc.ErrTakenOver) && ctx.Err() == nil {
+					// Cut off long enough for a standby to take the slot:
+					// this instance dropped what it held (the new holder
+					// delivers it) and runs again, which waits as a standby.
+					log.Warn().Err(err).Msg("slot taken over by another instance; continuing as a standby")
+					continue
+				}
 				if errors.Is(err, cdc.ErrSlotLost) && ctx.Err() == nil {
 					// Everything in flight was drained and checkpointed:
 					// start again, which recreates the slot and catches up

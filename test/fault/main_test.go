@@ -48,6 +48,7 @@ var scenarios = []scenario{
 	{"restart-recreates-slot-open-txn", scenarioRecreateWaitsForOpenTxn},
 	{"two-instances-one-slot", scenarioTwoInstances},
 	{"wal-sender-timeout-stall", scenarioWalSenderTimeout},
+	{"leader-cut-standby-takes-over", scenarioLeaderCutStandbyTakesOver},
 	{"first-start-postgres-down", scenarioFirstStartPostgresDown},
 	{"first-start-cut-check-schema", scenarioFirstStartCut("has_schema_privilege", false)},
 	{"first-start-cut-read-namespace", scenarioFirstStartCut("SELECT namespace FROM", false)},

@@ -146,3 +146,43 @@ func scenarioWalSenderTimeout(t *testing.T) {
 	require.Equal(t, pid, pidDrained, "same walsender after the stall: no disconnect")
 	require.Zero(t, reconnects, "no reconnect")
 }
+
+// 13. The leader's network fails (its connections reset, new ones hang) long
+// enough for the standby to take the slot; when the network is back the old
+// leader finds the slot taken. It must drop what it held (the new leader
+// delivers it: the checkpoint never passed it) and wait as a standby in
+// process, not exit; then the new leader is killed and the old one takes
+// over again. Found by the soak: the old leader exited 1 ("taken over").
+func scenarioLeaderCutStandbyTakesOver(t *testing.T) {
+	r := newRig(t, rigOpts{})
+	d1 := r.start(nil) // through the proxy
+	d1.waitReady()
+	d2 := r.start(map[string]string{"OUTBOXD_DATABASE_URL": r.url}) // direct
+	_, ok := d2.waitLog("waiting for the slot", time.Minute)
+	require.True(t, ok, "the second instance waits for the slot")
+	stop := r.gen.Start(5*time.Millisecond, 5, 0)
+	defer stop()
+	require.True(t, untilN(time.Minute, r.recv.AcceptedCount, 200), "deliveries stalled")
+	r.proxy.BlackHole()
+	r.proxy.CloseAll(true)
+	cut := time.Now()
+	took, ok := d2.waitLog(`"message":"streaming"`, time.Minute)
+	require.True(t, ok, "the standby takes over when the leader's connection is gone")
+	r.proxy.Pass()
+	r.proxy.CloseAll(true) // the reconnects that hung
+	r.faultEnd = took
+	_, ok = d1.waitLog("continuing as a standby", time.Minute)
+	require.True(t, ok, "the old leader finds the slot taken and waits as a standby; log:\n%s", tail(d1.Log(), 3000))
+	require.False(t, d1.Exited(), "the old leader does not exit")
+	n := r.gen.Len()
+	require.True(t, untilN(time.Minute, r.gen.Len, n+200), "generator stalled")
+	d2.kill()
+	require.True(t, untilProgress(time.Minute, func() int64 { return int64(len(d1.Log())) },
+		func() bool { return d1.countLog(`"message":"streaming"`) >= 2 }), "the old leader takes over again")
+	n = r.gen.Len()
+	require.True(t, untilN(time.Minute, r.gen.Len, n+200), "generator stalled")
+	stop()
+	r.note("standby took over %s after the cut", took.Sub(cut).Round(10*time.Millisecond))
+	r.finish(2 * time.Minute)
+	require.False(t, d1.Exited())
+}
