@@ -12,8 +12,9 @@ import (
 
 // Row is one committed outbox row as the generator saw it.
 type Row struct {
-	ID  int64
-	Org int64
+	ID   int64
+	Org  int64
+	Name string // event_name
 	// At is when the commit returned to the generator.
 	At time.Time
 }
@@ -33,6 +34,9 @@ type Generator struct {
 	rng     *rand.Rand
 	failed  int // transactions that failed (server down); retried by Run
 	unknown int
+	// names, when set, are the event names rows get at random (default
+	// fault_event).
+	names []string
 }
 
 // NewGenerator returns a generator spreading rows over orgs organizations
@@ -44,6 +48,18 @@ func NewGenerator(pool *pgxpool.Pool, orgs int, seed uint64) *Generator {
 const insertSQL = `INSERT INTO domain_event (event_name, organization_id, user_id, entity_type, entity_id, source, properties)
 SELECT 'fault_event', o, 3, 'batch', 'B-' || o, 'fault', jsonb_build_object('seq', ord, 'note', 'ünïcødé "quoted"')
 FROM unnest($1::bigint[]) WITH ORDINALITY AS u(o, ord) ORDER BY ord RETURNING id`
+
+// insertNamedSQL is insertSQL with an event name per row.
+const insertNamedSQL = `INSERT INTO domain_event (event_name, organization_id, user_id, entity_type, entity_id, source, properties)
+SELECT n, o, 3, 'batch', 'B-' || o, 'fault', jsonb_build_object('seq', ord, 'note', 'ünïcødé "quoted"')
+FROM unnest($1::bigint[], $2::text[]) WITH ORDINALITY AS u(o, n, ord) ORDER BY ord RETURNING id`
+
+// SetNames makes rows take their event_name at random from names.
+func (g *Generator) SetNames(names []string) {
+	g.mu.Lock()
+	g.names = names
+	g.mu.Unlock()
+}
 
 // Txn commits one transaction of n rows with random organizations and
 // records it.
@@ -71,7 +87,14 @@ func (g *Generator) txnLocked(ctx context.Context, orgs []int64) ([]int64, error
 		return nil, err
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // no-op after commit
-	rs, err := tx.Query(ctx, insertSQL, orgs)
+	names := make([]string, len(orgs))
+	for i := range names {
+		names[i] = "fault_event"
+		if len(g.names) > 0 {
+			names[i] = g.names[g.rng.IntN(len(g.names))]
+		}
+	}
+	rs, err := tx.Query(ctx, insertNamedSQL, orgs, names)
 	if err != nil {
 		g.failed++
 		return nil, err
@@ -87,7 +110,7 @@ func (g *Generator) txnLocked(ctx context.Context, orgs []int64) ([]int64, error
 	}
 	now := time.Now()
 	for i, id := range ids {
-		g.rows = append(g.rows, Row{ID: id, Org: orgs[i], At: now})
+		g.rows = append(g.rows, Row{ID: id, Org: orgs[i], Name: names[i], At: now})
 	}
 	return ids, nil
 }
@@ -105,7 +128,7 @@ func (g *Generator) Commit(commit func() (ids, orgs []int64, err error)) error {
 	}
 	now := time.Now()
 	for i, id := range ids {
-		g.rows = append(g.rows, Row{ID: id, Org: orgs[i], At: now})
+		g.rows = append(g.rows, Row{ID: id, Org: orgs[i], Name: "fault_event", At: now})
 	}
 	return nil
 }
@@ -166,4 +189,16 @@ func (g *Generator) Failures() (failed, unknown int) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return g.failed, g.unknown
+}
+
+// CommitChange runs commit (a change the test commits by itself, such as a
+// subscription update) with the generator held off and returns its position
+// in commit order: the number of recorded rows committed before it.
+func (g *Generator) CommitChange(commit func() error) (int, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if err := commit(); err != nil {
+		return 0, err
+	}
+	return len(g.rows), nil
 }

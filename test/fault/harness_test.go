@@ -152,6 +152,8 @@ FROM pg_replication_slots WHERE slot_name = $1`, r.slot).Scan(&n)
 type daemon struct {
 	*e2e.Daemon
 	r *rig
+	// ended is set when the test killed or stopped the process.
+	ended atomic.Bool
 }
 
 // start runs `outboxd run` with the rig's environment plus extra.
@@ -221,12 +223,14 @@ func (d *daemon) hwm() {
 
 // kill sends SIGKILL (after reading the peak memory).
 func (d *daemon) kill() {
+	d.ended.Store(true)
 	d.hwm()
 	d.Kill()
 }
 
 // stop sends SIGTERM and returns the exit code.
 func (d *daemon) stop() int {
+	d.ended.Store(true)
 	d.hwm()
 	return d.Stop(90 * time.Second)
 }

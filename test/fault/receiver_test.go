@@ -76,6 +76,33 @@ type Receiver struct {
 	conns        map[net.Conn]time.Time // open connections and when each was accepted
 	// acceptedIDs holds every event id answered 2xx at least once.
 	acceptedIDs map[int64]struct{}
+	// secrets, when set, are the secrets a signature may verify with (a
+	// subscription's, over its rotations); default e2e.Secret.
+	secrets []string
+}
+
+// AddSecret adds a secret a request's signature may verify with; the first
+// call replaces the default (e2e.Secret).
+func (r *Receiver) AddSecret(s string) {
+	r.mu.Lock()
+	r.secrets = append(r.secrets, s)
+	r.mu.Unlock()
+}
+
+// verify checks a request's signature against the receiver's secrets.
+func (r *Receiver) verify(wid, ts string, body []byte, sig string) bool {
+	r.mu.Lock()
+	secrets := r.secrets
+	r.mu.Unlock()
+	if secrets == nil {
+		secrets = []string{e2e.Secret}
+	}
+	for _, s := range secrets {
+		if e2e.Verify(s, wid, ts, body, sig) {
+			return true
+		}
+	}
+	return false
 }
 
 // NewReceiver starts a receiver on a free loopback port; it is shut down at
@@ -189,7 +216,7 @@ func (r *Receiver) handle(w http.ResponseWriter, req *http.Request) {
 	body, _ := io.ReadAll(req.Body)
 	d := Delivery{WebhookID: req.Header.Get("webhook-id"), Start: time.Now()}
 	d.ConnAt, _ = req.Context().Value(connAtKey{}).(time.Time)
-	d.SigOK = e2e.Verify(e2e.Secret, d.WebhookID, req.Header.Get("webhook-timestamp"), body, req.Header.Get("webhook-signature"))
+	d.SigOK = r.verify(d.WebhookID, req.Header.Get("webhook-timestamp"), body, req.Header.Get("webhook-signature"))
 	d.IDs, d.Orgs = parseEnvelopes(body)
 	r.mu.Lock()
 	r.attempts[d.WebhookID]++
