@@ -46,6 +46,9 @@ type rigOpts struct {
 	env map[string]string
 	// orgs is the number of organizations (ordering keys); default 4.
 	orgs int
+	// before, when set, is SQL run before `migrate` (a table made by the
+	// user: partitioned, ORM-made).
+	before string
 }
 
 // rig is one scenario's world: a database, a proxy in front of its server, a
@@ -101,6 +104,12 @@ func newRig(t *testing.T, o rigOpts) *rig {
 		extra["OUTBOXD_LOG_LEVEL"] = lvl // e.g. debug, to investigate a failure
 	}
 	r.env = e2e.Env(viaProxy(t, dbURL, r.proxy.Port()), r.slot, r.recv.URL(), extra)
+	if o.before != "" {
+		pool := e2e.Pool(t, dbURL)
+		_, err := pool.Exec(context.Background(), o.before)
+		require.NoError(t, err, "the rig's SQL before migrate")
+		pool.Close()
+	}
 	code, out := e2e.RunCommand(t, e2e.Env(dbURL, r.slot, r.recv.URL(), nil), "migrate")
 	require.Equal(t, 0, code, out)
 
