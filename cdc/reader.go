@@ -1,14 +1,16 @@
 package cdc
 
 import (
-	"github.com/outboxd/outboxd/store"
-
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net"
 	"regexp"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -18,6 +20,7 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/store"
 )
 
 // Ledger is the part of the checkpoint tracker the reader drives.
@@ -88,8 +91,10 @@ type Config struct {
 	// OnTake, when set, is called each time this instance has taken the slot
 	// (START_REPLICATION succeeded), before the session hands anything
 	// downstream: the place to load what the slot holder acts on (routing
-	// state, parked deliveries) as of now, not as of the process start. An
-	// error stops the reader.
+	// state, parked deliveries) as of now, not as of the process start. A
+	// lost connection (ConnectionLost) is retried with the session; any
+	// other error stops the reader. It is called again after such a retry,
+	// so it must not keep half-done work.
 	OnTake func(ctx context.Context) error
 }
 
@@ -138,6 +143,34 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("heartbeat interval %s is negative", c.HeartbeatInterval)
 	}
 	return nil
+}
+
+// ConnectionLost reports whether err says a database connection broke or
+// could not be kept (reset, closed mid-answer, the server shutting down or
+// starting up): a transient failure, retried wherever it happens. A
+// connection never made (nothing listening, no route, unknown host) is not
+// one of them: a *pgconn.ConnectError counts only when something accepted
+// the connection and then dropped it (a pooler or proxy in front of a
+// Postgres that is down).
+func ConnectionLost(err error) bool {
+	if err == nil {
+		return false
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code {
+		case "57P01", "57P02", "57P03": // admin_shutdown, crash_shutdown, cannot_connect_now
+			return true
+		}
+		return strings.HasPrefix(pgErr.Code, "08") // connection_exception
+	}
+	dropped := errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
+	var connErr *pgconn.ConnectError
+	if errors.As(err, &connErr) {
+		return dropped
+	}
+	var netErr net.Error
+	return dropped || errors.As(err, &netErr)
 }
 
 // ErrTakenOver ends a session whose slot another instance took while this one
@@ -477,6 +510,11 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 	r.pid.Store(conn.PID())
 	if r.cfg.OnTake != nil {
 		if err := r.cfg.OnTake(sctx); err != nil {
+			if sctx.Err() != nil || ConnectionLost(err) {
+				// The session's connections went while loading (Postgres
+				// restarting, a cut): reconnect and take the slot again.
+				return false, fmt.Errorf("take the slot: %w", err)
+			}
 			return true, fmt.Errorf("%w: take the slot: %w", errFatal, err)
 		}
 	}

@@ -214,7 +214,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 		retrier *deliver.Retrier
 		leading = make(chan struct{}) // closed when the slot is first taken
 	)
-	rcfg.OnTake = func(ctx context.Context) error {
+	rcfg.OnTake = func(takeCtx context.Context) error {
 		if router != nil {
 			// The slot again, after a cut, with nobody in between (the reader
 			// stops when another instance held it): the state in memory is
@@ -222,7 +222,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 			return nil
 		}
 		var err error
-		router, err = newRouter(ctx, cfg, store, s, tracker, onResult, pool, log, dlog)
+		router, err = newRouter(ctx, takeCtx, cfg, store, s, tracker, onResult, pool, log, dlog)
 		if err != nil {
 			return err
 		}
@@ -341,15 +341,18 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 // deliveries as they are stored now: routing resumes exactly where the
 // checkpoint is (if the reader recreates the slot, the catch-up seeds the
 // routing state again).
-func newRouter(ctx context.Context, cfg Config, store *checkpoint.Store, s sink.Sink, tracker *checkpoint.Tracker,
+//
+// The state is read with loadCtx (the session that took the slot); the
+// router lives as long as ctx (the pipeline), which its 410 handler uses.
+func newRouter(ctx, loadCtx context.Context, cfg Config, store *checkpoint.Store, s sink.Sink, tracker *checkpoint.Tracker,
 	onResult func(deliver.Result), pool *pgxpool.Pool, log, dlog zerolog.Logger) (*deliver.Router, error) {
 	var routing []byte
-	if cp, err := store.Load(ctx); err == nil {
+	if cp, err := store.Load(loadCtx); err == nil {
 		routing = cp.Routing
 	} else if !errors.Is(err, checkpoint.ErrNoCheckpoint) {
 		return nil, err
 	}
-	parked, err := store.ParkedCounts(ctx)
+	parked, err := store.ParkedCounts(loadCtx)
 	if err != nil {
 		return nil, err
 	}

@@ -5,9 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -103,7 +101,7 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			for {
 				err := pipeline.Run(ctx, pc, log)
 				var connErr *pgconn.ConnectError
-				if ctx.Err() == nil && (again && errors.As(err, &connErr) || connectionLost(err)) {
+				if ctx.Err() == nil && (again && errors.As(err, &connErr) || cdc.ConnectionLost(err)) {
 					// Running again right after an interruption, or a
 					// connection that broke in a start-up step (Postgres
 					// restarting, say): wait for the database, as the
@@ -197,33 +195,4 @@ func migrateCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.C
 			return nil
 		},
 	}
-}
-
-// connectionLost reports whether err says a database connection broke
-// (reset, closed, the server shutting down or starting up): a transient
-// failure whichever start-up step it hit, unlike a database that never
-// answered (nothing listening, no route, unknown host), which at the very
-// start is more likely a wrong address than an outage.
-func connectionLost(err error) bool {
-	if err == nil {
-		return false
-	}
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		switch pgErr.Code {
-		case "57P01", "57P02", "57P03": // admin_shutdown, crash_shutdown, cannot_connect_now
-			return true
-		}
-		return strings.HasPrefix(pgErr.Code, "08") // connection_exception
-	}
-	dropped := errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
-	var connErr *pgconn.ConnectError
-	if errors.As(err, &connErr) {
-		// Something accepted the connection and then dropped it: a server
-		// (or a pooler, a proxy) in front of a Postgres that is going down
-		// or coming up. Nothing listening at all stays an exit.
-		return dropped
-	}
-	var netErr net.Error
-	return dropped || errors.As(err, &netErr)
 }

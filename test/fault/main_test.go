@@ -55,6 +55,7 @@ var scenarios = []scenario{
 	{"first-start-cut-create-slot", scenarioFirstStartCut("CREATE_REPLICATION_SLOT", false)},
 	{"first-start-cut-import-snapshot", scenarioFirstStartCut("SET TRANSACTION SNAPSHOT", false)},
 	{"first-start-cut-open-cursor", scenarioFirstStartCut("DECLARE outboxd_catchup", false)},
+	{"first-start-cut-load-parked", scenarioFirstStartCut("ordering_key, count(*)", false)},
 	{"first-start-cut-start-replication", scenarioFirstStartCut("START_REPLICATION", false)},
 	{"first-start-cut-fetch", scenarioFirstStartCut("FETCH", false)},
 }
