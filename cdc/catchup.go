@@ -1,8 +1,6 @@
 package cdc
 
 import (
-	"github.com/outboxd/outboxd/store"
-
 	"context"
 	"fmt"
 
@@ -11,6 +9,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/store"
 )
 
 // snapshot is the snapshot exported when the slot was created. Rows committed
@@ -91,7 +90,7 @@ func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 		rows := 0
 		for rr.NextRow() {
 			if rel == nil {
-				rel = relationOf(r.cfg.Table, rr.FieldDescriptions())
+				rel = store.RelationOf(r.cfg.Table, rr.FieldDescriptions())
 				if err := rel.Validate(); err != nil {
 					rr.Close() //nolint:errcheck // failing anyway
 					return fmt.Errorf("table %s.%s: %w", r.cfg.Table.Schema, r.cfg.Table.Name, err)
@@ -146,7 +145,7 @@ func (s *snapshot) subscriptions(ctx context.Context) ([]*decode.Change, error) 
 	var rel *decode.Relation
 	for rr.NextRow() {
 		if rel == nil {
-			rel = relationOf(decode.Table{Schema: t.Schema, Name: SubscriptionTable}, rr.FieldDescriptions())
+			rel = store.RelationOf(decode.Table{Schema: t.Schema, Name: SubscriptionTable}, rr.FieldDescriptions())
 		}
 		vals := make([][]byte, len(rr.Values()))
 		for i, v := range rr.Values() {
@@ -160,12 +159,4 @@ func (s *snapshot) subscriptions(ctx context.Context) ([]*decode.Change, error) 
 		return nil, fmt.Errorf("read subscriptions: %w", err)
 	}
 	return out, nil
-}
-
-func relationOf(t decode.Table, fields []pgconn.FieldDescription) *decode.Relation {
-	rel := &decode.Relation{Namespace: t.Schema, Name: t.Name, Columns: make([]decode.Column, len(fields))}
-	for i, f := range fields {
-		rel.Columns[i] = decode.Column{Name: f.Name, TypeOID: f.DataTypeOID}
-	}
-	return rel
 }

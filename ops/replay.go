@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/outboxd/outboxd/deliver"
 	"math"
 	"path"
 	"slices"
@@ -14,11 +13,12 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/store"
 )
 
 // ReplayHeader is the request header that marks a replayed delivery. Its
@@ -395,7 +395,7 @@ func (c *Client) page(ctx context.Context, sql string, args []any, ns string, re
 	idCol := -1
 	for rows.Next() {
 		if *rel == nil {
-			*rel = relationOf(c.t.Table, rows.FieldDescriptions())
+			*rel = store.RelationOf(c.t.Table, rows.FieldDescriptions())
 			if err := (*rel).Validate(); err != nil {
 				return nil, fmt.Errorf("table %s: %w", c.t.Table, err)
 			}
@@ -417,16 +417,6 @@ func (c *Client) page(ctx context.Context, sql string, args []any, ns string, re
 		return nil, fmt.Errorf("read rows to replay: %w", err)
 	}
 	return out, nil
-}
-
-// relationOf describes the result columns as the relation the decoder
-// expects (cdc/catchup.go does the same for the catch-up).
-func relationOf(t decode.Table, fields []pgconn.FieldDescription) *decode.Relation {
-	rel := &decode.Relation{Namespace: t.Schema, Name: t.Name, Columns: make([]decode.Column, len(fields))}
-	for i, f := range fields {
-		rel.Columns[i] = decode.Column{Name: f.Name, TypeOID: f.DataTypeOID}
-	}
-	return rel
 }
 
 // limiter spaces events evenly at a rate, with no burst: a hand-made token

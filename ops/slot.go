@@ -41,18 +41,17 @@ package ops
 // see ResetSlot.
 
 import (
-	"github.com/outboxd/outboxd/store"
-
 	"context"
 	"errors"
 	"fmt"
-	"github.com/outboxd/outboxd/cdc"
 	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outboxd/outboxd/cdc"
 	"github.com/outboxd/outboxd/checkpoint"
+	"github.com/outboxd/outboxd/store"
 )
 
 // SlotOptions control the commands that change the slot.

@@ -12,7 +12,12 @@
 //     these fragments; none writes its own.
 package store
 
-import "github.com/jackc/pgx/v5"
+import (
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/outboxd/outboxd/decode"
+)
 
 // Names of outboxd's own tables, in the outbox table's schema.
 const (
@@ -61,4 +66,15 @@ func PendingPredicate(schema, alias string, scope Scope) string {
 // delivery_attempts plus n (an SQL expression), counting NULL as 0.
 func AddAttempts(alias, n string) string {
 	return "coalesce(" + alias + ".delivery_attempts, 0) + " + n
+}
+
+// RelationOf describes the result columns of a query on the outbox table t
+// as the relation the decoder expects, so that rows read from the table
+// (catch-up, replay) become events exactly as streamed ones do.
+func RelationOf(t decode.Table, fields []pgconn.FieldDescription) *decode.Relation {
+	rel := &decode.Relation{Namespace: t.Schema, Name: t.Name, Columns: make([]decode.Column, len(fields))}
+	for i, f := range fields {
+		rel.Columns[i] = decode.Column{Name: f.Name, TypeOID: f.DataTypeOID}
+	}
+	return rel
 }

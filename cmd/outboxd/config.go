@@ -84,7 +84,7 @@ func loadConfig(environ map[string]string) (config, []string, error) {
 	var c config
 	err := env.ParseWithOptions(&c, env.Options{Environment: environ, Prefix: envPrefix})
 	if err != nil {
-		return c, nil, configError{describeEnvError(err)}
+		return c, nil, configError{describeEnvError(err, config{})}
 	}
 	var warnings []string
 	for _, k := range unknownVars(environ) {
@@ -204,14 +204,18 @@ func editDistance(a, b string) int {
 	return prev[len(b)]
 }
 
-// describeEnvError names the variable behind a parse error of caarlos0/env,
-// which reports struct field names.
-func describeEnvError(err error) string {
+// describeEnvError names the variable behind each parse error of
+// caarlos0/env, which reports struct field names; v is the struct (or a
+// pointer to it) that was parsed.
+func describeEnvError(err error, v any) string {
 	var agg env.AggregateError
 	if !errors.As(err, &agg) {
 		return err.Error()
 	}
-	t := reflect.TypeOf(config{})
+	t := reflect.TypeOf(v)
+	if t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
 	var msgs []string
 	for _, e := range agg.Errors {
 		var pe env.ParseError

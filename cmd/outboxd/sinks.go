@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"reflect"
 	"slices"
 	"strings"
@@ -122,23 +120,7 @@ func parseSinkEnv(v any, envMap map[string]string) error {
 	if err == nil {
 		return nil
 	}
-	var agg env.AggregateError
-	if !errors.As(err, &agg) {
-		return configError{err.Error()}
-	}
-	t := reflect.TypeOf(v).Elem()
-	var msgs []string
-	for _, e := range agg.Errors {
-		var pe env.ParseError
-		if errors.As(e, &pe) {
-			if f, ok := t.FieldByName(pe.Name); ok {
-				msgs = append(msgs, fmt.Sprintf("%s%s: invalid %s: %v", envPrefix, f.Tag.Get("env"), pe.Type, pe.Err))
-				continue
-			}
-		}
-		msgs = append(msgs, e.Error())
-	}
-	return configError{strings.Join(msgs, "; ")}
+	return configError{describeEnvError(err, v)}
 }
 
 // checkCommon checks the settings every sink has; names are without prefix.
