@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"golang.org/x/time/rate"
 
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/deliver"
@@ -361,8 +362,10 @@ func (c *Client) produce(ctx context.Context, opts ReplayOptions, q query, ns st
 				c.log.Error().Err(p.err).Int64("event_id", p.id).Msg("row skipped: it cannot become an event")
 				continue
 			}
-			if err := lim.wait(ctx); err != nil {
-				return err
+			if lim != nil {
+				if err := lim.Wait(ctx); err != nil {
+					return err
+				}
 			}
 			select {
 			case work <- p.event:
@@ -419,38 +422,11 @@ func (c *Client) page(ctx context.Context, sql string, args []any, ns string, re
 	return out, nil
 }
 
-// limiter spaces events evenly at a rate, with no burst: a hand-made token
-// bucket of capacity one (golang.org/x/time/rate is not a dependency).
-type limiter struct {
-	every time.Duration
-	next  time.Time
-}
-
-func newLimiter(rate float64) *limiter {
-	if rate <= 0 {
+// newLimiter spaces events evenly at rate per second with no burst (nil:
+// no limit); a late caller does not catch up with a burst.
+func newLimiter(r float64) *rate.Limiter {
+	if r <= 0 {
 		return nil
 	}
-	return &limiter{every: time.Duration(float64(time.Second) / rate)}
-}
-
-// wait blocks until the next event may go. A late caller is not allowed to
-// catch up with a burst.
-func (l *limiter) wait(ctx context.Context) error {
-	if l == nil {
-		return nil
-	}
-	now := time.Now()
-	if d := l.next.Sub(now); d > 0 {
-		t := time.NewTimer(d)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
-		}
-		l.next = l.next.Add(l.every)
-		return nil
-	}
-	l.next = now.Add(l.every)
-	return nil
+	return rate.NewLimiter(rate.Limit(r), 1)
 }
