@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/outboxd/outboxd/deliver"
+	"github.com/outboxd/outboxd/ops"
 	"github.com/outboxd/outboxd/sink"
 )
 
@@ -102,7 +103,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				if events == "" {
 					events = "*"
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%t\t%s\n", r.ID, org, redactURL(r.URL), events, r.Secrets, r.Enabled, r.DisabledReason)
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%t\t%s\n", r.ID, org, ops.RedactURL(r.URL), events, r.Secrets, r.Enabled, r.DisabledReason)
 			}
 			return tw.Flush()
 		},
@@ -262,19 +263,6 @@ func newSecret() string {
 	b := make([]byte, 24)
 	_, _ = rand.Read(b) // crypto/rand never fails on Linux
 	return "whsec_" + base64.StdEncoding.EncodeToString(b)
-}
-
-// redactURL drops userinfo and the query string, which may hold credentials.
-func redactURL(u string) string {
-	if i := strings.Index(u, "?"); i >= 0 {
-		u = u[:i] + "?…"
-	}
-	if i := strings.Index(u, "://"); i >= 0 {
-		if j := strings.Index(u[i+3:], "@"); j >= 0 && !strings.Contains(u[i+3:i+3+j], "/") {
-			u = u[:i+3] + "…@" + u[i+3+j+1:]
-		}
-	}
-	return u
 }
 
 // dlqFilter selects dead letters.
