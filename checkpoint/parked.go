@@ -153,14 +153,18 @@ WHERE e.id = $1`, eventID, attempts)
 }
 
 // Reschedule records a failed retry of a parked delivery and when to try next.
-func (s *Store) Reschedule(ctx context.Context, target string, eventID int64, attempts int32, next time.Time, status int, reason string) error {
+//
+// The next attempt is due retryIn after the database's now(): the retrier
+// compares next_attempt_at with now() too, so a daemon whose clock is off
+// neither retries early nor dead-letters early.
+func (s *Store) Reschedule(ctx context.Context, target string, eventID int64, attempts int32, retryIn time.Duration, status int, reason string) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if err := s.fenced(ctx, tx); err != nil {
 			return err
 		}
 		var q pgx.Batch
-		q.Queue(`UPDATE `+s.parked()+` SET attempts = attempts + $3, rounds = rounds + 1, next_attempt_at = $4,
-  last_status = $5, last_error = $6 WHERE target = $1 AND event_id = $2`, target, eventID, attempts, next, nullStatus(status), reason)
+		q.Queue(`UPDATE `+s.parked()+` SET attempts = attempts + $3, rounds = rounds + 1, next_attempt_at = now() + $4 * interval '1 microsecond',
+  last_status = $5, last_error = $6 WHERE target = $1 AND event_id = $2`, target, eventID, attempts, retryIn.Microseconds(), nullStatus(status), reason)
 		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+store.AddAttempts("e", "$2")+` WHERE e.id = $1`, eventID, attempts)
 		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "reschedule parked delivery of event %d", eventID)
 	})

@@ -85,7 +85,8 @@ ON CONFLICT (event_id, sink) DO UPDATE SET last_status = excluded.last_status,
 FROM unnest($1::bigint[], $2::int[]) AS r(id, n) WHERE e.id = r.id`,
 		parkSQL: `INSERT INTO ` + pgx.Identifier{cfg.Schema, "outboxd_parked"}.Sanitize() + ` AS p
   (target, event_id, ordering_key, commit_lsn, commit_index, attempts, next_attempt_at, last_status, last_error)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::pg_lsn[], $5::int[], $6::int[], $7::timestamptz[], $8::int[], $9::text[])
+SELECT t, id, k, l, i, a, now() + r * interval '1 microsecond', st, e
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::pg_lsn[], $5::int[], $6::int[], $7::bigint[], $8::int[], $9::text[]) AS u(t, id, k, l, i, a, r, st, e)
 ON CONFLICT (target, event_id) DO UPDATE SET attempts = p.attempts + excluded.attempts,
   last_status = coalesce(excluded.last_status, p.last_status),
   last_error = CASE WHEN excluded.last_error = '' THEN p.last_error ELSE excluded.last_error END`,
@@ -283,19 +284,19 @@ func parkColumns(ps []Park) []any {
 		lsns     = make([]string, len(ps))
 		idx      = make([]int32, len(ps))
 		attempts = make([]int32, len(ps))
-		next     = make([]time.Time, len(ps))
+		retryIn  = make([]int64, len(ps)) // microseconds
 		status   = make([]*int32, len(ps))
 		reasons  = make([]string, len(ps))
 	)
 	for i, p := range ps {
 		targets[i], ids[i], keys[i], lsns[i], idx[i] = p.Target, p.EventID, p.Key, p.CommitLSN.String(), p.Index
-		attempts[i], next[i], reasons[i] = p.Attempts, p.NextAttempt, p.Reason
+		attempts[i], retryIn[i], reasons[i] = p.Attempts, p.RetryIn.Microseconds(), p.Reason
 		if p.Status != 0 {
 			st := int32(p.Status)
 			status[i] = &st
 		}
 	}
-	return []any{targets, ids, keys, lsns, idx, attempts, next, status, reasons}
+	return []any{targets, ids, keys, lsns, idx, attempts, retryIn, status, reasons}
 }
 
 // Ranges normalises mark ranges for the marking statement: sorted, merged

@@ -50,7 +50,9 @@ type Park struct {
 	CommitLSN   pglogrepl.LSN
 	Index       int32 // position in the transaction
 	Attempts    int32
-	NextAttempt time.Time
+	// RetryIn is how long after now (the database's clock, which the
+	// retrier compares next_attempt_at with) the first retry is due.
+	RetryIn time.Duration
 	Status      int
 	Reason      string
 }

@@ -454,7 +454,7 @@ func (d *Dispatcher) park(dl *Delivery, o sink.Outcome, reason string) error {
 	e := dl.Event
 	return d.finish(dl, int32(o.Attempts), nil, &checkpoint.Park{
 		EventID: e.ID, Target: d.target, Key: int64(dl.Key), CommitLSN: e.CommitLSN, Index: int32(e.Index),
-		Attempts: int32(o.Attempts), NextAttempt: time.Now().Add(d.cfg.FirstRetry), Status: o.Status, Reason: reason,
+		Attempts: int32(o.Attempts), RetryIn: d.cfg.FirstRetry, Status: o.Status, Reason: reason,
 	})
 }
 

@@ -49,7 +49,7 @@ type ParkStore interface {
 	DueHeads(ctx context.Context, targets []string, limit int) ([]checkpoint.ParkedHead, error)
 	ParkedRun(ctx context.Context, target string, key int64, limit int) ([]checkpoint.ParkedRow, error)
 	Delivered(ctx context.Context, target string, eventID int64, attempts int32) error
-	Reschedule(ctx context.Context, target string, eventID int64, attempts int32, next time.Time, status int, reason string) error
+	Reschedule(ctx context.Context, target string, eventID int64, attempts int32, retryIn time.Duration, status int, reason string) error
 	GiveUp(ctx context.Context, target string, eventID int64, attempts int32, status int, reason string) error
 }
 
@@ -199,11 +199,13 @@ func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h ch
 				log.Warn().Int64("event_id", row.EventID).Int("rounds", round).Err(o.Err).Msg("parked delivery dead-lettered")
 				continue
 			}
-			next := time.Now().Add(r.Schedule[round])
-			if err := r.Store.Reschedule(ctx, h.Target, row.EventID, attempts, next, o.Status, o.Err.Error()); err != nil {
+			// The database's clock alone times the schedule: it stores
+			// now() + the step and compares next_attempt_at with now().
+			wait := r.Schedule[round]
+			if err := r.Store.Reschedule(ctx, h.Target, row.EventID, attempts, wait, o.Status, o.Err.Error()); err != nil {
 				return err
 			}
-			log.Info().Int64("event_id", row.EventID).Int("round", round).Time("next_attempt_at", next).
+			log.Info().Int64("event_id", row.EventID).Int("round", round).Dur("retry_in", wait).
 				Str("key", strconv.FormatInt(h.Key, 10)).Err(o.Err).Msg("parked delivery failed again")
 			return nil
 		}

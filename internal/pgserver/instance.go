@@ -87,6 +87,8 @@ type Instance struct {
 	port     int
 	settings map[string]string
 	cred     *syscall.Credential // nil unless running as root
+	// serverEnv is added to the postmaster's environment (StartEnv).
+	serverEnv []string
 
 	mu   sync.Mutex
 	proc *postmaster // nil while stopped
@@ -139,9 +141,15 @@ func isServerBinDir(dir string) bool {
 }
 
 // Start makes a new cluster and starts it on a free port.
-func Start(binDir string, settings map[string]string) (_ *Instance, err error) {
+func Start(binDir string, settings map[string]string) (*Instance, error) {
+	return StartEnv(binDir, settings, nil)
+}
+
+// StartEnv is Start with env ("NAME=value") added to the postmaster's
+// environment, e.g. a preloaded library that shifts the server's clock.
+func StartEnv(binDir string, settings map[string]string, env []string) (_ *Instance, err error) {
 	sweepOnce.Do(SweepStale)
-	in := &Instance{binDir: binDir, settings: maps.Clone(defaultSettings)}
+	in := &Instance{binDir: binDir, settings: maps.Clone(defaultSettings), serverEnv: slices.Clone(env)}
 	maps.Copy(in.settings, settings)
 	// Also proves the binaries and their libraries load before initdb runs
 	// as another user with less telling errors.
@@ -328,6 +336,7 @@ func (in *Instance) launch() (*postmaster, error) {
 		_ = os.Chown(in.logPath, int(in.cred.Uid), int(in.cred.Gid))
 	}
 	cmd := in.command("postgres", "-D", in.dataDir)
+	cmd.Env = append(cmd.Env, in.serverEnv...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr.Setpgid = true // ^C on the test run is for the test binary
 	cmd.SysProcAttr.Pdeathsig = syscall.SIGQUIT

@@ -311,9 +311,32 @@ func NewMajor(t testing.TB, major int, settings map[string]string) *Server {
 	return startDedicated(t, bin, settings)
 }
 
+// NewEnv is [New] with env ("NAME=value") added to the server process's
+// environment.
+func NewEnv(t testing.TB, settings map[string]string, env []string) *Server {
+	t.Helper()
+	if m, ok := majorOf(t); ok {
+		bin, err := binDirFor(m)
+		if err != nil {
+			t.Fatalf("pgtest: dedicated PostgreSQL %d server: %v", m, err)
+		}
+		return startDedicatedEnv(t, bin, settings, env)
+	}
+	d, err := defaultBinaries()
+	if err != nil {
+		t.Fatalf("pgtest: %v", err)
+	}
+	return startDedicatedEnv(t, d.dir, settings, env)
+}
+
 func startDedicated(t testing.TB, bin string, settings map[string]string) *Server {
 	t.Helper()
-	inst, err := pgserver.Start(bin, settings)
+	return startDedicatedEnv(t, bin, settings, nil)
+}
+
+func startDedicatedEnv(t testing.TB, bin string, settings map[string]string, env []string) *Server {
+	t.Helper()
+	inst, err := pgserver.StartEnv(bin, settings, env)
 	if err != nil {
 		t.Fatalf("pgtest: start dedicated server: %v", err)
 	}

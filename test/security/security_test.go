@@ -15,6 +15,11 @@
 //     does not open loopback to subscription URLs (added or changed by SQL):
 //     they are never contacted and their deliveries are dead-lettered naming
 //     OUTBOXD_ALLOW_PRIVATE_SUBSCRIPTIONS, which alone allows them.
+//   - TestParkedRetriesFollowTheDatabaseClock (clock_test.go): with the
+//     database's clock an hour ahead of the daemon's (libfaketime), parked
+//     deliveries are retried one schedule step apart and dead-lettered only
+//     when the schedule is over: next_attempt_at is the database's now() plus
+//     the step, compared with the database's now().
 //
 // Run: go test ./test/security/
 package security
