@@ -44,17 +44,17 @@ type DeadLetter struct {
 // behind such a delivery of the same ordering key): it is retried later from
 // the table, and counts as settled for the checkpoint.
 type Park struct {
-	EventID     int64
-	Target      string
-	Key         int64 // ordering key: parked deliveries of one key are retried in order
-	CommitLSN   pglogrepl.LSN
-	Index       int32 // position in the transaction
-	Attempts    int32
+	EventID   int64
+	Target    string
+	Key       int64 // ordering key: parked deliveries of one key are retried in order
+	CommitLSN pglogrepl.LSN
+	Index     int32 // position in the transaction
+	Attempts  int32
 	// RetryIn is how long after now (the database's clock, which the
 	// retrier compares next_attempt_at with) the first retry is due.
 	RetryIn time.Duration
-	Status      int
-	Reason      string
+	Status  int
+	Reason  string
 }
 
 // Settlement is the fate of one event once every sink it was routed to has
