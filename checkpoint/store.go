@@ -155,6 +155,29 @@ func (s *Store) Load(ctx context.Context) (Checkpoint, error) {
 	return cp, nil
 }
 
+// SubscriptionSecrets returns the current secrets of the subscriptions with
+// the given ids; ids without a row are absent. The routing state names
+// secrets by fingerprint only, and the router takes their values from here.
+func (s *Store) SubscriptionSecrets(ctx context.Context, ids []int64) (map[int64][]string, error) {
+	rows, err := s.pool.Query(ctx, `SELECT id, coalesce(secrets, '{}') FROM `+store.Ident(s.cfg.Schema, store.SubscriptionTable)+` WHERE id = ANY($1)`, ids)
+	if err != nil {
+		return nil, fmt.Errorf("read subscription secrets: %w", err)
+	}
+	out := map[int64][]string{}
+	for rows.Next() {
+		var id int64
+		var secrets []string
+		if err := rows.Scan(&id, &secrets); err != nil {
+			return nil, fmt.Errorf("read subscription secrets: %w", err)
+		}
+		out[id] = secrets
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read subscription secrets: %w", err)
+	}
+	return out, nil
+}
+
 // Save writes cp as the slot's checkpoint, replacing any earlier one. It is
 // used when a slot is created; flushes only move the LSN forward.
 func (s *Store) Save(ctx context.Context, cp Checkpoint) error {

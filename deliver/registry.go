@@ -1,6 +1,8 @@
 package deliver
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,10 +19,25 @@ type Subscription struct {
 	ID             int64    `json:"id"`
 	OrganizationID *int64   `json:"organization_id"`
 	URL            string   `json:"url"`
-	Secrets        []string `json:"secrets"`
-	Events         []string `json:"events"`
-	Enabled        bool     `json:"enabled"`
+	Secrets        []string `json:"secrets,omitempty"`
+	// SecretFingerprints stand for Secrets in the routing state kept with
+	// the checkpoint (Registry.Snapshot): no signing key is stored there.
+	SecretFingerprints []string `json:"secret_fingerprints,omitempty"`
+	Events             []string `json:"events"`
+	Enabled            bool     `json:"enabled"`
 }
+
+// SecretFingerprint identifies a secret without revealing it: "sha256:" and
+// the first 16 hex digits of its SHA-256 (migration 6 computes the same in
+// SQL).
+func SecretFingerprint(secret string) string {
+	sum := sha256.Sum256([]byte(secret))
+	return "sha256:" + hex.EncodeToString(sum[:8])
+}
+
+// SecretLookup returns the current secrets of the subscriptions with the
+// given ids (from outboxd_subscription); ids without a row are absent.
+type SecretLookup func(ids []int64) (map[int64][]string, error)
 
 // TargetName is the name of a subscription's target in logs, metrics, dead
 // letters and parked deliveries.
@@ -79,8 +96,16 @@ type Registry struct {
 	subs map[int64]*Subscription
 }
 
-// NewRegistry returns a registry from a snapshot (nil: empty).
-func NewRegistry(snapshot []byte) (*Registry, error) {
+// NewRegistry returns a registry from a snapshot (nil: empty). The snapshot
+// names secrets by fingerprint only: lookup supplies their values from the
+// subscription table, keeping those whose fingerprint the snapshot lists.
+// When none of them is there any more (rotated with --drop-old since the
+// checkpoint) the subscription signs with its current secrets, which its
+// receiver was given at the rotation; when its row is gone (deleted since
+// the checkpoint) it has no secret and its deliveries are dead-lettered,
+// never sent unsigned. A snapshot written before migration 6 may still hold
+// the secrets themselves; they are used as they are.
+func NewRegistry(snapshot []byte, lookup SecretLookup) (*Registry, error) {
 	r := &Registry{subs: map[int64]*Subscription{}}
 	if len(snapshot) == 0 {
 		return r, nil
@@ -89,17 +114,64 @@ func NewRegistry(snapshot []byte) (*Registry, error) {
 	if err := json.Unmarshal(snapshot, &subs); err != nil {
 		return nil, fmt.Errorf("read routing state: %w", err)
 	}
+	var ids []int64
 	for i := range subs {
-		r.subs[subs[i].ID] = &subs[i]
+		if len(subs[i].Secrets) == 0 && len(subs[i].SecretFingerprints) > 0 {
+			ids = append(ids, subs[i].ID)
+		}
+	}
+	var current map[int64][]string
+	if len(ids) > 0 {
+		if lookup == nil {
+			return nil, errors.New("read routing state: secrets are stored by fingerprint and there is no way to look them up")
+		}
+		var err error
+		if current, err = lookup(ids); err != nil {
+			return nil, fmt.Errorf("read routing state: look up subscription secrets: %w", err)
+		}
+	}
+	for i := range subs {
+		s := &subs[i]
+		if len(s.Secrets) == 0 && len(s.SecretFingerprints) > 0 {
+			s.Secrets = pickSecrets(s.SecretFingerprints, current[s.ID])
+		}
+		s.SecretFingerprints = nil
+		r.subs[s.ID] = s
 	}
 	return r, nil
 }
 
-// Snapshot returns the registry as JSON, subscriptions sorted by id.
+// pickSecrets returns the secrets of have whose fingerprint is in want, in
+// want's order; all of have when none matches.
+func pickSecrets(want, have []string) []string {
+	var out []string
+	for _, fp := range want {
+		for _, s := range have {
+			if SecretFingerprint(s) == fp {
+				out = append(out, s)
+				break
+			}
+		}
+	}
+	if len(out) == 0 {
+		return slices.Clone(have)
+	}
+	return out
+}
+
+// Snapshot returns the registry as JSON, subscriptions sorted by id, with
+// each secret replaced by its fingerprint (the routing state is stored in
+// outboxd_checkpoint, which must not hold tenants' signing keys).
 func (r *Registry) Snapshot() []byte {
 	subs := make([]Subscription, 0, len(r.subs))
 	for _, s := range r.subs {
-		subs = append(subs, *s)
+		c := *s
+		c.SecretFingerprints = make([]string, len(s.Secrets))
+		for i, secret := range s.Secrets {
+			c.SecretFingerprints[i] = SecretFingerprint(secret)
+		}
+		c.Secrets = nil
+		subs = append(subs, c)
 	}
 	slices.SortFunc(subs, func(a, b Subscription) int { return int(a.ID - b.ID) })
 	b, _ := json.Marshal(subs) // plain data: cannot fail

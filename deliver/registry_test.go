@@ -71,7 +71,7 @@ func TestRegistryApplyAndSnapshot(t *testing.T) {
 		}
 		return r
 	}
-	reg, err := NewRegistry(nil)
+	reg, err := NewRegistry(nil, nil)
 	require.NoError(t, err)
 	s, err := reg.Apply(&decode.Change{Kind: decode.KindInsert, Row: row("3", "7", "https://a", "{whsec_x}", "{}", "t")})
 	require.NoError(t, err)
@@ -80,7 +80,7 @@ func TestRegistryApplyAndSnapshot(t *testing.T) {
 	require.NoError(t, err)
 	require.Nil(t, reg.Get(4).OrganizationID)
 
-	again, err := NewRegistry(reg.Snapshot())
+	again, err := NewRegistry(reg.Snapshot(), tableSecrets(map[int64][]string{3: {"whsec_x"}, 4: {}}))
 	require.NoError(t, err)
 	require.Equal(t, reg.Snapshot(), again.Snapshot(), "a snapshot round-trips")
 
@@ -128,7 +128,7 @@ func subRow(vals ...string) *decode.Row {
 // NULL (which sent requests unsigned and matched every event).
 func TestRegistryMergesUnchangedColumns(t *testing.T) {
 	t.Parallel()
-	reg, err := NewRegistry(nil)
+	reg, err := NewRegistry(nil, nil)
 	require.NoError(t, err)
 	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert,
 		Row: subRow("3", "7", "https://a", "{whsec_x,whsec_y}", "{batch_*,timer_*}", "t", "NULL", "2026-01-01", "2026-01-01")})
@@ -147,7 +147,7 @@ func TestRegistryMergesUnchangedColumns(t *testing.T) {
 
 	// The routing state kept with the checkpoint round-trips, and a registry
 	// seeded from it merges the same way (the update after a restart).
-	reg, err = NewRegistry(reg.Snapshot())
+	reg, err = NewRegistry(reg.Snapshot(), tableSecrets(map[int64][]string{3: {"whsec_x", "whsec_y"}}))
 	require.NoError(t, err)
 	s, err = reg.Apply(&decode.Change{Kind: decode.KindUpdate,
 		Row: subRow("3", "7", unchanged, unchanged, unchanged, "t", "NULL", unchanged, "2026-01-03")})
@@ -182,7 +182,7 @@ func TestRegistryMergesUnchangedColumns(t *testing.T) {
 // merge.
 func TestRegistryUnknownSubscriptionWithUnchangedColumns(t *testing.T) {
 	t.Parallel()
-	reg, err := NewRegistry(nil)
+	reg, err := NewRegistry(nil, nil)
 	require.NoError(t, err)
 	s, err := reg.Apply(&decode.Change{Kind: decode.KindUpdate,
 		Row: subRow("9", "7", "https://a", unchanged, unchanged, "t", "NULL", "2026-01-01", "2026-01-01")})
@@ -349,4 +349,57 @@ func TestRouterSubscriptionWithoutSecretDeadLetters(t *testing.T) {
 	require.Equal(t, []string{"whsec_x"}, subs.built[0].Secrets)
 	require.Equal(t, []int64{3}, subs.got[4])
 	require.Empty(t, st.dead)
+}
+
+// tableSecrets is a SecretLookup over a fixed subscription table.
+func tableSecrets(table map[int64][]string) SecretLookup {
+	return func(ids []int64) (map[int64][]string, error) {
+		out := map[int64][]string{}
+		for _, id := range ids {
+			if s, ok := table[id]; ok {
+				out[id] = s
+			}
+		}
+		return out, nil
+	}
+}
+
+// The routing state kept in outboxd_checkpoint names secrets by fingerprint
+// only; a registry seeded from it takes their values from the subscription
+// table: the ones the state names, or the current ones when those are gone
+// (rotated with --drop-old), or none when the row is gone (dead-lettered,
+// never unsigned). A state written before migration 6 still works.
+func TestRoutingStateHoldsNoSecret(t *testing.T) {
+	t.Parallel()
+	reg, err := NewRegistry(nil, nil)
+	require.NoError(t, err)
+	for _, id := range []string{"3", "4", "5"} {
+		_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert,
+			Row: subRow(id, "7", "https://a", "{whsec_old,whsec_older}", "{}", "t", "NULL", "2026-01-01", "2026-01-01")})
+		require.NoError(t, err)
+	}
+	snap := reg.Snapshot()
+	require.NotContains(t, string(snap), "whsec_", "no secret in the routing state")
+	require.Contains(t, string(snap), SecretFingerprint("whsec_old"))
+	require.NotEqual(t, SecretFingerprint("whsec_old"), SecretFingerprint("whsec_older"))
+
+	_, err = NewRegistry(snap, nil)
+	require.Error(t, err, "fingerprints without a way to look secrets up")
+
+	again, err := NewRegistry(snap, tableSecrets(map[int64][]string{
+		3: {"whsec_new", "whsec_old"}, // rotated, the old one kept: sign with the state's
+		4: {"whsec_new"},              // rotated with --drop-old: sign with the current one
+		// 5 deleted since the checkpoint
+	}))
+	require.NoError(t, err)
+	require.Equal(t, []string{"whsec_old"}, again.Get(3).Secrets)
+	require.Equal(t, []string{"whsec_new"}, again.Get(4).Secrets)
+	require.Empty(t, again.Get(5).Secrets)
+	require.Error(t, again.Get(5).signingError(), "a subscription without a secret never sends unsigned")
+	require.Empty(t, again.Get(3).SecretFingerprints)
+
+	old, err := NewRegistry([]byte(`[{"id":9,"organization_id":null,"url":"https://b","secrets":["whsec_plain"],"events":[],"enabled":true}]`), nil)
+	require.NoError(t, err)
+	require.Equal(t, []string{"whsec_plain"}, old.Get(9).Secrets, "a state from before migration 6")
+	require.NotContains(t, string(old.Snapshot()), "whsec_plain", "rewritten without it")
 }

@@ -25,6 +25,8 @@ type RouterConfig struct {
 	Subscription func(s Subscription) (sink.Sink, error)
 	// Routing is the registry snapshot kept with the checkpoint (nil: none).
 	Routing []byte
+	// Secrets looks up the secrets the snapshot names by fingerprint.
+	Secrets SecretLookup
 	// Parked are the parked deliveries already in the table, per target and
 	// ordering key.
 	Parked map[string]map[uint64]int
@@ -58,7 +60,7 @@ type sinkBox struct{ s sink.Sink }
 
 // NewRouter returns a router; cfg.Deliver must have been validated.
 func NewRouter(cfg RouterConfig, settler Settler, log zerolog.Logger) (*Router, error) {
-	reg, err := NewRegistry(cfg.Routing)
+	reg, err := NewRegistry(cfg.Routing, cfg.Secrets)
 	if err != nil {
 		return nil, err
 	}

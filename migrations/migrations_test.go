@@ -2,6 +2,7 @@ package migrations_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net/url"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
 
+	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/internal/pgtest"
 	"github.com/outboxd/outboxd/migrations"
 )
@@ -400,6 +402,39 @@ func TestMessageNamespace(t *testing.T) {
 	require.ErrorContains(t, err, "has no message namespace: run `outboxd migrate`")
 	b.exec(t, "DROP TABLE outboxd_outbox")
 	require.ErrorContains(t, migrations.Check(b.ctx, b.conn, migrations.Options{}), `table "public"."outboxd_outbox" does not exist`)
+}
+
+// Migration 6 rewrites routing states written with the secrets themselves:
+// fingerprints instead (the daemon's deliver.SecretFingerprint), every other
+// key kept, states already without secrets untouched.
+func TestMigrationRemovesSecretsFromRoutingState(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	_, err := migrations.Migrate(b.ctx, b.conn, migrations.Options{})
+	require.NoError(t, err)
+	b.exec(t, "UPDATE outboxd_schema_version SET version = 5")
+	b.exec(t, `INSERT INTO outboxd_checkpoint (slot_name, lsn, system_identifier, timeline, catchup_pending, routing) VALUES
+ ('a', '0/1', 'x', 1, false, '[{"id":3,"organization_id":7,"url":"https://a","secrets":["whsec_new","whsec_old"],"events":["batch_*"],"enabled":true},{"id":4,"organization_id":null,"url":"https://b","secrets":[],"events":[],"enabled":false}]'),
+ ('b', '0/1', 'x', 1, false, '[{"id":5,"url":"https://c","secret_fingerprints":["sha256:0011223344556677"],"events":[],"enabled":true}]'),
+ ('c', '0/1', 'x', 1, false, NULL)`)
+	_, err = migrations.Migrate(b.ctx, b.conn, migrations.Options{})
+	require.NoError(t, err)
+
+	var a, bb string
+	var c *string
+	require.NoError(t, b.conn.QueryRow(b.ctx, `SELECT (SELECT routing::text FROM outboxd_checkpoint WHERE slot_name = 'a'),
+ (SELECT routing::text FROM outboxd_checkpoint WHERE slot_name = 'b'), (SELECT routing::text FROM outboxd_checkpoint WHERE slot_name = 'c')`).Scan(&a, &bb, &c))
+	require.NotContains(t, a, "whsec_")
+	var got []deliver.Subscription
+	require.NoError(t, json.Unmarshal([]byte(a), &got))
+	require.Len(t, got, 2)
+	require.Equal(t, []string{deliver.SecretFingerprint("whsec_new"), deliver.SecretFingerprint("whsec_old")}, got[0].SecretFingerprints)
+	require.Equal(t, "https://a", got[0].URL)
+	require.Equal(t, []string{"batch_*"}, got[0].Events)
+	require.True(t, got[0].Enabled)
+	require.Empty(t, got[1].SecretFingerprints)
+	require.Contains(t, bb, "sha256:0011223344556677", "a state without secrets is kept")
+	require.Nil(t, c)
 }
 
 func TestMigrateNewerVersion(t *testing.T) {

@@ -370,7 +370,8 @@ func newRouter(ctx, loadCtx context.Context, cfg Config, store *checkpoint.Store
 			return sink.NewWebhook(wc, log)
 		},
 		Routing: routing, Parked: parked, OnResult: onResult,
-		OnGone: func(target string) { disableGone(ctx, pool, cfg, target, dlog) },
+		Secrets: func(ids []int64) (map[int64][]string, error) { return store.SubscriptionSecrets(loadCtx, ids) },
+		OnGone:  func(target string) { disableGone(ctx, pool, cfg, target, dlog) },
 	}, tracker, dlog)
 }
 

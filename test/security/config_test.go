@@ -194,3 +194,37 @@ func TestPrivateSubscriptionsNeedTheirOwnAllowance(t *testing.T) {
 		require.Equal(t, 0, d.Stop(30*time.Second))
 	})
 }
+
+// No tenant secret at rest in the checkpoint (security round 2, item 2): the
+// routing state outboxd keeps in outboxd_checkpoint names a subscription's
+// secrets by fingerprint only, and an instance that resumes from it after a
+// kill -9 still signs the subscription's requests with the secret, read from
+// outboxd_subscription.
+func TestCheckpointHoldsNoSubscriptionSecret(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, pgtest.Shared(t))
+	def, sub := e2e.NewReceiver(t), e2e.NewReceiver(t)
+	env := w.env(def.URL, nil)
+	d := e2e.StartDaemon(t, env)
+	e2e.WaitFor(t, time.Minute, func() bool { return strings.Contains(d.Log(), `"message":"streaming"`) },
+		func() string { return "not streaming" })
+	w.addSubscription(t, sub.URL)
+	first := w.insert(t, 5)
+	sub.WaitAccepted(t, first, time.Minute)
+	var routing string
+	e2e.WaitFor(t, time.Minute, func() bool {
+		return w.pool.QueryRow(context.Background(), `SELECT coalesce(routing::text, '') FROM outboxd_checkpoint WHERE slot_name = $1`, w.slot).Scan(&routing) == nil &&
+			strings.Contains(routing, "secret_fingerprints")
+	}, func() string { return "routing state not written: " + routing })
+	var whole string
+	require.NoError(t, w.pool.QueryRow(context.Background(), `SELECT string_agg(c::text, ' ') FROM outboxd_checkpoint AS c`).Scan(&whole))
+	require.NotContains(t, whole, strings.TrimPrefix(e2e.Secret, "whsec_"), "no signing key in outboxd_checkpoint")
+
+	d.Kill()
+	d = e2e.StartDaemon(t, env)
+	second := w.insert(t, 5)
+	sub.WaitAccepted(t, second, time.Minute)
+	for _, dl := range sub.Deliveries() {
+		require.True(t, dl.SigOK, "every request to the subscription is signed with its secret; log:\n%s", d.Log())
+	}
+}

@@ -15,6 +15,10 @@
 //     does not open loopback to subscription URLs (added or changed by SQL):
 //     they are never contacted and their deliveries are dead-lettered naming
 //     OUTBOXD_ALLOW_PRIVATE_SUBSCRIPTIONS, which alone allows them.
+//   - TestCheckpointHoldsNoSubscriptionSecret: the routing state in
+//     outboxd_checkpoint names a subscription's secrets by fingerprint only;
+//     after a kill -9 the next instance still signs with the secret, read
+//     from outboxd_subscription.
 //   - TestParkedRetriesFollowTheDatabaseClock (clock_test.go): with the
 //     database's clock an hour ahead of the daemon's (libfaketime), parked
 //     deliveries are retried one schedule step apart and dead-lettered only
