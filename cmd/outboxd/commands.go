@@ -52,6 +52,7 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			c, log, err := setup(envMap, stderr, func(c *config) {
 				if cmd.Flags().Changed("webhook-url") {
 					c.WebhookURL = webhookURL
+					warnURLCredentials(stderr, "--webhook-url", webhookURL)
 				}
 				if cmd.Flags().Changed("http-addr") {
 					c.HTTPAddr = httpAddr

@@ -5,8 +5,11 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -111,8 +114,8 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 
 	var (
-		url, events, secret string
-		org                 int64
+		url, events, secret, secretFile string
+		org                             int64
 	)
 	add := &cobra.Command{
 		Use: "add", Short: "Add a subscription; prints its id and signing secret", Args: cobra.NoArgs,
@@ -126,9 +129,14 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				// meaning all; a nil slice would be sent as NULL.
 				globs = []string{}
 			}
+			secret, err := secretFrom(cmd, secret, secretFile, stderr)
+			if err != nil {
+				return err
+			}
 			if secret == "" {
 				secret = newSecret()
 			}
+			warnURLCredentials(stderr, "--url", url)
 			wc := sink.WebhookConfig{URL: url, Secrets: []string{secret}, AllowPrivate: true}
 			if err := wc.Validate(); err != nil {
 				return usageError{err}
@@ -155,7 +163,8 @@ VALUES ($1, $2, $3, $4) RETURNING id`, orgArg, url, []string{secret}, globs).Sca
 	add.Flags().StringVar(&url, "url", "", "endpoint URL (required)")
 	add.Flags().Int64Var(&org, "organization", 0, "organization the subscription belongs to (omit: platform-wide)")
 	add.Flags().StringVar(&events, "events", "", "comma list of event-name globs (omit: every event)")
-	add.Flags().StringVar(&secret, "secret", "", "signing secret whsec_... (omit: generated)")
+	add.Flags().StringVar(&secret, "secret", "", "signing secret whsec_... (visible in ps and shell history: prefer --secret-file; omit both: generated)")
+	add.Flags().StringVar(&secretFile, "secret-file", "", "read the signing secret from this file (- for standard input)")
 	_ = add.MarkFlagRequired("url")
 
 	var reason string
@@ -178,7 +187,7 @@ VALUES ($1, $2, $3, $4) RETURNING id`, orgArg, url, []string{secret}, globs).Sca
 		},
 	}
 	var dropOld, rotYes bool
-	var newSecretFlag string
+	var newSecretFlag, newSecretFile string
 	rotate := &cobra.Command{
 		Use:   "rotate-secret ID",
 		Short: "Add a new signing secret (both sign until --drop-old), or drop all but the newest",
@@ -208,7 +217,10 @@ VALUES ($1, $2, $3, $4) RETURNING id`, orgArg, url, []string{secret}, globs).Sca
 				fmt.Fprintf(stdout, "subscription %d now signs with its newest secret only\n", id)
 				return nil
 			}
-			sec := newSecretFlag
+			sec, err := secretFrom(cmd, newSecretFlag, newSecretFile, stderr)
+			if err != nil {
+				return err
+			}
 			if sec == "" {
 				sec = newSecret()
 			}
@@ -228,7 +240,8 @@ VALUES ($1, $2, $3, $4) RETURNING id`, orgArg, url, []string{secret}, globs).Sca
 	}
 	rotate.Flags().BoolVar(&dropOld, "drop-old", false, "keep only the newest secret")
 	rotate.Flags().BoolVar(&rotYes, "yes", false, "confirm --drop-old")
-	rotate.Flags().StringVar(&newSecretFlag, "secret", "", "the new secret (omit: generated)")
+	rotate.Flags().StringVar(&newSecretFlag, "secret", "", "the new secret (visible in ps and shell history: prefer --secret-file; omit both: generated)")
+	rotate.Flags().StringVar(&newSecretFile, "secret-file", "", "read the new secret from this file (- for standard input)")
 	cmd.AddCommand(list, add, disable, enable, rotate)
 	return cmd
 }
@@ -509,4 +522,47 @@ func clip(s string, n int) string {
 		return s[:n] + "…"
 	}
 	return s
+}
+
+// secretFrom returns the secret given by --secret-file (a file, or - for
+// standard input; surrounding space trimmed) or else by --secret, which is
+// accepted with a warning: a command line shows in ps and shell history.
+func secretFrom(cmd *cobra.Command, flagValue, file string, stderr io.Writer) (string, error) {
+	if file != "" {
+		if cmd.Flags().Changed("secret") {
+			return "", usageError{errors.New("--secret and --secret-file: give one")}
+		}
+		var b []byte
+		var err error
+		if file == "-" {
+			b, err = io.ReadAll(io.LimitReader(cmd.InOrStdin(), 1<<16))
+		} else {
+			b, err = os.ReadFile(file)
+		}
+		if err != nil {
+			return "", usageError{fmt.Errorf("--secret-file: %w", err)}
+		}
+		s := strings.TrimSpace(string(b))
+		if s == "" {
+			return "", usageError{fmt.Errorf("--secret-file %s is empty", file)}
+		}
+		return s, nil
+	}
+	if flagValue != "" {
+		fmt.Fprintln(stderr, "warning: a secret given with --secret shows in ps and in shell history; use --secret-file (or - for standard input)")
+	}
+	return flagValue, nil
+}
+
+// warnURLCredentials warns when a URL given on the command line carries
+// credentials (userinfo, or a query string, where tokens often travel): the
+// command line shows in ps and shell history.
+func warnURLCredentials(stderr io.Writer, flag, raw string) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return
+	}
+	if u.User != nil || u.RawQuery != "" {
+		fmt.Fprintf(stderr, "warning: the URL given with %s carries credentials or a query string, which show in ps and shell history; prefer the environment variable (or a file) for secrets\n", flag)
+	}
 }

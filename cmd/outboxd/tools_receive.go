@@ -237,10 +237,10 @@ func receiveSecrets(values ...string) []string {
 
 func receiveCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Command {
 	var (
-		addr, script, out string
-		secrets           []string
-		tolerance         time.Duration
-		status            int
+		addr, script, out, secretFile string
+		secrets                       []string
+		tolerance                     time.Duration
+		status                        int
 	)
 	cmd := &cobra.Command{
 		Use:   "receive",
@@ -254,16 +254,26 @@ to standard output, or appended to --out (then standard output gets a short
 line per request). An invalid signature is answered 401; otherwise the answer
 is --status, or the next code of --script (the last one repeats).
 
-The secret is --secret or else OUTBOXD_WEBHOOK_SECRET; several secrets
+The secret is read from --secret-file, or --secret, or else OUTBOXD_WEBHOOK_SECRET; several secrets
 (comma- or space-separated, or --secret repeated) are all accepted, as during a
 rotation. Without a secret, signatures are not checked (signature_valid null).`,
-		Example: `  outboxd receive --addr 127.0.0.1:8080 --secret whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+		Example: `  OUTBOXD_WEBHOOK_SECRET=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw outboxd receive --addr 127.0.0.1:8080
+  outboxd receive --secret-file /run/secrets/webhook
   outboxd receive --script 503,503,200 --out deliveries.jsonl`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			rc := &webhookReceiver{}
 			all := receiveSecrets(secrets...)
-			if !cmd.Flags().Changed("secret") {
+			switch {
+			case secretFile != "":
+				s, err := secretFrom(cmd, "", secretFile, stderr)
+				if err != nil {
+					return err
+				}
+				all = receiveSecrets(s)
+			case cmd.Flags().Changed("secret"):
+				fmt.Fprintln(stderr, "warning: a secret given with --secret shows in ps and in shell history; use --secret-file (or - for standard input) or OUTBOXD_WEBHOOK_SECRET")
+			default:
 				all = receiveSecrets(envMap[envPrefix+"WEBHOOK_SECRET"])
 			}
 			if len(all) > 0 {
@@ -335,7 +345,8 @@ rotation. Without a secret, signatures are not checked (signature_valid null).`,
 		},
 	}
 	cmd.Flags().StringVar(&addr, "addr", "127.0.0.1:8080", "address to listen on")
-	cmd.Flags().StringSliceVar(&secrets, "secret", nil, "Standard Webhooks secret(s) whsec_... (default: OUTBOXD_WEBHOOK_SECRET)")
+	cmd.Flags().StringSliceVar(&secrets, "secret", nil, "Standard Webhooks secret(s) whsec_... (visible in ps and shell history: prefer --secret-file or OUTBOXD_WEBHOOK_SECRET, the default)")
+	cmd.Flags().StringVar(&secretFile, "secret-file", "", "read the secret(s) from this file (- for standard input), comma- or space-separated")
 	cmd.Flags().DurationVar(&tolerance, "tolerance", 5*time.Minute, "accepted difference between webhook-timestamp and the local clock")
 	cmd.Flags().IntVar(&status, "status", http.StatusOK, "status code answered to validly signed requests")
 	cmd.Flags().StringVar(&script, "script", "", "comma-separated status codes answered in turn, the last one repeating (e.g. 503,503,200)")

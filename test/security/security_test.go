@@ -19,6 +19,11 @@
 //     outboxd_checkpoint names a subscription's secrets by fingerprint only;
 //     after a kill -9 the next instance still signs with the secret, read
 //     from outboxd_subscription.
+//   - TestSecretsStayOffCommandLines (cmdline_test.go): subscription add,
+//     rotate-secret and receive read secrets from --secret-file (a file or
+//     standard input); --secret warns that it shows in ps and shell history;
+//     run --webhook-url warns about credentials in the URL without printing
+//     them.
 //   - TestParkedRetriesFollowTheDatabaseClock (clock_test.go): with the
 //     database's clock an hour ahead of the daemon's (libfaketime), parked
 //     deliveries are retried one schedule step apart and dead-lettered only
