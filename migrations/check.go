@@ -64,9 +64,17 @@ var privileges = map[string][]string{
 	"outboxd_checkpoint":   {"SELECT", "INSERT", "UPDATE", "DELETE"},
 	"outboxd_dead_letter":  {"SELECT", "INSERT", "UPDATE", "DELETE"},
 	"outboxd_parked":       {"SELECT", "INSERT", "UPDATE", "DELETE"},
-	"outboxd_subscription": {"SELECT", "UPDATE"},
+	"outboxd_subscription": {"SELECT"},
 	"outboxd_outbox":       {"SELECT"},
 	VersionTable:           {"SELECT"},
+}
+
+// columnPrivileges are privileges outboxd needs on some columns only: it
+// disables a subscription whose endpoint answered 410 Gone, and must not be
+// able to repoint a tenant's URL or read-write its secrets (roles.sql grants
+// exactly these columns).
+var columnPrivileges = map[string]map[string][]string{
+	"outboxd_subscription": {"UPDATE": {"enabled", "disabled_reason", "updated_at"}},
 }
 
 // Check verifies, changing nothing, that the outbox table, outboxd's own
@@ -232,8 +240,21 @@ func (c *checker) checkOwnTable(name string) error {
 	if err != nil {
 		return err
 	}
-	_, err = c.lacking(oid, table, privileges[name])
-	return err
+	if _, err = c.lacking(oid, table, privileges[name]); err != nil {
+		return err
+	}
+	for priv, cols := range columnPrivileges[name] {
+		for _, col := range cols {
+			var has bool
+			if err := c.conn.QueryRow(c.ctx, "SELECT has_column_privilege($1::oid, $2, $3)", oid, col, priv).Scan(&has); err != nil {
+				return fmt.Errorf("check privileges on %s: %w", table, err)
+			}
+			if !has {
+				c.grant("role lacks %s on column %s of %s", priv, col, table)
+			}
+		}
+	}
+	return nil
 }
 
 // lacking notes each of privs the role lacks on table; ok is true when it has

@@ -27,6 +27,29 @@
 -- requires owning it.
 -- CONNECT on the database is granted to PUBLIC by default; if you revoked it:
 --   GRANT CONNECT ON DATABASE yourdb TO outboxd;
+--
+-- What REPLICATION gives beyond outboxd's needs, plainly. It is a
+-- cluster-level attribute, and table grants do not bound it:
+--   * logical decoding reads every change of every table of a database the
+--     role can connect to with replication=database: with its own slot and
+--     another output plugin (test_decoding) it could stream the changes of
+--     any table there, not only the outbox;
+--   * physical replication (pg_basebackup, a walreceiver) copies the whole
+--     cluster: every database, pg_authid's password hashes included.
+-- The second is closed in pg_hba.conf: logical replication connections match
+-- the database's name, physical ones only the keyword `replication`. Allow
+-- the role its own database and no `replication` line:
+--
+--   # TYPE  DATABASE     USER     ADDRESS        METHOD
+--   hostssl yourdb       outboxd  10.0.0.0/8     scram-sha-256
+--   # and no line with DATABASE `replication` (or `all` ... `replication`)
+--   # matching outboxd
+--
+-- `outboxd status` warns when the server still accepts a physical replication
+-- connection from the role, and when the role is a superuser. The first
+-- (other tables of the same database) is inherent to logical replication:
+-- keep the outbox in a database that holds nothing the role must not read,
+-- or accept that a REPLICATION role can read that database.
 
 DO $$
 BEGIN
@@ -42,7 +65,12 @@ GRANT SELECT ON public.domain_event TO outboxd;
 GRANT UPDATE (is_processed, processed_at, delivery_attempts) ON public.domain_event TO outboxd;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.outboxd_checkpoint, public.outboxd_dead_letter, public.outboxd_parked TO outboxd;
--- Subscriptions: read for routing, update to disable an endpoint that answered 410.
-GRANT SELECT, UPDATE ON public.outboxd_subscription TO outboxd;
+-- Subscriptions: read for routing; update only the columns that disable an
+-- endpoint that answered 410 (never the URL, the secrets or the event globs:
+-- outboxd cannot repoint a tenant). A role given UPDATE on the whole table by
+-- an earlier version of this file keeps it until revoked:
+REVOKE UPDATE ON public.outboxd_subscription FROM outboxd;
+GRANT SELECT ON public.outboxd_subscription TO outboxd;
+GRANT UPDATE (enabled, disabled_reason, updated_at) ON public.outboxd_subscription TO outboxd;
 GRANT SELECT ON public.outboxd_schema_version TO outboxd;
 GRANT SELECT ON public.outboxd_outbox TO outboxd;

@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // LSN is a WAL position, printed and JSON-encoded as Postgres writes it
@@ -194,6 +195,7 @@ func (c *Client) Status(ctx context.Context, opts StatusOptions) (*Status, error
 	} else if err := c.checkpoint(ctx, &st.Checkpoint, st.Server.SystemIdentifier); err != nil {
 		return nil, err
 	}
+	st.Warnings = append(st.Warnings, c.roleWarnings(ctx)...)
 	if st.Server.SystemIdentifier == "" {
 		st.Warnings = append(st.Warnings, "cannot read the server's system identifier (pg_control_system() and IDENTIFY_SYSTEM were refused): the checkpoint's cluster is not checked")
 	}
@@ -212,6 +214,50 @@ func (c *Client) Status(ctx context.Context, opts StatusOptions) (*Status, error
 	}
 	evaluate(st, opts, c.t.Table.String())
 	return st, nil
+}
+
+// roleWarnings says when the connected role has more power than outboxd
+// needs: superuser, or a role the server accepts for physical replication
+// (pg_hba.conf `replication` entries), which can copy the whole cluster
+// with pg_basebackup, pg_authid included. Logical replication on its own
+// database (what outboxd uses) is matched by the database's name in
+// pg_hba.conf, physical replication by the keyword `replication`: see
+// migrations/roles.sql.
+func (c *Client) roleWarnings(ctx context.Context) []string {
+	var out []string
+	var role string
+	var super bool
+	if err := c.pool.QueryRow(ctx, `SELECT current_user, rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user`).Scan(&role, &super); err != nil {
+		c.log.Debug().Err(err).Msg("role attributes unavailable")
+		return nil
+	}
+	if super {
+		out = append(out, fmt.Sprintf("connected as superuser %q: outboxd needs only LOGIN REPLICATION and the grants of migrations/roles.sql", role))
+	}
+	if c.acceptsPhysicalReplication(ctx) {
+		out = append(out, fmt.Sprintf("the server accepts physical replication connections from role %q (a pg_hba.conf line with database `replication`): it can copy the whole cluster with pg_basebackup; allow it only logical replication on its database (migrations/roles.sql)", role))
+	}
+	return out
+}
+
+// acceptsPhysicalReplication tries a physical replication connection
+// (replication=true) with the same credentials and says whether the server
+// took it.
+func (c *Client) acceptsPhysicalReplication(ctx context.Context) bool {
+	cfg, err := pgconn.ParseConfig(c.t.DatabaseURL)
+	if err != nil {
+		return false
+	}
+	setSession(cfg.RuntimeParams)
+	cfg.RuntimeParams["replication"] = "true"
+	cfg.ConnectTimeout = 10 * time.Second
+	conn, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return false
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	_, err = pglogrepl.IdentifySystem(ctx, conn)
+	return err == nil
 }
 
 func (c *Client) server(ctx context.Context, st *Status) error {

@@ -15,6 +15,10 @@
 //     does not open loopback to subscription URLs (added or changed by SQL):
 //     they are never contacted and their deliveries are dead-lettered naming
 //     OUTBOXD_ALLOW_PRIVATE_SUBSCRIPTIONS, which alone allows them.
+//   - TestLeastPrivilegeRoleRunsThePipeline (privilege_test.go) also: the
+//     role cannot repoint a subscription or change its secrets or globs, yet
+//     disables one that answered 410; `status` warns that the server accepts
+//     physical replication from the role, and names a superuser.
 //   - TestCheckpointHoldsNoSubscriptionSecret: the routing state in
 //     outboxd_checkpoint names a subscription's secrets by fingerprint only;
 //     after a kill -9 the next instance still signs with the secret, read
