@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
 	"path"
 	"slices"
 	"strconv"
@@ -23,8 +24,11 @@ type Subscription struct {
 	// SecretFingerprints stand for Secrets in the routing state kept with
 	// the checkpoint (Registry.Snapshot): no signing key is stored there.
 	SecretFingerprints []string `json:"secret_fingerprints,omitempty"`
-	Events             []string `json:"events"`
-	Enabled            bool     `json:"enabled"`
+	// URLFingerprint stands for a URL that carries credentials (userinfo or
+	// a query string) in the routing state, whose url is then empty.
+	URLFingerprint string   `json:"url_fingerprint,omitempty"`
+	Events         []string `json:"events"`
+	Enabled        bool     `json:"enabled"`
 }
 
 // SecretFingerprint identifies a secret without revealing it: "sha256:" and
@@ -35,9 +39,23 @@ func SecretFingerprint(secret string) string {
 	return "sha256:" + hex.EncodeToString(sum[:8])
 }
 
-// SecretLookup returns the current secrets of the subscriptions with the
-// given ids (from outboxd_subscription); ids without a row are absent.
-type SecretLookup func(ids []int64) (map[int64][]string, error)
+// Stored is what the subscription table holds now of a subscription's
+// secret material: its URL and secrets.
+type Stored struct {
+	URL     string
+	Secrets []string
+}
+
+// SecretLookup returns the current URL and secrets of the subscriptions with
+// the given ids (from outboxd_subscription); ids without a row are absent.
+type SecretLookup func(ids []int64) (map[int64]Stored, error)
+
+// urlHasCredentials reports whether a URL carries userinfo or a query
+// string (where tokens travel): such a URL is secret material.
+func urlHasCredentials(raw string) bool {
+	u, err := url.Parse(raw)
+	return err != nil || u.User != nil || u.RawQuery != "" || u.Fragment != ""
+}
 
 // TargetName is the name of a subscription's target in logs, metrics, dead
 // letters and parked deliveries.
@@ -97,8 +115,11 @@ type Registry struct {
 }
 
 // NewRegistry returns a registry from a snapshot (nil: empty). The snapshot
-// names secrets by fingerprint only: lookup supplies their values from the
-// subscription table, keeping those whose fingerprint the snapshot lists.
+// names secrets by fingerprint only (and a URL with credentials too): lookup
+// supplies their values from the subscription table, keeping those whose
+// fingerprint the snapshot lists. A URL that changed since the checkpoint is
+// taken as it is now; one whose row is gone stays empty, which makes the
+// subscription unusable (dead letters) rather than sent elsewhere.
 // When none of them is there any more (rotated with --drop-old since the
 // checkpoint) the subscription signs with its current secrets, which its
 // receiver was given at the rotation; when its row is gone (deleted since
@@ -116,11 +137,11 @@ func NewRegistry(snapshot []byte, lookup SecretLookup) (*Registry, error) {
 	}
 	var ids []int64
 	for i := range subs {
-		if len(subs[i].Secrets) == 0 && len(subs[i].SecretFingerprints) > 0 {
+		if len(subs[i].Secrets) == 0 && len(subs[i].SecretFingerprints) > 0 || subs[i].URLFingerprint != "" {
 			ids = append(ids, subs[i].ID)
 		}
 	}
-	var current map[int64][]string
+	var current map[int64]Stored
 	if len(ids) > 0 {
 		if lookup == nil {
 			return nil, errors.New("read routing state: secrets are stored by fingerprint and there is no way to look them up")
@@ -133,9 +154,12 @@ func NewRegistry(snapshot []byte, lookup SecretLookup) (*Registry, error) {
 	for i := range subs {
 		s := &subs[i]
 		if len(s.Secrets) == 0 && len(s.SecretFingerprints) > 0 {
-			s.Secrets = pickSecrets(s.SecretFingerprints, current[s.ID])
+			s.Secrets = pickSecrets(s.SecretFingerprints, current[s.ID].Secrets)
 		}
-		s.SecretFingerprints = nil
+		if s.URLFingerprint != "" {
+			s.URL = current[s.ID].URL // "" when the row is gone: unusable
+		}
+		s.SecretFingerprints, s.URLFingerprint = nil, ""
 		r.subs[s.ID] = s
 	}
 	return r, nil
@@ -160,8 +184,9 @@ func pickSecrets(want, have []string) []string {
 }
 
 // Snapshot returns the registry as JSON, subscriptions sorted by id, with
-// each secret replaced by its fingerprint (the routing state is stored in
-// outboxd_checkpoint, which must not hold tenants' signing keys).
+// each secret, and each URL that carries credentials, replaced by its
+// fingerprint (the routing state is stored in outboxd_checkpoint, which must
+// not hold tenants' signing keys or tokens).
 func (r *Registry) Snapshot() []byte {
 	subs := make([]Subscription, 0, len(r.subs))
 	for _, s := range r.subs {
@@ -171,6 +196,9 @@ func (r *Registry) Snapshot() []byte {
 			c.SecretFingerprints[i] = SecretFingerprint(secret)
 		}
 		c.Secrets = nil
+		if urlHasCredentials(s.URL) {
+			c.URLFingerprint, c.URL = SecretFingerprint(s.URL), ""
+		}
 		subs = append(subs, c)
 	}
 	slices.SortFunc(subs, func(a, b Subscription) int { return int(a.ID - b.ID) })

@@ -351,13 +351,14 @@ func TestRouterSubscriptionWithoutSecretDeadLetters(t *testing.T) {
 	require.Empty(t, st.dead)
 }
 
-// tableSecrets is a SecretLookup over a fixed subscription table.
+// tableSecrets is a SecretLookup over a fixed subscription table of secrets
+// (URLs https://a).
 func tableSecrets(table map[int64][]string) SecretLookup {
-	return func(ids []int64) (map[int64][]string, error) {
-		out := map[int64][]string{}
+	return func(ids []int64) (map[int64]Stored, error) {
+		out := map[int64]Stored{}
 		for _, id := range ids {
 			if s, ok := table[id]; ok {
-				out[id] = s
+				out[id] = Stored{URL: "https://a", Secrets: s}
 			}
 		}
 		return out, nil
@@ -397,6 +398,27 @@ func TestRoutingStateHoldsNoSecret(t *testing.T) {
 	require.Empty(t, again.Get(5).Secrets)
 	require.Error(t, again.Get(5).signingError(), "a subscription without a secret never sends unsigned")
 	require.Empty(t, again.Get(3).SecretFingerprints)
+
+	// A URL with a token is secret material too: by fingerprint, its value
+	// from the table (the current one when it changed); none when the row
+	// is gone.
+	reg, err = NewRegistry(nil, nil)
+	require.NoError(t, err)
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert,
+		Row: subRow("6", "7", "https://u:pw@a/h?token=t0k3n", "{whsec_old}", "{}", "t", "NULL", "2026-01-01", "2026-01-01")})
+	require.NoError(t, err)
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert,
+		Row: subRow("8", "7", "https://a/h?token=t0k3n", "{whsec_old}", "{}", "t", "NULL", "2026-01-01", "2026-01-01")})
+	require.NoError(t, err)
+	snap = reg.Snapshot()
+	require.NotContains(t, string(snap), "t0k3n")
+	require.NotContains(t, string(snap), "pw@")
+	again, err = NewRegistry(snap, func(ids []int64) (map[int64]Stored, error) {
+		return map[int64]Stored{6: {URL: "https://u:pw@a/h?token=t0k3n", Secrets: []string{"whsec_old"}}}, nil
+	})
+	require.NoError(t, err)
+	require.Equal(t, "https://u:pw@a/h?token=t0k3n", again.Get(6).URL)
+	require.Empty(t, again.Get(8).URL, "row gone: no URL to send to")
 
 	old, err := NewRegistry([]byte(`[{"id":9,"organization_id":null,"url":"https://b","secrets":["whsec_plain"],"events":[],"enabled":true}]`), nil)
 	require.NoError(t, err)

@@ -414,7 +414,7 @@ func TestMigrationRemovesSecretsFromRoutingState(t *testing.T) {
 	require.NoError(t, err)
 	b.exec(t, "UPDATE outboxd_schema_version SET version = 5")
 	b.exec(t, `INSERT INTO outboxd_checkpoint (slot_name, lsn, system_identifier, timeline, catchup_pending, routing) VALUES
- ('a', '0/1', 'x', 1, false, '[{"id":3,"organization_id":7,"url":"https://a","secrets":["whsec_new","whsec_old"],"events":["batch_*"],"enabled":true},{"id":4,"organization_id":null,"url":"https://b","secrets":[],"events":[],"enabled":false}]'),
+ ('a', '0/1', 'x', 1, false, '[{"id":3,"organization_id":7,"url":"https://a","secrets":["whsec_new","whsec_old"],"events":["batch_*"],"enabled":true},{"id":4,"organization_id":null,"url":"https://u:pw@b/h?token=t0k3n","secrets":[],"events":[],"enabled":false}]'),
  ('b', '0/1', 'x', 1, false, '[{"id":5,"url":"https://c","secret_fingerprints":["sha256:0011223344556677"],"events":[],"enabled":true}]'),
  ('c', '0/1', 'x', 1, false, NULL)`)
 	_, err = migrations.Migrate(b.ctx, b.conn, migrations.Options{})
@@ -433,6 +433,9 @@ func TestMigrationRemovesSecretsFromRoutingState(t *testing.T) {
 	require.Equal(t, []string{"batch_*"}, got[0].Events)
 	require.True(t, got[0].Enabled)
 	require.Empty(t, got[1].SecretFingerprints)
+	require.NotContains(t, a, "t0k3n")
+	require.Empty(t, got[1].URL)
+	require.Equal(t, deliver.SecretFingerprint("https://u:pw@b/h?token=t0k3n"), got[1].URLFingerprint)
 	require.Contains(t, bb, "sha256:0011223344556677", "a state without secrets is kept")
 	require.Nil(t, c)
 }

@@ -92,6 +92,11 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 			if err != nil {
 				return fmt.Errorf("list subscriptions: %w", err)
 			}
+			for i := range out {
+				// Credentials and tokens in a URL are secrets too: shown
+				// redacted in both forms.
+				out[i].URL = ops.RedactURL(out[i].URL)
+			}
 			if asJSON {
 				return json.NewEncoder(stdout).Encode(out)
 			}
@@ -106,7 +111,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				if events == "" {
 					events = "*"
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%t\t%s\n", r.ID, org, ops.RedactURL(r.URL), events, r.Secrets, r.Enabled, r.DisabledReason)
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%t\t%s\n", r.ID, org, r.URL, events, r.Secrets, r.Enabled, r.DisabledReason)
 			}
 			return tw.Flush()
 		},

@@ -199,7 +199,7 @@ func TestPrivateSubscriptionsNeedTheirOwnAllowance(t *testing.T) {
 // routing state outboxd keeps in outboxd_checkpoint names a subscription's
 // secrets by fingerprint only, and an instance that resumes from it after a
 // kill -9 still signs the subscription's requests with the secret, read from
-// outboxd_subscription.
+// outboxd_subscription (and the URL, whose query carries a token, likewise).
 func TestCheckpointHoldsNoSubscriptionSecret(t *testing.T) {
 	t.Parallel()
 	w := newWorld(t, pgtest.Shared(t))
@@ -208,7 +208,7 @@ func TestCheckpointHoldsNoSubscriptionSecret(t *testing.T) {
 	d := e2e.StartDaemon(t, env)
 	e2e.WaitFor(t, time.Minute, func() bool { return strings.Contains(d.Log(), `"message":"streaming"`) },
 		func() string { return "not streaming" })
-	w.addSubscription(t, sub.URL)
+	w.addSubscription(t, sub.URL+"/hook?token=tenant-tok-123")
 	first := w.insert(t, 5)
 	sub.WaitAccepted(t, first, time.Minute)
 	var routing string
@@ -219,6 +219,7 @@ func TestCheckpointHoldsNoSubscriptionSecret(t *testing.T) {
 	var whole string
 	require.NoError(t, w.pool.QueryRow(context.Background(), `SELECT string_agg(c::text, ' ') FROM outboxd_checkpoint AS c`).Scan(&whole))
 	require.NotContains(t, whole, strings.TrimPrefix(e2e.Secret, "whsec_"), "no signing key in outboxd_checkpoint")
+	require.NotContains(t, whole, "tenant-tok-123", "no URL token in outboxd_checkpoint")
 
 	d.Kill()
 	d = e2e.StartDaemon(t, env)

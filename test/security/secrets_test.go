@@ -107,7 +107,7 @@ func TestNoSecretLeaks(t *testing.T) {
 	hook.User = url.UserPassword(hookUser, hookPass)
 	httpAddr := e2e.FreeAddr(t)
 	env := w.env(hook.String(), map[string]string{
-		"OUTBOXD_LOG_LEVEL":            "debug",
+		"OUTBOXD_LOG_LEVEL":            "trace",
 		"OUTBOXD_HTTP_ADDR":            httpAddr,
 		"OUTBOXD_WEBHOOK_MAX_ATTEMPTS": "3",
 	})
@@ -138,6 +138,16 @@ func TestNoSecretLeaks(t *testing.T) {
 	code, out = e2e.RunCommand(t, withURL("host=127.0.0.1 port=1 user=leaky password="+dsnPass+" dbname=db connect_timeout=2"), "run")
 	require.Equal(t, 1, code, out)
 	add("run with a key/value DSN against a closed port", out)
+
+	// A tenant's subscription with its own secret and a token in its URL,
+	// whose endpoint fails: its deliveries are parked.
+	tenantSecret := "whsec_" + base64.StdEncoding.EncodeToString([]byte("tenant-SECRET-signing-key-0042"))
+	tenantTok := "tenant-SECRET-tok-55"
+	failing := e2e.NewReceiver(t)
+	failing.Respond = func(*e2e.Delivery) int { return http.StatusServiceUnavailable }
+	_, err = w.pool.Exec(ctx, `INSERT INTO outboxd_subscription (organization_id, url, secrets) VALUES (1, $1, $2)`,
+		failing.URL+"/t?token="+tenantTok, []string{tenantSecret})
+	require.NoError(t, err)
 
 	// A run with retries and dead letters whose answers echo secrets.
 	d := e2e.StartDaemon(t, env)
@@ -174,7 +184,8 @@ func TestNoSecretLeaks(t *testing.T) {
 	recv.waitAccepted(t, more)
 	// The operator commands, where this build has them (a missing one is
 	// a usage error: exit 2, "unknown command").
-	for _, args := range [][]string{{"status"}, {"status", "--json"}, {"slot", "status"}, {"dlq", "list"}} {
+	for _, args := range [][]string{{"status"}, {"status", "--json"}, {"slot", "status"}, {"dlq", "list"}, {"dlq", "list", "--json"},
+		{"subscription", "list"}, {"subscription", "list", "--json"}} {
 		code, out = e2e.RunCommand(t, env, args...)
 		cmd := "outboxd " + strings.Join(args, " ")
 		if code == 2 && strings.Contains(out, "unknown command") {
@@ -187,6 +198,17 @@ func TestNoSecretLeaks(t *testing.T) {
 	}
 	require.Equal(t, 0, d.Stop(30*time.Second))
 	add("log of the second run", d.Log())
+
+	// outboxd's own tables, whole rows as text.
+	var parked int
+	require.NoError(t, w.pool.QueryRow(ctx, `SELECT count(*) FROM outboxd_parked`).Scan(&parked))
+	require.Positive(t, parked, "the failing subscription's deliveries are parked")
+	for _, table := range []string{"outboxd_checkpoint", "outboxd_parked", "outboxd_dead_letter"} {
+		var text string
+		require.NoError(t, w.pool.QueryRow(ctx, `SELECT coalesce(string_agg(t::text, E'\n'), '') FROM `+table+` AS t`).Scan(&text))
+		require.NotEmpty(t, text, table)
+		add("table "+table, text)
+	}
 
 	rows, err := w.pool.Query(ctx, `SELECT last_error FROM outboxd_dead_letter`)
 	require.NoError(t, err)
@@ -207,6 +229,9 @@ func TestNoSecretLeaks(t *testing.T) {
 		"webhook password":    hookPass,
 		"webhook basic auth":  base64.StdEncoding.EncodeToString([]byte(hookUser + ":" + hookPass)),
 		"webhook query token": queryTok,
+		"tenant secret":       tenantSecret,
+		"tenant secret key":   strings.TrimPrefix(tenantSecret, "whsec_"),
+		"tenant URL token":    tenantTok,
 	}
 	recv.mu.Lock()
 	for i, sig := range recv.signatures {

@@ -19,8 +19,13 @@
 //     role cannot repoint a subscription or change its secrets or globs, yet
 //     disables one that answered 410; `status` warns that the server accepts
 //     physical replication from the role, and names a superuser.
+//   - TestNoSecretLeaks also scans, at log level trace, `subscription list`
+//     (text and --json), `dlq list --json` and outboxd_checkpoint,
+//     outboxd_parked and outboxd_dead_letter row by row, with a tenant
+//     subscription (own secret, token in its URL) whose deliveries park.
 //   - TestCheckpointHoldsNoSubscriptionSecret: the routing state in
-//     outboxd_checkpoint names a subscription's secrets by fingerprint only;
+//     outboxd_checkpoint names a subscription's secrets (and a URL with a
+//     token) by fingerprint only;
 //     after a kill -9 the next instance still signs with the secret, read
 //     from outboxd_subscription.
 //   - TestSecretsStayOffCommandLines (cmdline_test.go): subscription add,
