@@ -378,7 +378,7 @@ func newRouter(ctx, loadCtx context.Context, cfg Config, store *checkpoint.Store
 			}
 			return out, err
 		},
-		OnGone:  func(target string) { disableGone(ctx, pool, cfg, target, dlog) },
+		OnGone: func(target string) { disableGone(ctx, pool, cfg, target, dlog) },
 	}, tracker, dlog)
 }
 
