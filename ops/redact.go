@@ -52,11 +52,21 @@ func isSecretParam(k string) bool {
 	return k == "password" || k == "sslpassword"
 }
 
-// RedactURL hides the password of a URL's userinfo and every query value
-// (tokens often travel there). It returns Redacted for what it cannot parse.
+// RedactURL hides the password of a URL's userinfo, a userinfo without a
+// password (a token, as NATS takes it: nats://token@host), and every query
+// value (tokens often travel there). A comma-separated list of URLs (a NATS
+// server list) is redacted URL by URL. It returns Redacted for what it
+// cannot parse.
 func RedactURL(raw string) string {
 	if raw == "" {
 		return ""
+	}
+	if strings.Contains(raw, ",") && strings.Count(raw, "://") > 1 {
+		parts := strings.Split(raw, ",")
+		for i, p := range parts {
+			parts[i] = RedactURL(strings.TrimSpace(p))
+		}
+		return strings.Join(parts, ",")
 	}
 	u, err := url.Parse(raw)
 	if err != nil {
@@ -65,6 +75,8 @@ func RedactURL(raw string) string {
 	if u.User != nil {
 		if _, has := u.User.Password(); has {
 			u.User = url.UserPassword(u.User.Username(), Redacted)
+		} else {
+			u.User = url.User(Redacted)
 		}
 	}
 	if u.RawQuery != "" {
@@ -77,5 +89,6 @@ func RedactURL(raw string) string {
 	u.Fragment = ""
 	s := u.String()
 	s = strings.Replace(s, ":"+url.QueryEscape(Redacted)+"@", ":"+Redacted+"@", 1)
+	s = strings.Replace(s, "//"+url.QueryEscape(Redacted)+"@", "//"+Redacted+"@", 1)
 	return strings.ReplaceAll(s, "="+url.QueryEscape(Redacted), "="+Redacted)
 }

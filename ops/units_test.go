@@ -34,8 +34,15 @@ func TestRedactURL(t *testing.T) {
 		"https://user:pw@hooks.example.com/in?token=abc#x": "https://user:***@hooks.example.com/in?token=***",
 		"https://hooks.example.com/in?a=1&b=2":             "https://hooks.example.com/in?a=***&b=***",
 		"http://[::1":                                      Redacted,
+		// NATS: a token as the userinfo; a server list, every password.
+		"nats://s3cr3tT0ken@nats.example:4222":                           "nats://***@nats.example:4222",
+		"nats://a:pw1@n1:4222,nats://b:pw2@n2:4222,nats://c:pw3@n3:4222": "nats://a:***@n1:4222,nats://b:***@n2:4222,nats://c:***@n3:4222",
 	} {
-		require.Equal(t, want, RedactURL(in), in)
+		got := RedactURL(in)
+		require.Equal(t, want, got, in)
+		for _, secret := range []string{"s3cr3tT0ken", "pw1", "pw2", "pw3", "token=abc"} {
+			require.NotContains(t, got, secret, in)
+		}
 	}
 }
 

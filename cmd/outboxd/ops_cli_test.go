@@ -398,4 +398,14 @@ func TestEffectiveConfigRedactsSecrets(t *testing.T) {
 	require.Equal(t, "***", cfg["OUTBOXD_WEBHOOK_SECRET"])
 	require.Equal(t, "public.domain_event", cfg["OUTBOXD_TABLE"])
 	require.Equal(t, "organization", cfg["OUTBOXD_ORDERING_KEY"], "not a secret")
+
+	// NATS: a token URL and a server list with a password in each URL.
+	for _, nurl := range []string{"nats://hunter2tok@nats.example:4222", "nats://a:hunter2a@n1:4222,nats://b:hunter2b@n2:4222"} {
+		env := map[string]string{"OUTBOXD_SINK": "nats", "OUTBOXD_NATS_URL": nurl, "OUTBOXD_NATS_STREAM": "EVENTS"}
+		c, _, err := loadConfig(env)
+		require.NoError(t, err)
+		got := effectiveConfig(c, env)["OUTBOXD_NATS_URL"]
+		require.NotContains(t, got, "hunter2", nurl)
+		require.Contains(t, got, "***", nurl)
+	}
 }
