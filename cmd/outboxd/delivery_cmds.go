@@ -393,6 +393,9 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 				return err
 			}
 			if asJSON {
+				if out == nil {
+					out = []deadLetter{} // [] for no match, not null
+				}
 				return json.NewEncoder(stdout).Encode(out)
 			}
 			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)

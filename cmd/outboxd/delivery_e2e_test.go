@@ -394,7 +394,11 @@ func TestDeadLetterListRetryPurge(t *testing.T) {
 			return n == 3
 		}, func() string { return "not dead-lettered" })
 
-		code, out := e2e.RunCommand(t, b.env, "dlq", "list", "--json")
+		// No match: an empty JSON array, not null.
+		code, out := e2e.RunCommand(t, b.env, "dlq", "list", "--json", "--target", "no-such-target")
+		require.Equal(t, 0, code, out)
+		require.Equal(t, "[]", strings.TrimSpace(out))
+		code, out = e2e.RunCommand(t, b.env, "dlq", "list", "--json")
 		require.Equal(t, 0, code, out)
 		var listed []struct {
 			EventID int64  `json:"event_id"`

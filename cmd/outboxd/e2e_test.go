@@ -448,6 +448,7 @@ func TestBadConfigurationExits2NamingTheVariable(t *testing.T) {
 		{"bad log level", "OUTBOXD_LOG_LEVEL", "loud", "OUTBOXD_LOG_LEVEL"},
 		{"missing webhook", "OUTBOXD_WEBHOOK_URL", "", "OUTBOXD_WEBHOOK_URL"},
 		{"bad url", "OUTBOXD_DATABASE_URL", "postgres://u:hunter2@[::1", "OUTBOXD_DATABASE_URL"},
+		{"zero backoff", "OUTBOXD_WEBHOOK_BACKOFF_MAX", "0s", "OUTBOXD_WEBHOOK_BACKOFF_MAX"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -471,6 +472,16 @@ func TestBadConfigurationExits2NamingTheVariable(t *testing.T) {
 			require.NotContains(t, stderr.String(), "hunter3")
 		})
 	}
+
+	// A maximum backoff below the default first backoff is a valid setting
+	// (the first backoff follows it), not an error blamed on the URL.
+	var stdout, stderr strings.Builder
+	environ := []string{"OUTBOXD_DATABASE_URL=postgres://u:hunter2@127.0.0.1:1/db?connect_timeout=2", "OUTBOXD_WEBHOOK_URL=https://example.com/hook",
+		"OUTBOXD_WEBHOOK_SECRET=" + e2e.Secret, "OUTBOXD_WEBHOOK_BACKOFF_MAX=100ms", "OUTBOXD_HTTP_ADDR="}
+	err := run(context.Background(), []string{"run"}, nil, environ, &stdout, &stderr)
+	require.Error(t, err)
+	require.Equal(t, 1, exitCode(err, &stderr), stderr.String())
+	require.NotContains(t, stderr.String(), "OUTBOXD_WEBHOOK_URL", "the database is what fails here")
 }
 
 func TestUnknownCommandIsUsageError(t *testing.T) {

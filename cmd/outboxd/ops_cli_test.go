@@ -409,3 +409,24 @@ func TestEffectiveConfigRedactsSecrets(t *testing.T) {
 		require.Contains(t, got, "***", nurl)
 	}
 }
+
+// status --json gives JSON also when the database cannot be reached: ok
+// false and the error, exit 1; nothing of the password.
+func TestStatusJSONWhenTheDatabaseIsDown(t *testing.T) {
+	t.Parallel()
+	env := map[string]string{
+		"OUTBOXD_DATABASE_URL":   "postgres://u:" + opsPassword + "@" + e2e.FreeAddr(t) + "/db?connect_timeout=2",
+		"OUTBOXD_WEBHOOK_URL":    "https://example.com/hook",
+		"OUTBOXD_WEBHOOK_SECRET": e2e.Secret,
+	}
+	code, out, errOut := opsRun(t, env, "status", "--json")
+	require.Equal(t, 1, code, errOut)
+	var st struct {
+		OK    *bool  `json:"ok"`
+		Error string `json:"error"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &st), out)
+	require.NotNil(t, st.OK)
+	require.False(t, *st.OK)
+	require.Contains(t, st.Error, "connect")
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -82,7 +83,23 @@ table's inserts.`,
 	return cmd
 }
 
-func runStatus(cmd *cobra.Command, envMap map[string]string, stdout, stderr io.Writer, f *statusFlags, opts ops.StatusOptions) error {
+func runStatus(cmd *cobra.Command, envMap map[string]string, stdout, stderr io.Writer, f *statusFlags, opts ops.StatusOptions) (err error) {
+	if f.json {
+		// A script reading --json gets JSON also when the status cannot be
+		// read (the database down, say): ok false and the error, which
+		// carries no secret (the same text goes to stderr).
+		defer func() {
+			var usage usageError
+			var cfgErr configError
+			var attention attentionError
+			if err == nil || errors.As(err, &usage) || errors.As(err, &cfgErr) || errors.As(err, &attention) {
+				return
+			}
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			_ = enc.Encode(map[string]any{"ok": false, "error": err.Error(), "problems": []string{err.Error()}})
+		}()
+	}
 	ctx := cmd.Context()
 	env, err := openOps(ctx, envMap, stderr, slotOverride(cmd, &f.slot))
 	if err != nil {
