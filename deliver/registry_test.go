@@ -425,3 +425,29 @@ func TestRoutingStateHoldsNoSecret(t *testing.T) {
 	require.Equal(t, []string{"whsec_plain"}, old.Get(9).Secrets, "a state from before migration 6")
 	require.NotContains(t, string(old.Snapshot()), "whsec_plain", "rewritten without it")
 }
+
+// A subscription with deliveries parked in the table that the router learns
+// of only through a change (the catch-up after a slot reset seeds the
+// registry that way, and skips parked rows) gets its target at once, so the
+// retrier sees it among the live targets. Found by the soak: after a reset,
+// 41,012 parked deliveries of a subscription were never retried.
+func TestRouterStartsTargetsWithParkedDeliveriesOnChange(t *testing.T) {
+	t.Parallel()
+	cfg := Config{Concurrency: 1}
+	require.NoError(t, cfg.Validate())
+	subs := &recordingSinks{got: map[int64][]int64{}, secrets: map[int64][]string{}}
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{}, Subscription: subs.build,
+		Parked: map[string]map[uint64]int{"subscription:3": {15: 2}}}, newSettler(8), zerolog.Nop())
+	require.NoError(t, err)
+	in := make(chan *decode.Event, 4)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(context.Background(), in) }()
+	require.NotContains(t, r.LiveTargets(), "subscription:3")
+	in <- change(decode.KindIgnored, nil) // the catch-up's reset of the registry
+	in <- change(decode.KindInsert, subRow("3", "7", "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"))
+	in <- change(decode.KindInsert, subRow("4", "7", "https://b", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"))
+	close(in)
+	require.NoError(t, <-done)
+	require.Contains(t, r.LiveTargets(), "subscription:3", "its parked deliveries are reachable")
+	require.NotContains(t, r.LiveTargets(), "subscription:4", "nothing parked, no event: not started")
+}

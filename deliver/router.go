@@ -278,6 +278,16 @@ func (r *Router) change(start func(string, sink.Sink, *Subscription) *target, e 
 			}
 		}
 		r.log.Info().Str("target", s.TargetName()).Bool("enabled", s.Enabled).Msg("subscription changed")
+		if _, parked := r.cfg.Parked[s.TargetName()]; t == nil && parked {
+			// A subscription the registry learns only now (a catch-up
+			// seeds the registry after a slot reset) with deliveries
+			// parked in the table: the retrier reaches them through its
+			// target, which no event may ever start (the catch-up skips
+			// parked rows; the tenant may be quiet).
+			if _, err := r.startSubscription(start, s); err != nil {
+				return err
+			}
+		}
 	}
 	return r.settler.Settle(e.TxnSeq, checkpoint.Settlement{State: r.reg.Snapshot()})
 }

@@ -164,3 +164,34 @@ SELECT 'subscription:999999', g, g, '0/0', 0, now() - interval '1 hour', 'gone' 
 		require.Equal(t, -ids[1], key)
 	})
 }
+
+// G1: deliveries parked for a subscription are retried after a slot reset
+// even when no new event is routed to it. The catch-up seeds the routing
+// state (the reset cleared it) and skips parked rows; the subscription's
+// target used to start only for a routed event, so the retrier never saw
+// its parks. Found by the soak (41,012 parked deliveries stuck).
+func TestParkedSubscriptionDeliveriesResumeAfterSlotReset(t *testing.T) {
+	t.Parallel()
+	b := newBundle(t, pgtest.Shared(t), map[string]string{
+		"OUTBOXD_WEBHOOK_MAX_ATTEMPTS": "1",
+		"OUTBOXD_RETRY_SCHEDULE":       strings.TrimSuffix(strings.Repeat("300ms,", 300), ","),
+	})
+	tenant := e2e.NewReceiver(t)
+	up := refuseUntilUp(tenant, 0)
+	addSubscription(t, b.pool, org(1), tenant.URL, nil, nil)
+	d := e2e.StartDaemon(t, b.env)
+	waitStreaming(t, d)
+	ids := e2e.Insert(t, b.pool, 3, 2, one)
+	b.recv.WaitAccepted(t, ids, time.Minute)
+	waitParked(t, b, len(ids))
+	require.Equal(t, 0, d.Stop(30*time.Second))
+
+	code, out := e2e.RunCommand(t, b.env, "slot", "reset", "--yes")
+	require.Equal(t, 0, code, out)
+	up.Store(true)
+	d = e2e.StartDaemon(t, b.env)
+	waitStreaming(t, d)
+	tenant.WaitAccepted(t, ids, time.Minute) // no new event: the retrier alone
+	b.waitProcessed(t, int64(len(ids)), time.Minute)
+	require.Equal(t, 0, d.Stop(30*time.Second))
+}
