@@ -287,7 +287,10 @@ func newSecret() string {
 type dlqFilter struct {
 	target, events, since, until string
 	subscription, org            int64
+	eventIDs                     []int64
 	limit                        int
+	// more is set by find: how many matched beyond limit.
+	more int
 }
 
 func (f *dlqFilter) flags(cmd *cobra.Command) {
@@ -295,22 +298,20 @@ func (f *dlqFilter) flags(cmd *cobra.Command) {
 	cmd.Flags().Int64Var(&f.subscription, "subscription", 0, "subscription id")
 	cmd.Flags().StringVar(&f.events, "event", "", "comma list of event-name globs")
 	cmd.Flags().Int64Var(&f.org, "organization", 0, "organization id")
-	cmd.Flags().StringVar(&f.since, "since", "", "dead since (RFC 3339, or a duration such as 24h meaning that long ago)")
-	cmd.Flags().StringVar(&f.until, "until", "", "dead until (RFC 3339 or a duration ago)")
-	cmd.Flags().IntVar(&f.limit, "limit", 1000, "at most this many")
+	cmd.Flags().Int64SliceVar(&f.eventIDs, "event-id", nil, "event id(s), comma-separated or repeated")
+	cmd.Flags().StringVar(&f.since, "since", "", "dead since (RFC 3339, a date, or a duration back from now: 24h, 7d)")
+	cmd.Flags().StringVar(&f.until, "until", "", "dead until (same forms as --since)")
+	cmd.Flags().IntVar(&f.limit, "limit", 0, "at most this many (0: all); how many more match is printed")
 }
 
+// parseWhen reads --since/--until as replay does (ops.ParseTime).
 func parseWhen(s string) (*time.Time, error) {
 	if s == "" {
 		return nil, nil
 	}
-	if d, err := time.ParseDuration(s); err == nil {
-		t := time.Now().Add(-d)
-		return &t, nil
-	}
-	t, err := time.Parse(time.RFC3339, s)
+	t, err := ops.ParseTime(s, time.Now())
 	if err != nil {
-		return nil, fmt.Errorf("%q is neither RFC 3339 nor a duration", s)
+		return nil, err
 	}
 	return &t, nil
 }
@@ -356,7 +357,8 @@ func (f *dlqFilter) find(cmd *cobra.Command, s *dbSession) ([]deadLetter, error)
 FROM `+s.dead+` AS d LEFT JOIN `+s.table+` AS e ON e.id = d.event_id
 WHERE ($1 = '' OR d.sink = $1) AND ($2::bigint IS NULL OR e.organization_id = $2)
   AND ($3::timestamptz IS NULL OR d.dead_at >= $3) AND ($4::timestamptz IS NULL OR d.dead_at < $4)
-ORDER BY d.id`, target, org, since, until)
+  AND (coalesce(cardinality($5::bigint[]), 0) = 0 OR d.event_id = ANY($5))
+ORDER BY d.id`, target, org, since, until, f.eventIDs)
 	if err != nil {
 		return nil, fmt.Errorf("list dead letters: %w", err)
 	}
@@ -364,7 +366,11 @@ ORDER BY d.id`, target, org, since, until)
 	if err != nil {
 		return nil, fmt.Errorf("list dead letters: %w", err)
 	}
+	if f.limit < 0 {
+		return nil, usageError{fmt.Errorf("--limit must not be negative")}
+	}
 	var out []deadLetter
+	f.more = 0
 	for _, d := range all {
 		name := ""
 		if d.EventName != nil {
@@ -373,8 +379,9 @@ ORDER BY d.id`, target, org, since, until)
 		if len(globs) > 0 && !deliver.MatchGlobs(globs, name) {
 			continue
 		}
-		if len(out) == f.limit {
-			break
+		if f.limit > 0 && len(out) == f.limit {
+			f.more++
+			continue
 		}
 		out = append(out, d)
 	}
@@ -396,6 +403,7 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 				if out == nil {
 					out = []deadLetter{} // [] for no match, not null
 				}
+				moreMatch(stderr, lf.more)
 				return json.NewEncoder(stdout).Encode(out)
 			}
 			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
@@ -405,7 +413,11 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 					int32OrDash(d.Status), d.Attempts, d.DeadAt.UTC().Format(time.RFC3339), clip(d.Error, 80))
 			}
 			fmt.Fprintf(tw, "%d dead letter(s)\n", len(out))
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			moreMatch(stderr, lf.more)
+			return nil
 		},
 	}
 	lf.flags(list)
@@ -480,6 +492,7 @@ func dlqAction(envMap map[string]string, stdout, stderr io.Writer, verb, short s
 			_, err := findDead(cmd, envMap, stderr, &f, func(ctx context.Context, s *dbSession, out []deadLetter) error {
 				if dry {
 					fmt.Fprintf(stdout, "would %s %d dead letter(s)\n", verb, len(out))
+					moreMatch(stderr, f.more)
 					return nil
 				}
 				ids := make([]int64, len(out))
@@ -491,6 +504,7 @@ func dlqAction(envMap map[string]string, stdout, stderr io.Writer, verb, short s
 					return fmt.Errorf("%s dead letters: %w", verb, err)
 				}
 				fmt.Fprintf(stdout, done, n)
+				moreMatch(stderr, f.more)
 				return nil
 			})
 			return err
@@ -502,6 +516,13 @@ func dlqAction(envMap map[string]string, stdout, stderr io.Writer, verb, short s
 		cmd.Flags().BoolVar(&yes, "yes", false, "confirm")
 	}
 	return cmd
+}
+
+// moreMatch says how many dead letters matched beyond --limit.
+func moreMatch(w io.Writer, more int) {
+	if more > 0 {
+		fmt.Fprintf(w, "%d more dead letter(s) match beyond --limit\n", more)
+	}
 }
 
 func orEmpty(s *string) string {

@@ -457,3 +457,48 @@ func TestDefaultWebhookEventFilter(t *testing.T) {
 		require.Equal(t, 0, d.Stop(30*time.Second))
 	})
 }
+
+// dlq list, retry and purge act on every match by default (they used to stop
+// at 1,000 without a word); --limit says how many more match; --event-id
+// selects by event; --since takes days (7d) as replay does.
+func TestDeadLetterCommandsHaveNoSilentLimit(t *testing.T) {
+	t.Parallel()
+	b := newBundle(t, pgtest.Shared(t), nil)
+	ctx := context.Background()
+	// 1,200 dead letters written as outboxd writes them (no daemon needed).
+	ids := e2e.Insert(t, b.pool, 1, 1200, func(int) int64 { return 7 })
+	_, err := b.pool.Exec(ctx, `INSERT INTO outboxd_dead_letter (event_id, sink, last_status, last_error, attempts)
+SELECT unnest($1::bigint[]), 'webhook', 400, 'bad request', 1`, ids)
+	require.NoError(t, err)
+	_, err = b.pool.Exec(ctx, `UPDATE outboxd_dead_letter SET dead_at = now() - interval '10 days' WHERE event_id = $1`, ids[0])
+	require.NoError(t, err)
+
+	count := func(args ...string) (int, string) {
+		code, out := e2e.RunCommand(t, b.env, append([]string{"dlq", "list", "--json"}, args...)...)
+		require.Equal(t, 0, code, out)
+		var listed []struct {
+			EventID int64 `json:"event_id"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(out[strings.Index(out, "["):]), &listed), out)
+		return len(listed), out
+	}
+	n, _ := count()
+	require.Equal(t, 1200, n, "every match, no silent cap")
+	n, out := count("--limit", "1000")
+	require.Equal(t, 1000, n)
+	require.Contains(t, out, "200 more dead letter(s) match beyond --limit")
+	n, _ = count("--event-id", fmt.Sprintf("%d,%d", ids[5], ids[6]))
+	require.Equal(t, 2, n)
+	n, _ = count("--since", "7d")
+	require.Equal(t, 1199, n, "the one dead 10 days ago is older than 7d")
+	n, _ = count("--until", "7d")
+	require.Equal(t, 1, n)
+
+	code, out := e2e.RunCommand(t, b.env, "dlq", "purge", "--dry-run", "--limit", "100")
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "would purge 100 dead letter(s)")
+	require.Contains(t, out, "1100 more dead letter(s) match beyond --limit")
+	code, out = e2e.RunCommand(t, b.env, "dlq", "purge", "--yes")
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "1200 dead letter(s) purged")
+}
