@@ -173,6 +173,13 @@ func ConnectionLost(err error) bool {
 	return dropped || errors.As(err, &netErr)
 }
 
+// ErrReset ends a session whose slot and checkpoint an operator removed
+// (`outboxd slot reset --force` does so when it terminates a running
+// instance): what this instance holds belongs to a stream that is over. The
+// caller drops it and starts again as on a first start: slot creation and a
+// catch-up of every unprocessed row from the table.
+var ErrReset = errors.New("slot reset by an operator")
+
 // ErrTakenOver ends a session whose slot another instance took while this one
 // was disconnected: the other acts now (G9). What this instance still holds
 // is past the checkpoint, so the new holder delivers it; the caller drops it
@@ -292,7 +299,7 @@ func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgc
 		if ctx.Err() != nil {
 			return nil
 		}
-		if errors.Is(err, ErrIrreconcilable) || errors.Is(err, errFatal) || errors.Is(err, ErrSlotLost) || errors.Is(err, ErrCatchupInterrupted) || errors.Is(err, ErrTakenOver) {
+		if errors.Is(err, ErrIrreconcilable) || errors.Is(err, errFatal) || errors.Is(err, ErrSlotLost) || errors.Is(err, ErrCatchupInterrupted) || errors.Is(err, ErrTakenOver) || errors.Is(err, ErrReset) {
 			return err
 		}
 		if *connp != nil {
@@ -436,6 +443,11 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		}
 		switch {
 		case slot == nil:
+			if _, err := r.store.Load(ctx); errors.Is(err, checkpoint.ErrNoCheckpoint) {
+				// Slot and checkpoint both gone: `outboxd slot reset
+				// --force` terminated us and left a first start behind.
+				return false, fmt.Errorf("%w: slot %q and its checkpoint were removed (outboxd slot reset --force)", ErrReset, r.cfg.Slot)
+			}
 			return false, r.slotLost("disappeared")
 		case slot.walStatus == "lost":
 			return false, r.slotLost("was invalidated (wal_status lost)")

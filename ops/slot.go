@@ -475,8 +475,9 @@ func (c *Client) stepNextRun(res *SlotResult) {
 //
 // When Force had to terminate the process streaming from the slot, the slot
 // is left dropped and the checkpoint deleted instead, so that the running
-// instance stops rather than stream from a new slot without a catch-up; its
-// next start catches up as a first start does.
+// instance never streams from a new slot without a catch-up: finding both
+// gone when it reconnects (cdc.ErrReset), it drops what it held and starts
+// over as a first start does, catching up from the table.
 func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, error) {
 	opts.defaults()
 	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
@@ -511,7 +512,7 @@ func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, 
 			if hadCP {
 				res.step("delete the checkpoint of slot %q", c.t.Slot)
 			}
-			res.step("drop slot %q and leave it dropped, so that the terminated instance stops; its next start creates the slot and reads %d unprocessed rows from the table", c.t.Slot, pending)
+			res.step("drop slot %q and leave it dropped, so that the terminated instance starts over: it (or a standby) creates the slot and reads %d unprocessed rows from the table", c.t.Slot, pending)
 			return res, nil
 		}
 		if hadCP {
@@ -533,9 +534,9 @@ func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, 
 	// lock) with its state in memory: given a new slot it would stream from
 	// it without the catch-up, leaving the rows committed in between
 	// undelivered until its next restart. So when we had to terminate one,
-	// reset leaves no slot and no checkpoint: that instance finds its slot
-	// gone and exits, and the next start (or a standby) creates the slot and
-	// catches up, as on a first start.
+	// reset leaves no slot and no checkpoint: that instance finds both gone
+	// (cdc.ErrReset), drops its state and starts over, creating the slot and
+	// catching up as on a first start (or waits, if a standby did first).
 	var changed, forget bool
 	err = c.released(ctx, opts, res, func(ctx context.Context) error {
 		var err error
@@ -550,7 +551,7 @@ func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, 
 		if changed {
 			res.step("deleted the checkpoint of slot %q", c.t.Slot)
 		}
-		res.step("dropped slot %q and left it dropped: the terminated instance stops when it reconnects; restart outboxd and it creates the slot and catches up", c.t.Slot)
+		res.step("dropped slot %q and left it dropped: the terminated instance starts over when it reconnects (or a standby does): it creates the slot and catches up", c.t.Slot)
 		res.step("%d unprocessed rows will be read again from the table", pending)
 		return res, nil
 	}

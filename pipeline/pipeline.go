@@ -283,7 +283,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 		// its error is kept apart: it is the cause, and must not be hidden by
 		// a failure of that final flush which it brought about.
 		readerErr = reader.Run(readCtx, raw, drained)
-		if errors.Is(readerErr, cdc.ErrTakenOver) {
+		if errors.Is(readerErr, cdc.ErrTakenOver) || errors.Is(readerErr, cdc.ErrReset) {
 			// Another instance holds the slot and acts now (G9): what this
 			// one still holds is past the checkpoint and is the new holder's
 			// to deliver. Stop at once instead of draining.

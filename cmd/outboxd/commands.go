@@ -125,6 +125,13 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 					again, wait = true, 100*time.Millisecond
 					continue
 				}
+				if errors.Is(err, cdc.ErrReset) && ctx.Err() == nil {
+					// An operator's forced slot reset: start over as a first
+					// start (a standby may create the slot first; then this
+					// instance waits).
+					log.Warn().Err(err).Msg("slot reset by an operator; starting over with a catch-up from the table")
+					continue
+				}
 				if errors.Is(err, cdc.ErrTakenOver) && ctx.Err() == nil {
 					// Cut off long enough for a standby to take the slot:
 					// this instance dropped what it held (the new holder

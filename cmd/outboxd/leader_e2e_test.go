@@ -114,3 +114,31 @@ func waitStreamingAgain(t *testing.T, d *e2e.Daemon) {
 	e2e.WaitFor(t, time.Minute, func() bool { return strings.Contains(d.Log(), `"message":"streaming"`) },
 		func() string { return "the standby did not take over" })
 }
+
+// A forced slot reset under a running instance (the reset leaves neither
+// slot nor checkpoint, so that the instance cannot stream from a new slot
+// without a catch-up) makes that instance start over as on a first start:
+// it creates the slot, catches up from the table and streams, without a
+// restart. It used to exit 1 asking for another `slot reset`.
+func TestForcedSlotResetUnderARunningInstanceStartsOver(t *testing.T) {
+	t.Parallel()
+	b := newBundle(t, pgtest.Shared(t), nil)
+	d := e2e.StartDaemon(t, b.env)
+	waitStreaming(t, d)
+	before := e2e.Insert(t, b.pool, 2, 5, func(i int) int64 { return int64(i % 3) })
+	b.recv.WaitAccepted(t, before, time.Minute)
+
+	code, out := e2e.RunCommand(t, b.env, "slot", "reset", "--yes", "--force")
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "terminated process")
+	e2e.WaitFor(t, time.Minute, func() bool {
+		return strings.Count(d.Log(), `"message":"streaming"`) >= 2
+	}, func() string { return "the instance did not start over; log:\n" + d.Log() })
+	require.Contains(t, d.Log(), "slot reset by an operator; starting over with a catch-up from the table")
+	require.False(t, d.Exited(), "no exit")
+
+	after := e2e.Insert(t, b.pool, 2, 5, func(i int) int64 { return int64(i % 3) })
+	b.recv.WaitAccepted(t, append(append([]int64(nil), before...), after...), time.Minute)
+	b.waitProcessed(t, int64(len(before)+len(after)), time.Minute)
+	require.Equal(t, 0, d.Stop(30*time.Second), d.Log())
+}

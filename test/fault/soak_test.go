@@ -632,9 +632,10 @@ func (s *soak) checkExits() {
 		ok := s.expectedExit[d]
 		// The instance that held the slot at a reset may have been between
 		// two sessions (a cut, a Postgres restart): it stops when it finds
-		// the slot gone or confirmed beyond its own position, by design
-		// (the reset's documented effect), whichever instance the log-based
-		// guess took for the leader.
+		// the slot gone while its checkpoint is back (recreated by a
+		// standby meanwhile) or confirmed beyond its own position, by
+		// design (the reset's documented effect), whichever instance the
+		// log-based guess took for the leader.
 		ok = ok || len(s.resets) > 0 && (strings.Contains(d.Log(), "disappeared while streaming") ||
 			strings.Contains(d.Log(), "it was reset or advanced by someone else"))
 		s.mu.Unlock()
