@@ -828,6 +828,9 @@ func (s *soak) verify() {
 	judge := func(name string, recv *Receiver, required []int64, allowed func(id int64) bool, mustHaveBy func(id int64) bool) {
 		ds := recv.Deliveries()
 		c := check(required, rows, ds)
+		if c.OutOfOrder > 0 {
+			s.explainOrder(name, rows, ds)
+		}
 		res := targetResult{name: name, required: len(required), received: c.Delivered, lost: c.Lost,
 			duplicates: c.Duplicates, outOfOrder: c.OutOfOrder, unsigned: c.BadSig, badID: c.BadID}
 		accepted := map[int64][]time.Time{}
@@ -1022,4 +1025,43 @@ func (s *soak) opCounts() string {
 // killed reports whether the test ended the process (kill or stop).
 func (d *daemon) killed() bool {
 	return d.ended.Load()
+}
+
+// explainOrder logs, for the first few pairs of one organization received
+// out of commit order by a target, each event's commit position and commit
+// time, every copy it got (time, status, attempt) and when it was seen
+// processed, with the operations around: what tells a routing or parking
+// defect from a judge's mistake.
+func (s *soak) explainOrder(name string, rows []Row, ds []Delivery) {
+	first := map[int64]int{}
+	copies := map[int64][]string{}
+	for i, d := range ds {
+		for _, id := range d.IDs {
+			copies[id] = append(copies[id], fmt.Sprintf("%s/%d/a%d", d.At.Format("15:04:05.000"), d.Status, d.Attempt))
+			if _, ok := first[id]; !ok && d.Accepted() {
+				first[id] = i
+			}
+		}
+	}
+	last := map[int64]Row{} // per organization, the latest row in commit order received so far
+	lastPos := map[int64]int{}
+	shown := 0
+	for i, r := range rows {
+		p, ok := first[r.ID]
+		if !ok {
+			continue
+		}
+		if prev, seen := last[r.Org]; seen && first[prev.ID] > p && shown < 5 {
+			shown++
+			s.t.Logf("%s: org %d: event %d (commit #%d at %s, %s) received before event %d (commit #%d at %s, %s); copies of %d: %v; of %d: %v; seen processed %s / %s",
+				name, r.Org, r.ID, i, r.At.Format("15:04:05.000"), r.Name, prev.ID, lastPos[r.Org], prev.At.Format("15:04:05.000"), prev.Name,
+				prev.ID, copies[prev.ID], r.ID, copies[r.ID], s.seen[prev.ID].Format("15:04:05.000"), s.seen[r.ID].Format("15:04:05.000"))
+		}
+		if prev, seen := last[r.Org]; !seen || first[prev.ID] < p {
+			last[r.Org], lastPos[r.Org] = r, i
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.t.Logf("operations of the run:\n%s", strings.Join(s.oplog, "\n"))
 }
