@@ -295,8 +295,15 @@ func TestKafkaBrokerAnswersClassified(t *testing.T) {
 			cfg := fastKafka(c, "events")
 			cfg.MaxAttempts = 2
 			// REQUEST_TIMED_OUT leaves the client unsure whether the
-			// broker wrote the batch: it re-sends until the attempt ends.
+			// broker wrote the batch: it re-sends until the attempt ends,
+			// so a retryable answer needs a short attempt. A permanent one
+			// ends the attempt at once: a generous timeout keeps a loaded
+			// machine from timing the attempt out before the answer is read
+			// (seen once: 2 attempts for MESSAGE_TOO_LARGE).
 			cfg.Timeout = 300 * time.Millisecond
+			if tt.permanent {
+				cfg.Timeout = 10 * time.Second
+			}
 			k := newKafka(t, cfg)
 			out := k.Deliver(t.Context(), []*decode.Event{kafkaEvent(1, "batch_started", 1, "a")})
 			require.Error(t, out[0].Err)
