@@ -443,10 +443,15 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		}
 		switch {
 		case slot == nil:
-			if _, err := r.store.Load(ctx); errors.Is(err, checkpoint.ErrNoCheckpoint) {
+			switch _, err := r.store.Load(ctx); {
+			case errors.Is(err, checkpoint.ErrNoCheckpoint):
 				// Slot and checkpoint both gone: `outboxd slot reset
 				// --force` terminated us and left a first start behind.
 				return false, fmt.Errorf("%w: slot %q and its checkpoint were removed (outboxd slot reset --force)", ErrReset, r.cfg.Slot)
+			case err != nil:
+				// Which of the two it is cannot be told yet: a
+				// connection lost here is retried like any other.
+				return false, fmt.Errorf("slot %q is missing; read its checkpoint: %w", r.cfg.Slot, err)
 			}
 			return false, r.slotLost("disappeared")
 		case slot.walStatus == "lost":
