@@ -20,6 +20,7 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/internal/backoff"
 	"github.com/outboxd/outboxd/store"
 )
 
@@ -293,7 +294,7 @@ func (r *Reader) Run(ctx context.Context, out chan<- *decode.Event, drained <-ch
 }
 
 func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgconn.PgConn) error {
-	backoff := r.cfg.ReconnectMin
+	reconnect := backoff.New(r.cfg.ReconnectMin, r.cfg.ReconnectMax)
 	for {
 		healthy, err := r.session(ctx, out, connp)
 		if ctx.Err() != nil {
@@ -307,9 +308,9 @@ func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgc
 			*connp = nil
 		}
 		if healthy {
-			backoff = r.cfg.ReconnectMin
+			reconnect.Reset()
 		}
-		wait := backoff/2 + rand.N(backoff/2+1)
+		wait := reconnect.Next()
 		var retry errRetry
 		if errors.As(err, &retry) {
 			// A standby polls the slot at a steady pace, so it takes over
@@ -319,12 +320,9 @@ func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgc
 		} else {
 			r.log.Warn().Err(err).Dur("retry_in", wait).Msg("replication stream interrupted; reconnecting")
 		}
-		select {
-		case <-ctx.Done():
+		if backoff.Sleep(ctx, wait) != nil {
 			return nil
-		case <-time.After(wait):
 		}
-		backoff = min(backoff*2, r.cfg.ReconnectMax)
 	}
 }
 

@@ -8,6 +8,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
+
+	"github.com/outboxd/outboxd/internal/backoff"
 )
 
 // Writer writes a batch durably; *Store is the production one.
@@ -46,6 +48,7 @@ func (f *Flusher) Run(ctx context.Context) error {
 	timer := time.NewTimer(interval)
 	defer timer.Stop()
 	failures := 0
+	retry := backoff.New(2*interval, 5*time.Second)
 	for {
 		select {
 		case <-ctx.Done():
@@ -61,13 +64,14 @@ func (f *Flusher) Run(ctx context.Context) error {
 		switch {
 		case err == nil:
 			failures = 0
+			retry.Reset()
 		case ctx.Err() != nil:
 			return f.final(ctx)
 		case permanent(err):
 			return err
 		default:
 			failures++
-			wait = min(interval<<min(failures, 6), 5*time.Second)
+			wait = retry.Next()
 			f.Log.Warn().Err(err).Int("failures", failures).Dur("retry_in", wait).Msg("checkpoint flush failed; retrying")
 		}
 		if !timer.Stop() {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/internal/backoff"
 )
 
 // Defaults of the in-memory retry budget and attempt timeout of the sinks
@@ -57,18 +58,11 @@ func validateRetry(maxAttempts *int, backoffMin, backoffMax *time.Duration, bad 
 // retryAfter when it asked for one, clamped to backoffMax, else an
 // exponential backoff with jitter. It returns ctx's error if ctx ends first.
 func (p retryPolicy) pause(ctx context.Context, next int, retryAfter time.Duration) error {
-	d := expJitter(p.backoffMin, p.backoffMax, next-2)
+	d := backoff.Policy{Min: p.backoffMin, Max: p.backoffMax}.Wait(next - 2)
 	if retryAfter > 0 {
 		d = min(retryAfter, p.backoffMax)
 	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
+	return backoff.Sleep(ctx, d)
 }
 
 // errNotSent marks an event an attempt did not send (an earlier event of the

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -17,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/internal/backoff"
 )
 
 // Defaults applied by WebhookConfig.Validate.
@@ -259,7 +259,7 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 		RetryWaitMax: cfg.BackoffMax,
 		RetryMax:     cfg.MaxAttempts - 1,
 		CheckRetry:   w.checkRetry,
-		Backoff:      backoff,
+		Backoff:      retryWait,
 		// Hand the last response back (its status is the outcome) instead of
 		// retryablehttp's generic "giving up" error; Deliver closes it.
 		ErrorHandler: retryablehttp.PassthroughErrorHandler,
@@ -589,30 +589,16 @@ func cleanErr(err error) error {
 	return err
 }
 
-// backoff is the retryablehttp.Backoff policy. A Retry-After (delta-seconds or
+// retryWait is the retryablehttp.Backoff policy. A Retry-After (delta-seconds or
 // HTTP-date) on a retryable answer is honoured, clamped to max; otherwise the
 // wait grows exponentially from min with equal jitter, capped at max.
-func backoff(minWait, maxWait time.Duration, attempt int, resp *http.Response) time.Duration {
+func retryWait(minWait, maxWait time.Duration, attempt int, resp *http.Response) time.Duration {
 	if resp != nil {
 		if ra, ok := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()); ok {
 			return min(ra, maxWait)
 		}
 	}
-	return expJitter(minWait, maxWait, attempt)
-}
-
-// expJitter returns a wait in [d/2, d] where d = minWait·2^attempt capped at
-// maxWait, and never below minWait.
-func expJitter(minWait, maxWait time.Duration, attempt int) time.Duration {
-	d := maxWait
-	if attempt < 62 && minWait > 0 {
-		if e := minWait << attempt; e > 0 && e>>attempt == minWait && e < maxWait {
-			d = e
-		}
-	}
-	half := d / 2
-	wait := half + rand.N(d-half+1)
-	return max(wait, min(minWait, maxWait))
+	return backoff.Policy{Min: minWait, Max: maxWait}.Wait(attempt)
 }
 
 // maxRetryAfter bounds a delta-seconds Retry-After so that it cannot overflow.

@@ -44,18 +44,18 @@ func TestBackoff(t *testing.T) {
 	for attempt := range 70 {
 		d := min(maxWait, minWait<<min(attempt, 20))
 		for range 50 {
-			got := backoff(minWait, maxWait, attempt, nil)
+			got := retryWait(minWait, maxWait, attempt, nil)
 			require.GreaterOrEqual(t, got, max(d/2, minWait), "attempt %d", attempt)
 			require.LessOrEqual(t, got, d, "attempt %d", attempt)
 		}
 	}
 
 	resp := &http.Response{Header: http.Header{"Retry-After": {"1"}}}
-	require.Equal(t, time.Second, backoff(minWait, maxWait, 0, resp))
+	require.Equal(t, time.Second, retryWait(minWait, maxWait, 0, resp))
 	resp.Header.Set("Retry-After", "3600")
-	require.Equal(t, maxWait, backoff(minWait, maxWait, 0, resp), "clamped to BackoffMax")
+	require.Equal(t, maxWait, retryWait(minWait, maxWait, 0, resp), "clamped to BackoffMax")
 	resp.Header.Set("Retry-After", "garbage")
-	got := backoff(minWait, maxWait, 0, resp)
+	got := retryWait(minWait, maxWait, 0, resp)
 	require.GreaterOrEqual(t, got, minWait)
 	require.LessOrEqual(t, got, minWait)
 }
