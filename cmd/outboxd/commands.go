@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/outboxd/outboxd/cdc"
+	"github.com/outboxd/outboxd/internal/backoff"
 	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/pipeline"
 )
@@ -98,8 +99,9 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 				log.Warn().Msg("OUTBOXD_WEBHOOK_UNSIGNED=true: requests to the default webhook are not signed")
 			}
 			again := false // the pipeline runs again after an interruption
-			wait := 100 * time.Millisecond
+			pace := newRestarts()
 			for {
+				began := time.Now()
 				err := pipeline.Run(ctx, pc, log)
 				var connErr *pgconn.ConnectError
 				if ctx.Err() == nil && (again && errors.As(err, &connErr) || cdc.ConnectionLost(err)) {
@@ -109,12 +111,9 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 					// reader does, instead of exiting. Only a database that
 					// never answered at the very start is an exit.
 					again = true
+					wait := pace.after(time.Since(began))
 					log.Warn().Err(err).Dur("retry_in", wait).Msg("database not reachable; retrying")
-					select {
-					case <-ctx.Done():
-					case <-time.After(wait):
-					}
-					wait = min(2*wait, 10*time.Second)
+					_ = backoff.Sleep(ctx, wait) // ctx's end is seen by the next run
 					continue
 				}
 				again = false
@@ -122,7 +121,8 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 					// Drained and checkpointed, the catch-up still pending:
 					// the next run recreates the slot and catches up again.
 					log.Warn().Err(err).Msg("catch-up interrupted; recreating the slot and catching up again")
-					again, wait = true, 100*time.Millisecond
+					again = true
+					pace.reset()
 					continue
 				}
 				if errors.Is(err, cdc.ErrReset) && ctx.Err() == nil {
@@ -204,3 +204,22 @@ func migrateCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.C
 		},
 	}
 }
+
+// restarts paces the daemon's runs of its pipeline after a run that could not
+// reach the database: quickly at first, then backing off to 10s while it stays
+// unreachable. A run that lasted longer than that cap had reached it and
+// worked, so the pace starts over: an outage a day after the last one is
+// retried after 100ms, not 10s.
+type restarts struct{ b *backoff.Backoff }
+
+func newRestarts() *restarts { return &restarts{b: backoff.New(100*time.Millisecond, 10*time.Second)} }
+
+// after returns the wait before the next run, after a failed run of ranFor.
+func (r *restarts) after(ranFor time.Duration) time.Duration {
+	if ranFor > r.b.Max {
+		r.b.Reset()
+	}
+	return r.b.Next()
+}
+
+func (r *restarts) reset() { r.b.Reset() }
