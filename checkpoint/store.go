@@ -155,24 +155,18 @@ func (s *Store) Load(ctx context.Context) (Checkpoint, error) {
 	return cp, nil
 }
 
-// SubscriptionSecret is a subscription's URL and secrets as stored now.
-type SubscriptionSecret struct {
-	URL     string
-	Secrets []string
-}
-
 // SubscriptionSecrets returns the current URL and secrets of the subscriptions with
 // the given ids; ids without a row are absent. The routing state names
 // secrets by fingerprint only, and the router takes their values from here.
-func (s *Store) SubscriptionSecrets(ctx context.Context, ids []int64) (map[int64]SubscriptionSecret, error) {
+func (s *Store) SubscriptionSecrets(ctx context.Context, ids []int64) (map[int64]store.SubscriptionSecret, error) {
 	rows, err := s.pool.Query(ctx, `SELECT id, url, coalesce(secrets, '{}') FROM `+store.Ident(s.cfg.Schema, store.SubscriptionTable)+` WHERE id = ANY($1)`, ids)
 	if err != nil {
 		return nil, fmt.Errorf("read subscription secrets: %w", err)
 	}
-	out := map[int64]SubscriptionSecret{}
+	out := map[int64]store.SubscriptionSecret{}
 	for rows.Next() {
 		var id int64
-		var v SubscriptionSecret
+		var v store.SubscriptionSecret
 		if err := rows.Scan(&id, &v.URL, &v.Secrets); err != nil {
 			return nil, fmt.Errorf("read subscription secrets: %w", err)
 		}

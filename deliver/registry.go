@@ -13,6 +13,7 @@ import (
 	"strings"
 
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/store"
 )
 
 // Subscription is one row of outboxd_subscription.
@@ -40,11 +41,8 @@ func SecretFingerprint(secret string) string {
 }
 
 // Stored is what the subscription table holds now of a subscription's
-// secret material: its URL and secrets.
-type Stored struct {
-	URL     string
-	Secrets []string
-}
+// secret material.
+type Stored = store.SubscriptionSecret
 
 // SecretLookup returns the current URL and secrets of the subscriptions with
 // the given ids (from outboxd_subscription); ids without a row are absent.

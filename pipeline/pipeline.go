@@ -371,12 +371,7 @@ func newRouter(ctx, loadCtx context.Context, cfg Config, store *checkpoint.Store
 		},
 		Routing: routing, Parked: parked, OnResult: onResult,
 		Secrets: func(ids []int64) (map[int64]deliver.Stored, error) {
-			rows, err := store.SubscriptionSecrets(loadCtx, ids)
-			out := make(map[int64]deliver.Stored, len(rows))
-			for id, r := range rows {
-				out[id] = deliver.Stored{URL: r.URL, Secrets: r.Secrets}
-			}
-			return out, err
+			return store.SubscriptionSecrets(loadCtx, ids)
 		},
 		OnGone: func(target string) { disableGone(ctx, pool, cfg, target, dlog) },
 	}, tracker, dlog)

@@ -78,3 +78,12 @@ func RelationOf(t decode.Table, fields []pgconn.FieldDescription) *decode.Relati
 	}
 	return rel
 }
+
+// SubscriptionSecret is what the subscription table holds now of a
+// subscription's secret material: its URL and secrets. The routing state
+// names secrets by fingerprint only; their values are read from the table
+// when a target is built.
+type SubscriptionSecret struct {
+	URL     string
+	Secrets []string
+}
