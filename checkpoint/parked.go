@@ -140,6 +140,12 @@ func (s *Store) Delivered(ctx context.Context, target string, eventID int64, att
 			return err
 		}
 		var q pgx.Batch
+		// The event's row first: resolutions of one event's parked
+		// deliveries at several targets take turns, and each statement
+		// after the lock sees what the one before it committed. Without
+		// it, two resolving together each saw the other's parked row
+		// still there, and the row stayed unprocessed for good.
+		q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = $1 FOR NO KEY UPDATE`, eventID)
 		q.Queue(`DELETE FROM `+s.parked()+` WHERE target = $1 AND event_id = $2`, target, eventID)
 		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+store.AddAttempts("e", "$2")+`,
   is_processed = NOT EXISTS (SELECT 1 FROM `+s.parked()+` AS p WHERE p.event_id = $1)
@@ -163,6 +169,8 @@ func (s *Store) Reschedule(ctx context.Context, target string, eventID int64, at
 			return err
 		}
 		var q pgx.Batch
+		// The event's row first, as Delivered does: one order of locks.
+		q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = $1 FOR NO KEY UPDATE`, eventID)
 		q.Queue(`UPDATE `+s.parked()+` SET attempts = attempts + $3, rounds = rounds + 1, next_attempt_at = now() + $4 * interval '1 microsecond',
   last_status = $5, last_error = $6 WHERE target = $1 AND event_id = $2`, target, eventID, attempts, retryIn.Microseconds(), nullStatus(status), reason)
 		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+store.AddAttempts("e", "$2")+` WHERE e.id = $1`, eventID, attempts)
@@ -178,6 +186,8 @@ func (s *Store) GiveUp(ctx context.Context, target string, eventID int64, attemp
 			return err
 		}
 		var q pgx.Batch
+		// The event's row first, as Delivered does: one order of locks.
+		q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = $1 FOR NO KEY UPDATE`, eventID)
 		q.Queue(`WITH p AS (DELETE FROM `+s.parked()+` WHERE target = $1 AND event_id = $2 RETURNING attempts)
 INSERT INTO `+s.dead()+` AS d (event_id, sink, last_status, last_error, attempts)
 SELECT $2, $1, $3, $4, coalesce((SELECT attempts FROM p), 0) + $5

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxd/outboxd/checkpoint"
+	"github.com/outboxd/outboxd/internal/e2e"
 	"github.com/outboxd/outboxd/internal/pgtest"
 	"github.com/outboxd/outboxd/migrations"
 )
@@ -51,4 +53,100 @@ func TestFencedStoreWritesOnlyForTheSlotHolder(t *testing.T) {
 	var processed bool
 	require.NoError(t, conn.QueryRow(ctx, `SELECT is_processed FROM domain_event WHERE id = $1`, id).Scan(&processed))
 	require.False(t, processed, "a refused write marks nothing")
+}
+
+// parkedEvent makes a database with one event parked for each of targets and
+// returns the store, a connection of the test's own and the event's id.
+func parkedEvent(t *testing.T, targets ...string) (*checkpoint.Store, *pgx.Conn, int64) {
+	t.Helper()
+	ctx := context.Background()
+	url := pgtest.Shared(t).NewDatabase(t)
+	conn, err := pgx.Connect(ctx, url)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = conn.Close(context.Background()) })
+	_, err = migrations.Migrate(ctx, conn, migrations.Options{Schema: "public", Table: "domain_event", Publication: "outboxd"})
+	require.NoError(t, err)
+	var id int64
+	require.NoError(t, conn.QueryRow(ctx, `INSERT INTO domain_event (event_name) VALUES ('batch_started') RETURNING id`).Scan(&id))
+	pool, err := pgxpool.New(ctx, url)
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	store := checkpoint.NewStore(pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: "parked_test"})
+	var b checkpoint.Batch
+	for _, target := range targets {
+		b.Parked = append(b.Parked, checkpoint.Park{EventID: id, Target: target, Key: 1, Attempts: 1})
+	}
+	b.Attempts = []checkpoint.Mark{{ID: id, Attempts: int32(len(targets))}}
+	require.NoError(t, store.Write(ctx, b))
+	return store, conn, id
+}
+
+// resolveTogether runs each resolution at once while conn holds the event's
+// row, releases it once every resolution waits for it, and returns their
+// errors. That is how the retrier's workers meet when two targets' parked
+// deliveries of one event are due together.
+func resolveTogether(t *testing.T, conn *pgx.Conn, id int64, resolve ...func() error) {
+	t.Helper()
+	ctx := context.Background()
+	tx, err := conn.Begin(ctx)
+	require.NoError(t, err)
+	_, err = tx.Exec(ctx, `SELECT 1 FROM domain_event WHERE id = $1 FOR UPDATE`, id)
+	require.NoError(t, err)
+	errs := make(chan error, len(resolve))
+	for _, r := range resolve {
+		go func() { errs <- r() }()
+	}
+	e2e.WaitFor(t, time.Minute, func() bool {
+		var waiting int
+		require.NoError(t, pgx.BeginFunc(ctx, tx, func(sub pgx.Tx) error {
+			// Activity is read once per transaction unless cleared.
+			if _, err := sub.Exec(ctx, `SELECT pg_stat_clear_snapshot()`); err != nil {
+				return err
+			}
+			return sub.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&waiting)
+		}))
+		return waiting >= len(resolve)
+	}, func() string { return "the resolutions never waited for the row" })
+	require.NoError(t, tx.Commit(ctx))
+	for range resolve {
+		require.NoError(t, <-errs)
+	}
+}
+
+// Two targets' parked deliveries of one event delivered at the same moment:
+// the second to finish must see that nothing is parked any more and mark the
+// row processed. Each used to check with a snapshot in which the other's
+// parked row was still there, and the row stayed unprocessed for good.
+func TestParkedDeliveriesResolvedTogetherMarkTheRow(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	store, conn, id := parkedEvent(t, "webhook", "subscription:1")
+	resolveTogether(t, conn, id,
+		func() error { return store.Delivered(ctx, "webhook", id, 1) },
+		func() error { return store.Delivered(ctx, "subscription:1", id, 1) })
+	var processed *bool
+	var attempts *int32
+	var at *time.Time
+	require.NoError(t, conn.QueryRow(ctx, `SELECT is_processed, processed_at, delivery_attempts FROM domain_event WHERE id = $1`, id).Scan(&processed, &at, &attempts))
+	require.NotNil(t, processed)
+	require.True(t, *processed, "both parked deliveries were delivered: the row is processed")
+	require.NotNil(t, at)
+	require.Equal(t, int32(4), *attempts, "two parked attempts and two retries")
+}
+
+// A parked delivery delivered while another target's is dead-lettered at the
+// same moment: the row must not be marked processed, since one target never
+// acknowledged it.
+func TestParkedDeliveryDeliveredWhileAnotherIsDeadLetteredStaysUnprocessed(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	store, conn, id := parkedEvent(t, "webhook", "subscription:1")
+	resolveTogether(t, conn, id,
+		func() error { return store.GiveUp(ctx, "subscription:1", id, 1, 410, "gone") },
+		func() error { return store.Delivered(ctx, "webhook", id, 1) })
+	var processed *bool
+	var dead int
+	require.NoError(t, conn.QueryRow(ctx, `SELECT is_processed, (SELECT count(*) FROM outboxd_dead_letter WHERE event_id = $1) FROM domain_event WHERE id = $1`, id).Scan(&processed, &dead))
+	require.Equal(t, 1, dead)
+	require.False(t, processed != nil && *processed, "a dead-lettered event is not processed")
 }
