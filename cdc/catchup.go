@@ -3,6 +3,8 @@ package cdc
 import (
 	"context"
 	"fmt"
+	"strconv"
+	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
@@ -21,6 +23,9 @@ type snapshot struct {
 	name string
 	lsn  pglogrepl.LSN
 	conn *pgconn.PgConn
+	// commitTimes is true when the server records commit timestamps: the
+	// cursor's last column is then each row's commit time.
+	commitTimes bool
 }
 
 // begin imports the snapshot in a read-only transaction and opens a cursor
@@ -41,13 +46,15 @@ SET TRANSACTION SNAPSHOT '`+s.name+`'`).ReadAll(); err != nil {
 	}
 	// Commit order is known only with track_commit_timestamp; otherwise
 	// rows committed before the slot are read in id order.
-	order := "e.id"
+	order, cols := "e.id", "e.*"
 	res, err := conn.Exec(ctx, "SELECT current_setting('track_commit_timestamp')").ReadAll()
 	if err == nil && len(res) == 1 && len(res[0].Rows) == 1 && string(res[0].Rows[0][0]) == "on" {
+		s.commitTimes = true
 		order = "pg_xact_commit_timestamp(e.xmin) NULLS FIRST, e.id"
+		cols = "e.*, " + commitMicros("e.xmin")
 	}
 	sql := `DECLARE outboxd_catchup NO SCROLL CURSOR FOR
-  SELECT * FROM ` + table + ` AS e
+  SELECT ` + cols + ` FROM ` + table + ` AS e
   WHERE ` + store.PendingPredicate(t.Schema, "e", store.All) + `
   ORDER BY ` + order
 	if _, err := conn.Exec(ctx, sql).ReadAll(); err != nil {
@@ -69,6 +76,18 @@ func (s *snapshot) close() {
 func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 	seq := r.ledger.Open(0, true)
 	n := 0
+	var wins windows
+	if r.cfg.SubscriptionPublication != "" && s.commitTimes {
+		// Each row goes to the subscriptions that were enabled and matched
+		// it at its commit, as the stream would have routed it (and still
+		// match it now).
+		var err error
+		if wins, err = s.history(ctx); err != nil {
+			return err
+		}
+	} else if r.cfg.SubscriptionPublication != "" {
+		r.log.Warn().Msg("track_commit_timestamp is off: the rows this catch-up reads are routed with the subscriptions as they are now, not as they were at each row's commit")
+	}
 	if r.cfg.SubscriptionPublication != "" {
 		// Seed the routing state with the subscriptions of the snapshot, so
 		// routing is exact from the slot's first transaction on.
@@ -89,18 +108,29 @@ func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 		rr := s.conn.ExecParams(ctx, fetch, nil, nil, nil, nil)
 		rows := 0
 		for rr.NextRow() {
+			fields, vals := rr.FieldDescriptions(), rr.Values()
+			var commitUs []byte
+			if s.commitTimes {
+				last := len(vals) - 1
+				fields, vals, commitUs = fields[:last], vals[:last], vals[last]
+			}
 			if rel == nil {
-				rel = store.RelationOf(r.cfg.Table, rr.FieldDescriptions())
+				rel = store.RelationOf(r.cfg.Table, fields)
 				if err := rel.Validate(); err != nil {
 					rr.Close() //nolint:errcheck // failing anyway
 					return fmt.Errorf("table %s.%s: %w", r.cfg.Table.Schema, r.cfg.Table.Name, err)
 				}
 			}
 			rows++
-			e, err := decode.EventFromText(r.cfg.Table.MessageNamespace, rel, rr.Values())
+			e, err := decode.EventFromText(r.cfg.Table.MessageNamespace, rel, vals)
 			if err != nil {
 				r.log.Error().Err(err).Msg("catch-up row skipped: it cannot be delivered or marked")
 				continue
+			}
+			if wins != nil && commitUs != nil {
+				if us, err := strconv.ParseInt(string(commitUs), 10, 64); err == nil {
+					e.CommitTime, e.Windows = time.UnixMicro(us), wins
+				}
 			}
 			// Every row read here committed before the slot's consistent
 			// point, and after whatever was parked before it (a parked head

@@ -49,6 +49,31 @@ type Event struct {
 	// Change, when set, makes this not an outbox row but a change of another
 	// published table; only CommitLSN, TxnSeq and Index are meaningful then.
 	Change *Change
+
+	// CommitTime is when the row's transaction committed, for rows read by a
+	// catch-up on a server with track_commit_timestamp; zero otherwise.
+	// Windows then tells what each subscription was at that moment, so that
+	// the row is routed as the stream would have routed it; nil Windows
+	// routes with the subscriptions as they are.
+	CommitTime time.Time
+	Windows    SubscriptionWindows
+}
+
+// SubscriptionWindows tells what a subscription was at a moment in the
+// past, from the history of its routing.
+type SubscriptionWindows interface {
+	// At returns subscription id's routing at t; known is false when the
+	// history says nothing of it (route as it is now).
+	At(id int64, t time.Time) (s SubscriptionAt, known bool)
+}
+
+// SubscriptionAt is a subscription's routing at one moment: whether it
+// existed and was enabled, its organization (nil: platform-wide) and its
+// event globs.
+type SubscriptionAt struct {
+	Enabled        bool
+	OrganizationID *int64
+	Events         []string
 }
 
 // Change is a change of a published table other than the outbox (the

@@ -66,7 +66,26 @@ func SubscriptionTarget(id int64) string { return "subscription:" + strconv.Form
 // organization or to the platform (NULL organization), and one of its event
 // globs matches (no globs: every event). An event without an organization
 // only goes to platform-wide subscriptions: tenants are never mixed.
+//
+// A row read by a catch-up whose commit time is known (e.Windows set) is
+// matched against s as it was at the row's commit, per the subscriptions'
+// history: it goes where the stream would have sent it, never to a
+// subscription that was disabled, filtered it out or did not exist yet when
+// it committed (and, like any event, only to one enabled now).
 func (s *Subscription) Matches(e *decode.Event) bool {
+	if !s.Enabled {
+		return false
+	}
+	if e.Windows != nil && !e.CommitTime.IsZero() {
+		if at, known := e.Windows.At(s.ID, e.CommitTime); known {
+			then := Subscription{Enabled: at.Enabled, OrganizationID: at.OrganizationID, Events: at.Events}
+			return then.matchesNow(e)
+		}
+	}
+	return s.matchesNow(e)
+}
+
+func (s *Subscription) matchesNow(e *decode.Event) bool {
 	if !s.Enabled {
 		return false
 	}

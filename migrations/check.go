@@ -50,23 +50,25 @@ var columnKinds = map[string][]string{
 
 // required lists, per table, the columns outboxd reads or writes.
 var required = map[string][]string{
-	"outboxd_checkpoint":   {"slot_name", "lsn", "system_identifier", "timeline", "catchup_pending", "updated_at", "routing"},
-	"outboxd_dead_letter":  {"event_id", "sink", "last_status", "last_error", "attempts", "dead_at"},
-	"outboxd_parked":       {"target", "event_id", "ordering_key", "commit_lsn", "commit_index", "attempts", "rounds", "next_attempt_at", "last_status", "last_error"},
-	"outboxd_subscription": {"id", "organization_id", "url", "secrets", "events", "enabled", "disabled_reason"},
-	"outboxd_outbox":       {"namespace"},
+	"outboxd_checkpoint":           {"slot_name", "lsn", "system_identifier", "timeline", "catchup_pending", "updated_at", "routing"},
+	"outboxd_dead_letter":          {"event_id", "sink", "last_status", "last_error", "attempts", "dead_at"},
+	"outboxd_parked":               {"target", "event_id", "ordering_key", "commit_lsn", "commit_index", "attempts", "rounds", "next_attempt_at", "last_status", "last_error"},
+	"outboxd_subscription":         {"id", "organization_id", "url", "secrets", "events", "enabled", "disabled_reason"},
+	"outboxd_outbox":               {"namespace"},
+	"outboxd_subscription_history": {"id", "subscription_id", "deleted", "enabled", "organization_id", "events", "since_always"},
 }
 
 // privileges are what outboxd does with each table: checked for the
 // connected role, so that `outboxd run` fails at start rather than at its
 // first checkpoint.
 var privileges = map[string][]string{
-	"outboxd_checkpoint":   {"SELECT", "INSERT", "UPDATE", "DELETE"},
-	"outboxd_dead_letter":  {"SELECT", "INSERT", "UPDATE", "DELETE"},
-	"outboxd_parked":       {"SELECT", "INSERT", "UPDATE", "DELETE"},
-	"outboxd_subscription": {"SELECT"},
-	"outboxd_outbox":       {"SELECT"},
-	VersionTable:           {"SELECT"},
+	"outboxd_checkpoint":           {"SELECT", "INSERT", "UPDATE", "DELETE"},
+	"outboxd_dead_letter":          {"SELECT", "INSERT", "UPDATE", "DELETE"},
+	"outboxd_parked":               {"SELECT", "INSERT", "UPDATE", "DELETE"},
+	"outboxd_subscription":         {"SELECT"},
+	"outboxd_outbox":               {"SELECT"},
+	"outboxd_subscription_history": {"SELECT"},
+	VersionTable:                   {"SELECT"},
 }
 
 // columnPrivileges are privileges outboxd needs on some columns only: it
@@ -141,7 +143,7 @@ FROM pg_catalog.pg_namespace WHERE nspname = $1`, c.opts.Schema).Scan(&exists, &
 	if err := c.checkOutboxTable(); err != nil {
 		return err
 	}
-	for _, name := range []string{"outboxd_checkpoint", "outboxd_dead_letter", "outboxd_parked", "outboxd_subscription", "outboxd_outbox"} {
+	for _, name := range []string{"outboxd_checkpoint", "outboxd_dead_letter", "outboxd_parked", "outboxd_subscription", "outboxd_outbox", "outboxd_subscription_history"} {
 		if err := c.checkOwnTable(name); err != nil {
 			return err
 		}

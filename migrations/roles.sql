@@ -19,6 +19,8 @@
 --     delivery_attempts only. It never inserts, deletes or edits events;
 --   * keeps its checkpoint and dead letters: SELECT, INSERT, UPDATE, DELETE on
 --     outboxd_checkpoint and outboxd_dead_letter;
+--   * routes the rows a catch-up reads as they were routed at their commit:
+--     SELECT on outboxd_subscription_history;
 --   * checks the schema version at start: SELECT on outboxd_schema_version;
 --   * reads the outbox's message namespace: SELECT on outboxd_outbox
 --     (migration 5 grants it to PUBLIC already; the namespace is no secret).
@@ -72,5 +74,6 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON public.outboxd_checkpoint, public.outbox
 REVOKE UPDATE ON public.outboxd_subscription FROM outboxd;
 GRANT SELECT ON public.outboxd_subscription TO outboxd;
 GRANT UPDATE (enabled, disabled_reason, updated_at) ON public.outboxd_subscription TO outboxd;
+GRANT SELECT ON public.outboxd_subscription_history TO outboxd;
 GRANT SELECT ON public.outboxd_schema_version TO outboxd;
 GRANT SELECT ON public.outboxd_outbox TO outboxd;

@@ -28,6 +28,9 @@ const (
 	// NamespaceTable holds the outbox's message namespace (one row,
 	// migration 5; docs/DESIGN.md §4).
 	NamespaceTable = "outboxd_outbox"
+	// SubscriptionHistoryTable holds the subscriptions' routing changes
+	// (migration 7), written by a trigger on SubscriptionTable.
+	SubscriptionHistoryTable = "outboxd_subscription_history"
 )
 
 // Ident returns the quoted identifier of table name in schema.

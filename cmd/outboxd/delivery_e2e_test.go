@@ -218,6 +218,73 @@ func TestSubscriptionChangesApplyInCommitOrder(t *testing.T) {
 	})
 }
 
+// A catch-up routes each row it reads from the table as the stream would
+// have: by the subscriptions as they were at the row's commit (their history
+// and the server's commit timestamps), not as they are at the catch-up. Here
+// every row is committed before outboxd first starts, so the first start's
+// catch-up reads them all; a slot reset or recreation takes the same path.
+// It used to route them all with the subscriptions of its snapshot: the
+// subscription got the row committed while it was disabled and the one from
+// before it existed, and one added after every row got them all.
+func TestCatchupRoutesBySubscriptionsAtCommit(t *testing.T) {
+	t.Parallel()
+	b := newBundle(t, pgtest.New(t, map[string]string{"track_commit_timestamp": "on"}), nil)
+	sub, late := e2e.NewReceiver(t), e2e.NewReceiver(t)
+	ctx := context.Background()
+	insert := func(tx pgx.Tx, name string) int64 {
+		var id int64
+		require.NoError(t, tx.QueryRow(ctx, `INSERT INTO domain_event (event_name, organization_id) VALUES ($1, 5) RETURNING id`, name).Scan(&id))
+		return id
+	}
+	in := func(f func(tx pgx.Tx) int64) int64 {
+		var id int64
+		require.NoError(t, pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error { id = f(tx); return nil }))
+		return id
+	}
+	set := func(tx pgx.Tx, sql string, args ...any) {
+		_, err := tx.Exec(ctx, sql, args...)
+		require.NoError(t, err)
+	}
+	var subID int64
+	before := in(func(tx pgx.Tx) int64 { return insert(tx, "batch_started") })
+	with := in(func(tx pgx.Tx) int64 {
+		require.NoError(t, tx.QueryRow(ctx, `INSERT INTO outboxd_subscription (organization_id, url, secrets) VALUES (5, $1, $2) RETURNING id`,
+			sub.URL, []string{e2e.Secret}).Scan(&subID))
+		return insert(tx, "batch_completed")
+	})
+	after := in(func(tx pgx.Tx) int64 { return insert(tx, "timer_started") })
+	disabled := in(func(tx pgx.Tx) int64 {
+		set(tx, `UPDATE outboxd_subscription SET enabled = false WHERE id = $1`, subID)
+		return insert(tx, "timer_stopped")
+	})
+	in(func(tx pgx.Tx) int64 {
+		set(tx, `UPDATE outboxd_subscription SET enabled = true WHERE id = $1`, subID)
+		return 0
+	})
+	reenabled := in(func(tx pgx.Tx) int64 { return insert(tx, "timer_started") })
+	in(func(tx pgx.Tx) int64 {
+		set(tx, `UPDATE outboxd_subscription SET events = '{batch_*}' WHERE id = $1`, subID)
+		return 0
+	})
+	filtered := in(func(tx pgx.Tx) int64 { return insert(tx, "timer_stopped") })
+	matching := in(func(tx pgx.Tx) int64 { return insert(tx, "batch_failed") })
+	// A secret rotation is no routing change: nothing changes for the rows.
+	in(func(tx pgx.Tx) int64 {
+		set(tx, `UPDATE outboxd_subscription SET secrets = secrets || $2::text WHERE id = $1`, subID, "whsec_"+strings.Repeat("QQ", 16))
+		return 0
+	})
+	addSubscription(t, b.pool, org(5), late.URL, nil, nil) // after every row
+
+	d := e2e.StartDaemon(t, b.env)
+	all := []int64{before, with, after, disabled, reenabled, filtered, matching}
+	b.recv.WaitAccepted(t, all, time.Minute)
+	b.waitProcessed(t, int64(len(all)), time.Minute)
+	require.Equal(t, []int64{with, after, reenabled, matching}, sub.Accepted(),
+		"only the rows the subscription matched when they committed, in commit order")
+	require.Empty(t, late.Accepted(), "a subscription added after every row gets none of them")
+	require.Equal(t, 0, d.Stop(30*time.Second))
+}
+
 // Tenant isolation: many organizations with their own endpoints and random
 // interleavings; no endpoint ever receives another tenant's event.
 func TestTenantIsolation(t *testing.T) {
