@@ -196,6 +196,9 @@ func (c *Client) Status(ctx context.Context, opts StatusOptions) (*Status, error
 		return nil, err
 	}
 	st.Warnings = append(st.Warnings, c.roleWarnings(ctx)...)
+	if haveTables {
+		st.Warnings = append(st.Warnings, c.routingWarnings(ctx)...)
+	}
 	if st.Server.SystemIdentifier == "" {
 		st.Warnings = append(st.Warnings, "cannot read the server's system identifier (pg_control_system() and IDENTIFY_SYSTEM were refused): the checkpoint's cluster is not checked")
 	}
@@ -238,6 +241,24 @@ func (c *Client) roleWarnings(ctx context.Context) []string {
 		out = append(out, fmt.Sprintf("the server accepts physical replication connections from role %q (a pg_hba.conf line with database `replication`): it can copy the whole cluster with pg_basebackup; allow it only logical replication on its database (migrations/roles.sql)", role))
 	}
 	return out
+}
+
+// routingWarnings says when subscriptions exist but the server records no
+// commit timestamps: a catch-up (slot reset, recreation) then routes the rows
+// it re-reads with the subscriptions as they are, not as they were at each
+// row's commit.
+func (c *Client) routingWarnings(ctx context.Context) []string {
+	var track string
+	var subs bool
+	err := c.pool.QueryRow(ctx, `SELECT current_setting('track_commit_timestamp'), EXISTS (SELECT 1 FROM `+c.t.ownSQL(subscriptionTable)+`)`).Scan(&track, &subs)
+	if err != nil {
+		c.log.Debug().Err(err).Msg("commit timestamp setting unavailable")
+		return nil
+	}
+	if subs && track != "on" {
+		return []string{"track_commit_timestamp is off: a catch-up (first start, slot reset or recreation) routes the rows it reads with the subscriptions as they are then, not as they were at each row's commit; turn it on (a restart) for exact subscription windows"}
+	}
+	return nil
 }
 
 // acceptsPhysicalReplication tries a physical replication connection

@@ -156,3 +156,20 @@ func TestStatusAsLeastPrivilegeRole(t *testing.T) {
 	require.Nil(t, st.Backlog.DeadLetters, "no privilege: unknown, not a failure")
 	require.Contains(t, strings.Join(st.Warnings, "\n"), "no privilege to count dead letters")
 }
+
+// With subscriptions and without commit timestamps (the test server's
+// default), status says that a catch-up cannot route re-read rows by the
+// subscriptions of their commit; without subscriptions it has nothing to say.
+func TestStatusWarnsOfCatchupRoutingWithoutCommitTimestamps(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	const warning = "track_commit_timestamp is off"
+	st, err := b.client.Status(ctx, StatusOptions{})
+	require.NoError(t, err)
+	require.NotContains(t, strings.Join(st.Warnings, "\n"), warning)
+	b.exec(t, `INSERT INTO outboxd_subscription (url, secrets) VALUES ('https://example.test/hook', '{whsec_dGVzdHRlc3R0ZXN0dGVzdHRlc3R0ZXN0dGVzdA==}')`)
+	st, err = b.client.Status(ctx, StatusOptions{})
+	require.NoError(t, err)
+	require.Contains(t, strings.Join(st.Warnings, "\n"), warning)
+}
