@@ -72,8 +72,13 @@ const DefaultSlotWait = 15 * time.Second
 
 // SlotResult is what a slot command did, or would do with DryRun.
 type SlotResult struct {
-	Slot   string `json:"slot"`
-	DryRun bool   `json:"dry_run"`
+	Slot string `json:"slot"`
+	// OK is false when the command failed or was refused (Refused, Error
+	// say so); the other fields then say what was found and done before.
+	OK      bool   `json:"ok"`
+	Refused bool   `json:"refused,omitempty"`
+	Error   string `json:"error,omitempty"`
+	DryRun  bool   `json:"dry_run"`
 	// Unchanged is true when there was nothing to do.
 	Unchanged bool `json:"unchanged"`
 	// Steps say what was done (or would be), in order, for people.

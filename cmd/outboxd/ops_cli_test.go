@@ -221,6 +221,20 @@ func TestSlotCommands(t *testing.T) {
 	require.Equal(t, 1, code)
 	require.Contains(t, errOut, "is active in process")
 	require.Contains(t, errOut, "--force")
+	// Refused, in JSON: a script reads that nothing was done, and why.
+	code, out, _ = opsRun(t, db.env, "slot", "drop", "--yes", "--json")
+	require.Equal(t, 1, code)
+	var refusal struct {
+		OK      *bool  `json:"ok"`
+		Refused bool   `json:"refused"`
+		Error   string `json:"error"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &refusal), out)
+	require.NotNil(t, refusal.OK, out)
+	require.False(t, *refusal.OK, out)
+	require.True(t, refusal.Refused, out)
+	require.Contains(t, refusal.Error, "is active in process")
+	require.True(t, db.slotActive(t), "a refused drop dropped the slot")
 	code, out, _ = opsRun(t, db.env, "slot", "drop", "--yes", "--force", "--dry-run")
 	require.Equal(t, 0, code)
 	require.Contains(t, out, "terminate process")
@@ -229,10 +243,12 @@ func TestSlotCommands(t *testing.T) {
 	code, out, errOut = opsRun(t, db.env, "slot", "drop", "--yes", "--force", "--json")
 	require.Equal(t, 0, code, errOut)
 	var res struct {
+		OK           bool    `json:"ok"`
 		Terminated   []int32 `json:"terminated"`
 		RowsToReread int64   `json:"rows_to_reread"`
 	}
 	require.NoError(t, json.Unmarshal([]byte(out), &res), out)
+	require.True(t, res.OK, out)
 	require.Len(t, res.Terminated, 1)
 	require.EqualValues(t, 20, res.RowsToReread)
 	_, exists = db.slotLSN(t)

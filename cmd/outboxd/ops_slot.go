@@ -81,7 +81,7 @@ func slotCreateCommand(envMap map[string]string, stdout, stderr io.Writer) *cobr
 			defer env.client.Close()
 			res, err := env.client.CreateSlot(cmd.Context(), ops.SlotOptions{DryRun: dryRun})
 			if res != nil {
-				if perr := stepsOut(stdout, "create", res, asJSON); perr != nil && err == nil {
+				if perr := stepsOut(stdout, "create", res, err, asJSON); perr != nil && err == nil {
 					err = perr
 				}
 			}
@@ -148,7 +148,7 @@ func slotChangeCommand(envMap map[string]string, stdout, stderr io.Writer, what,
 			defer env.client.Close()
 			res, err := act(env, cmd, f.options())
 			if res != nil {
-				if perr := stepsOut(stdout, what, res, f.asJSON); perr != nil && err == nil {
+				if perr := stepsOut(stdout, what, res, err, f.asJSON); perr != nil && err == nil {
 					err = perr
 				}
 			}
@@ -182,8 +182,9 @@ func slotAdvanceCommand(envMap map[string]string, stdout, stderr io.Writer) *cob
 	cmd.Long = `Move the slot's confirmed position forward to --to-lsn with
 pg_replication_slot_advance, and the checkpoint with it. Transactions committed
 before that position are no longer streamed: their rows stay unprocessed in the
-table until a catch-up (slot reset) or a replay delivers them. Use it to release
-WAL you have decided not to stream; it refuses to move backwards.`
+table (and in the backlog) until a catch-up (slot reset) delivers and marks
+them. A replay delivers them again but marks nothing. Use it to release WAL you
+have decided not to stream; it refuses to move backwards.`
 	cmd.Flags().StringVar(&toRaw, "to-lsn", "", "the LSN to move to (forward only)")
 	return cmd
 }

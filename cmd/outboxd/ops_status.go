@@ -267,7 +267,14 @@ func ago(secs *float64) string {
 }
 
 // stepsOut prints a slot command's result.
-func stepsOut(w io.Writer, what string, res *ops.SlotResult, asJSON bool) error {
+// stepsOut prints a slot command's result; cmdErr is the command's error, if
+// any (a refusal, a failure part way), which the JSON carries too.
+func stepsOut(w io.Writer, what string, res *ops.SlotResult, cmdErr error, asJSON bool) error {
+	res.OK = cmdErr == nil
+	if cmdErr != nil {
+		res.Refused = errors.Is(cmdErr, ops.ErrRefused)
+		res.Error = cmdErr.Error()
+	}
 	if asJSON {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
