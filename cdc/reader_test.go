@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
@@ -20,7 +19,6 @@ import (
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/internal/e2e"
 	"github.com/outboxd/outboxd/internal/pgtest"
-	"github.com/outboxd/outboxd/migrations"
 )
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
@@ -65,15 +63,8 @@ func TestReconnectRetriesUnreadableCheckpointOfMissingSlot(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	url := pgtest.Shared(t).NewDatabase(t)
-	conn, err := pgx.Connect(ctx, url)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = conn.Close(context.Background()) })
-	_, err = migrations.Migrate(ctx, conn, migrations.Options{Schema: "public", Table: "domain_event", Publication: "outboxd"})
-	require.NoError(t, err)
-	pool, err := pgxpool.New(ctx, url)
-	require.NoError(t, err)
-	t.Cleanup(pool.Close)
+	db := pgtest.NewMigrated(t)
+	url, conn, pool := db.URL, db.Conn, db.Pool
 
 	slot := e2e.SlotName(url)
 	t.Cleanup(func() {
@@ -98,7 +89,7 @@ func TestReconnectRetriesUnreadableCheckpointOfMissingSlot(t *testing.T) {
 	}()
 
 	// Streaming: an insert after the first start's catch-up arrives.
-	_, err = conn.Exec(ctx, `INSERT INTO domain_event (event_name) VALUES ('batch_started')`)
+	_, err := conn.Exec(ctx, `INSERT INTO domain_event (event_name) VALUES ('batch_started')`)
 	require.NoError(t, err)
 	select {
 	case <-inserts:

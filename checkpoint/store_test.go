@@ -7,13 +7,11 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/internal/e2e"
 	"github.com/outboxd/outboxd/internal/pgtest"
-	"github.com/outboxd/outboxd/migrations"
 )
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
@@ -24,24 +22,16 @@ func TestMain(m *testing.M) { pgtest.Main(m) }
 func TestFencedStoreWritesOnlyForTheSlotHolder(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	srv := pgtest.Shared(t)
-	url := srv.NewDatabase(t)
-	conn, err := pgx.Connect(ctx, url)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = conn.Close(context.Background()) })
-	_, err = migrations.Migrate(ctx, conn, migrations.Options{Schema: "public", Table: "domain_event", Publication: "outboxd"})
-	require.NoError(t, err)
+	db := pgtest.NewMigrated(t)
+	conn := db.Conn
 	const slot = "fence_test"
-	_, err = conn.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, slot)
+	_, err := conn.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, slot)
 	require.NoError(t, err)
 	t.Cleanup(func() { _, _ = conn.Exec(context.Background(), `SELECT pg_drop_replication_slot($1)`, slot) })
 	var id int64
 	require.NoError(t, conn.QueryRow(ctx, `INSERT INTO domain_event (event_name) VALUES ('x') RETURNING id`).Scan(&id))
 
-	pool, err := pgxpool.New(ctx, url)
-	require.NoError(t, err)
-	t.Cleanup(pool.Close)
-	store := checkpoint.NewStore(pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: slot})
+	store := checkpoint.NewStore(db.Pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: slot})
 	batch := checkpoint.Batch{Marks: []checkpoint.Range{{Lo: id, Hi: id, Attempts: 1}}}
 	for _, pid := range []uint32{0, 4242} { // no walsender; a walsender that is not the slot's
 		store.SetFence(func() uint32 { return pid })
@@ -60,18 +50,11 @@ func TestFencedStoreWritesOnlyForTheSlotHolder(t *testing.T) {
 func parkedEvent(t *testing.T, targets ...string) (*checkpoint.Store, *pgx.Conn, int64) {
 	t.Helper()
 	ctx := context.Background()
-	url := pgtest.Shared(t).NewDatabase(t)
-	conn, err := pgx.Connect(ctx, url)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = conn.Close(context.Background()) })
-	_, err = migrations.Migrate(ctx, conn, migrations.Options{Schema: "public", Table: "domain_event", Publication: "outboxd"})
-	require.NoError(t, err)
+	db := pgtest.NewMigrated(t)
+	conn := db.Conn
 	var id int64
 	require.NoError(t, conn.QueryRow(ctx, `INSERT INTO domain_event (event_name) VALUES ('batch_started') RETURNING id`).Scan(&id))
-	pool, err := pgxpool.New(ctx, url)
-	require.NoError(t, err)
-	t.Cleanup(pool.Close)
-	store := checkpoint.NewStore(pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: "parked_test"})
+	store := checkpoint.NewStore(db.Pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: "parked_test"})
 	var b checkpoint.Batch
 	for _, target := range targets {
 		b.Parked = append(b.Parked, checkpoint.Park{EventID: id, Target: target, Key: 1, Attempts: 1})
