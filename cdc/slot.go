@@ -1,0 +1,169 @@
+package cdc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/outboxd/outboxd/checkpoint"
+)
+
+// connect opens a replication (or a regular) connection with the session
+// settings decode relies on: UTC timestamps in ISO format.
+func (r *Reader) connect(ctx context.Context, replication bool) (*pgconn.PgConn, error) {
+	cfg, err := pgconn.ParseConfig(r.cfg.ConnString)
+	if err != nil {
+		return nil, fmt.Errorf("parse database URL: %w", redactParseError(err))
+	}
+	if replication {
+		cfg.RuntimeParams["replication"] = "database"
+	}
+	cfg.RuntimeParams["application_name"] = "outboxd"
+	cfg.RuntimeParams["TimeZone"] = "UTC"
+	cfg.RuntimeParams["DateStyle"] = "ISO, YMD"
+	cfg.RuntimeParams["extra_float_digits"] = "1"
+	if cfg.ConnectTimeout == 0 {
+		cfg.ConnectTimeout = 10 * time.Second
+	}
+	conn, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	return conn, nil
+}
+
+// redactParseError drops the connection string pgconn may quote when it
+// cannot parse it: it can hold a password.
+func redactParseError(err error) error {
+	var pe *pgconn.ParseConfigError
+	if errors.As(err, &pe) {
+		return errors.New("invalid connection string")
+	}
+	return err
+}
+
+type slotInfo struct {
+	plugin         string
+	database       string
+	active         bool
+	activePID      int
+	confirmedFlush pglogrepl.LSN
+	walStatus      string
+}
+
+// querySlot reads the slot's row; nil when there is none. Replication
+// connections in database mode accept simple SQL queries.
+func querySlot(ctx context.Context, conn *pgconn.PgConn, slot string) (*slotInfo, error) {
+	res, err := conn.Exec(ctx, `SELECT coalesce(plugin, ''), coalesce(database, ''), active, coalesce(active_pid, 0),
+ coalesce(confirmed_flush_lsn, '0/0'), coalesce(wal_status, ''), current_database()
+FROM pg_replication_slots WHERE slot_name = '`+slot+`'`).ReadAll()
+	if err != nil {
+		return nil, fmt.Errorf("query slot %q: %w", slot, err)
+	}
+	if len(res) != 1 || len(res[0].Rows) == 0 {
+		return nil, nil
+	}
+	row := res[0].Rows[0]
+	s := &slotInfo{plugin: string(row[0]), database: string(row[1]), active: string(row[2]) == "t", walStatus: string(row[5])}
+	fmt.Sscan(string(row[3]), &s.activePID) //nolint:errcheck // an int from the server
+	if s.confirmedFlush, err = pglogrepl.ParseLSN(string(row[4])); err != nil {
+		return nil, fmt.Errorf("parse confirmed_flush_lsn of slot %q: %w", slot, err)
+	}
+	if s.database != string(row[6]) {
+		return nil, fmt.Errorf("%w: slot %q belongs to database %q, connected to %q", ErrIrreconcilable, slot, s.database, string(row[6]))
+	}
+	return s, nil
+}
+
+// prepare reconciles the slot with the stored checkpoint and returns where to
+// start streaming, plus a snapshot to catch up from when the slot was created.
+func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl.IdentifySystemResult) (pglogrepl.LSN, *snapshot, error) {
+	r.sysID, r.timeline = sys.SystemID, sys.Timeline
+	// Instances sharing the slot prepare it one at a time: without this, a
+	// standby could see a slot another instance has just created (and not
+	// yet recorded) and recreate it under it.
+	slot, err := querySlot(ctx, conn, r.cfg.Slot)
+	if err != nil {
+		return 0, nil, err
+	}
+	if slot != nil && slot.active {
+		return 0, nil, errRetry{fmt.Sprintf("slot %q is active in process %d", r.cfg.Slot, slot.activePID)}
+	}
+	cp, err := r.store.Load(ctx)
+	haveCP := err == nil
+	if err != nil && !errors.Is(err, checkpoint.ErrNoCheckpoint) {
+		return 0, nil, err
+	}
+	if haveCP && cp.SystemID != sys.SystemID {
+		return 0, nil, fmt.Errorf("%w: the checkpoint of slot %q was written on cluster %s but this server is cluster %s; run `outboxd slot reset --yes` to recreate the slot and deliver every unprocessed row from the table",
+			ErrIrreconcilable, r.cfg.Slot, cp.SystemID, sys.SystemID)
+	}
+	log := r.log.With().Bool("checkpoint", haveCP).Stringer("checkpoint_lsn", cp.LSN).Logger()
+	switch {
+	case slot == nil && !haveCP:
+		log.Info().Msg("creating slot (first start)")
+	case slot == nil || slot.walStatus == "lost":
+		what := "is missing"
+		if slot != nil {
+			what = "was invalidated (wal_status lost)"
+		}
+		if !r.cfg.SlotRecreate {
+			return 0, nil, fmt.Errorf("%w: slot %q %s although a checkpoint exists; set OUTBOXD_SLOT_RECREATE=true or run `outboxd slot reset --yes` to recreate it and deliver every unprocessed row from the table",
+				ErrIrreconcilable, r.cfg.Slot, what)
+		}
+		log.Warn().Str("slot_state", what).Msg("recreating slot; unprocessed rows will be caught up from the table")
+	case slot.plugin != "pgoutput":
+		return 0, nil, fmt.Errorf("%w: slot %q uses plugin %q, outboxd needs pgoutput", ErrIrreconcilable, r.cfg.Slot, slot.plugin)
+	case !haveCP:
+		log.Warn().Msg("slot exists without a checkpoint; recreating it and catching up from the table")
+	case cp.CatchupPending:
+		log.Warn().Msg("the previous catch-up did not finish; recreating the slot and catching up again")
+	case cp.ConfirmsRecorded && slot.confirmedFlush > cp.LSN:
+		// outboxd records every position before confirming it: a slot ahead
+		// of the checkpoint was advanced by someone else (pg_replication_slot_advance,
+		// another consumer), and whatever it passed may never have been
+		// delivered. Streaming from there would skip those rows silently.
+		what := fmt.Sprintf("confirms %s, beyond the checkpoint %s: it was advanced outside outboxd, past rows that may not have been delivered", slot.confirmedFlush, cp.LSN)
+		if !r.cfg.SlotRecreate {
+			return 0, nil, fmt.Errorf("%w: slot %q %s; run `outboxd slot reset --yes` (or set OUTBOXD_SLOT_RECREATE=true) to recreate it and deliver every unprocessed row from the table",
+				ErrIrreconcilable, r.cfg.Slot, what)
+		}
+		log.Warn().Str("slot_state", what).Msg("recreating slot; unprocessed rows will be caught up from the table")
+	default:
+		if cp.Timeline != sys.Timeline {
+			log.Warn().Int32("checkpoint_timeline", cp.Timeline).Int32("timeline", sys.Timeline).Msg("timeline changed since the checkpoint")
+		}
+		start := max(cp.LSN, slot.confirmedFlush)
+		log.Info().Stringer("confirmed_flush_lsn", slot.confirmedFlush).Str("wal_status", slot.walStatus).Stringer("start_lsn", start).Msg("slot and checkpoint reconciled")
+		return start, nil, nil
+	}
+	if slot != nil {
+		if err := pglogrepl.DropReplicationSlot(ctx, conn, r.cfg.Slot, pglogrepl.DropReplicationSlotOptions{Wait: true}); err != nil {
+			return 0, nil, fmt.Errorf("drop slot %q: %w", r.cfg.Slot, err)
+		}
+	}
+	// Creating a logical slot waits for every transaction running in the
+	// cluster to end: say so while it waits, rather than look stuck.
+	waiting := time.AfterFunc(5*time.Second, func() {
+		r.log.Warn().Msg("creating the slot waits for transactions still running in the cluster (see pg_stat_activity: idle in transaction)")
+	})
+	res, err := pglogrepl.CreateReplicationSlot(ctx, conn, r.cfg.Slot, "pgoutput",
+		pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	waiting.Stop()
+	if err != nil {
+		return 0, nil, fmt.Errorf("create slot %q: %w", r.cfg.Slot, err)
+	}
+	consistent, err := pglogrepl.ParseLSN(res.ConsistentPoint)
+	if err != nil {
+		return 0, nil, fmt.Errorf("parse consistent point of slot %q: %w", r.cfg.Slot, err)
+	}
+	if err := r.store.Save(ctx, checkpoint.Checkpoint{LSN: consistent, SystemID: sys.SystemID, Timeline: sys.Timeline, CatchupPending: true}); err != nil {
+		return 0, nil, err
+	}
+	r.log.Info().Stringer("consistent_lsn", consistent).Msg("slot created")
+	return consistent, &snapshot{r: r, name: res.SnapshotName, lsn: consistent}, nil
+}
