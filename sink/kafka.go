@@ -274,8 +274,9 @@ func (k *Kafka) Deliver(ctx context.Context, events []*decode.Event) []Outcome {
 			rejected[i] = fmt.Errorf("topic: %w", err)
 		}
 	}
+	call := &kafkaCall{answers: make(chan produced, len(events)), inflight: make([]bool, len(events))}
 	out := deliverEach(ctx, k.policy, "produce to kafka", events, rejected, func(ctx context.Context, pending []int) attemptResult {
-		return k.attempt(ctx, events, pending)
+		return k.attempt(ctx, call, events, pending)
 	})
 	if ev := k.log.Debug(); ev.Enabled() {
 		ev.Int("events", len(events)).Int("failed", failed(out)).Msg("kafka delivery")
@@ -294,35 +295,57 @@ func failed(out []Outcome) int {
 }
 
 type produced struct {
-	j   int
+	i   int // the event's index in the Deliver call
 	err error
 }
 
-// attempt produces the pending events and waits, up to the timeout, for each
-// answer.
-func (k *Kafka) attempt(ctx context.Context, events []*decode.Event, pending []int) attemptResult {
+// kafkaCall is the state of one Deliver call across its attempts.
+type kafkaCall struct {
+	// answers receives the answer of every record produced by the call,
+	// whenever it comes; buffered for every event, so that a promise firing
+	// after the call returned never blocks the client.
+	answers chan produced
+	// inflight[i] is true while events[i]'s record is produced and not yet
+	// answered.
+	inflight []bool
+}
+
+// attempt produces the pending events whose records are not in flight and
+// waits, up to the timeout, for the answer of each pending one. A record an
+// earlier attempt produced and the broker has not answered yet is waited
+// for, never produced again: a second copy would follow the first into the
+// partition, behind the newer records produced after it, and put an older
+// event after a newer one (1 2 1 2). Records are produced under the call's
+// ctx, so an attempt's timeout does not withdraw them.
+func (k *Kafka) attempt(ctx context.Context, call *kafkaCall, events []*decode.Event, pending []int) attemptResult {
 	res := attemptResult{errs: make([]error, len(pending))}
 	actx, cancel := context.WithTimeout(ctx, k.timeout)
 	defer cancel()
-	// Buffered for every record, so that a promise firing after the attempt
-	// gave up never blocks the client.
-	answers := make(chan produced, len(pending))
-	answered := make([]bool, len(pending))
-	sent := 0
+	slot := make(map[int]int, len(pending))
 	extra := ExtraHeaders(ctx)
 	for j, i := range pending {
-		rec := k.record(events[i], extra)
-		sent++
-		k.client.Produce(actx, rec, func(_ *kgo.Record, err error) { answers <- produced{j, err} })
+		slot[i] = j
+		if call.inflight[i] {
+			continue
+		}
+		call.inflight[i] = true
+		k.client.Produce(ctx, k.record(events[i], extra), func(_ *kgo.Record, err error) { call.answers <- produced{i, err} })
 	}
-	for ; sent > 0; sent-- {
+	answered := make([]bool, len(pending))
+	for waiting := len(pending); waiting > 0; {
 		select {
-		case a := <-answers:
-			res.errs[a.j] = attemptErr(ctx, k.timeout, classifyKafka(a.err))
-			answered[a.j] = true
+		case a := <-call.answers:
+			call.inflight[a.i] = false
+			j, ok := slot[a.i]
+			if !ok || answered[j] {
+				continue
+			}
+			res.errs[j] = attemptErr(ctx, k.timeout, classifyKafka(a.err))
+			answered[j] = true
+			waiting--
 		case <-actx.Done():
-			// Records the broker may still write are left to the client;
-			// a retry duplicates them at worst (at-least-once).
+			// Records still in flight stay with the client; the next
+			// attempt waits for their answers.
 			err := attemptErr(ctx, k.timeout, actx.Err())
 			for j := range answered {
 				if !answered[j] {

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -322,6 +323,50 @@ func TestKafkaBrokerAnswersClassified(t *testing.T) {
 
 // With the cluster gone, deliveries fail, retryably, once the attempt times
 // out; cancelling the call ends it at once.
+// An attempt that times out while the broker still holds its records does
+// not produce them again: the next attempts wait for the answers of the
+// records in flight. A second copy used to follow the first into the
+// partition, behind the newer record produced after it: the log read 1 2 1 2,
+// an older event after a newer one of the same key.
+func TestKafkaTimedOutAttemptDoesNotProduceAgain(t *testing.T) {
+	t.Parallel()
+	c := newKfake(t, 1, "events")
+	var mu sync.Mutex
+	held := false
+	c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		mu.Lock()
+		first := !held
+		held = true
+		mu.Unlock()
+		if first {
+			// The broker stalls on the first request for longer than two
+			// attempts (the scenario, not a wait for the test).
+			c.SleepControl(func() { <-time.After(500 * time.Millisecond) })
+		}
+		return nil, nil, false
+	})
+	cfg := fastKafka(c, "events")
+	cfg.Timeout = 200 * time.Millisecond
+	cfg.MaxAttempts = 4
+	k := newKafka(t, cfg)
+	events := []*decode.Event{kafkaEvent(1, "batch_started", 7, "a"), kafkaEvent(2, "batch_completed", 7, "a")}
+	out := k.Deliver(t.Context(), events)
+	for _, o := range out {
+		require.NotErrorIs(t, o.Err, sink.ErrPermanent)
+	}
+	// A later delivery lands behind whatever the first one wrote.
+	require.NoError(t, k.Deliver(t.Context(), []*decode.Event{kafkaEvent(3, "batch_failed", 7, "a")})[0].Err)
+	recs := consume(t, c, 3, "events")
+	var ids []int64
+	for _, r := range recs {
+		got, err := sinktest.IDsFromJSON(r.Value)
+		require.NoError(t, err)
+		ids = append(ids, got...)
+	}
+	require.Equal(t, []int64{1, 2, 3}, ids, "each record once, in order")
+}
+
 func TestKafkaBrokerDownIsRetryable(t *testing.T) {
 	t.Parallel()
 	c := newKfake(t, 1, "events")
