@@ -7,7 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"sync"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -60,7 +63,8 @@ type JSONLines struct {
 	name   string
 	w      io.Writer
 	sync   func() error // fsync for regular files, nil otherwise
-	file   *os.File     // opened by NewJSONLines, closed by Close
+	file   *os.File     // opened by NewJSONLines, closed by Close; guarded by lock
+	path   string       // file's path, reopened when rotated away
 	policy retryPolicy
 	log    zerolog.Logger
 
@@ -70,6 +74,8 @@ type JSONLines struct {
 	// next write starts with a newline so that the partial line stays on its
 	// own and the retried lines are whole. Guarded by lock.
 	midLine bool
+	// pipeClosed logs a broken pipe once.
+	pipeClosed sync.Once
 }
 
 var _ Sink = (*JSONLines)(nil)
@@ -92,8 +98,37 @@ func NewJSONLines(cfg JSONLinesConfig, log zerolog.Logger) (*JSONLines, error) {
 		f.Close()
 		return nil, err
 	}
-	s.file = f
+	s.file, s.path = f, cfg.Path
 	return s, nil
+}
+
+// reopenIfRotated reopens the output file when its path no longer names the
+// open file: logrotate (or a person) moved or removed it. Lines then go to
+// the file at the path, created if missing, not to the rotated one. Called
+// with the lock held.
+func (s *JSONLines) reopenIfRotated() error {
+	if s.path == "" || s.file == nil {
+		return nil
+	}
+	at, err := os.Stat(s.path)
+	switch {
+	case err == nil:
+		if open, err := s.file.Stat(); err != nil || os.SameFile(at, open) {
+			return nil
+		}
+	case !errors.Is(err, fs.ErrNotExist):
+		return nil // cannot tell: keep the open file
+	}
+	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("reopen output file after rotation: %w", err)
+	}
+	if err := s.file.Close(); err != nil {
+		s.log.Warn().Err(err).Msg("close rotated output file")
+	}
+	s.file, s.w, s.sync, s.midLine = f, f, f.Sync, false
+	s.log.Info().Msg("output file was moved or removed (rotation): writing to a new one at its path")
+	return nil
 }
 
 // NewJSONLinesWriter validates cfg and returns a JSONLines sink writing to w
@@ -129,6 +164,8 @@ func (s *JSONLines) Name() string { return s.name }
 // Close closes the output file opened by NewJSONLines; standard output and
 // writers given to NewJSONLinesWriter are left open.
 func (s *JSONLines) Close() {
+	s.lock <- struct{}{}
+	defer func() { <-s.lock }()
 	if s.file != nil {
 		if err := s.file.Close(); err != nil {
 			s.log.Warn().Err(err).Msg("close output file")
@@ -217,6 +254,9 @@ func (s *JSONLines) write(ctx context.Context, buf []byte) error {
 }
 
 func (s *JSONLines) writeLocked(buf []byte) error {
+	if err := s.reopenIfRotated(); err != nil {
+		return err
+	}
 	if s.midLine {
 		buf = append([]byte{'\n'}, buf...)
 	}
@@ -226,6 +266,14 @@ func (s *JSONLines) writeLocked(buf []byte) error {
 	}
 	if err != nil {
 		s.midLine = n > 0 && buf[n-1] != '\n' || s.midLine && n == 0
+		if errors.Is(err, syscall.EPIPE) {
+			// The reader of the pipe is gone (outboxd runs with SIGPIPE
+			// ignored, so this is an error, not the end of the process):
+			// events park until outboxd restarts with a reader.
+			s.pipeClosed.Do(func() {
+				s.log.Error().Err(err).Msg("output closed by its reader (broken pipe): deliveries park until outboxd is restarted with a reader")
+			})
+		}
 		return fmt.Errorf("write: %w", err)
 	}
 	s.midLine = false

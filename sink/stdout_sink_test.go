@@ -124,6 +124,35 @@ func TestJSONLinesFile(t *testing.T) {
 	require.Len(t, readLines(t, path), 5)
 }
 
+// A file moved away (logrotate's default) or removed: the next lines go to
+// a new file at the path, not to the rotated one. Both used to land in the
+// rotated file, and the path was never recreated.
+func TestJSONLinesFileReopenedAfterRotation(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "events.jsonl")
+	cfg := fastLines()
+	cfg.Path = path
+	s, err := sink.NewJSONLines(cfg, zerolog.Nop())
+	require.NoError(t, err)
+	defer s.Close()
+	require.NoError(t, s.Deliver(t.Context(), []*decode.Event{lineEvent(1, `{}`)})[0].Err)
+
+	require.NoError(t, os.Rename(path, path+".1"))
+	require.NoError(t, s.Deliver(t.Context(), []*decode.Event{lineEvent(2, `{}`)})[0].Err)
+	require.Len(t, readLines(t, path+".1"), 1, "nothing more in the rotated file")
+	require.Len(t, readLines(t, path), 1, "a new file at the path")
+	fi, err := os.Stat(path)
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+
+	require.NoError(t, os.Remove(path))
+	require.NoError(t, s.Deliver(t.Context(), []*decode.Event{lineEvent(3, `{}`), lineEvent(4, `{}`)})[0].Err)
+	lines := readLines(t, path)
+	require.Len(t, lines, 2, "removed: recreated with the next lines")
+	require.Contains(t, lines[0], `"id":3`)
+}
+
 func TestJSONLinesBadBodyIsPermanentAlone(t *testing.T) {
 	t.Parallel()
 	var buf bytes.Buffer

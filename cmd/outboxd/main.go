@@ -20,6 +20,11 @@ import (
 var version = "dev"
 
 func main() {
+	// A reader that closes the pipe outboxd writes to (the stdout sink piped
+	// into another program) must not end the process without a word: with
+	// SIGPIPE ignored the write fails with EPIPE, which the sink logs, and
+	// nothing is marked delivered.
+	signal.Ignore(syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Getenv, os.Environ(), os.Stdout, os.Stderr)
 	stop()

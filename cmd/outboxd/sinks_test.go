@@ -8,10 +8,12 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -408,4 +410,54 @@ func TestPostHogVariables(t *testing.T) {
 	require.NoError(t, err)
 	defer s.Close()
 	require.ErrorIs(t, s.Deliver(t.Context(), []*decode.Event{ev})[0].Err, sink.ErrForbiddenAddress)
+}
+
+// The stdout sink piped into a program that exits: outboxd keeps running,
+// says so, and marks nothing. It used to die of SIGPIPE without a word.
+func TestStdoutSinkBrokenPipe(t *testing.T) {
+	t.Parallel()
+	b := newBundle(t, pgtest.Shared(t), map[string]string{"OUTBOXD_SINK": "stdout", "OUTBOXD_STDOUT_MAX_ATTEMPTS": "2"})
+	r, w, err := os.Pipe()
+	require.NoError(t, err)
+	require.NoError(t, r.Close()) // the reader is gone before the first line
+	logf, err := os.CreateTemp("", "outboxd-pipe-log-*.txt")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.Remove(logf.Name()) })
+	cmd := exec.Command(e2e.Binary(t), "run")
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME")}
+	for k, v := range b.env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	cmd.Stdout, cmd.Stderr = w, logf
+	require.NoError(t, cmd.Start())
+	require.NoError(t, w.Close())
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	logText := func() string { out, _ := os.ReadFile(logf.Name()); return string(out) }
+
+	ids := e2e.Insert(t, b.pool, 1, 3, func(int) int64 { return 1 })
+	e2e.WaitFor(t, time.Minute, func() bool {
+		select {
+		case err := <-exited:
+			exited <- err
+			return true
+		default:
+			return strings.Contains(logText(), "broken pipe")
+		}
+	}, func() string { return "no word of the broken pipe:\n" + logText() })
+	select {
+	case err := <-exited:
+		t.Fatalf("outboxd ended (%v); log:\n%s", err, logText())
+	default:
+	}
+	require.Contains(t, logText(), "output closed by its reader")
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	select {
+	case <-exited:
+	case <-time.After(time.Minute):
+		t.Fatal("outboxd did not stop on SIGTERM")
+	}
+	rows, _ := e2e.Processed(t, b.pool)
+	require.Zero(t, rows, "nothing written, nothing marked (%d rows inserted)", len(ids))
 }
