@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -223,6 +224,10 @@ func NewKafka(cfg KafkaConfig, log zerolog.Logger) (*Kafka, error) {
 	if cfg.AllowAutoTopicCreation {
 		opts = append(opts, kgo.AllowAutoTopicCreation())
 	}
+	topic.onCollision(func(name, earlier, expanded string) {
+		k.log.Warn().Str("event_name", name).Str("earlier_event_name", earlier).Str("topic", expanded).
+			Msg("two event names share one topic once made valid: consumers of it get both (tell them apart by outboxd-event-name)")
+	})
 	k.client, err = kgo.NewClient(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("kafka sink %q: create client: %w", cfg.Name, err)
@@ -457,6 +462,47 @@ const templateVar = "{event_name}"
 type template struct {
 	parts []string // literal text around the placeholders: len = placeholders+1
 	valid func(byte) bool
+	names *nameTable
+}
+
+// nameTable remembers which event name first expanded to each topic or
+// subject, so that two names made equal by sanitizing ("order.paid" and
+// "order_paid" on NATS) are said, not mixed silently.
+type nameTable struct {
+	mu    sync.Mutex
+	first map[string]string // expansion → first event name seen with it
+	said  map[string]bool   // event names already reported
+	// collide, when set, is told of each event name that expands like an
+	// earlier, different one (once per name).
+	collide func(name, earlier, expanded string)
+}
+
+// maxNames bounds the names a nameTable remembers: event names are a small
+// set, and a flood of distinct ones must not grow memory without end.
+const maxNames = 10000
+
+func (n *nameTable) note(name, expanded string) {
+	n.mu.Lock()
+	earlier, seen := n.first[expanded]
+	if !seen && len(n.first) < maxNames {
+		n.first[expanded] = name
+	}
+	report := seen && earlier != name && !n.said[name] && n.collide != nil
+	if report {
+		n.said[name] = true
+	}
+	collide := n.collide
+	n.mu.Unlock()
+	if report {
+		collide(name, earlier, expanded)
+	}
+}
+
+// onCollision sets what is told of colliding names.
+func (t template) onCollision(f func(name, earlier, expanded string)) {
+	t.names.mu.Lock()
+	defer t.names.mu.Unlock()
+	t.names.collide = f
 }
 
 // parseTemplate parses s. Braces other than "{event_name}" are refused, so a
@@ -471,7 +517,7 @@ func parseTemplate(s string, valid func(byte) bool) (template, error) {
 			return template{}, fmt.Errorf("%q: only %s may appear in braces", s, templateVar)
 		}
 	}
-	return template{parts: parts, valid: valid}, nil
+	return template{parts: parts, valid: valid, names: &nameTable{first: map[string]string{}, said: map[string]bool{}}}, nil
 }
 
 func (t template) dynamic() bool { return len(t.parts) > 1 }
@@ -482,7 +528,9 @@ func (t template) expand(name string) string {
 		return t.parts[0]
 	}
 	safe := sanitizeName(name, t.valid)
-	return strings.Join(t.parts, safe)
+	out := strings.Join(t.parts, safe)
+	t.names.note(name, out)
+	return out
 }
 
 // sanitizeName replaces each byte for which valid is false by '_': a

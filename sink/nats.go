@@ -153,6 +153,10 @@ func NewNATS(ctx context.Context, cfg NATSConfig, log zerolog.Logger) (*NATS, er
 		policy:   retryPolicy{maxAttempts: cfg.MaxAttempts, backoffMin: cfg.BackoffMin, backoffMax: cfg.BackoffMax},
 		redacted: strings.Join(hosts, ","),
 	}
+	subject.onCollision(func(name, earlier, expanded string) {
+		n.log.Warn().Str("event_name", name).Str("earlier_event_name", earlier).Str("subject", expanded).
+			Msg("two event names share one subject once made valid: subscribers of it get both (tell them apart by outboxd-event-name)")
+	})
 	n.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", n.redacted).Logger()
 	opts := []nats.Option{
 		nats.Name("outboxd"),

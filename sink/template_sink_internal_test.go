@@ -32,3 +32,35 @@ func TestTemplateExpansion(t *testing.T) {
 		require.Error(t, err, bad)
 	}
 }
+
+// Two event names that sanitizing makes equal share a subject (or topic):
+// the second is reported once, with the first, never mixed in silently.
+func TestTemplateReportsCollidingNames(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		tmpl        string
+		valid       func(byte) bool
+		first, then string
+		expanded    string
+	}{
+		{"events.{event_name}", validSubjectByte, "order.paid", "order_paid", "events.order_paid"},
+		{"events.{event_name}", validKafkaTopicByte, "order:paid", "order_paid", "events.order_paid"},
+	} {
+		tp, err := parseTemplate(tc.tmpl, tc.valid)
+		require.NoError(t, err)
+		var got [][3]string
+		tp.onCollision(func(name, earlier, expanded string) { got = append(got, [3]string{name, earlier, expanded}) })
+		for range 3 {
+			require.Equal(t, tc.expanded, tp.expand(tc.first))
+			require.Equal(t, tc.expanded, tp.expand(tc.then))
+			tp.expand("batch_started")
+		}
+		require.Equal(t, [][3]string{{tc.then, tc.first, tc.expanded}}, got, tc.tmpl)
+	}
+	// A fixed subject is no collision: every event goes there by design.
+	fixed, err := parseTemplate("events", validSubjectByte)
+	require.NoError(t, err)
+	fixed.onCollision(func(string, string, string) { t.Error("a fixed subject reported a collision") })
+	fixed.expand("a")
+	fixed.expand("b")
+}
