@@ -3,8 +3,10 @@ package sink
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -75,8 +77,16 @@ type KafkaConfig struct {
 	KeyBy string
 	// ClientID is the Kafka client id. Default "outboxd".
 	ClientID string
-	// TLS connects to the brokers with TLS (1.2 or later, system roots).
+	// TLS connects to the brokers with TLS (1.2 or later), trusting the
+	// system roots, or TLSCAFile's when set. Setting any TLS file implies it.
 	TLS bool
+	// TLSCAFile is a PEM file of the CA certificates that sign the
+	// brokers' certificates (a private CA).
+	TLSCAFile string
+	// TLSCertFile and TLSKeyFile are a PEM client certificate and its key,
+	// for brokers that authenticate clients by certificate (mTLS). Both or
+	// neither.
+	TLSCertFile, TLSKeyFile string
 	// SASLMechanism is "", "plain", "scram-sha-256" or "scram-sha-512".
 	SASLMechanism string
 	// SASLUser and SASLPassword are the SASL credentials; the password never
@@ -120,6 +130,11 @@ func (c *KafkaConfig) Validate() error {
 	}
 	if len(c.Brokers) == 0 {
 		bad("Brokers", "required: at least one host:port")
+	}
+	if c.tlsOn() {
+		if _, field, err := kafkaTLS(*c); err != nil {
+			bad(field, "%v", err)
+		}
 	}
 	for i, b := range c.Brokers {
 		if b == "" || strings.ContainsAny(b, " /") {
@@ -215,8 +230,14 @@ func NewKafka(cfg KafkaConfig, log zerolog.Logger) (*Kafka, error) {
 		kgo.ProducerLinger(0),
 		kgo.ProduceRequestTimeout(cfg.Timeout),
 	}
-	if cfg.TLS {
-		opts = append(opts, kgo.DialTLSConfig(&tls.Config{MinVersion: tls.VersionTLS12}))
+	if cfg.tlsOn() {
+		tc, field, err := kafkaTLS(cfg)
+		if err != nil {
+			return nil, fmt.Errorf("kafka sink %q: %s: %w", cfg.Name, field, err)
+		}
+		opts = append(opts, kgo.DialTLSConfig(tc))
+	} else if cfg.SASLMechanism == "plain" {
+		k.log.Warn().Msg("SASL PLAIN without TLS: the password crosses the network in clear text; set TLS")
 	}
 	if m := saslMechanism(cfg); m != nil {
 		opts = append(opts, kgo.SASL(m))
@@ -233,6 +254,38 @@ func NewKafka(cfg KafkaConfig, log zerolog.Logger) (*Kafka, error) {
 		return nil, fmt.Errorf("kafka sink %q: create client: %w", cfg.Name, err)
 	}
 	return k, nil
+}
+
+// kafkaTLS builds the TLS configuration: system roots or the CA file, and
+// the client certificate when given. A failure names the field at fault.
+func kafkaTLS(cfg KafkaConfig) (_ *tls.Config, field string, _ error) {
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if cfg.TLSCAFile != "" {
+		pem, err := os.ReadFile(cfg.TLSCAFile)
+		if err != nil {
+			return nil, "TLSCAFile", err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, "TLSCAFile", fmt.Errorf("%s holds no PEM certificate", cfg.TLSCAFile)
+		}
+		tc.RootCAs = pool
+	}
+	if (cfg.TLSCertFile == "") != (cfg.TLSKeyFile == "") {
+		return nil, "TLSCertFile", errors.New("a client certificate needs its key, and a key its certificate: set both files")
+	}
+	if cfg.TLSCertFile != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLSCertFile, cfg.TLSKeyFile)
+		if err != nil {
+			return nil, "TLSCertFile", fmt.Errorf("load client certificate: %w", err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	}
+	return tc, "", nil
+}
+
+func (c *KafkaConfig) tlsOn() bool {
+	return c.TLS || c.TLSCAFile != "" || c.TLSCertFile != "" || c.TLSKeyFile != ""
 }
 
 func saslMechanism(cfg KafkaConfig) sasl.Mechanism {

@@ -1,8 +1,20 @@
 package sink_test
 
 import (
+	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -367,6 +379,78 @@ func TestKafkaTimedOutAttemptDoesNotProduceAgain(t *testing.T) {
 	require.Equal(t, []int64{1, 2, 3}, ids, "each record once, in order")
 }
 
+// writeTestCA makes a CA and a certificate it signs for 127.0.0.1 (for the
+// broker), writes the CA and a client certificate and key as PEM files, and
+// returns the broker's certificate and the files.
+func writeTestCA(t *testing.T) (server tls.Certificate, caFile, certFile, keyFile string) {
+	t.Helper()
+	dir := t.TempDir()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "outboxd test CA"},
+		NotBefore: time.Unix(0, 0), NotAfter: time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	require.NoError(t, err)
+	ca, err := x509.ParseCertificate(caDER)
+	require.NoError(t, err)
+	issue := func(serial int64, usage x509.ExtKeyUsage) ([]byte, *ecdsa.PrivateKey) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		require.NoError(t, err)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: "127.0.0.1"},
+			NotBefore: time.Unix(0, 0), NotAfter: time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+			ExtKeyUsage: []x509.ExtKeyUsage{usage}, KeyUsage: x509.KeyUsageDigitalSignature}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+		require.NoError(t, err)
+		return der, key
+	}
+	srvDER, srvKey := issue(2, x509.ExtKeyUsageServerAuth)
+	server = tls.Certificate{Certificate: [][]byte{srvDER}, PrivateKey: srvKey}
+	cliDER, cliKey := issue(3, x509.ExtKeyUsageClientAuth)
+	keyDER, err := x509.MarshalECPrivateKey(cliKey)
+	require.NoError(t, err)
+	write := func(name, typ string, der []byte) string {
+		p := filepath.Join(dir, name)
+		require.NoError(t, os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600))
+		return p
+	}
+	return server, write("ca.pem", "CERTIFICATE", caDER), write("client.pem", "CERTIFICATE", cliDER), write("client.key", "EC PRIVATE KEY", keyDER)
+}
+
+// A broker whose certificate a private CA signs, which also asks for a client
+// certificate: the CA file and the client certificate get the records
+// through; the system roots alone do not.
+func TestKafkaTLSWithPrivateCAAndClientCertificate(t *testing.T) {
+	t.Parallel()
+	server, caFile, certFile, keyFile := writeTestCA(t)
+	pool := x509.NewCertPool()
+	caPEM, err := os.ReadFile(caFile)
+	require.NoError(t, err)
+	require.True(t, pool.AppendCertsFromPEM(caPEM))
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "events"), kfake.TLS(&tls.Config{
+		Certificates: []tls.Certificate{server}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12}))
+	require.NoError(t, err)
+	t.Cleanup(c.Close)
+
+	cfg := fastKafka(c, "events")
+	cfg.TLSCAFile, cfg.TLSCertFile, cfg.TLSKeyFile = caFile, certFile, keyFile
+	k := newKafka(t, cfg)
+	require.NoError(t, k.Ping(t.Context()))
+	require.NoError(t, k.Deliver(t.Context(), []*decode.Event{kafkaEvent(1, "batch_started", 1, "a")})[0].Err)
+
+	// System roots only: the broker's certificate is not trusted.
+	plain := fastKafka(c, "events")
+	plain.TLS = true
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Second)
+	defer cancel()
+	require.Error(t, newKafka(t, plain).Ping(ctx))
+
+	// A key without its certificate is refused at start, naming the field.
+	half := fastKafka(c, "events")
+	half.TLSKeyFile = keyFile
+	require.ErrorContains(t, half.Validate(), "TLSCertFile")
+}
+
 func TestKafkaBrokerDownIsRetryable(t *testing.T) {
 	t.Parallel()
 	c := newKfake(t, 1, "events")
@@ -457,4 +541,20 @@ func TestKafkaConfigErrorsNameTheField(t *testing.T) {
 	}
 	cfg := sink.KafkaConfig{Brokers: []string{"b:9092"}, Topic: "t", SASLMechanism: "plain", SASLUser: "u", SASLPassword: "pw-secret", MaxAttempts: -1}
 	require.NotContains(t, cfg.Validate().Error(), "pw-secret")
+}
+
+// SASL PLAIN without TLS sends the password in clear text: said at start.
+func TestKafkaPlainWithoutTLSWarns(t *testing.T) {
+	t.Parallel()
+	c := newKfake(t, 1, "events")
+	for _, tlsOn := range []bool{false, true} {
+		var logs bytes.Buffer
+		cfg := fastKafka(c, "events")
+		cfg.SASLMechanism, cfg.SASLUser, cfg.SASLPassword, cfg.TLS = "plain", "u", "s3cret-pw", tlsOn
+		k, err := sink.NewKafka(cfg, zerolog.New(&logs))
+		require.NoError(t, err)
+		k.Close()
+		require.Equal(t, !tlsOn, strings.Contains(logs.String(), "SASL PLAIN without TLS"), "tls=%v: %s", tlsOn, logs.String())
+		require.NotContains(t, logs.String(), "s3cret-pw")
+	}
 }

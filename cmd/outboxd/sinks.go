@@ -36,6 +36,9 @@ type kafkaEnv struct {
 	Topic         string        `env:"KAFKA_TOPIC"`
 	ClientID      string        `env:"KAFKA_CLIENT_ID" envDefault:"outboxd"`
 	TLS           bool          `env:"KAFKA_TLS" envDefault:"false"`
+	TLSCAFile     string        `env:"KAFKA_TLS_CA_FILE"`
+	TLSCertFile   string        `env:"KAFKA_TLS_CERT_FILE"`
+	TLSKeyFile    string        `env:"KAFKA_TLS_KEY_FILE"`
 	SASLMechanism string        `env:"KAFKA_SASL_MECHANISM"`
 	SASLUser      string        `env:"KAFKA_SASL_USERNAME"`
 	SASLPassword  string        `env:"KAFKA_SASL_PASSWORD"`
@@ -244,12 +247,13 @@ func buildKafka(envMap map[string]string, log zerolog.Logger) (closableSink, err
 	}
 	cfg := sink.KafkaConfig{
 		Name: "kafka", Brokers: brokers, Topic: e.Topic, KeyBy: e.OrderingKey, ClientID: e.ClientID,
-		TLS: e.TLS, SASLMechanism: strings.ToLower(e.SASLMechanism), SASLUser: e.SASLUser, SASLPassword: e.SASLPassword,
+		TLS: e.TLS, TLSCAFile: e.TLSCAFile, TLSCertFile: e.TLSCertFile, TLSKeyFile: e.TLSKeyFile, SASLMechanism: strings.ToLower(e.SASLMechanism), SASLUser: e.SASLUser, SASLPassword: e.SASLPassword,
 		AllowAutoTopicCreation: e.AutoCreate, Timeout: e.Timeout, MaxAttempts: e.MaxAttempts,
 		BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax,
 	}
 	if err := validateNamed(cfg.Validate, map[string]string{
 		"Brokers": "KAFKA_BROKERS", "Topic": "KAFKA_TOPIC", "KeyBy": "ORDERING_KEY", "ClientID": "KAFKA_CLIENT_ID",
+		"TLSCAFile": "KAFKA_TLS_CA_FILE", "TLSCertFile": "KAFKA_TLS_CERT_FILE",
 		"SASLMechanism": "KAFKA_SASL_MECHANISM", "SASLUser": "KAFKA_SASL_USERNAME", "SASLPassword": "KAFKA_SASL_PASSWORD",
 		"Timeout": "KAFKA_TIMEOUT", "MaxAttempts": "KAFKA_MAX_ATTEMPTS", "BackoffMax": "KAFKA_BACKOFF_MAX",
 	}); err != nil {
