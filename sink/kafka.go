@@ -26,6 +26,9 @@ import (
 const (
 	DefaultKafkaName     = "kafka"
 	DefaultKafkaClientID = "outboxd"
+	// DefaultKafkaMaxRecordBytes is franz-go's default batch cap, which
+	// Kafka's default max.message.bytes matches.
+	DefaultKafkaMaxRecordBytes = 1 << 20
 )
 
 // Record keys: which ordering key becomes the Kafka record key, so that the
@@ -93,6 +96,10 @@ type KafkaConfig struct {
 	// appears in logs or errors.
 	SASLUser     string
 	SASLPassword string
+	// MaxRecordBytes caps a record (and a produce batch): a bigger one fails
+	// permanently without being sent. Set it to the brokers' and topics'
+	// max.message.bytes when they allow more. Default 1 MiB (franz-go's).
+	MaxRecordBytes int
 	// AllowAutoTopicCreation lets brokers configured for it create missing
 	// topics on first produce. Default false: a missing topic is a retryable
 	// failure until it is created.
@@ -124,9 +131,15 @@ func (c *KafkaConfig) Validate() error {
 	if c.Timeout == 0 {
 		c.Timeout = DefaultTimeout
 	}
+	if c.MaxRecordBytes == 0 {
+		c.MaxRecordBytes = DefaultKafkaMaxRecordBytes
+	}
 	var errs []error
 	bad := func(field, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("kafka sink %q: %s: %s", c.Name, field, fmt.Sprintf(format, args...)))
+	}
+	if c.MaxRecordBytes < 1024 || c.MaxRecordBytes > 1<<30 {
+		bad("MaxRecordBytes", "must be between 1024 and 1073741824, got %d", c.MaxRecordBytes)
 	}
 	if len(c.Brokers) == 0 {
 		bad("Brokers", "required: at least one host:port")
@@ -229,6 +242,7 @@ func NewKafka(cfg KafkaConfig, log zerolog.Logger) (*Kafka, error) {
 		// add latency to every call.
 		kgo.ProducerLinger(0),
 		kgo.ProduceRequestTimeout(cfg.Timeout),
+		kgo.ProducerBatchMaxBytes(int32(cfg.MaxRecordBytes)),
 	}
 	if cfg.tlsOn() {
 		tc, field, err := kafkaTLS(cfg)

@@ -283,6 +283,14 @@ func TestKafkaTooLargeRecordIsPermanent(t *testing.T) {
 	out = k.Deliver(t.Context(), []*decode.Event{kafkaEvent(2, "batch_started", 1, "a")})
 	require.NoError(t, out[0].Err)
 	consume(t, c, 1, "events")
+
+	// Brokers that take bigger messages: the cap comes from configuration.
+	big := fastKafka(c, "events")
+	big.MaxRecordBytes = 4 << 20
+	require.NoError(t, newKafka(t, big).Deliver(t.Context(), []*decode.Event{huge})[0].Err)
+	small := fastKafka(c, "events")
+	small.MaxRecordBytes = 10
+	require.ErrorContains(t, small.Validate(), "MaxRecordBytes")
 }
 
 func TestKafkaBrokerAnswersClassified(t *testing.T) {

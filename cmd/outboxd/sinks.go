@@ -43,6 +43,7 @@ type kafkaEnv struct {
 	SASLUser      string        `env:"KAFKA_SASL_USERNAME"`
 	SASLPassword  string        `env:"KAFKA_SASL_PASSWORD"`
 	AutoCreate    bool          `env:"KAFKA_AUTO_CREATE_TOPICS" envDefault:"false"`
+	MaxRecord     int           `env:"KAFKA_MAX_RECORD_BYTES" envDefault:"1048576"`
 	Timeout       time.Duration `env:"KAFKA_TIMEOUT" envDefault:"10s"`
 	MaxAttempts   int           `env:"KAFKA_MAX_ATTEMPTS" envDefault:"8"`
 	BackoffMax    time.Duration `env:"KAFKA_BACKOFF_MAX" envDefault:"30s"`
@@ -248,12 +249,12 @@ func buildKafka(envMap map[string]string, log zerolog.Logger) (closableSink, err
 	cfg := sink.KafkaConfig{
 		Name: "kafka", Brokers: brokers, Topic: e.Topic, KeyBy: e.OrderingKey, ClientID: e.ClientID,
 		TLS: e.TLS, TLSCAFile: e.TLSCAFile, TLSCertFile: e.TLSCertFile, TLSKeyFile: e.TLSKeyFile, SASLMechanism: strings.ToLower(e.SASLMechanism), SASLUser: e.SASLUser, SASLPassword: e.SASLPassword,
-		AllowAutoTopicCreation: e.AutoCreate, Timeout: e.Timeout, MaxAttempts: e.MaxAttempts,
+		AllowAutoTopicCreation: e.AutoCreate, MaxRecordBytes: e.MaxRecord, Timeout: e.Timeout, MaxAttempts: e.MaxAttempts,
 		BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax,
 	}
 	if err := validateNamed(cfg.Validate, map[string]string{
 		"Brokers": "KAFKA_BROKERS", "Topic": "KAFKA_TOPIC", "KeyBy": "ORDERING_KEY", "ClientID": "KAFKA_CLIENT_ID",
-		"TLSCAFile": "KAFKA_TLS_CA_FILE", "TLSCertFile": "KAFKA_TLS_CERT_FILE",
+		"TLSCAFile": "KAFKA_TLS_CA_FILE", "TLSCertFile": "KAFKA_TLS_CERT_FILE", "MaxRecordBytes": "KAFKA_MAX_RECORD_BYTES",
 		"SASLMechanism": "KAFKA_SASL_MECHANISM", "SASLUser": "KAFKA_SASL_USERNAME", "SASLPassword": "KAFKA_SASL_PASSWORD",
 		"Timeout": "KAFKA_TIMEOUT", "MaxAttempts": "KAFKA_MAX_ATTEMPTS", "BackoffMax": "KAFKA_BACKOFF_MAX",
 	}); err != nil {

@@ -313,6 +313,8 @@ func TestSinkConfigErrorsNameTheVariable(t *testing.T) {
 			"OUTBOXD_KAFKA_TLS_CA_FILE": "/nonexistent/ca.pem"}, "OUTBOXD_KAFKA_TLS_CA_FILE"},
 		{map[string]string{"OUTBOXD_SINK": "kafka", "OUTBOXD_KAFKA_BROKERS": "b:9092", "OUTBOXD_KAFKA_TOPIC": "t",
 			"OUTBOXD_KAFKA_TLS_KEY_FILE": "/nonexistent/key.pem"}, "OUTBOXD_KAFKA_TLS_CERT_FILE"},
+		{map[string]string{"OUTBOXD_SINK": "kafka", "OUTBOXD_KAFKA_BROKERS": "b:9092", "OUTBOXD_KAFKA_TOPIC": "t",
+			"OUTBOXD_KAFKA_MAX_RECORD_BYTES": "10"}, "OUTBOXD_KAFKA_MAX_RECORD_BYTES"},
 		{map[string]string{"OUTBOXD_SINK": "nats"}, "OUTBOXD_NATS_URL"},
 		{map[string]string{"OUTBOXD_SINK": "nats", "OUTBOXD_NATS_URL": "nats://u:pw-s3cret@127.0.0.1:1", "OUTBOXD_NATS_SUBJECT": "a..b"}, "OUTBOXD_NATS_SUBJECT"},
 		{map[string]string{"OUTBOXD_SINK": "posthog"}, "OUTBOXD_POSTHOG_PROJECT_API_KEY"},
