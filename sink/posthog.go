@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -102,7 +103,9 @@ func posthogEndpoint(host string) (*url.URL, error) {
 	if u.User != nil || u.RawQuery != "" || u.Fragment != "" {
 		return nil, errors.New("must be scheme://host[:port][/path], without credentials or query")
 	}
-	u.Path = strings.TrimSuffix(u.Path, "/") + "/batch/"
+	// A host given with the endpoint itself ("…/batch/") is taken as the
+	// host: posting to …/batch/batch/ would be refused.
+	u.Path = strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(u.Path, "/"), "/batch"), "/") + "/batch/"
 	u.RawPath = ""
 	return u, nil
 }
@@ -126,10 +129,12 @@ func posthogEndpoint(host string) (*url.URL, error) {
 // false, so that no person profile is made up for it. The outboxd keys win
 // over event properties of the same name.
 //
-// 2xx acknowledges; 408, 429, 5xx and transport errors are retried, honouring
-// Retry-After; other answers (3xx included: redirects are not followed) are
-// permanent, as is a destination address refused by the guard (see
-// AllowPrivate). The API key travels in the body only and never appears in
+// 2xx acknowledges; 408, 429, 5xx, 401, 403 (a key refused: every event
+// alike) and transport errors are retried, honouring Retry-After; other
+// answers (3xx included: redirects are not followed) are permanent, as is a
+// destination address refused by the guard (see AllowPrivate). An event over
+// PostHog's 1 MB limit fails permanently without being sent; a call's events
+// go in requests of at most 16 MB, and a request answered 413 is split. The API key travels in the body only and never appears in
 // an error or a log line.
 type PostHog struct {
 	name      string
@@ -143,6 +148,9 @@ type PostHog struct {
 	client    *http.Client
 	scrub     *strings.Replacer
 	log       zerolog.Logger
+	// keyRefused is set while PostHog refuses the key (401/403), so that
+	// it is logged once per outage.
+	keyRefused atomic.Bool
 }
 
 var _ Sink = (*PostHog)(nil)
@@ -198,6 +206,9 @@ func (p *PostHog) Deliver(ctx context.Context, events []*decode.Event) []Outcome
 			continue
 		}
 		item, err := posthogEvent(ev)
+		if err == nil && len(item) > posthogMaxEventBytes {
+			err = fmt.Errorf("event of %d bytes is over PostHog's limit of %d bytes per event (PostHog would drop it after accepting it)", len(item), posthogMaxEventBytes)
+		}
 		if err != nil {
 			if rejected == nil {
 				rejected = make([]error, len(events))
@@ -208,18 +219,68 @@ func (p *PostHog) Deliver(ctx context.Context, events []*decode.Event) []Outcome
 		items[i] = item
 	}
 	return deliverEach(ctx, p.policy, "post posthog batch "+p.redacted, events, rejected, func(ctx context.Context, pending []int) attemptResult {
-		batch := make([]json.RawMessage, len(pending))
-		for j, i := range pending {
-			batch[j] = items[i]
-		}
 		res := attemptResult{errs: make([]error, len(pending))}
-		var err error
-		res.status, res.retryAfter, err = p.post(ctx, batch)
-		for j := range pending {
-			res.errs[j] = err
-		}
+		p.sendChunks(ctx, items, pending, 0, &res)
 		return res
 	})
+}
+
+// PostHog's limits: it drops an event over about 1 MB (after answering 2xx)
+// and refuses a request body over its batch limit (413).
+const (
+	posthogMaxEventBytes = 1_000_000
+	posthogMaxBatchBytes = 16 << 20 // below the 20 MB the capture API takes
+)
+
+// sendChunks posts the events at pending[from:] in order, in requests of at
+// most posthogMaxBatchBytes, and fills res.errs. A chunk answered 413 is
+// split in two and sent again, down to single events (then permanent). After
+// a chunk that failed otherwise, the events behind it are not sent
+// (errNotSent), so that they never overtake it.
+func (p *PostHog) sendChunks(ctx context.Context, items []json.RawMessage, pending []int, from int, res *attemptResult) {
+	for start := from; start < len(pending); {
+		end, size := start, 0
+		for end < len(pending) && (end == start || size+len(items[pending[end]])+1 <= posthogMaxBatchBytes) {
+			size += len(items[pending[end]]) + 1
+			end++
+		}
+		if !p.sendChunk(ctx, items, pending[start:end], res.errs[start:end], res) {
+			for j := end; j < len(pending); j++ {
+				res.errs[j] = errNotSent
+			}
+			return
+		}
+		start = end
+	}
+}
+
+// sendChunk posts one chunk (splitting it on 413) and reports whether all of
+// it was acknowledged.
+func (p *PostHog) sendChunk(ctx context.Context, items []json.RawMessage, chunk []int, errs []error, res *attemptResult) bool {
+	batch := make([]json.RawMessage, len(chunk))
+	for j, i := range chunk {
+		batch[j] = items[i]
+	}
+	status, retryAfter, err := p.post(ctx, batch)
+	res.status = status
+	if retryAfter > 0 {
+		res.retryAfter = retryAfter
+	}
+	if status == http.StatusRequestEntityTooLarge && len(chunk) > 1 {
+		half := len(chunk) / 2
+		p.log.Info().Int("events", len(chunk)).Msg("posthog refused the batch as too large (413): sending it in two")
+		if !p.sendChunk(ctx, items, chunk[:half], errs[:half], res) {
+			for j := half; j < len(chunk); j++ {
+				errs[j] = errNotSent
+			}
+			return false
+		}
+		return p.sendChunk(ctx, items, chunk[half:], errs[half:], res)
+	}
+	for j := range errs {
+		errs[j] = err
+	}
+	return err == nil
 }
 
 // posthogBatch is the body of a /batch/ request.
@@ -260,10 +321,20 @@ func (p *PostHog) post(ctx context.Context, batch []json.RawMessage) (status int
 	p.log.Debug().Int("events", len(batch)).Int("status", status).Dur("duration", time.Since(started)).Msg("posthog attempt")
 	switch classify(status) {
 	case statusOK:
+		p.keyRefused.Store(false)
 		return status, retryAfter, nil
 	case statusRetryable:
 		return status, retryAfter, fmt.Errorf("status %d%s", status, quote(snippet))
 	default: // PostHog has no 410 meaning: it is permanent like other 4xx
+		if status == http.StatusUnauthorized || status == http.StatusForbidden {
+			// A wrong key (or an EU key on the US host) refuses every
+			// event alike: parking them until it is fixed loses nothing,
+			// dead-lettering would dead-letter the whole stream.
+			if !p.keyRefused.Swap(true) {
+				p.log.Error().Int("status", status).Msg("PostHog refused the project API key: check POSTHOG_PROJECT_API_KEY and POSTHOG_HOST (an EU project's key is refused on the US host); deliveries park until it is fixed")
+			}
+			return status, retryAfter, fmt.Errorf("status %d: the project API key was refused%s", status, quote(snippet))
+		}
 		if status >= 300 && status < 400 {
 			return status, retryAfter, fmt.Errorf("%w: status %d: redirects are not followed", ErrPermanent, status)
 		}

@@ -268,7 +268,8 @@ func TestPostHogAnswersClassified(t *testing.T) {
 		{http.StatusTooManyRequests, "0", false},
 		{http.StatusRequestTimeout, "", false},
 		{http.StatusBadRequest, "", true},
-		{http.StatusUnauthorized, "", true},
+		{http.StatusUnauthorized, "", false}, // the key: every event alike, park
+		{http.StatusForbidden, "", false},
 		{http.StatusRequestEntityTooLarge, "", true},
 		{http.StatusGone, "", true},
 		{http.StatusFound, "", true},
@@ -368,8 +369,10 @@ func TestPostHogAPIKeyNeverInErrorsOrLogs(t *testing.T) {
 	var logs syncBuffer
 	p := newPostHog(t, fastPostHog(ps.srv.URL), zerolog.New(&logs).Level(zerolog.TraceLevel))
 	out := p.Deliver(t.Context(), []*decode.Event{phEvent(1, `{"id":1}`)})
-	require.ErrorIs(t, out[0].Err, sink.ErrPermanent)
+	require.Error(t, out[0].Err)
+	require.NotErrorIs(t, out[0].Err, sink.ErrPermanent, "a refused key parks the event: it is no fault of the event")
 	require.Contains(t, out[0].Err.Error(), "invalid api_key [REDACTED]")
+	require.Equal(t, 1, strings.Count(logs.String(), "refused the project API key"), "said once per outage")
 	require.NotContains(t, out[0].Err.Error(), posthogKey)
 	require.NotEmpty(t, logs.String())
 	require.NotContains(t, logs.String(), posthogKey)
@@ -394,4 +397,71 @@ func TestPostHogConfig(t *testing.T) {
 		require.ErrorContains(t, c.Validate(), field+":", field)
 	}
 	require.False(t, strings.Contains(fmt.Sprint((&sink.PostHogConfig{Host: "https://user:pw@x"}).Validate()), "pw"))
+}
+
+// PostHog's limits: an event over 1 MB is refused before sending (PostHog
+// would answer 2xx and drop it, and the row would be marked); a batch PostHog
+// finds too large (413) is split and sent again, in order, and nothing is
+// dead-lettered for it.
+func TestPostHogLimits(t *testing.T) {
+	t.Parallel()
+	ps := newPostHogServer(t, func(_ int, w http.ResponseWriter, _ *http.Request, b capturedBatch) {
+		if len(b.body.Batch) > 2 {
+			http.Error(w, "payload too large", http.StatusRequestEntityTooLarge)
+			return
+		}
+		_, _ = w.Write([]byte(`{"status":1}`))
+	})
+	p := newPostHog(t, fastPostHog(ps.srv.URL), zerolog.Nop())
+	huge := phEvent(3, fmt.Sprintf(`{"id":3,"event_name":"e","properties":{"pad":%q}}`, strings.Repeat("x", 1_100_000)))
+	var events []*decode.Event
+	for id := int64(1); id <= 7; id++ {
+		if id == 3 {
+			events = append(events, huge)
+			continue
+		}
+		events = append(events, phEvent(id, fmt.Sprintf(`{"id":%d,"event_name":"e"}`, id)))
+	}
+	out := p.Deliver(t.Context(), events)
+	for i, o := range out {
+		if i == 2 {
+			require.ErrorIs(t, o.Err, sink.ErrPermanent)
+			require.ErrorContains(t, o.Err, "over PostHog's limit")
+			require.Zero(t, o.Attempts, "never sent")
+			continue
+		}
+		require.NoError(t, o.Err, "event %d", i+1)
+	}
+	var sent []int64
+	for _, r := range ps.requests() {
+		if r.path != "/batch/" {
+			t.Fatalf("posted to %s", r.path)
+		}
+		for _, item := range r.body.Batch {
+			var it struct {
+				Properties struct {
+					ID int64 `json:"outboxd_event_id"`
+				} `json:"properties"`
+			}
+			require.NoError(t, json.Unmarshal(item, &it))
+			if len(r.body.Batch) <= 2 {
+				sent = append(sent, it.Properties.ID)
+			}
+		}
+	}
+	require.Equal(t, []int64{1, 2, 4, 5, 6, 7}, sent, "accepted once each, in order, the oversized one never")
+}
+
+// A host given with the endpoint's path posts to /batch/, not /batch/batch/.
+func TestPostHogHostWithBatchPath(t *testing.T) {
+	t.Parallel()
+	ps := newPostHogServer(t, nil)
+	for _, host := range []string{ps.srv.URL + "/batch/", ps.srv.URL + "/batch", ps.srv.URL + "/"} {
+		cfg := fastPostHog(host)
+		p := newPostHog(t, cfg, zerolog.Nop())
+		require.NoError(t, p.Deliver(t.Context(), []*decode.Event{phEvent(1, `{"id":1,"event_name":"e"}`)})[0].Err, host)
+	}
+	for _, r := range ps.requests() {
+		require.Equal(t, "/batch/", r.path)
+	}
 }
