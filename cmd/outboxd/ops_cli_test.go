@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -16,6 +18,8 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outboxd/outboxd/internal/e2e"
 	"github.com/outboxd/outboxd/internal/pgtest"
@@ -364,6 +368,64 @@ func TestReplayCommandRate(t *testing.T) {
 	t.Logf("9 events at 20/s: %s", elapsed)
 	require.GreaterOrEqual(t, elapsed, 400*time.Millisecond)
 	require.Contains(t, errOut, "replay progress", "off a terminal, progress is logged")
+}
+
+// replay goes to the sink run delivers to: here stdout into a file, and a
+// Kafka cluster (kfake), with the events' message ids. It used to need
+// OUTBOXD_WEBHOOK_URL whatever OUTBOXD_SINK said (exit 2).
+func TestReplayToOtherSinks(t *testing.T) {
+	t.Parallel()
+	db := newOpsDB(t)
+	ids := db.insert(t, 4, "batch_started", 3, time.Now())
+	db.exec(t, `UPDATE domain_event SET is_processed = true, processed_at = now()`)
+
+	path := filepath.Join(t.TempDir(), "replay.jsonl")
+	env := maps.Clone(db.env)
+	delete(env, "OUTBOXD_WEBHOOK_URL")
+	env["OUTBOXD_SINK"], env["OUTBOXD_STDOUT_PATH"] = "stdout", path
+	code, out, errOut := opsRun(t, env, "replay", "--organization", "3")
+	require.Equal(t, 0, code, out+errOut)
+	require.Contains(t, out, "replayed 4, failed 0")
+	require.Contains(t, out, "the stdout sink")
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	var got []int64
+	for line := range strings.SplitSeq(strings.TrimSpace(string(data)), "\n") {
+		var env struct{ ID int64 }
+		require.NoError(t, json.Unmarshal([]byte(line), &env), line)
+		got = append(got, env.ID)
+	}
+	require.ElementsMatch(t, ids, got)
+
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "events"))
+	require.NoError(t, err)
+	t.Cleanup(c.Close)
+	env = maps.Clone(db.env)
+	delete(env, "OUTBOXD_WEBHOOK_URL")
+	env["OUTBOXD_SINK"], env["OUTBOXD_KAFKA_BROKERS"], env["OUTBOXD_KAFKA_TOPIC"] = "kafka", strings.Join(c.ListenAddrs(), ","), "events"
+	code, out, errOut = opsRun(t, env, "replay")
+	require.Equal(t, 0, code, out+errOut)
+	require.Contains(t, out, "replayed 4, failed 0")
+	cl, err := kgo.NewClient(kgo.SeedBrokers(c.ListenAddrs()...), kgo.ConsumeTopics("events"), kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	require.NoError(t, err)
+	defer cl.Close()
+	ns := e2e.Namespace(t, db.pool)
+	var msgIDs []string
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	for len(msgIDs) < 4 && ctx.Err() == nil {
+		cl.PollFetches(ctx).EachRecord(func(r *kgo.Record) {
+			for _, h := range r.Headers {
+				if h.Key == "outboxd-message-id" {
+					msgIDs = append(msgIDs, string(h.Value))
+				}
+			}
+		})
+	}
+	require.Len(t, msgIDs, 4)
+	for _, m := range msgIDs {
+		require.True(t, strings.HasPrefix(m, "evt_"+ns+"_"), "message id %q is the outbox's", m)
+	}
 }
 
 // prune: usage errors, a dry run, then only old processed rows go.

@@ -26,12 +26,14 @@ func replayCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Co
 	)
 	cmd := &cobra.Command{
 		Use:   "replay",
-		Short: "Re-deliver events from the table, processed or not, to the webhook (filters, rate limit, --dry-run)",
+		Short: "Re-deliver events from the table, processed or not, to the sink (filters, rate limit, --dry-run)",
 		Long: `Re-deliver events from the outbox table whatever their processed flag, in id
-order, to the default webhook (OUTBOXD_WEBHOOK_URL, signed with
-OUTBOXD_WEBHOOK_SECRET) or to a subscription. Each request carries the event's
-message id as webhook-id, as the first delivery did, and the header
-"webhook-replay: true".
+order, to the sink run delivers to (OUTBOXD_SINK with its variables: the
+default webhook, OUTBOXD_WEBHOOK_URL signed with OUTBOXD_WEBHOOK_SECRET, or
+stdout, Kafka, NATS, PostHog), or to a subscription (--subscription), or to
+--webhook-url. Each delivery carries the event's message id as the first
+one did (webhook-id, outboxd-message-id, Nats-Msg-Id, the PostHog uuid) and
+the header "webhook-replay: true" where the sink has headers.
 Replay marks nothing and does not touch the slot; rows inserted after it starts
 are left to the daemon.
 
@@ -42,7 +44,7 @@ Filters combine (all must hold):
   --organization        organization ids (comma list or repeated)
   --event               event-name globs, path.Match syntax (order.*, comma list)
 
-Exit code 1 when any event failed (after the webhook's retries).`,
+Exit code 1 when any event failed (after the sink's retries).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			now := time.Now()
@@ -128,6 +130,12 @@ Exit code 1 when any event failed (after the webhook's retries).`,
 				wc = wc.ForSubscription(fmt.Sprintf("subscription:%d", sub.ID), sub.URL, sub.Secrets)
 				target = fmt.Sprintf("subscription %d", sub.ID)
 			}
+			// Without --subscription or --webhook-url, the events go where
+			// run sends them: the sink OUTBOXD_SINK names.
+			otherSink := target == "the default webhook" && c.Sink != "webhook" && !cmd.Flags().Changed("webhook-url")
+			if otherSink {
+				target = "the " + c.Sink + " sink"
+			}
 			if target == "the default webhook" {
 				// Unsigned only when OUTBOXD_WEBHOOK_UNSIGNED says so, as for run.
 				if err := c.checkSigning(); err != nil {
@@ -142,7 +150,14 @@ Exit code 1 when any event failed (after the webhook's retries).`,
 				f.TargetEvents = globs
 			}
 			opts := ops.ReplayOptions{Filter: f, DryRun: dryRun, Rate: rate, Concurrency: concurrency}
-			if !dryRun {
+			if !dryRun && otherSink {
+				s, err := buildSink(c.Sink, envMap, env.log)
+				if err != nil {
+					return err
+				}
+				defer s.Close()
+				opts.Sink = s
+			} else if !dryRun {
 				if wc.URL == "" {
 					return badVar("WEBHOOK_URL", "required: the URL events are replayed to (or --webhook-url, or --subscription)")
 				}
