@@ -7,12 +7,15 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -22,8 +25,10 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/internal/e2e"
@@ -141,6 +146,12 @@ func stdoutCase(*testing.T) (map[string]string, deliveredFunc) {
 }
 
 func kafkaCase(t *testing.T) (map[string]string, deliveredFunc) {
+	extra, delivered, _ := kafkaCaseCluster(t)
+	return extra, delivered
+}
+
+// kafkaCaseCluster is kafkaCase with its cluster, for tests that control it.
+func kafkaCaseCluster(t *testing.T) (map[string]string, deliveredFunc, *kfake.Cluster) {
 	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(3, "events.batch_started"))
 	require.NoError(t, err)
 	t.Cleanup(c.Close)
@@ -183,7 +194,7 @@ func kafkaCase(t *testing.T) (map[string]string, deliveredFunc) {
 				}
 			}
 			return r.ids, r.orgs
-		}
+		}, c
 }
 
 func natsCase(t *testing.T) (map[string]string, deliveredFunc) {
@@ -539,6 +550,86 @@ func TestSinksSurviveKill9(t *testing.T) {
 			copies := checkAfterCrash(t, ids, got, orgs)
 			t.Logf("%s: %d events through a kill -9, %d copies", sc.name, len(ids), copies)
 			require.Equal(t, 0, d2.Stop(30*time.Second))
+		})
+	}
+}
+
+// A destination that refuses for a while (PostHog answering 503, a Kafka
+// broker answering NOT_ENOUGH_REPLICAS) while events keep coming: they park
+// and go out once it recovers, nothing lost, first receipts in commit order
+// per organization, every row processed.
+func TestSinksThroughADestinationOutage(t *testing.T) {
+	t.Parallel()
+	type outageCase struct {
+		name  string
+		setup func(t *testing.T, down *atomic.Bool) (map[string]string, deliveredFunc)
+	}
+	for _, oc := range []outageCase{
+		{"posthog", func(t *testing.T, down *atomic.Bool) (map[string]string, deliveredFunc) {
+			extra, delivered := posthogCase(t)
+			// Put a gate in front of the case's server.
+			target, err := url.Parse(extra["OUTBOXD_POSTHOG_HOST"])
+			require.NoError(t, err)
+			proxy := httputil.NewSingleHostReverseProxy(target)
+			gate := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if down.Load() {
+					http.Error(w, "unavailable", http.StatusServiceUnavailable)
+					return
+				}
+				proxy.ServeHTTP(w, r)
+			}))
+			t.Cleanup(gate.Close)
+			extra["OUTBOXD_POSTHOG_HOST"] = gate.URL
+			return extra, delivered
+		}},
+		{"kafka", func(t *testing.T, down *atomic.Bool) (map[string]string, deliveredFunc) {
+			extra, delivered, c := kafkaCaseCluster(t)
+			extra["OUTBOXD_KAFKA_MAX_ATTEMPTS"] = "2"
+			c.ControlKey(int16(kmsg.Produce), func(kreq kmsg.Request) (kmsg.Response, error, bool) {
+				c.KeepControl()
+				if !down.Load() {
+					return nil, nil, false
+				}
+				req := kreq.(*kmsg.ProduceRequest)
+				resp := req.ResponseKind().(*kmsg.ProduceResponse)
+				for _, rt := range req.Topics {
+					st := kmsg.NewProduceResponseTopic()
+					st.Topic, st.TopicID = rt.Topic, rt.TopicID
+					for _, rp := range rt.Partitions {
+						sp := kmsg.NewProduceResponseTopicPartition()
+						sp.Partition, sp.ErrorCode = rp.Partition, kerr.NotEnoughReplicas.Code
+						st.Partitions = append(st.Partitions, sp)
+					}
+					resp.Topics = append(resp.Topics, st)
+				}
+				return resp, nil, true
+			})
+			return extra, delivered
+		}},
+	} {
+		t.Run(oc.name, func(t *testing.T) {
+			t.Parallel()
+			var down atomic.Bool
+			extra, delivered := oc.setup(t, &down)
+			extra["OUTBOXD_RETRY_SCHEDULE"] = "200ms,400ms,800ms"
+			b := newBundle(t, pgtest.Shared(t), extra)
+			orgOf := func(i int) int64 { return int64(i%3) + 1 }
+			d := e2e.StartDaemon(t, b.env)
+			ids := e2e.Insert(t, b.pool, 5, 4, orgOf)
+			b.waitProcessed(t, int64(len(ids)), time.Minute)
+			down.Store(true)
+			ids = append(ids, e2e.Insert(t, b.pool, 10, 4, orgOf)...)
+			e2e.WaitFor(t, time.Minute, func() bool {
+				var parked int
+				return b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_parked`).Scan(&parked) == nil && parked > 0
+			}, func() string { return "nothing parked while the destination refused" })
+			down.Store(false)
+			ids = append(ids, e2e.Insert(t, b.pool, 5, 4, orgOf)...)
+			b.waitProcessed(t, int64(len(ids)), time.Minute)
+			got, orgs := delivered(t, d, len(ids))
+			copies := checkAfterCrash(t, ids, got, orgs)
+			t.Logf("%s: %d events through an outage, %d copies", oc.name, len(ids), copies)
+			require.Equal(t, 0, d.Stop(30*time.Second))
 		})
 	}
 }
