@@ -138,7 +138,7 @@ func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 			// that point as their commit LSN sorts them after the parked
 			// deliveries of their key, in catch-up order (Index), when
 			// they are parked in turn. Zero sorted them first.
-			e.CommitLSN, e.TxnSeq, e.Index = s.lsn, seq, n
+			e.CommitLSN, e.TxnSeq, e.Index, e.Historical = s.lsn, seq, n, true
 			n++
 			if err := st.emit(ctx, e); err != nil {
 				rr.Close() //nolint:errcheck // failing anyway

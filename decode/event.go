@@ -57,6 +57,11 @@ type Event struct {
 	// routes with the subscriptions as they are.
 	CommitTime time.Time
 	Windows    SubscriptionWindows
+
+	// Historical is true for a row read from the table rather than from the
+	// stream (a catch-up, a replay): possibly old, sent late. PostHog routes
+	// such events through its historical pipeline.
+	Historical bool
 }
 
 // SubscriptionWindows tells what a subscription was at a moment in the

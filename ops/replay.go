@@ -414,6 +414,9 @@ func (c *Client) page(ctx context.Context, sql string, args []any, ns string, re
 		var id int64
 		fmt.Sscan(string(vals[idCol]), &id) //nolint:errcheck // an integer column; a NULL id fails below
 		e, err := decode.EventFromText(ns, *rel, vals)
+		if e != nil {
+			e.Historical = true
+		}
 		out = append(out, pageRow{id: id, event: e, err: err})
 	}
 	if err := rows.Err(); err != nil {

@@ -200,11 +200,13 @@ func (p *PostHog) Deliver(ctx context.Context, events []*decode.Event) []Outcome
 	// Events are converted once; one whose body is not a JSON object fails
 	// permanently by itself, and the others go on.
 	items := make([]json.RawMessage, len(events))
+	historical := make([]bool, len(events))
 	var rejected []error
 	for i, ev := range events {
 		if ev == nil {
 			continue
 		}
+		historical[i] = ev.Historical
 		item, err := posthogEvent(ev)
 		if err == nil && len(item) > posthogMaxEventBytes {
 			err = fmt.Errorf("event of %d bytes is over PostHog's limit of %d bytes per event (PostHog would drop it after accepting it)", len(item), posthogMaxEventBytes)
@@ -220,7 +222,7 @@ func (p *PostHog) Deliver(ctx context.Context, events []*decode.Event) []Outcome
 	}
 	return deliverEach(ctx, p.policy, "post posthog batch "+p.redacted, events, rejected, func(ctx context.Context, pending []int) attemptResult {
 		res := attemptResult{errs: make([]error, len(pending))}
-		p.sendChunks(ctx, items, pending, 0, &res)
+		p.sendChunks(ctx, items, historical, pending, 0, &res)
 		return res
 	})
 }
@@ -237,14 +239,14 @@ const (
 // split in two and sent again, down to single events (then permanent). After
 // a chunk that failed otherwise, the events behind it are not sent
 // (errNotSent), so that they never overtake it.
-func (p *PostHog) sendChunks(ctx context.Context, items []json.RawMessage, pending []int, from int, res *attemptResult) {
+func (p *PostHog) sendChunks(ctx context.Context, items []json.RawMessage, historical []bool, pending []int, from int, res *attemptResult) {
 	for start := from; start < len(pending); {
 		end, size := start, 0
 		for end < len(pending) && (end == start || size+len(items[pending[end]])+1 <= posthogMaxBatchBytes) {
 			size += len(items[pending[end]]) + 1
 			end++
 		}
-		if !p.sendChunk(ctx, items, pending[start:end], res.errs[start:end], res) {
+		if !p.sendChunk(ctx, items, historical, pending[start:end], res.errs[start:end], res) {
 			for j := end; j < len(pending); j++ {
 				res.errs[j] = errNotSent
 			}
@@ -256,12 +258,14 @@ func (p *PostHog) sendChunks(ctx context.Context, items []json.RawMessage, pendi
 
 // sendChunk posts one chunk (splitting it on 413) and reports whether all of
 // it was acknowledged.
-func (p *PostHog) sendChunk(ctx context.Context, items []json.RawMessage, chunk []int, errs []error, res *attemptResult) bool {
+func (p *PostHog) sendChunk(ctx context.Context, items []json.RawMessage, historical []bool, chunk []int, errs []error, res *attemptResult) bool {
 	batch := make([]json.RawMessage, len(chunk))
+	old := true
 	for j, i := range chunk {
 		batch[j] = items[i]
+		old = old && historical[i]
 	}
-	status, retryAfter, err := p.post(ctx, batch)
+	status, retryAfter, err := p.post(ctx, batch, old)
 	res.status = status
 	if retryAfter > 0 {
 		res.retryAfter = retryAfter
@@ -269,13 +273,13 @@ func (p *PostHog) sendChunk(ctx context.Context, items []json.RawMessage, chunk 
 	if status == http.StatusRequestEntityTooLarge && len(chunk) > 1 {
 		half := len(chunk) / 2
 		p.log.Info().Int("events", len(chunk)).Msg("posthog refused the batch as too large (413): sending it in two")
-		if !p.sendChunk(ctx, items, chunk[:half], errs[:half], res) {
+		if !p.sendChunk(ctx, items, historical, chunk[:half], errs[:half], res) {
 			for j := half; j < len(chunk); j++ {
 				errs[j] = errNotSent
 			}
 			return false
 		}
-		return p.sendChunk(ctx, items, chunk[half:], errs[half:], res)
+		return p.sendChunk(ctx, items, historical, chunk[half:], errs[half:], res)
 	}
 	for j := range errs {
 		errs[j] = err
@@ -287,11 +291,15 @@ func (p *PostHog) sendChunk(ctx context.Context, items []json.RawMessage, chunk 
 type posthogBatch struct {
 	APIKey string            `json:"api_key"`
 	Batch  []json.RawMessage `json:"batch"`
+	// HistoricalMigration sends the batch through PostHog's pipeline for
+	// old events: set when every event of it was read from the table
+	// (catch-up, replay) rather than streamed.
+	HistoricalMigration bool `json:"historical_migration,omitempty"`
 }
 
 // post makes one attempt: one request, classified.
-func (p *PostHog) post(ctx context.Context, batch []json.RawMessage) (status int, retryAfter time.Duration, err error) {
-	body, err := json.Marshal(posthogBatch{APIKey: p.apiKey, Batch: batch})
+func (p *PostHog) post(ctx context.Context, batch []json.RawMessage, historical bool) (status int, retryAfter time.Duration, err error) {
+	body, err := json.Marshal(posthogBatch{APIKey: p.apiKey, Batch: batch, HistoricalMigration: historical})
 	if err != nil {
 		return 0, 0, fmt.Errorf("%w: encode batch: %w", ErrPermanent, err)
 	}

@@ -465,3 +465,30 @@ func TestPostHogHostWithBatchPath(t *testing.T) {
 		require.Equal(t, "/batch/", r.path)
 	}
 }
+
+// Events read from the table (catch-up, replay) go through PostHog's
+// historical pipeline: a batch of only such events says historical_migration.
+func TestPostHogHistoricalMigration(t *testing.T) {
+	t.Parallel()
+	ps := newPostHogServer(t, nil)
+	p := newPostHog(t, fastPostHog(ps.srv.URL), zerolog.Nop())
+	old1, old2 := phEvent(1, `{"id":1,"event_name":"e"}`), phEvent(2, `{"id":2,"event_name":"e"}`)
+	old1.Historical, old2.Historical = true, true
+	fresh := phEvent(3, `{"id":3,"event_name":"e"}`)
+	for _, batch := range [][]*decode.Event{{old1, old2}, {old1, fresh}} {
+		for _, o := range p.Deliver(t.Context(), batch) {
+			require.NoError(t, o.Err)
+		}
+	}
+	reqs := ps.requests()
+	require.Len(t, reqs, 2)
+	var flag struct {
+		Historical *bool `json:"historical_migration"`
+	}
+	require.NoError(t, json.Unmarshal(reqs[0].raw, &flag))
+	require.NotNil(t, flag.Historical)
+	require.True(t, *flag.Historical, "only events read from the table")
+	flag.Historical = nil
+	require.NoError(t, json.Unmarshal(reqs[1].raw, &flag))
+	require.Nil(t, flag.Historical, "a batch with a streamed event is not historical")
+}
