@@ -166,6 +166,17 @@ func New(opts Options) *Metrics {
 // Registry returns the registry holding the metrics.
 func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 
+// SinkDuplicates exports count, the deliveries sink's destination
+// acknowledged as copies it already had (NATS JetStream's duplicate window),
+// as outboxd_sink_duplicates_acknowledged_total{sink}.
+func (m *Metrics) SinkDuplicates(sink string, count func() uint64) {
+	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "sink_duplicates_acknowledged_total",
+		Help:        "Deliveries the destination acknowledged as copies of messages it already had (NATS: PubAck.Duplicate within the stream's duplicate window).",
+		ConstLabels: prometheus.Labels{"sink": sink},
+	}, func() float64 { return float64(count()) }))
+}
+
 // Received counts an outbox event taken from the stream or the catch-up;
 // changes of other published tables (subscriptions) are not events.
 func (m *Metrics) Received(e *decode.Event) {

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -406,4 +407,22 @@ func TestReadyzWithoutDatabase(t *testing.T) {
 	require.NotContains(t, fmt.Sprint(r.body), "secret-pw", "no password in health output")
 	h := get(t, web.URL+"/health/replication")
 	require.Equal(t, http.StatusServiceUnavailable, h.code, "never polled: unknown is not healthy")
+}
+
+// A sink's duplicate acknowledgements (NATS) are exported as a counter that
+// reads the sink's count at each scrape.
+func TestSinkDuplicatesExported(t *testing.T) {
+	t.Parallel()
+	m := metrics.New(metrics.Options{Version: "test"})
+	var n atomic.Uint64
+	m.SinkDuplicates("nats", n.Load)
+	n.Add(3)
+	want := `# HELP outboxd_sink_duplicates_acknowledged_total Deliveries the destination acknowledged as copies of messages it already had (NATS: PubAck.Duplicate within the stream's duplicate window).
+# TYPE outboxd_sink_duplicates_acknowledged_total counter
+outboxd_sink_duplicates_acknowledged_total{sink="nats"} 3
+`
+	require.NoError(t, testutil.GatherAndCompare(m.Registry(), strings.NewReader(want), "outboxd_sink_duplicates_acknowledged_total"))
+	problems, err := testutil.GatherAndLint(m.Registry(), "outboxd_sink_duplicates_acknowledged_total")
+	require.NoError(t, err)
+	require.Empty(t, problems)
 }

@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -126,9 +127,23 @@ type NATS struct {
 	js       jetstream.JetStream
 	redacted string
 	log      zerolog.Logger
+	// duplicates counts publishes JetStream acknowledged as duplicates
+	// (a Nats-Msg-Id it saw within the stream's duplicate window).
+	duplicates atomic.Uint64
 }
 
 var _ Sink = (*NATS)(nil)
+
+// DuplicateCounter is a sink that knows how many deliveries its destination
+// acknowledged as copies of one it already had (NATS JetStream); metrics
+// export it.
+type DuplicateCounter interface {
+	DuplicatesAcknowledged() uint64
+}
+
+// DuplicatesAcknowledged returns how many publishes JetStream acknowledged
+// as duplicates since the sink was made.
+func (n *NATS) DuplicatesAcknowledged() uint64 { return n.duplicates.Load() }
 
 // NewNATS validates cfg, connects (within cfg.Timeout and ctx) and, when
 // cfg.Stream is set, makes sure the stream exists. Once connected, the
@@ -322,6 +337,9 @@ func (n *NATS) publish(ctx context.Context, ev *decode.Event) error {
 		err = attemptErr(ctx, n.timeout, classifyNATS(err))
 		n.log.Debug().Int64("event_id", ev.ID).Str("subject", subject).AnErr("error", err).Msg("nats publish")
 		return fmt.Errorf("subject %s: %w", subject, err)
+	}
+	if ack.Duplicate {
+		n.duplicates.Add(1)
 	}
 	if le := n.log.Debug(); le.Enabled() {
 		le.Int64("event_id", ev.ID).Str("subject", subject).Str("stream", ack.Stream).

@@ -177,6 +177,7 @@ func TestNATSJetStreamDeliversAndDeduplicates(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, uint64(3), info.State.Msgs, "the duplicate is not stored")
 	require.Contains(t, logs.String(), `"duplicate":true`)
+	require.Equal(t, uint64(1), n.DuplicatesAcknowledged(), "counted, for the metric")
 	ack, err := js.PublishMsg(t.Context(), &nats.Msg{Subject: "events.batch_started", Data: evs[0].Body},
 		jetstream.WithMsgID(evs[0].MessageID))
 	require.NoError(t, err)

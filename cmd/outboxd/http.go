@@ -13,6 +13,7 @@ import (
 	"github.com/outboxd/outboxd/metrics"
 	"github.com/outboxd/outboxd/ops"
 	"github.com/outboxd/outboxd/pipeline"
+	"github.com/outboxd/outboxd/sink"
 )
 
 // opsServer is the health and metrics side of `outboxd run`: the HTTP server
@@ -70,6 +71,9 @@ func startOps(ctx context.Context, c config, pc pipeline.Config, log zerolog.Log
 		return nil, err
 	}
 	m := metrics.New(metrics.Options{Version: version})
+	if dc, ok := pc.Sink.(sink.DuplicateCounter); ok {
+		m.SinkDuplicates(c.Sink, dc.DuplicatesAcknowledged)
+	}
 	mon, err := metrics.NewMonitor(mc, m, log)
 	if err != nil {
 		return nil, err
