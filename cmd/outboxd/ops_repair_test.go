@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"maps"
 	"slices"
@@ -106,32 +105,13 @@ func TestForcedResetWhileStreamingLosesNothing(t *testing.T) {
 	db.recv.WaitAccepted(t, ids, time.Minute)
 
 	// Inserts keep coming while the slot is reset under the instance.
-	stop := make(chan struct{})
-	inserted := make(chan []int64)
-	go func() {
-		var got []int64
-		for {
-			select {
-			case <-stop:
-				inserted <- got
-				return
-			default:
-			}
-			more, err := e2e.InsertErr(context.Background(), db.pool, 1, 2, orgOf)
-			got = append(got, more...)
-			if err != nil {
-				inserted <- got
-				return
-			}
-		}
-	}()
+	stop := e2e.InsertUntilStopped(db.pool, 2, orgOf)
 	e2e.WaitFor(t, 10*time.Second, func() bool { return len(db.recv.Accepted()) >= len(ids)+20 }, func() string { return "no deliveries while inserting" })
 	code, out, errOut := opsRun(t, db.env, "slot", "reset", "--yes", "--force")
 	require.Equal(t, 0, code, out+errOut)
 	require.Contains(t, out, "terminated process")
 	require.Contains(t, out, "left it dropped")
-	close(stop)
-	ids = append(ids, <-inserted...)
+	ids = append(ids, stop()...)
 	// The interrupted instance finds slot and checkpoint gone and starts
 	// over as a first start: it recreates the slot and catches up.
 	db.recv.WaitAccepted(t, ids, time.Minute)

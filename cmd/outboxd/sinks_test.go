@@ -271,18 +271,24 @@ func posthogCase(t *testing.T) (map[string]string, deliveredFunc) {
 		}
 }
 
+// otherSinks are the sinks other than the webhook whose destination a test
+// can read back whatever the daemon (stdout into a file, not the daemon's
+// own standard output).
+func otherSinks() []sinkCase {
+	return []sinkCase{
+		{name: "stdout-file", setup: stdoutFileCase},
+		{name: "kafka", setup: kafkaCase},
+		{name: "nats", setup: natsCase},
+		{name: "posthog", setup: posthogCase},
+	}
+}
+
 // TestSinksEndToEnd runs the binary with each sink other than the webhook
 // against the test Postgres: every row is delivered once, in commit order
 // per organization, and marked processed only once the destination has it.
 func TestSinksEndToEnd(t *testing.T) {
 	t.Parallel()
-	for _, sc := range []sinkCase{
-		{name: "stdout-file", setup: stdoutFileCase},
-		{name: "stdout", setup: stdoutCase},
-		{name: "kafka", setup: kafkaCase},
-		{name: "nats", setup: natsCase},
-		{name: "posthog", setup: posthogCase},
-	} {
+	for _, sc := range append(otherSinks(), sinkCase{name: "stdout", setup: stdoutCase}) {
 		t.Run(sc.name, func(t *testing.T) {
 			t.Parallel()
 			extra, delivered := sc.setup(t)
@@ -509,42 +515,18 @@ func checkAfterCrash(t *testing.T, want []int64, got []int64, orgs map[int64]int
 // organization, copies only for what was sent and not yet recorded.
 func TestSinksSurviveKill9(t *testing.T) {
 	t.Parallel()
-	for _, sc := range []sinkCase{
-		{name: "stdout-file", setup: stdoutFileCase},
-		{name: "kafka", setup: kafkaCase},
-		{name: "nats", setup: natsCase},
-		{name: "posthog", setup: posthogCase},
-	} {
+	for _, sc := range otherSinks() {
 		t.Run(sc.name, func(t *testing.T) {
 			t.Parallel()
 			extra, delivered := sc.setup(t)
 			b := newBundle(t, pgtest.Shared(t), extra)
 			orgOf := func(i int) int64 { return int64(i%3) + 1 }
 			d := e2e.StartDaemon(t, b.env)
-			stop := make(chan struct{})
-			inserted := make(chan []int64)
-			go func() {
-				var ids []int64
-				for {
-					select {
-					case <-stop:
-						inserted <- ids
-						return
-					default:
-					}
-					more, err := e2e.InsertErr(context.Background(), b.pool, 1, 3, orgOf)
-					ids = append(ids, more...)
-					if err != nil {
-						inserted <- ids
-						return
-					}
-				}
-			}()
+			stop := e2e.InsertUntilStopped(b.pool, 3, orgOf)
 			b.waitProcessed(t, 60, time.Minute)
 			d.Kill()
 			d2 := e2e.StartDaemon(t, b.env)
-			close(stop)
-			ids := <-inserted
+			ids := stop()
 			b.waitProcessed(t, int64(len(ids)), time.Minute)
 			got, orgs := delivered(t, d2, len(ids))
 			copies := checkAfterCrash(t, ids, got, orgs)

@@ -534,6 +534,36 @@ FROM unnest($1::bigint[]) WITH ORDINALITY AS u(o, ord) ORDER BY ord RETURNING id
 	return ids, nil
 }
 
+// InsertUntilStopped commits transactions of rows rows each, one after the
+// other, until the returned stop is called (or an insert fails, a Postgres
+// restart say); stop returns the ids committed.
+func InsertUntilStopped(pool *pgxpool.Pool, rows int, org func(i int) int64) (stop func() []int64) {
+	done := make(chan struct{})
+	inserted := make(chan []int64, 1)
+	go func() {
+		var ids []int64
+		for {
+			select {
+			case <-done:
+				inserted <- ids
+				return
+			default:
+			}
+			more, err := InsertErr(context.Background(), pool, 1, rows, org)
+			ids = append(ids, more...)
+			if err != nil {
+				<-done
+				inserted <- ids
+				return
+			}
+		}
+	}()
+	return func() []int64 {
+		close(done)
+		return <-inserted
+	}
+}
+
 // Processed returns how many rows are marked processed, and the sum of their
 // delivery attempts.
 func Processed(t testing.TB, pool *pgxpool.Pool) (rows, attempts int64) {
