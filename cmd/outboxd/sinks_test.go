@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -198,6 +199,13 @@ func kafkaCaseCluster(t *testing.T) (map[string]string, deliveredFunc, *kfake.Cl
 }
 
 func natsCase(t *testing.T) (map[string]string, deliveredFunc) {
+	extra, delivered, _ := natsCaseServer(t)
+	return extra, delivered
+}
+
+// natsCaseServer is natsCase with its server, for tests that put something
+// in front of it.
+func natsCaseServer(t *testing.T) (map[string]string, deliveredFunc, *server.Server) {
 	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true,
 		JetStream: true, StoreDir: t.TempDir()})
 	require.NoError(t, err)
@@ -229,7 +237,7 @@ func natsCase(t *testing.T) (map[string]string, deliveredFunc) {
 				r.add(id, org)
 			}
 			return r.ids, r.orgs
-		}
+		}, s
 }
 
 func posthogCase(t *testing.T) (map[string]string, deliveredFunc) {
@@ -564,6 +572,14 @@ func TestSinksThroughADestinationOutage(t *testing.T) {
 			extra["OUTBOXD_POSTHOG_HOST"] = gate.URL
 			return extra, delivered
 		}},
+		{"nats", func(t *testing.T, down *atomic.Bool) (map[string]string, deliveredFunc) {
+			extra, delivered, s := natsCaseServer(t)
+			// A gate in front of the server: while down, it drops every
+			// connection and accepts none.
+			addr := s.Addr().(*net.TCPAddr).String()
+			extra["OUTBOXD_NATS_URL"] = "nats://" + tcpGate(t, addr, down)
+			return extra, delivered
+		}},
 		{"kafka", func(t *testing.T, down *atomic.Bool) (map[string]string, deliveredFunc) {
 			extra, delivered, c := kafkaCaseCluster(t)
 			extra["OUTBOXD_KAFKA_MAX_ATTEMPTS"] = "2"
@@ -614,4 +630,56 @@ func TestSinksThroughADestinationOutage(t *testing.T) {
 			require.Equal(t, 0, d.Stop(30*time.Second))
 		})
 	}
+}
+
+// tcpGate forwards connections to addr while down is false; when down, it
+// closes the connections it carries and every new one. It returns its
+// address.
+func tcpGate(t *testing.T, addr string, down *atomic.Bool) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { l.Close() })
+	var mu sync.Mutex
+	var open []net.Conn
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			if down.Load() {
+				c.Close()
+				continue
+			}
+			up, err := net.Dial("tcp", addr)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			open = append(open, c, up)
+			mu.Unlock()
+			go func() { _, _ = io.Copy(up, c); up.Close() }()
+			go func() { _, _ = io.Copy(c, up); c.Close() }()
+		}
+	}()
+	go func() {
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for range tick.C {
+			if down.Load() {
+				mu.Lock()
+				for _, c := range open {
+					c.Close()
+				}
+				open = nil
+				mu.Unlock()
+			}
+			if t.Context().Err() != nil {
+				return
+			}
+		}
+	}()
+	return l.Addr().String()
 }
