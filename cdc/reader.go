@@ -325,6 +325,13 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 	r.pid.Store(conn.PID())
 	if r.cfg.OnTake != nil {
 		if err := r.cfg.OnTake(sctx); err != nil {
+			// Nothing was handed downstream in this session and nothing
+			// will drain: end the stream here, so that Run does not wait
+			// for a drain that never comes (a SIGTERM during the take
+			// used to hang the shutdown for minutes).
+			r.copying = false
+			r.pid.Store(0)
+			conn.Close(context.WithoutCancel(sctx)) //nolint:errcheck // abandoning the session
 			if sctx.Err() != nil || ConnectionLost(err) {
 				// The session's connections went while loading (Postgres
 				// restarting, a cut): reconnect and take the slot again.

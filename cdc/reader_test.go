@@ -145,3 +145,43 @@ func TestReconnectRetriesUnreadableCheckpointOfMissingSlot(t *testing.T) {
 		t.Fatal("the reader did not stop after the reset")
 	}
 }
+
+// A stop (SIGTERM) that lands while the instance takes the slot: the take
+// fails, nothing was handed downstream, and Run returns at once instead of
+// waiting for a drain that never comes. It used to keep the stream open
+// waiting for it, for up to five minutes (soak seed 14: "did not stop
+// within 1m30s after SIGTERM").
+func TestStopWhileTakingTheSlotDoesNotWaitForADrain(t *testing.T) {
+	t.Parallel()
+	db := pgtest.NewMigrated(t)
+	slot := e2e.SlotName(db.URL)
+	t.Cleanup(func() {
+		_, _ = db.Conn.Exec(context.Background(), `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active`, slot)
+	})
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	cfg := cdc.Config{ConnString: db.URL, Slot: slot, Publication: "outboxd",
+		Table: decode.Table{Schema: "public", Name: "domain_event"},
+		OnTake: func(takeCtx context.Context) error {
+			stop() // the signal arrives while the slot is being taken
+			<-takeCtx.Done()
+			return takeCtx.Err()
+		}}
+	require.NoError(t, cfg.Validate())
+	store := checkpoint.NewStore(db.Pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: slot})
+	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), store, zerolog.Nop())
+	out := make(chan *decode.Event, 64)
+	go func() {
+		for range out {
+		}
+	}()
+	done := make(chan error, 1)
+	never := make(chan struct{}) // no component started: nothing drains
+	go func() { done <- reader.Run(ctx, out, never) }()
+	select {
+	case err := <-done:
+		require.NoError(t, err, "a stop is no error")
+	case <-time.After(time.Minute):
+		t.Fatal("Run still waits for a drain after a stop during the take")
+	}
+}
