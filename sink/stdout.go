@@ -164,6 +164,11 @@ func (s *JSONLines) Name() string { return s.name }
 // Close closes the output file opened by NewJSONLines; standard output and
 // writers given to NewJSONLinesWriter are left open.
 func (s *JSONLines) Close() {
+	if s.path == "" {
+		// Nothing of ours to close, and a write stuck on a pipe nobody
+		// reads may hold the lock for ever: never wait for it here.
+		return
+	}
 	s.lock <- struct{}{}
 	defer func() { <-s.lock }()
 	if s.file != nil {
