@@ -90,13 +90,10 @@ type Config struct {
 	FirstRetry time.Duration
 }
 
-// Validate fills defaults and checks ranges.
-func (c *Config) Validate() error {
+// WithDefaults returns a copy of c with unset fields given their defaults.
+func (c Config) WithDefaults() Config {
 	if c.Ordering == "" {
 		c.Ordering = OrderOrganization
-	}
-	if _, err := ParseOrdering(string(c.Ordering)); err != nil {
-		return err
 	}
 	if c.Concurrency == 0 {
 		c.Concurrency = 16
@@ -109,6 +106,14 @@ func (c *Config) Validate() error {
 	}
 	if c.FirstRetry == 0 {
 		c.FirstRetry = 5 * time.Second
+	}
+	return c
+}
+
+// Validate checks the ranges of a config with its defaults filled.
+func (c Config) Validate() error {
+	if _, err := ParseOrdering(string(c.Ordering)); err != nil {
+		return err
 	}
 	switch {
 	case c.Concurrency < 1 || c.Concurrency > 1024:
@@ -146,17 +151,34 @@ type Dispatcher struct {
 	parked map[uint64]int // ordering key -> parked deliveries not yet resolved
 }
 
-// New returns a dispatcher for target; cfg must have been validated.
-// currentSink returns the sink to use (it may change when a subscription is
-// updated). parked are the parked deliveries per key already in the table.
-// onResult and onGone may be nil.
-func New(cfg Config, target string, currentSink func() sink.Sink, settler Settler, log zerolog.Logger,
-	parked map[uint64]int, onResult func(Result), onGone func(string)) *Dispatcher {
+// Params are what a dispatcher is built from.
+type Params struct {
+	// Config tunes the dispatcher; it must have been validated.
+	Config Config
+	// Target is the target's name (logs, parked rows, dead letters).
+	Target string
+	// Sink returns the sink to use (it may change when a subscription is
+	// updated).
+	Sink func() sink.Sink
+	// Settler is told each event's fate.
+	Settler Settler
+	Log     zerolog.Logger
+	// Parked are the parked deliveries per key already in the table.
+	Parked map[uint64]int
+	// OnResult receives every sink call's result; may be nil.
+	OnResult func(Result)
+	// OnGone is told when the target answered 410 Gone; may be nil.
+	OnGone func(target string)
+}
+
+// New returns a dispatcher.
+func New(p Params) *Dispatcher {
+	parked := p.Parked
 	if parked == nil {
 		parked = map[uint64]int{}
 	}
-	return &Dispatcher{cfg: cfg, target: target, sink: currentSink, settler: settler,
-		log: log.With().Str("target", target).Logger(), parked: parked, onResult: onResult, onGone: onGone}
+	return &Dispatcher{cfg: p.Config, target: p.Target, sink: p.Sink, settler: p.Settler,
+		log: p.Log.With().Str("target", p.Target).Logger(), parked: parked, onResult: p.OnResult, onGone: p.OnGone}
 }
 
 // Target is the name of the dispatcher's target.

@@ -75,7 +75,7 @@ func feed(cfg Config, evs []*decode.Event) <-chan *Delivery {
 }
 
 func newDispatcher(cfg Config, s sink.Sink, st Settler) *Dispatcher {
-	return New(cfg, "fake", func() sink.Sink { return s }, st, zerolog.Nop(), nil, nil, nil)
+	return New(Params{Config: cfg, Target: "fake", Sink: func() sink.Sink { return s }, Settler: st, Log: zerolog.Nop()})
 }
 
 func TestPerKeyOrderWithConcurrency(t *testing.T) {
@@ -117,6 +117,7 @@ func TestPerKeyOrderWithConcurrency(t *testing.T) {
 				return out
 			}}
 			cfg := Config{Concurrency: 8, BatchSize: batch, MaxInFlight: 100}
+			cfg = cfg.WithDefaults()
 			require.NoError(t, cfg.Validate())
 			st := newSettler(n)
 			d := newDispatcher(cfg, s, st)
@@ -144,6 +145,7 @@ func TestFailingKeyDoesNotBlockOthersAndDeadLetters(t *testing.T) {
 		return out
 	}}
 	cfg := Config{Concurrency: 4}
+	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	st := newSettler(100)
 	d := newDispatcher(cfg, s, st)
@@ -178,6 +180,7 @@ func TestCancelLeavesEventsUnsettled(t *testing.T) {
 		return out
 	}}
 	cfg := Config{Concurrency: 1}
+	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	st := newSettler(10)
 	d := newDispatcher(cfg, s, st)
@@ -209,6 +212,7 @@ func TestBatchNeverReordersAKey(t *testing.T) {
 		return make([]sink.Outcome, len(evs))
 	}}
 	cfg := Config{Concurrency: 1, BatchSize: 10, BatchWait: 50 * time.Millisecond}
+	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	st := newSettler(100)
 	d := newDispatcher(cfg, s, st)

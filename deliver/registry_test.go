@@ -250,6 +250,7 @@ func (r *recordingSinks) build(s Subscription) (sink.Sink, error) {
 func runRouter(t *testing.T, routing []byte, subs *recordingSinks, items ...*decode.Event) *fakeSettler {
 	t.Helper()
 	cfg := Config{Concurrency: 2}
+	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	ack := &fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
 		out := make([]sink.Outcome, len(evs))
@@ -434,6 +435,7 @@ func TestRoutingStateHoldsNoSecret(t *testing.T) {
 func TestRouterStartsTargetsWithParkedDeliveriesOnChange(t *testing.T) {
 	t.Parallel()
 	cfg := Config{Concurrency: 1}
+	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	subs := &recordingSinks{got: map[int64][]int64{}, secrets: map[int64][]string{}}
 	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{}, Subscription: subs.build,

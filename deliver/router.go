@@ -106,8 +106,8 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 	start := func(name string, s sink.Sink, sub *Subscription) *target {
 		t := &target{in: make(chan *Delivery, 256), sub: sub, done: make(chan error, 1)}
 		t.sink.Store(&sinkBox{s})
-		t.disp = New(r.cfg.Deliver, name, func() sink.Sink { return t.sink.Load().s }, r.settler, r.log,
-			r.cfg.Parked[name], r.cfg.OnResult, r.cfg.OnGone)
+		t.disp = New(Params{Config: r.cfg.Deliver, Target: name, Sink: func() sink.Sink { return t.sink.Load().s },
+			Settler: r.settler, Log: r.log, Parked: r.cfg.Parked[name], OnResult: r.cfg.OnResult, OnGone: r.cfg.OnGone})
 		r.mu.Lock()
 		r.targets[name] = t
 		r.mu.Unlock()

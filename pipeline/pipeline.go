@@ -114,7 +114,8 @@ func (c *Config) Validate() error {
 	}
 	// The first retry of a parked delivery is the schedule's first step,
 	// always: Deliver.FirstRetry may already hold deliver's own 5s default
-	// (Deliver validated earlier), so "only when unset" would lose the step.
+	// (defaults filled earlier), so "only when unset" would lose the step.
+	c.Deliver = c.Deliver.WithDefaults()
 	c.Deliver.FirstRetry = c.Schedule[0]
 	if err := c.Deliver.Validate(); err != nil {
 		return err

@@ -193,6 +193,7 @@ func TestPipelineFirstRetryFollowsTheSchedule(t *testing.T) {
 	pc := pipeline.Config{DatabaseURL: "postgres://u@127.0.0.1:1/db", Slot: "outboxd", Publication: "outboxd",
 		Sink:     placeholderSink{},
 		Schedule: []time.Duration{time.Second, 2 * time.Second}}
+	pc.Deliver = pc.Deliver.WithDefaults()
 	require.NoError(t, pc.Deliver.Validate())
 	require.NoError(t, pc.Validate())
 	require.Equal(t, time.Second, pc.Deliver.FirstRetry)
