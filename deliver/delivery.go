@@ -12,7 +12,8 @@ import (
 // settles with the checkpoint tracker once all of them have settled it.
 type Delivery struct {
 	Event *decode.Event
-	// Key is the ordering key of the event.
+	// Key is the ordering key of the event; a target whose sink has several
+	// destinations scopes it by destination (ScopedKey).
 	Key uint64
 
 	remaining atomic.Int32

@@ -6,7 +6,8 @@
 //
 // Invariants:
 //   - Per target, events of one ordering key are handed to the sink in commit
-//     order, and an event is given to the sink only after every earlier event
+//     order (for a sink with several destinations, sink.Scoped: of one key
+//     and destination; the key is then ScopedKey), and an event is given to the sink only after every earlier event
 //     of its key has settled; different keys are delivered concurrently, up to
 //     Concurrency requests at once.
 //   - Once a delivery of a key is parked, later events of that key for that
@@ -20,6 +21,7 @@ package deliver
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -201,28 +203,64 @@ func (d *Dispatcher) ParkedKeys() int {
 	return len(d.parked)
 }
 
-// holdIfParked parks dl behind the key's parked deliveries when there are any.
-func (d *Dispatcher) holdIfParked(dl *Delivery) (bool, error) {
+// ScopedKey returns the ordering key of key on one destination of a sink
+// with several (sink.Scoped); on scope "" it is key itself. Scoped keys are
+// never negative: negative keys belong to revived dead letters.
+func ScopedKey(key uint64, scope string) uint64 {
+	if scope == "" {
+		return key
+	}
+	h := fnv.New64a()
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], key)
+	h.Write(b[:])
+	h.Write([]byte(scope))
+	return h.Sum64() &^ (1 << 63)
+}
+
+// item is a delivery with its ordering key on this dispatcher's target: the
+// delivery's key, scoped by the destination when the sink has several.
+type item struct {
+	dl  *Delivery
+	key uint64
+}
+
+func (d *Dispatcher) item(dl *Delivery) item {
+	if sc, ok := d.sink().(sink.Scoped); ok {
+		return item{dl, ScopedKey(dl.Key, sc.Scope(dl.Event))}
+	}
+	return item{dl, dl.Key}
+}
+
+// holdIfParked parks it behind its key's parked deliveries when there are
+// any. A key scoped by destination is held behind the unscoped key's parked
+// deliveries too, and joins their run: those were parked before the key was
+// scoped (by an earlier version), and the event may be bound for the same
+// destination as any of them.
+func (d *Dispatcher) holdIfParked(it item) (bool, error) {
 	d.parkMu.Lock()
-	held := d.parked[dl.Key] > 0
+	if it.key != it.dl.Key && d.parked[it.dl.Key] > 0 {
+		it.key = it.dl.Key
+	}
+	held := d.parked[it.key] > 0
 	if held {
-		d.parked[dl.Key]++
+		d.parked[it.key]++
 	}
 	d.parkMu.Unlock()
 	if !held {
 		return false, nil
 	}
-	return true, d.park(dl, sink.Outcome{}, "held behind an earlier parked event of the same ordering key")
+	return true, d.park(it, sink.Outcome{}, "held behind an earlier parked event of the same ordering key")
 }
 
 type keyQueue struct {
-	items []*Delivery
+	items []item
 	busy  bool
 	ready bool // in the ready list
 }
 
 type job struct {
-	items []*Delivery
+	items []item
 	keys  []uint64
 }
 
@@ -255,7 +293,7 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *Delivery) error {
 			for j := range work {
 				events := make([]*decode.Event, len(j.items))
 				for i, it := range j.items {
-					events[i] = it.Event
+					events[i] = it.dl.Event
 				}
 				start := time.Now()
 				out := d.sink().Deliver(ctx, events)
@@ -274,23 +312,24 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *Delivery) error {
 	}()
 
 	enqueue := func(dl *Delivery) {
-		if hold, err := d.holdIfParked(dl); hold {
+		it := d.item(dl)
+		if hold, err := d.holdIfParked(it); hold {
 			if err != nil && runErr == nil {
 				runErr = err
 			}
 			return
 		}
-		q := queues[dl.Key]
+		q := queues[it.key]
 		if q == nil {
 			q = &keyQueue{}
-			queues[dl.Key] = q
+			queues[it.key] = q
 		}
-		q.items = append(q.items, dl)
+		q.items = append(q.items, it)
 		held++
 		queued++
 		if !q.busy && !q.ready {
 			q.ready = true
-			ready = append(ready, dl.Key)
+			ready = append(ready, it.key)
 		}
 	}
 	// take builds one sink call from the heads of ready keys: a prefix of each
@@ -329,8 +368,8 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *Delivery) error {
 			}
 			d.parkMu.Unlock()
 			if parked {
-				for _, dl := range q.items {
-					if err := d.park(dl, sink.Outcome{}, "held behind an earlier parked event of the same ordering key"); err != nil && runErr == nil {
+				for _, it := range q.items {
+					if err := d.park(it, sink.Outcome{}, "held behind an earlier parked event of the same ordering key"); err != nil && runErr == nil {
 						runErr = err
 					}
 				}
@@ -427,12 +466,13 @@ func (d *Dispatcher) settle(r done) (int, error) {
 	if d.onResult != nil && len(r.outcomes) > 0 {
 		events := make([]*decode.Event, len(r.items))
 		for i, it := range r.items {
-			events[i] = it.Event
+			events[i] = it.dl.Event
 		}
 		d.onResult(Result{Sink: d.target, Events: events, Outcome: r.outcomes[0], Took: r.took})
 	}
 	settled := 0
-	for i, dl := range r.items {
+	for i, it := range r.items {
+		dl := it.dl
 		var o sink.Outcome
 		if i < len(r.outcomes) {
 			o = r.outcomes[i]
@@ -457,11 +497,11 @@ func (d *Dispatcher) settle(r done) (int, error) {
 				d.onGone(d.target)
 			}
 			d.parkMu.Lock()
-			d.parked[dl.Key]++
+			d.parked[it.key]++
 			d.parkMu.Unlock()
 			d.log.Warn().Int64("event_id", dl.Event.ID).Int("status", o.Status).Int("attempts", o.Attempts).
 				Err(o.Err).Dur("retry_in", d.cfg.FirstRetry).Msg("delivery parked for a later retry")
-			err = d.park(dl, o, o.Err.Error())
+			err = d.park(it, o, o.Err.Error())
 		}
 		if err != nil {
 			return settled, fmt.Errorf("settle event %d: %w", dl.Event.ID, err)
@@ -471,11 +511,11 @@ func (d *Dispatcher) settle(r done) (int, error) {
 	return settled, nil
 }
 
-// park settles dl for this target as parked. The caller counted it in parked.
-func (d *Dispatcher) park(dl *Delivery, o sink.Outcome, reason string) error {
-	e := dl.Event
-	return d.finish(dl, int32(o.Attempts), nil, &checkpoint.Park{
-		EventID: e.ID, Target: d.target, Key: int64(dl.Key), CommitLSN: e.CommitLSN, Index: int32(e.Index),
+// park settles it for this target as parked. The caller counted it in parked.
+func (d *Dispatcher) park(it item, o sink.Outcome, reason string) error {
+	e := it.dl.Event
+	return d.finish(it.dl, int32(o.Attempts), nil, &checkpoint.Park{
+		EventID: e.ID, Target: d.target, Key: int64(it.key), CommitLSN: e.CommitLSN, Index: int32(e.Index),
 		Attempts: int32(o.Attempts), RetryIn: d.cfg.FirstRetry, Status: o.Status, Reason: reason,
 	})
 }

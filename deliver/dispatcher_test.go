@@ -239,3 +239,82 @@ func TestOrderingKeys(t *testing.T) {
 	_, err := ParseOrdering("tenant")
 	require.Error(t, err)
 }
+
+// scopedSink sends each event to the destination named by its event name
+// (a Kafka topic template) and refuses, retryably, everything sent to
+// "missing".
+type scopedSink struct{ fakeSink }
+
+func (scopedSink) Scope(e *decode.Event) string { return e.Name }
+
+// A sink with several destinations keeps order per key and destination: an
+// event its destination refuses (a topic not created yet) parks only the
+// events of its key bound for that destination, not those for the others.
+func TestParkedDestinationDoesNotHoldBackTheKeyElsewhere(t *testing.T) {
+	t.Parallel()
+	s := &scopedSink{fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
+		out := make([]sink.Outcome, len(evs))
+		for i, e := range evs {
+			out[i] = sink.Outcome{Attempts: 1}
+			if e.Name == "missing" {
+				out[i] = sink.Outcome{Attempts: 1, Err: errors.New("UNKNOWN_TOPIC_OR_PARTITION")}
+			}
+		}
+		return out
+	}}}
+	cfg := Config{Concurrency: 2}.WithDefaults()
+	require.NoError(t, cfg.Validate())
+	st := newSettler(10)
+	d := newDispatcher(cfg, s, st)
+	// One organization: missing, present, missing, present.
+	var evs []*decode.Event
+	for i, name := range []string{"missing", "present", "missing", "present"} {
+		evs = append(evs, &decode.Event{ID: int64(i + 1), Name: name, OrganizationID: 7, HasOrganization: true})
+	}
+	require.NoError(t, d.Run(context.Background(), feed(cfg, evs)))
+
+	require.Equal(t, map[int64]int32{2: 1, 4: 1}, st.marks, "the events for the working destination are delivered")
+	require.Len(t, st.parked, 2)
+	require.Equal(t, []int64{1, 3}, []int64{st.parked[0].EventID, st.parked[1].EventID})
+	require.Equal(t, st.parked[0].Key, st.parked[1].Key, "one parked run: the refused destination's events stay in order")
+	base := cfg.Ordering.Key(evs[0])
+	require.NotEqual(t, int64(base), st.parked[0].Key, "the run is the key's on that destination only")
+	require.Positive(t, st.parked[0].Key, "scoped keys stay out of the negative space of revived dead letters")
+	require.Equal(t, 1, d.ParkedKeys())
+}
+
+// A destination scope of "" (a sink with one destination) leaves the key as
+// it is, so parked runs written before keep matching.
+func TestEmptyScopeKeepsTheKey(t *testing.T) {
+	t.Parallel()
+	for _, k := range []uint64{0, 1, 15, 1<<40 | 1} {
+		require.Equal(t, k, ScopedKey(k, ""))
+		require.NotEqual(t, ScopedKey(k, "a"), ScopedKey(k, "b"))
+		require.Equal(t, ScopedKey(k, "a"), ScopedKey(k, "a"))
+	}
+}
+
+// Deliveries parked before keys were scoped by destination (an upgrade)
+// carry the unscoped key: a new event of that key is held behind them, in
+// their run, whatever its destination.
+func TestScopedKeyHeldBehindUnscopedParkedRun(t *testing.T) {
+	t.Parallel()
+	s := &scopedSink{fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
+		return make([]sink.Outcome, len(evs))
+	}}}
+	cfg := Config{Concurrency: 2}.WithDefaults()
+	require.NoError(t, cfg.Validate())
+	e := &decode.Event{ID: 10, Name: "present", OrganizationID: 7, HasOrganization: true}
+	base := cfg.Ordering.Key(e)
+	other := &decode.Event{ID: 11, Name: "present", OrganizationID: 8, HasOrganization: true}
+	st := newSettler(10)
+	d := New(Params{Config: cfg, Target: "fake", Sink: func() sink.Sink { return s }, Settler: st, Log: zerolog.Nop(),
+		Parked: map[uint64]int{base: 1}})
+	require.NoError(t, d.Run(context.Background(), feed(cfg, []*decode.Event{e, other})))
+	require.Equal(t, map[int64]int32{11: 0}, st.marks, "the other key is delivered")
+	require.Len(t, st.parked, 1)
+	require.Equal(t, int64(10), st.parked[0].EventID)
+	require.Equal(t, int64(base), st.parked[0].Key, "held in the unscoped run")
+	d.Unparked(base, 2)
+	require.Zero(t, d.ParkedKeys())
+}

@@ -208,7 +208,21 @@ type Kafka struct {
 	log     zerolog.Logger
 }
 
-var _ Sink = (*Kafka)(nil)
+var (
+	_ Sink   = (*Kafka)(nil)
+	_ Scoped = (*Kafka)(nil)
+)
+
+// Scope returns the topic of e when the topic is a template, "" for a fixed
+// topic. A consumer of several topics sees no order across them, so order
+// is kept per topic: an event whose topic is missing parks only the events
+// of its key on that topic.
+func (k *Kafka) Scope(e *decode.Event) string {
+	if !k.topic.dynamic() {
+		return ""
+	}
+	return k.topic.expand(e.Name)
+}
 
 // NewKafka validates cfg and returns a Kafka sink. It does not connect: the
 // client connects on first use (see Ping).

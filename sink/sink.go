@@ -63,6 +63,16 @@ type Sink interface {
 	Deliver(ctx context.Context, events []*decode.Event) []Outcome
 }
 
+// Scoped is implemented by a sink that sends each event to one of several
+// destinations whose orders no consumer can compare (Kafka topics from a
+// template): the caller keeps order per ordering key and destination, so an
+// event its destination refuses (a topic not created yet) holds back only
+// the events of its key bound for the same destination.
+type Scoped interface {
+	// Scope names the destination of e; "" when the sink has one.
+	Scope(e *decode.Event) string
+}
+
 // ExtraHeader is a request header added to deliveries by WithHeader.
 type ExtraHeader struct {
 	Key   string
