@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -632,16 +633,66 @@ func TestSinksThroughADestinationOutage(t *testing.T) {
 	}
 }
 
+// Each sink other than the webhook while every connection outboxd holds to
+// PostgreSQL (replication stream and pool) is cut, three times, with events
+// coming: nothing lost, first receipts in commit order per organization,
+// copies only for what was sent and not yet recorded.
+func TestSinksThroughPostgresCuts(t *testing.T) {
+	t.Parallel()
+	for _, sc := range otherSinks() {
+		t.Run(sc.name, func(t *testing.T) {
+			t.Parallel()
+			extra, delivered := sc.setup(t)
+			b := newBundle(t, pgtest.Shared(t), extra)
+			u, err := url.Parse(b.env["OUTBOXD_DATABASE_URL"])
+			require.NoError(t, err)
+			var down atomic.Bool
+			g := newGate(t, u.Host, &down)
+			u.Host = g.addr
+			env := maps.Clone(b.env)
+			env["OUTBOXD_DATABASE_URL"] = u.String()
+			orgOf := func(i int) int64 { return int64(i%3) + 1 }
+			d := e2e.StartDaemon(t, env)
+			stop := e2e.InsertUntilStopped(b.pool, 3, orgOf)
+			cuts := 0
+			for i := range 3 {
+				// Cut once outboxd has made progress since the last cut.
+				rows, _ := e2e.Processed(t, b.pool)
+				b.waitProcessed(t, rows+30, time.Minute)
+				n := g.cut()
+				require.Positive(t, n, "cut %d: outboxd held no connection", i)
+				cuts += n
+			}
+			ids := stop()
+			b.waitProcessed(t, int64(len(ids)), time.Minute)
+			got, orgs := delivered(t, d, len(ids))
+			copies := checkAfterCrash(t, ids, got, orgs)
+			t.Logf("%s: %d events through 3 cuts (%d connections), %d copies", sc.name, len(ids), cuts, copies)
+			require.Equal(t, 0, d.Stop(30*time.Second))
+		})
+	}
+}
+
 // tcpGate forwards connections to addr while down is false; when down, it
 // closes the connections it carries and every new one. It returns its
 // address.
 func tcpGate(t *testing.T, addr string, down *atomic.Bool) string {
+	return newGate(t, addr, down).addr
+}
+
+// gate is a TCP forwarder a test can cut.
+type gate struct {
+	addr string
+	mu   sync.Mutex
+	open []net.Conn
+}
+
+func newGate(t *testing.T, addr string, down *atomic.Bool) *gate {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	t.Cleanup(func() { l.Close() })
-	var mu sync.Mutex
-	var open []net.Conn
+	g := &gate{addr: l.Addr().String()}
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -657,9 +708,9 @@ func tcpGate(t *testing.T, addr string, down *atomic.Bool) string {
 				c.Close()
 				continue
 			}
-			mu.Lock()
-			open = append(open, c, up)
-			mu.Unlock()
+			g.mu.Lock()
+			g.open = append(g.open, c, up)
+			g.mu.Unlock()
 			go func() { _, _ = io.Copy(up, c); up.Close() }()
 			go func() { _, _ = io.Copy(c, up); c.Close() }()
 		}
@@ -669,17 +720,25 @@ func tcpGate(t *testing.T, addr string, down *atomic.Bool) string {
 		defer tick.Stop()
 		for range tick.C {
 			if down.Load() {
-				mu.Lock()
-				for _, c := range open {
-					c.Close()
-				}
-				open = nil
-				mu.Unlock()
+				g.cut()
 			}
 			if t.Context().Err() != nil {
 				return
 			}
 		}
 	}()
-	return l.Addr().String()
+	return g
+}
+
+// cut closes every connection the gate carries (both ends) and returns how
+// many client connections it cut; new connections are still accepted.
+func (g *gate) cut() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, c := range g.open {
+		c.Close()
+	}
+	n := len(g.open) / 2
+	g.open = nil
+	return n
 }
