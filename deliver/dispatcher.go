@@ -274,189 +274,216 @@ type done struct {
 // Cancelling ctx abandons deliveries in progress: their events stay unsettled,
 // so the checkpoint never passes them and they are delivered again later.
 func (d *Dispatcher) Run(ctx context.Context, in <-chan *Delivery) error {
-	var (
-		queues   = make(map[uint64]*keyQueue)
-		ready    []uint64 // keys with queued events and no delivery in progress
-		held     int      // events read and not settled
-		queued   int      // events waiting in key queues
-		inflight int      // sink calls in progress
-		closed   bool
-		work     = make(chan job, d.cfg.Concurrency)
-		results  = make(chan done, d.cfg.Concurrency)
-		waitFrom time.Time // when the current short batch started waiting
-		timer    *time.Timer
-		timerC   <-chan time.Time
-		runErr   error
-	)
+	r := &run{d: d, queues: make(map[uint64]*keyQueue),
+		work: make(chan job, d.cfg.Concurrency), results: make(chan done, d.cfg.Concurrency)}
 	for range d.cfg.Concurrency {
-		go func() {
-			for j := range work {
-				events := make([]*decode.Event, len(j.items))
-				for i, it := range j.items {
-					events[i] = it.dl.Event
-				}
-				start := time.Now()
-				out := d.sink().Deliver(ctx, events)
-				results <- done{job: j, outcomes: out, took: time.Since(start)}
-			}
-		}()
+		go d.worker(ctx, r.work, r.results)
 	}
-	defer func() {
-		close(work)
-		for ; inflight > 0; inflight-- {
-			<-results
-		}
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
-
-	enqueue := func(dl *Delivery) {
-		it := d.item(dl)
-		if hold, err := d.holdIfParked(it); hold {
-			if err != nil && runErr == nil {
-				runErr = err
-			}
-			return
-		}
-		q := queues[it.key]
-		if q == nil {
-			q = &keyQueue{}
-			queues[it.key] = q
-		}
-		q.items = append(q.items, it)
-		held++
-		queued++
-		if !q.busy && !q.ready {
-			q.ready = true
-			ready = append(ready, it.key)
-		}
-	}
-	// take builds one sink call from the heads of ready keys: a prefix of each
-	// key's queue, so a batch can never reorder a key.
-	take := func() job {
-		var j job
-		for len(ready) > 0 && len(j.items) < d.cfg.BatchSize {
-			k := ready[0]
-			ready = ready[1:]
-			q := queues[k]
-			q.ready = false
-			n := min(len(q.items), d.cfg.BatchSize-len(j.items))
-			j.items = append(j.items, q.items[:n]...)
-			clear(q.items[:n])
-			q.items = q.items[n:]
-			queued -= n
-			q.busy = true
-			j.keys = append(j.keys, k)
-		}
-		return j
-	}
-	release := func(keys []uint64) {
-		for _, k := range keys {
-			q := queues[k]
-			q.busy = false
-			if len(q.items) == 0 {
-				delete(queues, k)
-				continue
-			}
-			// The key's delivery was parked: everything queued behind it is
-			// parked behind it, in order.
-			d.parkMu.Lock()
-			parked := d.parked[k] > 0
-			if parked {
-				d.parked[k] += len(q.items)
-			}
-			d.parkMu.Unlock()
-			if parked {
-				for _, it := range q.items {
-					if err := d.park(it, sink.Outcome{}, "held behind an earlier parked event of the same ordering key"); err != nil && runErr == nil {
-						runErr = err
-					}
-				}
-				held -= len(q.items)
-				queued -= len(q.items)
-				delete(queues, k)
-				continue
-			}
-			q.ready = true
-			ready = append(ready, k)
-		}
-	}
-
+	defer r.stop()
 	for {
-		// Hand out work while workers are free.
-		for inflight < d.cfg.Concurrency && len(ready) > 0 && ctx.Err() == nil && runErr == nil {
-			if d.cfg.BatchSize > 1 && d.cfg.BatchWait > 0 && queued < d.cfg.BatchSize && !closed {
-				if waitFrom.IsZero() {
-					waitFrom = time.Now()
-				}
-				if left := d.cfg.BatchWait - time.Since(waitFrom); left > 0 {
-					if timer == nil {
-						timer = time.NewTimer(left)
-					} else {
-						timer.Reset(left)
-					}
-					timerC = timer.C
-					break
-				}
+		r.handOut(ctx)
+		if r.err != nil || ctx.Err() != nil {
+			r.fail(ctx.Err())
+			if r.inflight == 0 {
+				return r.err
 			}
-			waitFrom = time.Time{}
-			work <- take()
-			inflight++
-		}
-		if runErr != nil || ctx.Err() != nil {
-			if runErr == nil {
-				runErr = ctx.Err()
-			}
-			if inflight == 0 {
-				return runErr
-			}
-		} else if closed && held == 0 {
+		} else if r.closed && r.held == 0 {
 			return nil
 		}
 
 		input := in
-		if closed || held >= d.cfg.MaxInFlight || runErr != nil || ctx.Err() != nil {
+		if r.closed || r.held >= d.cfg.MaxInFlight || r.err != nil || ctx.Err() != nil {
 			input = nil
 		}
 		var ctxDone <-chan struct{}
-		if runErr == nil {
+		if r.err == nil {
 			ctxDone = ctx.Done()
 		}
 		select {
 		case dl, ok := <-input:
 			if !ok {
-				closed = true
+				r.closed = true
 				continue
 			}
-			enqueue(dl)
-			// Take what else is already waiting without another trip round the loop.
-			for more := true; more && held < d.cfg.MaxInFlight; {
-				select {
-				case dl, ok := <-input:
-					if !ok {
-						closed, more = true, false
-						break
-					}
-					enqueue(dl)
-				default:
-					more = false
-				}
+			r.enqueue(dl)
+			r.enqueueWaiting(input)
+		case res := <-r.results:
+			r.inflight--
+			settled, err := d.settle(res)
+			r.held -= settled
+			r.fail(err)
+			if settled == len(res.items) {
+				r.release(res.keys)
 			}
-		case r := <-results:
-			inflight--
-			settled, err := d.settle(r)
-			held -= settled
-			if err != nil && runErr == nil {
-				runErr = err
-			}
-			if settled == len(r.items) {
-				release(r.keys)
-			}
-		case <-timerC:
-			timerC = nil
+		case <-r.timerC:
+			r.timerC = nil
 		case <-ctxDone:
 		}
+	}
+}
+
+// worker makes the sink calls of the jobs it is handed.
+func (d *Dispatcher) worker(ctx context.Context, work <-chan job, results chan<- done) {
+	for j := range work {
+		events := make([]*decode.Event, len(j.items))
+		for i, it := range j.items {
+			events[i] = it.dl.Event
+		}
+		start := time.Now()
+		out := d.sink().Deliver(ctx, events)
+		results <- done{job: j, outcomes: out, took: time.Since(start)}
+	}
+}
+
+// run is the state of one Run, owned by its loop.
+type run struct {
+	d        *Dispatcher
+	queues   map[uint64]*keyQueue
+	ready    []uint64 // keys with queued events and no delivery in progress
+	held     int      // events read and not settled
+	queued   int      // events waiting in key queues
+	inflight int      // sink calls in progress
+	closed   bool     // the input is closed
+	work     chan job
+	results  chan done
+	waitFrom time.Time // when the current short batch started waiting
+	timer    *time.Timer
+	timerC   <-chan time.Time
+	err      error // the first error; the loop stops reading and winds down
+}
+
+// fail records err unless an earlier error was recorded.
+func (r *run) fail(err error) {
+	if err != nil && r.err == nil {
+		r.err = err
+	}
+}
+
+// stop ends the workers once the calls in progress have returned.
+func (r *run) stop() {
+	close(r.work)
+	for ; r.inflight > 0; r.inflight-- {
+		<-r.results
+	}
+	if r.timer != nil {
+		r.timer.Stop()
+	}
+}
+
+// enqueue queues dl behind its key, or parks it behind the key's parked
+// deliveries.
+func (r *run) enqueue(dl *Delivery) {
+	it := r.d.item(dl)
+	if hold, err := r.d.holdIfParked(it); hold {
+		r.fail(err)
+		return
+	}
+	q := r.queues[it.key]
+	if q == nil {
+		q = &keyQueue{}
+		r.queues[it.key] = q
+	}
+	q.items = append(q.items, it)
+	r.held++
+	r.queued++
+	if !q.busy && !q.ready {
+		q.ready = true
+		r.ready = append(r.ready, it.key)
+	}
+}
+
+// enqueueWaiting takes what else is already waiting on input without
+// another trip round the loop.
+func (r *run) enqueueWaiting(input <-chan *Delivery) {
+	for r.held < r.d.cfg.MaxInFlight {
+		select {
+		case dl, ok := <-input:
+			if !ok {
+				r.closed = true
+				return
+			}
+			r.enqueue(dl)
+		default:
+			return
+		}
+	}
+}
+
+// handOut hands sink calls to the workers while some are free, unless a
+// short batch should wait for more events.
+func (r *run) handOut(ctx context.Context) {
+	cfg := r.d.cfg
+	for r.inflight < cfg.Concurrency && len(r.ready) > 0 && ctx.Err() == nil && r.err == nil {
+		if cfg.BatchSize > 1 && cfg.BatchWait > 0 && r.queued < cfg.BatchSize && !r.closed {
+			if r.waitFrom.IsZero() {
+				r.waitFrom = time.Now()
+			}
+			if left := cfg.BatchWait - time.Since(r.waitFrom); left > 0 {
+				if r.timer == nil {
+					r.timer = time.NewTimer(left)
+				} else {
+					r.timer.Reset(left)
+				}
+				r.timerC = r.timer.C
+				return
+			}
+		}
+		r.waitFrom = time.Time{}
+		r.work <- r.take()
+		r.inflight++
+	}
+}
+
+// take builds one sink call from the heads of ready keys: a prefix of each
+// key's queue, so a batch can never reorder a key.
+func (r *run) take() job {
+	var j job
+	for len(r.ready) > 0 && len(j.items) < r.d.cfg.BatchSize {
+		k := r.ready[0]
+		r.ready = r.ready[1:]
+		q := r.queues[k]
+		q.ready = false
+		n := min(len(q.items), r.d.cfg.BatchSize-len(j.items))
+		j.items = append(j.items, q.items[:n]...)
+		clear(q.items[:n])
+		q.items = q.items[n:]
+		r.queued -= n
+		q.busy = true
+		j.keys = append(j.keys, k)
+	}
+	return j
+}
+
+// release makes the keys of a settled call ready again, or parks what is
+// queued behind a key whose delivery was parked.
+func (r *run) release(keys []uint64) {
+	d := r.d
+	for _, k := range keys {
+		q := r.queues[k]
+		q.busy = false
+		if len(q.items) == 0 {
+			delete(r.queues, k)
+			continue
+		}
+		// The key's delivery was parked: everything queued behind it is
+		// parked behind it, in order.
+		d.parkMu.Lock()
+		parked := d.parked[k] > 0
+		if parked {
+			d.parked[k] += len(q.items)
+		}
+		d.parkMu.Unlock()
+		if parked {
+			for _, it := range q.items {
+				r.fail(d.park(it, sink.Outcome{}, "held behind an earlier parked event of the same ordering key"))
+			}
+			r.held -= len(q.items)
+			r.queued -= len(q.items)
+			delete(r.queues, k)
+			continue
+		}
+		q.ready = true
+		r.ready = append(r.ready, k)
 	}
 }
 
