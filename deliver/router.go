@@ -34,6 +34,9 @@ type RouterConfig struct {
 	OnGone func(target string)
 	// OnResult receives every sink call's result (metrics); may be nil.
 	OnResult func(Result)
+	// OnEvent is told of every event the router reads, before it is routed
+	// (metrics); may be nil.
+	OnEvent func(*decode.Event)
 }
 
 // Router routes events to their targets in commit order and runs one
@@ -154,6 +157,9 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			return err
 		case <-ctx.Done():
 			return ctx.Err()
+		}
+		if r.cfg.OnEvent != nil {
+			r.cfg.OnEvent(e)
 		}
 		if e.Change != nil {
 			if err := r.change(start, e); err != nil {

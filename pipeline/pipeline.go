@@ -260,18 +260,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	})
 	defer stopDrain()
 
-	raw := make(chan *decode.Event, 1024)
-	events := raw
-	if o := cfg.Observer; o != nil {
-		events = make(chan *decode.Event, 1024)
-		go func() {
-			defer close(events)
-			for e := range raw {
-				o.Received(e)
-				events <- e
-			}
-		}()
-	}
+	events := make(chan *decode.Event, 1024)
 	drained := make(chan struct{})
 	readerDone := make(chan struct{})
 	var wg sync.WaitGroup
@@ -283,7 +272,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 		// Run returns only after the drain (the final flush included), so
 		// its error is kept apart: it is the cause, and must not be hidden by
 		// a failure of that final flush which it brought about.
-		readerErr = reader.Run(readCtx, raw, drained)
+		readerErr = reader.Run(readCtx, events, drained)
 		if errors.Is(readerErr, cdc.ErrTakenOver) || errors.Is(readerErr, cdc.ErrReset) {
 			// Another instance holds the slot and acts now (G9): what this
 			// one still holds is past the checkpoint and is the new holder's
@@ -357,8 +346,12 @@ func newRouter(ctx, loadCtx context.Context, cfg Config, store *checkpoint.Store
 	if err != nil {
 		return nil, err
 	}
+	var onEvent func(*decode.Event)
+	if o := cfg.Observer; o != nil {
+		onEvent = o.Received
+	}
 	return deliver.NewRouter(deliver.RouterConfig{
-		Deliver: cfg.Deliver, Default: s, DefaultEvents: cfg.DefaultEvents,
+		Deliver: cfg.Deliver, Default: s, DefaultEvents: cfg.DefaultEvents, OnEvent: onEvent,
 		Subscription: func(sub deliver.Subscription) (sink.Sink, error) {
 			// The subscriptions' own address guard, never the default
 			// webhook's (G8): a URL it refuses is never connected to, and
