@@ -274,11 +274,7 @@ type done struct {
 // Cancelling ctx abandons deliveries in progress: their events stay unsettled,
 // so the checkpoint never passes them and they are delivered again later.
 func (d *Dispatcher) Run(ctx context.Context, in <-chan *Delivery) error {
-	r := &run{d: d, queues: make(map[uint64]*keyQueue),
-		work: make(chan job, d.cfg.Concurrency), results: make(chan done, d.cfg.Concurrency)}
-	for range d.cfg.Concurrency {
-		go d.worker(ctx, r.work, r.results)
-	}
+	r := &run{d: d, queues: make(map[uint64]*keyQueue), results: make(chan done, d.cfg.Concurrency)}
 	defer r.stop()
 	for {
 		r.handOut(ctx)
@@ -322,17 +318,18 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *Delivery) error {
 	}
 }
 
-// worker makes the sink calls of the jobs it is handed.
-func (d *Dispatcher) worker(ctx context.Context, work <-chan job, results chan<- done) {
-	for j := range work {
-		events := make([]*decode.Event, len(j.items))
-		for i, it := range j.items {
-			events[i] = it.dl.Event
-		}
-		start := time.Now()
-		out := d.sink().Deliver(ctx, events)
-		results <- done{job: j, outcomes: out, took: time.Since(start)}
+// call makes the sink call of j and hands its result to results, which has
+// room for it: at most Concurrency calls are in progress, and an idle
+// target holds no goroutine but its loop's (a platform with thousands of
+// subscriptions has thousands of targets).
+func (d *Dispatcher) call(ctx context.Context, j job, results chan<- done) {
+	events := make([]*decode.Event, len(j.items))
+	for i, it := range j.items {
+		events[i] = it.dl.Event
 	}
+	start := time.Now()
+	out := d.sink().Deliver(ctx, events)
+	results <- done{job: j, outcomes: out, took: time.Since(start)}
 }
 
 // run is the state of one Run, owned by its loop.
@@ -344,7 +341,6 @@ type run struct {
 	queued   int      // events waiting in key queues
 	inflight int      // sink calls in progress
 	closed   bool     // the input is closed
-	work     chan job
 	results  chan done
 	waitFrom time.Time // when the current short batch started waiting
 	timer    *time.Timer
@@ -359,9 +355,8 @@ func (r *run) fail(err error) {
 	}
 }
 
-// stop ends the workers once the calls in progress have returned.
+// stop waits for the calls in progress to return.
 func (r *run) stop() {
-	close(r.work)
 	for ; r.inflight > 0; r.inflight-- {
 		<-r.results
 	}
@@ -409,8 +404,8 @@ func (r *run) enqueueWaiting(input <-chan *Delivery) {
 	}
 }
 
-// handOut hands sink calls to the workers while some are free, unless a
-// short batch should wait for more events.
+// handOut starts sink calls while fewer than Concurrency are in progress,
+// unless a short batch should wait for more events.
 func (r *run) handOut(ctx context.Context) {
 	cfg := r.d.cfg
 	for r.inflight < cfg.Concurrency && len(r.ready) > 0 && ctx.Err() == nil && r.err == nil {
@@ -429,7 +424,7 @@ func (r *run) handOut(ctx context.Context) {
 			}
 		}
 		r.waitFrom = time.Time{}
-		r.work <- r.take()
+		go r.d.call(ctx, r.take(), r.results)
 		r.inflight++
 	}
 }

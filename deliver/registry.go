@@ -126,9 +126,48 @@ func ParseGlobs(list string) ([]string, error) {
 }
 
 // Registry is the set of subscriptions as of the position of the stream the
-// router has reached.
+// router has reached, indexed by organization: routing an event looks only at
+// its organization's subscriptions and the platform-wide ones, however many
+// tenants there are.
 type Registry struct {
-	subs map[int64]*Subscription
+	subs     map[int64]*Subscription
+	byOrg    map[int64][]*Subscription
+	platform map[int64]*Subscription // subscriptions with no organization
+}
+
+func newRegistry() *Registry {
+	return &Registry{subs: map[int64]*Subscription{}, byOrg: map[int64][]*Subscription{}, platform: map[int64]*Subscription{}}
+}
+
+// put adds or replaces s.
+func (r *Registry) put(s *Subscription) {
+	r.remove(s.ID)
+	r.subs[s.ID] = s
+	if s.OrganizationID == nil {
+		r.platform[s.ID] = s
+	} else {
+		r.byOrg[*s.OrganizationID] = append(r.byOrg[*s.OrganizationID], s)
+	}
+}
+
+// remove drops subscription id, if known.
+func (r *Registry) remove(id int64) {
+	old := r.subs[id]
+	if old == nil {
+		return
+	}
+	delete(r.subs, id)
+	if old.OrganizationID == nil {
+		delete(r.platform, id)
+		return
+	}
+	org := *old.OrganizationID
+	rest := slices.DeleteFunc(r.byOrg[org], func(s *Subscription) bool { return s.ID == id })
+	if len(rest) == 0 {
+		delete(r.byOrg, org)
+	} else {
+		r.byOrg[org] = rest
+	}
 }
 
 // NewRegistry returns a registry from a snapshot (nil: empty). The snapshot
@@ -144,7 +183,7 @@ type Registry struct {
 // never sent unsigned. A snapshot written before migration 6 may still hold
 // the secrets themselves; they are used as they are.
 func NewRegistry(snapshot []byte, lookup SecretLookup) (*Registry, error) {
-	r := &Registry{subs: map[int64]*Subscription{}}
+	r := newRegistry()
 	if len(snapshot) == 0 {
 		return r, nil
 	}
@@ -177,7 +216,7 @@ func NewRegistry(snapshot []byte, lookup SecretLookup) (*Registry, error) {
 			s.URL = current[s.ID].URL // "" when the row is gone: unusable
 		}
 		s.SecretFingerprints, s.URLFingerprint = nil, ""
-		r.subs[s.ID] = s
+		r.put(s)
 	}
 	return r, nil
 }
@@ -233,6 +272,26 @@ func (r *Registry) Each(f func(*Subscription)) {
 	}
 }
 
+// EachCandidate calls f for every subscription e may go to (a superset of
+// those Matches accepts): the platform-wide ones and those of e's
+// organization. An event routed by the subscriptions' history (a catch-up
+// row, e.Windows set) may go to a subscription whose organization changed
+// since: it is offered every subscription.
+func (r *Registry) EachCandidate(e *decode.Event, f func(*Subscription)) {
+	if e.Windows != nil && !e.CommitTime.IsZero() {
+		r.Each(f)
+		return
+	}
+	for _, s := range r.platform {
+		f(s)
+	}
+	if e.HasOrganization {
+		for _, s := range r.byOrg[e.OrganizationID] {
+			f(s)
+		}
+	}
+}
+
 // ErrUnknownUnchanged is returned (wrapped) by Registry.Apply for an update
 // that left columns the router reads unchanged (TOASTed values pgoutput does
 // not resend, decode.Row.Unchanged) for a subscription the registry does not
@@ -254,14 +313,14 @@ var ErrUnknownUnchanged = errors.New("unchanged columns of an unknown subscripti
 func (r *Registry) Apply(c *decode.Change) (*Subscription, error) {
 	switch {
 	case c.Row == nil:
-		r.subs = map[int64]*Subscription{}
+		*r = *newRegistry()
 		return nil, nil
 	case c.Kind == decode.KindDelete:
 		id, err := rowID(c.Row)
 		if err != nil {
 			return nil, err
 		}
-		delete(r.subs, id)
+		r.remove(id)
 		return nil, nil
 	default:
 		var base *Subscription
@@ -273,11 +332,11 @@ func (r *Registry) Apply(c *decode.Change) (*Subscription, error) {
 		s, err := subscriptionFromRow(c.Row, base)
 		if err != nil {
 			if errors.Is(err, ErrUnknownUnchanged) {
-				delete(r.subs, s.ID)
+				r.remove(s.ID)
 			}
 			return nil, err
 		}
-		r.subs[s.ID] = &s
+		r.put(&s)
 		return &s, nil
 	}
 }

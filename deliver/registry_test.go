@@ -2,6 +2,9 @@ package deliver
 
 import (
 	"context"
+	"math/rand/v2"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -452,4 +455,53 @@ func TestRouterStartsTargetsWithParkedDeliveriesOnChange(t *testing.T) {
 	require.NoError(t, <-done)
 	require.Contains(t, r.LiveTargets(), "subscription:3", "its parked deliveries are reachable")
 	require.NotContains(t, r.LiveTargets(), "subscription:4", "nothing parked, no event: not started")
+}
+
+// The organization index offers each event every subscription Matches may
+// accept, through inserts, organization changes, deletes and resets in any
+// order: routing by candidates equals routing by a scan of all.
+func TestRegistryCandidatesEqualAScan(t *testing.T) {
+	t.Parallel()
+	rng := rand.New(rand.NewPCG(1, 2))
+	reg, err := NewRegistry(nil, nil)
+	require.NoError(t, err)
+	org := func() string {
+		if rng.IntN(4) == 0 {
+			return "NULL"
+		}
+		return strconv.Itoa(rng.IntN(5))
+	}
+	matched := func(each func(*decode.Event, func(*Subscription)), e *decode.Event) []int64 {
+		var ids []int64
+		each(e, func(s *Subscription) {
+			if s.Matches(e) {
+				ids = append(ids, s.ID)
+			}
+		})
+		slices.Sort(ids)
+		return ids
+	}
+	scan := func(_ *decode.Event, f func(*Subscription)) { reg.Each(f) }
+	for step := range 3000 {
+		id := strconv.Itoa(rng.IntN(20) + 1)
+		var c *decode.Change
+		switch k := rng.IntN(20); {
+		case k == 0:
+			c = &decode.Change{Kind: decode.KindIgnored} // a reset
+		case k < 5:
+			c = &decode.Change{Kind: decode.KindDelete, Row: subRow(id, "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL")}
+		default:
+			enabled := []string{"t", "f"}[rng.IntN(2)]
+			events := []string{"{}", "{batch_*}"}[rng.IntN(2)]
+			c = &decode.Change{Kind: decode.KindUpdate, Row: subRow(id, org(), "https://h", "{whsec_x}", events, enabled, "NULL", "NULL", "NULL")}
+		}
+		_, err := reg.Apply(c)
+		require.NoError(t, err)
+		e := &decode.Event{ID: int64(step), Name: []string{"batch_started", "timer_started"}[rng.IntN(2)]}
+		if o := rng.IntN(6); o < 5 {
+			e.OrganizationID, e.HasOrganization = int64(o), true
+		}
+		require.Equal(t, matched(scan, e), matched(reg.EachCandidate, e), "step %d, event %+v", step, e)
+	}
+	require.NotEmpty(t, reg.subs)
 }

@@ -172,7 +172,7 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			routes = append(routes, def)
 		}
 		var routeErr error
-		r.reg.Each(func(s *Subscription) {
+		r.reg.EachCandidate(e, func(s *Subscription) {
 			if s.Matches(e) {
 				t, err := r.startSubscription(start, s)
 				if err != nil {
