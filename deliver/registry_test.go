@@ -2,6 +2,7 @@ package deliver
 
 import (
 	"context"
+	"encoding/json"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -13,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
+	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/sink"
 )
@@ -504,4 +506,55 @@ func TestRegistryCandidatesEqualAScan(t *testing.T) {
 		require.Equal(t, matched(scan, e), matched(reg.EachCandidate, e), "step %d, event %+v", step, e)
 	}
 	require.NotEmpty(t, reg.subs)
+}
+
+// stateSettler records, per transaction, how many settlements came and the
+// routing states among them.
+type stateSettler struct {
+	mu      sync.Mutex
+	settled map[uint64]int
+	states  map[uint64][][]byte
+}
+
+func (s *stateSettler) Settle(seq uint64, st checkpoint.Settlement) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.settled[seq]++
+	if st.State != nil {
+		s.states[seq] = append(s.states[seq], st.State)
+	}
+	return nil
+}
+
+// A transaction of many subscription changes settles each of them and
+// snapshots the registry once, after its last change; each transaction
+// keeps its own state, taken before a later transaction's change applies.
+func TestRouterSnapshotsOncePerTransactionOfChanges(t *testing.T) {
+	t.Parallel()
+	cfg := Config{Concurrency: 2}.WithDefaults()
+	require.NoError(t, cfg.Validate())
+	st := &stateSettler{settled: map[uint64]int{}, states: map[uint64][][]byte{}}
+	subs := &recordingSinks{got: map[int64][]int64{}, secrets: map[int64][]string{}}
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{}, DefaultEvents: []string{"none"}, Subscription: subs.build}, st, zerolog.Nop())
+	require.NoError(t, err)
+	const n = 500
+	in := make(chan *decode.Event, n+2)
+	for i := range n {
+		c := change(decode.KindInsert, subRow(strconv.Itoa(i+1), strconv.Itoa(i), "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"))
+		c.TxnSeq = 1
+		in <- c
+	}
+	last := change(decode.KindDelete, subRow("1", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL"))
+	last.TxnSeq = 2
+	in <- last
+	close(in)
+	require.NoError(t, r.Run(context.Background(), in))
+
+	require.Equal(t, map[uint64]int{1: n, 2: 1}, st.settled, "every change settles")
+	require.Equal(t, 1, len(st.states[1]), "one snapshot for the transaction")
+	var first, second []Subscription
+	require.NoError(t, json.Unmarshal(st.states[1][0], &first))
+	require.NoError(t, json.Unmarshal(st.states[2][0], &second))
+	require.Len(t, first, n, "the state after the transaction's last change")
+	require.Len(t, second, n-1)
 }

@@ -144,27 +144,70 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		wg.Wait()
 	}()
 
-	var routes []*target
+	var (
+		routes []*target
+		// stateOf is the last subscription change applied whose routing
+		// state is not settled yet: changes that follow it in the same
+		// transaction settle it without a state, and only the last one
+		// snapshots the registry (a transaction that inserts 10,000
+		// subscriptions takes one snapshot, not 10,000 of a growing
+		// registry). The checkpoint can only be between transactions, so
+		// the state of a transaction's last change is all it keeps.
+		stateOf *decode.Event
+	)
+	settleState := func() error {
+		if stateOf == nil {
+			return nil
+		}
+		e := stateOf
+		stateOf = nil
+		return r.settler.Settle(e.TxnSeq, checkpoint.Settlement{State: r.reg.Snapshot()})
+	}
 	for {
 		var e *decode.Event
-		var ok bool
-		select {
-		case e, ok = <-in:
-			if !ok {
-				return nil
+		var ok, got bool
+		if stateOf != nil {
+			// Settle the state now unless the next event is already here.
+			select {
+			case e, ok = <-in:
+				got = true
+			default:
+				if err := settleState(); err != nil {
+					return err
+				}
 			}
-		case err := <-failed:
-			return err
-		case <-ctx.Done():
-			return ctx.Err()
+		}
+		if !got {
+			select {
+			case e, ok = <-in:
+			case err := <-failed:
+				return err
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		if !ok {
+			return settleState()
 		}
 		if r.cfg.OnEvent != nil {
 			r.cfg.OnEvent(e)
+		}
+		if stateOf != nil {
+			if e.Change != nil && e.TxnSeq == stateOf.TxnSeq {
+				// A later change of the same transaction carries the state.
+				if err := r.settler.Settle(stateOf.TxnSeq, checkpoint.Settlement{}); err != nil {
+					return err
+				}
+				stateOf = nil
+			} else if err := settleState(); err != nil {
+				return err
+			}
 		}
 		if e.Change != nil {
 			if err := r.change(start, e); err != nil {
 				return err
 			}
+			stateOf = e
 			continue
 		}
 		routes = routes[:0]
@@ -246,8 +289,8 @@ func (r *Router) subscriptionSink(s Subscription) (sink.Sink, error) {
 	return snk, nil
 }
 
-// change applies a subscription change and records the new routing state
-// with the event's transaction.
+// change applies a subscription change; the caller settles it with the
+// routing state.
 func (r *Router) change(start func(string, sink.Sink, *Subscription) *target, e *decode.Event) error {
 	s, err := r.reg.Apply(e.Change)
 	if err != nil {
@@ -295,7 +338,7 @@ func (r *Router) change(start func(string, sink.Sink, *Subscription) *target, e 
 			}
 		}
 	}
-	return r.settler.Settle(e.TxnSeq, checkpoint.Settlement{State: r.reg.Snapshot()})
+	return nil
 }
 
 // disableTarget marks the running target of subscription id, if any, as
