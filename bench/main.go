@@ -23,6 +23,10 @@
 //	latency      commit→receipt latency at -latency-rates single-row
 //	             transactions/s, for -latency-systems (outboxd, poller)
 //	bigtxn       one transaction of -bigtxn-rows rows: time to deliver, peak RSS
+//	tenants      -tenant-events events over as many organizations, each with
+//	             its own webhook subscription, for each count of
+//	             -tenant-subs (0: the default webhook takes every event):
+//	             peak RSS and CPU per delivery as tenants grow
 //
 // The slots of the drain measurements exist before the backlog is loaded, so
 // the replication stream is measured, not the catch-up (that is "catchup").
@@ -66,6 +70,8 @@ type config struct {
 	LatencyDur   time.Duration
 	LatencySys   []string
 	BigTxnRows   int
+	TenantSubs   []int
+	TenantEvents int
 	DatabaseURL  string
 	PGBinDir     string
 	OutboxdBin   string
@@ -80,7 +86,7 @@ type config struct {
 	Flags map[string]string
 }
 
-var allModes = []string{"recvlogical", "perevent", "batched", "poller", "catchup", "latency", "bigtxn"}
+var allModes = []string{"recvlogical", "perevent", "batched", "poller", "catchup", "latency", "bigtxn", "tenants"}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -102,7 +108,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	var c config
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	var txn, modes, rates, sys, extra string
+	var txn, modes, rates, sys, extra, tenantSubs string
 	fs.IntVar(&c.N, "n", 200000, "backlog rows")
 	fs.StringVar(&txn, "txn-sizes", "1000,1", "rows per transaction of the backlog, one measurement set each")
 	fs.IntVar(&c.PropsSize, "props-size", 330, "bytes of each row's properties (jsonb text)")
@@ -118,6 +124,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.LatencyDur, "latency-duration", 30*time.Second, "length of each latency run (after a warm-up)")
 	fs.StringVar(&sys, "latency-systems", "outboxd,poller", "systems whose latency is measured")
 	fs.IntVar(&c.BigTxnRows, "bigtxn-rows", 1000000, "rows of the one big transaction")
+	fs.StringVar(&tenantSubs, "tenant-subs", "0,10000", "tenant subscriptions of the tenants runs, one run each (0: none, the default webhook takes the events)")
+	fs.IntVar(&c.TenantEvents, "tenant-events", 10000, "events of each tenants run, one per organization")
 	fs.StringVar(&c.DatabaseURL, "database-url", "", "postgres:// URL of an existing server's administrative database (default: start one)")
 	fs.StringVar(&c.PGBinDir, "pg-bin-dir", "", "PostgreSQL server binaries (default: found like the tests do)")
 	fs.StringVar(&c.OutboxdBin, "outboxd-bin", "", "a prebuilt outboxd binary (default: go build ./cmd/outboxd)")
@@ -149,6 +157,12 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		if !set["bigtxn-rows"] {
 			c.BigTxnRows = 20000
 		}
+		if !set["tenant-subs"] {
+			tenantSubs = "0,200"
+		}
+		if !set["tenant-events"] {
+			c.TenantEvents = 200
+		}
 		if !set["timeout"] {
 			c.Timeout = time.Minute
 		}
@@ -159,12 +173,20 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	c.Flags["n"], c.Flags["txn-sizes"] = strconv.Itoa(c.N), txn
 	c.Flags["latency-duration"], c.Flags["bigtxn-rows"] = c.LatencyDur.String(), strconv.Itoa(c.BigTxnRows)
 	c.Flags["timeout"] = c.Timeout.String()
+	c.Flags["tenant-subs"], c.Flags["tenant-events"] = tenantSubs, strconv.Itoa(c.TenantEvents)
 	if u, err := url.Parse(c.DatabaseURL); err == nil && c.DatabaseURL != "" {
 		c.Flags["database-url"] = u.Redacted()
 	}
 	var err error
 	if c.TxnSizes, err = ints(txn); err != nil {
 		return c, usageError{fmt.Errorf("-txn-sizes: %w", err)}
+	}
+	for _, f := range splitList(tenantSubs) {
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 0 {
+			return c, usageError{fmt.Errorf("-tenant-subs: %q is not a count", f)}
+		}
+		c.TenantSubs = append(c.TenantSubs, n)
 	}
 	if c.Rates, err = ints(rates); err != nil {
 		return c, usageError{fmt.Errorf("-latency-rates: %w", err)}
@@ -198,6 +220,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, usageError{errors.New("-orgs must be positive")}
 	case c.FillFactor != 0 && (c.FillFactor < 10 || c.FillFactor > 100):
 		return c, usageError{errors.New("-fillfactor must be in 10..100")}
+	case c.TenantEvents < 1:
+		return c, usageError{errors.New("-tenant-events must be positive")}
 	case c.LatencyDur <= 0:
 		return c, usageError{errors.New("-latency-duration must be positive")}
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -132,6 +133,64 @@ func (b *bench) runAll(ctx context.Context) {
 	if c.has("bigtxn") {
 		b.guard(ctx, "big transaction", func() error { return b.bigTxn(ctx) })
 	}
+	if c.has("tenants") {
+		for _, subs := range c.TenantSubs {
+			b.guard(ctx, fmt.Sprintf("tenants (%d subscriptions)", subs), func() error { return b.tenants(ctx, subs) })
+		}
+	}
+}
+
+// tenants measures a platform with one webhook subscription per
+// organization: TenantEvents events, one per organization, each delivered
+// to its organization's subscription (subs of them; with none, the default
+// webhook takes every event). Deliveries = events; the subscriptions are
+// inserted in one transaction after the slot exists, so outboxd applies them
+// from its stream during the run.
+func (b *bench) tenants(ctx context.Context, subs int) error {
+	n := b.cfg.TenantEvents
+	if subs > 0 && subs < n {
+		return fmt.Errorf("-tenant-subs %d: fewer subscriptions than the %d organizations would leave events undelivered", subs, n)
+	}
+	name := dbName("tenants", subs)
+	dbURL, err := b.pg.createDB(ctx, name, false, b.cfg.FillFactor)
+	if err != nil {
+		return err
+	}
+	defer b.dropDB(ctx, name)
+	extra := maps.Clone(b.cfg.Extra)
+	if subs > 0 {
+		extra["OUTBOXD_ALLOW_PRIVATE_SUBSCRIPTIONS"] = "true"
+		extra["OUTBOXD_WEBHOOK_EVENTS"] = "no_event_is_named_this" // the default webhook takes none
+	}
+	env := daemonEnv(dbURL, name, b.recv.url, 1, 16, extra)
+	if err := b.createSlotWithDaemon(ctx, env, dbURL, name); err != nil {
+		return fmt.Errorf("create outboxd's slot: %w", err)
+	}
+	if subs > 0 {
+		conn, err := pgx.Connect(ctx, dbURL)
+		if err != nil {
+			return err
+		}
+		_, err = conn.Exec(ctx, `INSERT INTO outboxd_subscription (organization_id, url, secrets)
+SELECT g, $2, ARRAY[$3] FROM generate_series(1, $1::int) AS g`, subs, b.recv.url, benchSecret)
+		conn.Close(context.WithoutCancel(ctx))
+		if err != nil {
+			return fmt.Errorf("insert subscriptions: %w", err)
+		}
+	}
+	bl, err := loadBacklog(ctx, dbURL, n, min(100, n), n, b.props)
+	if err != nil {
+		return err
+	}
+	r, err := b.outboxdRun(ctx, env, dbURL, name, bl, false)
+	if err != nil {
+		return err
+	}
+	r.Mode = fmt.Sprintf("outboxd tenants: %d subscriptions, %d organizations (batch 1, conc 16)", subs, n)
+	r.Detail["subscriptions"] = subs
+	r.Detail["cpu_ms_per_delivery"] = r.Detail["cpu_s"].(float64) / float64(n) * 1000
+	b.add(r)
+	return nil
 }
 
 func (b *bench) guard(ctx context.Context, what string, f func() error) {
