@@ -4,58 +4,11 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/jackc/pglogrepl"
+
+	"github.com/outboxd/outboxd/store"
 )
-
-// Mark records that one event was acknowledged by every sink it was routed to.
-type Mark struct {
-	ID       int64
-	Attempts int32
-}
-
-// Range is a run of consecutive event ids settled with the same number of
-// attempts; marks travel as ranges to keep a huge transaction small.
-type Range struct {
-	Lo, Hi   int64
-	Attempts int32
-}
-
-// appendMark adds m to rs, extending the last range when m continues it.
-func appendMark(rs []Range, m Mark) []Range {
-	if k := len(rs) - 1; k >= 0 && rs[k].Hi+1 == m.ID && rs[k].Attempts == m.Attempts {
-		rs[k].Hi = m.ID
-		return rs
-	}
-	return append(rs, Range{Lo: m.ID, Hi: m.ID, Attempts: m.Attempts})
-}
-
-// DeadLetter records that one event was given up on by a sink.
-type DeadLetter struct {
-	EventID  int64
-	Sink     string
-	Status   int
-	Reason   string
-	Attempts int32
-}
-
-// Park records a delivery that ran out of in-memory retries (or was held
-// behind such a delivery of the same ordering key): it is retried later from
-// the table, and counts as settled for the checkpoint.
-type Park struct {
-	EventID   int64
-	Target    string
-	Key       int64 // ordering key: parked deliveries of one key are retried in order
-	CommitLSN pglogrepl.LSN
-	Index     int32 // position in the transaction
-	Attempts  int32
-	// RetryIn is how long after now (the database's clock, which the
-	// retrier compares next_attempt_at with) the first retry is due.
-	RetryIn time.Duration
-	Status  int
-	Reason  string
-}
 
 // Settlement is the fate of one event once every sink it was routed to has
 // settled it: Mark when all acknowledged it (the row becomes processed);
@@ -63,64 +16,30 @@ type Park struct {
 type Settlement struct {
 	// EventID is the event's id (Mark.ID when Mark is set).
 	EventID  int64
-	Mark     *Mark
+	Mark     *store.Mark
 	Attempts int32
-	Dead     []DeadLetter
-	Parked   []Park
+	Dead     []store.DeadLetter
+	Parked   []store.Park
 	// State, when set, is the routing state after this event (a subscription
 	// change); the checkpoint keeps the state of its position.
 	State []byte
 }
 
-// Batch is what one flush writes: rows to mark processed, attempts of rows
-// that stay unprocessed, dead letters, parked deliveries, the routing state
-// and the new checkpoint LSN when the settled prefix moved (zero otherwise).
-type Batch struct {
-	Marks       []Range
-	Attempts    []Mark
-	Dead        []DeadLetter
-	Parked      []Park
-	State       []byte
-	LSN         pglogrepl.LSN
-	CatchupDone bool
-}
-
-// Empty reports whether the batch has nothing to write.
-func (b *Batch) Empty() bool {
-	return len(b.Marks) == 0 && len(b.Attempts) == 0 && len(b.Dead) == 0 && len(b.Parked) == 0 &&
-		b.State == nil && b.LSN == 0 && !b.CatchupDone
-}
-
-// Events is the number of events the batch settles.
-func (b *Batch) Events() int {
-	n := len(b.Attempts)
-	for _, r := range b.Marks {
-		n += int(r.Hi - r.Lo + 1)
+// appendMark adds m to rs, extending the last range when m continues it.
+func appendMark(rs []store.Range, m store.Mark) []store.Range {
+	if k := len(rs) - 1; k >= 0 && rs[k].Hi+1 == m.ID && rs[k].Attempts == m.Attempts {
+		rs[k].Hi = m.ID
+		return rs
 	}
-	return n
-}
-
-// Merge appends a later batch to b (used when a flush failed and is retried).
-func (b *Batch) Merge(later Batch) {
-	b.Marks = append(b.Marks, later.Marks...)
-	b.Attempts = append(b.Attempts, later.Attempts...)
-	b.Dead = append(b.Dead, later.Dead...)
-	b.Parked = append(b.Parked, later.Parked...)
-	if later.State != nil {
-		b.State = later.State
-	}
-	if later.LSN > b.LSN {
-		b.LSN = later.LSN
-	}
-	b.CatchupDone = b.CatchupDone || later.CatchupDone
+	return append(rs, store.Range{Lo: m.ID, Hi: m.ID, Attempts: m.Attempts})
 }
 
 // pending is settled work not yet drained.
 type pending struct {
-	marks    []Range
-	attempts []Mark
-	dead     []DeadLetter
-	parked   []Park
+	marks    []store.Range
+	attempts []store.Mark
+	dead     []store.DeadLetter
+	parked   []store.Park
 	state    []byte
 }
 
@@ -128,7 +47,7 @@ func (p *pending) add(s Settlement) {
 	if s.Mark != nil {
 		p.marks = appendMark(p.marks, *s.Mark)
 	} else if s.Attempts > 0 {
-		p.attempts = append(p.attempts, Mark{ID: s.EventID, Attempts: s.Attempts})
+		p.attempts = append(p.attempts, store.Mark{ID: s.EventID, Attempts: s.Attempts})
 	}
 	p.dead = append(p.dead, s.Dead...)
 	p.parked = append(p.parked, s.Parked...)
@@ -333,11 +252,11 @@ func (t *Tracker) AdvanceIdle(lsn pglogrepl.LSN) bool {
 
 // Drain takes what settled since the last drain. The returned batch must be
 // written by the flusher and then reported with Written.
-func (t *Tracker) Drain() Batch {
+func (t *Tracker) Drain() store.Batch {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	w := t.work
-	b := Batch{Marks: w.marks, Attempts: w.attempts, Dead: w.dead, Parked: w.parked, State: w.state, CatchupDone: t.catchup}
+	b := store.Batch{Marks: w.marks, Attempts: w.attempts, Dead: w.dead, Parked: w.parked, State: w.state, CatchupDone: t.catchup}
 	if uint64(t.prefix) > t.flushed.Load() {
 		b.LSN = t.prefix
 	}

@@ -50,7 +50,6 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/outboxd/outboxd/cdc"
-	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/store"
 )
 
@@ -302,8 +301,8 @@ func (c *Client) createSlot(ctx context.Context, res *SlotResult) error {
 	}
 	res.LSN = lsnPtr(lsn)
 	res.step("created slot %q (pgoutput) at %s", c.t.Slot, lsn)
-	store := checkpoint.NewStore(c.pool, checkpoint.StoreConfig{Schema: c.t.schema(), Table: c.t.Table.Name, Slot: c.t.Slot})
-	if err := store.Save(ctx, checkpoint.Checkpoint{LSN: lsn, SystemID: sys.SystemID, Timeline: sys.Timeline, CatchupPending: true}); err != nil {
+	cps := store.NewSlotStore(c.pool, store.SlotConfig{Schema: c.t.schema(), Table: c.t.Table.Name, Slot: c.t.Slot})
+	if err := cps.Save(ctx, store.Checkpoint{LSN: lsn, SystemID: sys.SystemID, Timeline: sys.Timeline, CatchupPending: true}); err != nil {
 		return err
 	}
 	res.step("saved its checkpoint at %s with catchup_pending = true: the next `outboxd run` recreates the slot with a snapshot and delivers every unprocessed row", lsn)
