@@ -137,7 +137,7 @@ func (c *Client) checkOwnSlot(s *slotRow) error {
 
 // requireTables refuses when outboxd's tables are missing.
 func (c *Client) requireTables(ctx context.Context) error {
-	ok, err := c.exists(ctx, checkpointTable)
+	ok, err := c.tables().Migrated(ctx)
 	if err != nil {
 		return err
 	}
@@ -149,8 +149,7 @@ func (c *Client) requireTables(ctx context.Context) error {
 
 // hasCheckpoint reports whether the slot has a checkpoint row.
 func (c *Client) hasCheckpoint(ctx context.Context) (bool, error) {
-	var ok bool
-	err := c.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+c.t.ownSQL(checkpointTable)+` WHERE slot_name = $1)`, c.t.Slot).Scan(&ok)
+	ok, err := c.tables().HasCheckpoint(ctx, c.t.Slot)
 	if err != nil {
 		return false, fmt.Errorf("read checkpoint of slot %q: %w", c.t.Slot, err)
 	}
@@ -164,15 +163,15 @@ func (c *Client) PendingRows(ctx context.Context) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	if !cols["is_processed"] {
+	if !cols[store.ProcessedColumn] {
 		return 0, fmt.Errorf("table %s has no is_processed column: run `outboxd migrate`", c.t.Table)
 	}
-	scope, err := c.pendingScope(ctx)
+	scope, err := c.tables().PresentScope(ctx)
 	if err != nil {
 		return 0, err
 	}
-	var n int64
-	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM `+c.t.tableSQL()+` AS e WHERE `+store.PendingPredicate(c.t.schema(), "e", scope)).Scan(&n); err != nil {
+	n, err := c.tables().CountPending(ctx, scope)
+	if err != nil {
 		return 0, fmt.Errorf("count unprocessed rows: %w", err)
 	}
 	return n, nil
@@ -255,15 +254,16 @@ func (c *Client) terminate(ctx context.Context, pid int32, res *SlotResult) erro
 // active, and then the checkpoint change is rolled back too.
 func (c *Client) markPendingAndDrop(ctx context.Context, drop, forget bool) (changed bool, err error) {
 	err = pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		sql := `UPDATE ` + c.t.ownSQL(checkpointTable) + ` SET catchup_pending = true, updated_at = now() WHERE slot_name = $1`
+		tables := store.On(tx, c.t.schema(), c.t.Table.Name)
+		var err error
 		if forget {
-			sql = `DELETE FROM ` + c.t.ownSQL(checkpointTable) + ` WHERE slot_name = $1`
+			changed, err = tables.DeleteCheckpoint(ctx, c.t.Slot)
+		} else {
+			changed, err = tables.MarkCatchupPending(ctx, c.t.Slot)
 		}
-		tag, err := tx.Exec(ctx, sql, c.t.Slot)
 		if err != nil {
 			return fmt.Errorf("mark checkpoint of slot %q for catch-up: %w", c.t.Slot, err)
 		}
-		changed = tag.RowsAffected() == 1
 		if drop {
 			// Whatever the slot's state when we looked: drop it if it is there.
 			if _, err := tx.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1`, c.t.Slot); err != nil {
@@ -393,7 +393,7 @@ func (c *Client) DropSlot(ctx context.Context, opts SlotOptions) (*SlotResult, e
 	if err := c.checkOwnSlot(s); err != nil {
 		return nil, err
 	}
-	haveTables, err := c.exists(ctx, checkpointTable)
+	haveTables, err := c.tables().Migrated(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -442,7 +442,7 @@ func (c *Client) DropSlot(ctx context.Context, opts SlotOptions) (*SlotResult, e
 			// The checkpoint goes first and only with the slot: a checkpoint
 			// without its slot makes the daemon refuse to start.
 			if haveTables {
-				if _, err := tx.Exec(ctx, `DELETE FROM `+c.t.ownSQL(checkpointTable)+` WHERE slot_name = $1`, c.t.Slot); err != nil {
+				if _, err := store.On(tx, c.t.schema(), c.t.Table.Name).DeleteCheckpoint(ctx, c.t.Slot); err != nil {
 					return fmt.Errorf("delete checkpoint of slot %q: %w", c.t.Slot, err)
 				}
 			}
@@ -651,12 +651,12 @@ func (c *Client) AdvanceSlot(ctx context.Context, to LSN, opts SlotOptions) (*Sl
 	}
 	res.LSN = lsnPtr(end)
 	res.step("advanced slot %q from %s to %s (%s of WAL skipped; rows committed in between stay unprocessed and are not streamed)", c.t.Slot, from, end, skip)
-	tag, err := c.pool.Exec(ctx, `UPDATE `+c.t.ownSQL(checkpointTable)+` SET lsn = greatest(lsn, $2::pg_lsn), updated_at = now() WHERE slot_name = $1`, c.t.Slot, pglogrepl.LSN(end).String())
+	moved, err := c.tables().AdvanceCheckpoint(ctx, c.t.Slot, end)
 	switch {
 	case sqlState(err) == "42P01": // undefined_table: not migrated
 	case err != nil:
 		return res, fmt.Errorf("move checkpoint of slot %q to %s: %w", c.t.Slot, end, err)
-	case tag.RowsAffected() == 1:
+	case moved:
 		res.step("moved the checkpoint to %s", end)
 	}
 	if cp {
@@ -666,8 +666,7 @@ func (c *Client) AdvanceSlot(ctx context.Context, to LSN, opts SlotOptions) (*Sl
 }
 
 func (c *Client) catchupPending(ctx context.Context) (bool, error) {
-	var pending bool
-	err := c.pool.QueryRow(ctx, `SELECT catchup_pending FROM `+c.t.ownSQL(checkpointTable)+` WHERE slot_name = $1`, c.t.Slot).Scan(&pending)
+	pending, err := c.tables().CatchupPending(ctx, c.t.Slot)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows), sqlState(err) == "42P01":
 		return false, nil
