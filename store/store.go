@@ -1,8 +1,12 @@
 // Package store owns outboxd's tables and the outbox table's status columns:
 // it names the tables, and holds the SQL fragments on the status columns that
 // every reader and writer must agree on (the one "pending row" predicate and
-// the marking arithmetic) and the statements of the slot holder's writes
-// (SlotStore: checkpoint, marks, attempts, dead letters, parked deliveries).
+// the marking arithmetic) and every statement on them: the slot holder's
+// writes (SlotStore: checkpoint, marks, attempts, dead letters, parked
+// deliveries), the catch-up's reads in a slot's snapshot (DeclarePending,
+// SubscriptionRows, SubscriptionHistory) and those of the operator commands
+// and the monitor (Tables). Other packages call it; none writes its own SQL
+// on these tables or columns.
 //
 // Invariants:
 //   - A row is pending (still to deliver) when is_processed is not true — NULL
