@@ -34,35 +34,17 @@ func appendMark(rs []store.Range, m store.Mark) []store.Range {
 	return append(rs, store.Range{Lo: m.ID, Hi: m.ID, Attempts: m.Attempts})
 }
 
-// pending is settled work not yet drained.
-type pending struct {
-	marks    []store.Range
-	attempts []store.Mark
-	dead     []store.DeadLetter
-	parked   []store.Park
-	state    []byte
-}
-
-func (p *pending) add(s Settlement) {
+// addSettlement adds a settled event's work to b.
+func addSettlement(b *store.Batch, s Settlement) {
 	if s.Mark != nil {
-		p.marks = appendMark(p.marks, *s.Mark)
+		b.Marks = appendMark(b.Marks, *s.Mark)
 	} else if s.Attempts > 0 {
-		p.attempts = append(p.attempts, store.Mark{ID: s.EventID, Attempts: s.Attempts})
+		b.Attempts = append(b.Attempts, store.Mark{ID: s.EventID, Attempts: s.Attempts})
 	}
-	p.dead = append(p.dead, s.Dead...)
-	p.parked = append(p.parked, s.Parked...)
+	b.Dead = append(b.Dead, s.Dead...)
+	b.Parked = append(b.Parked, s.Parked...)
 	if s.State != nil {
-		p.state = s.State
-	}
-}
-
-func (p *pending) addAll(q *pending) {
-	p.marks = append(p.marks, q.marks...)
-	p.attempts = append(p.attempts, q.attempts...)
-	p.dead = append(p.dead, q.dead...)
-	p.parked = append(p.parked, q.parked...)
-	if q.state != nil {
-		p.state = q.state
+		b.State = s.State
 	}
 }
 
@@ -73,7 +55,7 @@ type txn struct {
 	settled   int
 	closed    bool
 	catchup   bool
-	work      pending // settled events, written when the transaction leaves the prefix
+	work      store.Batch // settled events, written when the transaction leaves the prefix
 }
 
 func (x *txn) done() bool { return x.closed && x.settled == x.total }
@@ -86,7 +68,7 @@ type Tracker struct {
 	base      uint64        // sequence number of txns[0]
 	txns      []txn         // open or unsettled transactions, in commit order
 	next      uint64        // sequence number the next Open returns
-	work      pending       // of transactions that left the prefix, not yet drained
+	work      store.Batch   // of transactions that left the prefix, not yet drained
 	ready     int           // events in work
 	prefix    pglogrepl.LSN // end LSN of the settled prefix, not yet drained
 	catchup   bool          // the catch-up pseudo-transaction left the prefix
@@ -156,10 +138,10 @@ func (t *Tracker) Settle(seq uint64, s Settlement) error {
 		// Catch-up rows are not in the slot's stream, so marking them before
 		// the whole catch-up settles cannot cause a second delivery, and a
 		// crash in a long catch-up keeps its progress.
-		t.work.add(s)
+		addSettlement(&t.work, s)
 		t.ready++
 	} else {
-		x.work.add(s)
+		addSettlement(&x.work, s)
 	}
 	if x.done() {
 		t.advance()
@@ -193,7 +175,7 @@ func (t *Tracker) advance() {
 		}
 		t.catchup = t.catchup || x.catchup
 		if !x.catchup {
-			t.work.addAll(&x.work)
+			t.work.Merge(x.work)
 			t.ready += x.total
 		}
 		i++
@@ -235,7 +217,7 @@ func (t *Tracker) AdvanceIdle(lsn pglogrepl.LSN) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	flushed := t.flushed.Load()
-	if len(t.txns) != 0 || t.unwritten || uint64(t.prefix) > flushed || t.ready != 0 || t.work.state != nil || t.catchup {
+	if len(t.txns) != 0 || t.unwritten || uint64(t.prefix) > flushed || t.ready != 0 || t.work.State != nil || t.catchup {
 		return false
 	}
 	if uint64(lsn) <= flushed {
@@ -255,12 +237,12 @@ func (t *Tracker) AdvanceIdle(lsn pglogrepl.LSN) bool {
 func (t *Tracker) Drain() store.Batch {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	w := t.work
-	b := store.Batch{Marks: w.marks, Attempts: w.attempts, Dead: w.dead, Parked: w.parked, State: w.state, CatchupDone: t.catchup}
+	b := t.work // work never carries an LSN or CatchupDone: the tracker decides those
+	b.CatchupDone = t.catchup
 	if uint64(t.prefix) > t.flushed.Load() {
 		b.LSN = t.prefix
 	}
-	t.work, t.catchup, t.ready = pending{}, false, 0
+	t.work, t.catchup, t.ready = store.Batch{}, false, 0
 	t.unwritten = t.unwritten || !b.Empty()
 	return b
 }
