@@ -19,8 +19,8 @@ type PruneOptions struct {
 	BatchSize int
 	// DryRun counts and deletes nothing.
 	DryRun bool
-	// DeadLetters also deletes dead letters (store.DeadLetterTable) dead before the
-	// cutoff. Their events stay in the outbox table (they are unprocessed);
+	// DeadLetters also deletes the dead letters dead before the cutoff
+	// (store.Tables.PruneDeadLetters). Their events stay in the outbox table (they are unprocessed);
 	// without their dead letter, a later catch-up delivers them again.
 	DeadLetters bool
 	// OnBatch, when set, is called after each batch with the running total.
