@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/outboxd/outboxd/decode"
@@ -37,8 +36,6 @@ func (s *snapshot) begin(ctx context.Context) error {
 		return fmt.Errorf("catch-up connection: %w", err)
 	}
 	s.conn = conn
-	t := s.r.cfg.Table
-	table := pgx.Identifier{t.Schema, t.Name}.Sanitize()
 	// The snapshot name comes from the server; it is a plain token.
 	if _, err := conn.Exec(ctx, `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 SET TRANSACTION SNAPSHOT '`+s.name+`'`).ReadAll(); err != nil {
@@ -46,18 +43,9 @@ SET TRANSACTION SNAPSHOT '`+s.name+`'`).ReadAll(); err != nil {
 	}
 	// Commit order is known only with track_commit_timestamp; otherwise
 	// rows committed before the slot are read in id order.
-	order, cols := "e.id", "e.*"
 	res, err := conn.Exec(ctx, "SELECT current_setting('track_commit_timestamp')").ReadAll()
-	if err == nil && len(res) == 1 && len(res[0].Rows) == 1 && string(res[0].Rows[0][0]) == "on" {
-		s.commitTimes = true
-		order = "pg_xact_commit_timestamp(e.xmin) NULLS FIRST, e.id"
-		cols = "e.*, " + commitMicros("e.xmin")
-	}
-	sql := `DECLARE outboxd_catchup NO SCROLL CURSOR FOR
-  SELECT ` + cols + ` FROM ` + table + ` AS e
-  WHERE ` + store.PendingPredicate(t.Schema, "e", store.All) + `
-  ORDER BY ` + order
-	if _, err := conn.Exec(ctx, sql).ReadAll(); err != nil {
+	s.commitTimes = err == nil && len(res) == 1 && len(res[0].Rows) == 1 && string(res[0].Rows[0][0]) == "on"
+	if err := store.DeclarePending(ctx, conn, s.r.cfg.Table, s.commitTimes); err != nil {
 		return fmt.Errorf("open catch-up cursor: %w", err)
 	}
 	return nil
@@ -102,10 +90,9 @@ func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 			n++
 		}
 	}
-	fetch := fmt.Sprintf("FETCH %d FROM outboxd_catchup", r.cfg.CatchupFetch)
 	var rel *decode.Relation
 	for {
-		rr := s.conn.ExecParams(ctx, fetch, nil, nil, nil, nil)
+		rr := store.FetchPending(ctx, s.conn, r.cfg.CatchupFetch)
 		rows := 0
 		for rr.NextRow() {
 			fields, vals := rr.FieldDescriptions(), rr.Values()
@@ -169,24 +156,13 @@ func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 // subscriptions reads the subscription table in the snapshot: a reset
 // followed by one insert per subscription.
 func (s *snapshot) subscriptions(ctx context.Context) ([]*decode.Change, error) {
-	t := s.r.cfg.Table
-	rr := s.conn.ExecParams(ctx, "SELECT * FROM "+pgx.Identifier{t.Schema, SubscriptionTable}.Sanitize()+" ORDER BY id", nil, nil, nil, nil)
-	out := []*decode.Change{{Kind: decode.KindIgnored}}
-	var rel *decode.Relation
-	for rr.NextRow() {
-		if rel == nil {
-			rel = store.RelationOf(decode.Table{Schema: t.Schema, Name: SubscriptionTable}, rr.FieldDescriptions())
-		}
-		vals := make([][]byte, len(rr.Values()))
-		for i, v := range rr.Values() {
-			if v != nil {
-				vals[i] = append([]byte{}, v...)
-			}
-		}
-		out = append(out, &decode.Change{Kind: decode.KindInsert, Row: &decode.Row{Relation: rel, Values: vals}})
+	rows, err := store.SubscriptionRows(ctx, s.conn, s.r.cfg.Table.Schema)
+	if err != nil {
+		return nil, err
 	}
-	if _, err := rr.Close(); err != nil {
-		return nil, fmt.Errorf("read subscriptions: %w", err)
+	out := []*decode.Change{{Kind: decode.KindIgnored}}
+	for _, row := range rows {
+		out = append(out, &decode.Change{Kind: decode.KindInsert, Row: row})
 	}
 	return out, nil
 }

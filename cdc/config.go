@@ -9,8 +9,8 @@ import (
 
 	"github.com/jackc/pglogrepl"
 
-	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/store"
 )
 
 // Ledger is the part of the checkpoint tracker the reader drives.
@@ -25,8 +25,8 @@ type Ledger interface {
 
 // CheckpointStore loads and saves the durable checkpoint.
 type CheckpointStore interface {
-	Load(ctx context.Context) (checkpoint.Checkpoint, error)
-	Save(ctx context.Context, cp checkpoint.Checkpoint) error
+	Load(ctx context.Context) (store.Checkpoint, error)
+	Save(ctx context.Context, cp store.Checkpoint) error
 }
 
 // Config configures a Reader.

@@ -13,7 +13,6 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/rs/zerolog"
 
-	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/internal/backoff"
 	"github.com/outboxd/outboxd/store"
@@ -242,7 +241,7 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		switch {
 		case slot == nil:
 			switch _, err := r.store.Load(ctx); {
-			case errors.Is(err, checkpoint.ErrNoCheckpoint):
+			case errors.Is(err, store.ErrNoCheckpoint):
 				// Slot and checkpoint both gone: `outboxd slot reset
 				// --force` terminated us and left a first start behind.
 				return false, fmt.Errorf("%w: slot %q and its checkpoint were removed (outboxd slot reset --force)", ErrReset, r.cfg.Slot)

@@ -19,6 +19,7 @@ import (
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/internal/e2e"
 	"github.com/outboxd/outboxd/internal/pgtest"
+	"github.com/outboxd/outboxd/store"
 )
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
@@ -26,20 +27,20 @@ func TestMain(m *testing.M) { pgtest.Main(m) }
 // flakyStore is the real checkpoint store whose Load fails, as a cut
 // connection does, while failing is set.
 type flakyStore struct {
-	*checkpoint.Store
+	*store.SlotStore
 	mu      sync.Mutex
 	failing bool
 	failed  int
 }
 
-func (s *flakyStore) Load(ctx context.Context) (checkpoint.Checkpoint, error) {
+func (s *flakyStore) Load(ctx context.Context) (store.Checkpoint, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.failing {
 		s.failed++
-		return checkpoint.Checkpoint{}, fmt.Errorf("load checkpoint: %w", &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET})
+		return store.Checkpoint{}, fmt.Errorf("load checkpoint: %w", &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET})
 	}
-	return s.Store.Load(ctx)
+	return s.SlotStore.Load(ctx)
 }
 
 func (s *flakyStore) set(failing bool) {
@@ -71,11 +72,11 @@ func TestReconnectRetriesUnreadableCheckpointOfMissingSlot(t *testing.T) {
 		_, _ = conn.Exec(context.Background(), `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active`, slot)
 	})
 	table := decode.Table{Schema: "public", Name: "domain_event"}
-	store := &flakyStore{Store: checkpoint.NewStore(pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: slot})}
+	cps := &flakyStore{SlotStore: store.NewSlotStore(pool, store.SlotConfig{Schema: "public", Table: "domain_event", Slot: slot})}
 	cfg := cdc.Config{ConnString: url, Slot: slot, Publication: "outboxd", Table: table,
 		ReconnectMin: 10 * time.Millisecond, ReconnectMax: 50 * time.Millisecond}
 	require.NoError(t, cfg.Validate())
-	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), store, zerolog.Nop())
+	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), cps, zerolog.Nop())
 	out := make(chan *decode.Event, 64)
 	inserts := make(chan *decode.Event, 64)
 	done := make(chan error, 1)
@@ -102,7 +103,7 @@ func TestReconnectRetriesUnreadableCheckpointOfMissingSlot(t *testing.T) {
 	// The forced reset, under the slot lock so that the reader reconnects
 	// only once slot and checkpoint are both gone; its checkpoint read then
 	// breaks.
-	store.set(true)
+	cps.set(true)
 	lock, err := pgx.Connect(ctx, url)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = lock.Close(context.Background()) })
@@ -128,7 +129,7 @@ func TestReconnectRetriesUnreadableCheckpointOfMissingSlot(t *testing.T) {
 			done <- err
 			return true
 		default:
-			return store.failures() >= 3
+			return cps.failures() >= 3
 		}
 	}, func() string { return "the reader never read the checkpoint after the reset" })
 	select {
@@ -137,7 +138,7 @@ func TestReconnectRetriesUnreadableCheckpointOfMissingSlot(t *testing.T) {
 	default:
 	}
 	// ...and starts over once it can tell the checkpoint is gone too.
-	store.set(false)
+	cps.set(false)
 	select {
 	case err := <-done:
 		require.True(t, errors.Is(err, cdc.ErrReset), "want ErrReset, got %v", err)
@@ -168,8 +169,8 @@ func TestStopWhileTakingTheSlotDoesNotWaitForADrain(t *testing.T) {
 			return takeCtx.Err()
 		}}
 	require.NoError(t, cfg.Validate())
-	store := checkpoint.NewStore(db.Pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: slot})
-	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), store, zerolog.Nop())
+	cps := store.NewSlotStore(db.Pool, store.SlotConfig{Schema: "public", Table: "domain_event", Slot: slot})
+	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), cps, zerolog.Nop())
 	out := make(chan *decode.Event, 64)
 	go func() {
 		for range out {

@@ -9,7 +9,7 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 
-	"github.com/outboxd/outboxd/checkpoint"
+	"github.com/outboxd/outboxd/store"
 )
 
 // connect opens a replication (or a regular) connection with the session
@@ -95,7 +95,7 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 	}
 	cp, err := r.store.Load(ctx)
 	haveCP := err == nil
-	if err != nil && !errors.Is(err, checkpoint.ErrNoCheckpoint) {
+	if err != nil && !errors.Is(err, store.ErrNoCheckpoint) {
 		return 0, nil, err
 	}
 	if haveCP && cp.SystemID != sys.SystemID {
@@ -161,7 +161,7 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 	if err != nil {
 		return 0, nil, fmt.Errorf("parse consistent point of slot %q: %w", r.cfg.Slot, err)
 	}
-	if err := r.store.Save(ctx, checkpoint.Checkpoint{LSN: consistent, SystemID: sys.SystemID, Timeline: sys.Timeline, CatchupPending: true}); err != nil {
+	if err := r.store.Save(ctx, store.Checkpoint{LSN: consistent, SystemID: sys.SystemID, Timeline: sys.Timeline, CatchupPending: true}); err != nil {
 		return 0, nil, err
 	}
 	r.log.Info().Stringer("consistent_lsn", consistent).Msg("slot created")

@@ -3,13 +3,8 @@ package cdc
 import (
 	"cmp"
 	"context"
-	"encoding/json"
-	"fmt"
 	"slices"
-	"strconv"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/store"
@@ -59,52 +54,16 @@ func (w windows) sort() {
 	}
 }
 
-// commitMicros is the SQL expression of the commit time of the transaction
-// whose id is xid, in microseconds since the Unix epoch (NULL when unknown).
-func commitMicros(xid string) string {
-	return "(extract(epoch FROM pg_xact_commit_timestamp(" + xid + ")) * 1000000)::bigint"
-}
-
 // history reads the subscriptions' routing history in the snapshot. Its
 // commit times need track_commit_timestamp.
 func (s *snapshot) history(ctx context.Context) (windows, error) {
-	t := s.r.cfg.Table
-	sql := `SELECT id, subscription_id, deleted, enabled, organization_id, array_to_json(events)::text,
-  CASE WHEN since_always THEN NULL ELSE ` + commitMicros("xmin") + ` END
-FROM ` + pgx.Identifier{t.Schema, store.SubscriptionHistoryTable}.Sanitize()
-	rr := s.conn.ExecParams(ctx, sql, nil, nil, nil, nil)
-	w := windows{}
-	for rr.NextRow() {
-		v := rr.Values()
-		var e historyEntry
-		var err error
-		var sub int64
-		if e.seq, err = strconv.ParseInt(string(v[0]), 10, 64); err == nil {
-			sub, err = strconv.ParseInt(string(v[1]), 10, 64)
-		}
-		if err == nil && v[4] != nil {
-			var org int64
-			org, err = strconv.ParseInt(string(v[4]), 10, 64)
-			e.state.OrganizationID = &org
-		}
-		if err == nil && v[5] != nil {
-			err = json.Unmarshal(v[5], &e.state.Events)
-		}
-		if err == nil && v[6] != nil {
-			var us int64
-			us, err = strconv.ParseInt(string(v[6]), 10, 64)
-			e.at = time.UnixMicro(us)
-		}
-		if err != nil {
-			rr.Close() //nolint:errcheck // failing anyway
-			return nil, fmt.Errorf("read subscription history: %w", err)
-		}
-		e.deleted = string(v[2]) == "t"
-		e.state.Enabled = string(v[3]) == "t"
-		w.add(sub, e)
+	changes, err := store.SubscriptionHistory(ctx, s.conn, s.r.cfg.Table.Schema)
+	if err != nil {
+		return nil, err
 	}
-	if _, err := rr.Close(); err != nil {
-		return nil, fmt.Errorf("read subscription history: %w", err)
+	w := windows{}
+	for _, c := range changes {
+		w.add(c.SubscriptionID, historyEntry{at: c.At, seq: c.Seq, deleted: c.Deleted, state: c.State})
 	}
 	w.sort()
 	return w, nil

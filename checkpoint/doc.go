@@ -7,8 +7,9 @@
 // fully settled, so out-of-order settles never move it past an unsettled
 // transaction (G2).
 //
-// The Flusher drains the tracker on a size or time trigger and writes, in ONE
-// database transaction, the processed marks of the settled rows, their dead
+// The Flusher drains the tracker on a size or time trigger and writes
+// (store.SlotStore.Write, which owns the statements), in ONE database
+// transaction, the processed marks of the settled rows, their dead
 // letters and the checkpoint LSN (the end LSN of the last transaction of the
 // settled prefix). Only after that transaction commits is the LSN published as
 // Flushed, which is what the reader reports to Postgres as flush/apply.

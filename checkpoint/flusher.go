@@ -10,11 +10,12 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outboxd/outboxd/internal/backoff"
+	"github.com/outboxd/outboxd/store"
 )
 
 // Writer writes a batch durably; *Store is the production one.
 type Writer interface {
-	Write(ctx context.Context, b Batch) error
+	Write(ctx context.Context, b store.Batch) error
 }
 
 // Flusher moves settled work from a Tracker into the database.
@@ -29,10 +30,10 @@ type Flusher struct {
 	// default max(10s, 10 × Interval).
 	WriteTimeout time.Duration
 	// OnFlush, when set, is called after each successful write (metrics).
-	OnFlush func(b Batch, took time.Duration)
+	OnFlush func(b store.Batch, took time.Duration)
 	Log     zerolog.Logger
 
-	pending Batch
+	pending store.Batch
 }
 
 // Run flushes on every size kick or interval until ctx ends, then flushes one
@@ -92,7 +93,7 @@ func (f *Flusher) final(ctx context.Context) error {
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
 	defer cancel()
 	if err := f.flush(fctx); err != nil {
-		if errors.Is(err, ErrNotLeader) {
+		if errors.Is(err, store.ErrNotLeader) {
 			// The slot has another holder: what this instance settled but
 			// did not record is delivered again by it (at least once).
 			f.Log.Warn().Err(err).Msg("final checkpoint flush skipped: this instance no longer holds the slot")
@@ -128,13 +129,13 @@ func (f *Flusher) flush(ctx context.Context) error {
 	}
 	f.Log.Debug().Int("marked", len(f.pending.Marks)).Int("dead", len(f.pending.Dead)).
 		Stringer("lsn", f.pending.LSN).Dur("took", took).Msg("checkpoint flushed")
-	f.pending = Batch{}
+	f.pending = store.Batch{}
 	return nil
 }
 
 // permanent reports errors that a retry cannot fix.
 func permanent(err error) bool {
-	if errors.Is(err, ErrNoCheckpoint) {
+	if errors.Is(err, store.ErrNoCheckpoint) {
 		return true
 	}
 	var pgErr *pgconn.PgError

@@ -4,58 +4,11 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/jackc/pglogrepl"
+
+	"github.com/outboxd/outboxd/store"
 )
-
-// Mark records that one event was acknowledged by every sink it was routed to.
-type Mark struct {
-	ID       int64
-	Attempts int32
-}
-
-// Range is a run of consecutive event ids settled with the same number of
-// attempts; marks travel as ranges to keep a huge transaction small.
-type Range struct {
-	Lo, Hi   int64
-	Attempts int32
-}
-
-// appendMark adds m to rs, extending the last range when m continues it.
-func appendMark(rs []Range, m Mark) []Range {
-	if k := len(rs) - 1; k >= 0 && rs[k].Hi+1 == m.ID && rs[k].Attempts == m.Attempts {
-		rs[k].Hi = m.ID
-		return rs
-	}
-	return append(rs, Range{Lo: m.ID, Hi: m.ID, Attempts: m.Attempts})
-}
-
-// DeadLetter records that one event was given up on by a sink.
-type DeadLetter struct {
-	EventID  int64
-	Sink     string
-	Status   int
-	Reason   string
-	Attempts int32
-}
-
-// Park records a delivery that ran out of in-memory retries (or was held
-// behind such a delivery of the same ordering key): it is retried later from
-// the table, and counts as settled for the checkpoint.
-type Park struct {
-	EventID   int64
-	Target    string
-	Key       int64 // ordering key: parked deliveries of one key are retried in order
-	CommitLSN pglogrepl.LSN
-	Index     int32 // position in the transaction
-	Attempts  int32
-	// RetryIn is how long after now (the database's clock, which the
-	// retrier compares next_attempt_at with) the first retry is due.
-	RetryIn time.Duration
-	Status  int
-	Reason  string
-}
 
 // Settlement is the fate of one event once every sink it was routed to has
 // settled it: Mark when all acknowledged it (the row becomes processed);
@@ -63,87 +16,35 @@ type Park struct {
 type Settlement struct {
 	// EventID is the event's id (Mark.ID when Mark is set).
 	EventID  int64
-	Mark     *Mark
+	Mark     *store.Mark
 	Attempts int32
-	Dead     []DeadLetter
-	Parked   []Park
+	Dead     []store.DeadLetter
+	Parked   []store.Park
 	// State, when set, is the routing state after this event (a subscription
 	// change); the checkpoint keeps the state of its position.
 	State []byte
 }
 
-// Batch is what one flush writes: rows to mark processed, attempts of rows
-// that stay unprocessed, dead letters, parked deliveries, the routing state
-// and the new checkpoint LSN when the settled prefix moved (zero otherwise).
-type Batch struct {
-	Marks       []Range
-	Attempts    []Mark
-	Dead        []DeadLetter
-	Parked      []Park
-	State       []byte
-	LSN         pglogrepl.LSN
-	CatchupDone bool
-}
-
-// Empty reports whether the batch has nothing to write.
-func (b *Batch) Empty() bool {
-	return len(b.Marks) == 0 && len(b.Attempts) == 0 && len(b.Dead) == 0 && len(b.Parked) == 0 &&
-		b.State == nil && b.LSN == 0 && !b.CatchupDone
-}
-
-// Events is the number of events the batch settles.
-func (b *Batch) Events() int {
-	n := len(b.Attempts)
-	for _, r := range b.Marks {
-		n += int(r.Hi - r.Lo + 1)
+// appendMark adds m to rs, extending the last range when m continues it.
+func appendMark(rs []store.Range, m store.Mark) []store.Range {
+	if k := len(rs) - 1; k >= 0 && rs[k].Hi+1 == m.ID && rs[k].Attempts == m.Attempts {
+		rs[k].Hi = m.ID
+		return rs
 	}
-	return n
+	return append(rs, store.Range{Lo: m.ID, Hi: m.ID, Attempts: m.Attempts})
 }
 
-// Merge appends a later batch to b (used when a flush failed and is retried).
-func (b *Batch) Merge(later Batch) {
-	b.Marks = append(b.Marks, later.Marks...)
-	b.Attempts = append(b.Attempts, later.Attempts...)
-	b.Dead = append(b.Dead, later.Dead...)
-	b.Parked = append(b.Parked, later.Parked...)
-	if later.State != nil {
-		b.State = later.State
-	}
-	if later.LSN > b.LSN {
-		b.LSN = later.LSN
-	}
-	b.CatchupDone = b.CatchupDone || later.CatchupDone
-}
-
-// pending is settled work not yet drained.
-type pending struct {
-	marks    []Range
-	attempts []Mark
-	dead     []DeadLetter
-	parked   []Park
-	state    []byte
-}
-
-func (p *pending) add(s Settlement) {
+// addSettlement adds a settled event's work to b.
+func addSettlement(b *store.Batch, s Settlement) {
 	if s.Mark != nil {
-		p.marks = appendMark(p.marks, *s.Mark)
+		b.Marks = appendMark(b.Marks, *s.Mark)
 	} else if s.Attempts > 0 {
-		p.attempts = append(p.attempts, Mark{ID: s.EventID, Attempts: s.Attempts})
+		b.Attempts = append(b.Attempts, store.Mark{ID: s.EventID, Attempts: s.Attempts})
 	}
-	p.dead = append(p.dead, s.Dead...)
-	p.parked = append(p.parked, s.Parked...)
+	b.Dead = append(b.Dead, s.Dead...)
+	b.Parked = append(b.Parked, s.Parked...)
 	if s.State != nil {
-		p.state = s.State
-	}
-}
-
-func (p *pending) addAll(q *pending) {
-	p.marks = append(p.marks, q.marks...)
-	p.attempts = append(p.attempts, q.attempts...)
-	p.dead = append(p.dead, q.dead...)
-	p.parked = append(p.parked, q.parked...)
-	if q.state != nil {
-		p.state = q.state
+		b.State = s.State
 	}
 }
 
@@ -154,7 +55,7 @@ type txn struct {
 	settled   int
 	closed    bool
 	catchup   bool
-	work      pending // settled events, written when the transaction leaves the prefix
+	work      store.Batch // settled events, written when the transaction leaves the prefix
 }
 
 func (x *txn) done() bool { return x.closed && x.settled == x.total }
@@ -167,7 +68,7 @@ type Tracker struct {
 	base      uint64        // sequence number of txns[0]
 	txns      []txn         // open or unsettled transactions, in commit order
 	next      uint64        // sequence number the next Open returns
-	work      pending       // of transactions that left the prefix, not yet drained
+	work      store.Batch   // of transactions that left the prefix, not yet drained
 	ready     int           // events in work
 	prefix    pglogrepl.LSN // end LSN of the settled prefix, not yet drained
 	catchup   bool          // the catch-up pseudo-transaction left the prefix
@@ -237,10 +138,10 @@ func (t *Tracker) Settle(seq uint64, s Settlement) error {
 		// Catch-up rows are not in the slot's stream, so marking them before
 		// the whole catch-up settles cannot cause a second delivery, and a
 		// crash in a long catch-up keeps its progress.
-		t.work.add(s)
+		addSettlement(&t.work, s)
 		t.ready++
 	} else {
-		x.work.add(s)
+		addSettlement(&x.work, s)
 	}
 	if x.done() {
 		t.advance()
@@ -274,7 +175,7 @@ func (t *Tracker) advance() {
 		}
 		t.catchup = t.catchup || x.catchup
 		if !x.catchup {
-			t.work.addAll(&x.work)
+			t.work.Merge(x.work)
 			t.ready += x.total
 		}
 		i++
@@ -316,7 +217,7 @@ func (t *Tracker) AdvanceIdle(lsn pglogrepl.LSN) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	flushed := t.flushed.Load()
-	if len(t.txns) != 0 || t.unwritten || uint64(t.prefix) > flushed || t.ready != 0 || t.work.state != nil || t.catchup {
+	if len(t.txns) != 0 || t.unwritten || uint64(t.prefix) > flushed || t.ready != 0 || t.work.State != nil || t.catchup {
 		return false
 	}
 	if uint64(lsn) <= flushed {
@@ -333,15 +234,15 @@ func (t *Tracker) AdvanceIdle(lsn pglogrepl.LSN) bool {
 
 // Drain takes what settled since the last drain. The returned batch must be
 // written by the flusher and then reported with Written.
-func (t *Tracker) Drain() Batch {
+func (t *Tracker) Drain() store.Batch {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	w := t.work
-	b := Batch{Marks: w.marks, Attempts: w.attempts, Dead: w.dead, Parked: w.parked, State: w.state, CatchupDone: t.catchup}
+	b := t.work // work never carries an LSN or CatchupDone: the tracker decides those
+	b.CatchupDone = t.catchup
 	if uint64(t.prefix) > t.flushed.Load() {
 		b.LSN = t.prefix
 	}
-	t.work, t.catchup, t.ready = pending{}, false, 0
+	t.work, t.catchup, t.ready = store.Batch{}, false, 0
 	t.unwritten = t.unwritten || !b.Empty()
 	return b
 }

@@ -6,6 +6,8 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/stretchr/testify/require"
+
+	"github.com/outboxd/outboxd/store"
 )
 
 func TestTrackerAdvancesOnlyOverSettledPrefix(t *testing.T) {
@@ -19,22 +21,22 @@ func TestTrackerAdvancesOnlyOverSettledPrefix(t *testing.T) {
 	require.NoError(t, tr.Close(c, 320, 1))
 
 	// Later transactions settle first: the mark must not move.
-	require.NoError(t, tr.Settle(c, Settlement{Mark: &Mark{ID: 4, Attempts: 1}}))
-	require.NoError(t, tr.Settle(b, Settlement{Mark: &Mark{ID: 3, Attempts: 1}}))
-	require.NoError(t, tr.Settle(a, Settlement{Mark: &Mark{ID: 1, Attempts: 1}}))
+	require.NoError(t, tr.Settle(c, Settlement{Mark: &store.Mark{ID: 4, Attempts: 1}}))
+	require.NoError(t, tr.Settle(b, Settlement{Mark: &store.Mark{ID: 3, Attempts: 1}}))
+	require.NoError(t, tr.Settle(a, Settlement{Mark: &store.Mark{ID: 1, Attempts: 1}}))
 	batch := tr.Drain()
 	require.Zero(t, batch.LSN, "transaction a still has an unsettled event")
 	require.Empty(t, batch.Marks, "rows are marked with the checkpoint that passes their transaction")
 	require.Equal(t, 3, tr.InFlight())
 
 	// The last event of a settles, now all three are done.
-	require.NoError(t, tr.Settle(a, Settlement{EventID: 2, Attempts: 1, Dead: []DeadLetter{{EventID: 2, Sink: "webhook", Reason: "400"}}}))
+	require.NoError(t, tr.Settle(a, Settlement{EventID: 2, Attempts: 1, Dead: []store.DeadLetter{{EventID: 2, Sink: "webhook", Reason: "400"}}}))
 	batch = tr.Drain()
 	require.Equal(t, pglogrepl.LSN(320), batch.LSN)
 	require.Len(t, batch.Dead, 1)
-	require.Equal(t, []Mark{{ID: 2, Attempts: 1}}, batch.Attempts)
+	require.Equal(t, []store.Mark{{ID: 2, Attempts: 1}}, batch.Attempts)
 	require.Equal(t, 4, batch.Events())
-	lo, hi, _ := Ranges(batch.Marks)
+	lo, hi, _ := store.Ranges(batch.Marks)
 	require.Equal(t, []int64{1, 3}, lo)
 	require.Equal(t, []int64{1, 4}, hi)
 	require.Zero(t, tr.InFlight())
@@ -50,7 +52,7 @@ func TestTrackerOpenTransactionBlocksPrefix(t *testing.T) {
 	t.Parallel()
 	tr := NewTracker(1, 1000)
 	a := tr.Open(10, false)
-	require.NoError(t, tr.Settle(a, Settlement{Mark: &Mark{ID: 1, Attempts: 1}}))
+	require.NoError(t, tr.Settle(a, Settlement{Mark: &store.Mark{ID: 1, Attempts: 1}}))
 	// All dispatched events settled, but the commit has not been read yet.
 	require.Zero(t, tr.Drain().LSN)
 	require.False(t, tr.AdvanceIdle(50), "an open transaction is in flight")
@@ -65,7 +67,7 @@ func TestTrackerEmptyTransactionSettlesAtClose(t *testing.T) {
 	require.NoError(t, tr.Close(a, 20, 0))
 	require.Equal(t, pglogrepl.LSN(20), tr.Drain().LSN)
 	require.Error(t, tr.Close(a, 20, 0), "closing twice is a bug")
-	require.Error(t, tr.Settle(a, Settlement{Mark: &Mark{ID: 1}}), "settling a finished transaction is a bug")
+	require.Error(t, tr.Settle(a, Settlement{Mark: &store.Mark{ID: 1}}), "settling a finished transaction is a bug")
 }
 
 func TestTrackerIdleAdvanceWaitsForDurability(t *testing.T) {
@@ -73,7 +75,7 @@ func TestTrackerIdleAdvanceWaitsForDurability(t *testing.T) {
 	tr := NewTracker(1, 1000)
 	a := tr.Open(10, false)
 	require.NoError(t, tr.Close(a, 20, 1))
-	require.NoError(t, tr.Settle(a, Settlement{Mark: &Mark{ID: 1, Attempts: 1}}))
+	require.NoError(t, tr.Settle(a, Settlement{Mark: &store.Mark{ID: 1, Attempts: 1}}))
 	// Settled but not yet written: a keepalive must not be confirmed.
 	require.False(t, tr.AdvanceIdle(500))
 	b := tr.Drain()
@@ -95,14 +97,14 @@ func TestTrackerCatchupFlag(t *testing.T) {
 	t.Parallel()
 	tr := NewTracker(5, 1000)
 	c := tr.Open(0, true)
-	require.NoError(t, tr.Settle(c, Settlement{Mark: &Mark{ID: 8, Attempts: 1}}))
+	require.NoError(t, tr.Settle(c, Settlement{Mark: &store.Mark{ID: 8, Attempts: 1}}))
 	b := tr.Drain()
 	require.False(t, b.CatchupDone)
 	require.Len(t, b.Marks, 1, "catch-up rows are marked as they settle: they are not in the stream")
 	tr.Written(b.LSN)
 	require.NoError(t, tr.Close(c, 5, 2))
 	require.False(t, tr.Drain().CatchupDone)
-	require.NoError(t, tr.Settle(c, Settlement{Mark: &Mark{ID: 9, Attempts: 1}}))
+	require.NoError(t, tr.Settle(c, Settlement{Mark: &store.Mark{ID: 9, Attempts: 1}}))
 	b = tr.Drain()
 	require.True(t, b.CatchupDone)
 	require.Zero(t, b.LSN, "the catch-up ends at the start position")
@@ -140,7 +142,7 @@ func TestTrackerRandomSettleOrder(t *testing.T) {
 	rng.Shuffle(len(events), func(i, j int) { events[i], events[j] = events[j], events[i] })
 	var flushed pglogrepl.LSN
 	for _, e := range events {
-		require.NoError(t, tr.Settle(e.seq, Settlement{Mark: &Mark{ID: e.id, Attempts: 1}}))
+		require.NoError(t, tr.Settle(e.seq, Settlement{Mark: &store.Mark{ID: e.id, Attempts: 1}}))
 		remaining[e.seq]--
 		if b := tr.Drain(); b.LSN != 0 {
 			flushed = b.LSN
@@ -157,11 +159,11 @@ func TestTrackerRandomSettleOrder(t *testing.T) {
 
 func TestRanges(t *testing.T) {
 	t.Parallel()
-	var rs []Range
-	for _, m := range []Mark{{5, 1}, {3, 1}, {4, 1}, {7, 1}, {8, 2}, {9, 2}, {4, 1}, {1, 3}, {10, 2}} {
+	var rs []store.Range
+	for _, m := range []store.Mark{{ID: 5, Attempts: 1}, {ID: 3, Attempts: 1}, {ID: 4, Attempts: 1}, {ID: 7, Attempts: 1}, {ID: 8, Attempts: 2}, {ID: 9, Attempts: 2}, {ID: 4, Attempts: 1}, {ID: 1, Attempts: 3}, {ID: 10, Attempts: 2}} {
 		rs = appendMark(rs, m)
 	}
-	lo, hi, n := Ranges(rs)
+	lo, hi, n := store.Ranges(rs)
 	require.Equal(t, []int64{1, 3, 7, 8}, lo)
 	require.Equal(t, []int64{1, 5, 7, 10}, hi)
 	require.Equal(t, []int32{3, 1, 1, 2}, n)

@@ -6,6 +6,7 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/store"
 )
 
 // Delivery is one event on its way to every target it was routed to. It
@@ -20,8 +21,8 @@ type Delivery struct {
 	mu        sync.Mutex
 	attempts  int32
 	failed    bool
-	dead      []checkpoint.DeadLetter
-	parked    []checkpoint.Park
+	dead      []store.DeadLetter
+	parked    []store.Park
 }
 
 // NewDelivery returns a delivery routed to targets targets.
@@ -33,7 +34,7 @@ func NewDelivery(e *decode.Event, key uint64, targets int) *Delivery {
 
 // settledBy records one target's settlement and returns the event's
 // settlement when it was the last target.
-func (d *Delivery) settledBy(attempts int32, dead *checkpoint.DeadLetter, park *checkpoint.Park) (checkpoint.Settlement, bool) {
+func (d *Delivery) settledBy(attempts int32, dead *store.DeadLetter, park *store.Park) (checkpoint.Settlement, bool) {
 	d.mu.Lock()
 	d.attempts += attempts
 	if dead != nil {
@@ -52,7 +53,7 @@ func (d *Delivery) settledBy(attempts int32, dead *checkpoint.DeadLetter, park *
 	defer d.mu.Unlock()
 	s := checkpoint.Settlement{EventID: d.Event.ID, Attempts: d.attempts, Dead: d.dead, Parked: d.parked}
 	if !d.failed {
-		s.Mark = &checkpoint.Mark{ID: d.Event.ID, Attempts: d.attempts}
+		s.Mark = &store.Mark{ID: d.Event.ID, Attempts: d.attempts}
 	}
 	return s, true
 }

@@ -33,6 +33,7 @@ import (
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/store"
 )
 
 // Ordering selects the key whose events are delivered in commit order.
@@ -511,7 +512,7 @@ func (d *Dispatcher) settle(r done) (int, error) {
 		case errors.Is(o.Err, sink.ErrPermanent):
 			d.log.Warn().Int64("event_id", dl.Event.ID).Str("event_name", dl.Event.Name).Int("status", o.Status).
 				Int("attempts", o.Attempts).Err(o.Err).Msg("event dead-lettered")
-			err = d.finish(dl, int32(o.Attempts), &checkpoint.DeadLetter{
+			err = d.finish(dl, int32(o.Attempts), &store.DeadLetter{
 				EventID: dl.Event.ID, Sink: d.target, Status: o.Status, Reason: o.Err.Error(), Attempts: int32(o.Attempts),
 			}, nil)
 		default:
@@ -536,7 +537,7 @@ func (d *Dispatcher) settle(r done) (int, error) {
 // park settles it for this target as parked. The caller counted it in parked.
 func (d *Dispatcher) park(it item, o sink.Outcome, reason string) error {
 	e := it.dl.Event
-	return d.finish(it.dl, int32(o.Attempts), nil, &checkpoint.Park{
+	return d.finish(it.dl, int32(o.Attempts), nil, &store.Park{
 		EventID: e.ID, Target: d.target, Key: int64(it.key), CommitLSN: e.CommitLSN, Index: int32(e.Index),
 		Attempts: int32(o.Attempts), RetryIn: d.cfg.FirstRetry, Status: o.Status, Reason: reason,
 	})
@@ -544,7 +545,7 @@ func (d *Dispatcher) park(it item, o sink.Outcome, reason string) error {
 
 // finish records this target's settlement of dl and settles the event with
 // the tracker when it was the last of its targets.
-func (d *Dispatcher) finish(dl *Delivery, attempts int32, dead *checkpoint.DeadLetter, park *checkpoint.Park) error {
+func (d *Dispatcher) finish(dl *Delivery, attempts int32, dead *store.DeadLetter, park *store.Park) error {
 	s, last := dl.settledBy(attempts, dead, park)
 	if !last {
 		return nil

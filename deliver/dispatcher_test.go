@@ -16,6 +16,7 @@ import (
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/store"
 )
 
 // fakeSink is a hand-written sink whose behaviour each test sets.
@@ -32,13 +33,13 @@ func (f *fakeSink) Deliver(ctx context.Context, events []*decode.Event) []sink.O
 type fakeSettler struct {
 	mu      sync.Mutex
 	marks   map[int64]int32
-	dead    map[int64]checkpoint.DeadLetter
-	parked  []checkpoint.Park
+	dead    map[int64]store.DeadLetter
+	parked  []store.Park
 	settled chan int64
 }
 
 func newSettler(n int) *fakeSettler {
-	return &fakeSettler{marks: map[int64]int32{}, dead: map[int64]checkpoint.DeadLetter{}, settled: make(chan int64, n)}
+	return &fakeSettler{marks: map[int64]int32{}, dead: map[int64]store.DeadLetter{}, settled: make(chan int64, n)}
 }
 
 func (s *fakeSettler) Settle(_ uint64, st checkpoint.Settlement) error {

@@ -11,9 +11,9 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/store"
 )
 
 // DefaultSchedule is the retry schedule of parked deliveries, in the spirit
@@ -44,10 +44,10 @@ func ParseSchedule(s string) ([]time.Duration, error) {
 	return out, nil
 }
 
-// ParkStore is the durable side of parked deliveries; *checkpoint.Store is one.
+// ParkStore is the durable side of parked deliveries; *store.SlotStore is one.
 type ParkStore interface {
-	DueHeads(ctx context.Context, targets []string, limit int) ([]checkpoint.ParkedHead, error)
-	ParkedRun(ctx context.Context, target string, key int64, limit int) ([]checkpoint.ParkedRow, error)
+	DueHeads(ctx context.Context, targets []string, limit int) ([]store.ParkedHead, error)
+	ParkedRun(ctx context.Context, target string, key int64, limit int) ([]store.ParkedRow, error)
 	Delivered(ctx context.Context, target string, eventID int64, attempts int32) error
 	Reschedule(ctx context.Context, target string, eventID int64, attempts int32, retryIn time.Duration, status int, reason string) error
 	GiveUp(ctx context.Context, target string, eventID int64, attempts int32, status int, reason string) error
@@ -141,7 +141,7 @@ func (r *Retrier) Round(ctx context.Context) error {
 
 // key works through the parked deliveries of one key in order until one
 // fails (it is rescheduled, and the rest wait behind it).
-func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h checkpoint.ParkedHead) error {
+func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h store.ParkedHead) error {
 	log := r.Log.With().Str("target", h.Target).Logger()
 	for {
 		rows, err := r.Store.ParkedRun(ctx, h.Target, h.Key, 100)

@@ -12,6 +12,7 @@ import (
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/store"
 )
 
 // RouterConfig configures a Router.
@@ -230,7 +231,7 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		}
 		if len(routes) == 0 {
 			// Routed nowhere: every routed sink (none) acknowledged it.
-			if err := r.settler.Settle(e.TxnSeq, checkpoint.Settlement{EventID: e.ID, Mark: &checkpoint.Mark{ID: e.ID}}); err != nil {
+			if err := r.settler.Settle(e.TxnSeq, checkpoint.Settlement{EventID: e.ID, Mark: &store.Mark{ID: e.ID}}); err != nil {
 				return err
 			}
 			continue

@@ -33,10 +33,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
-	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/store"
 )
 
 // Namespace prefixes every metric name.
@@ -237,7 +237,7 @@ func (m *Metrics) Attempt(sinkName string, status int) {
 }
 
 // Flushed records a checkpoint flush.
-func (m *Metrics) Flushed(b checkpoint.Batch, took time.Duration) {
+func (m *Metrics) Flushed(b store.Batch, took time.Duration) {
 	if m == nil {
 		return
 	}

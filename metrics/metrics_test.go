@@ -20,7 +20,6 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
-	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/internal/e2e"
@@ -29,6 +28,7 @@ import (
 	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/pipeline"
 	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/store"
 )
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
@@ -66,7 +66,7 @@ func TestObserverCountsDeliveries(t *testing.T) {
 		Outcome: sink.Outcome{Attempts: 8, Err: errors.New("giving up after 8 attempt(s): connection refused")}})
 	m.Delivered(deliver.Result{Sink: "webhook", Events: events(1, now),
 		Outcome: sink.Outcome{Attempts: 1, Err: fmt.Errorf("stopped: %w", context.Canceled)}})
-	m.Flushed(checkpoint.Batch{LSN: pglogrepl.LSN(0x16B374D848)}, 3*time.Millisecond)
+	m.Flushed(store.Batch{LSN: pglogrepl.LSN(0x16B374D848)}, 3*time.Millisecond)
 	m.Streaming(true)
 
 	counter := func(name string, labels ...string) float64 {
@@ -125,7 +125,7 @@ func TestObserverCountsDeliveries(t *testing.T) {
 	// A checkpoint written (an idle advance) before the next standby status:
 	// the received gauge is never behind it.
 	m.Position(pglogrepl.LSN(0x16B374D000), pglogrepl.LSN(0x16B374D000))
-	m.Flushed(checkpoint.Batch{LSN: pglogrepl.LSN(0x16B374F000)}, time.Millisecond)
+	m.Flushed(store.Batch{LSN: pglogrepl.LSN(0x16B374F000)}, time.Millisecond)
 	require.EqualValues(t, 0x16B374F000, counter("outboxd_checkpoint_lsn"))
 	require.EqualValues(t, 0x16B374F000, counter("outboxd_received_lsn"), "received never behind the checkpoint")
 
@@ -174,7 +174,7 @@ func TestNilMetricsIsNoop(t *testing.T) {
 	var m *metrics.Metrics
 	m.Received(&decode.Event{})
 	m.Delivered(deliver.Result{Outcome: sink.Outcome{Attempts: 1}})
-	m.Flushed(checkpoint.Batch{LSN: 1}, 0)
+	m.Flushed(store.Batch{LSN: 1}, 0)
 	m.Streaming(true)
 	m.Position(1, 1)
 	m.Attempt("webhook", 200)

@@ -1,8 +1,6 @@
 package metrics
 
 import (
-	"github.com/outboxd/outboxd/store"
-
 	"context"
 	"errors"
 	"fmt"
@@ -16,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/store"
 )
 
 // Defaults of MonitorConfig.
@@ -281,14 +280,10 @@ func (mon *Monitor) record(s SlotSample, err error) {
 
 // CountBacklog counts the pending rows of the outbox table (store's
 // predicate: what a catch-up would read): a sequential scan of the table.
-func CountBacklog(ctx context.Context, q interface {
-	QueryRow(context.Context, string, ...any) pgx.Row
-}, table decode.Table) (int64, error) {
-	t := pgx.Identifier{table.Schema, table.Name}.Sanitize()
-	var n int64
-	err := q.QueryRow(ctx, `SELECT count(*) FROM `+t+` AS e WHERE `+store.PendingPredicate(table.Schema, "e", store.All)).Scan(&n)
+func CountBacklog(ctx context.Context, q store.Querier, table decode.Table) (int64, error) {
+	n, err := store.On(q, table.Schema, table.Name).CountPending(ctx, store.All)
 	if err != nil {
-		return 0, fmt.Errorf("count unprocessed rows of %s: %w", t, err)
+		return 0, fmt.Errorf("count unprocessed rows of %s: %w", store.Ident(table.Schema, table.Name), err)
 	}
 	return n, nil
 }

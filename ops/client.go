@@ -1,8 +1,6 @@
 package ops
 
 import (
-	"github.com/outboxd/outboxd/store"
-
 	"context"
 	"errors"
 	"fmt"
@@ -17,6 +15,7 @@ import (
 
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/migrations"
+	"github.com/outboxd/outboxd/store"
 )
 
 // Target names the database objects the commands work on.
@@ -60,20 +59,8 @@ func (t Target) schema() string {
 	return t.Table.Schema
 }
 
-// tableSQL, checkpointSQL, deadLetterSQL and parkedSQL are quoted identifiers.
+// tableSQL is the outbox table's quoted identifier.
 func (t Target) tableSQL() string { return pgx.Identifier{t.schema(), t.Table.Name}.Sanitize() }
-func (t Target) ownSQL(name string) string {
-	return pgx.Identifier{t.schema(), name}.Sanitize()
-}
-
-const (
-	checkpointTable = store.CheckpointTable
-	deadLetterTable = store.DeadLetterTable
-	// parkedTable comes with the delivery engine (migration 2); older schemas
-	// have none and its counts are reported as unknown.
-	parkedTable       = store.ParkedTable
-	subscriptionTable = store.SubscriptionTable
-)
 
 // ErrRefused marks a command that was not carried out because acting would be
 // unsafe or pointless in the current state (a slot active in another process,
@@ -177,16 +164,9 @@ FROM pg_control_system() s, pg_control_checkpoint() c`).Scan(&id.SystemID, &id.T
 	return identity{SystemID: sys.SystemID, Timeline: sys.Timeline}, nil
 }
 
-// exists reports whether a table of outboxd (in the outbox table's schema)
-// exists.
-func (c *Client) exists(ctx context.Context, name string) (bool, error) {
-	var ok bool
-	err := c.pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, c.t.ownSQL(name)).Scan(&ok)
-	if err != nil {
-		return false, fmt.Errorf("look up table %s: %w", name, err)
-	}
-	return ok, nil
-}
+// tables runs statements on outboxd's tables and the outbox table's status
+// columns (package store owns them) through the client's pool.
+func (c *Client) tables() store.Tables { return store.On(c.pool, c.t.schema(), c.t.Table.Name) }
 
 // columns returns the outbox table's column names; an empty set when the
 // table does not exist.

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"math"
 	"time"
+
+	"github.com/outboxd/outboxd/store"
 )
 
 // PruneOptions configure Prune.
@@ -17,8 +19,8 @@ type PruneOptions struct {
 	BatchSize int
 	// DryRun counts and deletes nothing.
 	DryRun bool
-	// DeadLetters also deletes outboxd_dead_letter rows dead before the
-	// cutoff. Their events stay in the outbox table (they are unprocessed);
+	// DeadLetters also deletes the dead letters dead before the cutoff
+	// (store.Tables.PruneDeadLetters). Their events stay in the outbox table (they are unprocessed);
 	// without their dead letter, a later catch-up delivers them again.
 	DeadLetters bool
 	// OnBatch, when set, is called after each batch with the running total.
@@ -48,7 +50,7 @@ func (c *Client) Prune(ctx context.Context, opts PruneOptions) (*PruneResult, er
 	if err != nil {
 		return nil, err
 	}
-	if !cols["is_processed"] || !cols["processed_at"] || !cols["id"] {
+	if !cols[store.ProcessedColumn] || !cols[store.ProcessedAtColumn] || !cols["id"] {
 		return nil, fmt.Errorf("table %s does not exist or lacks id, is_processed or processed_at: run `outboxd migrate`", c.t.Table)
 	}
 	res := &PruneResult{}
@@ -57,37 +59,26 @@ func (c *Client) Prune(ctx context.Context, opts PruneOptions) (*PruneResult, er
 		return nil, fmt.Errorf("compute cutoff: %w", err)
 	}
 	res.Cutoff = res.Cutoff.UTC()
-	table := c.t.tableSQL()
-	haveDead, err := c.exists(ctx, deadLetterTable)
+	tables := c.tables()
+	haveDead, err := tables.Exists(ctx, store.DeadLetterTable)
 	if err != nil {
 		return nil, err
 	}
 	if opts.DryRun {
-		if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM `+table+` WHERE is_processed AND processed_at < $1`, res.Cutoff).Scan(&res.Rows); err != nil {
+		if res.Rows, err = tables.CountPrunable(ctx, res.Cutoff); err != nil {
 			return nil, fmt.Errorf("count prunable rows: %w", err)
 		}
 		if opts.DeadLetters && haveDead {
-			if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM `+c.t.ownSQL(deadLetterTable)+` WHERE dead_at < $1`, res.Cutoff).Scan(&res.DeadLetters); err != nil {
+			if res.DeadLetters, err = tables.CountDeadLettersBefore(ctx, res.Cutoff); err != nil {
 				return nil, fmt.Errorf("count prunable dead letters: %w", err)
 			}
 		}
 		return res, nil
 	}
-	// Keyset over the primary key, so each batch resumes where the last one
-	// stopped instead of rescanning the rows kept. The condition is checked
-	// again on the row being deleted: a row someone set back to unprocessed
-	// meanwhile is kept.
-	batch := `WITH c AS (
-  SELECT id FROM ` + table + ` WHERE id > $1 AND is_processed AND processed_at < $2 ORDER BY id LIMIT $3
-), d AS (
-  DELETE FROM ` + table + ` AS e USING c WHERE e.id = c.id AND e.is_processed AND e.processed_at < $2 RETURNING e.id
-)
-SELECT (SELECT count(*) FROM c), (SELECT max(id)::bigint FROM c), (SELECT count(*) FROM d)`
 	last := int64(math.MinInt64)
 	for {
-		var picked, deleted int64
-		var maxID *int64
-		if err := c.pool.QueryRow(ctx, batch, last, res.Cutoff, opts.BatchSize).Scan(&picked, &maxID, &deleted); err != nil {
+		picked, maxID, deleted, err := tables.PruneBatch(ctx, last, res.Cutoff, opts.BatchSize)
+		if err != nil {
 			return res, fmt.Errorf("delete processed rows after id %d: %w", last, err)
 		}
 		if picked > 0 {
@@ -103,14 +94,13 @@ SELECT (SELECT count(*) FROM c), (SELECT max(id)::bigint FROM c), (SELECT count(
 		}
 	}
 	if opts.DeadLetters && haveDead {
-		dl := c.t.ownSQL(deadLetterTable)
 		for {
-			tag, err := c.pool.Exec(ctx, `DELETE FROM `+dl+` WHERE id IN (SELECT id FROM `+dl+` WHERE dead_at < $1 ORDER BY id LIMIT $2)`, res.Cutoff, opts.BatchSize)
+			n, err := tables.PruneDeadLetters(ctx, res.Cutoff, opts.BatchSize)
 			if err != nil {
 				return res, fmt.Errorf("delete dead letters: %w", err)
 			}
-			res.DeadLetters += tag.RowsAffected()
-			if tag.RowsAffected() < int64(opts.BatchSize) {
+			res.DeadLetters += n
+			if n < int64(opts.BatchSize) {
 				break
 			}
 		}

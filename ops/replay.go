@@ -66,36 +66,27 @@ func (f Filter) Validate() error {
 	return nil
 }
 
-// Subscription is the part of a row of outboxd_subscription a replay needs.
-type Subscription struct {
-	ID             int64
-	OrganizationID *int64
-	URL            string
-	Secrets        []string
-	Events         []string
-	Enabled        bool
-}
+// Subscription is the part of a subscription a replay needs.
+type Subscription = store.Subscription
 
 // ErrNoSubscriptions is returned by Subscription when the schema has no
 // subscription table.
 var ErrNoSubscriptions = errors.New("this database has no subscriptions (no outboxd_subscription table): replay to the default webhook, or run `outboxd migrate` with a version that has subscriptions")
 
 // ErrUnknownSubscription is returned by Subscription for an id with no row.
-var ErrUnknownSubscription = errors.New("no such subscription")
+var ErrUnknownSubscription = store.ErrNoSubscription
 
 // Subscription reads subscription id.
 func (c *Client) Subscription(ctx context.Context, id int64) (*Subscription, error) {
-	ok, err := c.exists(ctx, subscriptionTable)
+	ok, err := c.tables().Exists(ctx, store.SubscriptionTable)
 	if err != nil {
 		return nil, err
 	}
 	if !ok {
 		return nil, ErrNoSubscriptions
 	}
-	s := &Subscription{ID: id}
-	err = c.pool.QueryRow(ctx, `SELECT organization_id, url, secrets, events, enabled FROM `+c.t.ownSQL(subscriptionTable)+` WHERE id = $1`, id).
-		Scan(&s.OrganizationID, &s.URL, &s.Secrets, &s.Events, &s.Enabled)
-	if errors.Is(err, pgx.ErrNoRows) {
+	s, err := c.tables().Subscription(ctx, id)
+	if errors.Is(err, ErrUnknownSubscription) {
 		return nil, fmt.Errorf("subscription %d: %w", id, ErrUnknownSubscription)
 	}
 	if err != nil {

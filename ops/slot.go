@@ -50,7 +50,6 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/outboxd/outboxd/cdc"
-	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/store"
 )
 
@@ -138,7 +137,7 @@ func (c *Client) checkOwnSlot(s *slotRow) error {
 
 // requireTables refuses when outboxd's tables are missing.
 func (c *Client) requireTables(ctx context.Context) error {
-	ok, err := c.exists(ctx, checkpointTable)
+	ok, err := c.tables().Migrated(ctx)
 	if err != nil {
 		return err
 	}
@@ -150,12 +149,34 @@ func (c *Client) requireTables(ctx context.Context) error {
 
 // hasCheckpoint reports whether the slot has a checkpoint row.
 func (c *Client) hasCheckpoint(ctx context.Context) (bool, error) {
-	var ok bool
-	err := c.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+c.t.ownSQL(checkpointTable)+` WHERE slot_name = $1)`, c.t.Slot).Scan(&ok)
+	ok, err := c.tables().HasCheckpoint(ctx, c.t.Slot)
 	if err != nil {
 		return false, fmt.Errorf("read checkpoint of slot %q: %w", c.t.Slot, err)
 	}
 	return ok, nil
+}
+
+// rereadFacts sets res.RowsToReread to the rows the next catch-up reads and
+// reports whether the slot has a checkpoint.
+func (c *Client) rereadFacts(ctx context.Context, res *SlotResult) (hadCP bool, err error) {
+	pending, err := c.PendingRows(ctx)
+	if err != nil {
+		return false, err
+	}
+	res.RowsToReread = &pending
+	return c.hasCheckpoint(ctx)
+}
+
+// catchupFacts refuses when outboxd's tables are missing, then sets
+// res.RowsToReread as rereadFacts does and returns it too.
+func (c *Client) catchupFacts(ctx context.Context, res *SlotResult) (hadCP bool, pending int64, err error) {
+	if err := c.requireTables(ctx); err != nil {
+		return false, 0, err
+	}
+	if hadCP, err = c.rereadFacts(ctx, res); err != nil {
+		return false, 0, err
+	}
+	return hadCP, *res.RowsToReread, nil
 }
 
 // PendingRows counts the rows a catch-up reads (store.PendingPredicate). It
@@ -165,15 +186,15 @@ func (c *Client) PendingRows(ctx context.Context) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	if !cols["is_processed"] {
+	if !cols[store.ProcessedColumn] {
 		return 0, fmt.Errorf("table %s has no is_processed column: run `outboxd migrate`", c.t.Table)
 	}
-	scope, err := c.pendingScope(ctx)
+	scope, err := c.tables().PresentScope(ctx)
 	if err != nil {
 		return 0, err
 	}
-	var n int64
-	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM `+c.t.tableSQL()+` AS e WHERE `+store.PendingPredicate(c.t.schema(), "e", scope)).Scan(&n); err != nil {
+	n, err := c.tables().CountPending(ctx, scope)
+	if err != nil {
 		return 0, fmt.Errorf("count unprocessed rows: %w", err)
 	}
 	return n, nil
@@ -256,24 +277,33 @@ func (c *Client) terminate(ctx context.Context, pid int32, res *SlotResult) erro
 // active, and then the checkpoint change is rolled back too.
 func (c *Client) markPendingAndDrop(ctx context.Context, drop, forget bool) (changed bool, err error) {
 	err = pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		sql := `UPDATE ` + c.t.ownSQL(checkpointTable) + ` SET catchup_pending = true, updated_at = now() WHERE slot_name = $1`
+		tables := store.On(tx, c.t.schema(), c.t.Table.Name)
+		var err error
 		if forget {
-			sql = `DELETE FROM ` + c.t.ownSQL(checkpointTable) + ` WHERE slot_name = $1`
+			changed, err = tables.DeleteCheckpoint(ctx, c.t.Slot)
+		} else {
+			changed, err = tables.MarkCatchupPending(ctx, c.t.Slot)
 		}
-		tag, err := tx.Exec(ctx, sql, c.t.Slot)
 		if err != nil {
 			return fmt.Errorf("mark checkpoint of slot %q for catch-up: %w", c.t.Slot, err)
 		}
-		changed = tag.RowsAffected() == 1
 		if drop {
-			// Whatever the slot's state when we looked: drop it if it is there.
-			if _, err := tx.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1`, c.t.Slot); err != nil {
-				return fmt.Errorf("drop slot %q: %w", c.t.Slot, err)
+			if err := dropSlot(ctx, tx, c.t.Slot); err != nil {
+				return err
 			}
 		}
 		return nil
 	})
 	return changed, err
+}
+
+// dropSlot drops the slot in tx if it is there, whatever its state when we
+// looked.
+func dropSlot(ctx context.Context, tx pgx.Tx, slot string) error {
+	if _, err := tx.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1`, slot); err != nil {
+		return fmt.Errorf("drop slot %q: %w", slot, err)
+	}
+	return nil
 }
 
 // createSlot creates the pgoutput slot on a replication connection and saves
@@ -302,25 +332,89 @@ func (c *Client) createSlot(ctx context.Context, res *SlotResult) error {
 	}
 	res.LSN = lsnPtr(lsn)
 	res.step("created slot %q (pgoutput) at %s", c.t.Slot, lsn)
-	store := checkpoint.NewStore(c.pool, checkpoint.StoreConfig{Schema: c.t.schema(), Table: c.t.Table.Name, Slot: c.t.Slot})
-	if err := store.Save(ctx, checkpoint.Checkpoint{LSN: lsn, SystemID: sys.SystemID, Timeline: sys.Timeline, CatchupPending: true}); err != nil {
+	cps := store.NewSlotStore(c.pool, store.SlotConfig{Schema: c.t.schema(), Table: c.t.Table.Name, Slot: c.t.Slot})
+	if err := cps.Save(ctx, store.Checkpoint{LSN: lsn, SystemID: sys.SystemID, Timeline: sys.Timeline, CatchupPending: true}); err != nil {
 		return err
 	}
 	res.step("saved its checkpoint at %s with catchup_pending = true: the next `outboxd run` recreates the slot with a snapshot and delivers every unprocessed row", lsn)
 	return nil
 }
 
-// CreateSlot creates the slot when it is missing, behind a checkpoint that
-// asks the next `outboxd run` for a catch-up from the table. An existing
-// pgoutput slot is left alone.
-func (c *Client) CreateSlot(ctx context.Context, opts SlotOptions) (*SlotResult, error) {
+// slotChange is what a slot command changes: described by a dry run, made
+// by a real one. Both go through (*Client).change, so that what a dry run
+// says and what a real run does follow one path.
+type slotChange struct {
+	// free says the slot must not be held by another process while act
+	// runs: without Force a held slot is refused, with it its holder is
+	// terminated first (released), which a dry run reports.
+	free bool
+	// plan adds the steps a dry run reports after that; held says whether
+	// the slot had a holder to terminate.
+	plan func(held bool)
+	// act makes the change under the slot's lock (and once the slot is
+	// free, with free). Its error comes with the result when free (a
+	// holder may have been terminated), without it otherwise.
+	act func(ctx context.Context) error
+	// after, when set, runs next, still under the lock, and reports what
+	// was done; its error comes with the result.
+	after func(ctx context.Context) error
+}
+
+// inspect applies opts' defaults and returns a command's result, to be
+// filled, and the slot, refusing a slot that is not outboxd's to touch.
+func (c *Client) inspect(ctx context.Context, opts *SlotOptions) (*SlotResult, *slotRow, error) {
 	opts.defaults()
 	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
 	s, err := c.readSlot(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := c.checkOwnSlot(s); err != nil {
+		return nil, nil, err
+	}
+	return res, s, nil
+}
+
+// change runs ch on slot s as found by inspect: with DryRun it only reports
+// the steps it would take, otherwise it takes them.
+func (c *Client) change(ctx context.Context, s *slotRow, opts SlotOptions, res *SlotResult, ch slotChange) (*SlotResult, error) {
+	held := ch.free && s != nil && s.active
+	if opts.DryRun {
+		if held {
+			if !opts.Force {
+				return nil, c.activeRefusal(s)
+			}
+			res.step("terminate process %d, which holds the slot", pidOf(s))
+		}
+		ch.plan(held)
+		return res, nil
+	}
+	unlock, err := c.lockSlot(ctx, opts.Wait)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if !ch.free {
+		if err := ch.act(ctx); err != nil {
+			return nil, err
+		}
+	} else if err := c.released(ctx, opts, res, ch.act); err != nil {
+		return res, err
+	}
+	if ch.after != nil {
+		if err := ch.after(ctx); err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+// CreateSlot creates the slot when it is missing, behind a checkpoint that
+// asks the next `outboxd run` for a catch-up from the table. An existing
+// pgoutput slot is left alone.
+func (c *Client) CreateSlot(ctx context.Context, opts SlotOptions) (*SlotResult, error) {
+	res, s, err := c.inspect(ctx, &opts)
+	if err != nil {
 		return nil, err
 	}
 	if s != nil {
@@ -337,77 +431,60 @@ func (c *Client) CreateSlot(ctx context.Context, opts SlotOptions) (*SlotResult,
 		res.step("slot %q already exists; nothing to do", c.t.Slot)
 		return res, nil
 	}
-	if err := c.requireTables(ctx); err != nil {
-		return nil, err
-	}
-	pending, err := c.PendingRows(ctx)
+	hadCP, pending, err := c.catchupFacts(ctx, res)
 	if err != nil {
 		return nil, err
 	}
-	res.RowsToReread = &pending
-	hadCP, err := c.hasCheckpoint(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if opts.DryRun {
-		if hadCP {
-			res.step("mark the existing checkpoint of slot %q catchup_pending (the slot is missing)", c.t.Slot)
-		}
-		res.step("create slot %q (pgoutput) and save its checkpoint with catchup_pending = true", c.t.Slot)
-		res.step("the next `outboxd run` recreates the slot with a snapshot and reads %d unprocessed rows from the table", pending)
-		return res, nil
-	}
-	unlock, err := c.lockSlot(ctx, opts.Wait)
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
-	if s, err := c.readSlot(ctx); err != nil || s != nil {
-		if err == nil {
-			err = refused("slot %q was created meanwhile by another process (an outboxd instance?); nothing more to do", c.t.Slot)
-		}
-		return nil, err
-	}
-	if hadCP {
-		if _, err := c.markPendingAndDrop(ctx, false, false); err != nil {
-			return nil, err
-		}
-		res.step("marked the existing checkpoint catchup_pending (the slot was missing)")
-	}
-	if err := c.createSlot(ctx, res); err != nil {
-		return res, err
-	}
-	res.step("%d unprocessed rows will be read from the table", pending)
-	return res, nil
+	return c.change(ctx, s, opts, res, slotChange{
+		plan: func(bool) {
+			if hadCP {
+				res.step("mark the existing checkpoint of slot %q catchup_pending (the slot is missing)", c.t.Slot)
+			}
+			res.step("create slot %q (pgoutput) and save its checkpoint with catchup_pending = true", c.t.Slot)
+			res.step("the next `outboxd run` recreates the slot with a snapshot and reads %d unprocessed rows from the table", pending)
+		},
+		act: func(ctx context.Context) error {
+			if s, err := c.readSlot(ctx); err != nil || s != nil {
+				if err == nil {
+					err = refused("slot %q was created meanwhile by another process (an outboxd instance?); nothing more to do", c.t.Slot)
+				}
+				return err
+			}
+			if hadCP {
+				if _, err := c.markPendingAndDrop(ctx, false, false); err != nil {
+					return err
+				}
+				res.step("marked the existing checkpoint catchup_pending (the slot was missing)")
+			}
+			return nil
+		},
+		after: func(ctx context.Context) error {
+			if err := c.createSlot(ctx, res); err != nil {
+				return err
+			}
+			res.step("%d unprocessed rows will be read from the table", pending)
+			return nil
+		},
+	})
 }
 
 // DropSlot drops the slot and deletes its checkpoint, so that the next
 // `outboxd run` starts afresh: it creates the slot and delivers every
 // unprocessed row from the table. Nothing is lost.
 func (c *Client) DropSlot(ctx context.Context, opts SlotOptions) (*SlotResult, error) {
-	opts.defaults()
-	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
-	s, err := c.readSlot(ctx)
+	res, s, err := c.inspect(ctx, &opts)
 	if err != nil {
 		return nil, err
 	}
-	if err := c.checkOwnSlot(s); err != nil {
-		return nil, err
-	}
-	haveTables, err := c.exists(ctx, checkpointTable)
+	haveTables, err := c.tables().Migrated(ctx)
 	if err != nil {
 		return nil, err
 	}
 	hadCP := false
 	if haveTables {
-		if hadCP, err = c.hasCheckpoint(ctx); err != nil {
+		if hadCP, err = c.rereadFacts(ctx, res); err != nil {
 			return nil, err
 		}
-		pending, err := c.PendingRows(ctx)
-		if err != nil {
-			return nil, err
-		}
-		res.RowsToReread = &pending
 	}
 	if s == nil && !hadCP {
 		res.Unchanged = true
@@ -417,54 +494,40 @@ func (c *Client) DropSlot(ctx context.Context, opts SlotOptions) (*SlotResult, e
 	if s != nil && s.confirmed != nil {
 		res.FromLSN = lsnPtr(*s.confirmed)
 	}
-	if opts.DryRun {
-		if s != nil && s.active {
-			if !opts.Force {
-				return nil, c.activeRefusal(s)
+	return c.change(ctx, s, opts, res, slotChange{
+		free: true,
+		plan: func(bool) {
+			if hadCP {
+				res.step("delete the checkpoint of slot %q", c.t.Slot)
 			}
-			res.step("terminate process %d, which holds the slot", pidOf(s))
-		}
-		if hadCP {
-			res.step("delete the checkpoint of slot %q", c.t.Slot)
-		}
-		if s != nil {
-			res.step("drop slot %q (confirmed_flush_lsn %s, %s retained)", c.t.Slot, lsnString(s.confirmed), retainedString(ctx, c, s))
-		}
-		c.stepNextRun(res)
-		return res, nil
-	}
-	unlock, err := c.lockSlot(ctx, opts.Wait)
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
-	err = c.released(ctx, opts, res, func(ctx context.Context) error {
-		return pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-			// The checkpoint goes first and only with the slot: a checkpoint
-			// without its slot makes the daemon refuse to start.
-			if haveTables {
-				if _, err := tx.Exec(ctx, `DELETE FROM `+c.t.ownSQL(checkpointTable)+` WHERE slot_name = $1`, c.t.Slot); err != nil {
-					return fmt.Errorf("delete checkpoint of slot %q: %w", c.t.Slot, err)
+			if s != nil {
+				res.step("drop slot %q (confirmed_flush_lsn %s, %s retained)", c.t.Slot, lsnString(s.confirmed), retainedString(ctx, c, s))
+			}
+			c.stepNextRun(res)
+		},
+		act: func(ctx context.Context) error {
+			return pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
+				// The checkpoint goes first and only with the slot: a checkpoint
+				// without its slot makes the daemon refuse to start.
+				if haveTables {
+					if _, err := store.On(tx, c.t.schema(), c.t.Table.Name).DeleteCheckpoint(ctx, c.t.Slot); err != nil {
+						return fmt.Errorf("delete checkpoint of slot %q: %w", c.t.Slot, err)
+					}
 				}
+				return dropSlot(ctx, tx, c.t.Slot)
+			})
+		},
+		after: func(context.Context) error {
+			if hadCP {
+				res.step("deleted the checkpoint of slot %q", c.t.Slot)
 			}
-			// Whatever the slot's state when we looked: drop it if it is there.
-			if _, err := tx.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1`, c.t.Slot); err != nil {
-				return fmt.Errorf("drop slot %q: %w", c.t.Slot, err)
+			if s != nil {
+				res.step("dropped slot %q", c.t.Slot)
 			}
+			c.stepNextRun(res)
 			return nil
-		})
+		},
 	})
-	if err != nil {
-		return res, err
-	}
-	if hadCP {
-		res.step("deleted the checkpoint of slot %q", c.t.Slot)
-	}
-	if s != nil {
-		res.step("dropped slot %q", c.t.Slot)
-	}
-	c.stepNextRun(res)
-	return res, nil
 }
 
 func (c *Client) stepNextRun(res *SlotResult) {
@@ -484,57 +547,17 @@ func (c *Client) stepNextRun(res *SlotResult) {
 // gone when it reconnects (cdc.ErrReset), it drops what it held and starts
 // over as a first start does, catching up from the table.
 func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, error) {
-	opts.defaults()
-	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
-	s, err := c.readSlot(ctx)
+	res, s, err := c.inspect(ctx, &opts)
 	if err != nil {
 		return nil, err
 	}
-	if err := c.checkOwnSlot(s); err != nil {
-		return nil, err
-	}
-	if err := c.requireTables(ctx); err != nil {
-		return nil, err
-	}
-	pending, err := c.PendingRows(ctx)
-	if err != nil {
-		return nil, err
-	}
-	res.RowsToReread = &pending
-	hadCP, err := c.hasCheckpoint(ctx)
+	hadCP, pending, err := c.catchupFacts(ctx, res)
 	if err != nil {
 		return nil, err
 	}
 	if s != nil && s.confirmed != nil {
 		res.FromLSN = lsnPtr(*s.confirmed)
 	}
-	if opts.DryRun {
-		if s != nil && s.active {
-			if !opts.Force {
-				return nil, c.activeRefusal(s)
-			}
-			res.step("terminate process %d, which holds the slot", pidOf(s))
-			if hadCP {
-				res.step("delete the checkpoint of slot %q", c.t.Slot)
-			}
-			res.step("drop slot %q and leave it dropped, so that the terminated instance starts over: it (or a standby) creates the slot and reads %d unprocessed rows from the table", c.t.Slot, pending)
-			return res, nil
-		}
-		if hadCP {
-			res.step("mark the checkpoint of slot %q catchup_pending", c.t.Slot)
-		}
-		if s != nil {
-			res.step("drop slot %q (confirmed_flush_lsn %s, wal_status %s, %s retained)", c.t.Slot, lsnString(s.confirmed), s.walStatus, retainedString(ctx, c, s))
-		}
-		res.step("create slot %q (pgoutput) and save its checkpoint with catchup_pending = true", c.t.Slot)
-		res.step("the next `outboxd run` recreates the slot with a snapshot and reads %d unprocessed rows from the table", pending)
-		return res, nil
-	}
-	unlock, err := c.lockSlot(ctx, opts.Wait)
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
 	// A running instance whose walsender we terminate reconnects (after our
 	// lock) with its state in memory: given a new slot it would stream from
 	// it without the catch-up, leaving the rows committed in between
@@ -543,34 +566,53 @@ func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, 
 	// (cdc.ErrReset), drops its state and starts over, creating the slot and
 	// catching up as on a first start (or waits, if a standby did first).
 	var changed, forget bool
-	err = c.released(ctx, opts, res, func(ctx context.Context) error {
-		var err error
-		forget = len(res.Terminated) > 0
-		changed, err = c.markPendingAndDrop(ctx, true, forget)
-		return err
+	return c.change(ctx, s, opts, res, slotChange{
+		free: true,
+		plan: func(held bool) {
+			if held {
+				if hadCP {
+					res.step("delete the checkpoint of slot %q", c.t.Slot)
+				}
+				res.step("drop slot %q and leave it dropped, so that the terminated instance starts over: it (or a standby) creates the slot and reads %d unprocessed rows from the table", c.t.Slot, pending)
+				return
+			}
+			if hadCP {
+				res.step("mark the checkpoint of slot %q catchup_pending", c.t.Slot)
+			}
+			if s != nil {
+				res.step("drop slot %q (confirmed_flush_lsn %s, wal_status %s, %s retained)", c.t.Slot, lsnString(s.confirmed), s.walStatus, retainedString(ctx, c, s))
+			}
+			res.step("create slot %q (pgoutput) and save its checkpoint with catchup_pending = true", c.t.Slot)
+			res.step("the next `outboxd run` recreates the slot with a snapshot and reads %d unprocessed rows from the table", pending)
+		},
+		act: func(ctx context.Context) error {
+			var err error
+			forget = len(res.Terminated) > 0
+			changed, err = c.markPendingAndDrop(ctx, true, forget)
+			return err
+		},
+		after: func(ctx context.Context) error {
+			if forget {
+				if changed {
+					res.step("deleted the checkpoint of slot %q", c.t.Slot)
+				}
+				res.step("dropped slot %q and left it dropped: the terminated instance starts over when it reconnects (or a standby does): it creates the slot and catches up", c.t.Slot)
+				res.step("%d unprocessed rows will be read again from the table", pending)
+				return nil
+			}
+			if changed {
+				res.step("marked the checkpoint catchup_pending")
+			}
+			if s != nil {
+				res.step("dropped slot %q (it had confirmed %s)", c.t.Slot, lsnString(s.confirmed))
+			}
+			if err := c.createSlot(ctx, res); err != nil {
+				return err
+			}
+			res.step("%d unprocessed rows will be read again from the table", pending)
+			return nil
+		},
 	})
-	if err != nil {
-		return res, err
-	}
-	if forget {
-		if changed {
-			res.step("deleted the checkpoint of slot %q", c.t.Slot)
-		}
-		res.step("dropped slot %q and left it dropped: the terminated instance starts over when it reconnects (or a standby does): it creates the slot and catches up", c.t.Slot)
-		res.step("%d unprocessed rows will be read again from the table", pending)
-		return res, nil
-	}
-	if changed {
-		res.step("marked the checkpoint catchup_pending")
-	}
-	if s != nil {
-		res.step("dropped slot %q (it had confirmed %s)", c.t.Slot, lsnString(s.confirmed))
-	}
-	if err := c.createSlot(ctx, res); err != nil {
-		return res, err
-	}
-	res.step("%d unprocessed rows will be read again from the table", pending)
-	return res, nil
 }
 
 // AdvanceSlot moves the slot's confirmed position forward to `to` with
@@ -579,13 +621,8 @@ func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, 
 // longer streamed: their rows stay unprocessed in the table until a catch-up
 // (`slot reset`) or a replay delivers them. It refuses to move backwards.
 func (c *Client) AdvanceSlot(ctx context.Context, to LSN, opts SlotOptions) (*SlotResult, error) {
-	opts.defaults()
-	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
-	s, err := c.readSlot(ctx)
+	res, s, err := c.inspect(ctx, &opts)
 	if err != nil {
-		return nil, err
-	}
-	if err := c.checkOwnSlot(s); err != nil {
 		return nil, err
 	}
 	switch {
@@ -619,56 +656,46 @@ func (c *Client) AdvanceSlot(ctx context.Context, to LSN, opts SlotOptions) (*Sl
 		return nil, err
 	}
 	skip := FormatBytes(int64(to - from))
-	if opts.DryRun {
-		if s.active {
-			if !opts.Force {
-				return nil, c.activeRefusal(s)
-			}
-			res.step("terminate process %d, which holds the slot", pidOf(s))
-		}
-		res.step("advance slot %q from %s to %s, skipping %s of WAL; rows committed in between stay unprocessed and are not streamed", c.t.Slot, from, to, skip)
-		res.step("move the checkpoint of slot %q to %s", c.t.Slot, to)
+	noteCatchup := func() {
 		if cp {
 			res.step("note: the checkpoint is catchup_pending, so the next `outboxd run` recreates the slot anyway")
 		}
-		res.LSN = &to
-		return res, nil
 	}
-	unlock, err := c.lockSlot(ctx, opts.Wait)
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
 	var end pglogrepl.LSN
-	err = c.released(ctx, opts, res, func(ctx context.Context) error {
-		err := c.pool.QueryRow(ctx, `SELECT end_lsn FROM pg_replication_slot_advance($1, $2::pg_lsn)`, c.t.Slot, to.String()).Scan(&end)
-		if err != nil {
-			return fmt.Errorf("advance slot %q to %s: %w", c.t.Slot, to, err)
-		}
-		return nil
+	return c.change(ctx, s, opts, res, slotChange{
+		free: true,
+		plan: func(bool) {
+			res.step("advance slot %q from %s to %s, skipping %s of WAL; rows committed in between stay unprocessed and are not streamed", c.t.Slot, from, to, skip)
+			res.step("move the checkpoint of slot %q to %s", c.t.Slot, to)
+			noteCatchup()
+			res.LSN = &to
+		},
+		act: func(ctx context.Context) error {
+			err := c.pool.QueryRow(ctx, `SELECT end_lsn FROM pg_replication_slot_advance($1, $2::pg_lsn)`, c.t.Slot, to.String()).Scan(&end)
+			if err != nil {
+				return fmt.Errorf("advance slot %q to %s: %w", c.t.Slot, to, err)
+			}
+			return nil
+		},
+		after: func(ctx context.Context) error {
+			res.LSN = lsnPtr(end)
+			res.step("advanced slot %q from %s to %s (%s of WAL skipped; rows committed in between stay unprocessed and are not streamed)", c.t.Slot, from, end, skip)
+			moved, err := c.tables().AdvanceCheckpoint(ctx, c.t.Slot, end)
+			switch {
+			case sqlState(err) == "42P01": // undefined_table: not migrated
+			case err != nil:
+				return fmt.Errorf("move checkpoint of slot %q to %s: %w", c.t.Slot, end, err)
+			case moved:
+				res.step("moved the checkpoint to %s", end)
+			}
+			noteCatchup()
+			return nil
+		},
 	})
-	if err != nil {
-		return res, err
-	}
-	res.LSN = lsnPtr(end)
-	res.step("advanced slot %q from %s to %s (%s of WAL skipped; rows committed in between stay unprocessed and are not streamed)", c.t.Slot, from, end, skip)
-	tag, err := c.pool.Exec(ctx, `UPDATE `+c.t.ownSQL(checkpointTable)+` SET lsn = greatest(lsn, $2::pg_lsn), updated_at = now() WHERE slot_name = $1`, c.t.Slot, pglogrepl.LSN(end).String())
-	switch {
-	case sqlState(err) == "42P01": // undefined_table: not migrated
-	case err != nil:
-		return res, fmt.Errorf("move checkpoint of slot %q to %s: %w", c.t.Slot, end, err)
-	case tag.RowsAffected() == 1:
-		res.step("moved the checkpoint to %s", end)
-	}
-	if cp {
-		res.step("note: the checkpoint is catchup_pending, so the next `outboxd run` recreates the slot anyway")
-	}
-	return res, nil
 }
 
 func (c *Client) catchupPending(ctx context.Context) (bool, error) {
-	var pending bool
-	err := c.pool.QueryRow(ctx, `SELECT catchup_pending FROM `+c.t.ownSQL(checkpointTable)+` WHERE slot_name = $1`, c.t.Slot).Scan(&pending)
+	pending, err := c.tables().CatchupPending(ctx, c.t.Slot)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows), sqlState(err) == "42P01":
 		return false, nil

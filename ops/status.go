@@ -1,8 +1,6 @@
 package ops
 
 import (
-	"github.com/outboxd/outboxd/store"
-
 	"context"
 	"errors"
 	"fmt"
@@ -11,6 +9,8 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/outboxd/outboxd/store"
 )
 
 // LSN is a WAL position, printed and JSON-encoded as Postgres writes it
@@ -96,7 +96,7 @@ type SlotStatus struct {
 	LagBytes *int64 `json:"lag_bytes"`
 }
 
-// CheckpointStatus is the slot's row in outboxd_checkpoint.
+// CheckpointStatus is the slot's checkpoint row (store.CheckpointTable).
 type CheckpointStatus struct {
 	Exists     bool       `json:"exists"`
 	LSN        *LSN       `json:"lsn"`
@@ -128,15 +128,15 @@ type PublicationStatus struct {
 
 // BacklogStatus counts what is still to deliver.
 type BacklogStatus struct {
-	// UnprocessedRows are pending rows (is_processed not true, NULL included;
-	// neither dead-lettered nor parked):
+	// UnprocessedRows are pending rows (store.PendingPredicate: not
+	// processed, NULL included; neither dead-lettered nor parked):
 	// what a catch-up would read. Null when the count timed out.
 	UnprocessedRows             *int64     `json:"unprocessed_rows"`
 	OldestUnprocessedAt         *time.Time `json:"oldest_unprocessed_at"`
 	OldestUnprocessedAgeSeconds *float64   `json:"oldest_unprocessed_age_seconds"`
-	// DeadLetters is the number of rows in outboxd_dead_letter.
+	// DeadLetters is the number of dead letters (store.DeadLetterTable).
 	DeadLetters *int64 `json:"dead_letters"`
-	// Parked is the number of parked deliveries (outboxd_parked); null when
+	// Parked is the number of parked deliveries (store.ParkedTable); null when
 	// the schema has no such table.
 	Parked *int64 `json:"parked"`
 }
@@ -186,7 +186,7 @@ func (c *Client) Status(ctx context.Context, opts StatusOptions) (*Status, error
 	if err := c.slot(ctx, &st.Slot, st.Server.CurrentWALLSN); err != nil {
 		return nil, err
 	}
-	haveTables, err := c.exists(ctx, checkpointTable)
+	haveTables, err := c.tables().Migrated(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -248,9 +248,11 @@ func (c *Client) roleWarnings(ctx context.Context) []string {
 // it re-reads with the subscriptions as they are, not as they were at each
 // row's commit.
 func (c *Client) routingWarnings(ctx context.Context) []string {
+	subs, err := c.tables().AnySubscription(ctx)
 	var track string
-	var subs bool
-	err := c.pool.QueryRow(ctx, `SELECT current_setting('track_commit_timestamp'), EXISTS (SELECT 1 FROM `+c.t.ownSQL(subscriptionTable)+`)`).Scan(&track, &subs)
+	if err == nil {
+		err = c.pool.QueryRow(ctx, `SELECT current_setting('track_commit_timestamp')`).Scan(&track)
+	}
 	if err != nil {
 		c.log.Debug().Err(err).Msg("commit timestamp setting unavailable")
 		return nil
@@ -366,24 +368,16 @@ func bytesBehind(a, b LSN) int64 {
 }
 
 func (c *Client) checkpoint(ctx context.Context, cs *CheckpointStatus, serverID string) error {
-	var (
-		lsn     pglogrepl.LSN
-		updated time.Time
-		age     float64
-		tl      int32
-	)
-	err := c.pool.QueryRow(ctx, `SELECT lsn, system_identifier, timeline, catchup_pending, updated_at,
-  extract(epoch FROM now() - updated_at)::float8
-FROM `+c.t.ownSQL(checkpointTable)+` WHERE slot_name = $1`, c.t.Slot).
-		Scan(&lsn, &cs.SystemIdentifier, &tl, &cs.CatchupPending, &updated, &age)
-	if errors.Is(err, pgx.ErrNoRows) {
+	cp, err := c.tables().ReadCheckpoint(ctx, c.t.Slot)
+	if errors.Is(err, store.ErrNoCheckpoint) {
 		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("read checkpoint of slot %q: %w", c.t.Slot, err)
 	}
-	updated = updated.UTC()
-	cs.Exists, cs.LSN, cs.UpdatedAt, cs.AgeSeconds, cs.Timeline = true, lsnPtr(lsn), &updated, &age, &tl
+	updated, age, tl := cp.UpdatedAt.UTC(), cp.AgeSeconds, cp.Timeline
+	cs.SystemIdentifier, cs.CatchupPending = cp.SystemID, cp.CatchupPending
+	cs.Exists, cs.LSN, cs.UpdatedAt, cs.AgeSeconds, cs.Timeline = true, lsnPtr(cp.LSN), &updated, &age, &tl
 	if serverID != "" {
 		match := serverID == cs.SystemIdentifier
 		cs.SystemIdentifierMatch = &match
@@ -413,37 +407,20 @@ FROM pg_publication p WHERE p.pubname = $1`, c.t.Publication, c.t.schema(), c.t.
 	return p, nil
 }
 
-// pendingScope says which of outboxd's tables exist, for the pending
-// predicate (store.PendingPredicate: what a catch-up reads).
-func (c *Client) pendingScope(ctx context.Context) (store.Scope, error) {
-	var sc store.Scope
-	var err error
-	if sc.DeadLetters, err = c.exists(ctx, deadLetterTable); err != nil {
-		return sc, err
-	}
-	sc.Parked, err = c.exists(ctx, parkedTable)
-	return sc, err
-}
-
 func (c *Client) backlog(ctx context.Context, timeout time.Duration, warnings *[]string) (*BacklogStatus, error) {
 	b := &BacklogStatus{}
 	cols, err := c.columns(ctx)
 	if err != nil {
 		return nil, err
 	}
-	haveDead, err := c.exists(ctx, deadLetterTable)
-	if err != nil {
-		return nil, err
-	}
-	haveParked, err := c.exists(ctx, parkedTable)
+	scope, err := c.tables().PresentScope(ctx)
 	if err != nil {
 		return nil, err
 	}
 	// count counts a table's rows; a role without SELECT on it gets a
 	// warning and null, not a failed status.
 	count := func(what, table string) (*int64, error) {
-		var n int64
-		err := c.pool.QueryRow(ctx, `SELECT count(*) FROM `+c.t.ownSQL(table)).Scan(&n)
+		n, err := c.tables().Count(ctx, table)
 		if sqlState(err) == "42501" { // insufficient_privilege
 			*warnings = append(*warnings, fmt.Sprintf("no privilege to count %s (SELECT on %s)", what, table))
 			return nil, nil
@@ -453,50 +430,45 @@ func (c *Client) backlog(ctx context.Context, timeout time.Duration, warnings *[
 		}
 		return &n, nil
 	}
-	if haveDead {
-		if b.DeadLetters, err = count("dead letters", deadLetterTable); err != nil {
+	if scope.DeadLetters {
+		if b.DeadLetters, err = count("dead letters", store.DeadLetterTable); err != nil {
 			return nil, err
 		}
 	}
-	if haveParked {
-		if b.Parked, err = count("parked deliveries", parkedTable); err != nil {
+	// The parked table comes with the delivery engine (migration 2): older
+	// schemas have none and its count is reported as unknown.
+	if scope.Parked {
+		if b.Parked, err = count("parked deliveries", store.ParkedTable); err != nil {
 			return nil, err
 		}
 	}
-	if !cols["is_processed"] || !cols["id"] {
+	if !cols[store.ProcessedColumn] || !cols["id"] {
 		*warnings = append(*warnings, fmt.Sprintf("table %s has no is_processed or id column: backlog unknown (run `outboxd migrate`)", c.t.Table))
 		return b, nil
 	}
-	oldest := "NULL::timestamptz"
-	if cols["occurred_at"] {
-		oldest = "min(e.occurred_at)"
-	}
-	var (
-		n   int64
-		at  *time.Time
-		age *float64
-	)
+	var pending store.Backlog
 	// The count scans the table (there is deliberately no partial index on
-	// is_processed, see migrations/001_outbox.sql): bound it.
+	// the status columns, see migrations/001_outbox.sql): bound it.
 	err = pgx.BeginTxFunc(ctx, c.pool, pgx.TxOptions{AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL statement_timeout = %d", timeout.Milliseconds())); err != nil {
 			return err
 		}
-		return tx.QueryRow(ctx, `SELECT count(*), `+oldest+`, extract(epoch FROM now() - `+oldest+`)::float8
-FROM `+c.t.tableSQL()+` AS e WHERE `+store.PendingPredicate(c.t.schema(), "e", store.Scope{DeadLetters: haveDead, Parked: haveParked})).Scan(&n, &at, &age)
+		var err error
+		pending, err = store.On(tx, c.t.schema(), c.t.Table.Name).PendingBacklog(ctx, scope, cols["occurred_at"])
+		return err
 	})
 	switch {
 	case sqlState(err) == "57014": // query_canceled: the timeout
 		*warnings = append(*warnings, fmt.Sprintf("backlog count gave up after %s (large table)", timeout))
 		return b, nil
 	case sqlState(err) == "42501": // insufficient_privilege
-		*warnings = append(*warnings, fmt.Sprintf("no privilege to count unprocessed rows (SELECT on %s and %s)", c.t.Table, deadLetterTable))
+		*warnings = append(*warnings, fmt.Sprintf("no privilege to count unprocessed rows (SELECT on %s and %s)", c.t.Table, store.DeadLetterTable))
 		return b, nil
 	case err != nil:
 		return nil, fmt.Errorf("count unprocessed rows: %w", err)
 	}
-	b.UnprocessedRows, b.OldestUnprocessedAgeSeconds = &n, age
-	if at != nil {
+	b.UnprocessedRows, b.OldestUnprocessedAgeSeconds = &pending.Rows, pending.OldestAgeSeconds
+	if at := pending.OldestAt; at != nil {
 		u := at.UTC()
 		b.OldestUnprocessedAt = &u
 	}

@@ -26,6 +26,7 @@ import (
 	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/store"
 )
 
 // Config is everything the main job needs.
@@ -73,7 +74,7 @@ type Config struct {
 // Observer is told what happens, for metrics.
 type Observer interface {
 	Delivered(r deliver.Result)
-	Flushed(b checkpoint.Batch, took time.Duration)
+	Flushed(b store.Batch, took time.Duration)
 	Received(e *decode.Event)
 	// Streaming is told true when this instance starts streaming from the
 	// slot (it is the leader) and false when it stops.
@@ -189,14 +190,14 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	}
 
 	tracker := checkpoint.NewTracker(0, cfg.FlushSize)
-	store := checkpoint.NewStore(pool, checkpoint.StoreConfig{Schema: cfg.Table.Schema, Table: cfg.Table.Name, Slot: cfg.Slot})
-	store.SetLogger(log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger())
+	slotStore := store.NewSlotStore(pool, store.SlotConfig{Schema: cfg.Table.Schema, Table: cfg.Table.Name, Slot: cfg.Slot})
+	slotStore.SetLogger(log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger())
 	rcfg := cfg.readerConfig()
 	if err := rcfg.Validate(); err != nil {
 		return err
 	}
 	var reader *cdc.Reader
-	flusher := &checkpoint.Flusher{Tracker: tracker, Writer: store, Interval: cfg.FlushInterval,
+	flusher := &checkpoint.Flusher{Tracker: tracker, Writer: slotStore, Interval: cfg.FlushInterval,
 		Log: log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger()}
 	var onResult func(deliver.Result)
 	if o := cfg.Observer; o != nil {
@@ -223,19 +224,19 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 			return nil
 		}
 		var err error
-		router, err = newRouter(ctx, takeCtx, cfg, store, s, tracker, onResult, pool, log, dlog)
+		router, err = newRouter(ctx, takeCtx, cfg, slotStore, s, tracker, onResult, pool, log, dlog)
 		if err != nil {
 			return err
 		}
-		retrier = &deliver.Retrier{Store: store, Router: router, Schedule: cfg.Schedule, Interval: cfg.RetryInterval,
+		retrier = &deliver.Retrier{Store: slotStore, Router: router, Schedule: cfg.Schedule, Interval: cfg.RetryInterval,
 			Leader:    func() bool { return reader.WalsenderPID() != 0 },
 			Namespace: cfg.Table.MessageNamespace,
 			Log:       log.With().Str("component", "retrier").Logger()}
 		close(leading)
 		return nil
 	}
-	reader = cdc.NewReader(rcfg, tracker, store, log)
-	store.SetFence(reader.WalsenderPID)
+	reader = cdc.NewReader(rcfg, tracker, slotStore, log)
+	slotStore.SetFence(reader.WalsenderPID)
 
 	var (
 		mu       sync.Mutex
@@ -334,15 +335,15 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 //
 // The state is read with loadCtx (the session that took the slot); the
 // router lives as long as ctx (the pipeline), which its 410 handler uses.
-func newRouter(ctx, loadCtx context.Context, cfg Config, store *checkpoint.Store, s sink.Sink, tracker *checkpoint.Tracker,
+func newRouter(ctx, loadCtx context.Context, cfg Config, slotStore *store.SlotStore, s sink.Sink, tracker *checkpoint.Tracker,
 	onResult func(deliver.Result), pool *pgxpool.Pool, log, dlog zerolog.Logger) (*deliver.Router, error) {
 	var routing []byte
-	if cp, err := store.Load(loadCtx); err == nil {
+	if cp, err := slotStore.Load(loadCtx); err == nil {
 		routing = cp.Routing
-	} else if !errors.Is(err, checkpoint.ErrNoCheckpoint) {
+	} else if !errors.Is(err, store.ErrNoCheckpoint) {
 		return nil, err
 	}
-	parked, err := store.ParkedCounts(loadCtx)
+	parked, err := slotStore.ParkedCounts(loadCtx)
 	if err != nil {
 		return nil, err
 	}
@@ -365,7 +366,7 @@ func newRouter(ctx, loadCtx context.Context, cfg Config, store *checkpoint.Store
 		},
 		Routing: routing, Parked: parked, OnResult: onResult,
 		Secrets: func(ids []int64) (map[int64]deliver.Stored, error) {
-			return store.SubscriptionSecrets(loadCtx, ids)
+			return slotStore.SubscriptionSecrets(loadCtx, ids)
 		},
 		OnGone: func(target string) { disableGone(ctx, pool, cfg, target, dlog) },
 	}, tracker, dlog)

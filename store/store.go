@@ -1,6 +1,12 @@
-// Package store names outboxd's own tables and holds the SQL fragments on the
-// outbox table's status columns that every reader and writer must agree on:
-// the one "pending row" predicate and the marking arithmetic.
+// Package store owns outboxd's tables and the outbox table's status columns:
+// it names the tables, and holds the SQL fragments on the status columns that
+// every reader and writer must agree on (the one "pending row" predicate and
+// the marking arithmetic) and every statement on them: the slot holder's
+// writes (SlotStore: checkpoint, marks, attempts, dead letters, parked
+// deliveries), the catch-up's reads in a slot's snapshot (DeclarePending,
+// SubscriptionRows, SubscriptionHistory) and those of the operator commands
+// and the monitor (Tables). Other packages call it; none writes its own SQL
+// on these tables or columns.
 //
 // Invariants:
 //   - A row is pending (still to deliver) when is_processed is not true — NULL
@@ -10,6 +16,8 @@
 //   - delivery_attempts is counted from 0 when NULL.
 //   - Catch-up, status, the backlog gauge, slot reset and marking all use
 //     these fragments; none writes its own.
+//   - A write of a fenced SlotStore commits only while this instance's
+//     walsender holds the slot (ErrNotLeader otherwise).
 package store
 
 import (

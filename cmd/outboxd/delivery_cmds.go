@@ -21,6 +21,7 @@ import (
 	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/ops"
 	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/store"
 )
 
 // deliveryCommands are `outboxd subscription ...` and `outboxd dlq ...`.
@@ -28,10 +29,10 @@ func deliveryCommands(envMap map[string]string, stdout, stderr io.Writer) []*cob
 	return []*cobra.Command{subscriptionCommand(envMap, stdout, stderr), dlqCommand(envMap, stdout, stderr)}
 }
 
-// dbSession is a connection and the qualified names of outboxd's tables.
+// dbSession is a connection and outboxd's tables on it.
 type dbSession struct {
-	conn                              *pgx.Conn
-	table, subs, dead, parked, schema string
+	conn   *pgx.Conn
+	tables store.Tables
 	// defaultTarget is the name of the default sink (OUTBOXD_SINK): with
 	// the subscriptions, the targets a running outboxd delivers to.
 	defaultTarget string
@@ -53,15 +54,13 @@ func openSession(ctx context.Context, envMap map[string]string, stderr io.Writer
 	if err != nil {
 		return nil, fmt.Errorf("connect: %w", err)
 	}
-	q := func(name string) string { return pgx.Identifier{t.Schema, name}.Sanitize() }
-	return &dbSession{conn: conn, schema: t.Schema, table: q(t.Name), subs: q("outboxd_subscription"),
-		dead: q("outboxd_dead_letter"), parked: q("outboxd_parked"), defaultTarget: c.Sink}, nil
+	return &dbSession{conn: conn, tables: store.On(conn, t.Schema, t.Name), defaultTarget: c.Sink}, nil
 }
 
 func (s *dbSession) close(ctx context.Context) { s.conn.Close(context.WithoutCancel(ctx)) }
 
 func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Command {
-	cmd := &cobra.Command{Use: "subscription", Short: "Manage webhook subscriptions (rows of outboxd_subscription)"}
+	cmd := &cobra.Command{Use: "subscription", Short: "Manage webhook subscriptions (rows of " + store.SubscriptionTable + ")"}
 	var asJSON bool
 	list := &cobra.Command{
 		Use: "list", Short: "List subscriptions (secrets are not shown)", Args: cobra.NoArgs,
@@ -72,8 +71,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				return err
 			}
 			defer s.close(ctx)
-			rows, err := s.conn.Query(ctx, `SELECT id, organization_id, url, cardinality(secrets), events, enabled,
-  coalesce(disabled_reason, ''), created_at, updated_at FROM `+s.subs+` ORDER BY id`)
+			subs, err := s.tables.Subscriptions(ctx)
 			if err != nil {
 				return fmt.Errorf("list subscriptions: %w", err)
 			}
@@ -88,11 +86,9 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				CreatedAt      time.Time `json:"created_at"`
 				UpdatedAt      time.Time `json:"updated_at"`
 			}
-			out, err := pgx.CollectRows(rows, pgx.RowToStructByPos[row])
-			if err != nil {
-				return fmt.Errorf("list subscriptions: %w", err)
-			}
-			for i := range out {
+			out := make([]row, len(subs))
+			for i, sub := range subs {
+				out[i] = row(sub)
 				// Credentials and tokens in a URL are secrets too: shown
 				// redacted in both forms.
 				out[i].URL = ops.RedactURL(out[i].URL)
@@ -156,9 +152,8 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 			if cmd.Flags().Changed("organization") {
 				orgArg = &org
 			}
-			var id int64
-			if err := s.conn.QueryRow(ctx, `INSERT INTO `+s.subs+` (organization_id, url, secrets, events)
-VALUES ($1, $2, $3, $4) RETURNING id`, orgArg, url, []string{secret}, globs).Scan(&id); err != nil {
+			id, err := s.tables.AddSubscription(ctx, orgArg, url, []string{secret}, globs)
+			if err != nil {
 				return fmt.Errorf("add subscription: %w", err)
 			}
 			fmt.Fprintf(stdout, "subscription %d added\nsecret: %s\n", id, secret)
@@ -212,11 +207,11 @@ VALUES ($1, $2, $3, $4) RETURNING id`, orgArg, url, []string{secret}, globs).Sca
 				if !rotYes {
 					return usageError{fmt.Errorf("--drop-old needs --yes")}
 				}
-				tag, err := s.conn.Exec(ctx, `UPDATE `+s.subs+` SET secrets = secrets[1:1], updated_at = now() WHERE id = $1 AND cardinality(secrets) > 0`, id)
+				found, err := s.tables.KeepNewestSecret(ctx, id)
 				if err != nil {
 					return fmt.Errorf("drop old secrets of subscription %d: %w", id, err)
 				}
-				if tag.RowsAffected() == 0 {
+				if !found {
 					return fmt.Errorf("subscription %d not found", id)
 				}
 				fmt.Fprintf(stdout, "subscription %d now signs with its newest secret only\n", id)
@@ -232,11 +227,11 @@ VALUES ($1, $2, $3, $4) RETURNING id`, orgArg, url, []string{secret}, globs).Sca
 			if err := (&sink.WebhookConfig{URL: "https://x.invalid", Secrets: []string{sec}}).Validate(); err != nil {
 				return usageError{err}
 			}
-			tag, err := s.conn.Exec(ctx, `UPDATE `+s.subs+` SET secrets = $2 || secrets, updated_at = now() WHERE id = $1`, id, []string{sec})
+			found, err := s.tables.AddSecret(ctx, id, sec)
 			if err != nil {
 				return fmt.Errorf("rotate secret of subscription %d: %w", id, err)
 			}
-			if tag.RowsAffected() == 0 {
+			if !found {
 				return fmt.Errorf("subscription %d not found", id)
 			}
 			fmt.Fprintf(stdout, "subscription %d signs with the new and the old secrets\nnew secret: %s\n", id, sec)
@@ -265,11 +260,11 @@ func setEnabled(ctx context.Context, envMap map[string]string, stdout, stderr io
 	if !enabled {
 		why = &reason
 	}
-	tag, err := s.conn.Exec(ctx, `UPDATE `+s.subs+` SET enabled = $2, disabled_reason = $3, updated_at = now() WHERE id = $1`, id, enabled, why)
+	found, err := s.tables.SetEnabled(ctx, id, enabled, why)
 	if err != nil {
 		return fmt.Errorf("update subscription %d: %w", id, err)
 	}
-	if tag.RowsAffected() == 0 {
+	if !found {
 		return fmt.Errorf("subscription %d not found", id)
 	}
 	fmt.Fprintf(stdout, "subscription %d enabled=%t\n", id, enabled)
@@ -316,6 +311,7 @@ func parseWhen(s string) (*time.Time, error) {
 	return &t, nil
 }
 
+// deadLetter is the JSON form of a store.DeadLetterRow.
 type deadLetter struct {
 	ID        int64     `json:"id"`
 	EventID   int64     `json:"event_id"`
@@ -352,17 +348,7 @@ func (f *dlqFilter) find(cmd *cobra.Command, s *dbSession) ([]deadLetter, error)
 	if cmd.Flags().Changed("organization") {
 		org = &f.org
 	}
-	rows, err := s.conn.Query(ctx, `SELECT d.id, d.event_id, d.sink, d.last_status, d.last_error, d.attempts, d.dead_at,
-  e.event_name::text, e.organization_id::bigint
-FROM `+s.dead+` AS d LEFT JOIN `+s.table+` AS e ON e.id = d.event_id
-WHERE ($1 = '' OR d.sink = $1) AND ($2::bigint IS NULL OR e.organization_id = $2)
-  AND ($3::timestamptz IS NULL OR d.dead_at >= $3) AND ($4::timestamptz IS NULL OR d.dead_at < $4)
-  AND (coalesce(cardinality($5::bigint[]), 0) = 0 OR d.event_id = ANY($5))
-ORDER BY d.id`, target, org, since, until, f.eventIDs)
-	if err != nil {
-		return nil, fmt.Errorf("list dead letters: %w", err)
-	}
-	all, err := pgx.CollectRows(rows, pgx.RowToStructByPos[deadLetter])
+	all, err := s.tables.DeadLetters(ctx, store.DeadLetterFilter{Sink: target, OrganizationID: org, Since: since, Until: until, EventIDs: f.eventIDs})
 	if err != nil {
 		return nil, fmt.Errorf("list dead letters: %w", err)
 	}
@@ -383,7 +369,7 @@ ORDER BY d.id`, target, org, since, until, f.eventIDs)
 			f.more++
 			continue
 		}
-		out = append(out, d)
+		out = append(out, deadLetter(d))
 	}
 	return out, nil
 }
@@ -429,10 +415,7 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 			// A dead letter of a target no running outboxd delivers to (a
 			// removed subscription, another sink) would stay parked and due
 			// for ever: refuse to revive it, and say which.
-			var unknown []string
-			err := s.conn.QueryRow(ctx, `SELECT coalesce(array_agg(DISTINCT d.sink ORDER BY d.sink), '{}') FROM `+s.dead+` AS d
-WHERE d.id = ANY($1) AND d.sink <> $2
-  AND NOT EXISTS (SELECT 1 FROM `+s.subs+` AS s WHERE 'subscription:' || s.id = d.sink)`, ids, s.defaultTarget).Scan(&unknown)
+			unknown, err := s.tables.UnknownTargets(ctx, ids, s.defaultTarget)
 			if err != nil {
 				return 0, err
 			}
@@ -440,21 +423,12 @@ WHERE d.id = ANY($1) AND d.sink <> $2
 				return 0, usageError{fmt.Errorf("dead letters of targets this outboxd does not deliver to (%s): nothing retried; select others with --target or --subscription, or purge them",
 					strings.Join(unknown, ", "))}
 			}
-			// The ordering key of a revived delivery is minus its event id:
-			// it no longer has a place in its key's order, and a key space of
-			// its own (organization keys are odd positives, event-id keys
-			// positive) keeps it from landing in another key's parked run.
-			tag, err := s.conn.Exec(ctx, `WITH d AS (DELETE FROM `+s.dead+` WHERE id = ANY($1) RETURNING event_id, sink, last_status, last_error)
-INSERT INTO `+s.parked+` (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at, last_status, last_error)
-SELECT sink, event_id, -event_id, '0/0', 0, now(), last_status, last_error FROM d
-ON CONFLICT (target, event_id) DO UPDATE SET next_attempt_at = now(), rounds = 0`, ids)
-			return tag.RowsAffected(), err
+			return s.tables.ReviveDeadLetters(ctx, ids)
 		}, "%d dead letter(s) moved back to the retry schedule\n")
 	purge := dlqAction(envMap, stdout, stderr, "purge",
 		"Delete dead letters (their rows stay unprocessed in the outbox table)", true,
 		func(ctx context.Context, s *dbSession, ids []int64) (int64, error) {
-			tag, err := s.conn.Exec(ctx, `DELETE FROM `+s.dead+` WHERE id = ANY($1)`, ids)
-			return tag.RowsAffected(), err
+			return s.tables.PurgeDeadLetters(ctx, ids)
 		}, "%d dead letter(s) purged\n")
 	cmd.AddCommand(list, retry, purge)
 	return cmd

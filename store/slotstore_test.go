@@ -1,4 +1,4 @@
-package checkpoint_test
+package store_test
 
 import (
 	"context"
@@ -9,9 +9,9 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 
-	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/internal/e2e"
 	"github.com/outboxd/outboxd/internal/pgtest"
+	"github.com/outboxd/outboxd/store"
 )
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
@@ -31,14 +31,14 @@ func TestFencedStoreWritesOnlyForTheSlotHolder(t *testing.T) {
 	var id int64
 	require.NoError(t, conn.QueryRow(ctx, `INSERT INTO domain_event (event_name) VALUES ('x') RETURNING id`).Scan(&id))
 
-	store := checkpoint.NewStore(db.Pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: slot})
-	batch := checkpoint.Batch{Marks: []checkpoint.Range{{Lo: id, Hi: id, Attempts: 1}}}
+	ss := store.NewSlotStore(db.Pool, store.SlotConfig{Schema: "public", Table: "domain_event", Slot: slot})
+	batch := store.Batch{Marks: []store.Range{{Lo: id, Hi: id, Attempts: 1}}}
 	for _, pid := range []uint32{0, 4242} { // no walsender; a walsender that is not the slot's
-		store.SetFence(func() uint32 { return pid })
-		err := store.Write(ctx, batch)
-		require.True(t, errors.Is(err, checkpoint.ErrNotLeader), "pid %d: %v", pid, err)
-		err = store.Delivered(ctx, "webhook", id, 1)
-		require.True(t, errors.Is(err, checkpoint.ErrNotLeader), "parked-delivery writes are fenced too: %v", err)
+		ss.SetFence(func() uint32 { return pid })
+		err := ss.Write(ctx, batch)
+		require.True(t, errors.Is(err, store.ErrNotLeader), "pid %d: %v", pid, err)
+		err = ss.Delivered(ctx, "webhook", id, 1)
+		require.True(t, errors.Is(err, store.ErrNotLeader), "parked-delivery writes are fenced too: %v", err)
 	}
 	var processed bool
 	require.NoError(t, conn.QueryRow(ctx, `SELECT is_processed FROM domain_event WHERE id = $1`, id).Scan(&processed))
@@ -47,21 +47,21 @@ func TestFencedStoreWritesOnlyForTheSlotHolder(t *testing.T) {
 
 // parkedEvent makes a database with one event parked for each of targets and
 // returns the store, a connection of the test's own and the event's id.
-func parkedEvent(t *testing.T, targets ...string) (*checkpoint.Store, *pgx.Conn, int64) {
+func parkedEvent(t *testing.T, targets ...string) (*store.SlotStore, *pgx.Conn, int64) {
 	t.Helper()
 	ctx := context.Background()
 	db := pgtest.NewMigrated(t)
 	conn := db.Conn
 	var id int64
 	require.NoError(t, conn.QueryRow(ctx, `INSERT INTO domain_event (event_name) VALUES ('batch_started') RETURNING id`).Scan(&id))
-	store := checkpoint.NewStore(db.Pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: "parked_test"})
-	var b checkpoint.Batch
+	ss := store.NewSlotStore(db.Pool, store.SlotConfig{Schema: "public", Table: "domain_event", Slot: "parked_test"})
+	var b store.Batch
 	for _, target := range targets {
-		b.Parked = append(b.Parked, checkpoint.Park{EventID: id, Target: target, Key: 1, Attempts: 1})
+		b.Parked = append(b.Parked, store.Park{EventID: id, Target: target, Key: 1, Attempts: 1})
 	}
-	b.Attempts = []checkpoint.Mark{{ID: id, Attempts: int32(len(targets))}}
-	require.NoError(t, store.Write(ctx, b))
-	return store, conn, id
+	b.Attempts = []store.Mark{{ID: id, Attempts: int32(len(targets))}}
+	require.NoError(t, ss.Write(ctx, b))
+	return ss, conn, id
 }
 
 // resolveTogether runs each resolution at once while conn holds the event's
@@ -103,10 +103,10 @@ func resolveTogether(t *testing.T, conn *pgx.Conn, id int64, resolve ...func() e
 func TestParkedDeliveriesResolvedTogetherMarkTheRow(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	store, conn, id := parkedEvent(t, "webhook", "subscription:1")
+	ss, conn, id := parkedEvent(t, "webhook", "subscription:1")
 	resolveTogether(t, conn, id,
-		func() error { return store.Delivered(ctx, "webhook", id, 1) },
-		func() error { return store.Delivered(ctx, "subscription:1", id, 1) })
+		func() error { return ss.Delivered(ctx, "webhook", id, 1) },
+		func() error { return ss.Delivered(ctx, "subscription:1", id, 1) })
 	var processed *bool
 	var attempts *int32
 	var at *time.Time
@@ -123,10 +123,10 @@ func TestParkedDeliveriesResolvedTogetherMarkTheRow(t *testing.T) {
 func TestParkedDeliveryDeliveredWhileAnotherIsDeadLetteredStaysUnprocessed(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	store, conn, id := parkedEvent(t, "webhook", "subscription:1")
+	ss, conn, id := parkedEvent(t, "webhook", "subscription:1")
 	resolveTogether(t, conn, id,
-		func() error { return store.GiveUp(ctx, "subscription:1", id, 1, 410, "gone") },
-		func() error { return store.Delivered(ctx, "webhook", id, 1) })
+		func() error { return ss.GiveUp(ctx, "subscription:1", id, 1, 410, "gone") },
+		func() error { return ss.Delivered(ctx, "webhook", id, 1) })
 	var processed *bool
 	var dead int
 	require.NoError(t, conn.QueryRow(ctx, `SELECT is_processed, (SELECT count(*) FROM outboxd_dead_letter WHERE event_id = $1) FROM domain_event WHERE id = $1`, id).Scan(&processed, &dead))

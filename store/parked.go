@@ -1,8 +1,6 @@
-package checkpoint
+package store
 
 import (
-	"github.com/outboxd/outboxd/store"
-
 	"context"
 	"fmt"
 	"strconv"
@@ -30,12 +28,12 @@ type ParkedRow struct {
 	Values   [][]byte
 }
 
-func (s *Store) parked() string { return pgx.Identifier{s.cfg.Schema, "outboxd_parked"}.Sanitize() }
-func (s *Store) table() string  { return pgx.Identifier{s.cfg.Schema, s.cfg.Table}.Sanitize() }
-func (s *Store) dead() string   { return pgx.Identifier{s.cfg.Schema, "outboxd_dead_letter"}.Sanitize() }
+func (s *SlotStore) parked() string { return Ident(s.cfg.Schema, ParkedTable) }
+func (s *SlotStore) table() string  { return Ident(s.cfg.Schema, s.cfg.Table) }
+func (s *SlotStore) dead() string   { return Ident(s.cfg.Schema, DeadLetterTable) }
 
 // ParkedCounts returns the parked deliveries per target and ordering key.
-func (s *Store) ParkedCounts(ctx context.Context) (map[string]map[uint64]int, error) {
+func (s *SlotStore) ParkedCounts(ctx context.Context) (map[string]map[uint64]int, error) {
 	rows, err := s.pool.Query(ctx, `SELECT target, ordering_key, count(*) FROM `+s.parked()+` GROUP BY 1, 2`)
 	if err != nil {
 		return nil, fmt.Errorf("count parked deliveries: %w", err)
@@ -63,7 +61,7 @@ func (s *Store) ParkedCounts(ctx context.Context) (map[string]map[uint64]int, er
 // deliveries of a target that cannot deliver now (a disabled subscription,
 // one that no longer exists) stay due and would otherwise fill the limit at
 // every round, starving every live target behind them.
-func (s *Store) DueHeads(ctx context.Context, targets []string, limit int) ([]ParkedHead, error) {
+func (s *SlotStore) DueHeads(ctx context.Context, targets []string, limit int) ([]ParkedHead, error) {
 	rows, err := s.pool.Query(ctx, `SELECT target, ordering_key FROM (
   SELECT DISTINCT ON (target, ordering_key) target, ordering_key, next_attempt_at
   FROM `+s.parked()+` WHERE target = ANY($2) ORDER BY target, ordering_key, commit_lsn, commit_index, event_id) AS h
@@ -80,7 +78,7 @@ WHERE next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $1`, limit, target
 
 // ParkedRun returns the first parked deliveries of one key of a target, in
 // commit order, with their rows.
-func (s *Store) ParkedRun(ctx context.Context, target string, key int64, limit int) ([]ParkedRow, error) {
+func (s *SlotStore) ParkedRun(ctx context.Context, target string, key int64, limit int) ([]ParkedRow, error) {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("read parked deliveries: %w", err)
@@ -134,7 +132,7 @@ ORDER BY p.commit_lsn, p.commit_index, p.event_id LIMIT $3`
 // Delivered resolves a parked delivery that was acknowledged: the parked row
 // goes, the attempts are counted, and the event row becomes processed when
 // nothing else of it is parked or dead.
-func (s *Store) Delivered(ctx context.Context, target string, eventID int64, attempts int32) error {
+func (s *SlotStore) Delivered(ctx context.Context, target string, eventID int64, attempts int32) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if err := s.fenced(ctx, tx); err != nil {
 			return err
@@ -147,7 +145,7 @@ func (s *Store) Delivered(ctx context.Context, target string, eventID int64, att
 		// still there, and the row stayed unprocessed for good.
 		q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = $1 FOR NO KEY UPDATE`, eventID)
 		q.Queue(`DELETE FROM `+s.parked()+` WHERE target = $1 AND event_id = $2`, target, eventID)
-		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+store.AddAttempts("e", "$2")+`,
+		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+AddAttempts("e", "$2")+`,
   is_processed = NOT EXISTS (SELECT 1 FROM `+s.parked()+` AS p WHERE p.event_id = $1)
     AND NOT EXISTS (SELECT 1 FROM `+s.dead()+` AS d WHERE d.event_id = $1),
   processed_at = CASE WHEN e.processed_at IS NULL
@@ -163,7 +161,7 @@ WHERE e.id = $1`, eventID, attempts)
 // The next attempt is due retryIn after the database's now(): the retrier
 // compares next_attempt_at with now() too, so a daemon whose clock is off
 // neither retries early nor dead-letters early.
-func (s *Store) Reschedule(ctx context.Context, target string, eventID int64, attempts int32, retryIn time.Duration, status int, reason string) error {
+func (s *SlotStore) Reschedule(ctx context.Context, target string, eventID int64, attempts int32, retryIn time.Duration, status int, reason string) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if err := s.fenced(ctx, tx); err != nil {
 			return err
@@ -173,14 +171,14 @@ func (s *Store) Reschedule(ctx context.Context, target string, eventID int64, at
 		q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = $1 FOR NO KEY UPDATE`, eventID)
 		q.Queue(`UPDATE `+s.parked()+` SET attempts = attempts + $3, rounds = rounds + 1, next_attempt_at = now() + $4 * interval '1 microsecond',
   last_status = $5, last_error = $6 WHERE target = $1 AND event_id = $2`, target, eventID, attempts, retryIn.Microseconds(), nullStatus(status), reason)
-		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+store.AddAttempts("e", "$2")+` WHERE e.id = $1`, eventID, attempts)
+		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+AddAttempts("e", "$2")+` WHERE e.id = $1`, eventID, attempts)
 		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "reschedule parked delivery of event %d", eventID)
 	})
 }
 
 // GiveUp dead-letters a parked delivery (its schedule ran out, it was refused
 // permanently, or its row is gone).
-func (s *Store) GiveUp(ctx context.Context, target string, eventID int64, attempts int32, status int, reason string) error {
+func (s *SlotStore) GiveUp(ctx context.Context, target string, eventID int64, attempts int32, status int, reason string) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if err := s.fenced(ctx, tx); err != nil {
 			return err
@@ -193,7 +191,7 @@ INSERT INTO `+s.dead()+` AS d (event_id, sink, last_status, last_error, attempts
 SELECT $2, $1, $3, $4, coalesce((SELECT attempts FROM p), 0) + $5
 ON CONFLICT (event_id, sink) DO UPDATE SET last_status = excluded.last_status, last_error = excluded.last_error,
   attempts = d.attempts + excluded.attempts, dead_at = now()`, target, eventID, nullStatus(status), reason, attempts)
-		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+store.AddAttempts("e", "$2")+` WHERE e.id = $1`, eventID, attempts)
+		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+AddAttempts("e", "$2")+` WHERE e.id = $1`, eventID, attempts)
 		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "dead-letter parked delivery of event %d", eventID)
 	})
 }
@@ -214,4 +212,4 @@ func wrapBatch(err error, format string, args ...any) error {
 }
 
 // Pool is the store's pool (for components that share it).
-func (s *Store) Pool() *pgxpool.Pool { return s.pool }
+func (s *SlotStore) Pool() *pgxpool.Pool { return s.pool }

@@ -1,58 +1,31 @@
-package checkpoint
+package store
 
 import (
-	"github.com/outboxd/outboxd/store"
-
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"time"
 
-	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 )
 
-// Checkpoint is the durable position of one slot.
-type Checkpoint struct {
-	Slot string
-	// LSN is the end LSN of the last transaction whose events are all settled
-	// and recorded, or an idle position reported by the server, written
-	// before it was confirmed to the slot.
-	LSN pglogrepl.LSN
-	// SystemID and Timeline identify the cluster the LSN belongs to.
-	SystemID string
-	Timeline int32
-	// CatchupPending is true from slot creation until every row that was
-	// unprocessed in the slot's snapshot has settled.
-	CatchupPending bool
-	UpdatedAt      time.Time
-	// Routing is the subscription registry as of LSN (JSON), nil when
-	// unknown.
-	Routing []byte
-	// ConfirmsRecorded is true when the checkpoint was written by a version
-	// that records every position before confirming it to the slot: the
-	// slot's confirmed_flush_lsn is then never ahead of LSN unless someone
-	// else advanced it.
-	ConfirmsRecorded bool
-}
-
-// StoreConfig names the outbox table and the slot whose checkpoint is kept.
+// SlotConfig names the outbox table and the slot whose checkpoint is kept.
 // outboxd's own tables live in the outbox table's schema.
-type StoreConfig struct {
+type SlotConfig struct {
 	Schema string
 	Table  string
 	Slot   string
 }
 
-// Store reads and writes checkpoints, processed marks and dead letters.
-type Store struct {
+// SlotStore reads and writes the checkpoint of one slot and what each flush
+// writes with it: processed marks, attempts, dead letters and parked
+// deliveries. Its writes can be fenced to the slot holder (SetFence).
+type SlotStore struct {
 	pool *pgxpool.Pool
-	cfg  StoreConfig
+	cfg  SlotConfig
 	log  zerolog.Logger
 	// fence, when set, returns this instance's walsender pid (SetFence).
 	fence func() uint32
@@ -60,12 +33,12 @@ type Store struct {
 	markSQL, deadSQL, attemptsSQL, parkSQL, stateSQL, advanceSQL, loadSQL, saveSQL string
 }
 
-// NewStore returns a store over pool.
-func NewStore(pool *pgxpool.Pool, cfg StoreConfig) *Store {
-	table := pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize()
-	cp := pgx.Identifier{cfg.Schema, "outboxd_checkpoint"}.Sanitize()
-	dl := pgx.Identifier{cfg.Schema, "outboxd_dead_letter"}.Sanitize()
-	return &Store{
+// NewSlotStore returns a store over pool.
+func NewSlotStore(pool *pgxpool.Pool, cfg SlotConfig) *SlotStore {
+	table := Ident(cfg.Schema, cfg.Table)
+	cp := Ident(cfg.Schema, CheckpointTable)
+	dl := Ident(cfg.Schema, DeadLetterTable)
+	return &SlotStore{
 		pool: pool,
 		cfg:  cfg,
 		// One statement per flush marks every settled row: contiguous ids with
@@ -74,16 +47,16 @@ func NewStore(pool *pgxpool.Pool, cfg StoreConfig) *Store {
 		// the update can stay HOT where the page has room.
 		markSQL: `UPDATE ` + table + ` AS e SET is_processed = true,
   processed_at = coalesce(e.processed_at, now()),
-  delivery_attempts = ` + store.AddAttempts("e", "r.n") + `
+  delivery_attempts = ` + AddAttempts("e", "r.n") + `
 FROM unnest($1::bigint[], $2::bigint[], $3::int[]) AS r(lo, hi, n)
 WHERE e.id BETWEEN r.lo AND r.hi`,
 		deadSQL: `INSERT INTO ` + dl + ` AS d (event_id, sink, last_status, last_error, attempts)
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::int[])
 ON CONFLICT (event_id, sink) DO UPDATE SET last_status = excluded.last_status,
   last_error = excluded.last_error, attempts = d.attempts + excluded.attempts, dead_at = now()`,
-		attemptsSQL: `UPDATE ` + table + ` AS e SET delivery_attempts = ` + store.AddAttempts("e", "r.n") + `
+		attemptsSQL: `UPDATE ` + table + ` AS e SET delivery_attempts = ` + AddAttempts("e", "r.n") + `
 FROM unnest($1::bigint[], $2::int[]) AS r(id, n) WHERE e.id = r.id`,
-		parkSQL: `INSERT INTO ` + pgx.Identifier{cfg.Schema, "outboxd_parked"}.Sanitize() + ` AS p
+		parkSQL: `INSERT INTO ` + Ident(cfg.Schema, ParkedTable) + ` AS p
   (target, event_id, ordering_key, commit_lsn, commit_index, attempts, next_attempt_at, last_status, last_error)
 SELECT t, id, k, l, i, a, now() + r * interval '1 microsecond', st, e
 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::pg_lsn[], $5::int[], $6::int[], $7::bigint[], $8::int[], $9::text[]) AS u(t, id, k, l, i, a, r, st, e)
@@ -104,7 +77,7 @@ ON CONFLICT (slot_name) DO UPDATE SET lsn = excluded.lsn, system_identifier = ex
 }
 
 // SetLogger sets the logger of the store (default: none).
-func (s *Store) SetLogger(log zerolog.Logger) { s.log = log }
+func (s *SlotStore) SetLogger(log zerolog.Logger) { s.log = log }
 
 // ErrNotLeader is returned by the writes of a fenced store when this instance
 // does not hold the slot: it may not mark rows, move the checkpoint or resolve
@@ -117,10 +90,10 @@ var ErrNotLeader = errors.New("this instance does not hold the slot")
 // write's transaction. A slot is active in one walsender at a time, so an
 // instance that lost the slot (a standby took over while its connection was
 // cut) cannot write over the new holder's marks and checkpoint.
-func (s *Store) SetFence(pid func() uint32) { s.fence = pid }
+func (s *SlotStore) SetFence(pid func() uint32) { s.fence = pid }
 
 // fenced checks the fence inside tx.
-func (s *Store) fenced(ctx context.Context, tx pgx.Tx) error {
+func (s *SlotStore) fenced(ctx context.Context, tx pgx.Tx) error {
 	if s.fence == nil {
 		return nil
 	}
@@ -143,7 +116,7 @@ func (s *Store) fenced(ctx context.Context, tx pgx.Tx) error {
 var ErrNoCheckpoint = errors.New("no checkpoint")
 
 // Load returns the stored checkpoint of the slot, or ErrNoCheckpoint.
-func (s *Store) Load(ctx context.Context) (Checkpoint, error) {
+func (s *SlotStore) Load(ctx context.Context) (Checkpoint, error) {
 	cp := Checkpoint{Slot: s.cfg.Slot}
 	err := s.pool.QueryRow(ctx, s.loadSQL, s.cfg.Slot).Scan(&cp.LSN, &cp.SystemID, &cp.Timeline, &cp.CatchupPending, &cp.UpdatedAt, &cp.Routing, &cp.ConfirmsRecorded)
 	if errors.Is(err, pgx.ErrNoRows) {
@@ -158,15 +131,15 @@ func (s *Store) Load(ctx context.Context) (Checkpoint, error) {
 // SubscriptionSecrets returns the current URL and secrets of the subscriptions with
 // the given ids; ids without a row are absent. The routing state names
 // secrets by fingerprint only, and the router takes their values from here.
-func (s *Store) SubscriptionSecrets(ctx context.Context, ids []int64) (map[int64]store.SubscriptionSecret, error) {
-	rows, err := s.pool.Query(ctx, `SELECT id, url, coalesce(secrets, '{}') FROM `+store.Ident(s.cfg.Schema, store.SubscriptionTable)+` WHERE id = ANY($1)`, ids)
+func (s *SlotStore) SubscriptionSecrets(ctx context.Context, ids []int64) (map[int64]SubscriptionSecret, error) {
+	rows, err := s.pool.Query(ctx, `SELECT id, url, coalesce(secrets, '{}') FROM `+Ident(s.cfg.Schema, SubscriptionTable)+` WHERE id = ANY($1)`, ids)
 	if err != nil {
 		return nil, fmt.Errorf("read subscription secrets: %w", err)
 	}
-	out := map[int64]store.SubscriptionSecret{}
+	out := map[int64]SubscriptionSecret{}
 	for rows.Next() {
 		var id int64
-		var v store.SubscriptionSecret
+		var v SubscriptionSecret
 		if err := rows.Scan(&id, &v.URL, &v.Secrets); err != nil {
 			return nil, fmt.Errorf("read subscription secrets: %w", err)
 		}
@@ -180,7 +153,7 @@ func (s *Store) SubscriptionSecrets(ctx context.Context, ids []int64) (map[int64
 
 // Save writes cp as the slot's checkpoint, replacing any earlier one. It is
 // used when a slot is created; flushes only move the LSN forward.
-func (s *Store) Save(ctx context.Context, cp Checkpoint) error {
+func (s *SlotStore) Save(ctx context.Context, cp Checkpoint) error {
 	_, err := s.pool.Exec(ctx, s.saveSQL, s.cfg.Slot, cp.LSN, cp.SystemID, cp.Timeline, cp.CatchupPending)
 	if err != nil {
 		return fmt.Errorf("save checkpoint of slot %q: %w", s.cfg.Slot, err)
@@ -190,7 +163,7 @@ func (s *Store) Save(ctx context.Context, cp Checkpoint) error {
 
 // Write records a batch in one transaction: processed marks, dead letters and,
 // when the batch moves it, the checkpoint LSN. Nothing is visible unless all is.
-func (s *Store) Write(ctx context.Context, b Batch) error {
+func (s *SlotStore) Write(ctx context.Context, b Batch) error {
 	if b.Empty() {
 		return nil
 	}
@@ -273,7 +246,7 @@ func (s *Store) Write(ctx context.Context, b Batch) error {
 // a new snapshot, so it retries the rows still unmarked until they show up.
 // A row that never does (deleted by the application) is given up after a few
 // seconds, with a log line.
-func (s *Store) markLate(ctx context.Context, tx pgx.Tx, lo, hi []int64, n []int32, want, marked int64) error {
+func (s *SlotStore) markLate(ctx context.Context, tx pgx.Tx, lo, hi []int64, n []int32, want, marked int64) error {
 	deadline := time.Now().Add(5 * time.Second)
 	wait := time.Millisecond
 	for marked < want && time.Now().Before(deadline) {
@@ -285,7 +258,7 @@ func (s *Store) markLate(ctx context.Context, tx pgx.Tx, lo, hi []int64, n []int
 		case <-t.C:
 		}
 		wait = min(wait*2, 50*time.Millisecond)
-		tag, err := tx.Exec(ctx, s.markSQL+` AND `+store.NotProcessed("e"), lo, hi, n)
+		tag, err := tx.Exec(ctx, s.markSQL+` AND `+NotProcessed("e"), lo, hi, n)
 		if err != nil {
 			return fmt.Errorf("mark rows of slot %q: %w", s.cfg.Slot, err)
 		}
@@ -320,27 +293,4 @@ func parkColumns(ps []Park) []any {
 		}
 	}
 	return []any{targets, ids, keys, lsns, idx, attempts, retryIn, status, reasons}
-}
-
-// Ranges normalises mark ranges for the marking statement: sorted, merged
-// where they touch with the same attempt count, as parallel arrays of low id,
-// high id and attempts. An id in two ranges is counted once.
-func Ranges(marks []Range) (lo, hi []int64, n []int32) {
-	rs := slices.Clone(marks)
-	slices.SortFunc(rs, func(a, b Range) int { return cmp.Compare(a.Lo, b.Lo) })
-	for _, r := range rs {
-		k := len(lo) - 1
-		if k >= 0 && r.Lo <= hi[k] { // overlap: a duplicate delivery
-			if r.Hi <= hi[k] {
-				continue
-			}
-			r.Lo = hi[k] + 1
-		}
-		if k >= 0 && hi[k]+1 == r.Lo && n[k] == r.Attempts {
-			hi[k] = r.Hi
-			continue
-		}
-		lo, hi, n = append(lo, r.Lo), append(hi, r.Hi), append(n, r.Attempts)
-	}
-	return lo, hi, n
 }

@@ -1,0 +1,77 @@
+package store
+
+import (
+	"context"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// DeadLetterFilter selects dead letters; zero fields select all.
+type DeadLetterFilter struct {
+	Sink           string
+	OrganizationID *int64
+	// Since and Until bound dead_at (Since included, Until not).
+	Since, Until *time.Time
+	EventIDs     []int64
+}
+
+// DeadLetterRow is a dead letter with its event's name and organization (nil
+// when the event's row is gone).
+type DeadLetterRow struct {
+	ID        int64
+	EventID   int64
+	Sink      string
+	Status    *int32
+	Error     string
+	Attempts  int32
+	DeadAt    time.Time
+	EventName *string
+	Org       *int64
+}
+
+// DeadLetters returns the dead letters f selects, by id.
+func (t Tables) DeadLetters(ctx context.Context, f DeadLetterFilter) ([]DeadLetterRow, error) {
+	rows, err := t.q.Query(ctx, `SELECT d.id, d.event_id, d.sink, d.last_status, d.last_error, d.attempts, d.dead_at,
+  e.event_name::text, e.organization_id::bigint
+FROM `+t.own(DeadLetterTable)+` AS d LEFT JOIN `+t.outbox()+` AS e ON e.id = d.event_id
+WHERE ($1 = '' OR d.sink = $1) AND ($2::bigint IS NULL OR e.organization_id = $2)
+  AND ($3::timestamptz IS NULL OR d.dead_at >= $3) AND ($4::timestamptz IS NULL OR d.dead_at < $4)
+  AND (coalesce(cardinality($5::bigint[]), 0) = 0 OR d.event_id = ANY($5))
+ORDER BY d.id`, f.Sink, f.OrganizationID, f.Since, f.Until, f.EventIDs)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowToStructByPos[DeadLetterRow])
+}
+
+// UnknownTargets returns, sorted, the targets of the dead letters ids that
+// are neither defaultTarget nor an existing subscription: no running outboxd
+// delivers to them.
+func (t Tables) UnknownTargets(ctx context.Context, ids []int64, defaultTarget string) ([]string, error) {
+	var unknown []string
+	err := t.q.QueryRow(ctx, `SELECT coalesce(array_agg(DISTINCT d.sink ORDER BY d.sink), '{}') FROM `+t.own(DeadLetterTable)+` AS d
+WHERE d.id = ANY($1) AND d.sink <> $2
+  AND NOT EXISTS (SELECT 1 FROM `+t.own(SubscriptionTable)+` AS s WHERE 'subscription:' || s.id = d.sink)`, ids, defaultTarget).Scan(&unknown)
+	return unknown, err
+}
+
+// ReviveDeadLetters moves the dead letters ids back to the retry schedule,
+// due now, and returns how many it moved. The ordering key of a revived
+// delivery is minus its event id: it no longer has a place in its key's
+// order, and a key space of its own (organization keys are odd positives,
+// event-id keys positive) keeps it from landing in another key's parked run.
+func (t Tables) ReviveDeadLetters(ctx context.Context, ids []int64) (int64, error) {
+	tag, err := t.q.Exec(ctx, `WITH d AS (DELETE FROM `+t.own(DeadLetterTable)+` WHERE id = ANY($1) RETURNING event_id, sink, last_status, last_error)
+INSERT INTO `+t.own(ParkedTable)+` (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at, last_status, last_error)
+SELECT sink, event_id, -event_id, '0/0', 0, now(), last_status, last_error FROM d
+ON CONFLICT (target, event_id) DO UPDATE SET next_attempt_at = now(), rounds = 0`, ids)
+	return tag.RowsAffected(), err
+}
+
+// PurgeDeadLetters deletes the dead letters ids and returns how many it
+// deleted. Their rows stay unprocessed in the outbox table.
+func (t Tables) PurgeDeadLetters(ctx context.Context, ids []int64) (int64, error) {
+	tag, err := t.q.Exec(ctx, `DELETE FROM `+t.own(DeadLetterTable)+` WHERE id = ANY($1)`, ids)
+	return tag.RowsAffected(), err
+}

@@ -1,0 +1,94 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// ErrNoSubscription is returned for a subscription id without a row.
+var ErrNoSubscription = errors.New("no such subscription")
+
+// Subscription is a subscription's routing and secret material.
+type Subscription struct {
+	ID             int64
+	OrganizationID *int64
+	URL            string
+	Secrets        []string
+	Events         []string
+	Enabled        bool
+}
+
+// Subscription reads subscription id; ErrNoSubscription when it has no row.
+func (t Tables) Subscription(ctx context.Context, id int64) (*Subscription, error) {
+	s := &Subscription{ID: id}
+	err := t.q.QueryRow(ctx, `SELECT organization_id, url, secrets, events, enabled FROM `+t.own(SubscriptionTable)+` WHERE id = $1`, id).
+		Scan(&s.OrganizationID, &s.URL, &s.Secrets, &s.Events, &s.Enabled)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, ErrNoSubscription
+	}
+	return s, err
+}
+
+// SubscriptionSummary is a subscription as `subscription list` shows it: its
+// secrets are counted, not read.
+type SubscriptionSummary struct {
+	ID             int64
+	OrganizationID *int64
+	URL            string
+	Secrets        int
+	Events         []string
+	Enabled        bool
+	DisabledReason string
+	CreatedAt      time.Time
+	UpdatedAt      time.Time
+}
+
+// Subscriptions lists every subscription by id.
+func (t Tables) Subscriptions(ctx context.Context) ([]SubscriptionSummary, error) {
+	rows, err := t.q.Query(ctx, `SELECT id, organization_id, url, cardinality(secrets), events, enabled,
+  coalesce(disabled_reason, ''), created_at, updated_at FROM `+t.own(SubscriptionTable)+` ORDER BY id`)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowToStructByPos[SubscriptionSummary])
+}
+
+// AnySubscription reports whether a subscription exists.
+func (t Tables) AnySubscription(ctx context.Context) (bool, error) {
+	var ok bool
+	err := t.q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+t.own(SubscriptionTable)+`)`).Scan(&ok)
+	return ok, err
+}
+
+// AddSubscription inserts an enabled subscription and returns its id. events
+// must not be nil (empty means every event).
+func (t Tables) AddSubscription(ctx context.Context, org *int64, url string, secrets, events []string) (int64, error) {
+	var id int64
+	err := t.q.QueryRow(ctx, `INSERT INTO `+t.own(SubscriptionTable)+` (organization_id, url, secrets, events)
+VALUES ($1, $2, $3, $4) RETURNING id`, org, url, secrets, events).Scan(&id)
+	return id, err
+}
+
+// KeepNewestSecret drops every secret of subscription id but its newest, and
+// reports whether it had one.
+func (t Tables) KeepNewestSecret(ctx context.Context, id int64) (bool, error) {
+	tag, err := t.q.Exec(ctx, `UPDATE `+t.own(SubscriptionTable)+` SET secrets = secrets[1:1], updated_at = now() WHERE id = $1 AND cardinality(secrets) > 0`, id)
+	return tag.RowsAffected() > 0, err
+}
+
+// AddSecret puts secret first (newest) in subscription id's secrets, and
+// reports whether the subscription exists.
+func (t Tables) AddSecret(ctx context.Context, id int64, secret string) (bool, error) {
+	tag, err := t.q.Exec(ctx, `UPDATE `+t.own(SubscriptionTable)+` SET secrets = $2 || secrets, updated_at = now() WHERE id = $1`, id, []string{secret})
+	return tag.RowsAffected() > 0, err
+}
+
+// SetEnabled enables or disables subscription id, with reason (nil when
+// enabling), and reports whether it exists.
+func (t Tables) SetEnabled(ctx context.Context, id int64, enabled bool, reason *string) (bool, error) {
+	tag, err := t.q.Exec(ctx, `UPDATE `+t.own(SubscriptionTable)+` SET enabled = $2, disabled_reason = $3, updated_at = now() WHERE id = $1`, id, enabled, reason)
+	return tag.RowsAffected() > 0, err
+}
