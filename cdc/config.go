@@ -18,7 +18,8 @@ type Ledger interface {
 	Open(commitLSN pglogrepl.LSN, catchup bool) uint64
 	Close(seq uint64, endLSN pglogrepl.LSN, events int) error
 	AdvanceIdle(lsn pglogrepl.LSN) bool
-	SetFlushed(lsn pglogrepl.LSN)
+	// Resume records the durable position a prepared stream starts from.
+	Resume(lsn pglogrepl.LSN)
 	Flushed() pglogrepl.LSN
 	InFlight() int
 }

@@ -220,7 +220,7 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		if err != nil {
 			return false, err
 		}
-		r.ledger.SetFlushed(start)
+		r.ledger.Resume(start)
 		r.resume, r.received, snap = start, start, s
 		// A slot created now is prepared for good only once its catch-up
 		// from the exported snapshot is done: a session that breaks before

@@ -13,12 +13,19 @@ import (
 	"github.com/outboxd/outboxd/store"
 )
 
-// Writer writes a batch durably; *Store is the production one.
+// Writer writes durably what the flusher decides; *store.SlotStore is the
+// production one.
 type Writer interface {
+	// Write writes a batch of settled work and the checkpoint.
 	Write(ctx context.Context, b store.Batch) error
+	// Resolve records the outcome of a parked delivery's retry.
+	Resolve(ctx context.Context, r store.Resolution) error
 }
 
-// Flusher moves settled work from a Tracker into the database.
+// Flusher moves settled work from a Tracker into the database, and records
+// what the retrier made of parked deliveries: it is the one writer of the
+// outbox rows' marks (streamed events in the checkpoint transaction, parked
+// ones in their resolution's transaction; both fenced by the slot).
 type Flusher struct {
 	Tracker  *Tracker
 	Writer   Writer
@@ -148,4 +155,10 @@ func permanent(err error) bool {
 		}
 	}
 	return false
+}
+
+// Resolve records the outcome of a retry of a parked delivery (the retrier's
+// way to mark a row).
+func (f *Flusher) Resolve(ctx context.Context, r store.Resolution) error {
+	return f.Writer.Resolve(ctx, r)
 }

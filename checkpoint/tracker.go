@@ -253,11 +253,18 @@ func (t *Tracker) Written(lsn pglogrepl.LSN) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.unwritten = false
-	t.SetFlushed(lsn)
+	t.setFlushed(lsn)
 }
 
-// SetFlushed publishes lsn as durable. It never moves backwards.
-func (t *Tracker) SetFlushed(lsn pglogrepl.LSN) {
+// Resume records the durable position the stream resumes from: the stored
+// checkpoint, or the consistent point of a slot just created (whose
+// checkpoint row says so). It never moves the position backwards. Besides
+// it, only a written batch (Written) moves the position: nothing else tells
+// Postgres what is durable.
+func (t *Tracker) Resume(lsn pglogrepl.LSN) { t.setFlushed(lsn) }
+
+// setFlushed publishes lsn as durable. It never moves backwards.
+func (t *Tracker) setFlushed(lsn pglogrepl.LSN) {
 	for {
 		cur := t.flushed.Load()
 		if uint64(lsn) <= cur || t.flushed.CompareAndSwap(cur, uint64(lsn)) {

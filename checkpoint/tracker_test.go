@@ -43,8 +43,8 @@ func TestTrackerAdvancesOnlyOverSettledPrefix(t *testing.T) {
 
 	// Flushed only moves when told, and never backwards.
 	require.Equal(t, pglogrepl.LSN(100), tr.Flushed())
-	tr.SetFlushed(320)
-	tr.SetFlushed(200)
+	tr.setFlushed(320)
+	tr.setFlushed(200)
 	require.Equal(t, pglogrepl.LSN(320), tr.Flushed())
 }
 
@@ -146,7 +146,7 @@ func TestTrackerRandomSettleOrder(t *testing.T) {
 		remaining[e.seq]--
 		if b := tr.Drain(); b.LSN != 0 {
 			flushed = b.LSN
-			tr.SetFlushed(b.LSN)
+			tr.setFlushed(b.LSN)
 		}
 		for seq, n := range remaining {
 			if n > 0 {

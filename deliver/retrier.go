@@ -44,13 +44,16 @@ func ParseSchedule(s string) ([]time.Duration, error) {
 	return out, nil
 }
 
-// ParkStore is the durable side of parked deliveries; *store.SlotStore is one.
+// ParkStore reads the parked deliveries; *store.SlotStore is one.
 type ParkStore interface {
 	DueHeads(ctx context.Context, targets []string, limit int) ([]store.ParkedHead, error)
 	ParkedRun(ctx context.Context, target string, key int64, limit int) ([]store.ParkedRow, error)
-	Delivered(ctx context.Context, target string, eventID int64, attempts int32) error
-	Reschedule(ctx context.Context, target string, eventID int64, attempts int32, retryIn time.Duration, status int, reason string) error
-	GiveUp(ctx context.Context, target string, eventID int64, attempts int32, status int, reason string) error
+}
+
+// Resolver records what became of a parked delivery's retry;
+// *checkpoint.Flusher is the one that does (it alone writes marks).
+type Resolver interface {
+	Resolve(ctx context.Context, r store.Resolution) error
 }
 
 // Retrier retries parked deliveries from the table on the schedule, one key
@@ -59,6 +62,7 @@ type ParkStore interface {
 // of outboxd and of Postgres.
 type Retrier struct {
 	Store    ParkStore
+	Resolver Resolver
 	Router   *Router
 	Schedule []time.Duration
 	// Interval is how often due deliveries are looked for; default 1s.
@@ -150,7 +154,7 @@ func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h st
 		}
 		for _, row := range rows {
 			if row.Values == nil {
-				if err := r.Store.GiveUp(ctx, h.Target, row.EventID, 0, 0, "the event's row no longer exists"); err != nil {
+				if err := r.resolve(ctx, store.GiveUp, h.Target, row.EventID, 0, sink.Outcome{}, "the event's row no longer exists"); err != nil {
 					return err
 				}
 				disp.Unparked(uint64(h.Key), 1)
@@ -158,7 +162,7 @@ func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h st
 			}
 			e, err := decode.EventFromText(r.Namespace, row.Relation, row.Values)
 			if err != nil {
-				if err := r.Store.GiveUp(ctx, h.Target, row.EventID, 0, 0, "row cannot be delivered: "+err.Error()); err != nil {
+				if err := r.resolve(ctx, store.GiveUp, h.Target, row.EventID, 0, sink.Outcome{}, "row cannot be delivered: "+err.Error()); err != nil {
 					return err
 				}
 				disp.Unparked(uint64(h.Key), 1)
@@ -167,10 +171,9 @@ func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h st
 			// One attempt per step of the schedule: the schedule is the
 			// retry policy here.
 			o := snk.Deliver(sink.WithMaxAttempts(ctx, 1), []*decode.Event{e})[0]
-			attempts := int32(o.Attempts)
 			switch {
 			case o.Err == nil:
-				if err := r.Store.Delivered(ctx, h.Target, row.EventID, attempts); err != nil {
+				if err := r.resolve(ctx, store.Delivered, h.Target, row.EventID, 0, o, ""); err != nil {
 					return err
 				}
 				disp.Unparked(uint64(h.Key), 1)
@@ -179,7 +182,7 @@ func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h st
 			case errors.Is(o.Err, context.Canceled) || errors.Is(o.Err, context.DeadlineExceeded):
 				return nil
 			case errors.Is(o.Err, sink.ErrPermanent):
-				if err := r.Store.GiveUp(ctx, h.Target, row.EventID, attempts, o.Status, o.Err.Error()); err != nil {
+				if err := r.resolve(ctx, store.GiveUp, h.Target, row.EventID, 0, o, o.Err.Error()); err != nil {
 					return err
 				}
 				disp.Unparked(uint64(h.Key), 1)
@@ -192,7 +195,7 @@ func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h st
 			round := int(row.Rounds) + 1
 			if round >= len(r.Schedule) {
 				reason := "retry schedule exhausted: " + o.Err.Error()
-				if err := r.Store.GiveUp(ctx, h.Target, row.EventID, attempts, o.Status, reason); err != nil {
+				if err := r.resolve(ctx, store.GiveUp, h.Target, row.EventID, 0, o, reason); err != nil {
 					return err
 				}
 				disp.Unparked(uint64(h.Key), 1)
@@ -202,7 +205,7 @@ func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h st
 			// The database's clock alone times the schedule: it stores
 			// now() + the step and compares next_attempt_at with now().
 			wait := r.Schedule[round]
-			if err := r.Store.Reschedule(ctx, h.Target, row.EventID, attempts, wait, o.Status, o.Err.Error()); err != nil {
+			if err := r.resolve(ctx, store.RetryLater, h.Target, row.EventID, wait, o, o.Err.Error()); err != nil {
 				return err
 			}
 			log.Info().Int64("event_id", row.EventID).Int("round", round).Dur("retry_in", wait).
@@ -210,4 +213,11 @@ func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h st
 			return nil
 		}
 	}
+}
+
+// resolve records the outcome o of a retry (attempts and status from o).
+func (r *Retrier) resolve(ctx context.Context, kind store.ResolutionKind, target string, eventID int64,
+	retryIn time.Duration, o sink.Outcome, reason string) error {
+	return r.Resolver.Resolve(ctx, store.Resolution{Kind: kind, Target: target, EventID: eventID,
+		Attempts: int32(o.Attempts), RetryIn: retryIn, Status: o.Status, Reason: reason})
 }

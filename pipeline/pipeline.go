@@ -228,7 +228,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 		if err != nil {
 			return err
 		}
-		retrier = &deliver.Retrier{Store: slotStore, Router: router, Schedule: cfg.Schedule, Interval: cfg.RetryInterval,
+		retrier = &deliver.Retrier{Store: slotStore, Resolver: flusher, Router: router, Schedule: cfg.Schedule, Interval: cfg.RetryInterval,
 			Leader:    func() bool { return reader.WalsenderPID() != 0 },
 			Namespace: cfg.Table.MessageNamespace,
 			Log:       log.With().Str("component", "retrier").Logger()}

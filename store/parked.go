@@ -129,10 +129,49 @@ ORDER BY p.commit_lsn, p.commit_index, p.event_id LIMIT $3`
 	return out, nil
 }
 
-// Delivered resolves a parked delivery that was acknowledged: the parked row
-// goes, the attempts are counted, and the event row becomes processed when
-// nothing else of it is parked or dead.
-func (s *SlotStore) Delivered(ctx context.Context, target string, eventID int64, attempts int32) error {
+// ResolutionKind is what became of a parked delivery's retry.
+type ResolutionKind int
+
+// Resolution kinds.
+const (
+	// Delivered: acknowledged. The parked row goes, the attempts are
+	// counted, and the event row becomes processed when nothing else of it
+	// is parked or dead.
+	Delivered ResolutionKind = iota + 1
+	// RetryLater: failed again; the next attempt is due RetryIn after the
+	// database's now().
+	RetryLater
+	// GiveUp: dead-lettered (the schedule ran out, a permanent refusal, or
+	// the row is gone).
+	GiveUp
+)
+
+// Resolution is the outcome of one retry of a parked delivery.
+type Resolution struct {
+	Kind     ResolutionKind
+	Target   string
+	EventID  int64
+	Attempts int32         // attempts made by this retry
+	RetryIn  time.Duration // RetryLater only
+	Status   int           // the last HTTP status, 0 if none
+	Reason   string        // the failure (RetryLater, GiveUp)
+}
+
+// Resolve records r in one fenced transaction that locks the event's row
+// first (one order of locks for every kind).
+func (s *SlotStore) Resolve(ctx context.Context, r Resolution) error {
+	switch r.Kind {
+	case Delivered:
+		return s.delivered(ctx, r.Target, r.EventID, r.Attempts)
+	case RetryLater:
+		return s.reschedule(ctx, r.Target, r.EventID, r.Attempts, r.RetryIn, r.Status, r.Reason)
+	case GiveUp:
+		return s.giveUp(ctx, r.Target, r.EventID, r.Attempts, r.Status, r.Reason)
+	}
+	return fmt.Errorf("resolve parked delivery of event %d: unknown resolution %d", r.EventID, r.Kind)
+}
+
+func (s *SlotStore) delivered(ctx context.Context, target string, eventID int64, attempts int32) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if err := s.fenced(ctx, tx); err != nil {
 			return err
@@ -156,12 +195,12 @@ WHERE e.id = $1`, eventID, attempts)
 	})
 }
 
-// Reschedule records a failed retry of a parked delivery and when to try next.
+// reschedule records a failed retry of a parked delivery and when to try next.
 //
 // The next attempt is due retryIn after the database's now(): the retrier
 // compares next_attempt_at with now() too, so a daemon whose clock is off
 // neither retries early nor dead-letters early.
-func (s *SlotStore) Reschedule(ctx context.Context, target string, eventID int64, attempts int32, retryIn time.Duration, status int, reason string) error {
+func (s *SlotStore) reschedule(ctx context.Context, target string, eventID int64, attempts int32, retryIn time.Duration, status int, reason string) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if err := s.fenced(ctx, tx); err != nil {
 			return err
@@ -176,9 +215,8 @@ func (s *SlotStore) Reschedule(ctx context.Context, target string, eventID int64
 	})
 }
 
-// GiveUp dead-letters a parked delivery (its schedule ran out, it was refused
-// permanently, or its row is gone).
-func (s *SlotStore) GiveUp(ctx context.Context, target string, eventID int64, attempts int32, status int, reason string) error {
+// giveUp dead-letters a parked delivery.
+func (s *SlotStore) giveUp(ctx context.Context, target string, eventID int64, attempts int32, status int, reason string) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if err := s.fenced(ctx, tx); err != nil {
 			return err

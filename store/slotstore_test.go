@@ -37,7 +37,7 @@ func TestFencedStoreWritesOnlyForTheSlotHolder(t *testing.T) {
 		ss.SetFence(func() uint32 { return pid })
 		err := ss.Write(ctx, batch)
 		require.True(t, errors.Is(err, store.ErrNotLeader), "pid %d: %v", pid, err)
-		err = ss.Delivered(ctx, "webhook", id, 1)
+		err = ss.Resolve(ctx, store.Resolution{Kind: store.Delivered, Target: "webhook", EventID: id, Attempts: 1})
 		require.True(t, errors.Is(err, store.ErrNotLeader), "parked-delivery writes are fenced too: %v", err)
 	}
 	var processed bool
@@ -105,8 +105,12 @@ func TestParkedDeliveriesResolvedTogetherMarkTheRow(t *testing.T) {
 	ctx := context.Background()
 	ss, conn, id := parkedEvent(t, "webhook", "subscription:1")
 	resolveTogether(t, conn, id,
-		func() error { return ss.Delivered(ctx, "webhook", id, 1) },
-		func() error { return ss.Delivered(ctx, "subscription:1", id, 1) })
+		func() error {
+			return ss.Resolve(ctx, store.Resolution{Kind: store.Delivered, Target: "webhook", EventID: id, Attempts: 1})
+		},
+		func() error {
+			return ss.Resolve(ctx, store.Resolution{Kind: store.Delivered, Target: "subscription:1", EventID: id, Attempts: 1})
+		})
 	var processed *bool
 	var attempts *int32
 	var at *time.Time
@@ -125,8 +129,12 @@ func TestParkedDeliveryDeliveredWhileAnotherIsDeadLetteredStaysUnprocessed(t *te
 	ctx := context.Background()
 	ss, conn, id := parkedEvent(t, "webhook", "subscription:1")
 	resolveTogether(t, conn, id,
-		func() error { return ss.GiveUp(ctx, "subscription:1", id, 1, 410, "gone") },
-		func() error { return ss.Delivered(ctx, "webhook", id, 1) })
+		func() error {
+			return ss.Resolve(ctx, store.Resolution{Kind: store.GiveUp, Target: "subscription:1", EventID: id, Attempts: 1, Status: 410, Reason: "gone"})
+		},
+		func() error {
+			return ss.Resolve(ctx, store.Resolution{Kind: store.Delivered, Target: "webhook", EventID: id, Attempts: 1})
+		})
 	var processed *bool
 	var dead int
 	require.NoError(t, conn.QueryRow(ctx, `SELECT is_processed, (SELECT count(*) FROM outboxd_dead_letter WHERE event_id = $1) FROM domain_event WHERE id = $1`, id).Scan(&processed, &dead))
