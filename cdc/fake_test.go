@@ -25,10 +25,10 @@ import (
 // records the reader's idle-advance requests, and a harness that runs one
 // streaming session after another on one Reader, as reconnects do.
 
-// wait bounds every wait of these tests. Each condition they wait for holds
-// within milliseconds; the bound only turns a broken behaviour into a failure
-// instead of a hang.
-const wait = 20 * time.Second
+// fakeWait bounds every wait of these tests. Each condition they wait for
+// holds within a second; the bound only turns a broken behaviour into a
+// failure instead of a hang.
+const fakeWait = 20 * time.Second
 
 // fakeConn is a replConn whose server side the test scripts: the messages it
 // pushes are received in order, and the standby status updates the stream
@@ -51,7 +51,7 @@ func newFakeConn() *fakeConn {
 	return &fakeConn{wake: make(chan struct{}, 1), changed: make(chan struct{}, 1)}
 }
 
-func signal(c chan struct{}) {
+func notify(c chan struct{}) {
 	select {
 	case c <- struct{}{}:
 	default:
@@ -66,12 +66,12 @@ func (f *fakeConn) receive(ctx context.Context) (pgproto3.BackendMessage, error)
 			f.queue = f.queue[1:]
 			f.busy = true
 			f.mu.Unlock()
-			signal(f.changed)
+			notify(f.changed)
 			return m.msg, m.err
 		}
 		f.busy = false
 		f.mu.Unlock()
-		signal(f.changed)
+		notify(f.changed)
 		select {
 		case <-f.wake:
 		case <-ctx.Done():
@@ -87,7 +87,7 @@ func (f *fakeConn) sendStatus(_ context.Context, s pglogrepl.StandbyStatusUpdate
 	f.mu.Lock()
 	f.statuses = append(f.statuses, s)
 	f.mu.Unlock()
-	signal(f.changed)
+	notify(f.changed)
 	return nil
 }
 
@@ -95,7 +95,7 @@ func (f *fakeConn) push(ms ...fakeMsg) {
 	f.mu.Lock()
 	f.queue = append(f.queue, ms...)
 	f.mu.Unlock()
-	signal(f.wake)
+	notify(f.wake)
 }
 
 // fail makes the connection break once everything pushed before is received.
@@ -127,13 +127,13 @@ func (f *fakeConn) caughtUp() bool {
 // something on the connection.
 func (f *fakeConn) waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	limit := time.NewTimer(wait)
+	limit := time.NewTimer(fakeWait)
 	defer limit.Stop()
 	for !cond() {
 		select {
 		case <-f.changed:
 		case <-limit.C:
-			t.Fatalf("waited %s for: %s", wait, what)
+			t.Fatalf("waited %s for: %s", fakeWait, what)
 		}
 	}
 }
@@ -217,14 +217,12 @@ func loadGolden(t *testing.T) golden {
 	return g
 }
 
-// begin, insert and commit wrap the golden messages of transaction x as the
-// server sends them.
-func (x txnMsgs) beginMsg() fakeMsg            { return xlog(x.final, x.begin) }
-func (x txnMsgs) commitMsg() fakeMsg           { return xlog(x.end, x.commit) }
-func (g golden) relationMsg(x txnMsgs) fakeMsg { return xlog(x.final, g.rel) }
-func (g golden) insert(x txnMsgs, id int64) fakeMsg {
-	return xlog(x.final, g.ins[id])
-}
+// beginMsg, commitMsg, relationMsg and insert wrap the golden messages in
+// XLogData as the server sends them within transaction x.
+func (x txnMsgs) beginMsg() fakeMsg                 { return xlog(x.final, x.begin) }
+func (x txnMsgs) commitMsg() fakeMsg                { return xlog(x.end, x.commit) }
+func (g golden) relationMsg(x txnMsgs) fakeMsg      { return xlog(x.final, g.rel) }
+func (g golden) insert(x txnMsgs, id int64) fakeMsg { return xlog(x.final, g.ins[id]) }
 
 // spyLedger is the real tracker, recording the reader's idle-advance
 // requests with what was in flight when each came.
@@ -308,8 +306,8 @@ func (h *harness) next(t *testing.T) *decode.Event {
 	select {
 	case e := <-h.out:
 		return e
-	case <-time.After(wait):
-		t.Fatalf("no event handed downstream within %s", wait)
+	case <-time.After(fakeWait):
+		t.Fatalf("no event handed downstream within %s", fakeWait)
 		return nil
 	}
 }
@@ -320,8 +318,8 @@ func end(t *testing.T, done <-chan error) error {
 	select {
 	case err := <-done:
 		return err
-	case <-time.After(wait):
-		t.Fatalf("the session did not end within %s", wait)
+	case <-time.After(fakeWait):
+		t.Fatalf("the session did not end within %s", fakeWait)
 		return nil
 	}
 }
