@@ -1,6 +1,7 @@
 package cdc
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -163,13 +164,17 @@ func keepalive(walEnd pglogrepl.LSN, reply bool) fakeMsg {
 
 // golden holds pgoutput messages captured from a real Postgres by
 // decode/internal/capture (decode/testdata): the outbox's relation message
-// and inserts of rows 42 to 45, and the Begin and Commit of two of its
-// transactions. Row 44 has is_processed = true.
+// and inserts of rows 42 to 45, the Begin and Commit of two of its
+// transactions, and a logical decoding message. Row 44 has is_processed =
+// true.
 type golden struct {
 	relID  uint32
 	rel    []byte
 	ins    map[int64][]byte
 	t1, t3 txnMsgs // transactions 1 (row 42) and 3 (rows 44, 45)
+	// heartbeat is a non-transactional logical decoding message with the
+	// reader's heartbeat prefix.
+	heartbeat []byte
 }
 
 type txnMsgs struct {
@@ -213,9 +218,19 @@ func loadGolden(t *testing.T) golden {
 		require.Equal(t, id == 44, e.Processed)
 	}
 	g.t1, g.t3 = txn(0, 3), txn(7, 10)
+	// The capture emitted its non-transactional message with the prefix
+	// outboxd-heartbeat; the reader's heartbeat uses outboxd_heartbeat, of
+	// the same length: one byte makes it ours.
+	g.heartbeat = bytes.Replace(file(32), []byte("outboxd-heartbeat\x00"), []byte(HeartbeatPrefix+"\x00"), 1)
+	l := decodeAs(g.heartbeat, decode.KindLogical).Logical
+	require.Equal(t, HeartbeatPrefix, l.Prefix)
+	require.False(t, l.Transactional)
 	require.Less(t, g.t1.end, g.t3.final)
 	return g
 }
+
+// heartbeatMsg wraps the heartbeat message in XLogData at lsn.
+func (g golden) heartbeatMsg(lsn pglogrepl.LSN) fakeMsg { return xlog(lsn, g.heartbeat) }
 
 // beginMsg, commitMsg, relationMsg and insert wrap the golden messages in
 // XLogData as the server sends them within transaction x.

@@ -156,6 +156,49 @@ func TestIdleAdvanceOnlyWhenNothingInFlight(t *testing.T) {
 	}
 }
 
+// The reader's heartbeat message, decoded with nothing in flight, gives a
+// position to record and confirm, as a keepalive does; with a transaction
+// unsettled it gives none.
+func TestHeartbeatAdvancesOnlyWhenNothingInFlight(t *testing.T) {
+	t.Parallel()
+	g := loadGolden(t)
+	x := g.t1
+	start, h1, h2 := x.final-0x1000, x.final-0x800, x.end+0x800
+	h := newHarness(t, g, start, 16, Config{})
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	c := newFakeConn()
+	done := h.stream(ctx, c)
+
+	c.push(g.heartbeatMsg(h1))
+	c.waitFor(t, "the heartbeat handled", c.caughtUp)
+	require.Equal(t, []idleCall{{lsn: h1, advanced: true}}, h.ledger.idleCalls())
+	h.ledger.flush()
+	require.Equal(t, h1, h.ledger.Flushed())
+
+	c.push(x.beginMsg(), g.relationMsg(x), g.insert(x, 42), x.commitMsg(), g.heartbeatMsg(h2))
+	e42 := h.next(t)
+	c.waitFor(t, "the heartbeat after the transaction handled", c.caughtUp)
+	require.Len(t, h.ledger.idleCalls(), 1, "idle advance asked for with something in flight: %v", h.ledger.idleCalls())
+	h.ledger.flush()
+	require.Equal(t, h1, h.ledger.Flushed())
+
+	h.ledger.settle(t, e42)
+	h.ledger.flush()
+	c.push(g.heartbeatMsg(h2))
+	c.waitFor(t, "the heartbeat after the settle handled", c.caughtUp)
+	require.Equal(t, []idleCall{{lsn: h1, advanced: true}, {lsn: h2, advanced: true}}, h.ledger.idleCalls())
+	h.ledger.flush()
+	require.Equal(t, h2, h.ledger.Flushed())
+	c.waitFor(t, "the heartbeat's position confirmed", func() bool {
+		s := c.sent()
+		return s[len(s)-1].WALFlushPosition == h2
+	})
+	cancel()
+	require.NoError(t, end(t, done))
+	require.Equal(t, h2, h.r.resume, "a reconnect starts from the heartbeat's position")
+}
+
 // While the consumer does not read, the session keeps sending standby status
 // updates (the walsender would otherwise time out), does not take the
 // server's silence meanwhile for a dead connection, and loses nothing.
