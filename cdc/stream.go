@@ -15,7 +15,7 @@ import (
 )
 
 // sendStatus reports write = last received, flush = apply = durable position.
-func (r *Reader) sendStatus(conn *pgconn.PgConn, reply bool) error {
+func (r *Reader) sendStatus(conn replConn, reply bool) error {
 	flush := r.ledger.Flushed()
 	if flush == 0 {
 		// pglogrepl would turn a zero flush into the write position: never
@@ -23,7 +23,7 @@ func (r *Reader) sendStatus(conn *pgconn.PgConn, reply bool) error {
 		return nil
 	}
 	write := max(r.received, flush)
-	err := pglogrepl.SendStandbyStatusUpdate(context.Background(), conn, pglogrepl.StandbyStatusUpdate{
+	err := conn.sendStatus(context.Background(), pglogrepl.StandbyStatusUpdate{
 		WALWritePosition: write, WALFlushPosition: flush, WALApplyPosition: flush, ReplyRequested: reply,
 	})
 	if err != nil {
@@ -38,7 +38,7 @@ func (r *Reader) sendStatus(conn *pgconn.PgConn, reply bool) error {
 // stream is one streaming session.
 type stream struct {
 	r          *Reader
-	conn       *pgconn.PgConn
+	conn       replConn
 	out        chan<- *decode.Event
 	stop       context.Context // the caller's context: when it ends, stop at a transaction boundary
 	dec        *decode.Decoder
@@ -145,16 +145,20 @@ func (s *stream) run(ctx context.Context) error {
 			return err
 		}
 		dctx, dcancel := context.WithDeadline(rctx, s.nextStatus)
-		msg, err := s.conn.ReceiveMessage(dctx)
+		msg, err := s.conn.receive(dctx)
 		dcancel()
 		if err != nil {
-			if pgconn.Timeout(err) && rctx.Err() == nil {
-				continue
-			}
 			if rctx.Err() != nil {
 				return context.Cause(rctx)
 			}
 			return fmt.Errorf("receive: %w", err)
+		}
+		if msg == nil {
+			// The status deadline passed.
+			if rctx.Err() != nil {
+				return context.Cause(rctx)
+			}
+			continue
 		}
 		s.lastHeard = time.Now()
 		switch msg := msg.(type) {
