@@ -19,6 +19,7 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/store"
 )
 
 // This file holds what the stream tests run on: a fake replication
@@ -271,7 +272,7 @@ func (l *spyLedger) idleCalls() []idleCall {
 // settle settles e as delivered, as the dispatcher does.
 func (l *spyLedger) settle(t *testing.T, e *decode.Event) {
 	t.Helper()
-	require.NoError(t, l.Settle(e.TxnSeq, checkpoint.Settlement{EventID: e.ID, Mark: &checkpoint.Mark{ID: e.ID, Attempts: 1}}))
+	require.NoError(t, l.Settle(e.TxnSeq, checkpoint.Settlement{EventID: e.ID, Mark: &store.Mark{ID: e.ID, Attempts: 1}}))
 }
 
 // flush writes what settled, as the flusher does after its database

@@ -13,13 +13,13 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
-	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/internal/e2e"
 	"github.com/outboxd/outboxd/internal/pgtest"
 	"github.com/outboxd/outboxd/pipeline"
 	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/store"
 )
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
@@ -254,7 +254,7 @@ func TestFailingReceiverParksAndRetrierDelivers(t *testing.T) {
 type observer struct{ streaming, everStreamed atomic.Bool }
 
 func (o *observer) Delivered(deliver.Result)                 {}
-func (o *observer) Flushed(checkpoint.Batch, time.Duration)  {}
+func (o *observer) Flushed(store.Batch, time.Duration)       {}
 func (o *observer) Received(*decode.Event)                   {}
 func (o *observer) Position(received, flushed pglogrepl.LSN) {}
 func (o *observer) Streaming(active bool) {
