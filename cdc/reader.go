@@ -251,22 +251,22 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 				return false, fmt.Errorf("slot %q is missing; read its checkpoint: %w", r.cfg.Slot, err)
 			}
 			return false, r.slotLost("disappeared")
-		case slot.walStatus == "lost":
+		case slot.WALStatus == "lost":
 			return false, r.slotLost("was invalidated (wal_status lost)")
-		case slot.active && uint32(slot.activePID) == r.lastPID:
+		case slot.Active && uint32(slot.ActivePID) == r.lastPID:
 			// Our own walsender of before the cut, not yet gone.
-			return false, errRetry{fmt.Sprintf("slot %q is still active in this instance's previous walsender %d", r.cfg.Slot, slot.activePID)}
-		case slot.active:
+			return false, errRetry{fmt.Sprintf("slot %q is still active in this instance's previous walsender %d", r.cfg.Slot, slot.ActivePID)}
+		case slot.Active:
 			// Another instance took the slot while we were cut off: it acts
 			// now (G9). Stop, rather than wait as a standby with the routing
 			// state and deliveries of a leadership that is over.
 			return false, fmt.Errorf("%w: slot %q was taken over by process %d while this instance was disconnected",
-				ErrTakenOver, r.cfg.Slot, slot.activePID)
-		case slot.confirmedFlush > r.ledger.Flushed():
+				ErrTakenOver, r.cfg.Slot, slot.ActivePID)
+		case slot.Confirmed() > r.ledger.Flushed():
 			// We never confirm beyond our durable position: someone reset or
 			// advanced the slot while we were away.
 			return false, fmt.Errorf("%w: slot %q confirms %s, beyond this instance's checkpoint %s: it was reset or advanced by someone else; restart outboxd",
-				errFatal, r.cfg.Slot, slot.confirmedFlush, r.ledger.Flushed())
+				errFatal, r.cfg.Slot, slot.Confirmed(), r.ledger.Flushed())
 		}
 	}
 

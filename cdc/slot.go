@@ -46,35 +46,15 @@ func redactParseError(err error) error {
 	return err
 }
 
-type slotInfo struct {
-	plugin         string
-	database       string
-	active         bool
-	activePID      int
-	confirmedFlush pglogrepl.LSN
-	walStatus      string
-}
-
-// querySlot reads the slot's row; nil when there is none. Replication
-// connections in database mode accept simple SQL queries.
-func querySlot(ctx context.Context, conn *pgconn.PgConn, slot string) (*slotInfo, error) {
-	res, err := conn.Exec(ctx, `SELECT coalesce(plugin, ''), coalesce(database, ''), active, coalesce(active_pid, 0),
- coalesce(confirmed_flush_lsn, '0/0'), coalesce(wal_status, ''), current_database()
-FROM pg_replication_slots WHERE slot_name = '`+slot+`'`).ReadAll()
-	if err != nil {
-		return nil, fmt.Errorf("query slot %q: %w", slot, err)
+// querySlot reads the slot's row; nil when there is none. A slot of another
+// database with the same name is irreconcilable.
+func querySlot(ctx context.Context, conn *pgconn.PgConn, slot string) (*store.Slot, error) {
+	s, _, err := store.ReadSlotSimple(ctx, conn, slot)
+	if err != nil || s == nil {
+		return nil, err
 	}
-	if len(res) != 1 || len(res[0].Rows) == 0 {
-		return nil, nil
-	}
-	row := res[0].Rows[0]
-	s := &slotInfo{plugin: string(row[0]), database: string(row[1]), active: string(row[2]) == "t", walStatus: string(row[5])}
-	fmt.Sscan(string(row[3]), &s.activePID) //nolint:errcheck // an int from the server
-	if s.confirmedFlush, err = pglogrepl.ParseLSN(string(row[4])); err != nil {
-		return nil, fmt.Errorf("parse confirmed_flush_lsn of slot %q: %w", slot, err)
-	}
-	if s.database != string(row[6]) {
-		return nil, fmt.Errorf("%w: slot %q belongs to database %q, connected to %q", ErrIrreconcilable, slot, s.database, string(row[6]))
+	if !s.SameDatabase {
+		return nil, fmt.Errorf("%w: slot %q belongs to database %q, connected to %q", ErrIrreconcilable, slot, s.Database, s.CurrentDatabase)
 	}
 	return s, nil
 }
@@ -90,8 +70,8 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 	if err != nil {
 		return 0, nil, err
 	}
-	if slot != nil && slot.active {
-		return 0, nil, errRetry{fmt.Sprintf("slot %q is active in process %d", r.cfg.Slot, slot.activePID)}
+	if slot != nil && slot.Active {
+		return 0, nil, errRetry{fmt.Sprintf("slot %q is active in process %d", r.cfg.Slot, slot.ActivePID)}
 	}
 	cp, err := r.store.Load(ctx)
 	haveCP := err == nil
@@ -106,7 +86,7 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 	switch {
 	case slot == nil && !haveCP:
 		log.Info().Msg("creating slot (first start)")
-	case slot == nil || slot.walStatus == "lost":
+	case slot == nil || slot.WALStatus == "lost":
 		what := "is missing"
 		if slot != nil {
 			what = "was invalidated (wal_status lost)"
@@ -116,18 +96,18 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 				ErrIrreconcilable, r.cfg.Slot, what)
 		}
 		log.Warn().Str("slot_state", what).Msg("recreating slot; unprocessed rows will be caught up from the table")
-	case slot.plugin != "pgoutput":
-		return 0, nil, fmt.Errorf("%w: slot %q uses plugin %q, outboxd needs pgoutput", ErrIrreconcilable, r.cfg.Slot, slot.plugin)
+	case slot.Plugin != "pgoutput":
+		return 0, nil, fmt.Errorf("%w: slot %q uses plugin %q, outboxd needs pgoutput", ErrIrreconcilable, r.cfg.Slot, slot.Plugin)
 	case !haveCP:
 		log.Warn().Msg("slot exists without a checkpoint; recreating it and catching up from the table")
 	case cp.CatchupPending:
 		log.Warn().Msg("the previous catch-up did not finish; recreating the slot and catching up again")
-	case cp.ConfirmsRecorded && slot.confirmedFlush > cp.LSN:
+	case cp.ConfirmsRecorded && slot.Confirmed() > cp.LSN:
 		// outboxd records every position before confirming it: a slot ahead
 		// of the checkpoint was advanced by someone else (pg_replication_slot_advance,
 		// another consumer), and whatever it passed may never have been
 		// delivered. Streaming from there would skip those rows silently.
-		what := fmt.Sprintf("confirms %s, beyond the checkpoint %s: it was advanced outside outboxd, past rows that may not have been delivered", slot.confirmedFlush, cp.LSN)
+		what := fmt.Sprintf("confirms %s, beyond the checkpoint %s: it was advanced outside outboxd, past rows that may not have been delivered", slot.Confirmed(), cp.LSN)
 		if !r.cfg.SlotRecreate {
 			return 0, nil, fmt.Errorf("%w: slot %q %s; run `outboxd slot reset --yes` (or set OUTBOXD_SLOT_RECREATE=true) to recreate it and deliver every unprocessed row from the table",
 				ErrIrreconcilable, r.cfg.Slot, what)
@@ -137,8 +117,8 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 		if cp.Timeline != sys.Timeline {
 			log.Warn().Int32("checkpoint_timeline", cp.Timeline).Int32("timeline", sys.Timeline).Msg("timeline changed since the checkpoint")
 		}
-		start := max(cp.LSN, slot.confirmedFlush)
-		log.Info().Stringer("confirmed_flush_lsn", slot.confirmedFlush).Str("wal_status", slot.walStatus).Stringer("start_lsn", start).Msg("slot and checkpoint reconciled")
+		start := max(cp.LSN, slot.Confirmed())
+		log.Info().Stringer("confirmed_flush_lsn", slot.Confirmed()).Str("wal_status", slot.WALStatus).Stringer("start_lsn", start).Msg("slot and checkpoint reconciled")
 		return start, nil, nil
 	}
 	if slot != nil {

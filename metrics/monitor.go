@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
@@ -197,35 +196,26 @@ func (mon *Monitor) Run(ctx context.Context) error {
 }
 
 // ReadSlot reads the slot's row; Exists is false when there is none.
-func ReadSlot(ctx context.Context, q interface {
-	QueryRow(context.Context, string, ...any) pgx.Row
-}, slot string) (SlotSample, error) {
+func ReadSlot(ctx context.Context, q store.Querier, slot string) (SlotSample, error) {
 	s := SlotSample{At: time.Now()}
-	var (
-		active, exists bool
-		pid            int32
-		walStatus      string
-		confirmed      pglogrepl.LSN
-		restart        pglogrepl.LSN
-		current        pglogrepl.LSN
-		safe           *int64
-	)
-	// One row whatever happens, so pg_current_wal_lsn() is read with the slot.
-	err := q.QueryRow(ctx, `SELECT s.slot_name IS NOT NULL, coalesce(s.active, false), coalesce(s.active_pid, 0),
-  coalesce(s.wal_status, ''), coalesce(s.confirmed_flush_lsn, '0/0'), coalesce(s.restart_lsn, '0/0'),
-  pg_current_wal_lsn(), s.safe_wal_size
-FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots AS s ON s.slot_name = $1`, slot).
-		Scan(&exists, &active, &pid, &walStatus, &confirmed, &restart, &current, &safe)
+	row, current, err := store.ReadSlot(ctx, q, slot)
 	if err != nil {
-		return s, fmt.Errorf("read slot %q: %w", slot, err)
+		return s, err
 	}
-	s.Exists, s.Active, s.ActivePID, s.WALStatus = exists, active, int(pid), walStatus
-	s.ConfirmedFlush, s.RestartLSN, s.CurrentLSN, s.SafeWALBytes = confirmed, restart, current, safe
-	if exists && confirmed != 0 && current > confirmed {
-		s.LagBytes = int64(current - confirmed)
+	s.CurrentLSN = current
+	if row == nil {
+		return s, nil
 	}
-	if exists && restart != 0 && current > restart {
-		s.RetainedBytes = int64(current - restart)
+	s.Exists, s.Active, s.ActivePID, s.WALStatus = true, row.Active, int(row.ActivePID), row.WALStatus
+	s.ConfirmedFlush, s.SafeWALBytes = row.Confirmed(), row.SafeWALBytes
+	if row.RestartLSN != nil {
+		s.RestartLSN = *row.RestartLSN
+	}
+	if s.ConfirmedFlush != 0 && current > s.ConfirmedFlush {
+		s.LagBytes = int64(current - s.ConfirmedFlush)
+	}
+	if s.RestartLSN != 0 && current > s.RestartLSN {
+		s.RetainedBytes = int64(current - s.RestartLSN)
 	}
 	return s, nil
 }

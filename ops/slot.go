@@ -128,9 +128,9 @@ func (c *Client) lockSlot(ctx context.Context, wait time.Duration) (unlock func(
 }
 
 // checkOwnSlot refuses to act on a slot that is not outboxd's to touch.
-func (c *Client) checkOwnSlot(s *slotRow) error {
-	if s != nil && !s.sameDatabase {
-		return refused("slot %q belongs to database %q, not this one: another deployment uses this slot name; set OUTBOXD_SLOT", c.t.Slot, s.database)
+func (c *Client) checkOwnSlot(s *store.Slot) error {
+	if s != nil && !s.SameDatabase {
+		return refused("slot %q belongs to database %q, not this one: another deployment uses this slot name; set OUTBOXD_SLOT", c.t.Slot, s.Database)
 	}
 	return nil
 }
@@ -210,7 +210,7 @@ func (c *Client) released(ctx context.Context, opts SlotOptions, res *SlotResult
 		if err != nil {
 			return err
 		}
-		busy := s != nil && s.active
+		busy := s != nil && s.Active
 		if !busy {
 			err = act(ctx)
 			if sqlState(err) != "55006" { // object_in_use: taken between our look and our act
@@ -241,15 +241,15 @@ func (c *Client) released(ctx context.Context, opts SlotOptions, res *SlotResult
 
 // activeRefusal is the error for acting on a slot another process streams
 // from without --force.
-func (c *Client) activeRefusal(s *slotRow) error {
+func (c *Client) activeRefusal(s *store.Slot) error {
 	return refused("slot %q is active in process %d (an outboxd instance is streaming from it): stop it first, or add --force to terminate that backend", c.t.Slot, pidOf(s))
 }
 
-func pidOf(s *slotRow) int32 {
-	if s == nil || s.activePID == nil {
+func pidOf(s *store.Slot) int32 {
+	if s == nil || s.ActivePID == 0 {
 		return 0
 	}
-	return *s.activePID
+	return s.ActivePID
 }
 
 func (c *Client) terminate(ctx context.Context, pid int32, res *SlotResult) error {
@@ -362,7 +362,7 @@ type slotChange struct {
 
 // inspect applies opts' defaults and returns a command's result, to be
 // filled, and the slot, refusing a slot that is not outboxd's to touch.
-func (c *Client) inspect(ctx context.Context, opts *SlotOptions) (*SlotResult, *slotRow, error) {
+func (c *Client) inspect(ctx context.Context, opts *SlotOptions) (*SlotResult, *store.Slot, error) {
 	opts.defaults()
 	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
 	s, err := c.readSlot(ctx)
@@ -377,8 +377,8 @@ func (c *Client) inspect(ctx context.Context, opts *SlotOptions) (*SlotResult, *
 
 // change runs ch on slot s as found by inspect: with DryRun it only reports
 // the steps it would take, otherwise it takes them.
-func (c *Client) change(ctx context.Context, s *slotRow, opts SlotOptions, res *SlotResult, ch slotChange) (*SlotResult, error) {
-	held := ch.free && s != nil && s.active
+func (c *Client) change(ctx context.Context, s *store.Slot, opts SlotOptions, res *SlotResult, ch slotChange) (*SlotResult, error) {
+	held := ch.free && s != nil && s.Active
 	if opts.DryRun {
 		if held {
 			if !opts.Force {
@@ -419,14 +419,14 @@ func (c *Client) CreateSlot(ctx context.Context, opts SlotOptions) (*SlotResult,
 	}
 	if s != nil {
 		switch {
-		case s.plugin != "pgoutput":
-			return nil, refused("slot %q exists with plugin %q, outboxd needs pgoutput: run `outboxd slot reset --yes` to recreate it", c.t.Slot, s.plugin)
-		case s.walStatus == "lost":
+		case s.Plugin != "pgoutput":
+			return nil, refused("slot %q exists with plugin %q, outboxd needs pgoutput: run `outboxd slot reset --yes` to recreate it", c.t.Slot, s.Plugin)
+		case s.WALStatus == "lost":
 			return nil, refused("slot %q exists but was invalidated (wal_status lost): run `outboxd slot reset --yes` to recreate it", c.t.Slot)
 		}
 		res.Unchanged = true
-		if s.confirmed != nil {
-			res.FromLSN = lsnPtr(*s.confirmed)
+		if s.ConfirmedFlush != nil {
+			res.FromLSN = lsnPtr(*s.ConfirmedFlush)
 		}
 		res.step("slot %q already exists; nothing to do", c.t.Slot)
 		return res, nil
@@ -491,8 +491,8 @@ func (c *Client) DropSlot(ctx context.Context, opts SlotOptions) (*SlotResult, e
 		res.step("neither slot %q nor its checkpoint exists; nothing to do", c.t.Slot)
 		return res, nil
 	}
-	if s != nil && s.confirmed != nil {
-		res.FromLSN = lsnPtr(*s.confirmed)
+	if s != nil && s.ConfirmedFlush != nil {
+		res.FromLSN = lsnPtr(*s.ConfirmedFlush)
 	}
 	return c.change(ctx, s, opts, res, slotChange{
 		free: true,
@@ -501,7 +501,7 @@ func (c *Client) DropSlot(ctx context.Context, opts SlotOptions) (*SlotResult, e
 				res.step("delete the checkpoint of slot %q", c.t.Slot)
 			}
 			if s != nil {
-				res.step("drop slot %q (confirmed_flush_lsn %s, %s retained)", c.t.Slot, lsnString(s.confirmed), retainedString(ctx, c, s))
+				res.step("drop slot %q (confirmed_flush_lsn %s, %s retained)", c.t.Slot, lsnString(s.ConfirmedFlush), retainedString(s))
 			}
 			c.stepNextRun(res)
 		},
@@ -555,8 +555,8 @@ func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, 
 	if err != nil {
 		return nil, err
 	}
-	if s != nil && s.confirmed != nil {
-		res.FromLSN = lsnPtr(*s.confirmed)
+	if s != nil && s.ConfirmedFlush != nil {
+		res.FromLSN = lsnPtr(*s.ConfirmedFlush)
 	}
 	// A running instance whose walsender we terminate reconnects (after our
 	// lock) with its state in memory: given a new slot it would stream from
@@ -580,7 +580,7 @@ func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, 
 				res.step("mark the checkpoint of slot %q catchup_pending", c.t.Slot)
 			}
 			if s != nil {
-				res.step("drop slot %q (confirmed_flush_lsn %s, wal_status %s, %s retained)", c.t.Slot, lsnString(s.confirmed), s.walStatus, retainedString(ctx, c, s))
+				res.step("drop slot %q (confirmed_flush_lsn %s, wal_status %s, %s retained)", c.t.Slot, lsnString(s.ConfirmedFlush), s.WALStatus, retainedString(s))
 			}
 			res.step("create slot %q (pgoutput) and save its checkpoint with catchup_pending = true", c.t.Slot)
 			res.step("the next `outboxd run` recreates the slot with a snapshot and reads %d unprocessed rows from the table", pending)
@@ -604,7 +604,7 @@ func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, 
 				res.step("marked the checkpoint catchup_pending")
 			}
 			if s != nil {
-				res.step("dropped slot %q (it had confirmed %s)", c.t.Slot, lsnString(s.confirmed))
+				res.step("dropped slot %q (it had confirmed %s)", c.t.Slot, lsnString(s.ConfirmedFlush))
 			}
 			if err := c.createSlot(ctx, res); err != nil {
 				return err
@@ -628,12 +628,12 @@ func (c *Client) AdvanceSlot(ctx context.Context, to LSN, opts SlotOptions) (*Sl
 	switch {
 	case s == nil:
 		return nil, refused("slot %q does not exist", c.t.Slot)
-	case s.plugin != "pgoutput":
-		return nil, refused("slot %q uses plugin %q, not pgoutput", c.t.Slot, s.plugin)
-	case s.walStatus == "lost" || s.confirmed == nil:
-		return nil, refused("slot %q was invalidated (wal_status %s): it cannot be advanced; run `outboxd slot reset --yes`", c.t.Slot, s.walStatus)
+	case s.Plugin != "pgoutput":
+		return nil, refused("slot %q uses plugin %q, not pgoutput", c.t.Slot, s.Plugin)
+	case s.WALStatus == "lost" || s.ConfirmedFlush == nil:
+		return nil, refused("slot %q was invalidated (wal_status %s): it cannot be advanced; run `outboxd slot reset --yes`", c.t.Slot, s.WALStatus)
 	}
-	from := LSN(*s.confirmed)
+	from := LSN(*s.ConfirmedFlush)
 	res.FromLSN = &from
 	if to < from {
 		return nil, refused("slot %q is at %s: advance moves forward only, %s is behind it", c.t.Slot, from, to)
@@ -712,13 +712,9 @@ func lsnString(l *pglogrepl.LSN) string {
 	return l.String()
 }
 
-func retainedString(ctx context.Context, c *Client, s *slotRow) string {
-	if s.restart == nil {
+func retainedString(s *store.Slot) string {
+	if s.RestartLSN == nil {
 		return "no WAL"
 	}
-	var cur pglogrepl.LSN
-	if err := c.pool.QueryRow(ctx, `SELECT pg_current_wal_lsn()`).Scan(&cur); err != nil {
-		return "unknown WAL"
-	}
-	return FormatBytes(bytesBehind(LSN(cur), LSN(*s.restart))) + " of WAL"
+	return FormatBytes(bytesBehind(LSN(s.CurrentLSN), LSN(*s.RestartLSN))) + " of WAL"
 }

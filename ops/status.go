@@ -301,32 +301,10 @@ func (c *Client) server(ctx context.Context, st *Status) error {
 	return nil
 }
 
-// slotRow is the slot's row of pg_replication_slots.
-type slotRow struct {
-	plugin, database, walStatus string
-	active                      bool
-	activePID                   *int32
-	restart, confirmed          *pglogrepl.LSN
-	safeWALSize                 *int64
-	sameDatabase                bool
-}
-
 // readSlot returns the slot's row, nil when there is none.
-func (c *Client) readSlot(ctx context.Context) (*slotRow, error) {
-	var s slotRow
-	var plugin, database, walStatus *string
-	err := c.pool.QueryRow(ctx, `SELECT plugin, database, active, active_pid, restart_lsn, confirmed_flush_lsn,
-  wal_status, safe_wal_size, database IS NOT DISTINCT FROM current_database()
-FROM pg_replication_slots WHERE slot_name = $1`, c.t.Slot).
-		Scan(&plugin, &database, &s.active, &s.activePID, &s.restart, &s.confirmed, &walStatus, &s.safeWALSize, &s.sameDatabase)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read slot %q: %w", c.t.Slot, err)
-	}
-	s.plugin, s.database, s.walStatus = deref(plugin), deref(database), deref(walStatus)
-	return &s, nil
+func (c *Client) readSlot(ctx context.Context) (*store.Slot, error) {
+	s, _, err := store.ReadSlot(ctx, c.pool, c.t.Slot)
+	return s, err
 }
 
 func deref(s *string) string {
@@ -343,16 +321,20 @@ func (c *Client) slot(ctx context.Context, ss *SlotStatus, current LSN) error {
 		return err
 	}
 	ss.Exists = true
-	ss.Plugin, ss.Database, ss.WALStatus = s.plugin, s.database, s.walStatus
-	ss.Active, ss.ActivePID, ss.SafeWALSizeBytes = s.active, s.activePID, s.safeWALSize
-	if s.restart != nil {
-		ss.RestartLSN = lsnPtr(*s.restart)
-		d := bytesBehind(current, LSN(*s.restart))
+	ss.Plugin, ss.Database, ss.WALStatus = s.Plugin, s.Database, s.WALStatus
+	ss.Active, ss.SafeWALSizeBytes = s.Active, s.SafeWALBytes
+	if s.ActivePID != 0 {
+		pid := s.ActivePID
+		ss.ActivePID = &pid
+	}
+	if s.RestartLSN != nil {
+		ss.RestartLSN = lsnPtr(*s.RestartLSN)
+		d := bytesBehind(current, LSN(*s.RestartLSN))
 		ss.RetainedWALBytes = &d
 	}
-	if s.confirmed != nil {
-		ss.ConfirmedFlushLSN = lsnPtr(*s.confirmed)
-		d := bytesBehind(current, LSN(*s.confirmed))
+	if s.ConfirmedFlush != nil {
+		ss.ConfirmedFlushLSN = lsnPtr(*s.ConfirmedFlush)
+		d := bytesBehind(current, LSN(*s.ConfirmedFlush))
 		ss.LagBytes = &d
 	}
 	return nil
