@@ -210,6 +210,7 @@ type Webhook struct {
 	rawURL    string
 	redacted  string
 	userAgent string
+	timeout   time.Duration     // of each attempt
 	signer    *signer           // nil: unsigned
 	guardHint string            // appended to a refused address's error
 	scrub     *strings.Replacer // secrets a receiver might echo back
@@ -238,6 +239,7 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 		rawURL:    cfg.URL,
 		redacted:  redactURL(u),
 		userAgent: cfg.UserAgent,
+		timeout:   cfg.Timeout,
 		signer:    newSigner(keys),
 		scrub:     newScrubber(cfg.Secrets, u),
 		guardHint: cfg.guardHint(),
@@ -497,7 +499,10 @@ func (w *Webhook) outcome(ctx context.Context, c *call, resp *http.Response, err
 		case errors.Is(err, ErrForbiddenAddress):
 			o.Err = fmt.Errorf("post webhook %s: %w: %w%s", w.redacted, ErrPermanent, err, w.guardHint)
 		default:
-			o.Err = fmt.Errorf("post webhook %s: giving up after %d attempt(s): %w", w.redacted, o.Attempts, err)
+			// An attempt that ran out of its own Timeout fails with an error
+			// that wraps context.DeadlineExceeded: that must not read as the
+			// end of ctx.
+			o.Err = fmt.Errorf("post webhook %s: giving up after %d attempt(s): %w", w.redacted, o.Attempts, attemptErr(ctx, w.timeout, err))
 		}
 		w.logOutcome(c, o)
 		return o

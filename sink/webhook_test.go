@@ -580,6 +580,30 @@ func TestWebhookTransportErrorExhausts(t *testing.T) {
 	require.Contains(t, out[0].Err.Error(), "giving up after 4 attempt(s)")
 }
 
+// An attempt that runs out of its own Timeout is a retryable failure; it must
+// not look like the end of the caller's ctx, which callers take as a stop and
+// leave the event unsettled and unparked.
+func TestWebhookAttemptTimeoutIsNotCallerDeadline(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	rc := newReceiver(t, func(_ int, _ http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	t.Cleanup(func() { close(release) }) // before the server's Close
+	cfg := fastConfig(rc.srv.URL)
+	cfg.Timeout = 50 * time.Millisecond
+	cfg.MaxAttempts = 2
+	out := newWebhook(t, cfg, zerolog.Nop()).Deliver(t.Context(), []*decode.Event{event(1)})
+	require.Error(t, out[0].Err)
+	require.NotErrorIs(t, out[0].Err, context.DeadlineExceeded, "the attempt's own timeout is not the caller's deadline")
+	require.NotErrorIs(t, out[0].Err, sink.ErrPermanent)
+	require.Equal(t, 2, out[0].Attempts)
+	require.Contains(t, out[0].Err.Error(), "giving up after 2 attempt(s)")
+}
+
 func TestWebhookCancelDuringBackoff(t *testing.T) {
 	t.Parallel()
 	rc := newReceiver(t, status(http.StatusServiceUnavailable, 100))
