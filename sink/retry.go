@@ -92,8 +92,8 @@ type attemptResult struct {
 type attemptFunc func(ctx context.Context, pending []int) attemptResult
 
 // deliverEach runs attempts over the events still pending until each one is
-// acknowledged, has failed permanently, has exhausted the retry budget, or ctx
-// has ended. what names the destination in errors ("produce to kafka").
+// acknowledged, has failed permanently, has exhausted the retry budget (p's,
+// or the smaller one WithMaxAttempts put in ctx), or ctx has ended. what names the destination in errors ("produce to kafka").
 // Events that are nil, or whose rejected[i] is not nil (an event the sink
 // cannot send, found before any attempt), fail permanently without an
 // attempt; rejected may be nil.
@@ -115,6 +115,10 @@ func deliverEach(ctx context.Context, p retryPolicy, what string, events []*deco
 			out[i].Err = fmt.Errorf("%s: %w", what, err)
 		}
 		return out
+	}
+	maxAttempts := p.maxAttempts
+	if n := MaxAttempts(ctx); n > 0 && n < maxAttempts {
+		maxAttempts = n
 	}
 	for n := 1; len(pending) > 0; n++ {
 		res := attempt(ctx, pending)
@@ -145,7 +149,7 @@ func deliverEach(ctx context.Context, p retryPolicy, what string, events []*deco
 		if len(pending) == 0 {
 			break
 		}
-		if n >= p.maxAttempts {
+		if n >= maxAttempts {
 			for _, i := range pending {
 				out[i].Err = fmt.Errorf("%s: giving up after %d attempt(s): %w", what, out[i].Attempts, out[i].Err)
 			}
