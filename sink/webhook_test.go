@@ -95,12 +95,12 @@ func status(code, n int) func(int, http.ResponseWriter, *http.Request) {
 // fastConfig returns a config for url with a small, fast retry budget.
 func fastConfig(url string) sink.WebhookConfig {
 	return sink.WebhookConfig{
-		URL:          url,
-		AllowPrivate: true, // httptest listens on loopback
-		Timeout:      5 * time.Second,
-		MaxAttempts:  5,
-		BackoffMin:   time.Millisecond,
-		BackoffMax:   5 * time.Millisecond,
+		URL: url,
+		HTTPConfig: sink.HTTPConfig{
+			AllowPrivate: true, // httptest listens on loopback
+			Timeout:      5 * time.Second,
+			RetryConfig:  sink.RetryConfig{MaxAttempts: 5, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond},
+		},
 	}
 }
 
@@ -799,17 +799,20 @@ func TestWebhookNoSecretsInErrorsOrLogs(t *testing.T) {
 
 func TestWebhookConfigValidate(t *testing.T) {
 	t.Parallel()
-	cfg := sink.WebhookConfig{URL: "https://example.com/hook"}
+	given := sink.WebhookConfig{URL: "https://example.com/hook"}
+	require.NoError(t, given.Validate())
+	require.Equal(t, sink.WebhookConfig{URL: "https://example.com/hook"}, given, "Validate changes nothing")
+	cfg := given.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	require.Equal(t, sink.WebhookConfig{
-		Name:         "webhook",
-		URL:          "https://example.com/hook",
-		Timeout:      10 * time.Second,
-		MaxAttempts:  8,
-		BackoffMin:   200 * time.Millisecond,
-		BackoffMax:   30 * time.Second,
-		MaxIdleConns: 64,
-		UserAgent:    "outboxd",
+		Name: "webhook",
+		URL:  "https://example.com/hook",
+		HTTPConfig: sink.HTTPConfig{
+			Timeout:      10 * time.Second,
+			RetryConfig:  sink.RetryConfig{MaxAttempts: 8, BackoffMin: 200 * time.Millisecond, BackoffMax: 30 * time.Second},
+			MaxIdleConns: 64,
+			UserAgent:    "outboxd",
+		},
 	}, cfg)
 
 	tests := []struct {
@@ -826,12 +829,12 @@ func TestWebhookConfigValidate(t *testing.T) {
 		{"secret prefix", sink.WebhookConfig{URL: "https://e.com", Secrets: []string{"abc"}}, "Secrets[0]"},
 		{"secret base64", sink.WebhookConfig{URL: "https://e.com", Secrets: []string{secretA, "whsec_***"}}, "Secrets[1]"},
 		{"secret empty", sink.WebhookConfig{URL: "https://e.com", Secrets: []string{"whsec_"}}, "Secrets[0]"},
-		{"timeout", sink.WebhookConfig{URL: "https://e.com", Timeout: -1}, "Timeout"},
-		{"attempts", sink.WebhookConfig{URL: "https://e.com", MaxAttempts: -1}, "MaxAttempts"},
-		{"backoff order", sink.WebhookConfig{URL: "https://e.com", BackoffMin: time.Minute, BackoffMax: time.Second}, "BackoffMin"},
-		{"backoff max", sink.WebhookConfig{URL: "https://e.com", BackoffMax: -time.Second}, "BackoffMax"},
-		{"idle conns", sink.WebhookConfig{URL: "https://e.com", MaxIdleConns: -3}, "MaxIdleConns"},
-		{"user agent", sink.WebhookConfig{URL: "https://e.com", UserAgent: "a\nb"}, "UserAgent"},
+		{"timeout", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{Timeout: -1}}, "Timeout"},
+		{"attempts", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{RetryConfig: sink.RetryConfig{MaxAttempts: -1}}}, "MaxAttempts"},
+		{"backoff order", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{RetryConfig: sink.RetryConfig{BackoffMin: time.Minute, BackoffMax: time.Second}}}, "BackoffMin"},
+		{"backoff max", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{RetryConfig: sink.RetryConfig{BackoffMax: -time.Second}}}, "BackoffMax"},
+		{"idle conns", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{MaxIdleConns: -3}}, "MaxIdleConns"},
+		{"user agent", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{UserAgent: "a\nb"}}, "UserAgent"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
