@@ -74,6 +74,7 @@ func TestReconnectRetriesUnreadableCheckpointOfMissingSlot(t *testing.T) {
 	store := &flakyStore{Store: checkpoint.NewStore(pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: slot})}
 	cfg := cdc.Config{ConnString: url, Slot: slot, Publication: "outboxd", Table: table,
 		ReconnectMin: 10 * time.Millisecond, ReconnectMax: 50 * time.Millisecond}
+	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), store, zerolog.Nop())
 	out := make(chan *decode.Event, 64)
@@ -167,6 +168,7 @@ func TestStopWhileTakingTheSlotDoesNotWaitForADrain(t *testing.T) {
 			<-takeCtx.Done()
 			return takeCtx.Err()
 		}}
+	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	store := checkpoint.NewStore(db.Pool, checkpoint.StoreConfig{Schema: "public", Table: "domain_event", Slot: slot})
 	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), store, zerolog.Nop())
