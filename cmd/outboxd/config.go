@@ -268,13 +268,13 @@ func (c config) checkNames() error {
 	if err != nil {
 		return err
 	}
-	if err := (&migrations.Options{Schema: table.Schema, Table: table.Name}).Validate(); err != nil {
+	if err := (migrations.Options{Schema: table.Schema, Table: table.Name}).Validate(); err != nil {
 		return badVar("TABLE", "%v", err)
 	}
 	if !slotNameRE.MatchString(c.Slot) {
 		return badVar("SLOT", "%q must be 1-63 characters of a-z, 0-9 and _ (Postgres's rule for replication slot names)", c.Slot)
 	}
-	if err := (&migrations.Options{Publication: c.Publication}).Validate(); err != nil {
+	if err := (migrations.Options{Publication: c.Publication}).Validate(); err != nil {
 		return badVar("PUBLICATION", "%v", err)
 	}
 	return nil
