@@ -41,6 +41,7 @@ package ops
 // see ResetSlot.
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -98,10 +99,10 @@ func (r *SlotResult) step(format string, args ...any) {
 	r.Steps = append(r.Steps, fmt.Sprintf(format, args...))
 }
 
-func (o *SlotOptions) defaults() {
-	if o.Wait == 0 {
-		o.Wait = DefaultSlotWait
-	}
+// withDefaults returns a copy of o with the defaults filled in.
+func (o SlotOptions) withDefaults() SlotOptions {
+	o.Wait = cmp.Or(o.Wait, DefaultSlotWait)
+	return o
 }
 
 // lockSlot takes the slot's advisory lock on a connection of its own, waiting
@@ -314,7 +315,7 @@ func (c *Client) createSlot(ctx context.Context, res *SlotResult) error {
 // asks the next `outboxd run` for a catch-up from the table. An existing
 // pgoutput slot is left alone.
 func (c *Client) CreateSlot(ctx context.Context, opts SlotOptions) (*SlotResult, error) {
-	opts.defaults()
+	opts = opts.withDefaults()
 	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
 	s, err := c.readSlot(ctx)
 	if err != nil {
@@ -385,7 +386,7 @@ func (c *Client) CreateSlot(ctx context.Context, opts SlotOptions) (*SlotResult,
 // `outboxd run` starts afresh: it creates the slot and delivers every
 // unprocessed row from the table. Nothing is lost.
 func (c *Client) DropSlot(ctx context.Context, opts SlotOptions) (*SlotResult, error) {
-	opts.defaults()
+	opts = opts.withDefaults()
 	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
 	s, err := c.readSlot(ctx)
 	if err != nil {
@@ -484,7 +485,7 @@ func (c *Client) stepNextRun(res *SlotResult) {
 // gone when it reconnects (cdc.ErrReset), it drops what it held and starts
 // over as a first start does, catching up from the table.
 func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, error) {
-	opts.defaults()
+	opts = opts.withDefaults()
 	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
 	s, err := c.readSlot(ctx)
 	if err != nil {
@@ -579,7 +580,7 @@ func (c *Client) ResetSlot(ctx context.Context, opts SlotOptions) (*SlotResult, 
 // longer streamed: their rows stay unprocessed in the table until a catch-up
 // (`slot reset`) or a replay delivers them. It refuses to move backwards.
 func (c *Client) AdvanceSlot(ctx context.Context, to LSN, opts SlotOptions) (*SlotResult, error) {
-	opts.defaults()
+	opts = opts.withDefaults()
 	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
 	s, err := c.readSlot(ctx)
 	if err != nil {
