@@ -57,20 +57,6 @@ type MonitorConfig struct {
 	ReadyCache time.Duration
 }
 
-// WithDefaults returns a copy of c with the defaults filled in.
-func (c MonitorConfig) WithDefaults() MonitorConfig {
-	if c.Table.Name == "" {
-		c.Table = decode.Table{Schema: "public", Name: "domain_event"}
-	}
-	c.PollInterval = cmp.Or(c.PollInterval, DefaultPollInterval)
-	c.BacklogInterval = cmp.Or(c.BacklogInterval, DefaultBacklogInterval)
-	c.LagAlertBytes = cmp.Or(c.LagAlertBytes, DefaultLagAlertBytes)
-	c.StallTimeout = cmp.Or(c.StallTimeout, DefaultStallTimeout)
-	c.PingTimeout = cmp.Or(c.PingTimeout, DefaultPingTimeout)
-	c.ReadyCache = cmp.Or(c.ReadyCache, DefaultReadyCache)
-	return c
-}
-
 // Validate checks c with its defaults (WithDefaults) and changes nothing.
 func (c MonitorConfig) Validate() error {
 	c = c.WithDefaults()
@@ -89,6 +75,20 @@ func (c MonitorConfig) Validate() error {
 		return fmt.Errorf("stall timeout %s is negative", c.StallTimeout)
 	}
 	return nil
+}
+
+// WithDefaults returns a copy of c with the defaults filled in.
+func (c MonitorConfig) WithDefaults() MonitorConfig {
+	if c.Table.Name == "" {
+		c.Table = decode.Table{Schema: "public", Name: "domain_event"}
+	}
+	c.PollInterval = cmp.Or(c.PollInterval, DefaultPollInterval)
+	c.BacklogInterval = cmp.Or(c.BacklogInterval, DefaultBacklogInterval)
+	c.LagAlertBytes = cmp.Or(c.LagAlertBytes, DefaultLagAlertBytes)
+	c.StallTimeout = cmp.Or(c.StallTimeout, DefaultStallTimeout)
+	c.PingTimeout = cmp.Or(c.PingTimeout, DefaultPingTimeout)
+	c.ReadyCache = cmp.Or(c.ReadyCache, DefaultReadyCache)
+	return c
 }
 
 // SlotSample is one reading of the slot's row in pg_replication_slots.
