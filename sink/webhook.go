@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 	"time"
 
@@ -151,22 +150,20 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	w := &Webhook{
+		name:      cfg.Name,
+		rawURL:    cfg.URL,
+		userAgent: cfg.UserAgent,
+		guardHint: cfg.guardHint(),
+		http:      newHTTPClient(cfg.HTTPConfig),
+	}
 	// Validate parsed the URL and decoded the secrets: neither fails now.
 	u, uerr := parseWebhookURL(cfg.URL)
 	keys, kerr := decodeSecrets(cfg.Secrets)
 	if err := errors.Join(uerr, kerr); err != nil {
 		return nil, fmt.Errorf("webhook sink %q: %w", cfg.Name, err)
 	}
-	w := &Webhook{
-		name:      cfg.Name,
-		rawURL:    cfg.URL,
-		redacted:  redactURL(u),
-		userAgent: cfg.UserAgent,
-		signer:    newSigner(keys),
-		scrub:     newScrubber(cfg.Secrets, u),
-		guardHint: cfg.guardHint(),
-		http:      newHTTPClient(cfg.HTTPConfig),
-	}
+	w.redacted, w.signer, w.scrub = redactURL(u), newSigner(keys), newScrubber(cfg.Secrets, u)
 	w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
 	return w, nil
 }
@@ -256,14 +253,7 @@ func (w *Webhook) deliver(ctx context.Context, events []*decode.Event) Outcome {
 	// Each attempt is signed with a fresh timestamp (receivers reject stale
 	// ones) while webhook-id stays the same.
 	var signature string // the last one sent, to scrub from echoes
-	sign := func(h http.Header) {
-		ts := time.Now().Unix()
-		h.Set("Webhook-Timestamp", strconv.FormatInt(ts, 10))
-		if w.signer != nil {
-			signature = w.signer.sign(id, ts, body)
-			h.Set("Webhook-Signature", signature)
-		}
-	}
+	sign := func(h http.Header) { signature = w.signer.setHeaders(h, id, body) }
 	sign(req.Header)
 	c := &httpCall{
 		maxAttempts: w.http.policy.limit(ctx),
