@@ -96,7 +96,7 @@ func drainInProcess(b *testing.B, batch, conc, txnSize int) {
 	cfg := pipeline.Config{
 		DatabaseURL: dbURL, Slot: name,
 		Deliver: deliver.Config{BatchSize: batch, Concurrency: conc},
-		Webhook: sink.WebhookConfig{URL: recv.url, Secrets: []string{benchSecret}, AllowPrivate: true},
+		Webhook: sink.WebhookConfig{URL: recv.url, Secrets: []string{benchSecret}, HTTPConfig: sink.HTTPConfig{AllowPrivate: true}},
 		// Metrics on, as `outboxd run` has them.
 		Observer: metrics.New(metrics.Options{}),
 	}

@@ -1,6 +1,7 @@
 package cdc
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -95,8 +96,22 @@ const HeartbeatPrefix = "outboxd_heartbeat"
 
 var slotNameRE = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
 
-// Validate fills defaults and checks the configuration.
-func (c *Config) Validate() error {
+// WithDefaults returns a copy of c with the defaults filled in. NewReader
+// needs them: it takes a config as WithDefaults returns it.
+func (c Config) WithDefaults() Config {
+	c.StatusInterval = cmp.Or(c.StatusInterval, time.Second)
+	c.SilenceTimeout = cmp.Or(c.SilenceTimeout, 10*time.Second)
+	c.IdleAdvanceBytes = cmp.Or(c.IdleAdvanceBytes, 1<<20)
+	c.IdleAdvanceInterval = cmp.Or(c.IdleAdvanceInterval, 10*time.Second)
+	c.ReconnectMin = cmp.Or(c.ReconnectMin, 100*time.Millisecond)
+	c.ReconnectMax = cmp.Or(c.ReconnectMax, 10*time.Second)
+	c.CatchupFetch = cmp.Or(c.CatchupFetch, 1000)
+	return c
+}
+
+// Validate checks c with its defaults (WithDefaults) and changes nothing.
+func (c Config) Validate() error {
+	c = c.WithDefaults()
 	if c.ConnString == "" {
 		return errors.New("database URL is empty")
 	}
@@ -106,29 +121,8 @@ func (c *Config) Validate() error {
 	if c.Publication == "" {
 		return errors.New("publication name is empty")
 	}
-	if c.StatusInterval == 0 {
-		c.StatusInterval = time.Second
-	}
-	if c.SilenceTimeout == 0 {
-		c.SilenceTimeout = 10 * time.Second
-	}
 	if c.SilenceTimeout < 2*c.StatusInterval {
 		return fmt.Errorf("silence timeout %s must be at least twice the status interval %s", c.SilenceTimeout, c.StatusInterval)
-	}
-	if c.IdleAdvanceBytes == 0 {
-		c.IdleAdvanceBytes = 1 << 20
-	}
-	if c.IdleAdvanceInterval == 0 {
-		c.IdleAdvanceInterval = 10 * time.Second
-	}
-	if c.ReconnectMin == 0 {
-		c.ReconnectMin = 100 * time.Millisecond
-	}
-	if c.ReconnectMax == 0 {
-		c.ReconnectMax = 10 * time.Second
-	}
-	if c.CatchupFetch == 0 {
-		c.CatchupFetch = 1000
 	}
 	if c.HeartbeatInterval < 0 {
 		return fmt.Errorf("heartbeat interval %s is negative", c.HeartbeatInterval)

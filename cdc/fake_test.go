@@ -300,6 +300,7 @@ func newHarness(t *testing.T, g golden, start pglogrepl.LSN, outCap int, cfg Con
 	if cfg.SilenceTimeout == 0 {
 		cfg.SilenceTimeout = time.Hour
 	}
+	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	l := &spyLedger{Tracker: checkpoint.NewTracker(start, 1000)}
 	r := NewReader(cfg, l, nil, zerolog.Nop())

@@ -75,6 +75,7 @@ func TestReconnectRetriesUnreadableCheckpointOfMissingSlot(t *testing.T) {
 	cps := &flakyStore{SlotStore: store.NewSlotStore(pool, store.SlotConfig{Schema: "public", Table: "domain_event", Slot: slot})}
 	cfg := cdc.Config{ConnString: url, Slot: slot, Publication: "outboxd", Table: table,
 		ReconnectMin: 10 * time.Millisecond, ReconnectMax: 50 * time.Millisecond}
+	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), cps, zerolog.Nop())
 	out := make(chan *decode.Event, 64)
@@ -168,6 +169,7 @@ func TestStopWhileTakingTheSlotDoesNotWaitForADrain(t *testing.T) {
 			<-takeCtx.Done()
 			return takeCtx.Err()
 		}}
+	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	cps := store.NewSlotStore(db.Pool, store.SlotConfig{Schema: "public", Table: "domain_event", Slot: slot})
 	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), cps, zerolog.Nop())

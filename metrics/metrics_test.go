@@ -183,7 +183,7 @@ func TestNilMetricsIsNoop(t *testing.T) {
 
 func TestEvaluate(t *testing.T) {
 	t.Parallel()
-	cfg := metrics.MonitorConfig{DatabaseURL: "x", Slot: "s"}
+	cfg := metrics.MonitorConfig{DatabaseURL: "x", Slot: "s"}.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	now := time.Now()
 	ok := func(mod func(*metrics.SlotSample)) *metrics.SlotSample {

@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -55,34 +56,14 @@ type MonitorConfig struct {
 	ReadyCache time.Duration
 }
 
-// Validate fills defaults and checks c.
-func (c *MonitorConfig) Validate() error {
+// Validate checks c with its defaults (WithDefaults) and changes nothing.
+func (c MonitorConfig) Validate() error {
+	c = c.WithDefaults()
 	if c.DatabaseURL == "" {
 		return errors.New("database URL is empty")
 	}
 	if c.Slot == "" {
 		return errors.New("slot name is empty")
-	}
-	if c.Table.Name == "" {
-		c.Table = decode.Table{Schema: "public", Name: "domain_event"}
-	}
-	if c.PollInterval == 0 {
-		c.PollInterval = DefaultPollInterval
-	}
-	if c.BacklogInterval == 0 {
-		c.BacklogInterval = DefaultBacklogInterval
-	}
-	if c.LagAlertBytes == 0 {
-		c.LagAlertBytes = DefaultLagAlertBytes
-	}
-	if c.StallTimeout == 0 {
-		c.StallTimeout = DefaultStallTimeout
-	}
-	if c.PingTimeout == 0 {
-		c.PingTimeout = DefaultPingTimeout
-	}
-	if c.ReadyCache == 0 {
-		c.ReadyCache = DefaultReadyCache
 	}
 	switch {
 	case c.PollInterval < 0:
@@ -93,6 +74,20 @@ func (c *MonitorConfig) Validate() error {
 		return fmt.Errorf("stall timeout %s is negative", c.StallTimeout)
 	}
 	return nil
+}
+
+// WithDefaults returns a copy of c with the defaults filled in.
+func (c MonitorConfig) WithDefaults() MonitorConfig {
+	if c.Table.Name == "" {
+		c.Table = decode.Table{Schema: "public", Name: "domain_event"}
+	}
+	c.PollInterval = cmp.Or(c.PollInterval, DefaultPollInterval)
+	c.BacklogInterval = cmp.Or(c.BacklogInterval, DefaultBacklogInterval)
+	c.LagAlertBytes = cmp.Or(c.LagAlertBytes, DefaultLagAlertBytes)
+	c.StallTimeout = cmp.Or(c.StallTimeout, DefaultStallTimeout)
+	c.PingTimeout = cmp.Or(c.PingTimeout, DefaultPingTimeout)
+	c.ReadyCache = cmp.Or(c.ReadyCache, DefaultReadyCache)
+	return c
 }
 
 // SlotSample is one reading of the slot's row in pg_replication_slots.
@@ -133,9 +128,10 @@ type Monitor struct {
 	readyErr error
 }
 
-// NewMonitor validates cfg and returns a monitor feeding m (which may be
-// nil). It does not connect: Run and the health checks do.
+// NewMonitor validates cfg, with its defaults, and returns a monitor feeding
+// m (which may be nil). It does not connect: Run and the health checks do.
 func NewMonitor(cfg MonitorConfig, m *Metrics, log zerolog.Logger) (*Monitor, error) {
+	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}

@@ -85,6 +85,7 @@ var columnPrivileges = map[string]map[string][]string{
 // catalog, so it works for a least-privilege role. On a misfit it returns a
 // *CheckError naming every problem and how to fix it.
 func Check(ctx context.Context, conn *pgx.Conn, opts Options) error {
+	opts = opts.WithDefaults()
 	if err := opts.Validate(); err != nil {
 		return err
 	}

@@ -20,6 +20,8 @@
 package migrations
 
 import (
+	"cmp"
+
 	"github.com/outboxd/outboxd/store"
 
 	"context"
@@ -95,25 +97,26 @@ type Options struct {
 	Publication string
 }
 
-// Validate fills in defaults for empty names and checks each name: valid
-// UTF-8, no control characters, at most 63 bytes (Postgres would silently
-// truncate a longer name) and, for the table, not one of outboxd's own tables.
+// WithDefaults returns a copy of o with the default of each empty name.
+func (o Options) WithDefaults() Options {
+	o.Schema = cmp.Or(o.Schema, DefaultSchema)
+	o.Table = cmp.Or(o.Table, DefaultTable)
+	o.Publication = cmp.Or(o.Publication, DefaultPublication)
+	return o
+}
+
+// Validate checks each name of o with its defaults (WithDefaults), changing
+// nothing: valid UTF-8, no control characters, at most 63 bytes (Postgres
+// would silently truncate a longer name) and, for the table, not one of
+// outboxd's own tables.
 // Any other character is fine in the schema and table names: they are always
 // quoted. The publication name is stricter, because it also travels inside
 // replication commands (a quoted list in a string literal) and, with
 // "_subscriptions" appended, names a second publication that must fit 63
 // bytes too: 1-49 characters of A-Z, a-z, 0-9, _, $ and -, starting with a
 // letter or _. The daemon and the operator commands check names with this.
-func (o *Options) Validate() error {
-	if o.Schema == "" {
-		o.Schema = DefaultSchema
-	}
-	if o.Table == "" {
-		o.Table = DefaultTable
-	}
-	if o.Publication == "" {
-		o.Publication = DefaultPublication
-	}
+func (o Options) Validate() error {
+	o = o.WithDefaults()
 	var errs []error
 	for _, f := range []struct{ what, name string }{
 		{"schema", o.Schema}, {"table", o.Table}, {"publication", o.Publication},
@@ -194,6 +197,7 @@ func (r Result) Changed() bool {
 // It runs as the table's owner (creating a publication for a table requires
 // it). The Result says what it did.
 func Migrate(ctx context.Context, conn *pgx.Conn, opts Options) (res Result, err error) {
+	opts = opts.WithDefaults()
 	if err := opts.Validate(); err != nil {
 		return res, err
 	}

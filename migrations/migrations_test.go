@@ -91,6 +91,9 @@ func TestOptionsValidate(t *testing.T) {
 	t.Parallel()
 	var o migrations.Options
 	require.NoError(t, o.Validate())
+	require.Equal(t, migrations.Options{}, o, "Validate changes nothing")
+	o = o.WithDefaults()
+	require.NoError(t, o.Validate())
 	require.Equal(t, migrations.Options{Schema: "public", Table: "domain_event", Publication: "outboxd"}, o)
 
 	ok := migrations.Options{Schema: `My "Schema"`, Table: "Events.v2 ü", Publication: "pub-1"}

@@ -49,7 +49,7 @@ func (t Target) Validate() error {
 	if t.Publication == "" {
 		return errors.New("publication name is empty")
 	}
-	return (&migrations.Options{Schema: t.schema(), Table: t.Table.Name, Publication: t.Publication}).Validate()
+	return migrations.Options{Schema: t.schema(), Table: t.Table.Name, Publication: t.Publication}.Validate()
 }
 
 func (t Target) schema() string {

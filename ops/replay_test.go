@@ -16,8 +16,8 @@ import (
 
 func webhook(t *testing.T, url string) *sink.Webhook {
 	t.Helper()
-	w, err := sink.NewWebhook(sink.WebhookConfig{URL: url, Secrets: []string{e2e.Secret}, AllowPrivate: true,
-		MaxAttempts: 2, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond}, zerolog.Nop())
+	w, err := sink.NewWebhook(sink.WebhookConfig{URL: url, Secrets: []string{e2e.Secret}, HTTPConfig: sink.HTTPConfig{AllowPrivate: true,
+		RetryConfig: sink.RetryConfig{MaxAttempts: 2, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond}}}, zerolog.Nop())
 	require.NoError(t, err)
 	t.Cleanup(w.Close)
 	return w

@@ -41,6 +41,7 @@ package ops
 // see ResetSlot.
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -97,10 +98,10 @@ func (r *SlotResult) step(format string, args ...any) {
 	r.Steps = append(r.Steps, fmt.Sprintf(format, args...))
 }
 
-func (o *SlotOptions) defaults() {
-	if o.Wait == 0 {
-		o.Wait = DefaultSlotWait
-	}
+// withDefaults returns a copy of o with the defaults filled in.
+func (o SlotOptions) withDefaults() SlotOptions {
+	o.Wait = cmp.Or(o.Wait, DefaultSlotWait)
+	return o
 }
 
 // lockSlot takes the slot's advisory lock on a connection of its own, waiting
@@ -363,7 +364,7 @@ type slotChange struct {
 // inspect applies opts' defaults and returns a command's result, to be
 // filled, and the slot, refusing a slot that is not outboxd's to touch.
 func (c *Client) inspect(ctx context.Context, opts *SlotOptions) (*SlotResult, *store.Slot, error) {
-	opts.defaults()
+	*opts = opts.withDefaults()
 	res := &SlotResult{Slot: c.t.Slot, DryRun: opts.DryRun, Steps: []string{}, Terminated: []int32{}}
 	s, err := c.readSlot(ctx)
 	if err != nil {

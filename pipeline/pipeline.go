@@ -126,8 +126,7 @@ func (c *Config) Validate() error {
 			return err
 		}
 	}
-	rc := c.readerConfig()
-	return rc.Validate()
+	return c.readerConfig().Validate()
 }
 
 func (c *Config) readerConfig() cdc.Config {
@@ -192,10 +191,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	tracker := checkpoint.NewTracker(0, cfg.FlushSize)
 	slotStore := store.NewSlotStore(pool, store.SlotConfig{Schema: cfg.Table.Schema, Table: cfg.Table.Name, Slot: cfg.Slot})
 	slotStore.SetLogger(log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger())
-	rcfg := cfg.readerConfig()
-	if err := rcfg.Validate(); err != nil {
-		return err
-	}
+	rcfg := cfg.readerConfig().WithDefaults() // checked by cfg.Validate
 	var reader *cdc.Reader
 	flusher := &checkpoint.Flusher{Tracker: tracker, Writer: slotStore, Interval: cfg.FlushInterval,
 		Log: log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger()}

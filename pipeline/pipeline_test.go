@@ -47,8 +47,8 @@ func setup(t *testing.T) *bundle {
 func config(dbURL, webhookURL string) pipeline.Config {
 	return pipeline.Config{
 		DatabaseURL: dbURL, Slot: e2e.SlotName(dbURL),
-		Webhook: sink.WebhookConfig{URL: webhookURL, Secrets: []string{e2e.Secret}, AllowPrivate: true,
-			MaxAttempts: 1, Timeout: time.Minute},
+		Webhook: sink.WebhookConfig{URL: webhookURL, Secrets: []string{e2e.Secret}, HTTPConfig: sink.HTTPConfig{
+			AllowPrivate: true, Timeout: time.Minute, RetryConfig: sink.RetryConfig{MaxAttempts: 1}}},
 		Schedule: []time.Duration{100 * time.Millisecond, 200 * time.Millisecond, 400 * time.Millisecond, 800 * time.Millisecond,
 			time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second},
 		RetryInterval: 50 * time.Millisecond, FlushInterval: 20 * time.Millisecond,

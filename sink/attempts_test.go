@@ -30,3 +30,26 @@ func TestWebhookWithMaxAttemptsLimitsOneCall(t *testing.T) {
 	out = w.Deliver(context.Background(), []*decode.Event{event(2)})
 	require.Equal(t, 6, out[0].Attempts, "without the limit the configured budget applies")
 }
+
+// The sinks with their own attempt loop (PostHog here; stdout, Kafka and NATS
+// share it) honour WithMaxAttempts too: the parked-delivery retrier makes one
+// attempt per step of its schedule whatever the sink.
+func TestPostHogWithMaxAttemptsLimitsOneCall(t *testing.T) {
+	t.Parallel()
+	ps := newPostHogServer(t, func(_ int, w http.ResponseWriter, _ *http.Request, _ capturedBatch) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	})
+	cfg := fastPostHog(ps.srv.URL)
+	cfg.MaxAttempts = 6
+	p := newPostHog(t, cfg, zerolog.Nop())
+
+	out := p.Deliver(sink.WithMaxAttempts(context.Background(), 1), []*decode.Event{phEvent(1, `{"id":1}`)})
+	require.Len(t, out, 1)
+	require.Error(t, out[0].Err)
+	require.False(t, errors.Is(out[0].Err, sink.ErrPermanent), "running out of attempts is retryable")
+	require.Equal(t, 1, out[0].Attempts)
+	require.Len(t, ps.requests(), 1)
+
+	out = p.Deliver(context.Background(), []*decode.Event{phEvent(2, `{"id":2}`)})
+	require.Equal(t, 6, out[0].Attempts, "without the limit the configured budget applies")
+}

@@ -40,13 +40,13 @@ func TestWebhookConformance(t *testing.T) {
 		}))
 		t.Cleanup(srv.Close)
 		w, err := sink.NewWebhook(sink.WebhookConfig{
-			Name:         "conformance",
-			URL:          srv.URL,
-			Secrets:      []string{secretA},
-			AllowPrivate: true,
-			MaxAttempts:  4,
-			BackoffMin:   time.Millisecond,
-			BackoffMax:   5 * time.Millisecond,
+			Name:    "conformance",
+			URL:     srv.URL,
+			Secrets: []string{secretA},
+			HTTPConfig: sink.HTTPConfig{
+				AllowPrivate: true,
+				RetryConfig:  sink.RetryConfig{MaxAttempts: 4, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond},
+			},
 		}, zerolog.Nop())
 		if err != nil {
 			t.Fatal(err)

@@ -1,6 +1,7 @@
 package sink
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -107,80 +108,69 @@ type KafkaConfig struct {
 	// Timeout bounds each attempt: from handing the records to the client to
 	// the last acknowledgement. Default 10s.
 	Timeout time.Duration
-	// MaxAttempts is the number of attempts one Deliver call makes per record
-	// before it gives up with a retryable error. Default 8.
-	MaxAttempts int
-	// BackoffMin is the first backoff. Default 200ms.
-	BackoffMin time.Duration
-	// BackoffMax caps the backoff. Default 30s.
-	BackoffMax time.Duration
+	// RetryConfig is the retry budget of one Deliver call, per record.
+	RetryConfig
 }
 
-// Validate fills in defaults and checks c. Errors name the offending field and
-// never contain the SASL password.
-func (c *KafkaConfig) Validate() error {
-	if c.Name == "" {
-		c.Name = DefaultKafkaName
-	}
-	if c.KeyBy == "" {
-		c.KeyBy = KeyByOrganization
-	}
-	if c.ClientID == "" {
-		c.ClientID = DefaultKafkaClientID
-	}
-	if c.Timeout == 0 {
-		c.Timeout = DefaultTimeout
-	}
-	if c.MaxRecordBytes == 0 {
-		c.MaxRecordBytes = DefaultKafkaMaxRecordBytes
-	}
-	var errs []error
-	bad := func(field, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("kafka sink %q: %s: %s", c.Name, field, fmt.Sprintf(format, args...)))
-	}
+// WithDefaults returns a copy of c with the defaults filled in.
+func (c KafkaConfig) WithDefaults() KafkaConfig {
+	c.Name = cmp.Or(c.Name, DefaultKafkaName)
+	c.KeyBy = cmp.Or(c.KeyBy, KeyByOrganization)
+	c.ClientID = cmp.Or(c.ClientID, DefaultKafkaClientID)
+	c.Timeout = cmp.Or(c.Timeout, DefaultTimeout)
+	c.MaxRecordBytes = cmp.Or(c.MaxRecordBytes, DefaultKafkaMaxRecordBytes)
+	c.RetryConfig = c.RetryConfig.withDefaults()
+	return c
+}
+
+// Validate checks c with its defaults (WithDefaults) and changes nothing.
+// Errors name the offending field and never contain the SASL password.
+func (c KafkaConfig) Validate() error {
+	c = c.WithDefaults()
+	var v fieldCheck
 	if c.MaxRecordBytes < 1024 || c.MaxRecordBytes > 1<<30 {
-		bad("MaxRecordBytes", "must be between 1024 and 1073741824, got %d", c.MaxRecordBytes)
+		v.bad("MaxRecordBytes", "must be between 1024 and 1073741824, got %d", c.MaxRecordBytes)
 	}
 	if len(c.Brokers) == 0 {
-		bad("Brokers", "required: at least one host:port")
+		v.bad("Brokers", "required: at least one host:port")
 	}
 	if c.tlsOn() {
-		if _, field, err := kafkaTLS(*c); err != nil {
-			bad(field, "%v", err)
+		if _, field, err := kafkaTLS(c); err != nil {
+			v.bad(field, "%v", err)
 		}
 	}
 	for i, b := range c.Brokers {
 		if b == "" || strings.ContainsAny(b, " /") {
-			bad(fmt.Sprintf("Brokers[%d]", i), "%q is not host:port", b)
+			v.bad(fmt.Sprintf("Brokers[%d]", i), "%q is not host:port", b)
 		}
 	}
 	if t, err := parseTemplate(c.Topic, validKafkaTopicByte); err != nil {
-		bad("Topic", "%v", err)
+		v.bad("Topic", "%v", err)
 	} else if err := checkKafkaTopic(t.expand("x")); err != nil {
-		bad("Topic", "%v", err)
+		v.bad("Topic", "%v", err)
 	}
 	switch c.KeyBy {
 	case KeyByOrganization, KeyByEntity, KeyByNone:
 	default:
-		bad("KeyBy", "%q is not organization, entity or none", c.KeyBy)
+		v.bad("KeyBy", "%q is not organization, entity or none", c.KeyBy)
 	}
 	switch c.SASLMechanism {
 	case "":
 	case "plain", "scram-sha-256", "scram-sha-512":
 		if c.SASLUser == "" {
-			bad("SASLUser", "required with SASL mechanism %s", c.SASLMechanism)
+			v.bad("SASLUser", "required with SASL mechanism %s", c.SASLMechanism)
 		}
 		if c.SASLPassword == "" {
-			bad("SASLPassword", "required with SASL mechanism %s", c.SASLMechanism)
+			v.bad("SASLPassword", "required with SASL mechanism %s", c.SASLMechanism)
 		}
 	default:
-		bad("SASLMechanism", "%q is not plain, scram-sha-256 or scram-sha-512", c.SASLMechanism)
+		v.bad("SASLMechanism", "%q is not plain, scram-sha-256 or scram-sha-512", c.SASLMechanism)
 	}
 	if c.Timeout < 0 {
-		bad("Timeout", "must be positive, got %s", c.Timeout)
+		v.bad("Timeout", "must be positive, got %s", c.Timeout)
 	}
-	validateRetry(&c.MaxAttempts, &c.BackoffMin, &c.BackoffMax, bad)
-	return errors.Join(errs...)
+	c.RetryConfig.validate(v.bad)
+	return v.err("kafka", c.Name)
 }
 
 // Kafka is a Sink that produces each event as one record with franz-go's
@@ -227,6 +217,7 @@ func (k *Kafka) Scope(e *decode.Event) string {
 // NewKafka validates cfg and returns a Kafka sink. It does not connect: the
 // client connects on first use (see Ping).
 func NewKafka(cfg KafkaConfig, log zerolog.Logger) (*Kafka, error) {
+	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -239,7 +230,7 @@ func NewKafka(cfg KafkaConfig, log zerolog.Logger) (*Kafka, error) {
 		topic:   topic,
 		keyBy:   cfg.KeyBy,
 		timeout: cfg.Timeout,
-		policy:  retryPolicy{maxAttempts: cfg.MaxAttempts, backoffMin: cfg.BackoffMin, backoffMax: cfg.BackoffMax},
+		policy:  cfg.RetryConfig.policy(),
 		log:     log.With().Str("component", "sink").Str("sink", cfg.Name).Logger(),
 	}
 	opts := []kgo.Opt{
@@ -312,7 +303,7 @@ func kafkaTLS(cfg KafkaConfig) (_ *tls.Config, field string, _ error) {
 	return tc, "", nil
 }
 
-func (c *KafkaConfig) tlsOn() bool {
+func (c KafkaConfig) tlsOn() bool {
 	return c.TLS || c.TLSCAFile != "" || c.TLSCertFile != "" || c.TLSKeyFile != ""
 }
 

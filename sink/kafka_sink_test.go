@@ -48,7 +48,7 @@ func newKfake(t *testing.T, partitions int32, topics ...string) *kfake.Cluster {
 func fastKafka(c *kfake.Cluster, topic string) sink.KafkaConfig {
 	return sink.KafkaConfig{
 		Name: "kafka-test", Brokers: c.ListenAddrs(), Topic: topic,
-		Timeout: 5 * time.Second, MaxAttempts: 4, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond,
+		Timeout: 5 * time.Second, RetryConfig: sink.RetryConfig{MaxAttempts: 4, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond},
 	}
 }
 
@@ -529,6 +529,9 @@ func TestKafkaConfigErrorsNameTheField(t *testing.T) {
 	t.Parallel()
 	ok := sink.KafkaConfig{Brokers: []string{"127.0.0.1:9092"}, Topic: "events"}
 	require.NoError(t, ok.Validate())
+	require.Empty(t, ok.KeyBy, "Validate changes nothing")
+	ok = ok.WithDefaults()
+	require.NoError(t, ok.Validate())
 	require.Equal(t, sink.KeyByOrganization, ok.KeyBy)
 	for field, mutate := range map[string]func(*sink.KafkaConfig){
 		"Brokers":       func(c *sink.KafkaConfig) { c.Brokers = nil },
@@ -547,7 +550,7 @@ func TestKafkaConfigErrorsNameTheField(t *testing.T) {
 		cfg := sink.KafkaConfig{Brokers: []string{"127.0.0.1:9092"}, Topic: topic}
 		require.ErrorContains(t, cfg.Validate(), "Topic:", topic)
 	}
-	cfg := sink.KafkaConfig{Brokers: []string{"b:9092"}, Topic: "t", SASLMechanism: "plain", SASLUser: "u", SASLPassword: "pw-secret", MaxAttempts: -1}
+	cfg := sink.KafkaConfig{Brokers: []string{"b:9092"}, Topic: "t", SASLMechanism: "plain", SASLUser: "u", SASLPassword: "pw-secret", RetryConfig: sink.RetryConfig{MaxAttempts: -1}}
 	require.NotContains(t, cfg.Validate().Error(), "pw-secret")
 }
 

@@ -1,6 +1,7 @@
 package sink
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -44,51 +45,46 @@ type NATSConfig struct {
 	// Timeout bounds connecting at start and each publish attempt, up to
 	// its PubAck. Default 10s.
 	Timeout time.Duration
-	// MaxAttempts is the number of attempts one Deliver call makes per event
-	// before it gives up with a retryable error. Default 8.
-	MaxAttempts int
-	// BackoffMin is the first backoff. Default 200ms.
-	BackoffMin time.Duration
-	// BackoffMax caps the backoff. Default 30s.
-	BackoffMax time.Duration
+	// RetryConfig is the retry budget of one Deliver call, per event.
+	RetryConfig
 }
 
-// Validate fills in defaults and checks c. Errors name the offending field and
-// never contain the URL's credentials.
-func (c *NATSConfig) Validate() error {
-	if c.Name == "" {
-		c.Name = DefaultNATSName
-	}
-	if c.Timeout == 0 {
-		c.Timeout = DefaultTimeout
-	}
-	var errs []error
-	bad := func(field, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("nats sink %q: %s: %s", c.Name, field, fmt.Sprintf(format, args...)))
-	}
+// WithDefaults returns a copy of c with the defaults filled in.
+func (c NATSConfig) WithDefaults() NATSConfig {
+	c.Name = cmp.Or(c.Name, DefaultNATSName)
+	c.Timeout = cmp.Or(c.Timeout, DefaultTimeout)
+	c.RetryConfig = c.RetryConfig.withDefaults()
+	return c
+}
+
+// Validate checks c with its defaults (WithDefaults) and changes nothing.
+// Errors name the offending field and never contain the URL's credentials.
+func (c NATSConfig) Validate() error {
+	c = c.WithDefaults()
+	var v fieldCheck
 	if strings.TrimSpace(c.URL) == "" {
-		bad("URL", "required: nats://host:4222")
+		v.bad("URL", "required: nats://host:4222")
 	} else {
 		for _, u := range strings.Split(c.URL, ",") {
 			if _, err := redactNATSURL(u); err != nil {
-				bad("URL", "%v", err)
+				v.bad("URL", "%v", err)
 				break
 			}
 		}
 	}
 	if t, err := parseTemplate(c.Subject, validSubjectByte); err != nil {
-		bad("Subject", "%v", err)
+		v.bad("Subject", "%v", err)
 	} else if err := checkSubject(t.expand("x")); err != nil {
-		bad("Subject", "%v", err)
+		v.bad("Subject", "%v", err)
 	}
 	if c.Stream != "" && strings.ContainsAny(c.Stream, " \t\r\n.*>/\\") {
-		bad("Stream", "%q may not contain whitespace, '.', '*', '>', '/' or '\\'", c.Stream)
+		v.bad("Stream", "%q may not contain whitespace, '.', '*', '>', '/' or '\\'", c.Stream)
 	}
 	if c.Timeout < 0 {
-		bad("Timeout", "must be positive, got %s", c.Timeout)
+		v.bad("Timeout", "must be positive, got %s", c.Timeout)
 	}
-	validateRetry(&c.MaxAttempts, &c.BackoffMin, &c.BackoffMax, bad)
-	return errors.Join(errs...)
+	c.RetryConfig.validate(v.bad)
+	return v.err("nats", c.Name)
 }
 
 // redactNATSURL returns scheme://host of one server URL, without userinfo.
@@ -149,6 +145,7 @@ func (n *NATS) DuplicatesAcknowledged() uint64 { return n.duplicates.Load() }
 // cfg.Stream is set, makes sure the stream exists. Once connected, the
 // connection reconnects for ever.
 func NewNATS(ctx context.Context, cfg NATSConfig, log zerolog.Logger) (*NATS, error) {
+	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -165,7 +162,7 @@ func NewNATS(ctx context.Context, cfg NATSConfig, log zerolog.Logger) (*NATS, er
 		name:     cfg.Name,
 		subject:  subject,
 		timeout:  cfg.Timeout,
-		policy:   retryPolicy{maxAttempts: cfg.MaxAttempts, backoffMin: cfg.BackoffMin, backoffMax: cfg.BackoffMax},
+		policy:   cfg.RetryConfig.policy(),
 		redacted: strings.Join(hosts, ","),
 	}
 	subject.onCollision(func(name, earlier, expanded string) {

@@ -46,7 +46,7 @@ func newNATSServer(t *testing.T, withJS bool, tweak ...func(*server.Options)) *s
 func fastNATS(url, subject string) sink.NATSConfig {
 	return sink.NATSConfig{
 		Name: "nats-test", URL: url, Subject: subject,
-		Timeout: 5 * time.Second, MaxAttempts: 4, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond,
+		Timeout: 5 * time.Second, RetryConfig: sink.RetryConfig{MaxAttempts: 4, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond},
 	}
 }
 

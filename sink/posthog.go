@@ -2,13 +2,13 @@ package sink
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha1" //nolint:gosec // UUIDv5 is defined over SHA-1; no security property rests on it
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -16,12 +16,13 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/hashicorp/go-retryablehttp"
 	"github.com/rs/zerolog"
 
 	"github.com/outboxd/outboxd/decode"
 )
 
-// Defaults applied by PostHogConfig.Validate.
+// Defaults of PostHogConfig.
 const (
 	DefaultPostHogName = "posthog"
 	DefaultPostHogHost = "https://us.i.posthog.com"
@@ -38,59 +39,36 @@ type PostHogConfig struct {
 	// APIKey is the project API key. It never appears in logs or errors.
 	// Required.
 	APIKey string
-	// Timeout bounds each attempt, connection, request and response included.
-	// Default 10s.
-	Timeout time.Duration
-	// MaxAttempts is the number of attempts one Deliver call makes before it
-	// gives up with a retryable error. Default 8.
-	MaxAttempts int
-	// BackoffMin is the first backoff. Default 200ms.
-	BackoffMin time.Duration
-	// BackoffMax caps the backoff and any Retry-After. Default 30s.
-	BackoffMax time.Duration
-	// AllowPrivate allows loopback, private, link-local and other non-public
-	// destinations (a self-hosted PostHog on a private network). Default
-	// false: such addresses are refused.
-	AllowPrivate bool
-	// UserAgent is the User-Agent header. Default "outboxd".
-	UserAgent string
+	// HTTPConfig holds the attempt timeout, the retry budget, the address
+	// guard (AllowPrivate: a self-hosted PostHog on a private network), the
+	// pool and the user agent.
+	HTTPConfig
 }
 
-// Validate fills in defaults and checks c. Errors name the offending field and
-// never contain the API key.
-func (c *PostHogConfig) Validate() error {
-	if c.Name == "" {
-		c.Name = DefaultPostHogName
-	}
-	if c.Host == "" {
-		c.Host = DefaultPostHogHost
-	}
-	if c.Timeout == 0 {
-		c.Timeout = DefaultTimeout
-	}
-	if c.UserAgent == "" {
-		c.UserAgent = DefaultWebhookUserAgent
-	}
-	var errs []error
-	bad := func(field, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("posthog sink %q: %s: %s", c.Name, field, fmt.Sprintf(format, args...)))
+// WithDefaults returns a copy of c with the defaults filled in.
+func (c PostHogConfig) WithDefaults() PostHogConfig {
+	c.HTTPConfig = c.HTTPConfig.withDefaults()
+	c.Name = cmp.Or(c.Name, DefaultPostHogName)
+	c.Host = cmp.Or(c.Host, DefaultPostHogHost)
+	return c
+}
+
+// Validate checks c with its defaults (WithDefaults) and changes nothing.
+// Errors name the offending field and never contain the API key.
+func (c PostHogConfig) Validate() error {
+	c = c.WithDefaults()
+	var v fieldCheck
+	switch {
+	case strings.TrimSpace(c.APIKey) == "":
+		v.bad("APIKey", "required: the project API key")
+	case !validHeaderValue(c.APIKey):
+		v.bad("APIKey", "must not contain CR, LF or NUL")
 	}
 	if _, err := posthogEndpoint(c.Host); err != nil {
-		bad("Host", "%v", err)
+		v.bad("Host", "%v", err)
 	}
-	if strings.TrimSpace(c.APIKey) == "" {
-		bad("APIKey", "required: the project API key")
-	} else if !validHeaderValue(c.APIKey) {
-		bad("APIKey", "must not contain CR, LF or NUL")
-	}
-	if c.Timeout < 0 {
-		bad("Timeout", "must be positive, got %s", c.Timeout)
-	}
-	if !validHeaderValue(c.UserAgent) {
-		bad("UserAgent", "must not contain CR, LF or NUL")
-	}
-	validateRetry(&c.MaxAttempts, &c.BackoffMin, &c.BackoffMax, bad)
-	return errors.Join(errs...)
+	c.HTTPConfig.validate(v.bad)
+	return v.err("posthog", c.Name)
 }
 
 // posthogEndpoint returns the /batch/ URL of host. Its errors do not repeat
@@ -139,13 +117,10 @@ func posthogEndpoint(host string) (*url.URL, error) {
 type PostHog struct {
 	name      string
 	endpoint  string
-	redacted  string
+	what      string // the action, in errors: "post posthog batch <url>"
 	apiKey    string
 	userAgent string
-	timeout   time.Duration
-	policy    retryPolicy
-	transport *http.Transport
-	client    *http.Client
+	http      *httpClient
 	scrub     *strings.Replacer
 	log       zerolog.Logger
 	// keyRefused is set while PostHog refuses the key (401/403), so that
@@ -155,8 +130,9 @@ type PostHog struct {
 
 var _ Sink = (*PostHog)(nil)
 
-// NewPostHog validates cfg and returns a PostHog sink.
+// NewPostHog validates cfg, with its defaults, and returns a PostHog sink.
 func NewPostHog(cfg PostHogConfig, log zerolog.Logger) (*PostHog, error) {
+	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -167,22 +143,13 @@ func NewPostHog(cfg PostHogConfig, log zerolog.Logger) (*PostHog, error) {
 	p := &PostHog{
 		name:      cfg.Name,
 		endpoint:  u.String(),
-		redacted:  redactURL(u),
+		what:      "post posthog batch " + redactURL(u),
 		apiKey:    cfg.APIKey,
 		userAgent: cfg.UserAgent,
-		timeout:   cfg.Timeout,
-		policy:    retryPolicy{maxAttempts: cfg.MaxAttempts, backoffMin: cfg.BackoffMin, backoffMax: cfg.BackoffMax},
+		http:      newHTTPClient(cfg.HTTPConfig),
 		scrub:     strings.NewReplacer(cfg.APIKey, redacted),
 	}
-	p.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", p.redacted).Logger()
-	p.transport = newGuardedTransport(cfg.Timeout, DefaultWebhookMaxIdleConns, cfg.AllowPrivate)
-	p.client = &http.Client{
-		Transport: p.transport,
-		Timeout:   cfg.Timeout,
-		CheckRedirect: func(*http.Request, []*http.Request) error {
-			return http.ErrUseLastResponse // a 3xx is a permanent failure, never followed
-		},
-	}
+	p.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", redactURL(u)).Logger()
 	return p, nil
 }
 
@@ -190,42 +157,7 @@ func NewPostHog(cfg PostHogConfig, log zerolog.Logger) (*PostHog, error) {
 func (p *PostHog) Name() string { return p.name }
 
 // Close closes idle keep-alive connections.
-func (p *PostHog) Close() { p.transport.CloseIdleConnections() }
-
-// Deliver sends the events in one /batch/ request, retried in memory.
-func (p *PostHog) Deliver(ctx context.Context, events []*decode.Event) []Outcome {
-	if len(events) == 0 {
-		return []Outcome{}
-	}
-	// Events are converted once; one whose body is not a JSON object fails
-	// permanently by itself, and the others go on.
-	items := make([]json.RawMessage, len(events))
-	historical := make([]bool, len(events))
-	var rejected []error
-	for i, ev := range events {
-		if ev == nil {
-			continue
-		}
-		historical[i] = ev.Historical
-		item, err := posthogEvent(ev)
-		if err == nil && len(item) > posthogMaxEventBytes {
-			err = fmt.Errorf("event of %d bytes is over PostHog's limit of %d bytes per event (PostHog would drop it after accepting it)", len(item), posthogMaxEventBytes)
-		}
-		if err != nil {
-			if rejected == nil {
-				rejected = make([]error, len(events))
-			}
-			rejected[i] = err
-			continue
-		}
-		items[i] = item
-	}
-	return deliverEach(ctx, p.policy, "post posthog batch "+p.redacted, events, rejected, func(ctx context.Context, pending []int) attemptResult {
-		res := attemptResult{errs: make([]error, len(pending))}
-		p.sendChunks(ctx, items, historical, pending, 0, &res)
-		return res
-	})
-}
+func (p *PostHog) Close() { p.http.closeIdle() }
 
 // PostHog's limits: it drops an event over about 1 MB (after answering 2xx)
 // and refuses a request body over its batch limit (413).
@@ -234,57 +166,181 @@ const (
 	posthogMaxBatchBytes = 16 << 20 // below the 20 MB the capture API takes
 )
 
-// sendChunks posts the events at pending[from:] in order, in requests of at
-// most posthogMaxBatchBytes, and fills res.errs. A chunk answered 413 is
-// split in two and sent again, down to single events (then permanent). After
-// a chunk that failed otherwise, the events behind it are not sent
-// (errNotSent), so that they never overtake it.
-func (p *PostHog) sendChunks(ctx context.Context, items []json.RawMessage, historical []bool, pending []int, from int, res *attemptResult) {
-	for start := from; start < len(pending); {
+// Deliver sends the events in /batch/ requests of at most
+// posthogMaxBatchBytes, in order, each retried in memory.
+func (p *PostHog) Deliver(ctx context.Context, events []*decode.Event) []Outcome {
+	if len(events) == 0 {
+		return []Outcome{}
+	}
+	c := &posthogCall{
+		p: p, out: make([]Outcome, len(events)), items: make([]json.RawMessage, len(events)),
+		historical: make([]bool, len(events)), lastRound: make([]int, len(events)),
+		maxAttempts: p.http.policy.limit(ctx), round: 1,
+	}
+	// Events are converted once; one whose body is not a JSON object fails
+	// permanently by itself, and the others go on.
+	pending := make([]int, 0, len(events))
+	for i, ev := range events {
+		if ev == nil {
+			c.out[i].Err = fmt.Errorf("%s: %w: event %d is nil", p.what, ErrPermanent, i)
+			continue
+		}
+		item, err := posthogEvent(ev)
+		if err == nil && len(item) > posthogMaxEventBytes {
+			err = fmt.Errorf("event of %d bytes is over PostHog's limit of %d bytes per event (PostHog would drop it after accepting it)", len(item), posthogMaxEventBytes)
+		}
+		if err != nil {
+			c.out[i].Err = fmt.Errorf("%s: %w: event %d: %w", p.what, ErrPermanent, ev.ID, err)
+			continue
+		}
+		c.items[i], c.historical[i] = item, ev.Historical
+		pending = append(pending, i)
+	}
+	if err := ctx.Err(); err != nil {
+		for _, i := range pending {
+			c.out[i].Err = fmt.Errorf("%s: %w", p.what, err)
+		}
+		return c.out
+	}
+	c.sendChunks(ctx, pending)
+	return c.out
+}
+
+// posthogCall is the state of one Deliver call. Its attempt budget is the
+// call's, as if all its requests were one attempt loop: a round is one
+// attempt at each event still pending, and a request retried k times spends
+// k-1 rounds of the budget. An event's Attempts counts the rounds in which
+// it was sent (a batch split after a 413 is sent again in the same round).
+type posthogCall struct {
+	p           *PostHog
+	out         []Outcome
+	items       []json.RawMessage
+	historical  []bool
+	lastRound   []int // the last round in which each event was sent, 0 for none
+	maxAttempts int
+	round       int // the current round, from 1
+}
+
+// sendChunks posts the events at pending in order, in requests of at most
+// posthogMaxBatchBytes. When a request cannot be settled (its budget ran
+// out, or ctx ended), the events behind it are not sent, so that they never
+// overtake it.
+func (c *posthogCall) sendChunks(ctx context.Context, pending []int) {
+	for start := 0; start < len(pending); {
 		end, size := start, 0
-		for end < len(pending) && (end == start || size+len(items[pending[end]])+1 <= posthogMaxBatchBytes) {
-			size += len(items[pending[end]]) + 1
+		for end < len(pending) && (end == start || size+len(c.items[pending[end]])+1 <= posthogMaxBatchBytes) {
+			size += len(c.items[pending[end]]) + 1
 			end++
 		}
-		if !p.sendChunk(ctx, items, historical, pending[start:end], res.errs[start:end], res) {
-			for j := end; j < len(pending); j++ {
-				res.errs[j] = errNotSent
-			}
+		if !c.sendChunk(ctx, pending[start:end]) {
+			c.notSent(ctx, pending[end:])
 			return
 		}
 		start = end
 	}
 }
 
-// sendChunk posts one chunk (splitting it on 413) and reports whether all of
-// it was acknowledged.
-func (p *PostHog) sendChunk(ctx context.Context, items []json.RawMessage, historical []bool, chunk []int, errs []error, res *attemptResult) bool {
+// notSent fails the events an earlier failure held back.
+func (c *posthogCall) notSent(ctx context.Context, events []int) {
+	for _, i := range events {
+		if err := ctx.Err(); err != nil {
+			c.out[i].Err = fmt.Errorf("%s: stopped after %d attempt(s): %w", c.p.what, c.out[i].Attempts, err)
+		} else {
+			c.out[i].Err = fmt.Errorf("%s: giving up after %d attempt(s): %w", c.p.what, c.out[i].Attempts, errNotSent)
+		}
+	}
+}
+
+// sendChunk posts one chunk, splitting it on 413, and sets its events'
+// outcomes. It reports whether the events behind it may be sent: false when
+// the budget ran out or ctx ended.
+func (c *posthogCall) sendChunk(ctx context.Context, chunk []int) bool {
 	batch := make([]json.RawMessage, len(chunk))
 	old := true
 	for j, i := range chunk {
-		batch[j] = items[i]
-		old = old && historical[i]
+		batch[j] = c.items[i]
+		old = old && c.historical[i]
 	}
-	status, retryAfter, err := p.post(ctx, batch, old)
-	res.status = status
-	if retryAfter > 0 {
-		res.retryAfter = retryAfter
-	}
-	if status == http.StatusRequestEntityTooLarge && len(chunk) > 1 {
-		half := len(chunk) / 2
-		p.log.Info().Int("events", len(chunk)).Msg("posthog refused the batch as too large (413): sending it in two")
-		if !p.sendChunk(ctx, items, historical, chunk[:half], errs[:half], res) {
-			for j := half; j < len(chunk); j++ {
-				errs[j] = errNotSent
+	first := c.round
+	call, resp, snippet, err := c.p.post(ctx, batch, old, c.maxAttempts-c.round+1)
+	if call.attempts > 0 {
+		c.round += call.attempts - 1
+		for _, i := range chunk {
+			from := max(first, c.lastRound[i]+1)
+			c.out[i].Attempts += c.round - from + 1
+			c.lastRound[i] = c.round
+			c.out[i].Status = call.status
+			if call.retryAfter > 0 {
+				c.out[i].RetryAfter = call.retryAfter
 			}
+		}
+	}
+	if err == nil && resp.StatusCode == http.StatusRequestEntityTooLarge && len(chunk) > 1 {
+		half := len(chunk) / 2
+		c.p.log.Info().Int("events", len(chunk)).Msg("posthog refused the batch as too large (413): sending it in two")
+		if !c.sendChunk(ctx, chunk[:half]) {
+			c.notSent(ctx, chunk[half:])
 			return false
 		}
-		return p.sendChunk(ctx, items, historical, chunk[half:], errs[half:], res)
+		return c.sendChunk(ctx, chunk[half:])
 	}
-	for j := range errs {
-		errs[j] = err
+	var fail func(attempts int) error // the error of each event, nil when acknowledged
+	goOn := true
+	switch {
+	case err != nil && ctx.Err() != nil:
+		fail = func(n int) error {
+			return fmt.Errorf("%s: stopped after %d attempt(s)%s: %w", c.p.what, n, lastStatus(call.status), ctx.Err())
+		}
+		goOn = false
+	case errors.Is(err, ErrPermanent):
+		fail = func(int) error { return fmt.Errorf("%s: %w", c.p.what, err) }
+	case errors.Is(err, ErrForbiddenAddress):
+		fail = func(int) error { return fmt.Errorf("%s: %w: %w", c.p.what, ErrPermanent, err) }
+	case err != nil:
+		err = attemptErr(ctx, c.p.http.timeout, err)
+		fail = func(n int) error { return fmt.Errorf("%s: giving up after %d attempt(s): %w", c.p.what, n, err) }
+		goOn = false
+	default:
+		status := resp.StatusCode
+		switch classifyPostHog(status) {
+		case statusOK:
+		case statusRetryable:
+			reason := fmt.Sprintf("status %d%s", status, quote(snippet))
+			if status == http.StatusUnauthorized || status == http.StatusForbidden {
+				reason = fmt.Sprintf("status %d: the project API key was refused%s", status, quote(snippet))
+			}
+			fail = func(n int) error { return fmt.Errorf("%s: giving up after %d attempt(s): %s", c.p.what, n, reason) }
+			goOn = false
+		default:
+			perm := fmt.Errorf("%w: status %d%s", ErrPermanent, status, quote(snippet))
+			if status >= 300 && status < 400 {
+				perm = fmt.Errorf("%w: status %d: redirects are not followed", ErrPermanent, status)
+			}
+			fail = func(int) error { return fmt.Errorf("%s: %w", c.p.what, perm) }
+		}
 	}
-	return err == nil
+	for _, i := range chunk {
+		c.out[i].Err = nil
+		if fail != nil {
+			c.out[i].Err = fail(c.out[i].Attempts)
+		}
+	}
+	return goOn
+}
+
+// classifyPostHog sorts PostHog's answers: 401 and 403 (the key refused:
+// every event alike, so parking them until it is fixed loses nothing, where
+// dead-lettering would dead-letter the whole stream) are retryable, and 410
+// has no meaning of its own: permanent like other 4xx.
+func classifyPostHog(status int) statusClass {
+	switch c := classify(status); {
+	case status == http.StatusUnauthorized || status == http.StatusForbidden:
+		return statusRetryable
+	case c == statusGone:
+		return statusPermanent
+	default:
+		return c
+	}
 }
 
 // posthogBatch is the body of a /batch/ request.
@@ -297,83 +353,44 @@ type posthogBatch struct {
 	HistoricalMigration bool `json:"historical_migration,omitempty"`
 }
 
-// post makes one attempt: one request, classified.
-func (p *PostHog) post(ctx context.Context, batch []json.RawMessage, historical bool) (status int, retryAfter time.Duration, err error) {
+// post sends one /batch/ request, retried in memory up to maxAttempts, and
+// returns the call, the last response (drained and closed) with the scrubbed
+// start of its body, or the error that ended the call.
+func (p *PostHog) post(ctx context.Context, batch []json.RawMessage, historical bool, maxAttempts int) (*httpCall, *http.Response, string, error) {
+	call := &httpCall{
+		maxAttempts: maxAttempts,
+		classify:    classifyPostHog,
+		onAttempt: func(c *httpCall, err error) {
+			switch {
+			case err != nil:
+				p.log.Debug().Int("events", len(batch)).Dur("duration", time.Since(c.started)).AnErr("error", err).Msg("posthog attempt")
+				return
+			case c.status == http.StatusUnauthorized || c.status == http.StatusForbidden:
+				if !p.keyRefused.Swap(true) {
+					p.log.Error().Int("status", c.status).Msg("PostHog refused the project API key: check POSTHOG_PROJECT_API_KEY and POSTHOG_HOST (an EU project's key is refused on the US host); deliveries park until it is fixed")
+				}
+			case classifyPostHog(c.status) == statusOK:
+				p.keyRefused.Store(false)
+			}
+			p.log.Debug().Int("events", len(batch)).Int("status", c.status).Dur("duration", time.Since(c.started)).Msg("posthog attempt")
+		},
+	}
 	body, err := json.Marshal(posthogBatch{APIKey: p.apiKey, Batch: batch, HistoricalMigration: historical})
 	if err != nil {
-		return 0, 0, fmt.Errorf("%w: encode batch: %w", ErrPermanent, err)
+		return call, nil, "", fmt.Errorf("%w: encode batch: %w", ErrPermanent, err)
 	}
-	actx, cancel := context.WithTimeout(ctx, p.timeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(actx, http.MethodPost, p.endpoint, bytes.NewReader(body))
+	req, err := retryablehttp.NewRequestWithContext(ctx, http.MethodPost, p.endpoint, body)
 	if err != nil {
-		return 0, 0, fmt.Errorf("%w: build request: %w", ErrPermanent, cleanErr(err))
+		return call, nil, "", fmt.Errorf("%w: build request: %w", ErrPermanent, cleanErr(err))
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", p.userAgent)
-	started := time.Now()
-	resp, err := p.client.Do(req)
-	if err != nil {
-		err = cleanErr(err)
-		p.log.Debug().Int("events", len(batch)).Dur("duration", time.Since(started)).AnErr("error", err).Msg("posthog attempt")
-		if errors.Is(err, ErrForbiddenAddress) {
-			return 0, 0, fmt.Errorf("%w: %w", ErrPermanent, err)
-		}
-		return 0, 0, attemptErr(ctx, p.timeout, err)
+	resp, err := p.http.do(req, call)
+	var snippet string
+	if resp != nil {
+		snippet = printable(p.scrub.Replace(string(drainBody(resp))))
 	}
-	snippet := p.finish(resp)
-	status = resp.StatusCode
-	if ra, ok := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()); ok {
-		retryAfter = ra
-	}
-	p.log.Debug().Int("events", len(batch)).Int("status", status).Dur("duration", time.Since(started)).Msg("posthog attempt")
-	switch classify(status) {
-	case statusOK:
-		p.keyRefused.Store(false)
-		return status, retryAfter, nil
-	case statusRetryable:
-		return status, retryAfter, fmt.Errorf("status %d%s", status, quote(snippet))
-	default: // PostHog has no 410 meaning: it is permanent like other 4xx
-		if status == http.StatusUnauthorized || status == http.StatusForbidden {
-			// A wrong key (or an EU key on the US host) refuses every
-			// event alike: parking them until it is fixed loses nothing,
-			// dead-lettering would dead-letter the whole stream.
-			if !p.keyRefused.Swap(true) {
-				p.log.Error().Int("status", status).Msg("PostHog refused the project API key: check POSTHOG_PROJECT_API_KEY and POSTHOG_HOST (an EU project's key is refused on the US host); deliveries park until it is fixed")
-			}
-			return status, retryAfter, fmt.Errorf("status %d: the project API key was refused%s", status, quote(snippet))
-		}
-		if status >= 300 && status < 400 {
-			return status, retryAfter, fmt.Errorf("%w: status %d: redirects are not followed", ErrPermanent, status)
-		}
-		return status, retryAfter, fmt.Errorf("%w: status %d%s", ErrPermanent, status, quote(snippet))
-	}
-}
-
-// finish drains and closes resp's body and returns, for a non-2xx answer, a
-// short printable excerpt with the API key scrubbed out.
-func (p *PostHog) finish(resp *http.Response) string {
-	defer resp.Body.Close()
-	body := io.LimitReader(resp.Body, maxDrain)
-	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		_, _ = io.Copy(io.Discard, body)
-		return ""
-	}
-	buf := make([]byte, snippetRead)
-	n, _ := io.ReadFull(body, buf)
-	_, _ = io.Copy(io.Discard, body)
-	s := p.scrub.Replace(string(buf[:n]))
-	if len(s) > snippetLen {
-		s = s[:snippetLen]
-	}
-	s = strings.ToValidUTF8(s, "")
-	s = strings.Map(func(r rune) rune {
-		if r < 0x20 || r == 0x7f {
-			return ' '
-		}
-		return r
-	}, s)
-	return strings.TrimSpace(s)
+	return call, resp, snippet, cleanErr(err)
 }
 
 // posthogEnvelope is the part of the outbox envelope a PostHog event is made

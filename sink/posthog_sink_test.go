@@ -77,8 +77,8 @@ func (ps *posthogServer) requests() []capturedBatch {
 
 func fastPostHog(host string) sink.PostHogConfig {
 	return sink.PostHogConfig{
-		Name: "posthog-test", Host: host, APIKey: posthogKey, AllowPrivate: true,
-		Timeout: 5 * time.Second, MaxAttempts: 4, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond,
+		Name: "posthog-test", Host: host, APIKey: posthogKey, HTTPConfig: sink.HTTPConfig{AllowPrivate: true,
+			Timeout: 5 * time.Second, RetryConfig: sink.RetryConfig{MaxAttempts: 4, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond}},
 	}
 }
 
@@ -387,12 +387,15 @@ func TestPostHogConfig(t *testing.T) {
 	t.Parallel()
 	cfg := sink.PostHogConfig{APIKey: "k"}
 	require.NoError(t, cfg.Validate())
+	require.Empty(t, cfg.Host, "Validate changes nothing")
+	cfg = cfg.WithDefaults()
+	require.NoError(t, cfg.Validate())
 	require.Equal(t, "https://us.i.posthog.com", cfg.Host)
 	for field, c := range map[string]sink.PostHogConfig{
 		"APIKey":      {},
 		"Host":        {APIKey: "k", Host: "https://user:pw@eu.i.posthog.com"},
-		"MaxAttempts": {APIKey: "k", MaxAttempts: -1},
-		"BackoffMin":  {APIKey: "k", BackoffMin: time.Minute, BackoffMax: time.Second},
+		"MaxAttempts": {APIKey: "k", HTTPConfig: sink.HTTPConfig{RetryConfig: sink.RetryConfig{MaxAttempts: -1}}},
+		"BackoffMin":  {APIKey: "k", HTTPConfig: sink.HTTPConfig{RetryConfig: sink.RetryConfig{BackoffMin: time.Minute, BackoffMax: time.Second}}},
 	} {
 		require.ErrorContains(t, c.Validate(), field+":", field)
 	}
@@ -491,4 +494,35 @@ func TestPostHogHistoricalMigration(t *testing.T) {
 	flag.Historical = nil
 	require.NoError(t, json.Unmarshal(reqs[1].raw, &flag))
 	require.Nil(t, flag.Historical, "a batch with a streamed event is not historical")
+}
+
+// A batch split after a 413 is sent again within the same attempt: an event's
+// Attempts counts the attempts at it, not the requests that carried it, and
+// the call's budget is spent by attempts.
+func TestPostHogSplitAttemptsAndBudget(t *testing.T) {
+	t.Parallel()
+	ps := newPostHogServer(t, func(n int, w http.ResponseWriter, _ *http.Request, b capturedBatch) {
+		switch {
+		case n == 1:
+			w.WriteHeader(http.StatusServiceUnavailable)
+		case len(b.body.Batch) > 1:
+			http.Error(w, "payload too large", http.StatusRequestEntityTooLarge)
+		case n == 3:
+			_, _ = w.Write([]byte(`{"status":1}`))
+		default:
+			w.WriteHeader(http.StatusServiceUnavailable) // the second half, for ever
+		}
+	})
+	cfg := fastPostHog(ps.srv.URL)
+	cfg.MaxAttempts = 4
+	out := newPostHog(t, cfg, zerolog.Nop()).Deliver(t.Context(), []*decode.Event{phEvent(1, `{"id":1}`), phEvent(2, `{"id":2}`)})
+	// 1: [1,2] 503; 2: [1,2] 413, split; 3: [1] acked; 4, 5, 6: [2] 503 until the
+	// budget of 4 attempts is spent.
+	require.NoError(t, out[0].Err)
+	require.Equal(t, 2, out[0].Attempts)
+	require.Error(t, out[1].Err)
+	require.NotErrorIs(t, out[1].Err, sink.ErrPermanent)
+	require.Equal(t, 4, out[1].Attempts)
+	require.Equal(t, http.StatusServiceUnavailable, out[1].Status)
+	require.Len(t, ps.requests(), 6)
 }

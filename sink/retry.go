@@ -1,18 +1,21 @@
 package sink
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/internal/backoff"
 )
 
-// Defaults of the in-memory retry budget and attempt timeout of the sinks
-// other than the webhook (stdout, Kafka, NATS, PostHog); the same values as
-// the webhook's.
+// Defaults of the in-memory retry budget (RetryConfig) of every sink, and of
+// the attempt timeout of the sinks that have one.
 const (
 	DefaultMaxAttempts = 8
 	DefaultBackoffMin  = 200 * time.Millisecond
@@ -20,49 +23,76 @@ const (
 	DefaultTimeout     = 10 * time.Second
 )
 
-// retryPolicy is the in-memory retry budget of one Deliver call of the sinks
-// that run their own attempt loop (the webhook delegates to retryablehttp).
+// RetryConfig is the in-memory retry budget of one Deliver call, the same for
+// every sink.
+type RetryConfig struct {
+	// MaxAttempts is the number of attempts one Deliver call makes at an event
+	// before it gives up with a retryable error. Default 8.
+	MaxAttempts int
+	// BackoffMin is the first backoff. Default 200ms.
+	BackoffMin time.Duration
+	// BackoffMax caps the backoff and any Retry-After. Default 30s.
+	BackoffMax time.Duration
+}
+
+func (c RetryConfig) withDefaults() RetryConfig {
+	c.MaxAttempts = cmp.Or(c.MaxAttempts, DefaultMaxAttempts)
+	c.BackoffMin = cmp.Or(c.BackoffMin, DefaultBackoffMin)
+	c.BackoffMax = cmp.Or(c.BackoffMax, DefaultBackoffMax)
+	return c
+}
+
+// validate reports each bad field through bad.
+func (c RetryConfig) validate(bad func(field, format string, args ...any)) {
+	if c.MaxAttempts < 0 {
+		bad("MaxAttempts", "must be positive, got %d", c.MaxAttempts)
+	}
+	if c.BackoffMin < 0 {
+		bad("BackoffMin", "must be positive, got %s", c.BackoffMin)
+	}
+	if c.BackoffMax < 0 {
+		bad("BackoffMax", "must be positive, got %s", c.BackoffMax)
+	}
+	if c.BackoffMin > 0 && c.BackoffMax > 0 && c.BackoffMin > c.BackoffMax {
+		bad("BackoffMin", "%s is greater than BackoffMax %s", c.BackoffMin, c.BackoffMax)
+	}
+}
+
+// policy is the retry policy c configures; c has its defaults.
+func (c RetryConfig) policy() retryPolicy {
+	return retryPolicy{maxAttempts: c.MaxAttempts, backoff: backoff.Policy{Min: c.BackoffMin, Max: c.BackoffMax}}
+}
+
+// retryPolicy is the one retry policy of the sinks: how many attempts one
+// Deliver call makes, and how long it waits between them. The sinks that run
+// their own attempt loop use it through deliverEach, the HTTP sinks through
+// go-retryablehttp's hooks (httpClient). What is retryable is each sink's
+// classification (classify for HTTP statuses).
 type retryPolicy struct {
 	maxAttempts int
-	backoffMin  time.Duration
-	backoffMax  time.Duration
+	backoff     backoff.Policy
 }
 
-// validateRetry fills in the defaults of a retry budget and reports the
-// first bad field through bad.
-func validateRetry(maxAttempts *int, backoffMin, backoffMax *time.Duration, bad func(field, format string, args ...any)) {
-	if *maxAttempts == 0 {
-		*maxAttempts = DefaultMaxAttempts
+// limit is the attempt budget of one Deliver call: maxAttempts, or the
+// smaller one WithMaxAttempts put in ctx.
+func (p retryPolicy) limit(ctx context.Context) int {
+	if n := MaxAttempts(ctx); n > 0 && n < p.maxAttempts {
+		return n
 	}
-	if *backoffMin == 0 {
-		*backoffMin = DefaultBackoffMin
-	}
-	if *backoffMax == 0 {
-		*backoffMax = DefaultBackoffMax
-	}
-	if *maxAttempts < 0 {
-		bad("MaxAttempts", "must be positive, got %d", *maxAttempts)
-	}
-	if *backoffMin < 0 {
-		bad("BackoffMin", "must be positive, got %s", *backoffMin)
-	}
-	if *backoffMax < 0 {
-		bad("BackoffMax", "must be positive, got %s", *backoffMax)
-	}
-	if *backoffMin > 0 && *backoffMax > 0 && *backoffMin > *backoffMax {
-		bad("BackoffMin", "%s is greater than BackoffMax %s", *backoffMin, *backoffMax)
-	}
+	return p.maxAttempts
 }
 
-// pause waits before attempt number next (2, 3, …): the destination's
-// retryAfter when it asked for one, clamped to backoffMax, else an
-// exponential backoff with jitter. It returns ctx's error if ctx ends first.
-func (p retryPolicy) pause(ctx context.Context, next int, retryAfter time.Duration) error {
-	d := backoff.Policy{Min: p.backoffMin, Max: p.backoffMax}.Wait(next - 2)
-	if retryAfter > 0 {
-		d = min(retryAfter, p.backoffMax)
+// wait is the pause before retry number retry (0 for the first): the
+// Retry-After of resp when it has one (delta-seconds or HTTP-date), clamped
+// to the backoff's maximum, else exponential backoff with jitter. resp may be
+// nil.
+func (p retryPolicy) wait(retry int, resp *http.Response) time.Duration {
+	if resp != nil {
+		if ra, ok := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()); ok {
+			return min(ra, p.backoff.Max)
+		}
 	}
-	return backoff.Sleep(ctx, d)
+	return p.backoff.Wait(retry)
 }
 
 // errNotSent marks an event an attempt did not send (an earlier event of the
@@ -81,19 +111,17 @@ type attemptResult struct {
 	// help, wrapping errNotSent when the attempt did not send it, any other
 	// error when it is worth another attempt.
 	errs []error
-	// status is the attempt's HTTP status, 0 when none.
-	status int
-	// retryAfter is the wait the destination asked for, 0 when none.
-	retryAfter time.Duration
 }
 
 // attemptFunc makes one attempt at delivering events[i] for each i in
 // pending, in order.
 type attemptFunc func(ctx context.Context, pending []int) attemptResult
 
-// deliverEach runs attempts over the events still pending until each one is
-// acknowledged, has failed permanently, has exhausted the retry budget, or ctx
-// has ended. what names the destination in errors ("produce to kafka").
+// deliverEach runs the attempts of the sinks that have their own attempt
+// loop (stdout, Kafka, NATS) over the events still pending until each one is
+// acknowledged, has failed permanently, has exhausted the retry budget (p's,
+// or the smaller one WithMaxAttempts put in ctx), or ctx has ended. what
+// names the destination in errors ("produce to kafka").
 // Events that are nil, or whose rejected[i] is not nil (an event the sink
 // cannot send, found before any attempt), fail permanently without an
 // attempt; rejected may be nil.
@@ -116,6 +144,7 @@ func deliverEach(ctx context.Context, p retryPolicy, what string, events []*deco
 		}
 		return out
 	}
+	maxAttempts := p.limit(ctx)
 	for n := 1; len(pending) > 0; n++ {
 		res := attempt(ctx, pending)
 		ctxErr := ctx.Err()
@@ -124,10 +153,6 @@ func deliverEach(ctx context.Context, p retryPolicy, what string, events []*deco
 			err := res.errs[j]
 			if !errors.Is(err, errNotSent) {
 				out[i].Attempts++
-				out[i].Status = res.status
-				if res.retryAfter > 0 {
-					out[i].RetryAfter = res.retryAfter
-				}
 			}
 			switch {
 			case err == nil:
@@ -145,13 +170,13 @@ func deliverEach(ctx context.Context, p retryPolicy, what string, events []*deco
 		if len(pending) == 0 {
 			break
 		}
-		if n >= p.maxAttempts {
+		if n >= maxAttempts {
 			for _, i := range pending {
 				out[i].Err = fmt.Errorf("%s: giving up after %d attempt(s): %w", what, out[i].Attempts, out[i].Err)
 			}
 			break
 		}
-		if err := p.pause(ctx, n+1, res.retryAfter); err != nil {
+		if err := backoff.Sleep(ctx, p.wait(n-1, nil)); err != nil {
 			for _, i := range pending {
 				out[i].Err = fmt.Errorf("%s: stopped after %d attempt(s) (last error: %v): %w", what, out[i].Attempts, out[i].Err, err)
 			}
@@ -172,4 +197,37 @@ func attemptErr(callCtx context.Context, timeout time.Duration, err error) error
 		return fmt.Errorf("%w after %s", errAttemptTimeout, timeout)
 	}
 	return err
+}
+
+// maxRetryAfter bounds a delta-seconds Retry-After so that it cannot overflow.
+const maxRetryAfter = 365 * 24 * time.Hour
+
+// parseRetryAfter parses a Retry-After value, delta-seconds or HTTP-date
+// (RFC 9110 §10.2.3), relative to now. A date in the past means no wait.
+func parseRetryAfter(v string, now time.Time) (time.Duration, bool) {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return 0, false
+	}
+	if isDigits(v) {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n > int64(maxRetryAfter/time.Second) {
+			return maxRetryAfter, true
+		}
+		return time.Duration(n) * time.Second, true
+	}
+	t, err := http.ParseTime(v)
+	if err != nil {
+		return 0, false
+	}
+	return max(t.Sub(now), 0), true
+}
+
+func isDigits(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return s != ""
 }

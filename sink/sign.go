@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"net/http"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/outboxd/outboxd/decode"
 )
@@ -160,6 +162,20 @@ func newSigner(keys [][]byte) *signer {
 		s.pools[i].New = func() any { return &macState{h: hmac.New(sha256.New, k)} }
 	}
 	return s
+}
+
+// setHeaders sets a fresh webhook-timestamp on h and, unless s is nil
+// (unsigned), the webhook-signature of id, that timestamp and body, which it
+// returns.
+func (s *signer) setHeaders(h http.Header, id string, body []byte) string {
+	ts := time.Now().Unix()
+	h.Set("Webhook-Timestamp", strconv.FormatInt(ts, 10))
+	if s == nil {
+		return ""
+	}
+	sig := s.sign(id, ts, body)
+	h.Set("Webhook-Signature", sig)
+	return sig
 }
 
 // sign returns the webhook-signature value for id, ts and body: one

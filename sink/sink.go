@@ -22,6 +22,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/outboxd/outboxd/decode"
@@ -153,4 +154,40 @@ func WithMaxAttempts(ctx context.Context, n int) context.Context {
 func MaxAttempts(ctx context.Context) int {
 	n, _ := ctx.Value(maxAttemptsKey{}).(int)
 	return n
+}
+
+// fieldCheck collects what is wrong with a sink's configuration, field by
+// field.
+type fieldCheck struct {
+	problems []string
+}
+
+// bad notes that field is wrong, and why.
+func (v *fieldCheck) bad(field, format string, args ...any) {
+	v.problems = append(v.problems, field+": "+fmt.Sprintf(format, args...))
+}
+
+// err joins the problems noted, each as an error naming the sink (kind and
+// name) and the field; nil when there are none.
+func (v *fieldCheck) err(kind, name string) error {
+	errs := make([]error, len(v.problems))
+	for i, p := range v.problems {
+		errs[i] = fmt.Errorf("%s sink %q: %s", kind, name, p)
+	}
+	return errors.Join(errs...)
+}
+
+// quote is s quoted after ": ", for the end of an error; "" for "".
+func quote(s string) string {
+	if s == "" {
+		return ""
+	}
+	return ": " + strconv.Quote(s)
+}
+
+func lastStatus(code int) string {
+	if code == 0 {
+		return ""
+	}
+	return fmt.Sprintf(" (last status %d)", code)
 }

@@ -2,6 +2,7 @@ package sink
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -11,7 +12,6 @@ import (
 	"os"
 	"sync"
 	"syscall"
-	"time"
 
 	"github.com/rs/zerolog"
 
@@ -29,26 +29,24 @@ type JSONLinesConfig struct {
 	// Path is the file the lines are appended to, created with mode 0600 if
 	// missing. Empty: standard output.
 	Path string
-	// MaxAttempts is the number of write attempts one Deliver call makes
-	// before it gives up with a retryable error. Default 8.
-	MaxAttempts int
-	// BackoffMin is the first backoff. Default 200ms.
-	BackoffMin time.Duration
-	// BackoffMax caps the backoff. Default 30s.
-	BackoffMax time.Duration
+	// RetryConfig is the retry budget of one Deliver call, in writes.
+	RetryConfig
 }
 
-// Validate fills in defaults and checks c. Errors name the offending field.
-func (c *JSONLinesConfig) Validate() error {
-	if c.Name == "" {
-		c.Name = DefaultJSONLinesName
-	}
-	var errs []error
-	bad := func(field, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("stdout sink %q: %s: %s", c.Name, field, fmt.Sprintf(format, args...)))
-	}
-	validateRetry(&c.MaxAttempts, &c.BackoffMin, &c.BackoffMax, bad)
-	return errors.Join(errs...)
+// WithDefaults returns a copy of c with the defaults filled in.
+func (c JSONLinesConfig) WithDefaults() JSONLinesConfig {
+	c.Name = cmp.Or(c.Name, DefaultJSONLinesName)
+	c.RetryConfig = c.RetryConfig.withDefaults()
+	return c
+}
+
+// Validate checks c with its defaults (WithDefaults) and changes nothing.
+// Errors name the offending field.
+func (c JSONLinesConfig) Validate() error {
+	c = c.WithDefaults()
+	var v fieldCheck
+	c.RetryConfig.validate(v.bad)
+	return v.err("stdout", c.Name)
 }
 
 // JSONLines is a Sink that writes each event's envelope as one line of JSON
@@ -83,6 +81,7 @@ var _ Sink = (*JSONLines)(nil)
 // NewJSONLines validates cfg and returns a JSONLines sink writing to
 // cfg.Path, or standard output when Path is empty.
 func NewJSONLines(cfg JSONLinesConfig, log zerolog.Logger) (*JSONLines, error) {
+	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -135,6 +134,7 @@ func (s *JSONLines) reopenIfRotated() error {
 // (cfg.Path is ignored). After each write it calls w's Flush() error method
 // if it has one, and fsyncs w if it is an *os.File open on a regular file.
 func NewJSONLinesWriter(cfg JSONLinesConfig, w io.Writer, log zerolog.Logger) (*JSONLines, error) {
+	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -144,7 +144,7 @@ func NewJSONLinesWriter(cfg JSONLinesConfig, w io.Writer, log zerolog.Logger) (*
 	s := &JSONLines{
 		name:   cfg.Name,
 		w:      w,
-		policy: retryPolicy{maxAttempts: cfg.MaxAttempts, backoffMin: cfg.BackoffMin, backoffMax: cfg.BackoffMax},
+		policy: cfg.RetryConfig.policy(),
 		log:    log.With().Str("component", "sink").Str("sink", cfg.Name).Logger(),
 		lock:   make(chan struct{}, 1),
 	}

@@ -24,7 +24,7 @@ import (
 
 // fastLines is a JSONLines config with a small, fast retry budget.
 func fastLines() sink.JSONLinesConfig {
-	return sink.JSONLinesConfig{Name: "lines", MaxAttempts: 4, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond}
+	return sink.JSONLinesConfig{Name: "lines", RetryConfig: sink.RetryConfig{MaxAttempts: 4, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond}}
 }
 
 // receiverWriter is the adapter between the JSONLines sink and
@@ -248,9 +248,9 @@ func TestJSONLinesConcurrentCallsKeepLinesWhole(t *testing.T) {
 func TestJSONLinesConfigErrorsNameTheField(t *testing.T) {
 	t.Parallel()
 	for field, cfg := range map[string]sink.JSONLinesConfig{
-		"MaxAttempts": {MaxAttempts: -1},
-		"BackoffMin":  {BackoffMin: time.Second, BackoffMax: time.Millisecond},
-		"BackoffMax":  {BackoffMax: -time.Second},
+		"MaxAttempts": {RetryConfig: sink.RetryConfig{MaxAttempts: -1}},
+		"BackoffMin":  {RetryConfig: sink.RetryConfig{BackoffMin: time.Second, BackoffMax: time.Millisecond}},
+		"BackoffMax":  {RetryConfig: sink.RetryConfig{BackoffMax: -time.Second}},
 	} {
 		err := cfg.Validate()
 		require.ErrorContains(t, err, field)

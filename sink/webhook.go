@@ -1,14 +1,13 @@
 package sink
 
 import (
+	"cmp"
 	"context"
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 	"time"
 
@@ -16,34 +15,10 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outboxd/outboxd/decode"
-	"github.com/outboxd/outboxd/internal/backoff"
 )
 
-// Defaults applied by WebhookConfig.Validate.
-const (
-	DefaultWebhookName         = "webhook"
-	DefaultWebhookTimeout      = 10 * time.Second
-	DefaultWebhookMaxAttempts  = 8
-	DefaultWebhookBackoffMin   = 200 * time.Millisecond
-	DefaultWebhookBackoffMax   = 30 * time.Second
-	DefaultWebhookMaxIdleConns = 64
-	DefaultWebhookUserAgent    = "outboxd"
-)
-
-const (
-	// maxDrain is how much of a response body is read before the connection
-	// is given back to the pool; a longer body costs the connection instead.
-	maxDrain = 64 << 10
-	// snippetRead and snippetLen bound the part of an error response body
-	// quoted in the delivery error.
-	snippetRead = 512
-	snippetLen  = 256
-	// dialTimeout and tlsTimeout bound connection set-up within an attempt.
-	dialTimeout = 10 * time.Second
-	tlsTimeout  = 10 * time.Second
-	// redacted replaces secrets echoed back by a receiver.
-	redacted = "[REDACTED]"
-)
+// DefaultWebhookName is the default name of a Webhook sink.
+const DefaultWebhookName = "webhook"
 
 // WebhookConfig configures a Webhook sink.
 type WebhookConfig struct {
@@ -58,19 +33,9 @@ type WebhookConfig struct {
 	// are unsigned. Two or more: one v1 signature each, space-separated, for
 	// rotation.
 	Secrets []string
-	// Timeout bounds each attempt, connection, request and response included.
-	// Default 10s.
-	Timeout time.Duration
-	// MaxAttempts is the number of attempts one Deliver call makes before it
-	// gives up with a retryable error. Default 8.
-	MaxAttempts int
-	// BackoffMin is the first backoff. Default 200ms.
-	BackoffMin time.Duration
-	// BackoffMax caps the backoff and any Retry-After. Default 30s.
-	BackoffMax time.Duration
-	// AllowPrivate allows loopback, private, link-local and other
-	// non-public destinations. Default false: such addresses are refused.
-	AllowPrivate bool
+	// HTTPConfig holds the attempt timeout, the retry budget, the address
+	// guard (AllowPrivate), the pool and the user agent.
+	HTTPConfig
 	// AllowPrivateSetting names the setting behind AllowPrivate (such as
 	// OUTBOXD_ALLOW_PRIVATE_SINKS). The error of a refused address names it,
 	// so that a dead letter's reason says which switch the guard applied.
@@ -83,71 +48,31 @@ type WebhookConfig struct {
 	// false: a subscription URL's private address is refused.
 	SubscriptionAllowPrivate        bool
 	SubscriptionAllowPrivateSetting string
-	// MaxIdleConns is the keep-alive pool size. Default 64.
-	MaxIdleConns int
-	// UserAgent is the User-Agent header. Default "outboxd".
-	UserAgent string
 }
 
-// Validate fills in defaults and checks c. Errors name the offending field and
-// never contain a secret or the URL's userinfo or query.
-func (c *WebhookConfig) Validate() error {
-	if c.Name == "" {
-		c.Name = DefaultWebhookName
-	}
-	if c.Timeout == 0 {
-		c.Timeout = DefaultWebhookTimeout
-	}
-	if c.MaxAttempts == 0 {
-		c.MaxAttempts = DefaultWebhookMaxAttempts
-	}
-	if c.BackoffMin == 0 {
-		c.BackoffMin = DefaultWebhookBackoffMin
-	}
-	if c.BackoffMax == 0 {
-		c.BackoffMax = DefaultWebhookBackoffMax
-	}
-	if c.MaxIdleConns == 0 {
-		c.MaxIdleConns = DefaultWebhookMaxIdleConns
-	}
-	if c.UserAgent == "" {
-		c.UserAgent = DefaultWebhookUserAgent
-	}
+// WithDefaults returns a copy of c with the defaults filled in.
+func (c WebhookConfig) WithDefaults() WebhookConfig {
+	c.HTTPConfig = c.HTTPConfig.withDefaults()
+	c.Name = cmp.Or(c.Name, DefaultWebhookName)
+	return c
+}
 
-	var errs []error
-	bad := func(field, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("webhook sink %q: %s: %s", c.Name, field, fmt.Sprintf(format, args...)))
-	}
+// Validate checks c with its defaults (WithDefaults) and changes nothing.
+// Errors name the offending field and never contain a secret or the URL's
+// userinfo or query.
+func (c WebhookConfig) Validate() error {
+	c = c.WithDefaults()
+	var v fieldCheck
 	if _, err := parseWebhookURL(c.URL); err != nil {
-		bad("URL", "%v", err)
+		v.bad("URL", "%v", err)
 	}
 	for i, s := range c.Secrets {
 		if _, err := decodeSecret(s); err != nil {
-			bad(fmt.Sprintf("Secrets[%d]", i), "%v", err)
+			v.bad(fmt.Sprintf("Secrets[%d]", i), "%v", err)
 		}
 	}
-	if c.Timeout < 0 {
-		bad("Timeout", "must be positive, got %s", c.Timeout)
-	}
-	if c.MaxAttempts < 0 {
-		bad("MaxAttempts", "must be positive, got %d", c.MaxAttempts)
-	}
-	if c.BackoffMin < 0 {
-		bad("BackoffMin", "must be positive, got %s", c.BackoffMin)
-	}
-	if c.BackoffMax < 0 {
-		bad("BackoffMax", "must be positive, got %s", c.BackoffMax)
-	}
-	if c.BackoffMin > 0 && c.BackoffMax > 0 && c.BackoffMin > c.BackoffMax {
-		bad("BackoffMin", "%s is greater than BackoffMax %s", c.BackoffMin, c.BackoffMax)
-	}
-	if c.MaxIdleConns < 0 {
-		bad("MaxIdleConns", "must be positive, got %d", c.MaxIdleConns)
-	}
-	if !validHeaderValue(c.UserAgent) {
-		bad("UserAgent", "must not contain CR, LF or NUL")
-	}
-	return errors.Join(errs...)
+	c.HTTPConfig.validate(v.bad)
+	return v.err("webhook", c.Name)
 }
 
 // ForSubscription returns the configuration of a subscription's webhook: c as
@@ -164,7 +89,7 @@ func (c WebhookConfig) ForSubscription(name, url string, secrets []string) Webho
 
 // guardHint is what the error of a refused address adds: the setting that
 // would allow the destination.
-func (c *WebhookConfig) guardHint() string {
+func (c WebhookConfig) guardHint() string {
 	setting := c.AllowPrivateSetting
 	if setting == "" {
 		setting = "AllowPrivate"
@@ -214,57 +139,32 @@ type Webhook struct {
 	guardHint string            // appended to a refused address's error
 	scrub     *strings.Replacer // secrets a receiver might echo back
 	log       zerolog.Logger
-	transport *http.Transport
-	client    *retryablehttp.Client
+	http      *httpClient
 }
 
 var _ Sink = (*Webhook)(nil)
 
-// NewWebhook validates cfg and returns a Webhook sink.
+// NewWebhook validates cfg, with its defaults, and returns a Webhook sink.
 func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
+	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
-	}
-	u, err := parseWebhookURL(cfg.URL)
-	if err != nil {
-		return nil, fmt.Errorf("webhook sink %q: URL: %w", cfg.Name, err)
-	}
-	keys, err := decodeSecrets(cfg.Secrets)
-	if err != nil {
-		return nil, fmt.Errorf("webhook sink %q: %w", cfg.Name, err)
 	}
 	w := &Webhook{
 		name:      cfg.Name,
 		rawURL:    cfg.URL,
-		redacted:  redactURL(u),
 		userAgent: cfg.UserAgent,
-		signer:    newSigner(keys),
-		scrub:     newScrubber(cfg.Secrets, u),
 		guardHint: cfg.guardHint(),
+		http:      newHTTPClient(cfg.HTTPConfig),
 	}
+	// Validate parsed the URL and decoded the secrets: neither fails now.
+	u, uerr := parseWebhookURL(cfg.URL)
+	keys, kerr := decodeSecrets(cfg.Secrets)
+	if err := errors.Join(uerr, kerr); err != nil {
+		return nil, fmt.Errorf("webhook sink %q: %w", cfg.Name, err)
+	}
+	w.redacted, w.signer, w.scrub = redactURL(u), newSigner(keys), newScrubber(cfg.Secrets, u)
 	w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
-
-	w.transport = newGuardedTransport(cfg.Timeout, cfg.MaxIdleConns, cfg.AllowPrivate)
-	httpClient := &http.Client{
-		Transport: w.transport,
-		Timeout:   cfg.Timeout, // per attempt: retryablehttp calls Do once per attempt
-		CheckRedirect: func(*http.Request, []*http.Request) error {
-			return http.ErrUseLastResponse // a 3xx is a permanent failure, never followed
-		},
-	}
-	w.client = &retryablehttp.Client{
-		HTTPClient:   httpClient,
-		Logger:       nil, // no debug lines on stderr
-		RetryWaitMin: cfg.BackoffMin,
-		RetryWaitMax: cfg.BackoffMax,
-		RetryMax:     cfg.MaxAttempts - 1,
-		CheckRetry:   w.checkRetry,
-		Backoff:      retryWait,
-		// Hand the last response back (its status is the outcome) instead of
-		// retryablehttp's generic "giving up" error; Deliver closes it.
-		ErrorHandler: retryablehttp.PassthroughErrorHandler,
-		PrepareRetry: w.prepareRetry,
-	}
 	return w, nil
 }
 
@@ -309,22 +209,7 @@ func (w *Webhook) Name() string { return w.name }
 
 // Close closes idle keep-alive connections. Deliver may still be called
 // afterwards; it opens new connections.
-func (w *Webhook) Close() { w.transport.CloseIdleConnections() }
-
-// call is the state of one Deliver call. It lives in the request context so
-// that the policy hooks, shared by all calls, find it; only the goroutine
-// running Deliver touches it.
-type call struct {
-	id         string
-	body       []byte
-	attempts   int
-	status     int
-	retryAfter time.Duration
-	signature  string    // last webhook-signature sent, to scrub from echoes
-	started    time.Time // start of the current attempt
-}
-
-type callKey struct{}
+func (w *Webhook) Close() { w.http.closeIdle() }
 
 // Deliver POSTs events as one request: the event's Body for one event, a JSON
 // array of the bodies for several. It retries in memory per the config and
@@ -350,9 +235,8 @@ func (w *Webhook) deliver(ctx context.Context, events []*decode.Event) Outcome {
 	if err := ctx.Err(); err != nil {
 		return Outcome{Err: fmt.Errorf("post webhook %s: %w", w.redacted, err)}
 	}
-	c := &call{id: WebhookID(events), body: batchBody(events)}
-	ctx = context.WithValue(ctx, callKey{}, c)
-	req, err := retryablehttp.NewRequestWithContext(ctx, http.MethodPost, w.rawURL, c.body)
+	id, body := WebhookID(events), batchBody(events)
+	req, err := retryablehttp.NewRequestWithContext(ctx, http.MethodPost, w.rawURL, body)
 	if err != nil {
 		// The URL was validated: only a broken ctx or method gets here.
 		return Outcome{Err: fmt.Errorf("post webhook %s: %w: build request: %w", w.redacted, ErrPermanent, cleanErr(err))}
@@ -362,14 +246,37 @@ func (w *Webhook) deliver(ctx context.Context, events []*decode.Event) Outcome {
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", w.userAgent)
-	req.Header.Set("Webhook-Id", c.id)
+	req.Header.Set("Webhook-Id", id)
 	if len(events) == 1 && events[0].Traceparent != "" && validHeaderValue(events[0].Traceparent) {
 		req.Header.Set("Traceparent", events[0].Traceparent)
 	}
-	w.sign(req.Header, c)
-
-	resp, err := w.client.Do(req)
-	return w.outcome(ctx, c, resp, err)
+	// Each attempt is signed with a fresh timestamp (receivers reject stale
+	// ones) while webhook-id stays the same.
+	var signature string // the last one sent, to scrub from echoes
+	sign := func(h http.Header) { signature = w.signer.setHeaders(h, id, body) }
+	sign(req.Header)
+	c := &httpCall{
+		maxAttempts: w.http.policy.limit(ctx),
+		classify:    classify,
+		beforeRetry: sign,
+		onAttempt: func(c *httpCall, err error) {
+			if ev := w.log.Debug(); ev.Enabled() {
+				ev.Str("webhook_id", id).Int("attempt", c.attempts).Int("status", c.status).
+					Dur("duration", time.Since(c.started)).AnErr("error", err).Msg("webhook attempt")
+			}
+		},
+	}
+	resp, err := w.http.do(req, c)
+	var snippet string
+	if resp != nil {
+		snippet = w.snippet(drainBody(resp), signature)
+	}
+	o := w.outcome(ctx, c, resp, snippet, err)
+	if ev := w.log.Debug(); ev.Enabled() {
+		ev.Str("webhook_id", id).Int("attempts", o.Attempts).Int("status", o.Status).
+			AnErr("error", o.Err).Msg("webhook delivery")
+	}
+	return o
 }
 
 // batchBody returns the request body: the one envelope, or a JSON array of all.
@@ -392,101 +299,12 @@ func batchBody(events []*decode.Event) []byte {
 	return append(b, ']')
 }
 
-// sign sets a fresh webhook-timestamp and webhook-signature on h.
-func (w *Webhook) sign(h http.Header, c *call) {
-	ts := time.Now().Unix()
-	h.Set("Webhook-Timestamp", strconv.FormatInt(ts, 10))
-	if w.signer != nil {
-		c.signature = w.signer.sign(c.id, ts, c.body)
-		h.Set("Webhook-Signature", c.signature)
-	}
-	c.started = time.Now()
-}
-
-// prepareRetry re-signs the request before each retry so that the timestamp is
-// fresh (receivers reject stale ones) while webhook-id stays the same.
-func (w *Webhook) prepareRetry(req *http.Request) error {
-	c, ok := req.Context().Value(callKey{}).(*call)
-	if !ok {
-		return errors.New("re-sign webhook: no delivery state in request context")
-	}
-	// req is a shallow copy whose Header map is shared with the previous
-	// attempt, which the transport may still be reading: sign a copy.
-	req.Header = req.Header.Clone()
-	w.sign(req.Header, c)
-	return nil
-}
-
-// checkRetry is the retryablehttp.CheckRetry policy. It stops (without error)
-// on every final answer, so that Deliver classifies the response, and reports
-// ctx errors; it retries 408, 425, 429, 5xx and transport errors.
-func (w *Webhook) checkRetry(ctx context.Context, resp *http.Response, err error) (bool, error) {
-	c, _ := ctx.Value(callKey{}).(*call)
-	if c == nil {
-		c = &call{}
-	}
-	c.attempts++
-	if resp != nil {
-		c.status = resp.StatusCode
-		if ra, ok := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()); ok {
-			c.retryAfter = ra
-		}
-	}
-	if ev := w.log.Debug(); ev.Enabled() {
-		ev.Str("webhook_id", c.id).Int("attempt", c.attempts).Int("status", c.status).
-			Dur("duration", time.Since(c.started)).AnErr("error", cleanErr(err)).Msg("webhook attempt")
-	}
-
-	if err == nil {
-		switch classify(resp.StatusCode) {
-		case statusOK, statusPermanent, statusGone:
-			return false, nil
-		}
-	}
-	if ctxErr := ctx.Err(); ctxErr != nil {
-		return false, ctxErr
-	}
-	if max := MaxAttempts(ctx); max > 0 && c.attempts >= max {
-		return false, nil
-	}
-	if err != nil {
-		return !errors.Is(err, ErrForbiddenAddress), nil
-	}
-	return true, nil
-}
-
-type statusClass int
-
-const (
-	statusOK statusClass = iota
-	statusRetryable
-	statusPermanent
-	statusGone
-)
-
-// classify sorts an HTTP status per docs/DESIGN.md §4.
-func classify(code int) statusClass {
-	switch {
-	case code >= 200 && code < 300:
-		return statusOK
-	case code == http.StatusGone:
-		return statusGone
-	case code == http.StatusRequestTimeout, code == http.StatusTooEarly,
-		code == http.StatusTooManyRequests, code >= 500:
-		return statusRetryable
-	default: // 1xx never surfaces; 3xx (not followed) and other 4xx
-		return statusPermanent
-	}
-}
-
-// outcome turns what retryablehttp returned into an Outcome, draining and
-// closing the response.
-func (w *Webhook) outcome(ctx context.Context, c *call, resp *http.Response, err error) Outcome {
+// outcome turns what the call returned into an Outcome; resp, when not nil,
+// is drained and closed already, snippet the start of its body.
+func (w *Webhook) outcome(ctx context.Context, c *httpCall, resp *http.Response, snippet string, err error) Outcome {
 	o := Outcome{Attempts: c.attempts, Status: c.status, RetryAfter: c.retryAfter}
-	var snippet string
 	if resp != nil {
 		o.Status = resp.StatusCode
-		snippet = w.finish(resp, c)
 	}
 	if err != nil {
 		err = cleanErr(err)
@@ -497,9 +315,11 @@ func (w *Webhook) outcome(ctx context.Context, c *call, resp *http.Response, err
 		case errors.Is(err, ErrForbiddenAddress):
 			o.Err = fmt.Errorf("post webhook %s: %w: %w%s", w.redacted, ErrPermanent, err, w.guardHint)
 		default:
-			o.Err = fmt.Errorf("post webhook %s: giving up after %d attempt(s): %w", w.redacted, o.Attempts, err)
+			// An attempt that ran out of its own Timeout fails with an error
+			// that wraps context.DeadlineExceeded: that must not read as the
+			// end of ctx.
+			o.Err = fmt.Errorf("post webhook %s: giving up after %d attempt(s): %w", w.redacted, o.Attempts, attemptErr(ctx, w.http.timeout, err))
 		}
-		w.logOutcome(c, o)
 		return o
 	}
 	code := resp.StatusCode
@@ -518,118 +338,16 @@ func (w *Webhook) outcome(ctx context.Context, c *call, resp *http.Response, err
 			o.Err = fmt.Errorf("post webhook %s: %w: status %d%s", w.redacted, ErrPermanent, code, quote(snippet))
 		}
 	}
-	w.logOutcome(c, o)
 	return o
 }
 
-func (w *Webhook) logOutcome(c *call, o Outcome) {
-	if ev := w.log.Debug(); ev.Enabled() {
-		ev.Str("webhook_id", c.id).Int("attempts", o.Attempts).Int("status", o.Status).
-			AnErr("error", o.Err).Msg("webhook delivery")
-	}
-}
-
-func lastStatus(code int) string {
-	if code == 0 {
-		return ""
-	}
-	return fmt.Sprintf(" (last status %d)", code)
-}
-
-func quote(s string) string {
-	if s == "" {
-		return ""
-	}
-	return ": " + strconv.Quote(s)
-}
-
-// finish drains (up to maxDrain, so that the connection can be reused) and
-// closes resp's body. For a non-2xx answer it returns the start of the body,
-// scrubbed of anything secret the receiver may have echoed back.
-func (w *Webhook) finish(resp *http.Response, c *call) string {
-	defer resp.Body.Close()
-	body := io.LimitReader(resp.Body, maxDrain)
-	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		_, _ = io.Copy(io.Discard, body)
-		return ""
-	}
-	buf := make([]byte, snippetRead)
-	n, _ := io.ReadFull(body, buf)
-	_, _ = io.Copy(io.Discard, body)
-	return w.snippet(buf[:n], c.signature)
-}
-
-// snippet makes a short, printable, scrubbed excerpt of a response body.
+// snippet makes a short, printable excerpt of a response body, scrubbed of
+// anything secret the receiver may have echoed back: the signature sent, the
+// secrets, the URL's credentials and query.
 func (w *Webhook) snippet(b []byte, signature string) string {
 	s := string(b)
 	for sig := range strings.FieldsSeq(signature) {
 		s = strings.ReplaceAll(s, strings.TrimPrefix(sig, "v1,"), redacted)
 	}
-	s = w.scrub.Replace(s)
-	if len(s) > snippetLen {
-		s = s[:snippetLen]
-	}
-	s = strings.ToValidUTF8(s, "")
-	s = strings.Map(func(r rune) rune {
-		if r < 0x20 || r == 0x7f {
-			return ' '
-		}
-		return r
-	}, s)
-	return strings.TrimSpace(s)
-}
-
-// cleanErr drops the *url.Error layer net/http adds: it repeats the full URL,
-// userinfo and query included. What it wraps names at most host and port.
-func cleanErr(err error) error {
-	var ue *url.Error
-	for errors.As(err, &ue) {
-		err = ue.Err
-	}
-	return err
-}
-
-// retryWait is the retryablehttp.Backoff policy. A Retry-After (delta-seconds or
-// HTTP-date) on a retryable answer is honoured, clamped to max; otherwise the
-// wait grows exponentially from min with equal jitter, capped at max.
-func retryWait(minWait, maxWait time.Duration, attempt int, resp *http.Response) time.Duration {
-	if resp != nil {
-		if ra, ok := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()); ok {
-			return min(ra, maxWait)
-		}
-	}
-	return backoff.Policy{Min: minWait, Max: maxWait}.Wait(attempt)
-}
-
-// maxRetryAfter bounds a delta-seconds Retry-After so that it cannot overflow.
-const maxRetryAfter = 365 * 24 * time.Hour
-
-// parseRetryAfter parses a Retry-After value, delta-seconds or HTTP-date
-// (RFC 9110 §10.2.3), relative to now. A date in the past means no wait.
-func parseRetryAfter(v string, now time.Time) (time.Duration, bool) {
-	v = strings.TrimSpace(v)
-	if v == "" {
-		return 0, false
-	}
-	if isDigits(v) {
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n > int64(maxRetryAfter/time.Second) {
-			return maxRetryAfter, true
-		}
-		return time.Duration(n) * time.Second, true
-	}
-	t, err := http.ParseTime(v)
-	if err != nil {
-		return 0, false
-	}
-	return max(t.Sub(now), 0), true
-}
-
-func isDigits(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] < '0' || s[i] > '9' {
-			return false
-		}
-	}
-	return s != ""
+	return printable(w.scrub.Replace(s))
 }

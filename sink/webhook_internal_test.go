@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/outboxd/outboxd/internal/backoff"
 )
 
 func TestParseRetryAfter(t *testing.T) {
@@ -41,6 +43,8 @@ func TestParseRetryAfter(t *testing.T) {
 func TestBackoff(t *testing.T) {
 	t.Parallel()
 	const minWait, maxWait = 100 * time.Millisecond, 2 * time.Second
+	p := retryPolicy{backoff: backoff.Policy{Min: minWait, Max: maxWait}}
+	retryWait := func(_, _ time.Duration, retry int, resp *http.Response) time.Duration { return p.wait(retry, resp) }
 	for attempt := range 70 {
 		d := min(maxWait, minWait<<min(attempt, 20))
 		for range 50 {

@@ -95,12 +95,12 @@ func status(code, n int) func(int, http.ResponseWriter, *http.Request) {
 // fastConfig returns a config for url with a small, fast retry budget.
 func fastConfig(url string) sink.WebhookConfig {
 	return sink.WebhookConfig{
-		URL:          url,
-		AllowPrivate: true, // httptest listens on loopback
-		Timeout:      5 * time.Second,
-		MaxAttempts:  5,
-		BackoffMin:   time.Millisecond,
-		BackoffMax:   5 * time.Millisecond,
+		URL: url,
+		HTTPConfig: sink.HTTPConfig{
+			AllowPrivate: true, // httptest listens on loopback
+			Timeout:      5 * time.Second,
+			RetryConfig:  sink.RetryConfig{MaxAttempts: 5, BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond},
+		},
 	}
 }
 
@@ -580,6 +580,30 @@ func TestWebhookTransportErrorExhausts(t *testing.T) {
 	require.Contains(t, out[0].Err.Error(), "giving up after 4 attempt(s)")
 }
 
+// An attempt that runs out of its own Timeout is a retryable failure; it must
+// not look like the end of the caller's ctx, which callers take as a stop and
+// leave the event unsettled and unparked.
+func TestWebhookAttemptTimeoutIsNotCallerDeadline(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	rc := newReceiver(t, func(_ int, _ http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	t.Cleanup(func() { close(release) }) // before the server's Close
+	cfg := fastConfig(rc.srv.URL)
+	cfg.Timeout = 50 * time.Millisecond
+	cfg.MaxAttempts = 2
+	out := newWebhook(t, cfg, zerolog.Nop()).Deliver(t.Context(), []*decode.Event{event(1)})
+	require.Error(t, out[0].Err)
+	require.NotErrorIs(t, out[0].Err, context.DeadlineExceeded, "the attempt's own timeout is not the caller's deadline")
+	require.NotErrorIs(t, out[0].Err, sink.ErrPermanent)
+	require.Equal(t, 2, out[0].Attempts)
+	require.Contains(t, out[0].Err.Error(), "giving up after 2 attempt(s)")
+}
+
 func TestWebhookCancelDuringBackoff(t *testing.T) {
 	t.Parallel()
 	rc := newReceiver(t, status(http.StatusServiceUnavailable, 100))
@@ -775,17 +799,20 @@ func TestWebhookNoSecretsInErrorsOrLogs(t *testing.T) {
 
 func TestWebhookConfigValidate(t *testing.T) {
 	t.Parallel()
-	cfg := sink.WebhookConfig{URL: "https://example.com/hook"}
+	given := sink.WebhookConfig{URL: "https://example.com/hook"}
+	require.NoError(t, given.Validate())
+	require.Equal(t, sink.WebhookConfig{URL: "https://example.com/hook"}, given, "Validate changes nothing")
+	cfg := given.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	require.Equal(t, sink.WebhookConfig{
-		Name:         "webhook",
-		URL:          "https://example.com/hook",
-		Timeout:      10 * time.Second,
-		MaxAttempts:  8,
-		BackoffMin:   200 * time.Millisecond,
-		BackoffMax:   30 * time.Second,
-		MaxIdleConns: 64,
-		UserAgent:    "outboxd",
+		Name: "webhook",
+		URL:  "https://example.com/hook",
+		HTTPConfig: sink.HTTPConfig{
+			Timeout:      10 * time.Second,
+			RetryConfig:  sink.RetryConfig{MaxAttempts: 8, BackoffMin: 200 * time.Millisecond, BackoffMax: 30 * time.Second},
+			MaxIdleConns: 64,
+			UserAgent:    "outboxd",
+		},
 	}, cfg)
 
 	tests := []struct {
@@ -802,12 +829,12 @@ func TestWebhookConfigValidate(t *testing.T) {
 		{"secret prefix", sink.WebhookConfig{URL: "https://e.com", Secrets: []string{"abc"}}, "Secrets[0]"},
 		{"secret base64", sink.WebhookConfig{URL: "https://e.com", Secrets: []string{secretA, "whsec_***"}}, "Secrets[1]"},
 		{"secret empty", sink.WebhookConfig{URL: "https://e.com", Secrets: []string{"whsec_"}}, "Secrets[0]"},
-		{"timeout", sink.WebhookConfig{URL: "https://e.com", Timeout: -1}, "Timeout"},
-		{"attempts", sink.WebhookConfig{URL: "https://e.com", MaxAttempts: -1}, "MaxAttempts"},
-		{"backoff order", sink.WebhookConfig{URL: "https://e.com", BackoffMin: time.Minute, BackoffMax: time.Second}, "BackoffMin"},
-		{"backoff max", sink.WebhookConfig{URL: "https://e.com", BackoffMax: -time.Second}, "BackoffMax"},
-		{"idle conns", sink.WebhookConfig{URL: "https://e.com", MaxIdleConns: -3}, "MaxIdleConns"},
-		{"user agent", sink.WebhookConfig{URL: "https://e.com", UserAgent: "a\nb"}, "UserAgent"},
+		{"timeout", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{Timeout: -1}}, "Timeout"},
+		{"attempts", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{RetryConfig: sink.RetryConfig{MaxAttempts: -1}}}, "MaxAttempts"},
+		{"backoff order", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{RetryConfig: sink.RetryConfig{BackoffMin: time.Minute, BackoffMax: time.Second}}}, "BackoffMin"},
+		{"backoff max", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{RetryConfig: sink.RetryConfig{BackoffMax: -time.Second}}}, "BackoffMax"},
+		{"idle conns", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{MaxIdleConns: -3}}, "MaxIdleConns"},
+		{"user agent", sink.WebhookConfig{URL: "https://e.com", HTTPConfig: sink.HTTPConfig{UserAgent: "a\nb"}}, "UserAgent"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -268,13 +268,13 @@ func (c config) checkNames() error {
 	if err != nil {
 		return err
 	}
-	if err := (&migrations.Options{Schema: table.Schema, Table: table.Name}).Validate(); err != nil {
+	if err := (migrations.Options{Schema: table.Schema, Table: table.Name}).Validate(); err != nil {
 		return badVar("TABLE", "%v", err)
 	}
 	if !slotNameRE.MatchString(c.Slot) {
 		return badVar("SLOT", "%q must be 1-63 characters of a-z, 0-9 and _ (Postgres's rule for replication slot names)", c.Slot)
 	}
-	if err := (&migrations.Options{Publication: c.Publication}).Validate(); err != nil {
+	if err := (migrations.Options{Publication: c.Publication}).Validate(); err != nil {
 		return badVar("PUBLICATION", "%v", err)
 	}
 	return nil
@@ -314,9 +314,10 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 		SlotRecreate: c.SlotRecreate,
 		Deliver: deliver.Config{Ordering: ordering, Concurrency: c.WebhookConcurrency, BatchSize: c.WebhookBatchSize,
 			BatchWait: c.WebhookBatchWait, MaxInFlight: c.MaxInFlight},
-		Webhook: sink.WebhookConfig{Name: "webhook", URL: c.WebhookURL, Secrets: secrets, Timeout: c.WebhookTimeout,
-			MaxAttempts: c.WebhookMaxAttempts, BackoffMin: backoffMin(c.WebhookBackoffMax), BackoffMax: c.WebhookBackoffMax,
-			AllowPrivate: c.AllowPrivateSinks, AllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SINKS",
+		Webhook: sink.WebhookConfig{Name: "webhook", URL: c.WebhookURL, Secrets: secrets,
+			HTTPConfig: sink.HTTPConfig{Timeout: c.WebhookTimeout, AllowPrivate: c.AllowPrivateSinks,
+				RetryConfig: sink.RetryConfig{MaxAttempts: c.WebhookMaxAttempts, BackoffMin: backoffMin(c.WebhookBackoffMax), BackoffMax: c.WebhookBackoffMax}},
+			AllowPrivateSetting:             envPrefix + "ALLOW_PRIVATE_SINKS",
 			SubscriptionAllowPrivate:        c.AllowPrivateSubscriptions,
 			SubscriptionAllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SUBSCRIPTIONS"},
 		DefaultEvents: events, Schedule: schedule,

@@ -138,7 +138,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				secret = newSecret()
 			}
 			warnURLCredentials(stderr, "--url", url)
-			wc := sink.WebhookConfig{URL: url, Secrets: []string{secret}, AllowPrivate: true}
+			wc := sink.WebhookConfig{URL: url, Secrets: []string{secret}, HTTPConfig: sink.HTTPConfig{AllowPrivate: true}}
 			if err := wc.Validate(); err != nil {
 				return usageError{err}
 			}

@@ -103,8 +103,9 @@ Exit code 1 when any event failed (after the sink's retries).`,
 			c := env.cfg
 
 			wc := sink.WebhookConfig{Name: "webhook", URL: c.WebhookURL, Secrets: splitSecrets(c.WebhookSecret),
-				Timeout: c.WebhookTimeout, MaxAttempts: c.WebhookMaxAttempts, BackoffMax: c.WebhookBackoffMax,
-				AllowPrivate: c.AllowPrivateSinks, AllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SINKS",
+				HTTPConfig: sink.HTTPConfig{Timeout: c.WebhookTimeout, AllowPrivate: c.AllowPrivateSinks,
+					RetryConfig: sink.RetryConfig{MaxAttempts: c.WebhookMaxAttempts, BackoffMax: c.WebhookBackoffMax}},
+				AllowPrivateSetting:      envPrefix + "ALLOW_PRIVATE_SINKS",
 				SubscriptionAllowPrivate: c.AllowPrivateSubscriptions, SubscriptionAllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SUBSCRIPTIONS"}
 			target := "the default webhook"
 			if cmd.Flags().Changed("subscription") {

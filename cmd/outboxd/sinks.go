@@ -201,8 +201,8 @@ func buildStdout(envMap map[string]string, log zerolog.Logger) (closableSink, er
 	if err := checkCommon("STDOUT_MAX_ATTEMPTS", e.MaxAttempts, map[string]time.Duration{"STDOUT_BACKOFF_MAX": e.BackoffMax}); err != nil {
 		return nil, err
 	}
-	cfg := sink.JSONLinesConfig{Name: "stdout", Path: e.Path, MaxAttempts: e.MaxAttempts,
-		BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax}
+	cfg := sink.JSONLinesConfig{Name: "stdout", Path: e.Path,
+		RetryConfig: sink.RetryConfig{MaxAttempts: e.MaxAttempts, BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax}}.WithDefaults()
 	if err := validateNamed(cfg.Validate, map[string]string{"MaxAttempts": "STDOUT_MAX_ATTEMPTS", "BackoffMax": "STDOUT_BACKOFF_MAX"}); err != nil {
 		return nil, err
 	}
@@ -249,9 +249,9 @@ func buildKafka(envMap map[string]string, log zerolog.Logger) (closableSink, err
 	cfg := sink.KafkaConfig{
 		Name: "kafka", Brokers: brokers, Topic: e.Topic, KeyBy: e.OrderingKey, ClientID: e.ClientID,
 		TLS: e.TLS, TLSCAFile: e.TLSCAFile, TLSCertFile: e.TLSCertFile, TLSKeyFile: e.TLSKeyFile, SASLMechanism: strings.ToLower(e.SASLMechanism), SASLUser: e.SASLUser, SASLPassword: e.SASLPassword,
-		AllowAutoTopicCreation: e.AutoCreate, MaxRecordBytes: e.MaxRecord, Timeout: e.Timeout, MaxAttempts: e.MaxAttempts,
-		BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax,
-	}
+		AllowAutoTopicCreation: e.AutoCreate, MaxRecordBytes: e.MaxRecord, Timeout: e.Timeout,
+		RetryConfig: sink.RetryConfig{MaxAttempts: e.MaxAttempts, BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax},
+	}.WithDefaults()
 	if err := validateNamed(cfg.Validate, map[string]string{
 		"Brokers": "KAFKA_BROKERS", "Topic": "KAFKA_TOPIC", "KeyBy": "ORDERING_KEY", "ClientID": "KAFKA_CLIENT_ID",
 		"TLSCAFile": "KAFKA_TLS_CA_FILE", "TLSCertFile": "KAFKA_TLS_CERT_FILE", "MaxRecordBytes": "KAFKA_MAX_RECORD_BYTES",
@@ -289,8 +289,8 @@ func buildNATS(envMap map[string]string, log zerolog.Logger) (closableSink, erro
 	}
 	cfg := sink.NATSConfig{
 		Name: "nats", URL: e.URL, Subject: e.Subject, Stream: e.Stream, CredsFile: e.CredsFile,
-		Timeout: e.Timeout, MaxAttempts: e.MaxAttempts, BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax,
-	}
+		Timeout: e.Timeout, RetryConfig: sink.RetryConfig{MaxAttempts: e.MaxAttempts, BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax},
+	}.WithDefaults()
 	if err := validateNamed(cfg.Validate, map[string]string{
 		"URL": "NATS_URL", "Subject": "NATS_SUBJECT", "Stream": "NATS_STREAM",
 		"Timeout": "NATS_TIMEOUT", "MaxAttempts": "NATS_MAX_ATTEMPTS", "BackoffMax": "NATS_BACKOFF_MAX",
@@ -325,10 +325,10 @@ func buildPostHog(envMap map[string]string, log zerolog.Logger) (closableSink, e
 		return nil, err
 	}
 	cfg := sink.PostHogConfig{
-		Name: "posthog", Host: e.Host, APIKey: e.APIKey, Timeout: e.Timeout, MaxAttempts: e.MaxAttempts,
-		BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax, AllowPrivate: e.AllowPrivate,
-		UserAgent: "outboxd/" + version,
-	}
+		Name: "posthog", Host: e.Host, APIKey: e.APIKey,
+		HTTPConfig: sink.HTTPConfig{Timeout: e.Timeout, AllowPrivate: e.AllowPrivate, UserAgent: "outboxd/" + version,
+			RetryConfig: sink.RetryConfig{MaxAttempts: e.MaxAttempts, BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax}},
+	}.WithDefaults()
 	if err := validateNamed(cfg.Validate, map[string]string{
 		"Host": "POSTHOG_HOST", "APIKey": "POSTHOG_PROJECT_API_KEY",
 		"Timeout": "POSTHOG_TIMEOUT", "MaxAttempts": "POSTHOG_MAX_ATTEMPTS", "BackoffMax": "POSTHOG_BACKOFF_MAX",

@@ -133,12 +133,14 @@ func runDev(ctx context.Context, envMap map[string]string, opt devOptions, stdou
 		return fmt.Errorf("outboxd dev runs a PostgreSQL server of its own and needs its binaries (initdb, postgres, pg_ctl): %w; on Debian or Ubuntu: apt-get install postgresql", err)
 	}
 	fmt.Fprintf(stderr, "outboxd dev: starting PostgreSQL from %s\n", bin)
-	pg, err := startDevPostgres(bin, opt.dataDir, opt.port)
+	// A kept --data-dir is durable and reused by the next run; without it the
+	// cluster lives in a temporary directory that Teardown removes.
+	pg, err := pgserver.Open(bin, pgserver.Options{DataDir: opt.dataDir, Port: opt.port})
 	if err != nil {
 		return fmt.Errorf("start postgres: %w", err)
 	}
 	defer func() {
-		if cerr := pg.Close(); cerr != nil {
+		if cerr := pg.Teardown(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("stop postgres: %w", cerr))
 			return
 		}
@@ -231,7 +233,7 @@ func devMigrate(ctx context.Context, dbURL string) error {
 
 // devWatchPostgres fails when the server exits while dev runs (someone stopped
 // it): the pipeline would otherwise retry forever against nothing.
-func devWatchPostgres(ctx context.Context, pg devPostgres) error {
+func devWatchPostgres(ctx context.Context, pg *pgserver.Instance) error {
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
 	for {

@@ -150,7 +150,7 @@ func TestReceiveVerifiesScriptsAndWritesJSONLines(t *testing.T) {
 	require.Contains(t, stderr.String(), "signatures checked (2 secret(s), tolerance 1m0s)")
 
 	w, err := sink.NewWebhook(sink.WebhookConfig{URL: "http://" + addr + "/hook", Secrets: []string{e2e.Secret},
-		AllowPrivate: true, MaxAttempts: 5, BackoffMin: time.Millisecond, BackoffMax: 20 * time.Millisecond}, zerolog.Nop())
+		HTTPConfig: sink.HTTPConfig{AllowPrivate: true, RetryConfig: sink.RetryConfig{MaxAttempts: 5, BackoffMin: time.Millisecond, BackoffMax: 20 * time.Millisecond}}}, zerolog.Nop())
 	require.NoError(t, err)
 	defer w.Close()
 	body := []byte(`{"id":42,"event_name":"batch_started","organization_id":7,"properties":{"batch_id":"B-19"}}`)

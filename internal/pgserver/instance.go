@@ -1,10 +1,11 @@
-// Package pgserver runs a throwaway PostgreSQL cluster from the local server
-// binaries: initdb into a temporary directory (as user postgres when running
-// as root), a postmaster on a loopback port with wal_level=logical, stop and
-// restart through pg_ctl. The tests (internal/pgtest), the benchmark and
-// `outboxd dev` use it. [FindBinDir] finds the default binaries, [BinDirFor]
-// those of one major (15 to 18 are tested), which scripts/install-postgres.sh
-// installs where the system has no package for them.
+// Package pgserver runs a PostgreSQL cluster from the local server binaries:
+// initdb into a temporary directory, or into a kept one that later runs reuse
+// (as user postgres when running as root), a postmaster on a loopback port
+// with wal_level=logical, stop and restart through pg_ctl. The tests
+// (internal/pgtest), the benchmark and `outboxd dev` use it. [FindBinDir]
+// finds the default binaries, [BinDirFor] those of one major (15 to 18 are
+// tested), which scripts/install-postgres.sh installs where the system has no
+// package for them.
 //
 // Invariants: the postmaster is a child of the calling process and is shut
 // down by the kernel if that process dies; only clusters started here are ever
@@ -46,6 +47,9 @@ const (
 	// startAttempts is how many free ports a first start tries: another
 	// process may take the port between picking and binding it.
 	startAttempts = 5
+	// settingsFile is written before each start with the cluster's
+	// settings, port included, and included from postgresql.conf.
+	settingsFile = "outboxd.conf"
 )
 
 // defaultSettings are written to postgresql.conf of every cluster; New's
@@ -76,12 +80,13 @@ host  all         all 127.0.0.1/32 trust
 host  replication all 127.0.0.1/32 trust
 `
 
-// Instance is a cluster made by initdb in a temporary directory, run as a
-// child process of the test binary.
+// Instance is a cluster made by initdb, in a temporary directory or a kept
+// one (Options.DataDir), run as a child process of the calling process.
 type Instance struct {
 	binDir   string
 	major    int    // of the binaries, from postgres --version
-	baseDir  string // temporary directory: owner file and data directory
+	baseDir  string // temporary directory: owner file and data directory; "" when kept
+	kept     bool   // the data directory is the caller's, never removed
 	dataDir  string
 	logPath  string
 	port     int
@@ -140,17 +145,47 @@ func isServerBinDir(dir string) bool {
 	return true
 }
 
+// Options say where a cluster lives and how it runs. The zero value is a
+// throwaway cluster: a temporary directory, removed by Teardown, on a free
+// port, without durability.
+type Options struct {
+	// Settings override the defaults written to postgresql.conf.
+	Settings map[string]string
+	// Env ("NAME=value") is added to the postmaster's environment, e.g. a
+	// preloaded library that shifts the server's clock.
+	Env []string
+	// DataDir, when set, is a data directory kept across runs: initdb makes
+	// a cluster in it when it is missing or empty, a cluster already in it is
+	// reused, and Teardown leaves it. Its cluster is durable (fsync and
+	// full_page_writes on): it outlives the process.
+	DataDir string
+	// Port, when set, is the port to listen on; a port in use then fails the
+	// start instead of another being tried.
+	Port int
+}
+
 // Start makes a new cluster and starts it on a free port.
 func Start(binDir string, settings map[string]string) (*Instance, error) {
-	return StartEnv(binDir, settings, nil)
+	return Open(binDir, Options{Settings: settings})
 }
 
 // StartEnv is Start with env ("NAME=value") added to the postmaster's
 // environment, e.g. a preloaded library that shifts the server's clock.
-func StartEnv(binDir string, settings map[string]string, env []string) (_ *Instance, err error) {
+func StartEnv(binDir string, settings map[string]string, env []string) (*Instance, error) {
+	return Open(binDir, Options{Settings: settings, Env: env})
+}
+
+// Open makes or reuses a cluster as opt says and starts it.
+func Open(binDir string, opt Options) (_ *Instance, err error) {
 	sweepOnce.Do(SweepStale)
-	in := &Instance{binDir: binDir, settings: maps.Clone(defaultSettings), serverEnv: slices.Clone(env)}
-	maps.Copy(in.settings, settings)
+	in := &Instance{binDir: binDir, settings: maps.Clone(defaultSettings), serverEnv: slices.Clone(opt.Env),
+		kept: opt.DataDir != "", port: opt.Port}
+	if in.kept {
+		// The data outlives the process: keep what the defaults turn off.
+		in.settings["fsync"] = "on"
+		in.settings["full_page_writes"] = "on"
+	}
+	maps.Copy(in.settings, opt.Settings)
 	// Also proves the binaries and their libraries load before initdb runs
 	// as another user with less telling errors.
 	if in.major, err = ServerMajor(binDir); err != nil {
@@ -169,41 +204,98 @@ func StartEnv(binDir string, settings map[string]string, env []string) (_ *Insta
 			_ = in.Teardown() // keep the start error: it has the log
 		}
 	}()
-	if in.baseDir, err = in.makeBaseDir(); err != nil {
-		return nil, err
+	if in.kept {
+		if in.dataDir, err = filepath.Abs(opt.DataDir); err != nil {
+			return nil, fmt.Errorf("data directory %s: %w", opt.DataDir, err)
+		}
+	} else {
+		if in.baseDir, err = in.makeBaseDir(); err != nil {
+			return nil, err
+		}
+		in.dataDir = filepath.Join(in.baseDir, "data")
 	}
-	in.dataDir = filepath.Join(in.baseDir, "data")
 	in.logPath = filepath.Join(in.dataDir, "postgres.log")
-	if err := in.initdb(); err != nil {
+	if err := in.prepare(); err != nil {
 		return nil, err
-	}
-	if err := in.writeFile(filepath.Join(in.dataDir, "pg_hba.conf"), hbaConf); err != nil {
-		return nil, err
-	}
-	f, err := os.OpenFile(filepath.Join(in.dataDir, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open postgresql.conf: %w", err)
-	}
-	_, err = f.WriteString("\n# Added by pgtest.\ninclude 'pgtest.conf'\n")
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return nil, fmt.Errorf("write postgresql.conf: %w", err)
 	}
 
 	for attempt := 1; ; attempt++ {
-		if in.port, err = freePort(); err != nil {
-			return nil, err
+		if opt.Port == 0 {
+			if in.port, err = freePort(); err != nil {
+				return nil, err
+			}
 		}
 		err = in.Start()
 		if err == nil {
 			return in, nil
 		}
-		if attempt == startAttempts || !errors.Is(err, errPortInUse) {
+		if opt.Port != 0 || attempt == startAttempts || !errors.Is(err, errPortInUse) {
 			return nil, err
 		}
 	}
+}
+
+// prepare makes the cluster with initdb, unless a kept data directory already
+// holds one, and has postgresql.conf include the settings file written before
+// each start.
+func (in *Instance) prepare() error {
+	if in.kept {
+		if _, err := os.Stat(filepath.Join(in.dataDir, "PG_VERSION")); err == nil {
+			// A cluster from an earlier run.
+			if err := in.chown(in.dataDir); err != nil {
+				return err
+			}
+			return in.includeSettings()
+		}
+		if entries, err := os.ReadDir(in.dataDir); err == nil && len(entries) > 0 {
+			return fmt.Errorf("data directory %s is not empty and holds no PostgreSQL cluster (no PG_VERSION)", in.dataDir)
+		}
+		if err := os.MkdirAll(in.dataDir, 0o700); err != nil {
+			return fmt.Errorf("create data directory: %w", err)
+		}
+		if err := in.chown(in.dataDir); err != nil {
+			return err
+		}
+		if in.cred != nil {
+			if dir := unreachable(filepath.Dir(in.dataDir)); dir != "" {
+				return fmt.Errorf("data directory %s: user %s (who runs postgres when outboxd runs as root) cannot enter %s; pick a directory under /tmp or allow it (chmod o+x %s)",
+					in.dataDir, Superuser, dir, dir)
+			}
+		}
+	}
+	if err := in.initdb(); err != nil {
+		return err
+	}
+	if err := in.writeFile(filepath.Join(in.dataDir, "pg_hba.conf"), hbaConf); err != nil {
+		return err
+	}
+	return in.includeSettings()
+}
+
+// includeSettings adds the include of settingsFile to postgresql.conf unless
+// it is there already (a kept cluster).
+func (in *Instance) includeSettings() error {
+	path := filepath.Join(in.dataDir, "postgresql.conf")
+	include := "include '" + settingsFile + "'\n"
+	conf, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("read postgresql.conf: %w", err)
+	}
+	if bytes.Contains(conf, []byte("\n"+include)) {
+		return nil
+	}
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("open postgresql.conf: %w", err)
+	}
+	_, err = f.WriteString("\n# Added by outboxd.\n" + include)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("write postgresql.conf: %w", err)
+	}
+	return nil
 }
 
 // makeBaseDir creates the temporary directory with os.MkdirTemp (not
@@ -239,13 +331,18 @@ func (in *Instance) initdb() error {
 	// The flags mean the same from 15 to 18. Data checksums stay at each
 	// major's default (on from 18) so that a cluster is like a fresh one of
 	// that major in production.
+	//
+	// A kept data directory exists already (made and handed to the server's
+	// user by prepare); initdb empties it again when it fails.
 	var out []byte
 	var err error
 	for _, locale := range []string{"C.UTF-8", "C"} {
-		_ = os.RemoveAll(in.dataDir)
-		out, err = in.command("initdb", "-D", in.dataDir, "-A", "trust", "-U", Superuser,
-			"-E", "UTF8", "--locale="+locale, "--no-sync").CombinedOutput()
-		if err == nil {
+		args := []string{"-D", in.dataDir, "-A", "trust", "-U", Superuser, "-E", "UTF8", "--locale=" + locale}
+		if !in.kept {
+			_ = os.RemoveAll(in.dataDir)
+			args = append(args, "--no-sync")
+		}
+		if out, err = in.command("initdb", args...).CombinedOutput(); err == nil {
 			return nil
 		}
 	}
@@ -255,7 +352,7 @@ func (in *Instance) initdb() error {
 // command prepares a server binary to run as the cluster's owner.
 func (in *Instance) command(name string, args ...string) *exec.Cmd {
 	cmd := exec.Command(filepath.Join(in.binDir, name), args...)
-	cmd.Dir = in.baseDir
+	cmd.Dir = filepath.Dir(in.dataDir) // the server's user can enter it
 	cmd.Env = childEnv()
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: in.cred}
 	return cmd
@@ -266,10 +363,16 @@ func (in *Instance) writeFile(path, content string) error {
 	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
 		return fmt.Errorf("write %s: %w", filepath.Base(path), err)
 	}
-	if in.cred != nil {
-		if err := os.Chown(path, int(in.cred.Uid), int(in.cred.Gid)); err != nil {
-			return fmt.Errorf("chown %s: %w", filepath.Base(path), err)
-		}
+	return in.chown(path)
+}
+
+// chown hands path to the server's user when running as root.
+func (in *Instance) chown(path string) error {
+	if in.cred == nil {
+		return nil
+	}
+	if err := os.Chown(path, int(in.cred.Uid), int(in.cred.Gid)); err != nil {
+		return fmt.Errorf("hand %s to user %s: %w", path, Superuser, err)
 	}
 	return nil
 }
@@ -283,12 +386,12 @@ func (in *Instance) writeSettings() error {
 	for _, k := range slices.Sorted(maps.Keys(conf)) {
 		fmt.Fprintf(&b, "%s = '%s'\n", k, strings.ReplaceAll(conf[k], "'", "''"))
 	}
-	return in.writeFile(filepath.Join(in.dataDir, "pgtest.conf"), b.String())
+	return in.writeFile(filepath.Join(in.dataDir, settingsFile), b.String())
 }
 
 var errPortInUse = errors.New("port in use")
 
-// start launches the postmaster and waits until it accepts connections. On a
+// Start launches the postmaster and waits until it accepts connections. On a
 // failed start the postmaster is stopped and the error carries the log tail.
 func (in *Instance) Start() error {
 	in.mu.Lock()
@@ -332,9 +435,7 @@ func (in *Instance) launch() (*postmaster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open server log: %w", err)
 	}
-	if in.cred != nil {
-		_ = os.Chown(in.logPath, int(in.cred.Uid), int(in.cred.Gid))
-	}
+	_ = in.chown(in.logPath)
 	cmd := in.command("postgres", "-D", in.dataDir)
 	cmd.Env = append(cmd.Env, in.serverEnv...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
@@ -399,7 +500,7 @@ func (in *Instance) waitReady(p *postmaster) error {
 	}
 }
 
-// stop runs pg_ctl stop -m mode on this cluster's data directory and waits
+// Stop runs pg_ctl stop -m mode on this cluster's data directory and waits
 // for the postmaster to exit. Stopping a stopped server is a no-op.
 func (in *Instance) Stop(mode string) error {
 	switch mode {
@@ -445,12 +546,16 @@ func (in *Instance) stopLocked(mode string) error {
 	return fmt.Errorf("postgres did not exit within %s of pg_ctl stop -m %s, killed it (pg_ctl: %v)", stopTimeout, mode, ctlErr)
 }
 
-// teardown stops the server (fast) and removes its files.
+// Teardown stops the server (fast) and removes its files, unless its data
+// directory is kept (Options.DataDir).
 func (in *Instance) Teardown() error {
 	err := in.Stop("fast")
 	if err != nil {
 		// The fast stop failed: an immediate one still ends our server.
 		err = errors.Join(err, in.Stop("immediate"))
+	}
+	if in.baseDir == "" {
+		return err
 	}
 	if rmErr := os.RemoveAll(in.baseDir); rmErr != nil {
 		err = errors.Join(err, fmt.Errorf("remove %s: %w", in.baseDir, rmErr))
@@ -458,7 +563,7 @@ func (in *Instance) Teardown() error {
 	return err
 }
 
-// running reports whether the postmaster is up.
+// Running reports whether the postmaster is up.
 func (in *Instance) Running() bool {
 	in.mu.Lock()
 	defer in.mu.Unlock()
@@ -473,7 +578,7 @@ func (in *Instance) Running() bool {
 	}
 }
 
-// logTail returns the log written since offset, at most its last 8 KiB.
+// LogTail returns the log written since offset, at most its last 8 KiB.
 func (in *Instance) LogTail(offset int64) string {
 	const max = 8 << 10
 	data, err := os.ReadFile(in.logPath)

@@ -148,3 +148,60 @@ func TestBinDirForMissingMajor(t *testing.T) {
 	require.ErrorContains(t, err, "scripts/install-postgres.sh 99", "the error says how to install")
 	require.ErrorContains(t, err, filepath.Join(dir, "99", "bin"), "and where it looked")
 }
+
+// A kept data directory (Options.DataDir) on a fixed port: the cluster is
+// made on the first Open, left in place by Teardown and reused, data
+// included, by the next Open; a directory with other files is refused.
+func TestOpenKeptDataDir(t *testing.T) {
+	t.Parallel()
+	bin, err := FindBinDir()
+	require.NoError(t, err)
+	// Not t.TempDir: when the tests run as root, user postgres must be able
+	// to enter the directory.
+	base, err := os.MkdirTemp("", "outboxd-pgserver-test-")
+	require.NoError(t, err)
+	require.NoError(t, os.Chmod(base, 0o755))
+	t.Cleanup(func() { os.RemoveAll(base) })
+	dataDir := filepath.Join(base, "pgdata")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	port := l.Addr().(*net.TCPAddr).Port
+	require.NoError(t, l.Close())
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	exec := func(in *Instance, sql string) error {
+		conn, err := pgx.Connect(ctx, fmt.Sprintf("postgres://%s@127.0.0.1:%d/postgres?sslmode=disable", Superuser, in.Port()))
+		if err != nil {
+			return err
+		}
+		defer conn.Close(ctx)
+		_, err = conn.Exec(ctx, sql)
+		return err
+	}
+
+	in, err := Open(bin, Options{DataDir: dataDir, Port: port})
+	require.NoError(t, err)
+	require.Equal(t, port, in.Port())
+	require.Equal(t, dataDir, in.DataDir())
+	require.NoError(t, exec(in, "CREATE TABLE kept (id int)"))
+	require.NoError(t, in.Teardown())
+	_, err = os.Stat(filepath.Join(dataDir, "PG_VERSION"))
+	require.NoError(t, err, "the cluster is kept")
+
+	in, err = Open(bin, Options{DataDir: dataDir, Port: port})
+	require.NoError(t, err)
+	require.NoError(t, exec(in, "INSERT INTO kept VALUES (1)"), "the table of the first run is there")
+	require.NoError(t, in.Teardown())
+	conf, err := os.ReadFile(filepath.Join(dataDir, "postgresql.conf"))
+	require.NoError(t, err)
+	require.Equal(t, 1, strings.Count(string(conf), "include '"+settingsFile+"'"), "included once")
+
+	other := filepath.Join(base, "other")
+	require.NoError(t, os.MkdirAll(other, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(other, "notes.txt"), nil, 0o644))
+	_, err = Open(bin, Options{DataDir: other})
+	require.ErrorContains(t, err, "is not empty and holds no PostgreSQL cluster")
+	_, err = os.Stat(filepath.Join(other, "notes.txt"))
+	require.NoError(t, err, "left as it was")
+}
