@@ -189,6 +189,10 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	}
 
 	tracker := checkpoint.NewTracker(0, cfg.FlushSize)
+	// Every subscription's webhook sends through one client: one keep-alive
+	// pool however many tenants there are.
+	subClient := sink.NewSharedClient(cfg.Webhook.ForSubscription("", "", nil).HTTPConfig)
+	defer subClient.Close()
 	slotStore := store.NewSlotStore(pool, store.SlotConfig{Schema: cfg.Table.Schema, Table: cfg.Table.Name, Slot: cfg.Slot})
 	slotStore.SetLogger(log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger())
 	rcfg := cfg.readerConfig().WithDefaults() // checked by cfg.Validate
@@ -220,7 +224,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 			return nil
 		}
 		var err error
-		router, err = newRouter(ctx, takeCtx, cfg, slotStore, s, tracker, onResult, pool, log, dlog)
+		router, err = newRouter(ctx, takeCtx, cfg, slotStore, s, subClient, tracker, onResult, pool, log, dlog)
 		if err != nil {
 			return err
 		}
@@ -331,7 +335,7 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 //
 // The state is read with loadCtx (the session that took the slot); the
 // router lives as long as ctx (the pipeline), which its 410 handler uses.
-func newRouter(ctx, loadCtx context.Context, cfg Config, slotStore *store.SlotStore, s sink.Sink, tracker *checkpoint.Tracker,
+func newRouter(ctx, loadCtx context.Context, cfg Config, slotStore *store.SlotStore, s sink.Sink, subClient *sink.SharedClient, tracker *checkpoint.Tracker,
 	onResult func(deliver.Result), pool *pgxpool.Pool, log, dlog zerolog.Logger) (*deliver.Router, error) {
 	var routing []byte
 	if cp, err := slotStore.Load(loadCtx); err == nil {
@@ -355,6 +359,7 @@ func newRouter(ctx, loadCtx context.Context, cfg Config, slotStore *store.SlotSt
 			// the deliveries are dead-lettered with the guard's reason,
 			// however the subscription was added or changed.
 			wc := cfg.Webhook.ForSubscription(sub.TargetName(), sub.URL, sub.Secrets)
+			wc.Client = subClient
 			if err := wc.Validate(); err != nil {
 				return nil, err
 			}

@@ -104,6 +104,20 @@ func newHTTPClient(c HTTPConfig) *httpClient {
 	}
 }
 
+// SharedClient is an HTTP client many webhook sinks send through
+// (WebhookConfig.Client): one keep-alive pool for the subscriptions of a
+// platform instead of one per subscription, whose idle connections and their
+// goroutines grew with the number of tenants.
+type SharedClient struct{ h *httpClient }
+
+// NewSharedClient returns the client c configures (defaults filled in).
+func NewSharedClient(c HTTPConfig) *SharedClient {
+	return &SharedClient{newHTTPClient(c.withDefaults())}
+}
+
+// Close closes its idle keep-alive connections.
+func (s *SharedClient) Close() { s.h.closeIdle() }
+
 // closeIdle closes idle keep-alive connections.
 func (h *httpClient) closeIdle() { h.transport.CloseIdleConnections() }
 

@@ -48,6 +48,10 @@ type WebhookConfig struct {
 	// false: a subscription URL's private address is refused.
 	SubscriptionAllowPrivate        bool
 	SubscriptionAllowPrivateSetting string
+	// Client, when set, is the HTTP client the sink sends through, shared
+	// with other sinks; it must have been made from this HTTPConfig. Nil:
+	// the sink has a client of its own.
+	Client *SharedClient
 }
 
 // WithDefaults returns a copy of c with the defaults filled in.
@@ -140,6 +144,8 @@ type Webhook struct {
 	scrub     *strings.Replacer // secrets a receiver might echo back
 	log       zerolog.Logger
 	http      *httpClient
+	// sharedHTTP: http belongs to a SharedClient, whose owner closes it.
+	sharedHTTP bool
 }
 
 var _ Sink = (*Webhook)(nil)
@@ -155,7 +161,11 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 		rawURL:    cfg.URL,
 		userAgent: cfg.UserAgent,
 		guardHint: cfg.guardHint(),
-		http:      newHTTPClient(cfg.HTTPConfig),
+	}
+	if cfg.Client != nil {
+		w.http, w.sharedHTTP = cfg.Client.h, true
+	} else {
+		w.http = newHTTPClient(cfg.HTTPConfig)
 	}
 	// Validate parsed the URL and decoded the secrets: neither fails now.
 	u, uerr := parseWebhookURL(cfg.URL)
@@ -207,9 +217,14 @@ func newScrubber(secrets []string, u *url.URL) *strings.Replacer {
 // Name returns the sink name.
 func (w *Webhook) Name() string { return w.name }
 
-// Close closes idle keep-alive connections. Deliver may still be called
-// afterwards; it opens new connections.
-func (w *Webhook) Close() { w.http.closeIdle() }
+// Close closes idle keep-alive connections (of its own client, not of a
+// shared one). Deliver may still be called afterwards; it opens new
+// connections.
+func (w *Webhook) Close() {
+	if !w.sharedHTTP {
+		w.http.closeIdle()
+	}
+}
 
 // Deliver POSTs events as one request: the event's Body for one event, a JSON
 // array of the bodies for several. It retries in memory per the config and

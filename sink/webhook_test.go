@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"regexp"
@@ -862,4 +863,44 @@ func TestWebhookNilAndEmpty(t *testing.T) {
 	require.Len(t, out, 2)
 	require.ErrorIs(t, out[1].Err, sink.ErrPermanent)
 	require.Zero(t, rc.hits.Load())
+}
+
+// Webhooks made with one SharedClient share its keep-alive pool: many
+// subscription endpoints on one host take one connection between them, not
+// one each (with thousands of tenants, one pool per subscription held
+// thousands of idle connections and their goroutines).
+func TestWebhooksShareAClient(t *testing.T) {
+	t.Parallel()
+	for _, shared := range []bool{false, true} {
+		var conns atomic.Int32
+		srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			_, _ = io.Copy(io.Discard, r.Body)
+			w.WriteHeader(http.StatusNoContent)
+		}))
+		srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+			if s == http.StateNew {
+				conns.Add(1)
+			}
+		}
+		srv.Start()
+		t.Cleanup(srv.Close)
+		base := fastConfig(srv.URL)
+		var client *sink.SharedClient
+		if shared {
+			client = sink.NewSharedClient(base.HTTPConfig)
+			t.Cleanup(client.Close)
+		}
+		for i := range 5 {
+			cfg := base
+			cfg.Name, cfg.URL, cfg.Client = fmt.Sprintf("subscription:%d", i), fmt.Sprintf("%s/tenant/%d", srv.URL, i), client
+			w := newWebhook(t, cfg, zerolog.Nop())
+			out := w.Deliver(context.Background(), []*decode.Event{event(int64(i + 1))})
+			require.NoError(t, out[0].Err)
+		}
+		want := int32(5)
+		if shared {
+			want = 1
+		}
+		require.Equal(t, want, conns.Load(), "connections opened (shared %v)", shared)
+	}
 }
