@@ -8,6 +8,7 @@
 package pipeline
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -84,49 +85,43 @@ type Observer interface {
 	Position(received, flushed pglogrepl.LSN)
 }
 
-// Validate fills defaults and checks the configuration.
-func (c *Config) Validate() error {
-	if c.DatabaseURL == "" {
-		return errors.New("database URL is empty")
-	}
-	if c.Table.Schema == "" {
-		c.Table.Schema = "public"
-	}
-	if c.Table.Name == "" {
-		c.Table.Name = "domain_event"
-	}
-	if c.Slot == "" {
-		c.Slot = "outboxd"
-	}
-	if c.Publication == "" {
-		c.Publication = "outboxd"
-	}
-	if c.FlushInterval == 0 {
-		c.FlushInterval = 200 * time.Millisecond
-	}
-	if c.FlushSize == 0 {
-		c.FlushSize = 1000
-	}
-	if c.ShutdownTimeout == 0 {
-		c.ShutdownTimeout = 10 * time.Second
-	}
+// WithDefaults returns a copy of c with unset fields given their defaults.
+// The first retry of a parked delivery is the schedule's first step,
+// always (Deliver.FirstRetry may hold deliver's own 5s default).
+func (c Config) WithDefaults() Config {
+	c.Table.Schema = cmp.Or(c.Table.Schema, "public")
+	c.Table.Name = cmp.Or(c.Table.Name, "domain_event")
+	c.Slot = cmp.Or(c.Slot, "outboxd")
+	c.Publication = cmp.Or(c.Publication, "outboxd")
+	c.FlushInterval = cmp.Or(c.FlushInterval, 200*time.Millisecond)
+	c.FlushSize = cmp.Or(c.FlushSize, 1000)
+	c.ShutdownTimeout = cmp.Or(c.ShutdownTimeout, 10*time.Second)
 	if len(c.Schedule) == 0 {
 		c.Schedule = deliver.DefaultSchedule
 	}
-	// The first retry of a parked delivery is the schedule's first step,
-	// always: Deliver.FirstRetry may already hold deliver's own 5s default
-	// (defaults filled earlier), so "only when unset" would lose the step.
 	c.Deliver = c.Deliver.WithDefaults()
 	c.Deliver.FirstRetry = c.Schedule[0]
+	return c
+}
+
+// Validate checks a configuration with its defaults (WithDefaults) and
+// changes nothing.
+func (c Config) Validate() error {
+	if c.DatabaseURL == "" {
+		return errors.New("database URL is empty")
+	}
+	if len(c.Schedule) == 0 || c.Deliver.FirstRetry != c.Schedule[0] {
+		return errors.New("the first retry is not the retry schedule's first step (fill the defaults with WithDefaults)")
+	}
 	if err := c.Deliver.Validate(); err != nil {
 		return err
 	}
 	if c.Sink == nil {
-		if err := c.Webhook.Validate(); err != nil {
+		if err := c.Webhook.WithDefaults().Validate(); err != nil {
 			return err
 		}
 	}
-	return c.readerConfig().Validate()
+	return c.readerConfig().WithDefaults().Validate()
 }
 
 func (c *Config) readerConfig() cdc.Config {
@@ -145,6 +140,7 @@ func (c *Config) readerConfig() cdc.Config {
 // Run runs the main job until ctx ends (a clean stop returns nil) or a
 // component fails.
 func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
+	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return err
 	}

@@ -350,16 +350,14 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 			return pipeline.Config{}, badVar(ch.name, "%v", ch.err)
 		}
 	}
-	// Check a copy: Validate fills in defaults, among them a first retry of
-	// 5s, which must not stand in for the schedule's first step (pc.Validate
-	// takes it from the schedule).
-	deliverCheck := pc.Deliver
-	if err := deliverCheck.Validate(); err != nil {
+	// The delivery settings alone, to name their variable; pc.WithDefaults
+	// then takes the first retry from the schedule.
+	if err := pc.Deliver.WithDefaults().Validate(); err != nil {
 		return pipeline.Config{}, badVar("WEBHOOK_CONCURRENCY", "%v", err)
 	}
 	if c.Sink != "webhook" {
 		// The sink is built by buildSink; the webhook settings are unused.
-	} else if err := pc.Webhook.Validate(); err != nil {
+	} else if err := pc.Webhook.WithDefaults().Validate(); err != nil {
 		name := "WEBHOOK_URL"
 		if strings.Contains(strings.ToLower(err.Error()), "secret") {
 			name = "WEBHOOK_SECRET"
@@ -369,6 +367,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 	if c.Sink != "webhook" {
 		pc.Sink = placeholderSink{}
 	}
+	pc = pc.WithDefaults()
 	if err := pc.Validate(); err != nil {
 		name := "SLOT"
 		if strings.Contains(err.Error(), "publication") {

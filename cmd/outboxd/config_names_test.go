@@ -195,6 +195,7 @@ func TestPipelineFirstRetryFollowsTheSchedule(t *testing.T) {
 		Schedule: []time.Duration{time.Second, 2 * time.Second}}
 	pc.Deliver = pc.Deliver.WithDefaults()
 	require.NoError(t, pc.Deliver.Validate())
+	pc = pc.WithDefaults()
 	require.NoError(t, pc.Validate())
 	require.Equal(t, time.Second, pc.Deliver.FirstRetry)
 }
