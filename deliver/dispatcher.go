@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -152,7 +153,14 @@ type Dispatcher struct {
 
 	parkMu sync.Mutex
 	parked map[uint64]int // ordering key -> parked deliveries not yet resolved
+
+	onIdle  func()
+	settled atomic.Int64 // deliveries this target settled, over all runs
 }
+
+// Settled returns how many deliveries the dispatcher has settled (delivered,
+// dead-lettered or parked), over all its runs.
+func (d *Dispatcher) Settled() int64 { return d.settled.Load() }
 
 // Params are what a dispatcher is built from.
 type Params struct {
@@ -172,6 +180,9 @@ type Params struct {
 	OnResult func(Result)
 	// OnGone is told when the target answered 410 Gone; may be nil.
 	OnGone func(target string)
+	// OnIdle is told, from Run, each time the dispatcher comes to hold
+	// nothing with nothing waiting on its input; may be nil.
+	OnIdle func()
 }
 
 // New returns a dispatcher.
@@ -181,7 +192,7 @@ func New(p Params) *Dispatcher {
 		parked = map[uint64]int{}
 	}
 	return &Dispatcher{cfg: p.Config, target: p.Target, sink: p.Sink, settler: p.Settler,
-		log: p.Log.With().Str("target", p.Target).Logger(), parked: parked, onResult: p.OnResult, onGone: p.OnGone}
+		log: p.Log.With().Str("target", p.Target).Logger(), parked: parked, onResult: p.OnResult, onGone: p.OnGone, onIdle: p.OnIdle}
 }
 
 // Target is the name of the dispatcher's target.
@@ -286,6 +297,9 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *Delivery) error {
 			}
 		} else if r.closed && r.held == 0 {
 			return nil
+		} else if r.held == 0 && len(in) == 0 && !r.idle && d.onIdle != nil {
+			r.idle = true
+			d.onIdle()
 		}
 
 		input := in
@@ -347,6 +361,7 @@ type run struct {
 	timer    *time.Timer
 	timerC   <-chan time.Time
 	err      error // the first error; the loop stops reading and winds down
+	idle     bool  // OnIdle was told since the last event read
 }
 
 // fail records err unless an earlier error was recorded.
@@ -369,6 +384,7 @@ func (r *run) stop() {
 // enqueue queues dl behind its key, or parks it behind the key's parked
 // deliveries.
 func (r *run) enqueue(dl *Delivery) {
+	r.idle = false
 	it := r.d.item(dl)
 	if hold, err := r.d.holdIfParked(it); hold {
 		r.fail(err)
@@ -546,6 +562,7 @@ func (d *Dispatcher) park(it item, o sink.Outcome, reason string) error {
 // finish records this target's settlement of dl and settles the event with
 // the tracker when it was the last of its targets.
 func (d *Dispatcher) finish(dl *Delivery, attempts int32, dead *store.DeadLetter, park *store.Park) error {
+	d.settled.Add(1)
 	s, last := dl.settledBy(attempts, dead, park)
 	if !last {
 		return nil

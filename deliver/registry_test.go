@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/rs/zerolog"
@@ -557,4 +558,51 @@ func TestRouterSnapshotsOncePerTransactionOfChanges(t *testing.T) {
 	require.NoError(t, json.Unmarshal(st.states[2][0], &second))
 	require.Len(t, first, n, "the state after the transaction's last change")
 	require.Len(t, second, n-1)
+}
+
+// A target's loop runs while it has deliveries to settle: with a thousand
+// tenant subscriptions, each sent one event, the loops stop once their
+// events settled, and a target sent another event later runs again.
+func TestIdleTargetsStopAndRestart(t *testing.T) {
+	t.Parallel()
+	cfg := Config{Concurrency: 2}.WithDefaults()
+	require.NoError(t, cfg.Validate())
+	st := newSettler(4000)
+	subs := &recordingSinks{got: map[int64][]int64{}, secrets: map[int64][]string{}}
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{}, DefaultEvents: []string{"none"}, Subscription: subs.build}, st, zerolog.Nop())
+	require.NoError(t, err)
+	const n = 1000
+	in := make(chan *decode.Event, 2*n+2)
+	for i := range n {
+		c := change(decode.KindInsert, subRow(strconv.Itoa(i+1), strconv.Itoa(i+1), "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"))
+		c.TxnSeq = 1
+		in <- c
+	}
+	for i := range n {
+		in <- &decode.Event{ID: int64(i + 1), Name: "batch_started", OrganizationID: int64(i + 1), HasOrganization: true, TxnSeq: 2}
+	}
+	done := make(chan error, 1)
+	go func() { done <- r.Run(context.Background(), in) }()
+	settledAll := func(want int) func() bool {
+		return func() bool {
+			subs.mu.Lock()
+			defer subs.mu.Unlock()
+			got := 0
+			for _, ids := range subs.got {
+				got += len(ids)
+			}
+			return got == want && r.Loops() == 0
+		}
+	}
+	require.Eventually(t, settledAll(n), 30*time.Second, 5*time.Millisecond, "every event delivered and every loop stopped")
+	require.Len(t, subs.built, n)
+
+	// Organization 7's target runs again for a later event.
+	in <- &decode.Event{ID: n + 1, Name: "batch_started", OrganizationID: 7, HasOrganization: true, TxnSeq: 3}
+	require.Eventually(t, settledAll(n+1), 30*time.Second, 5*time.Millisecond)
+	subs.mu.Lock()
+	require.Equal(t, []int64{7, n + 1}, subs.got[7])
+	subs.mu.Unlock()
+	close(in)
+	require.NoError(t, <-done)
 }

@@ -50,14 +50,26 @@ type Router struct {
 
 	mu      sync.Mutex
 	targets map[string]*target
+	// loops is the number of targets whose loop runs now.
+	loops atomic.Int32
 }
+
+// Loops returns the number of targets whose delivery loop runs now: those
+// with deliveries in hand, not every subscription.
+func (r *Router) Loops() int { return int(r.loops.Load()) }
 
 type target struct {
 	disp *Dispatcher
-	in   chan *Delivery
-	sink atomic.Pointer[sinkBox]
-	sub  *Subscription // nil for the default target
-	done chan error
+	// in, running and sent belong to the router's goroutine: a target's
+	// loop runs while it has deliveries to settle, and stops when it has
+	// settled everything it was sent (an idle target holds no goroutine and
+	// no channel; a platform has thousands of subscriptions).
+	in      chan *Delivery
+	running bool
+	sent    int64
+	sink    atomic.Pointer[sinkBox]
+	sub     *Subscription // nil for the default target
+	done    chan error
 }
 
 type sinkBox struct{ s sink.Sink }
@@ -106,26 +118,50 @@ func (r *Router) LiveTargets() []string {
 // to settle what it holds) or ctx ends.
 func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 	failed := make(chan error, 1)
+	// idle receives the targets whose loop holds nothing; the router stops
+	// those that settled everything it sent them.
+	idle := make(chan *target, 1024)
 	var wg sync.WaitGroup
-	start := func(name string, s sink.Sink, sub *Subscription) *target {
-		t := &target{in: make(chan *Delivery, 256), sub: sub, done: make(chan error, 1)}
-		t.sink.Store(&sinkBox{s})
-		t.disp = New(Params{Config: r.cfg.Deliver, Target: name, Sink: func() sink.Sink { return t.sink.Load().s },
-			Settler: r.settler, Log: r.log, Parked: r.cfg.Parked[name], OnResult: r.cfg.OnResult, OnGone: r.cfg.OnGone})
-		r.mu.Lock()
-		r.targets[name] = t
-		r.mu.Unlock()
+	run := func(t *target) {
+		t.in, t.running = make(chan *Delivery, 256), true
 		wg.Add(1)
-		go func() {
+		r.loops.Add(1)
+		go func(in chan *Delivery) {
 			defer wg.Done()
-			if err := t.disp.Run(ctx, t.in); err != nil && !errors.Is(err, context.Canceled) {
+			defer r.loops.Add(-1)
+			if err := t.disp.Run(ctx, in); err != nil && !errors.Is(err, context.Canceled) {
 				select {
-				case failed <- fmt.Errorf("target %s: %w", name, err):
+				case failed <- fmt.Errorf("target %s: %w", t.disp.Target(), err):
 				default:
 				}
 			}
-		}()
+		}(t.in)
+	}
+	start := func(name string, s sink.Sink, sub *Subscription) *target {
+		t := &target{sub: sub, done: make(chan error, 1)}
+		t.sink.Store(&sinkBox{s})
+		t.disp = New(Params{Config: r.cfg.Deliver, Target: name, Sink: func() sink.Sink { return t.sink.Load().s },
+			Settler: r.settler, Log: r.log, Parked: r.cfg.Parked[name], OnResult: r.cfg.OnResult, OnGone: r.cfg.OnGone,
+			OnIdle: func() {
+				select {
+				case idle <- t:
+				default: // the router is behind: the target stays up until it idles again
+				}
+			}})
+		r.mu.Lock()
+		r.targets[name] = t
+		r.mu.Unlock()
+		run(t)
 		return t
+	}
+	stopIdle := func(t *target) {
+		// Only the router sends to t, so once t settled all it was sent,
+		// its input is empty and nothing else can arrive: closing it ends
+		// the loop, which holds nothing.
+		if t.running && t.disp.Settled() == t.sent {
+			close(t.in)
+			t.running = false
+		}
 	}
 	def := start(DefaultTarget, r.cfg.Default, nil)
 	// Targets with parked deliveries need a dispatcher for the retrier even
@@ -139,7 +175,9 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 	defer func() {
 		r.mu.Lock()
 		for _, t := range r.targets {
-			close(t.in)
+			if t.running {
+				close(t.in)
+			}
 		}
 		r.mu.Unlock()
 		wg.Wait()
@@ -179,12 +217,18 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			}
 		}
 		if !got {
-			select {
-			case e, ok = <-in:
-			case err := <-failed:
-				return err
-			case <-ctx.Done():
-				return ctx.Err()
+		wait:
+			for {
+				select {
+				case e, ok = <-in:
+					break wait
+				case t := <-idle:
+					stopIdle(t)
+				case err := <-failed:
+					return err
+				case <-ctx.Done():
+					return ctx.Err()
+				}
 			}
 		}
 		if !ok {
@@ -238,6 +282,10 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		}
 		dl := NewDelivery(e, r.cfg.Deliver.Ordering.Key(e), len(routes))
 		for _, t := range routes {
+			if !t.running {
+				run(t)
+			}
+			t.sent++
 			select {
 			case t.in <- dl:
 			case err := <-failed:
