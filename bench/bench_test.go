@@ -38,7 +38,7 @@ func TestSmoke(t *testing.T) {
 	require.Equal(t, "2000", res.Flags["n"])
 	// Every measurement produced its row, over the whole backlog.
 	want := map[string]int{"pg_recvlogical": 0, "outboxd per-event": 0, "outboxd batched": 0, "poller (": 0,
-		"outboxd latency": 0, "poller latency": 0, "outboxd one": 0}
+		"outboxd latency": 0, "poller latency": 0, "outboxd one": 0, "outboxd tenants": 0}
 	for _, r := range res.Rows {
 		for prefix := range want {
 			if strings.HasPrefix(r.Mode, prefix) {
@@ -46,7 +46,11 @@ func TestSmoke(t *testing.T) {
 			}
 		}
 		require.Positive(t, r.Events, r.Mode)
-		if r.P50ms == 0 && !strings.Contains(r.Mode, "latency") && !strings.HasPrefix(r.Mode, "outboxd one") {
+		switch {
+		case strings.HasPrefix(r.Mode, "outboxd tenants"):
+			require.EqualValues(t, 200, r.Events, "%s delivers one event per organization", r.Mode)
+			require.Zero(t, r.VsRecvlogical, "no ratio against another backlog")
+		case r.P50ms == 0 && !strings.Contains(r.Mode, "latency") && !strings.HasPrefix(r.Mode, "outboxd one"):
 			require.EqualValues(t, 2000, r.Events, "%s drains the whole backlog", r.Mode)
 		}
 	}
@@ -54,6 +58,7 @@ func TestSmoke(t *testing.T) {
 		require.Positive(t, n, "a row for %q", prefix)
 	}
 	require.Equal(t, 2, want["outboxd batched"], "one per transaction size")
+	require.Equal(t, 2, want["outboxd tenants"], "one per subscription count")
 }
 
 func TestEachID(t *testing.T) {

@@ -12,6 +12,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -174,66 +176,134 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	}
 	cfg.Table.MessageNamespace = ns
 
-	s := cfg.Sink
-	if s == nil {
+	j, err := newJob(ctx, cfg, pool, log)
+	if err != nil {
+		return err
+	}
+	defer j.close()
+	return j.run(ctx)
+}
+
+// job is one run of the main job: the components every instance runs (the
+// reader, the tracker, the flusher and its store) and those only the slot
+// holder runs (the router and the retrier), made when the slot is first
+// taken.
+type job struct {
+	ctx       context.Context // the pipeline's, for the router's 410 handler
+	cfg       Config
+	pool      *pgxpool.Pool
+	log, dlog zerolog.Logger
+	sink      sink.Sink
+	subClient *sink.SharedClient // every subscription's webhook sends through it
+	closers   []func()
+
+	tracker   *checkpoint.Tracker
+	slotStore *store.SlotStore
+	flusher   *checkpoint.Flusher
+	reader    *cdc.Reader
+
+	router  *deliver.Router
+	retrier *deliver.Retrier
+	leading chan struct{} // closed when the slot is first taken
+}
+
+func newJob(ctx context.Context, cfg Config, pool *pgxpool.Pool, log zerolog.Logger) (*job, error) {
+	j := &job{ctx: ctx, cfg: cfg, pool: pool, log: log, dlog: log.With().Str("component", "deliver").Logger(),
+		sink: cfg.Sink, leading: make(chan struct{})}
+	if j.sink == nil {
 		w, err := sink.NewWebhook(cfg.Webhook, log)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		defer w.Close()
-		s = w
+		j.closers = append(j.closers, w.Close)
+		j.sink = w
 	}
+	// One keep-alive pool however many tenants there are.
+	j.subClient = sink.NewSharedClient(cfg.Webhook.ForSubscription("", "", nil).HTTPConfig)
+	j.closers = append(j.closers, j.subClient.Close)
 
-	tracker := checkpoint.NewTracker(0, cfg.FlushSize)
-	// Every subscription's webhook sends through one client: one keep-alive
-	// pool however many tenants there are.
-	subClient := sink.NewSharedClient(cfg.Webhook.ForSubscription("", "", nil).HTTPConfig)
-	defer subClient.Close()
-	slotStore := store.NewSlotStore(pool, store.SlotConfig{Schema: cfg.Table.Schema, Table: cfg.Table.Name, Slot: cfg.Slot})
-	slotStore.SetLogger(log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger())
-	rcfg := cfg.readerConfig().WithDefaults() // checked by cfg.Validate
-	var reader *cdc.Reader
-	flusher := &checkpoint.Flusher{Tracker: tracker, Writer: slotStore, Interval: cfg.FlushInterval,
-		Log: log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger()}
-	var onResult func(deliver.Result)
+	clog := log.With().Str("component", "checkpoint").Str("slot", cfg.Slot).Logger()
+	j.tracker = checkpoint.NewTracker(0, cfg.FlushSize)
+	j.slotStore = store.NewSlotStore(pool, store.SlotConfig{Schema: cfg.Table.Schema, Table: cfg.Table.Name, Slot: cfg.Slot})
+	j.slotStore.SetLogger(clog)
+	j.flusher = &checkpoint.Flusher{Tracker: j.tracker, Writer: j.slotStore, Interval: cfg.FlushInterval, Log: clog}
 	if o := cfg.Observer; o != nil {
-		onResult = o.Delivered
-		flusher.OnFlush = o.Flushed
+		j.flusher.OnFlush = o.Flushed
 	}
+	rcfg := cfg.readerConfig().WithDefaults() // checked by cfg.Validate
+	rcfg.OnTake = j.take
+	j.reader = cdc.NewReader(rcfg, j.tracker, j.slotStore, log)
 	// Only the slot holder acts (G9): the store's writes are fenced by this
-	// instance's walsender, and the router (with the routing state and the
-	// parked deliveries), the retrier and the flusher are made when the slot
-	// is taken, from the database as it is then, not as it was when this
-	// process started: a standby that waited for an hour acts on the
-	// subscriptions and parked deliveries of now.
-	dlog := log.With().Str("component", "deliver").Logger()
-	var (
-		router  *deliver.Router
-		retrier *deliver.Retrier
-		leading = make(chan struct{}) // closed when the slot is first taken
-	)
-	rcfg.OnTake = func(takeCtx context.Context) error {
-		if router != nil {
-			// The slot again, after a cut, with nobody in between (the reader
-			// stops when another instance held it): the state in memory is
-			// the state of the stream we continue.
-			return nil
-		}
-		var err error
-		router, err = newRouter(ctx, takeCtx, cfg, slotStore, s, subClient, tracker, onResult, pool, log, dlog)
-		if err != nil {
-			return err
-		}
-		retrier = &deliver.Retrier{Store: slotStore, Resolver: flusher, Router: router, Schedule: cfg.Schedule, Interval: cfg.RetryInterval,
-			Leader:    func() bool { return reader.WalsenderPID() != 0 },
-			Namespace: cfg.Table.MessageNamespace,
-			Log:       log.With().Str("component", "retrier").Logger()}
-		close(leading)
+	// instance's walsender.
+	j.slotStore.SetFence(j.reader.WalsenderPID)
+	return j, nil
+}
+
+func (j *job) close() {
+	for _, c := range slices.Backward(j.closers) {
+		c()
+	}
+}
+
+// take makes the slot holder's components when the slot is first taken, from
+// the database as it is then, not as it was when this process started: a
+// standby that waited for an hour acts on the subscriptions and parked
+// deliveries of now.
+func (j *job) take(takeCtx context.Context) error {
+	if j.router != nil {
+		// The slot again, after a cut, with nobody in between (the reader
+		// stops when another instance held it): the state in memory is
+		// the state of the stream we continue.
 		return nil
 	}
-	reader = cdc.NewReader(rcfg, tracker, slotStore, log)
-	slotStore.SetFence(reader.WalsenderPID)
+	router, err := j.newRouter(takeCtx)
+	if err != nil {
+		return err
+	}
+	j.router = router
+	j.retrier = &deliver.Retrier{Store: j.slotStore, Resolver: j.flusher, Router: router,
+		Schedule: j.cfg.Schedule, Interval: j.cfg.RetryInterval,
+		Leader:    func() bool { return j.reader.WalsenderPID() != 0 },
+		Namespace: j.cfg.Table.MessageNamespace,
+		Log:       j.log.With().Str("component", "retrier").Logger()}
+	close(j.leading)
+	return nil
+}
 
+// stops are the phases of a stop, each a context its components run under:
+// reading ends first (the caller's context, or a failure); deliveries then
+// drain for at most ShutdownTimeout (or end at once when another instance
+// took the slot); the flusher ends last, after the router, with a final
+// flush.
+type stops struct {
+	read, deliver, flush                      context.Context
+	stopReading, stopDelivering, stopFlushing context.CancelFunc
+	release                                   func() bool
+}
+
+func newStops(ctx context.Context, drain time.Duration) *stops {
+	s := &stops{}
+	s.read, s.stopReading = context.WithCancel(ctx)
+	s.deliver, s.stopDelivering = context.WithCancel(context.WithoutCancel(ctx))
+	s.flush, s.stopFlushing = context.WithCancel(context.WithoutCancel(ctx))
+	// The drain deadline starts when reading stops.
+	s.release = context.AfterFunc(s.read, func() { time.AfterFunc(drain, s.stopDelivering) })
+	return s
+}
+
+func (s *stops) close() {
+	s.release()
+	s.stopFlushing()
+	s.stopDelivering()
+	s.stopReading()
+}
+
+// run runs the reader and, once the slot is taken, the slot holder's
+// components, until a stop; the reader's error comes first (it is the
+// cause), then the first failure of the others.
+func (j *job) run(ctx context.Context) error {
+	st := newStops(ctx, j.cfg.ShutdownTimeout)
+	defer st.close()
 	var (
 		mu       sync.Mutex
 		firstErr error
@@ -245,17 +315,6 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 			firstErr = err
 		}
 	}
-	readCtx, stopReading := context.WithCancel(ctx)
-	defer stopReading()
-	deliverCtx, stopDelivering := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopDelivering()
-	flushCtx, stopFlushing := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopFlushing()
-	// The drain deadline starts when reading stops.
-	stopDrain := context.AfterFunc(readCtx, func() {
-		time.AfterFunc(cfg.ShutdownTimeout, stopDelivering)
-	})
-	defer stopDrain()
 
 	events := make(chan *decode.Event, 1024)
 	drained := make(chan struct{})
@@ -269,53 +328,28 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 		// Run returns only after the drain (the final flush included), so
 		// its error is kept apart: it is the cause, and must not be hidden by
 		// a failure of that final flush which it brought about.
-		readerErr = reader.Run(readCtx, events, drained)
+		readerErr = j.reader.Run(st.read, events, drained)
 		if errors.Is(readerErr, cdc.ErrTakenOver) || errors.Is(readerErr, cdc.ErrReset) {
 			// Another instance holds the slot and acts now (G9): what this
 			// one still holds is past the checkpoint and is the new holder's
 			// to deliver. Stop at once instead of draining.
-			stopDelivering()
+			st.stopDelivering()
 		}
 		if readerErr != nil {
-			stopReading()
+			st.stopReading()
 		}
 	}()
-	// The slot holder's components start when the slot is first taken; a
-	// standby that never takes it starts none of them.
 	go func() {
 		defer wg.Done()
+		// A standby that never takes the slot starts none of the slot
+		// holder's components.
 		select {
-		case <-leading:
+		case <-j.leading:
 		case <-readerDone:
 			close(drained)
 			return
 		}
-		var lwg sync.WaitGroup
-		lwg.Add(3)
-		go func() {
-			defer lwg.Done()
-			if err := retrier.Run(readCtx); err != nil {
-				fail(fmt.Errorf("retry parked deliveries: %w", err))
-			}
-		}()
-		go func() {
-			defer lwg.Done()
-			defer stopFlushing()
-			if err := router.Run(deliverCtx, events); err != nil && !errors.Is(err, context.Canceled) {
-				fail(fmt.Errorf("deliver: %w", err))
-				stopReading()
-			}
-		}()
-		go func() {
-			defer lwg.Done()
-			defer close(drained)
-			if err := flusher.Run(flushCtx); err != nil {
-				fail(err)
-				stopReading()
-				stopDelivering()
-			}
-		}()
-		lwg.Wait()
+		j.lead(st, events, drained, fail)
 	}()
 	wg.Wait()
 	if readerErr != nil {
@@ -324,74 +358,103 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) error {
 	return firstErr
 }
 
+// lead runs the slot holder's components until they stop: the retrier with
+// reading, the router until it drained (or the drain deadline), the flusher
+// last; drained is closed after the final flush.
+func (j *job) lead(st *stops, events <-chan *decode.Event, drained chan<- struct{}, fail func(error)) {
+	var wg sync.WaitGroup
+	wg.Add(3)
+	go func() {
+		defer wg.Done()
+		if err := j.retrier.Run(st.read); err != nil {
+			fail(fmt.Errorf("retry parked deliveries: %w", err))
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		defer st.stopFlushing()
+		if err := j.router.Run(st.deliver, events); err != nil && !errors.Is(err, context.Canceled) {
+			fail(fmt.Errorf("deliver: %w", err))
+			st.stopReading()
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		defer close(drained)
+		if err := j.flusher.Run(st.flush); err != nil {
+			fail(err)
+			st.stopReading()
+			st.stopDelivering()
+		}
+	}()
+	wg.Wait()
+}
+
 // newRouter builds the router with the routing state and the parked
 // deliveries as they are stored now: routing resumes exactly where the
 // checkpoint is (if the reader recreates the slot, the catch-up seeds the
-// routing state again).
-//
-// The state is read with loadCtx (the session that took the slot); the
-// router lives as long as ctx (the pipeline), which its 410 handler uses.
-func newRouter(ctx, loadCtx context.Context, cfg Config, slotStore *store.SlotStore, s sink.Sink, subClient *sink.SharedClient, tracker *checkpoint.Tracker,
-	onResult func(deliver.Result), pool *pgxpool.Pool, log, dlog zerolog.Logger) (*deliver.Router, error) {
+// routing state again). The state is read with loadCtx (the session that took
+// the slot).
+func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
+	cfg := j.cfg
 	var routing []byte
-	if cp, err := slotStore.Load(loadCtx); err == nil {
+	if cp, err := j.slotStore.Load(loadCtx); err == nil {
 		routing = cp.Routing
 	} else if !errors.Is(err, store.ErrNoCheckpoint) {
 		return nil, err
 	}
-	parked, err := slotStore.ParkedCounts(loadCtx)
+	parked, err := j.slotStore.ParkedCounts(loadCtx)
 	if err != nil {
 		return nil, err
 	}
-	var onEvent func(*decode.Event)
-	if o := cfg.Observer; o != nil {
-		onEvent = o.Received
-	}
-	return deliver.NewRouter(deliver.RouterConfig{
-		Deliver: cfg.Deliver, Default: s, DefaultEvents: cfg.DefaultEvents, OnEvent: onEvent,
+	rc := deliver.RouterConfig{
+		Deliver: cfg.Deliver, Default: j.sink, DefaultEvents: cfg.DefaultEvents,
 		Subscription: func(sub deliver.Subscription) (sink.Sink, error) {
 			// The subscriptions' own address guard, never the default
 			// webhook's (G8): a URL it refuses is never connected to, and
 			// the deliveries are dead-lettered with the guard's reason,
 			// however the subscription was added or changed.
 			wc := cfg.Webhook.ForSubscription(sub.TargetName(), sub.URL, sub.Secrets)
-			wc.Client = subClient
+			wc.Client = j.subClient
 			if err := wc.Validate(); err != nil {
 				return nil, err
 			}
-			return sink.NewWebhook(wc, log)
+			return sink.NewWebhook(wc, j.log)
 		},
-		Routing: routing, Parked: parked, OnResult: onResult,
+		Routing: routing, Parked: parked,
 		Secrets: func(ids []int64) (map[int64]deliver.Stored, error) {
-			return slotStore.SubscriptionSecrets(loadCtx, ids)
+			return j.slotStore.SubscriptionSecrets(loadCtx, ids)
 		},
-		OnGone: func(target string) { disableGone(ctx, pool, cfg, target, dlog) },
-	}, tracker, dlog)
+		OnGone: j.disableGone,
+	}
+	if o := cfg.Observer; o != nil {
+		rc.OnResult, rc.OnEvent = o.Delivered, o.Received
+	}
+	return deliver.NewRouter(rc, j.tracker, j.dlog)
 }
 
 // disableGone disables a subscription whose endpoint answered 410 Gone. The
 // change reaches the router through the stream, in commit order; until then
 // its deliveries are parked, so nothing is lost, and an operator re-enables it
 // with `outboxd subscription enable`.
-func disableGone(ctx context.Context, pool *pgxpool.Pool, cfg Config, target string, log zerolog.Logger) {
-	id, ok := strings.CutPrefix(target, "subscription:")
-	if !ok {
-		log.Error().Str("target", target).Msg("the default webhook answered 410 Gone; its events are parked and retried on the schedule")
+func (j *job) disableGone(target string) {
+	raw, ok := strings.CutPrefix(target, "subscription:")
+	id, err := strconv.ParseInt(raw, 10, 64)
+	if !ok || err != nil {
+		j.dlog.Error().Str("target", target).Msg("the default webhook answered 410 Gone; its events are parked and retried on the schedule")
 		return
 	}
-	table := pgx.Identifier{cfg.Table.Schema, cdc.SubscriptionTable}.Sanitize()
 	// Called from a dispatcher: bounded, so a stuck database cannot hold the
 	// dispatcher's loop.
-	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(j.ctx), 10*time.Second)
 	defer cancel()
-	tag, err := pool.Exec(uctx, `UPDATE `+table+` SET enabled = false,
-  disabled_reason = '410 Gone at ' || now()::text, updated_at = now() WHERE id = $1 AND enabled`, id)
+	disabled, err := store.On(j.pool, j.cfg.Table.Schema, j.cfg.Table.Name).DisableGone(uctx, id)
 	if err != nil {
-		log.Error().Err(err).Str("target", target).Msg("disable subscription after 410 Gone")
+		j.dlog.Error().Err(err).Str("target", target).Msg("disable subscription after 410 Gone")
 		return
 	}
-	if tag.RowsAffected() > 0 {
-		log.Warn().Str("target", target).Msg("subscription disabled: its endpoint answered 410 Gone; its events are parked until it is re-enabled")
+	if disabled {
+		j.dlog.Warn().Str("target", target).Msg("subscription disabled: its endpoint answered 410 Gone; its events are parked until it is re-enabled")
 	}
 }
 

@@ -92,3 +92,11 @@ func (t Tables) SetEnabled(ctx context.Context, id int64, enabled bool, reason *
 	tag, err := t.q.Exec(ctx, `UPDATE `+t.own(SubscriptionTable)+` SET enabled = $2, disabled_reason = $3, updated_at = now() WHERE id = $1`, id, enabled, reason)
 	return tag.RowsAffected() > 0, err
 }
+
+// DisableGone disables subscription id, if enabled, because its endpoint
+// answered 410 Gone, and reports whether it did.
+func (t Tables) DisableGone(ctx context.Context, id int64) (bool, error) {
+	tag, err := t.q.Exec(ctx, `UPDATE `+t.own(SubscriptionTable)+` SET enabled = false,
+  disabled_reason = '410 Gone at ' || now()::text, updated_at = now() WHERE id = $1 AND enabled`, id)
+	return tag.RowsAffected() > 0, err
+}

@@ -524,23 +524,30 @@ func checkAfterCrash(t *testing.T, want []int64, got []int64, orgs map[int64]int
 // organization, copies only for what was sent and not yet recorded.
 func TestSinksSurviveKill9(t *testing.T) {
 	t.Parallel()
+	eachOtherSink(t, func(t *testing.T, name string, b *bundle, delivered deliveredFunc) {
+		orgOf := func(i int) int64 { return int64(i%3) + 1 }
+		d := e2e.StartDaemon(t, b.env)
+		stop := e2e.InsertUntilStopped(b.pool, 3, orgOf)
+		b.waitProcessed(t, 60, time.Minute)
+		d.Kill()
+		d2 := e2e.StartDaemon(t, b.env)
+		ids := stop()
+		b.waitProcessed(t, int64(len(ids)), time.Minute)
+		got, orgs := delivered(t, d2, len(ids))
+		copies := checkAfterCrash(t, ids, got, orgs)
+		t.Logf("%s: %d events through a kill -9, %d copies", name, len(ids), copies)
+		require.Equal(t, 0, d2.Stop(30*time.Second))
+	})
+}
+
+// eachOtherSink runs f in parallel for each sink but the webhook, with a
+// migrated database whose daemon environment uses that sink.
+func eachOtherSink(t *testing.T, f func(t *testing.T, name string, b *bundle, delivered deliveredFunc)) {
 	for _, sc := range otherSinks() {
 		t.Run(sc.name, func(t *testing.T) {
 			t.Parallel()
 			extra, delivered := sc.setup(t)
-			b := newBundle(t, pgtest.Shared(t), extra)
-			orgOf := func(i int) int64 { return int64(i%3) + 1 }
-			d := e2e.StartDaemon(t, b.env)
-			stop := e2e.InsertUntilStopped(b.pool, 3, orgOf)
-			b.waitProcessed(t, 60, time.Minute)
-			d.Kill()
-			d2 := e2e.StartDaemon(t, b.env)
-			ids := stop()
-			b.waitProcessed(t, int64(len(ids)), time.Minute)
-			got, orgs := delivered(t, d2, len(ids))
-			copies := checkAfterCrash(t, ids, got, orgs)
-			t.Logf("%s: %d events through a kill -9, %d copies", sc.name, len(ids), copies)
-			require.Equal(t, 0, d2.Stop(30*time.Second))
+			f(t, sc.name, newBundle(t, pgtest.Shared(t), extra), delivered)
 		})
 	}
 }
@@ -639,38 +646,33 @@ func TestSinksThroughADestinationOutage(t *testing.T) {
 // copies only for what was sent and not yet recorded.
 func TestSinksThroughPostgresCuts(t *testing.T) {
 	t.Parallel()
-	for _, sc := range otherSinks() {
-		t.Run(sc.name, func(t *testing.T) {
-			t.Parallel()
-			extra, delivered := sc.setup(t)
-			b := newBundle(t, pgtest.Shared(t), extra)
-			u, err := url.Parse(b.env["OUTBOXD_DATABASE_URL"])
-			require.NoError(t, err)
-			var down atomic.Bool
-			g := newGate(t, u.Host, &down)
-			u.Host = g.addr
-			env := maps.Clone(b.env)
-			env["OUTBOXD_DATABASE_URL"] = u.String()
-			orgOf := func(i int) int64 { return int64(i%3) + 1 }
-			d := e2e.StartDaemon(t, env)
-			stop := e2e.InsertUntilStopped(b.pool, 3, orgOf)
-			cuts := 0
-			for i := range 3 {
-				// Cut once outboxd has made progress since the last cut.
-				rows, _ := e2e.Processed(t, b.pool)
-				b.waitProcessed(t, rows+30, time.Minute)
-				n := g.cut()
-				require.Positive(t, n, "cut %d: outboxd held no connection", i)
-				cuts += n
-			}
-			ids := stop()
-			b.waitProcessed(t, int64(len(ids)), time.Minute)
-			got, orgs := delivered(t, d, len(ids))
-			copies := checkAfterCrash(t, ids, got, orgs)
-			t.Logf("%s: %d events through 3 cuts (%d connections), %d copies", sc.name, len(ids), cuts, copies)
-			require.Equal(t, 0, d.Stop(30*time.Second))
-		})
-	}
+	eachOtherSink(t, func(t *testing.T, name string, b *bundle, delivered deliveredFunc) {
+		u, err := url.Parse(b.env["OUTBOXD_DATABASE_URL"])
+		require.NoError(t, err)
+		var down atomic.Bool
+		g := newGate(t, u.Host, &down)
+		u.Host = g.addr
+		env := maps.Clone(b.env)
+		env["OUTBOXD_DATABASE_URL"] = u.String()
+		orgOf := func(i int) int64 { return int64(i%3) + 1 }
+		d := e2e.StartDaemon(t, env)
+		stop := e2e.InsertUntilStopped(b.pool, 3, orgOf)
+		cuts := 0
+		for i := range 3 {
+			// Cut once outboxd has made progress since the last cut.
+			rows, _ := e2e.Processed(t, b.pool)
+			b.waitProcessed(t, rows+30, time.Minute)
+			n := g.cut()
+			require.Positive(t, n, "cut %d: outboxd held no connection", i)
+			cuts += n
+		}
+		ids := stop()
+		b.waitProcessed(t, int64(len(ids)), time.Minute)
+		got, orgs := delivered(t, d, len(ids))
+		copies := checkAfterCrash(t, ids, got, orgs)
+		t.Logf("%s: %d events through 3 cuts (%d connections), %d copies", name, len(ids), cuts, copies)
+		require.Equal(t, 0, d.Stop(30*time.Second))
+	})
 }
 
 // tcpGate forwards connections to addr while down is false; when down, it
