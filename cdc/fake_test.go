@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -41,6 +40,7 @@ type fakeConn struct {
 	busy     bool // the stream took a message and has not asked for the next one yet
 	statuses []pglogrepl.StandbyStatusUpdate
 	wake     chan struct{} // a message was pushed
+	intr     chan struct{} // closed by interrupt, until reset
 	changed  chan struct{} // a message was taken, the stream came back for more, or a status was sent
 }
 
@@ -50,7 +50,7 @@ type fakeMsg struct {
 }
 
 func newFakeConn() *fakeConn {
-	return &fakeConn{wake: make(chan struct{}, 1), changed: make(chan struct{}, 1)}
+	return &fakeConn{wake: make(chan struct{}, 1), changed: make(chan struct{}, 1), intr: make(chan struct{})}
 }
 
 func notify(c chan struct{}) {
@@ -60,8 +60,18 @@ func notify(c chan struct{}) {
 	}
 }
 
-func (f *fakeConn) receive(ctx context.Context) (pgproto3.BackendMessage, error) {
+func (f *fakeConn) receive(deadline time.Time) (pgproto3.BackendMessage, error) {
+	f.mu.Lock()
+	intr := f.intr
+	f.mu.Unlock()
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
 	for {
+		select {
+		case <-intr:
+			return nil, nil
+		default:
+		}
 		f.mu.Lock()
 		if len(f.queue) > 0 {
 			m := f.queue[0]
@@ -76,12 +86,31 @@ func (f *fakeConn) receive(ctx context.Context) (pgproto3.BackendMessage, error)
 		notify(f.changed)
 		select {
 		case <-f.wake:
-		case <-ctx.Done():
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return nil, nil // as pgReplConn does on pgconn.Timeout
-			}
-			return nil, ctx.Err()
+		case <-timer.C:
+			return nil, nil // as pgReplConn does on pgconn.Timeout
+		case <-intr:
+			return nil, nil
 		}
+	}
+}
+
+func (f *fakeConn) interrupt() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	select {
+	case <-f.intr:
+	default:
+		close(f.intr)
+	}
+}
+
+func (f *fakeConn) reset() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	select {
+	case <-f.intr:
+		f.intr = make(chan struct{})
+	default:
 	}
 }
 

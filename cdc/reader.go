@@ -135,7 +135,7 @@ func (r *Reader) finish(conn *pgconn.PgConn, drained <-chan struct{}) {
 	for {
 		select {
 		case <-drained:
-			if err := r.sendStatus(pgReplConn{conn}, false); err != nil {
+			if err := r.sendStatus(&pgReplConn{conn: conn}, false); err != nil {
 				r.log.Warn().Err(err).Msg("final standby status not sent")
 				return
 			}
@@ -143,7 +143,7 @@ func (r *Reader) finish(conn *pgconn.PgConn, drained <-chan struct{}) {
 			r.endStream(conn)
 			return
 		case <-tick.C:
-			if err := r.sendStatus(pgReplConn{conn}, false); err != nil {
+			if err := r.sendStatus(&pgReplConn{conn: conn}, false); err != nil {
 				return
 			}
 		case <-limit.C:
@@ -345,7 +345,7 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		defer r.cfg.OnStreaming(false)
 	}
 
-	st := &stream{r: r, conn: pgReplConn{conn}, out: out, stop: ctx, nextStatus: time.Now()}
+	st := &stream{r: r, conn: &pgReplConn{conn: conn}, out: out, stop: ctx, nextStatus: time.Now()}
 	st.lastData.Store(time.Now().UnixNano())
 	if heartbeat {
 		hctx, stopHeartbeat := context.WithCancel(sctx)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -128,6 +129,27 @@ func (s *stream) run(ctx context.Context) error {
 		time.AfterFunc(stopGrace, func() { cancel(errors.New("stop grace elapsed")) })
 	})
 	defer stopAfter()
+	// A receive waits until the next status is due; the end of rctx cuts it
+	// short. The connection is reset for its next user when the session
+	// ends, never interrupted after that.
+	var (
+		intrMu sync.Mutex
+		ended  bool
+	)
+	stopInterrupt := context.AfterFunc(rctx, func() {
+		intrMu.Lock()
+		defer intrMu.Unlock()
+		if !ended {
+			s.conn.interrupt()
+		}
+	})
+	defer func() {
+		stopInterrupt()
+		intrMu.Lock()
+		ended = true
+		intrMu.Unlock()
+		s.conn.reset()
+	}()
 
 	for {
 		if s.stop.Err() != nil && r.open == nil {
@@ -144,9 +166,7 @@ func (s *stream) run(ctx context.Context) error {
 		if err := s.status(flushed != s.lastFlush, silent > r.cfg.StatusInterval); err != nil {
 			return err
 		}
-		dctx, dcancel := context.WithDeadline(rctx, s.nextStatus)
-		msg, err := s.conn.receive(dctx)
-		dcancel()
+		msg, err := s.conn.receive(s.nextStatus)
 		if err != nil {
 			if rctx.Err() != nil {
 				return context.Cause(rctx)
@@ -154,7 +174,7 @@ func (s *stream) run(ctx context.Context) error {
 			return fmt.Errorf("receive: %w", err)
 		}
 		if msg == nil {
-			// The status deadline passed.
+			// The status deadline passed, or rctx ended.
 			if rctx.Err() != nil {
 				return context.Cause(rctx)
 			}
