@@ -140,14 +140,19 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 	start := func(name string, s sink.Sink, sub *Subscription) *target {
 		t := &target{sub: sub, done: make(chan error, 1)}
 		t.sink.Store(&sinkBox{s})
-		t.disp = New(Params{Config: r.cfg.Deliver, Target: name, Sink: func() sink.Sink { return t.sink.Load().s },
-			Settler: r.settler, Log: r.log, Parked: r.cfg.Parked[name], OnResult: r.cfg.OnResult, OnGone: r.cfg.OnGone,
-			OnIdle: func() {
+		p := Params{Config: r.cfg.Deliver, Target: name, Sink: func() sink.Sink { return t.sink.Load().s },
+			Settler: r.settler, Log: r.log, Parked: r.cfg.Parked[name], OnResult: r.cfg.OnResult, OnGone: r.cfg.OnGone}
+		if sub != nil {
+			// Subscriptions are many, the default target is one: only a
+			// subscription's loop stops when idle.
+			p.OnIdle = func() {
 				select {
 				case idle <- t:
 				default: // the router is behind: the target stays up until it idles again
 				}
-			}})
+			}
+		}
+		t.disp = New(p)
 		r.mu.Lock()
 		r.targets[name] = t
 		r.mu.Unlock()
