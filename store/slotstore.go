@@ -136,6 +136,7 @@ func (s *SlotStore) SubscriptionSecrets(ctx context.Context, ids []int64) (map[i
 	if err != nil {
 		return nil, fmt.Errorf("read subscription secrets: %w", err)
 	}
+	defer rows.Close()
 	out := map[int64]SubscriptionSecret{}
 	for rows.Next() {
 		var id int64
