@@ -312,12 +312,7 @@ func (d *Dispatcher) Run(ctx context.Context, in <-chan *Delivery) error {
 		}
 		select {
 		case dl, ok := <-input:
-			if !ok {
-				r.closed = true
-				continue
-			}
-			r.enqueue(dl)
-			r.enqueueWaiting(input)
+			r.received(dl, ok, input)
 		case res := <-r.results:
 			r.inflight--
 			settled, err := d.settle(res)
@@ -404,17 +399,20 @@ func (r *run) enqueue(dl *Delivery) {
 	}
 }
 
-// enqueueWaiting takes what else is already waiting on input without
-// another trip round the loop.
-func (r *run) enqueueWaiting(input <-chan *Delivery) {
-	for r.held < r.d.cfg.MaxInFlight {
+// received takes dl (ok false: the input is closed), then what else is
+// already waiting on input, without another trip round the loop.
+func (r *run) received(dl *Delivery, ok bool, input <-chan *Delivery) {
+	for {
+		if !ok {
+			r.closed = true
+			return
+		}
+		r.enqueue(dl)
+		if r.held >= r.d.cfg.MaxInFlight {
+			return
+		}
 		select {
-		case dl, ok := <-input:
-			if !ok {
-				r.closed = true
-				return
-			}
-			r.enqueue(dl)
+		case dl, ok = <-input:
 		default:
 			return
 		}
