@@ -20,6 +20,10 @@ type cpuSample struct {
 	tree     int64 // our process tree, reaped children included
 	self     int64 // this process alone
 	postgres int64 // postgres processes in our tree, reaped backends included
+	// walsender is the part of postgres spent by the walsenders alive at the
+	// sample (decoding for outboxd or pg_recvlogical); the rest is backends
+	// (marking, checkpoint, loading) and the server's own processes.
+	walsender int64
 	outboxd  int64 // the outboxd process given to takeCPU
 }
 
@@ -82,6 +86,9 @@ func takeCPU(outboxdPID int) cpuSample {
 		pg := inPG || p.comm == "postgres"
 		if pg {
 			s.postgres += p.own
+			if isWalsender(pid) {
+				s.walsender += p.own
+			}
 			if !inPG { // the postmaster: its reaped children are backends
 				s.postgres += p.reaped
 			}
@@ -105,6 +112,10 @@ func takeCPU(outboxdPID int) cpuSample {
 type cpuUse struct {
 	OutboxdS     float64 `json:"outboxd_s,omitempty"`
 	PostgresS    float64 `json:"postgres_s"`
+	// WalsenderS is the part of PostgresS spent by walsenders that were
+	// alive at both samples' end (a walsender that exits before the second
+	// sample is counted in PostgresS only).
+	WalsenderS float64 `json:"walsender_s"`
 	BenchS       float64 `json:"bench_s"` // receiver, poller, generator
 	OthersS      float64 `json:"others_s"`
 	OthersCores  float64 `json:"others_cores"`
@@ -117,6 +128,9 @@ func cpuBetween(a, b cpuSample) cpuUse {
 	u := cpuUse{
 		OutboxdS:  float64(b.outboxd-a.outboxd) / hz,
 		PostgresS: float64(b.postgres-a.postgres) / hz,
+		// A walsender alive at the first sample and gone at the second
+		// would make this negative: count only what grew.
+		WalsenderS: float64(max(b.walsender-a.walsender, 0)) / hz,
 		BenchS:    float64(b.self-a.self) / hz,
 		OthersS:   float64((b.busy-a.busy)-(b.tree-a.tree)) / hz,
 	}
@@ -126,4 +140,11 @@ func cpuBetween(a, b cpuSample) cpuUse {
 		u.MachineCores = float64(b.busy-a.busy) / hz / secs
 	}
 	return u
+}
+
+// isWalsender reports whether process pid is a walsender: postgres titles
+// its processes "postgres: walsender <user> <host> ...".
+func isWalsender(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	return err == nil && bytes.HasPrefix(b, []byte("postgres: walsender"))
 }

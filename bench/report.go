@@ -136,19 +136,24 @@ func printTable(w io.Writer, res results) {
 		m.CPUs, m.CPUModel, m.MemoryGB, m.Postgres, m.Go, m.Commit, res.TookS)
 	fmt.Fprintf(w, "backlog N=%d, properties %d bytes, %d organizations\n\n", res.Config.N, res.Config.PropsSize, res.Config.Orgs)
 	// A Markdown table: readable in a terminal and pasted as is into RESULTS.md.
-	fmt.Fprintln(w, "| mode | txn | events | seconds | events/s | × recvlogical | × poller | p50 ms | p99 ms | p999 ms | peak RSS MB | CPU s/100k | others' CPU (cores) |")
-	fmt.Fprintln(w, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+	fmt.Fprintln(w, "| mode | txn | events | seconds | events/s | × recvlogical | × poller | p50 ms | p99 ms | p999 ms | peak RSS MB | CPU s/100k | Postgres CPU s/100k (walsender) | others' CPU (cores) |")
+	fmt.Fprintln(w, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
 	for _, r := range res.Rows {
-		others := "-"
+		others, pg := "-", "-"
 		if r.CPU != nil {
 			others = fmt.Sprintf("%.2f", r.CPU.OthersCores)
+			if r.Events > 0 {
+				per := 1e5 / float64(r.Events)
+				pg = fmt.Sprintf("%.2f (%.2f)", r.CPU.PostgresS*per, r.CPU.WalsenderS*per)
+			}
 		}
-		fmt.Fprintf(w, "| %s | %s | %d | %.2f | %.0f | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+		fmt.Fprintf(w, "| %s | %s | %d | %.2f | %.0f | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
 			r.Mode, txnLabel(r), r.Events, r.Seconds, r.EventsPerSec,
 			opt(r.VsRecvlogical, "%.2f"), opt(r.VsPoller, "%.2f"),
 			opt(r.P50ms, "%.2f"), opt(r.P99ms, "%.2f"), opt(r.P999ms, "%.2f"),
-			opt(r.PeakRSSMB, "%.1f"), opt(r.CPUPer100k, "%.2f"), others)
+			opt(r.PeakRSSMB, "%.1f"), opt(r.CPUPer100k, "%.2f"), pg, others)
 	}
+	fmt.Fprintln(w, "\nPostgres CPU: the server's processes over the measurement (decoding, marking, checkpoint, the load where it overlaps), per 100k events; in brackets the walsenders' part.")
 	fmt.Fprintln(w, "\nothers' CPU: cores used by processes outside the benchmark (other work on the machine) during the measurement.")
 	if len(res.Failures) > 0 {
 		fmt.Fprintf(w, "\nFAILED:\n  %s\n", strings.Join(res.Failures, "\n  "))
