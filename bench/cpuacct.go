@@ -24,7 +24,7 @@ type cpuSample struct {
 	// sample (decoding for outboxd or pg_recvlogical); the rest is backends
 	// (marking, checkpoint, loading) and the server's own processes.
 	walsender int64
-	outboxd  int64 // the outboxd process given to takeCPU
+	outboxd   int64 // the outboxd process given to takeCPU
 }
 
 type procEntry struct {
@@ -110,12 +110,12 @@ func takeCPU(outboxdPID int) cpuSample {
 // cpuUse is the CPU used between two samples, in seconds (and cores for
 // others).
 type cpuUse struct {
-	OutboxdS     float64 `json:"outboxd_s,omitempty"`
-	PostgresS    float64 `json:"postgres_s"`
+	OutboxdS  float64 `json:"outboxd_s,omitempty"`
+	PostgresS float64 `json:"postgres_s"`
 	// WalsenderS is the part of PostgresS spent by walsenders that were
 	// alive at both samples' end (a walsender that exits before the second
 	// sample is counted in PostgresS only).
-	WalsenderS float64 `json:"walsender_s"`
+	WalsenderS   float64 `json:"walsender_s"`
 	BenchS       float64 `json:"bench_s"` // receiver, poller, generator
 	OthersS      float64 `json:"others_s"`
 	OthersCores  float64 `json:"others_cores"`
@@ -131,8 +131,8 @@ func cpuBetween(a, b cpuSample) cpuUse {
 		// A walsender alive at the first sample and gone at the second
 		// would make this negative: count only what grew.
 		WalsenderS: float64(max(b.walsender-a.walsender, 0)) / hz,
-		BenchS:    float64(b.self-a.self) / hz,
-		OthersS:   float64((b.busy-a.busy)-(b.tree-a.tree)) / hz,
+		BenchS:     float64(b.self-a.self) / hz,
+		OthersS:    float64((b.busy-a.busy)-(b.tree-a.tree)) / hz,
 	}
 	u.OthersS = max(u.OthersS, 0)
 	if secs > 0 {
