@@ -7,8 +7,9 @@
 // Invariants:
 //   - Per target, events of one ordering key are handed to the sink in commit
 //     order (for a sink with several destinations, sink.Scoped: of one key
-//     and destination; the key is then ScopedKey), and an event is given to the sink only after every earlier event
-//     of its key has settled; different keys are delivered concurrently, up to
+//     and destination; the key is then ScopedKey), and an event is given to
+//     the sink only after every earlier event of its key has settled;
+//     different keys are delivered concurrently, up to
 //     Concurrency requests at once.
 //   - Once a delivery of a key is parked, later events of that key for that
 //     target are parked behind it, until the retrier has resolved them all:

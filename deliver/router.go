@@ -69,7 +69,6 @@ type target struct {
 	sent    int64
 	sink    atomic.Pointer[sinkBox]
 	sub     *Subscription // nil for the default target
-	done    chan error
 }
 
 type sinkBox struct{ s sink.Sink }
@@ -138,7 +137,7 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		}(t.in)
 	}
 	start := func(name string, s sink.Sink, sub *Subscription) *target {
-		t := &target{sub: sub, done: make(chan error, 1)}
+		t := &target{sub: sub}
 		t.sink.Store(&sinkBox{s})
 		p := Params{Config: r.cfg.Deliver, Target: name, Sink: func() sink.Sink { return t.sink.Load().s },
 			Settler: r.settler, Log: r.log, Parked: r.cfg.Parked[name], OnResult: r.cfg.OnResult, OnGone: r.cfg.OnGone}

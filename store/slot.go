@@ -49,7 +49,7 @@ func (s *Slot) Confirmed() pglogrepl.LSN {
 const slotSQL = `SELECT (s.slot_name IS NOT NULL)::text, s.plugin::text, s.database::text, s.active::text,
   s.active_pid::text, s.restart_lsn::text, s.confirmed_flush_lsn::text, s.wal_status, s.safe_wal_size::text,
   (s.database IS NOT DISTINCT FROM current_database())::text, current_database()::text,
-  (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text
+  (CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_lsn() END)::text
 FROM (SELECT 1) AS one LEFT JOIN pg_catalog.pg_replication_slots AS s ON s.slot_name = $1`
 
 // ReadSlot returns the row of slot, nil when there is none, and the
