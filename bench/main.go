@@ -81,12 +81,14 @@ type config struct {
 	FillFactor   int
 	LatencyTrace string
 	LogDir       string
+	RecvDelay    time.Duration
+	ParkedN      int
 	Extra        map[string]string // OUTBOXD_* for every daemon run
 	// Flags are every flag's effective value, for the JSON results.
 	Flags map[string]string
 }
 
-var allModes = []string{"recvlogical", "perevent", "batched", "poller", "catchup", "latency", "bigtxn", "tenants"}
+var allModes = []string{"recvlogical", "perevent", "batched", "poller", "catchup", "latency", "bigtxn", "tenants", "parked"}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -134,6 +136,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.Smoke, "smoke", false, "tiny sizes (N=2000, txn sizes 100,1, latency 2s, big txn 20000) to check the benchmark works")
 	fs.StringVar(&c.LatencyTrace, "latency-trace", "", "write each latency run's events (id, commit and receipt unix ns) to FILE.<system>.<rate>.csv")
 	fs.StringVar(&c.LogDir, "log-dir", "", "write each outboxd run's log to this directory")
+	fs.IntVar(&c.ParkedN, "parked-n", 20000, "rows of the parked mode: parked during an outage of the receiver, then retried")
+	fs.DurationVar(&c.RecvDelay, "receiver-delay", 0, "make the receiver slow: one request at a time, each taking this long (a single-threaded receiver such as Python's http.server); 0: concurrent and immediate")
 	fs.IntVar(&c.FillFactor, "fillfactor", 0, "fillfactor of domain_event (0: Postgres's default, 100); below 100 leaves room for HOT marking updates")
 	fs.StringVar(&extra, "outboxd-env", "", "extra settings for every outboxd run, KEY=VALUE,...: OUTBOXD_* or GOMAXPROCS, GOGC, GOMEMLIMIT, GODEBUG")
 	if err := fs.Parse(args); err != nil {
@@ -159,6 +163,9 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		}
 		if !set["tenant-subs"] {
 			tenantSubs = "0,200"
+		}
+		if !set["parked-n"] {
+			c.ParkedN = 1000
 		}
 		if !set["tenant-events"] {
 			c.TenantEvents = 200

@@ -62,7 +62,7 @@ func newBench(ctx context.Context, cfg config, log io.Writer) (_ *bench, err err
 	if err != nil {
 		return nil, err
 	}
-	if b.recv, err = startReceiver(); err != nil {
+	if b.recv, err = startReceiver(b.cfg.RecvDelay); err != nil {
 		return nil, err
 	}
 	admin, err := b.pg.adminConn(ctx)
@@ -132,6 +132,9 @@ func (b *bench) runAll(ctx context.Context) {
 	}
 	if c.has("bigtxn") {
 		b.guard(ctx, "big transaction", func() error { return b.bigTxn(ctx) })
+	}
+	if c.has("parked") {
+		b.guard(ctx, "parked drain", func() error { return b.parkedDrain(ctx) })
 	}
 	if c.has("tenants") {
 		for _, subs := range c.TenantSubs {
@@ -477,7 +480,7 @@ func (b *bench) verify(ctx context.Context, dbURL string, t *tally, rows int) er
 		return err
 	}
 	if pending != 0 || total != int64(rows) {
-		return fmt.Errorf("%d of %d rows not marked processed", pending, total)
+		return fmt.Errorf("%d of %d rows not marked processed (%d duplicate deliveries, first: %v)", pending, total, t.duplicates(), t.repeated(5))
 	}
 	if d := t.duplicates(); d > 0 {
 		b.logf("  note: %d duplicate deliveries (at-least-once)", d)
@@ -916,4 +919,98 @@ func (b *bench) unmarkedReport(ctx context.Context, conn *pgx.Conn, slot string,
 	fmt.Fprintf(&sb, "checkpoint lsn %s, slot confirmed_flush_lsn %s, current wal lsn %s; receiver: %d distinct, %d duplicates (first %v), %d requests",
 		cp, confirmed, current, t.distinct.Load(), t.duplicates(), t.repeated(5), t.requests.Load())
 	return sb.String()
+}
+
+// parkedDrain measures the way back from an outage: the receiver refuses
+// (503) while ParkedN rows stream, so every delivery is parked in the table
+// after one attempt; then it answers again, and the retrier delivers the
+// parked deliveries and marks their rows. Measured from the receiver's
+// recovery to the last row marked.
+func (b *bench) parkedDrain(ctx context.Context) error {
+	name := dbName("parked")
+	dbURL, err := b.pg.createDB(ctx, name, false, b.cfg.FillFactor)
+	if err != nil {
+		return err
+	}
+	defer b.dropDB(ctx, name)
+	extra := maps.Clone(b.cfg.Extra)
+	extra["OUTBOXD_WEBHOOK_MAX_ATTEMPTS"] = "1"
+	extra["OUTBOXD_RETRY_SCHEDULE"] = strings.TrimSuffix(strings.Repeat("1s,", 200), ",")
+	env := daemonEnv(dbURL, name, b.recv.url, 1, 16, extra)
+	if err := b.createSlotWithDaemon(ctx, env, dbURL, name); err != nil {
+		return fmt.Errorf("create outboxd's slot: %w", err)
+	}
+	bl, err := b.load(ctx, dbURL, b.cfg.ParkedN, 100)
+	if err != nil {
+		return err
+	}
+	w, err := newCheckpointWatch(ctx, dbURL, name)
+	if err != nil {
+		return err
+	}
+	defer w.close()
+	b.recv.failing.Store(true)
+	defer b.recv.failing.Store(false)
+	d, err := startDaemon(b.bin, env, b.logPath(env))
+	if err != nil {
+		return err
+	}
+	defer d.kill()
+	conn, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	// Parked: the checkpoint passed the backlog with every delivery in the
+	// parked table.
+	err = waitFor(ctx, d, b.cfg.Timeout, 10*time.Millisecond, "every delivery to be parked", func() (bool, error) {
+		lsn, _, _, err := w.read(ctx)
+		if err != nil || lsn <= bl.lastTxnLSN {
+			return false, err
+		}
+		var n int64
+		err = conn.QueryRow(ctx, `SELECT count(*) FROM outboxd_parked`).Scan(&n)
+		return n == int64(bl.rows), err
+	})
+	if err != nil {
+		return err
+	}
+	t := b.recv.reset(1, int64(bl.rows), false)
+	c0 := takeCPU(d.pid())
+	cpu0, err := readProc(d.pid())
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	b.recv.failing.Store(false)
+	if err := b.waitTally(ctx, d, t); err != nil {
+		return err
+	}
+	err = waitFor(ctx, d, b.cfg.Timeout, 10*time.Millisecond, "every parked row to be marked", func() (bool, error) {
+		pending, _, err := pendingRows(ctx, conn)
+		return pending == 0, err
+	})
+	if err != nil {
+		return err
+	}
+	took := time.Since(start)
+	use := cpuBetween(c0, takeCPU(d.pid()))
+	ps, err := readProc(d.pid())
+	if err != nil {
+		return err
+	}
+	if err := d.stop(time.Minute); err != nil {
+		return err
+	}
+	if err := b.verify(ctx, dbURL, t, bl.rows); err != nil {
+		return err
+	}
+	cpu := ps.cpu - cpu0.cpu
+	b.add(row{
+		Mode: "outboxd parked drain: retrier after an outage (batch 1, conc 16)", System: "outboxd", TxnSize: bl.txnSize,
+		Events: int64(bl.rows), Seconds: took.Seconds(), EventsPerSec: float64(bl.rows) / took.Seconds(),
+		PeakRSSMB: float64(ps.hwmKB) / 1024, CPUPer100k: cpu.Seconds() / float64(bl.rows) * 1e5, CPU: &use,
+		Detail: map[string]any{"requests": t.requests.Load(), "duplicates": t.duplicates(), "cpu_s": cpu.Seconds()},
+	})
+	return nil
 }

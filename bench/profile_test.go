@@ -53,7 +53,7 @@ func profileServer(b *testing.B) (*pgEnv, *receiver) {
 		if profEnv, profErr = startPostgres(""); profErr != nil {
 			return
 		}
-		profRecv, profErr = startReceiver()
+		profRecv, profErr = startReceiver(0)
 	})
 	if profErr != nil {
 		b.Fatal(profErr)

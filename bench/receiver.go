@@ -26,6 +26,13 @@ type receiver struct {
 	url  string
 	cur  atomic.Pointer[tally]
 	bufs sync.Pool
+	// delay, when set, serves one request at a time, each taking delay:
+	// a single-threaded receiver, whose queue of waiting requests outlasts
+	// the sender's timeouts under enough concurrency.
+	delay  time.Duration
+	serial sync.Mutex
+	// failing makes it answer 503 to everything (an outage).
+	failing atomic.Bool
 }
 
 // tally is what the receiver saw during one measurement.
@@ -111,12 +118,12 @@ func (t *tally) record(id, now int64) {
 	}
 }
 
-func startReceiver() (*receiver, error) {
+func startReceiver(delay time.Duration) (*receiver, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
-	r := &receiver{ln: ln, url: "http://" + ln.Addr().String() + "/hook"}
+	r := &receiver{ln: ln, url: "http://" + ln.Addr().String() + "/hook", delay: delay}
 	r.cur.Store(newTally(1, 0, false))
 	r.bufs.New = func() any { b := make([]byte, 0, 64<<10); return &b }
 	r.srv = &http.Server{Handler: http.HandlerFunc(r.serve), ReadHeaderTimeout: 10 * time.Second}
@@ -142,6 +149,15 @@ func (r *receiver) serve(w http.ResponseWriter, req *http.Request) {
 	if req.Method != http.MethodPost {
 		w.WriteHeader(http.StatusMethodNotAllowed)
 		return
+	}
+	if r.failing.Load() {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		return
+	}
+	if r.delay > 0 {
+		r.serial.Lock()
+		defer r.serial.Unlock()
+		time.Sleep(r.delay) // the slowness measured, not a synchronisation
 	}
 	bp := r.bufs.Get().(*[]byte)
 	defer r.bufs.Put(bp)
