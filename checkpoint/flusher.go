@@ -18,8 +18,8 @@ import (
 type Writer interface {
 	// Write writes a batch of settled work and the checkpoint.
 	Write(ctx context.Context, b store.Batch) error
-	// Resolve records the outcome of a parked delivery's retry.
-	Resolve(ctx context.Context, r store.Resolution) error
+	// Resolve records the outcomes of parked deliveries' retries, together.
+	Resolve(ctx context.Context, rs ...store.Resolution) error
 }
 
 // Flusher moves settled work from a Tracker into the database, and records
@@ -157,8 +157,8 @@ func permanent(err error) bool {
 	return false
 }
 
-// Resolve records the outcome of a retry of a parked delivery (the retrier's
-// way to mark a row).
-func (f *Flusher) Resolve(ctx context.Context, r store.Resolution) error {
-	return f.Writer.Resolve(ctx, r)
+// Resolve records the outcomes of retries of parked deliveries, in one
+// transaction (the retrier's way to mark rows).
+func (f *Flusher) Resolve(ctx context.Context, rs ...store.Resolution) error {
+	return f.Writer.Resolve(ctx, rs...)
 }

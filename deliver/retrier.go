@@ -50,10 +50,10 @@ type ParkStore interface {
 	ParkedRun(ctx context.Context, target string, key int64, limit int) ([]store.ParkedRow, error)
 }
 
-// Resolver records what became of a parked delivery's retry;
+// Resolver records what became of parked deliveries' retries, together;
 // *checkpoint.Flusher is the one that does (it alone writes marks).
 type Resolver interface {
-	Resolve(ctx context.Context, r store.Resolution) error
+	Resolve(ctx context.Context, rs ...store.Resolution) error
 }
 
 // Retrier retries parked deliveries from the table on the schedule, one key
@@ -145,79 +145,129 @@ func (r *Retrier) Round(ctx context.Context) error {
 
 // key works through the parked deliveries of one key in order until one
 // fails (it is rescheduled, and the rest wait behind it).
+//
+// The outcomes of a page of the run are recorded together, in one
+// transaction: a commit per row held a drain after an outage to a few hundred
+// rows a second. Only once they are recorded does the dispatcher learn that
+// the key has fewer deliveries parked, so a streamed event of the key never
+// overtakes a parked one whose delivery is not yet recorded; a crash before
+// the record sends the page's delivered events again (at least once).
 func (r *Retrier) key(ctx context.Context, disp *Dispatcher, snk sink.Sink, h store.ParkedHead) error {
-	log := r.Log.With().Str("target", h.Target).Logger()
+	k := keyRun{r: r, disp: disp, h: h, log: r.Log.With().Str("target", h.Target).Logger()}
 	for {
-		rows, err := r.Store.ParkedRun(ctx, h.Target, h.Key, 100)
+		rows, err := r.Store.ParkedRun(ctx, h.Target, h.Key, keyPage)
 		if err != nil || len(rows) == 0 {
 			return err
 		}
+		more := true
 		for _, row := range rows {
-			if row.Values == nil {
-				if err := r.resolve(ctx, store.GiveUp, h.Target, row.EventID, 0, sink.Outcome{}, "the event's row no longer exists"); err != nil {
-					return err
-				}
-				disp.Unparked(uint64(h.Key), 1)
-				continue
+			if more = k.retry(ctx, snk, row); !more {
+				break
 			}
-			e, err := decode.EventFromText(r.Namespace, row.Relation, row.Values)
-			if err != nil {
-				if err := r.resolve(ctx, store.GiveUp, h.Target, row.EventID, 0, sink.Outcome{}, "row cannot be delivered: "+err.Error()); err != nil {
-					return err
-				}
-				disp.Unparked(uint64(h.Key), 1)
-				continue
-			}
-			// One attempt per step of the schedule: the schedule is the
-			// retry policy here.
-			o := snk.Deliver(sink.WithMaxAttempts(ctx, 1), []*decode.Event{e})[0]
-			switch {
-			case o.Err == nil:
-				if err := r.resolve(ctx, store.Delivered, h.Target, row.EventID, 0, o, ""); err != nil {
-					return err
-				}
-				disp.Unparked(uint64(h.Key), 1)
-				log.Info().Int64("event_id", row.EventID).Int32("round", row.Rounds+1).Msg("parked delivery delivered")
-				continue
-			case errors.Is(o.Err, context.Canceled) || errors.Is(o.Err, context.DeadlineExceeded):
-				return nil
-			case errors.Is(o.Err, sink.ErrPermanent):
-				if err := r.resolve(ctx, store.GiveUp, h.Target, row.EventID, 0, o, o.Err.Error()); err != nil {
-					return err
-				}
-				disp.Unparked(uint64(h.Key), 1)
-				log.Warn().Int64("event_id", row.EventID).Err(o.Err).Msg("parked delivery dead-lettered")
-				continue
-			}
-			if errors.Is(o.Err, sink.ErrGone) && disp.onGone != nil {
-				disp.onGone(h.Target)
-			}
-			round := int(row.Rounds) + 1
-			if round >= len(r.Schedule) {
-				reason := "retry schedule exhausted: " + o.Err.Error()
-				if err := r.resolve(ctx, store.GiveUp, h.Target, row.EventID, 0, o, reason); err != nil {
-					return err
-				}
-				disp.Unparked(uint64(h.Key), 1)
-				log.Warn().Int64("event_id", row.EventID).Int("rounds", round).Err(o.Err).Msg("parked delivery dead-lettered")
-				continue
-			}
-			// The database's clock alone times the schedule: it stores
-			// now() + the step and compares next_attempt_at with now().
-			wait := r.Schedule[round]
-			if err := r.resolve(ctx, store.RetryLater, h.Target, row.EventID, wait, o, o.Err.Error()); err != nil {
-				return err
-			}
-			log.Info().Int64("event_id", row.EventID).Int("round", round).Dur("retry_in", wait).
-				Str("key", strconv.FormatInt(h.Key, 10)).Err(o.Err).Msg("parked delivery failed again")
-			return nil
+		}
+		if err := k.record(ctx); err != nil || !more {
+			return err
 		}
 	}
 }
 
-// resolve records the outcome o of a retry (attempts and status from o).
-func (r *Retrier) resolve(ctx context.Context, kind store.ResolutionKind, target string, eventID int64,
-	retryIn time.Duration, o sink.Outcome, reason string) error {
-	return r.Resolver.Resolve(ctx, store.Resolution{Kind: kind, Target: target, EventID: eventID,
-		Attempts: int32(o.Attempts), RetryIn: retryIn, Status: o.Status, Reason: reason})
+// keyPage is how many parked deliveries of a key are read, retried and
+// recorded at a time.
+const keyPage = 100
+
+// keyRun is the retry of one key's parked deliveries: the outcomes not yet
+// recorded.
+type keyRun struct {
+	r       *Retrier
+	disp    *Dispatcher
+	h       store.ParkedHead
+	log     zerolog.Logger
+	pending []store.Resolution
+	// settled counts the pending outcomes that end a parked delivery (all
+	// but RetryLater); delivered, those that delivered it.
+	settled, delivered int
 }
+
+// retry makes one attempt at row and notes its outcome; it reports whether
+// the run goes on to the next row.
+func (k *keyRun) retry(ctx context.Context, snk sink.Sink, row store.ParkedRow) bool {
+	if row.Values == nil {
+		k.note(store.GiveUp, row.EventID, 0, sink.Outcome{}, "the event's row no longer exists")
+		return true
+	}
+	e, err := decode.EventFromText(k.r.Namespace, row.Relation, row.Values)
+	if err != nil {
+		k.note(store.GiveUp, row.EventID, 0, sink.Outcome{}, "row cannot be delivered: "+err.Error())
+		return true
+	}
+	// One attempt per step of the schedule: the schedule is the retry
+	// policy here.
+	o := snk.Deliver(sink.WithMaxAttempts(ctx, 1), []*decode.Event{e})[0]
+	switch {
+	case o.Err == nil:
+		k.note(store.Delivered, row.EventID, 0, o, "")
+		return true
+	case errors.Is(o.Err, context.Canceled) || errors.Is(o.Err, context.DeadlineExceeded):
+		return false
+	case errors.Is(o.Err, sink.ErrPermanent):
+		k.note(store.GiveUp, row.EventID, 0, o, o.Err.Error())
+		k.log.Warn().Int64("event_id", row.EventID).Err(o.Err).Msg("parked delivery dead-lettered")
+		return true
+	}
+	if errors.Is(o.Err, sink.ErrGone) && k.disp.onGone != nil {
+		k.disp.onGone(k.h.Target)
+	}
+	round := int(row.Rounds) + 1
+	if round >= len(k.r.Schedule) {
+		k.note(store.GiveUp, row.EventID, 0, o, "retry schedule exhausted: "+o.Err.Error())
+		k.log.Warn().Int64("event_id", row.EventID).Int("rounds", round).Err(o.Err).Msg("parked delivery dead-lettered")
+		return true
+	}
+	// The database's clock alone times the schedule: it stores now() + the
+	// step and compares next_attempt_at with now().
+	wait := k.r.Schedule[round]
+	k.note(store.RetryLater, row.EventID, wait, o, o.Err.Error())
+	k.log.Info().Int64("event_id", row.EventID).Int("round", round).Dur("retry_in", wait).
+		Str("key", strconv.FormatInt(k.h.Key, 10)).Err(o.Err).Msg("parked delivery failed again")
+	return false
+}
+
+// note adds an outcome to record (attempts and status from o).
+func (k *keyRun) note(kind store.ResolutionKind, eventID int64, retryIn time.Duration, o sink.Outcome, reason string) {
+	k.pending = append(k.pending, store.Resolution{Kind: kind, Target: k.h.Target, EventID: eventID,
+		Attempts: int32(o.Attempts), RetryIn: retryIn, Status: o.Status, Reason: reason})
+	if kind != store.RetryLater {
+		k.settled++
+	}
+	if kind == store.Delivered {
+		k.delivered++
+	}
+}
+
+// record writes the pending outcomes in one transaction, then tells the
+// dispatcher how many of the key's parked deliveries ended. Outcomes of a
+// run cut short by the end of ctx are recorded still: their attempts were
+// made.
+func (k *keyRun) record(ctx context.Context) error {
+	if len(k.pending) == 0 {
+		return nil
+	}
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
+	defer cancel()
+	if err := k.r.Resolver.Resolve(wctx, k.pending...); err != nil {
+		return err
+	}
+	if k.settled > 0 {
+		k.disp.Unparked(uint64(k.h.Key), k.settled)
+	}
+	if k.delivered > 0 {
+		k.log.Info().Int("delivered", k.delivered).Int64("first_event_id", k.pending[0].EventID).
+			Str("key", strconv.FormatInt(k.h.Key, 10)).Msg("parked deliveries delivered")
+	}
+	k.pending, k.settled, k.delivered = k.pending[:0], 0, 0
+	return nil
+}
+
+// recordTimeout bounds the recording of a page's outcomes, which goes on
+// after the retrier is stopped.
+const recordTimeout = 10 * time.Second

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -157,81 +158,75 @@ type Resolution struct {
 	Reason   string        // the failure (RetryLater, GiveUp)
 }
 
-// Resolve records r in one fenced transaction that locks the event's row
-// first (one order of locks for every kind).
-func (s *SlotStore) Resolve(ctx context.Context, r Resolution) error {
-	switch r.Kind {
-	case Delivered:
-		return s.delivered(ctx, r.Target, r.EventID, r.Attempts)
-	case RetryLater:
-		return s.reschedule(ctx, r.Target, r.EventID, r.Attempts, r.RetryIn, r.Status, r.Reason)
-	case GiveUp:
-		return s.giveUp(ctx, r.Target, r.EventID, r.Attempts, r.Status, r.Reason)
+// Resolve records rs in one fenced transaction that first locks the events'
+// rows, in ascending id order: one order of locks for every kind and every
+// caller, so resolutions of one event's parked deliveries at several targets
+// take turns, and each statement after the lock sees what the one before it
+// committed. (Without the lock, two resolving together each saw the other's
+// parked row still there, and the row stayed unprocessed for good.) The
+// retrier resolves a key's run together: one commit for many rows.
+func (s *SlotStore) Resolve(ctx context.Context, rs ...Resolution) error {
+	if len(rs) == 0 {
+		return nil
 	}
-	return fmt.Errorf("resolve parked delivery of event %d: unknown resolution %d", r.EventID, r.Kind)
-}
-
-func (s *SlotStore) delivered(ctx context.Context, target string, eventID int64, attempts int32) error {
+	ids := make([]int64, len(rs))
+	for i, r := range rs {
+		ids[i] = r.EventID
+	}
+	slices.Sort(ids)
+	ids = slices.Compact(ids)
+	what := fmt.Sprintf("resolve %d parked deliveries (first: event %d)", len(rs), rs[0].EventID)
+	if len(rs) == 1 {
+		what = fmt.Sprintf("resolve parked delivery of event %d", rs[0].EventID)
+	}
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if err := s.fenced(ctx, tx); err != nil {
 			return err
 		}
 		var q pgx.Batch
-		// The event's row first: resolutions of one event's parked
-		// deliveries at several targets take turns, and each statement
-		// after the lock sees what the one before it committed. Without
-		// it, two resolving together each saw the other's parked row
-		// still there, and the row stayed unprocessed for good.
-		q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = $1 FOR NO KEY UPDATE`, eventID)
-		q.Queue(`DELETE FROM `+s.parked()+` WHERE target = $1 AND event_id = $2`, target, eventID)
+		q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE`, ids)
+		for _, r := range rs {
+			if err := s.queueResolution(&q, r); err != nil {
+				return err
+			}
+		}
+		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "%s", what)
+	})
+}
+
+// queueResolution queues the statements that record r; the caller holds the
+// lock of r's event row.
+func (s *SlotStore) queueResolution(q *pgx.Batch, r Resolution) error {
+	switch r.Kind {
+	case Delivered:
+		// The parked row goes; the event is processed when nothing else of
+		// it is parked or dead.
+		q.Queue(`DELETE FROM `+s.parked()+` WHERE target = $1 AND event_id = $2`, r.Target, r.EventID)
 		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+AddAttempts("e", "$2")+`,
   is_processed = NOT EXISTS (SELECT 1 FROM `+s.parked()+` AS p WHERE p.event_id = $1)
     AND NOT EXISTS (SELECT 1 FROM `+s.dead()+` AS d WHERE d.event_id = $1),
   processed_at = CASE WHEN e.processed_at IS NULL
     AND NOT EXISTS (SELECT 1 FROM `+s.parked()+` AS p WHERE p.event_id = $1)
     AND NOT EXISTS (SELECT 1 FROM `+s.dead()+` AS d WHERE d.event_id = $1) THEN now() ELSE e.processed_at END
-WHERE e.id = $1`, eventID, attempts)
-		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "resolve parked delivery of event %d", eventID)
-	})
-}
-
-// reschedule records a failed retry of a parked delivery and when to try next.
-//
-// The next attempt is due retryIn after the database's now(): the retrier
-// compares next_attempt_at with now() too, so a daemon whose clock is off
-// neither retries early nor dead-letters early.
-func (s *SlotStore) reschedule(ctx context.Context, target string, eventID int64, attempts int32, retryIn time.Duration, status int, reason string) error {
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		if err := s.fenced(ctx, tx); err != nil {
-			return err
-		}
-		var q pgx.Batch
-		// The event's row first, as Delivered does: one order of locks.
-		q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = $1 FOR NO KEY UPDATE`, eventID)
+WHERE e.id = $1`, r.EventID, r.Attempts)
+	case RetryLater:
+		// The next attempt is due RetryIn after the database's now(): the
+		// retrier compares next_attempt_at with now() too, so a daemon
+		// whose clock is off neither retries early nor dead-letters early.
 		q.Queue(`UPDATE `+s.parked()+` SET attempts = attempts + $3, rounds = rounds + 1, next_attempt_at = now() + $4 * interval '1 microsecond',
-  last_status = $5, last_error = $6 WHERE target = $1 AND event_id = $2`, target, eventID, attempts, retryIn.Microseconds(), nullStatus(status), reason)
-		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+AddAttempts("e", "$2")+` WHERE e.id = $1`, eventID, attempts)
-		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "reschedule parked delivery of event %d", eventID)
-	})
-}
-
-// giveUp dead-letters a parked delivery.
-func (s *SlotStore) giveUp(ctx context.Context, target string, eventID int64, attempts int32, status int, reason string) error {
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		if err := s.fenced(ctx, tx); err != nil {
-			return err
-		}
-		var q pgx.Batch
-		// The event's row first, as Delivered does: one order of locks.
-		q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = $1 FOR NO KEY UPDATE`, eventID)
+  last_status = $5, last_error = $6 WHERE target = $1 AND event_id = $2`, r.Target, r.EventID, r.Attempts, r.RetryIn.Microseconds(), nullStatus(r.Status), r.Reason)
+		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+AddAttempts("e", "$2")+` WHERE e.id = $1`, r.EventID, r.Attempts)
+	case GiveUp:
 		q.Queue(`WITH p AS (DELETE FROM `+s.parked()+` WHERE target = $1 AND event_id = $2 RETURNING attempts)
 INSERT INTO `+s.dead()+` AS d (event_id, sink, last_status, last_error, attempts)
 SELECT $2, $1, $3, $4, coalesce((SELECT attempts FROM p), 0) + $5
 ON CONFLICT (event_id, sink) DO UPDATE SET last_status = excluded.last_status, last_error = excluded.last_error,
-  attempts = d.attempts + excluded.attempts, dead_at = now()`, target, eventID, nullStatus(status), reason, attempts)
-		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+AddAttempts("e", "$2")+` WHERE e.id = $1`, eventID, attempts)
-		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "dead-letter parked delivery of event %d", eventID)
-	})
+  attempts = d.attempts + excluded.attempts, dead_at = now()`, r.Target, r.EventID, nullStatus(r.Status), r.Reason, r.Attempts)
+		q.Queue(`UPDATE `+s.table()+` AS e SET delivery_attempts = `+AddAttempts("e", "$2")+` WHERE e.id = $1`, r.EventID, r.Attempts)
+	default:
+		return fmt.Errorf("resolve parked delivery of event %d: unknown resolution %d", r.EventID, r.Kind)
+	}
+	return nil
 }
 
 func nullStatus(status int) *int32 {

@@ -141,3 +141,72 @@ func TestParkedDeliveryDeliveredWhileAnotherIsDeadLetteredStaysUnprocessed(t *te
 	require.Equal(t, 1, dead)
 	require.False(t, processed != nil && *processed, "a dead-lettered event is not processed")
 }
+
+// The retrier records a page of a key's run in one call: each resolution
+// must have the effect it has alone (delivered rows processed, a failed one
+// rescheduled, a refused one dead-lettered), and two targets' runs over the
+// same events, recorded at the same moment, must both commit (the rows are
+// locked in one order) and leave every row that nothing holds back
+// processed.
+func TestResolutionsRecordedTogether(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db := pgtest.NewMigrated(t)
+	conn := db.Conn
+	ss := store.NewSlotStore(db.Pool, store.SlotConfig{Schema: "public", Table: "domain_event", Slot: "parked_test"})
+	var ids []int64
+	rows, err := conn.Query(ctx, `INSERT INTO domain_event (event_name) SELECT 'batch_started' FROM generate_series(1, 6) RETURNING id`)
+	require.NoError(t, err)
+	ids, err = pgx.CollectRows(rows, pgx.RowTo[int64])
+	require.NoError(t, err)
+	var b store.Batch
+	for _, target := range []string{"webhook", "subscription:1"} {
+		for _, id := range ids {
+			b.Parked = append(b.Parked, store.Park{EventID: id, Target: target, Key: 1, Attempts: 1})
+		}
+	}
+	require.NoError(t, ss.Write(ctx, b))
+
+	// Both targets deliver events 0-3, in opposite orders of ids; the
+	// webhook's event 4 fails again and subscription:1 gives event 5 up.
+	run := func(target string, order []int) []store.Resolution {
+		var rs []store.Resolution
+		for _, i := range order {
+			rs = append(rs, store.Resolution{Kind: store.Delivered, Target: target, EventID: ids[i], Attempts: 1})
+		}
+		return rs
+	}
+	webhook := append(run("webhook", []int{0, 1, 2, 3}),
+		store.Resolution{Kind: store.RetryLater, Target: "webhook", EventID: ids[4], Attempts: 1, RetryIn: time.Hour, Status: 503, Reason: "503"})
+	sub := append(run("subscription:1", []int{3, 2, 1, 0}),
+		store.Resolution{Kind: store.GiveUp, Target: "subscription:1", EventID: ids[5], Attempts: 1, Status: 400, Reason: "refused"})
+	resolveTogether(t, conn, ids[0],
+		func() error { return ss.Resolve(ctx, webhook...) },
+		func() error { return ss.Resolve(ctx, sub...) })
+
+	type state struct {
+		processed bool
+		parked    int
+		dead      int
+	}
+	got := map[int64]state{}
+	rows, err = conn.Query(ctx, `SELECT id, coalesce(is_processed, false),
+  (SELECT count(*) FROM outboxd_parked p WHERE p.event_id = e.id), (SELECT count(*) FROM outboxd_dead_letter d WHERE d.event_id = e.id)
+FROM domain_event e`)
+	require.NoError(t, err)
+	for rows.Next() {
+		var id int64
+		var s state
+		require.NoError(t, rows.Scan(&id, &s.processed, &s.parked, &s.dead))
+		got[id] = s
+	}
+	require.NoError(t, rows.Err())
+	for i := 0; i < 4; i++ {
+		require.Equal(t, state{processed: true}, got[ids[i]], "event %d: delivered at both targets", i)
+	}
+	require.Equal(t, state{parked: 2}, got[ids[4]], "event 4: rescheduled at the webhook, untouched at subscription:1")
+	require.Equal(t, state{parked: 1, dead: 1}, got[ids[5]], "event 5: dead at subscription:1, still parked at the webhook")
+	var next time.Duration
+	require.NoError(t, conn.QueryRow(ctx, `SELECT extract(epoch FROM next_attempt_at - now())::float8 * 1e9 FROM outboxd_parked WHERE target = 'webhook' AND event_id = $1`, ids[4]).Scan(&next))
+	require.Greater(t, next, 50*time.Minute, "the retry is an hour away")
+}
