@@ -644,8 +644,8 @@ func eachOtherSink(t *testing.T, f func(t *testing.T, name string, b *bundle, de
 	}
 }
 
-// A destination that refuses for a while (PostHog answering 503, a Kafka
-// broker answering NOT_ENOUGH_REPLICAS) while events keep coming: they park
+// A destination that refuses for a while (PostHog answering 503, GA4 429, a
+// Kafka broker answering NOT_ENOUGH_REPLICAS) while events keep coming: they park
 // and go out once it recovers, nothing lost, first receipts in commit order
 // per organization, every row processed.
 func TestSinksThroughADestinationOutage(t *testing.T) {
@@ -670,6 +670,23 @@ func TestSinksThroughADestinationOutage(t *testing.T) {
 			}))
 			t.Cleanup(gate.Close)
 			extra["OUTBOXD_POSTHOG_HOST"] = gate.URL
+			return extra, delivered
+		}},
+		{"ga4", func(t *testing.T, down *atomic.Bool) (map[string]string, deliveredFunc) {
+			extra, delivered := ga4Case(t)
+			target, err := url.Parse(extra["OUTBOXD_GA4_ENDPOINT"])
+			require.NoError(t, err)
+			proxy := httputil.NewSingleHostReverseProxy(target)
+			gate := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if down.Load() {
+					w.Header().Set("Retry-After", "0")
+					http.Error(w, "too many requests", http.StatusTooManyRequests)
+					return
+				}
+				proxy.ServeHTTP(w, r)
+			}))
+			t.Cleanup(gate.Close)
+			extra["OUTBOXD_GA4_ENDPOINT"] = gate.URL
 			return extra, delivered
 		}},
 		{"nats", func(t *testing.T, down *atomic.Bool) (map[string]string, deliveredFunc) {
