@@ -509,10 +509,10 @@ func ga4CheckName(what, name string, event bool) error {
 	switch {
 	case name == "":
 		return fmt.Errorf("GA4 limit: %s is empty", what)
-	case len(name) > ga4MaxNameLen:
-		return fmt.Errorf("GA4 limit: %s %q is %d characters, over the %d GA4 accepts", what, name, utf8.RuneCountInString(name), ga4MaxNameLen)
 	case !ga4NameRE.MatchString(name):
 		return fmt.Errorf("GA4 limit: %s %q must start with a letter and have only letters, digits and underscores", what, name)
+	case len(name) > ga4MaxNameLen: // ASCII by now: bytes are characters
+		return fmt.Errorf("GA4 limit: %s %q is %d characters, over the %d GA4 accepts", what, name, len(name), ga4MaxNameLen)
 	case event && slices.Contains(ga4ReservedEvents, name):
 		return fmt.Errorf("GA4 limit: event name %q is reserved by GA4", name)
 	}

@@ -314,6 +314,7 @@ func TestGA4Limits(t *testing.T) {
 	}{
 		{"NameTooLong", `{"event_name":"` + strings.Repeat("a", 41) + `"}`, `event name "` + strings.Repeat("a", 41) + `" is 41 characters, over the 40`},
 		{"NameBadCharacter", `{"event_name":"order.placed"}`, `event name "order.placed" must start with a letter and have only letters, digits and underscores`},
+		{"NameNotASCII", `{"event_name":"` + strings.Repeat("é", 21) + `"}`, `event name "` + strings.Repeat("é", 21) + `" must start with a letter and have only letters, digits and underscores`},
 		{"NameStartsWithDigit", `{"event_name":"1st_order"}`, `event name "1st_order" must start with a letter`},
 		{"NameEmpty", `{"event_name":null}`, `event name is empty`},
 		{"NameReserved", `{"event_name":"session_start"}`, `event name "session_start" is reserved by GA4`},
