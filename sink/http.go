@@ -37,7 +37,7 @@ const (
 	redacted = "[REDACTED]"
 )
 
-// HTTPConfig is the configuration the HTTP sinks (webhook, PostHog) share:
+// HTTPConfig is the configuration the HTTP sinks (webhook, PostHog, GA4) share:
 // the attempt timeout, the retry budget, the address guard and the
 // connection pool.
 type HTTPConfig struct {
@@ -206,7 +206,7 @@ func (c *httpCall) prepareRetry(req *http.Request) error {
 }
 
 // newGuardedTransport returns the HTTP transport of the sinks that POST to a
-// URL from configuration (webhook, PostHog): never an environment proxy (it
+// URL from configuration (webhook, PostHog, GA4): never an environment proxy (it
 // would bypass the address guard), TLS 1.2 or later, and, unless
 // allowPrivate, a dialer that refuses loopback, private, link-local and other
 // reserved addresses at connect time, after name resolution, so that a name

@@ -16,7 +16,8 @@ import (
 	"github.com/outboxd/outboxd/ops"
 )
 
-// opsCommands are the operator commands (status, slot, replay, prune). Their
+// opsCommands are the operator commands (status, slot, replay, prune, ga4
+// validate). Their
 // logic lives in package ops; here are flags, output and exit codes: 0 ok,
 // 1 runtime failure or something needs attention, 2 usage or configuration.
 func opsCommands(envMap map[string]string, stdout, stderr io.Writer) []*cobra.Command {
@@ -25,6 +26,7 @@ func opsCommands(envMap map[string]string, stdout, stderr io.Writer) []*cobra.Co
 		slotCommand(envMap, stdout, stderr),
 		replayCommand(envMap, stdout, stderr),
 		pruneCommand(envMap, stdout, stderr),
+		ga4Command(envMap, stdout, stderr),
 	}
 }
 

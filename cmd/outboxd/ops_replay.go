@@ -30,7 +30,7 @@ func replayCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Co
 		Long: `Re-deliver events from the outbox table whatever their processed flag, in id
 order, to the sink run delivers to (OUTBOXD_SINK with its variables: the
 default webhook, OUTBOXD_WEBHOOK_URL signed with OUTBOXD_WEBHOOK_SECRET, or
-stdout, Kafka, NATS, PostHog), or to a subscription (--subscription), or to
+stdout, Kafka, NATS, PostHog, GA4), or to a subscription (--subscription), or to
 --webhook-url. Each delivery carries the event's message id as the first
 one did (webhook-id, outboxd-message-id, Nats-Msg-Id, the PostHog uuid) and
 the header "webhook-replay: true" where the sink has headers.

@@ -69,12 +69,25 @@ type posthogEnv struct {
 	AllowPrivate bool          `env:"ALLOW_PRIVATE_SINKS" envDefault:"false"`
 }
 
+type ga4Env struct {
+	MeasurementID    string        `env:"GA4_MEASUREMENT_ID"`
+	APISecret        string        `env:"GA4_API_SECRET"`
+	Endpoint         string        `env:"GA4_ENDPOINT"`
+	ClientIDProperty string        `env:"GA4_CLIENT_ID_PROPERTY"`
+	ClientIDKey      string        `env:"GA4_CLIENT_ID_KEY"`
+	Timeout          time.Duration `env:"GA4_TIMEOUT" envDefault:"10s"`
+	MaxAttempts      int           `env:"GA4_MAX_ATTEMPTS" envDefault:"8"`
+	BackoffMax       time.Duration `env:"GA4_BACKOFF_MAX" envDefault:"30s"`
+	AllowPrivate     bool          `env:"ALLOW_PRIVATE_SINKS" envDefault:"false"`
+}
+
 // sinkEnvs maps each OUTBOXD_SINK value other than webhook to its variables.
 var sinkEnvs = map[string]any{
 	"stdout":  stdoutEnv{},
 	"kafka":   kafkaEnv{},
 	"nats":    natsEnv{},
 	"posthog": posthogEnv{},
+	"ga4":     ga4Env{},
 }
 
 // Unprefixed variables the PostHog sink also reads: the names the product
@@ -84,10 +97,15 @@ const (
 	posthogHostVar = "POSTHOG_HOST"
 )
 
+// ga4MeasurementIDVar is the unprefixed name the GA4 sink also reads the
+// measurement id from (the one the product's web tag already uses). The
+// OUTBOXD_-prefixed form wins.
+const ga4MeasurementIDVar = "GOOGLE_ANALYTICS_MEASUREMENT_ID"
+
 // passthroughVar reports whether name, though not OUTBOXD_-prefixed, is a
 // variable a sink reads, so that run must copy it into the environment map.
 func passthroughVar(name string) bool {
-	return name == posthogKeyVar || name == posthogHostVar
+	return name == posthogKeyVar || name == posthogHostVar || name == ga4MeasurementIDVar
 }
 
 // knownSink reports whether OUTBOXD_SINK names a sink this build has.
@@ -189,8 +207,10 @@ func buildSink(kind string, envMap map[string]string, log zerolog.Logger) (closa
 		return buildNATS(envMap, log)
 	case "posthog":
 		return buildPostHog(envMap, log)
+	case "ga4":
+		return buildGA4(envMap, log)
 	}
-	return nil, badVar("SINK", "unknown sink %q (want webhook, stdout, kafka, nats or posthog)", kind)
+	return nil, badVar("SINK", "unknown sink %q (want webhook, stdout, kafka, nats, posthog or ga4)", kind)
 }
 
 func buildStdout(envMap map[string]string, log zerolog.Logger) (closableSink, error) {
@@ -341,6 +361,56 @@ func buildPostHog(envMap map[string]string, log zerolog.Logger) (closableSink, e
 	}
 	log.Info().Str("sink", "posthog").Str("host", cfg.Host).Msg("sink ready")
 	return p, nil
+}
+
+func buildGA4(envMap map[string]string, log zerolog.Logger) (closableSink, error) {
+	cfg, err := ga4Config(envMap)
+	if err != nil {
+		return nil, err
+	}
+	g, err := sink.NewGA4(cfg, log)
+	if err != nil {
+		return nil, configError{err.Error()}
+	}
+	log.Info().Str("sink", "ga4").Str("endpoint", cfg.Endpoint).Str("measurement_id", cfg.MeasurementID).
+		Bool("client_id_property", cfg.ClientIDProperty != "").Msg("sink ready")
+	return g, nil
+}
+
+// ga4Config reads and checks the GA4 sink's variables (run, replay and
+// `ga4 validate` share it). Errors name the variable, never a secret.
+func ga4Config(envMap map[string]string) (sink.GA4Config, error) {
+	var e ga4Env
+	if err := parseSinkEnv(&e, envMap); err != nil {
+		return sink.GA4Config{}, err
+	}
+	if e.MeasurementID == "" {
+		e.MeasurementID = envMap[ga4MeasurementIDVar]
+	}
+	if strings.TrimSpace(e.MeasurementID) == "" {
+		return sink.GA4Config{}, badVar("GA4_MEASUREMENT_ID", "required (or %s): the web stream's measurement id, G-XXXXXXXXXX", ga4MeasurementIDVar)
+	}
+	if strings.TrimSpace(e.APISecret) == "" {
+		return sink.GA4Config{}, badVar("GA4_API_SECRET", "required: the stream's Measurement Protocol API secret")
+	}
+	if err := checkCommon("GA4_MAX_ATTEMPTS", e.MaxAttempts, map[string]time.Duration{
+		"GA4_TIMEOUT": e.Timeout, "GA4_BACKOFF_MAX": e.BackoffMax,
+	}); err != nil {
+		return sink.GA4Config{}, err
+	}
+	cfg := sink.GA4Config{
+		Name: "ga4", Endpoint: e.Endpoint, MeasurementID: e.MeasurementID, APISecret: e.APISecret,
+		ClientIDProperty: e.ClientIDProperty, ClientIDKey: e.ClientIDKey,
+		HTTPConfig: sink.HTTPConfig{Timeout: e.Timeout, AllowPrivate: e.AllowPrivate, UserAgent: "outboxd/" + version,
+			RetryConfig: sink.RetryConfig{MaxAttempts: e.MaxAttempts, BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax}},
+	}.WithDefaults()
+	if err := validateNamed(cfg.Validate, map[string]string{
+		"MeasurementID": "GA4_MEASUREMENT_ID", "APISecret": "GA4_API_SECRET", "Endpoint": "GA4_ENDPOINT",
+		"Timeout": "GA4_TIMEOUT", "MaxAttempts": "GA4_MAX_ATTEMPTS", "BackoffMax": "GA4_BACKOFF_MAX",
+	}); err != nil {
+		return sink.GA4Config{}, err
+	}
+	return cfg, nil
 }
 
 // placeholderSink stands for the sink buildSink makes, during validation.

@@ -280,6 +280,49 @@ func posthogCase(t *testing.T) (map[string]string, deliveredFunc) {
 		}
 }
 
+// ga4Case stands in for GA4's collection endpoint: it checks the URL's
+// measurement id and API secret and each event, and records the ids.
+func ga4Case(t *testing.T) (map[string]string, deliveredFunc) {
+	var r received
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		var body struct {
+			ClientID string `json:"client_id"`
+			UserID   string `json:"user_id"`
+			Events   []struct {
+				Name   string `json:"name"`
+				Params struct {
+					ID  int64 `json:"outboxd_event_id"`
+					Org int64 `json:"organization_id"`
+					Seq int   `json:"seq"`
+				} `json:"params"`
+			} `json:"events"`
+		}
+		q := req.URL.Query()
+		if req.URL.Path != "/mp/collect" || q.Get("measurement_id") != "G-E2E0001" || q.Get("api_secret") != "ga4-e2e-secret" ||
+			json.NewDecoder(req.Body).Decode(&body) != nil || body.UserID != "3" || body.ClientID == "" {
+			http.Error(w, "bad request", http.StatusBadRequest)
+			return
+		}
+		for _, ev := range body.Events {
+			if ev.Name != "batch_started" || ev.Params.Seq <= 0 {
+				http.Error(w, "bad event", http.StatusBadRequest)
+				return
+			}
+			r.add(ev.Params.ID, ev.Params.Org)
+		}
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	t.Cleanup(srv.Close)
+	return map[string]string{
+			"OUTBOXD_SINK": "ga4", "OUTBOXD_GA4_ENDPOINT": srv.URL, "GOOGLE_ANALYTICS_MEASUREMENT_ID": "G-E2E0001",
+			"OUTBOXD_GA4_API_SECRET": "ga4-e2e-secret", "OUTBOXD_GA4_BACKOFF_MAX": "100ms",
+		}, func(*testing.T, *e2e.Daemon, int) ([]int64, map[int64]int64) {
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			return append([]int64(nil), r.ids...), r.orgs
+		}
+}
+
 // otherSinks are the sinks other than the webhook whose destination a test
 // can read back whatever the daemon (stdout into a file, not the daemon's
 // own standard output).
@@ -289,6 +332,7 @@ func otherSinks() []sinkCase {
 		{name: "kafka", setup: kafkaCase},
 		{name: "nats", setup: natsCase},
 		{name: "posthog", setup: posthogCase},
+		{name: "ga4", setup: ga4Case},
 	}
 }
 
@@ -348,6 +392,13 @@ func TestSinkConfigErrorsNameTheVariable(t *testing.T) {
 		{map[string]string{"OUTBOXD_SINK": "posthog"}, "OUTBOXD_POSTHOG_PROJECT_API_KEY"},
 		{map[string]string{"OUTBOXD_SINK": "posthog", "OUTBOXD_POSTHOG_PROJECT_API_KEY": "phc_s3cret", "OUTBOXD_POSTHOG_HOST": "ftp://x"}, "OUTBOXD_POSTHOG_HOST"},
 		{map[string]string{"OUTBOXD_SINK": "posthog", "OUTBOXD_POSTHOG_PROJECT_API_KEY": "phc_s3cret", "OUTBOXD_POSTHOG_MAX_ATTEMPTS": "0"}, "OUTBOXD_POSTHOG_MAX_ATTEMPTS"},
+		{map[string]string{"OUTBOXD_SINK": "ga4", "OUTBOXD_GA4_API_SECRET": "s3cret"}, "OUTBOXD_GA4_MEASUREMENT_ID"},
+		{map[string]string{"OUTBOXD_SINK": "ga4", "GOOGLE_ANALYTICS_MEASUREMENT_ID": "UA-123-1", "OUTBOXD_GA4_API_SECRET": "s3cret"}, "OUTBOXD_GA4_MEASUREMENT_ID"},
+		{map[string]string{"OUTBOXD_SINK": "ga4", "OUTBOXD_GA4_MEASUREMENT_ID": "G-ABC123"}, "OUTBOXD_GA4_API_SECRET"},
+		{map[string]string{"OUTBOXD_SINK": "ga4", "OUTBOXD_GA4_MEASUREMENT_ID": "G-ABC123", "OUTBOXD_GA4_API_SECRET": "s3cret",
+			"OUTBOXD_GA4_ENDPOINT": "ftp://x"}, "OUTBOXD_GA4_ENDPOINT"},
+		{map[string]string{"OUTBOXD_SINK": "ga4", "OUTBOXD_GA4_MEASUREMENT_ID": "G-ABC123", "OUTBOXD_GA4_API_SECRET": "s3cret",
+			"OUTBOXD_GA4_TIMEOUT": "0s"}, "OUTBOXD_GA4_TIMEOUT"},
 	} {
 		env := map[string]string{}
 		for k, v := range base {
@@ -385,19 +436,21 @@ func TestSinkUnreachableAtStartExitsOne(t *testing.T) {
 
 func TestKnownSinksAndVariables(t *testing.T) {
 	t.Parallel()
-	for _, k := range []string{"stdout", "kafka", "nats", "posthog"} {
+	for _, k := range []string{"stdout", "kafka", "nats", "posthog", "ga4"} {
 		require.True(t, knownSink(k), k)
 	}
 	require.False(t, knownSink("webhook"), "the webhook is built by the pipeline itself")
 	require.False(t, knownSink("smtp"))
 	for _, v := range []string{"OUTBOXD_STDOUT_PATH", "OUTBOXD_KAFKA_BROKERS", "OUTBOXD_KAFKA_SASL_PASSWORD",
-		"OUTBOXD_NATS_SUBJECT", "OUTBOXD_NATS_STREAM", "OUTBOXD_POSTHOG_PROJECT_API_KEY", "OUTBOXD_POSTHOG_HOST"} {
+		"OUTBOXD_NATS_SUBJECT", "OUTBOXD_NATS_STREAM", "OUTBOXD_POSTHOG_PROJECT_API_KEY", "OUTBOXD_POSTHOG_HOST",
+		"OUTBOXD_GA4_MEASUREMENT_ID", "OUTBOXD_GA4_API_SECRET", "OUTBOXD_GA4_ENDPOINT", "OUTBOXD_GA4_CLIENT_ID_PROPERTY", "OUTBOXD_GA4_CLIENT_ID_KEY"} {
 		require.True(t, sinkVar(v), v)
 	}
 	require.False(t, sinkVar("OUTBOXD_KAFKA_BROKER"))
 	require.False(t, sinkVar("POSTHOG_PROJECT_API_KEY"), "not OUTBOXD_: never warned about anyway")
 	require.True(t, passthroughVar("POSTHOG_PROJECT_API_KEY"))
 	require.True(t, passthroughVar("POSTHOG_HOST"))
+	require.True(t, passthroughVar("GOOGLE_ANALYTICS_MEASUREMENT_ID"))
 	require.False(t, passthroughVar("HOME"))
 
 	_, warnings, err := loadConfig(map[string]string{"OUTBOXD_SINK": "kafka", "OUTBOXD_KAFKA_TOPIC": "t", "OUTBOXD_KAFKA_TOPC": "x"})
@@ -441,6 +494,45 @@ func TestPostHogVariables(t *testing.T) {
 	}
 	// Without OUTBOXD_ALLOW_PRIVATE_SINKS a loopback host is refused.
 	s, err := buildSink("posthog", map[string]string{"POSTHOG_PROJECT_API_KEY": "k", "POSTHOG_HOST": srv.URL}, zerolog.Nop())
+	require.NoError(t, err)
+	defer s.Close()
+	require.ErrorIs(t, s.Deliver(t.Context(), []*decode.Event{ev})[0].Err, sink.ErrForbiddenAddress)
+}
+
+// The GA4 measurement id is read from the name the product already uses,
+// or its OUTBOXD_ form, which wins.
+func TestGA4Variables(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	ids := map[string]int{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		ids[r.URL.Query().Get("measurement_id")]++
+		mu.Unlock()
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	t.Cleanup(srv.Close)
+	ev := &decode.Event{ID: 1, Name: "e", Body: []byte(`{"id":1,"event_name":"e"}`)}
+	for _, tt := range []struct {
+		env  map[string]string
+		want string
+	}{
+		{map[string]string{"GOOGLE_ANALYTICS_MEASUREMENT_ID": "G-PLAIN"}, "G-PLAIN"},
+		{map[string]string{"GOOGLE_ANALYTICS_MEASUREMENT_ID": "G-PLAIN", "OUTBOXD_GA4_MEASUREMENT_ID": "G-PREFIXED"}, "G-PREFIXED"},
+	} {
+		tt.env["OUTBOXD_GA4_API_SECRET"] = "secret"
+		tt.env["OUTBOXD_GA4_ENDPOINT"] = srv.URL
+		tt.env["OUTBOXD_ALLOW_PRIVATE_SINKS"] = "true"
+		s, err := buildSink("ga4", tt.env, zerolog.Nop())
+		require.NoError(t, err)
+		require.NoError(t, s.Deliver(t.Context(), []*decode.Event{ev})[0].Err)
+		s.Close()
+		mu.Lock()
+		require.Equal(t, 1, ids[tt.want], "measurement id %s used", tt.want)
+		mu.Unlock()
+	}
+	// Without OUTBOXD_ALLOW_PRIVATE_SINKS a loopback endpoint is refused.
+	s, err := buildSink("ga4", map[string]string{"GOOGLE_ANALYTICS_MEASUREMENT_ID": "G-X1", "OUTBOXD_GA4_API_SECRET": "k", "OUTBOXD_GA4_ENDPOINT": srv.URL}, zerolog.Nop())
 	require.NoError(t, err)
 	defer s.Close()
 	require.ErrorIs(t, s.Deliver(t.Context(), []*decode.Event{ev})[0].Err, sink.ErrForbiddenAddress)
@@ -552,8 +644,8 @@ func eachOtherSink(t *testing.T, f func(t *testing.T, name string, b *bundle, de
 	}
 }
 
-// A destination that refuses for a while (PostHog answering 503, a Kafka
-// broker answering NOT_ENOUGH_REPLICAS) while events keep coming: they park
+// A destination that refuses for a while (PostHog answering 503, GA4 429, a
+// Kafka broker answering NOT_ENOUGH_REPLICAS) while events keep coming: they park
 // and go out once it recovers, nothing lost, first receipts in commit order
 // per organization, every row processed.
 func TestSinksThroughADestinationOutage(t *testing.T) {
@@ -578,6 +670,23 @@ func TestSinksThroughADestinationOutage(t *testing.T) {
 			}))
 			t.Cleanup(gate.Close)
 			extra["OUTBOXD_POSTHOG_HOST"] = gate.URL
+			return extra, delivered
+		}},
+		{"ga4", func(t *testing.T, down *atomic.Bool) (map[string]string, deliveredFunc) {
+			extra, delivered := ga4Case(t)
+			target, err := url.Parse(extra["OUTBOXD_GA4_ENDPOINT"])
+			require.NoError(t, err)
+			proxy := httputil.NewSingleHostReverseProxy(target)
+			gate := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if down.Load() {
+					w.Header().Set("Retry-After", "0")
+					http.Error(w, "too many requests", http.StatusTooManyRequests)
+					return
+				}
+				proxy.ServeHTTP(w, r)
+			}))
+			t.Cleanup(gate.Close)
+			extra["OUTBOXD_GA4_ENDPOINT"] = gate.URL
 			return extra, delivered
 		}},
 		{"nats", func(t *testing.T, down *atomic.Bool) (map[string]string, deliveredFunc) {
