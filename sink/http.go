@@ -50,6 +50,12 @@ type HTTPConfig struct {
 	AllowPrivate bool
 	// MaxIdleConns is the keep-alive pool size. Default 64.
 	MaxIdleConns int
+	// MaxConnsPerHost caps the connections open to one host at once; 0:
+	// no cap. Requests beyond it wait in outboxd, inside their attempt's
+	// Timeout, instead of queueing unseen at a slow receiver: a request the
+	// receiver takes up only after the attempt gave up is processed all the
+	// same, and its retry arrives as a duplicate.
+	MaxConnsPerHost int
 	// UserAgent is the User-Agent header. Default "outboxd".
 	UserAgent string
 }
@@ -71,6 +77,9 @@ func (c HTTPConfig) validate(bad func(field, format string, args ...any)) {
 	if c.MaxIdleConns < 0 {
 		bad("MaxIdleConns", "must be positive, got %d", c.MaxIdleConns)
 	}
+	if c.MaxConnsPerHost < 0 {
+		bad("MaxConnsPerHost", "must be 0 (no cap) or positive, got %d", c.MaxConnsPerHost)
+	}
 	if !validHeaderValue(c.UserAgent) {
 		bad("UserAgent", "must not contain CR, LF or NUL")
 	}
@@ -90,6 +99,7 @@ type httpClient struct {
 // newHTTPClient returns the client c configures; c has its defaults.
 func newHTTPClient(c HTTPConfig) *httpClient {
 	t := newGuardedTransport(c.Timeout, c.MaxIdleConns, c.AllowPrivate)
+	t.MaxConnsPerHost = c.MaxConnsPerHost
 	return &httpClient{
 		transport: t,
 		client: &http.Client{

@@ -48,6 +48,10 @@ type WebhookConfig struct {
 	// false: a subscription URL's private address is refused.
 	SubscriptionAllowPrivate        bool
 	SubscriptionAllowPrivateSetting string
+	// SubscriptionMaxConnsPerHost is the MaxConnsPerHost of the
+	// subscriptions' webhooks: thousands of tenants' targets may point at
+	// one receiver, each with its own concurrency.
+	SubscriptionMaxConnsPerHost int
 	// Client, when set, is the HTTP client the sink sends through, shared
 	// with other sinks; it must have been made from this HTTPConfig. Nil:
 	// the sink has a client of its own.
@@ -88,6 +92,7 @@ func (c WebhookConfig) Validate() error {
 func (c WebhookConfig) ForSubscription(name, url string, secrets []string) WebhookConfig {
 	c.Name, c.URL, c.Secrets = name, url, secrets
 	c.AllowPrivate, c.AllowPrivateSetting = c.SubscriptionAllowPrivate, c.SubscriptionAllowPrivateSetting
+	c.MaxConnsPerHost = c.SubscriptionMaxConnsPerHost
 	return c
 }
 

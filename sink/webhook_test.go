@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httptrace"
 	"regexp"
 	"strconv"
 	"strings"
@@ -24,6 +25,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/internal/e2e"
 	"github.com/outboxd/outboxd/sink"
 )
 
@@ -903,4 +905,63 @@ func TestWebhooksShareAClient(t *testing.T) {
 		}
 		require.Equal(t, want, conns.Load(), "connections opened (shared %v)", shared)
 	}
+}
+
+// A SharedClient with MaxConnsPerHost sends at most that many requests to one
+// host at once; the others wait in outboxd, not in the receiver's queue. With
+// thousands of tenants' subscriptions on one slow receiver, requests queued
+// there outlived their attempt's timeout, were processed all the same, and
+// their retries arrived as duplicates.
+func TestSharedClientCapsConnectionsPerHost(t *testing.T) {
+	t.Parallel()
+	const callers, limit = 10, 2
+	var inflight, maxInflight atomic.Int32
+	release := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		n := inflight.Add(1)
+		for m := maxInflight.Load(); n > m && !maxInflight.CompareAndSwap(m, n); m = maxInflight.Load() {
+		}
+		<-release
+		inflight.Add(-1)
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	t.Cleanup(srv.Close)
+	var once sync.Once
+	open := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(open) // before srv.Close, which waits for the handlers
+	base := fastConfig(srv.URL)
+	base.Timeout = time.Minute // no attempt times out here: the test waits for progress
+	base.SubscriptionMaxConnsPerHost = limit
+	base.SubscriptionAllowPrivate = true
+	client := sink.NewSharedClient(base.ForSubscription("", "", nil).HTTPConfig)
+	t.Cleanup(client.Close)
+
+	// Every caller asked for a connection (GetConn), and every one that got
+	// one (GotConn) is in the handler: then what is in flight is all that
+	// the client let through.
+	var asked, got atomic.Int32
+	trace := &httptrace.ClientTrace{
+		GetConn: func(string) { asked.Add(1) },
+		GotConn: func(httptrace.GotConnInfo) { got.Add(1) },
+	}
+	ctx := httptrace.WithClientTrace(t.Context(), trace)
+	errs := make(chan error, callers)
+	for i := range callers {
+		cfg := base.ForSubscription(fmt.Sprintf("subscription:%d", i), fmt.Sprintf("%s/tenant/%d", srv.URL, i), []string{secretA})
+		cfg.Client = client
+		w := newWebhook(t, cfg, zerolog.Nop())
+		go func() { errs <- w.Deliver(ctx, []*decode.Event{event(int64(i + 1))})[0].Err }()
+	}
+	e2e.WaitFor(t, time.Minute, func() bool {
+		return asked.Load() == callers && got.Load() == inflight.Load() && inflight.Load() >= limit
+	}, func() string {
+		return fmt.Sprintf("asked %d, got %d, in flight %d", asked.Load(), got.Load(), inflight.Load())
+	})
+	require.Equal(t, int32(limit), inflight.Load(), "requests in flight at the receiver")
+	open()
+	for range callers {
+		require.NoError(t, <-errs)
+	}
+	require.Equal(t, int32(limit), maxInflight.Load(), "most requests at the receiver at once")
 }

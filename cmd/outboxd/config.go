@@ -47,6 +47,9 @@ type config struct {
 	// AllowPrivateSubscriptions is the address guard of the tenant
 	// subscription URLs, independent of AllowPrivateSinks (G8).
 	AllowPrivateSubscriptions bool `env:"ALLOW_PRIVATE_SUBSCRIPTIONS" envDefault:"false"`
+	// SubscriptionMaxConnsPerHost caps the connections the tenant
+	// subscriptions' webhooks open to one host (0: no cap).
+	SubscriptionMaxConnsPerHost int `env:"SUBSCRIPTION_MAX_CONNS_PER_HOST" envDefault:"64"`
 
 	SlotRecreate    bool          `env:"SLOT_RECREATE" envDefault:"false"`
 	FlushInterval   time.Duration `env:"FLUSH_INTERVAL" envDefault:"200ms"`
@@ -319,7 +322,8 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 				RetryConfig: sink.RetryConfig{MaxAttempts: c.WebhookMaxAttempts, BackoffMin: backoffMin(c.WebhookBackoffMax), BackoffMax: c.WebhookBackoffMax}},
 			AllowPrivateSetting:             envPrefix + "ALLOW_PRIVATE_SINKS",
 			SubscriptionAllowPrivate:        c.AllowPrivateSubscriptions,
-			SubscriptionAllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SUBSCRIPTIONS"},
+			SubscriptionAllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SUBSCRIPTIONS",
+			SubscriptionMaxConnsPerHost:     c.SubscriptionMaxConnsPerHost},
 		DefaultEvents: events, Schedule: schedule,
 		FlushInterval: c.FlushInterval, FlushSize: c.FlushSize, ShutdownTimeout: c.ShutdownTimeout,
 		StatusInterval: c.StatusInterval,
@@ -342,6 +346,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 		{"STATUS_INTERVAL", positiveDur(c.StatusInterval)},
 		{"SHUTDOWN_TIMEOUT", positiveDur(c.ShutdownTimeout)},
 		{"WEBHOOK_BATCH_WAIT", nonNegativeDur(c.WebhookBatchWait)},
+		{"SUBSCRIPTION_MAX_CONNS_PER_HOST", nonNegative(c.SubscriptionMaxConnsPerHost)},
 		{"HEARTBEAT_INTERVAL", nonNegativeDur(c.HeartbeatInterval)},
 		{"REPLICATION_TIMEOUT", atLeast(c.ReplicationTimeout, 2*c.StatusInterval, "twice OUTBOXD_STATUS_INTERVAL")},
 	}
@@ -407,6 +412,13 @@ func (c config) checkSigning() error {
 func positive(n int) error {
 	if n <= 0 {
 		return fmt.Errorf("must be positive, got %d", n)
+	}
+	return nil
+}
+
+func nonNegative(n int) error {
+	if n < 0 {
+		return fmt.Errorf("must be 0 or positive, got %d", n)
 	}
 	return nil
 }
