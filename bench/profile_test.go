@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"runtime/pprof"
 	"sync"
 	"testing"
@@ -157,4 +158,108 @@ func runPipeline(ctx context.Context, b *testing.B, cfg pipeline.Config, log zer
 			b.Fatalf("pipeline: %v", err)
 		}
 	}
+}
+
+// BenchmarkTenantsDrain is the tenants mode in-process: b.N events, one per
+// organization, each to its organization's webhook subscription (b.N of
+// them, inserted after the slot exists). It reports the peak of the Go
+// heap, of goroutine stacks and of goroutines during the drain, and writes
+// the heap profile taken at the peak of goroutines to $OUTBOXD_BENCH_HEAP
+// when set:
+//
+//	OUTBOXD_BENCH_HEAP=heap.out go test ./bench -run '^$' -bench TenantsDrain -benchtime 10000x
+//	go tool pprof -sample_index inuse_space -top heap.out
+func BenchmarkTenantsDrain(b *testing.B) {
+	env, recv := profileServer(b)
+	ctx := b.Context()
+	n := b.N
+	name := fmt.Sprintf("bench_prof_tenants_%d", n)
+	dbURL, err := env.createDB(ctx, name, false, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = env.dropDB(context.Background(), name) })
+	admin, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer admin.Close(context.WithoutCancel(ctx))
+	props, err := propertiesTemplate(ctx, admin, 330)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg := pipeline.Config{
+		DatabaseURL: dbURL, Slot: name,
+		Deliver:       deliver.Config{BatchSize: 1, Concurrency: 16},
+		DefaultEvents: []string{"no_event_is_named_this"},
+		Webhook: sink.WebhookConfig{URL: recv.url, Secrets: []string{benchSecret}, HTTPConfig: sink.HTTPConfig{AllowPrivate: true},
+			SubscriptionAllowPrivate: true, SubscriptionMaxConnsPerHost: 64},
+		Observer: metrics.New(metrics.Options{}),
+	}
+	log := zerolog.New(io.Discard).Level(zerolog.InfoLevel)
+	w, err := newCheckpointWatch(ctx, dbURL, name)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer w.close()
+	b.StopTimer()
+	stop := runPipeline(ctx, b, cfg, log)
+	if err := waitReady(ctx, nil, w, time.Minute); err != nil {
+		b.Fatal(err)
+	}
+	stop()
+	if _, err := admin.Exec(ctx, `INSERT INTO outboxd_subscription (organization_id, url, secrets)
+SELECT g, $2, ARRAY[$3] FROM generate_series(1, $1::int) AS g`, n, recv.url, benchSecret); err != nil {
+		b.Fatal(err)
+	}
+	bl, err := loadBacklog(ctx, dbURL, n, min(100, n), n, props)
+	if err != nil {
+		b.Fatal(err)
+	}
+	t := recv.reset(1, int64(n), false)
+	var peakHeap, peakStack uint64
+	peakG := 0
+	sample := func() {
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		peakHeap, peakStack = max(peakHeap, ms.HeapInuse), max(peakStack, ms.StackInuse)
+		if g := runtime.NumGoroutine(); g > peakG {
+			peakG = g
+			if path := os.Getenv("OUTBOXD_BENCH_HEAP"); path != "" {
+				if f, err := os.Create(path); err == nil {
+					_ = pprof.Lookup("heap").WriteTo(f, 0)
+					_ = f.Close()
+				}
+			}
+		}
+	}
+	b.StartTimer()
+	start := time.Now()
+	stop = runPipeline(ctx, b, cfg, log)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+wait:
+	for {
+		select {
+		case <-t.done:
+			break wait
+		case <-tick.C:
+			sample()
+		case <-time.After(5 * time.Minute):
+			b.Fatalf("%d of %d events arrived", t.distinct.Load(), n)
+		}
+	}
+	if err := waitFor(ctx, nil, time.Minute, 2*time.Millisecond, "checkpoint", func() (bool, error) {
+		lsn, _, _, err := w.read(ctx)
+		return lsn > bl.lastTxnLSN, err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	took := time.Since(start)
+	b.StopTimer()
+	stop()
+	b.ReportMetric(float64(n)/took.Seconds(), "events/s")
+	b.ReportMetric(float64(peakHeap)/(1<<20), "peak-heap-MB")
+	b.ReportMetric(float64(peakStack)/(1<<20), "peak-stack-MB")
+	b.ReportMetric(float64(peakG), "peak-goroutines")
 }
