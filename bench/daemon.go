@@ -169,8 +169,12 @@ func (d *daemon) kill() {
 // procStats are a process's resource figures read from /proc.
 type procStats struct {
 	cpu   time.Duration // utime + stime
+	sys   time.Duration // stime: the kernel's part (syscalls, and on a VM, thread switches)
 	hwmKB int64         // VmHWM: peak resident set
 	rssKB int64         // VmRSS
+	// switches is the context switches of the process's threads alive now,
+	// voluntary (a thread parked) and not.
+	switches int64
 }
 
 // clockTick is USER_HZ, the unit of /proc/PID/stat times (100 on Linux).
@@ -194,6 +198,20 @@ func readProc(pid int) (procStats, error) {
 	ut, _ := strconv.ParseInt(f[11], 10, 64) // field 14: utime
 	st, _ := strconv.ParseInt(f[12], 10, 64) // field 15: stime
 	s.cpu = time.Duration(ut+st) * time.Second / clockTick
+	s.sys = time.Duration(st) * time.Second / clockTick
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, task.Name()))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.HasSuffix(k, "ctxt_switches") {
+				n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				s.switches += n
+			}
+		}
+	}
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return s, err
