@@ -38,7 +38,7 @@ func TestSmoke(t *testing.T) {
 	require.Equal(t, "2000", res.Flags["n"])
 	// Every measurement produced its row, over the whole backlog.
 	want := map[string]int{"pg_recvlogical": 0, "outboxd per-event": 0, "outboxd batched": 0, "poller (": 0,
-		"outboxd latency": 0, "poller latency": 0, "outboxd one": 0, "outboxd tenants": 0}
+		"outboxd latency": 0, "poller latency": 0, "outboxd one": 0, "outboxd tenants": 0, "outboxd parked": 0}
 	for _, r := range res.Rows {
 		for prefix := range want {
 			if strings.HasPrefix(r.Mode, prefix) {
@@ -50,6 +50,8 @@ func TestSmoke(t *testing.T) {
 		case strings.HasPrefix(r.Mode, "outboxd tenants"):
 			require.EqualValues(t, 200, r.Events, "%s delivers one event per organization", r.Mode)
 			require.Zero(t, r.VsRecvlogical, "no ratio against another backlog")
+		case strings.HasPrefix(r.Mode, "outboxd parked"):
+			require.EqualValues(t, 1000, r.Events, "%s retries every parked delivery", r.Mode)
 		case r.P50ms == 0 && !strings.Contains(r.Mode, "latency") && !strings.HasPrefix(r.Mode, "outboxd one"):
 			require.EqualValues(t, 2000, r.Events, "%s drains the whole backlog", r.Mode)
 		}
