@@ -9,10 +9,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -39,6 +41,19 @@ type PostHogConfig struct {
 	// APIKey is the project API key. It never appears in logs or errors.
 	// Required.
 	APIKey string
+	// PersonProperties are property keys whose values an event with a
+	// user_id also sets on the person ("$set"): PostHog person properties
+	// from the events the application already writes.
+	PersonProperties []string
+	// GroupIdentify sends a "$groupidentify" event for each organization
+	// this process has not identified yet (and again whenever an event
+	// carries GroupProperties), so that PostHog knows the organization group
+	// and its properties, not only events pointing at it.
+	GroupIdentify bool
+	// GroupProperties are property keys whose values are set on the
+	// organization group ("$group_set" of a "$groupidentify" sent before the
+	// event). Setting any implies GroupIdentify.
+	GroupProperties []string
 	// HTTPConfig holds the attempt timeout, the retry budget, the address
 	// guard (AllowPrivate: a self-hosted PostHog on a private network), the
 	// pool and the user agent.
@@ -63,6 +78,13 @@ func (c PostHogConfig) Validate() error {
 		v.bad("APIKey", "required: the project API key")
 	case !validHeaderValue(c.APIKey):
 		v.bad("APIKey", "must not contain CR, LF or NUL")
+	}
+	for field, keys := range map[string][]string{"PersonProperties": c.PersonProperties, "GroupProperties": c.GroupProperties} {
+		for _, k := range keys {
+			if strings.TrimSpace(k) == "" || strings.HasPrefix(k, "$") {
+				v.bad(field, "%q is not a property key (empty, or a PostHog $ key)", k)
+			}
+		}
 	}
 	if _, err := posthogEndpoint(c.Host); err != nil {
 		v.bad("Host", "%v", err)
@@ -126,7 +148,19 @@ type PostHog struct {
 	// keyRefused is set while PostHog refuses the key (401/403), so that
 	// it is logged once per outage.
 	keyRefused atomic.Bool
+
+	person, group []string
+	groupIdentify bool
+	// identified are the organizations whose "$groupidentify" PostHog
+	// acknowledged; bounded (forgotten wholesale beyond maxIdentified,
+	// which only costs a repeated, idempotent identify).
+	identifiedMu sync.Mutex
+	identified   map[string]struct{}
 }
+
+// maxIdentified bounds the organizations a PostHog sink remembers having
+// identified.
+const maxIdentified = 100_000
 
 var _ Sink = (*PostHog)(nil)
 
@@ -148,6 +182,9 @@ func NewPostHog(cfg PostHogConfig, log zerolog.Logger) (*PostHog, error) {
 		userAgent: cfg.UserAgent,
 		http:      newHTTPClient(cfg.HTTPConfig),
 		scrub:     strings.NewReplacer(cfg.APIKey, redacted),
+		person:    cfg.PersonProperties, group: cfg.GroupProperties,
+		groupIdentify: cfg.GroupIdentify || len(cfg.GroupProperties) > 0,
+		identified:    map[string]struct{}{},
 	}
 	p.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", redactURL(u)).Logger()
 	return p, nil
@@ -175,6 +212,7 @@ func (p *PostHog) Deliver(ctx context.Context, events []*decode.Event) []Outcome
 	c := &posthogCall{
 		p: p, out: make([]Outcome, len(events)), items: make([]json.RawMessage, len(events)),
 		historical: make([]bool, len(events)), lastRound: make([]int, len(events)),
+		identify: make([]json.RawMessage, len(events)), org: make([]string, len(events)),
 		maxAttempts: p.http.policy.limit(ctx), round: 1,
 	}
 	// Events are converted once; one whose body is not a JSON object fails
@@ -185,7 +223,7 @@ func (p *PostHog) Deliver(ctx context.Context, events []*decode.Event) []Outcome
 			c.out[i].Err = fmt.Errorf("%s: %w: event %d is nil", p.what, ErrPermanent, i)
 			continue
 		}
-		item, err := posthogEvent(ev)
+		item, identify, err := p.convert(ev)
 		if err == nil && len(item) > posthogMaxEventBytes {
 			err = fmt.Errorf("event of %d bytes is over PostHog's limit of %d bytes per event (PostHog would drop it after accepting it)", len(item), posthogMaxEventBytes)
 		}
@@ -194,6 +232,11 @@ func (p *PostHog) Deliver(ctx context.Context, events []*decode.Event) []Outcome
 			continue
 		}
 		c.items[i], c.historical[i] = item, ev.Historical
+		if identify != nil {
+			// The organization's identify goes just before the event, in
+			// the same request: acknowledged together.
+			c.identify[i], c.org[i] = identify, strconv.FormatInt(ev.OrganizationID, 10)
+		}
 		pending = append(pending, i)
 	}
 	if err := ctx.Err(); err != nil {
@@ -212,10 +255,14 @@ func (p *PostHog) Deliver(ctx context.Context, events []*decode.Event) []Outcome
 // k-1 rounds of the budget. An event's Attempts counts the rounds in which
 // it was sent (a batch split after a 413 is sent again in the same round).
 type posthogCall struct {
-	p           *PostHog
-	out         []Outcome
-	items       []json.RawMessage
-	historical  []bool
+	p          *PostHog
+	out        []Outcome
+	items      []json.RawMessage
+	historical []bool
+	// identify is the "$groupidentify" sent before each event, nil for
+	// none; org is the organization it identifies.
+	identify    []json.RawMessage
+	org         []string
 	lastRound   []int // the last round in which each event was sent, 0 for none
 	maxAttempts int
 	round       int // the current round, from 1
@@ -228,8 +275,8 @@ type posthogCall struct {
 func (c *posthogCall) sendChunks(ctx context.Context, pending []int) {
 	for start := 0; start < len(pending); {
 		end, size := start, 0
-		for end < len(pending) && (end == start || size+len(c.items[pending[end]])+1 <= posthogMaxBatchBytes) {
-			size += len(c.items[pending[end]]) + 1
+		for end < len(pending) && (end == start || size+c.size(pending[end]) <= posthogMaxBatchBytes) {
+			size += c.size(pending[end])
 			end++
 		}
 		if !c.sendChunk(ctx, pending[start:end]) {
@@ -238,6 +285,15 @@ func (c *posthogCall) sendChunks(ctx context.Context, pending []int) {
 		}
 		start = end
 	}
+}
+
+// size is the bytes event i adds to a batch, its identify included.
+func (c *posthogCall) size(i int) int {
+	n := len(c.items[i]) + 1
+	if c.identify[i] != nil {
+		n += len(c.identify[i]) + 1
+	}
+	return n
 }
 
 // notSent fails the events an earlier failure held back.
@@ -255,10 +311,13 @@ func (c *posthogCall) notSent(ctx context.Context, events []int) {
 // outcomes. It reports whether the events behind it may be sent: false when
 // the budget ran out or ctx ended.
 func (c *posthogCall) sendChunk(ctx context.Context, chunk []int) bool {
-	batch := make([]json.RawMessage, len(chunk))
+	batch := make([]json.RawMessage, 0, len(chunk))
 	old := true
-	for j, i := range chunk {
-		batch[j] = c.items[i]
+	for _, i := range chunk {
+		if c.identify[i] != nil {
+			batch = append(batch, c.identify[i])
+		}
+		batch = append(batch, c.items[i])
 		old = old && c.historical[i]
 	}
 	first := c.round
@@ -323,6 +382,8 @@ func (c *posthogCall) sendChunk(ctx context.Context, chunk []int) bool {
 		c.out[i].Err = nil
 		if fail != nil {
 			c.out[i].Err = fail(c.out[i].Attempts)
+		} else if c.identify[i] != nil {
+			c.p.identifiedOrg(c.org[i])
 		}
 	}
 	return goOn
@@ -418,21 +479,78 @@ type posthogItem struct {
 
 var jsonNull = json.RawMessage("null")
 
-// posthogEvent converts ev to one PostHog event (see PostHog).
-func posthogEvent(ev *decode.Event) (json.RawMessage, error) {
+// convert converts ev to its PostHog event (see PostHog and
+// PersonProperties) and, when its organization is to be identified (see
+// GroupIdentify), the "$groupidentify" to send before it.
+func (p *PostHog) convert(ev *decode.Event) (item, identify json.RawMessage, err error) {
+	item, props, err := posthogEvent(ev, p.person)
+	if err != nil || !p.groupIdentify || !ev.HasOrganization {
+		return item, nil, err
+	}
+	org := strconv.FormatInt(ev.OrganizationID, 10)
+	set := pick(props, p.group)
+	if len(set) == 0 && p.wasIdentified(org) {
+		return item, nil, nil
+	}
+	gi := posthogItem{Event: "$groupidentify", DistinctID: "org_" + org,
+		UUID: EventUUID(messageID(ev) + "/$groupidentify"), Properties: map[string]json.RawMessage{
+			"$group_type": json.RawMessage(`"organization"`), "$group_key": mustJSON(org),
+			"$group_set": mustJSON(set), "$process_person_profile": json.RawMessage("false"),
+		}}
+	var t posthogItem
+	if json.Unmarshal(item, &t) == nil && len(t.Timestamp) > 0 {
+		gi.Timestamp = t.Timestamp
+	}
+	identify, err = json.Marshal(gi)
+	return item, identify, err
+}
+
+// pick returns the members of props named by keys (absent ones skipped).
+func pick(props map[string]json.RawMessage, keys []string) map[string]json.RawMessage {
+	out := map[string]json.RawMessage{}
+	for _, k := range keys {
+		if v, ok := props[k]; ok {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+func (p *PostHog) wasIdentified(org string) bool {
+	p.identifiedMu.Lock()
+	defer p.identifiedMu.Unlock()
+	_, ok := p.identified[org]
+	return ok
+}
+
+// identifiedOrg records that PostHog acknowledged org's identify.
+func (p *PostHog) identifiedOrg(org string) {
+	p.identifiedMu.Lock()
+	defer p.identifiedMu.Unlock()
+	if len(p.identified) >= maxIdentified {
+		clear(p.identified)
+	}
+	p.identified[org] = struct{}{}
+}
+
+// posthogEvent converts ev to one PostHog event (see PostHog), with the
+// values of the person keys of its properties in "$set" when it has a
+// user; it returns the event's own properties too.
+func posthogEvent(ev *decode.Event, person []string) (json.RawMessage, map[string]json.RawMessage, error) {
 	var env posthogEnvelope
 	if err := json.Unmarshal(ev.Body, &env); err != nil {
-		return nil, fmt.Errorf("decode envelope: %w", err)
+		return nil, nil, fmt.Errorf("decode envelope: %w", err)
 	}
 	props := map[string]json.RawMessage{}
 	if isJSONObject(env.Properties) {
 		if err := json.Unmarshal(env.Properties, &props); err != nil {
-			return nil, fmt.Errorf("decode properties: %w", err)
+			return nil, nil, fmt.Errorf("decode properties: %w", err)
 		}
 	} else if len(env.Properties) > 0 && !bytes.Equal(env.Properties, jsonNull) {
 		// A json or text column may hold something else than an object.
 		props["properties"] = env.Properties
 	}
+	own := maps.Clone(props)
 	name := ev.Name
 	if env.EventName != nil {
 		name = *env.EventName
@@ -449,6 +567,9 @@ func posthogEvent(ev *decode.Event) (json.RawMessage, error) {
 	switch user := jsonScalarString(env.UserID); {
 	case user != "":
 		item.DistinctID = user
+		if set := pick(own, person); len(set) > 0 {
+			props["$set"] = mustJSON(set)
+		}
 	case org != "":
 		item.DistinctID = "org_" + org
 		props["$process_person_profile"] = json.RawMessage("false")
@@ -469,7 +590,8 @@ func posthogEvent(ev *decode.Event) (json.RawMessage, error) {
 		props[k] = v
 	}
 	props["outboxd_event_id"] = json.RawMessage(strconv.FormatInt(ev.ID, 10))
-	return json.Marshal(item)
+	b, err := json.Marshal(item)
+	return b, own, err
 }
 
 func isJSONObject(b json.RawMessage) bool {

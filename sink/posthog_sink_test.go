@@ -526,3 +526,96 @@ func TestPostHogSplitAttemptsAndBudget(t *testing.T) {
 	require.Equal(t, http.StatusServiceUnavailable, out[1].Status)
 	require.Len(t, ps.requests(), 6)
 }
+
+// PersonProperties copy property values into "$set" for events with a user;
+// GroupProperties send a "$groupidentify" of the organization before its
+// event, with those values in "$group_set"; GroupIdentify alone identifies
+// each organization once, once PostHog acknowledged it. An identify that
+// failed is sent again with the event's retry.
+func TestPostHogPersonAndGroupProperties(t *testing.T) {
+	t.Parallel()
+	var fail sync.Mutex
+	failing := false
+	ps := newPostHogServer(t, func(_ int, w http.ResponseWriter, _ *http.Request, _ capturedBatch) {
+		fail.Lock()
+		defer fail.Unlock()
+		if failing {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte(`{"status":1}`))
+	})
+	cfg := fastPostHog(ps.srv.URL)
+	cfg.PersonProperties = []string{"email", "plan"}
+	cfg.GroupIdentify = true
+	cfg.GroupProperties = []string{"org_name"}
+	cfg.MaxAttempts = 1
+	p := newPostHog(t, cfg, zerolog.Nop())
+
+	type item struct {
+		Event      string                     `json:"event"`
+		DistinctID string                     `json:"distinct_id"`
+		UUID       string                     `json:"uuid"`
+		Timestamp  string                     `json:"timestamp"`
+		Properties map[string]json.RawMessage `json:"properties"`
+	}
+	batch := func(n int) []item {
+		reqs := ps.requests()
+		require.Len(t, reqs, n)
+		var out []item
+		for _, raw := range reqs[n-1].body.Batch {
+			var it item
+			require.NoError(t, json.Unmarshal(raw, &it))
+			out = append(out, it)
+		}
+		return out
+	}
+	ev := func(id, org int64, props string) *decode.Event {
+		return phEvent(id, fmt.Sprintf(`{"id":%d,"event_name":"recipe_created","occurred_at":"2026-11-26T10:00:00Z",
+			"organization_id":%d,"user_id":3,"entity_type":"recipe","entity_id":"R-1","correlation_id":null,
+			"source":"recipes","schema_version":1,"properties":%s}`, id, org, props))
+	}
+
+	// The first event of organization 7: its identify, then the event with
+	// the person's keys in $set (absent ones left out).
+	e1 := ev(1, 7, `{"email":"a@example.com","org_name":"Bakery","x":1}`)
+	require.NoError(t, p.Deliver(t.Context(), []*decode.Event{e1})[0].Err)
+	got := batch(1)
+	require.Len(t, got, 2)
+	require.Equal(t, "$groupidentify", got[0].Event)
+	require.Equal(t, "org_7", got[0].DistinctID)
+	require.Equal(t, sink.EventUUID(e1.MessageID+"/$groupidentify"), got[0].UUID, "stable: PostHog deduplicates a redelivery")
+	require.Equal(t, "2026-11-26T10:00:00Z", got[0].Timestamp)
+	require.Equal(t, `"organization"`, string(got[0].Properties["$group_type"]))
+	require.Equal(t, `"7"`, string(got[0].Properties["$group_key"]))
+	require.JSONEq(t, `{"org_name":"Bakery"}`, string(got[0].Properties["$group_set"]))
+	require.Equal(t, "recipe_created", got[1].Event)
+	require.JSONEq(t, `{"email":"a@example.com"}`, string(got[1].Properties["$set"]))
+	require.Equal(t, `"Bakery"`, string(got[1].Properties["org_name"]), "the event keeps its properties")
+
+	// Organization 7 again, without group keys: identified already.
+	require.NoError(t, p.Deliver(t.Context(), []*decode.Event{ev(2, 7, `{"plan":"pro"}`)})[0].Err)
+	got = batch(2)
+	require.Len(t, got, 1)
+	require.JSONEq(t, `{"plan":"pro"}`, string(got[0].Properties["$set"]))
+
+	// Organization 8's first identify fails with its event; the retry
+	// sends both again.
+	fail.Lock()
+	failing = true
+	fail.Unlock()
+	e3 := ev(3, 8, `{}`)
+	require.Error(t, p.Deliver(t.Context(), []*decode.Event{e3})[0].Err)
+	require.Len(t, batch(3), 2)
+	fail.Lock()
+	failing = false
+	fail.Unlock()
+	require.NoError(t, p.Deliver(t.Context(), []*decode.Event{e3})[0].Err)
+	got = batch(4)
+	require.Len(t, got, 2)
+	require.Equal(t, "$groupidentify", got[0].Event)
+	require.JSONEq(t, `{}`, string(got[0].Properties["$group_set"]))
+	require.NotContains(t, got[1].Properties, "$set", "no person key in its properties")
+	require.NoError(t, p.Deliver(t.Context(), []*decode.Event{ev(4, 8, `{}`)})[0].Err)
+	require.Len(t, batch(5), 1, "organization 8 is identified now")
+}

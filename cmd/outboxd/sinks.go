@@ -67,6 +67,10 @@ type posthogEnv struct {
 	MaxAttempts  int           `env:"POSTHOG_MAX_ATTEMPTS" envDefault:"8"`
 	BackoffMax   time.Duration `env:"POSTHOG_BACKOFF_MAX" envDefault:"30s"`
 	AllowPrivate bool          `env:"ALLOW_PRIVATE_SINKS" envDefault:"false"`
+	// Person and group properties: property keys, comma-separated.
+	PersonProperties []string `env:"POSTHOG_PERSON_PROPERTIES" envSeparator:","`
+	GroupIdentify    bool     `env:"POSTHOG_GROUP_IDENTIFY" envDefault:"false"`
+	GroupProperties  []string `env:"POSTHOG_GROUP_PROPERTIES" envSeparator:","`
 }
 
 type ga4Env struct {
@@ -346,12 +350,14 @@ func buildPostHog(envMap map[string]string, log zerolog.Logger) (closableSink, e
 	}
 	cfg := sink.PostHogConfig{
 		Name: "posthog", Host: e.Host, APIKey: e.APIKey,
+		PersonProperties: trimAll(e.PersonProperties), GroupIdentify: e.GroupIdentify, GroupProperties: trimAll(e.GroupProperties),
 		HTTPConfig: sink.HTTPConfig{Timeout: e.Timeout, AllowPrivate: e.AllowPrivate, UserAgent: "outboxd/" + version,
 			RetryConfig: sink.RetryConfig{MaxAttempts: e.MaxAttempts, BackoffMin: backoffMin(e.BackoffMax), BackoffMax: e.BackoffMax}},
 	}.WithDefaults()
 	if err := validateNamed(cfg.Validate, map[string]string{
 		"Host": "POSTHOG_HOST", "APIKey": "POSTHOG_PROJECT_API_KEY",
 		"Timeout": "POSTHOG_TIMEOUT", "MaxAttempts": "POSTHOG_MAX_ATTEMPTS", "BackoffMax": "POSTHOG_BACKOFF_MAX",
+		"PersonProperties": "POSTHOG_PERSON_PROPERTIES", "GroupProperties": "POSTHOG_GROUP_PROPERTIES",
 	}); err != nil {
 		return nil, err
 	}
@@ -361,6 +367,15 @@ func buildPostHog(envMap map[string]string, log zerolog.Logger) (closableSink, e
 	}
 	log.Info().Str("sink", "posthog").Str("host", cfg.Host).Msg("sink ready")
 	return p, nil
+}
+
+// trimAll trims the items of a comma-separated list ("a, b").
+func trimAll(list []string) []string {
+	out := make([]string, len(list))
+	for i, s := range list {
+		out[i] = strings.TrimSpace(s)
+	}
+	return out
 }
 
 func buildGA4(envMap map[string]string, log zerolog.Logger) (closableSink, error) {
