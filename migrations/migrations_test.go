@@ -556,7 +556,7 @@ func TestMigrateTrackingPlan(t *testing.T) {
 	}, b.columns(t, "public", migrations.PlanTable))
 	require.Equal(t, map[string]string{
 		"event_name": "text", "schema_version": "integer", "description": "text", "owner": "text",
-		"required": "jsonb", "schema": "jsonb",
+		"required": "jsonb", "required_path": "jsonpath", "schema": "jsonb",
 	}, b.columns(t, "public", migrations.PlanEventTable))
 	require.Equal(t, map[string]string{
 		"id": "bigint", "event_id": "bigint", "event_name": "text", "schema_version": "integer",

@@ -90,8 +90,8 @@ ON CONFLICT (singleton) DO UPDATE SET source = excluded.source, source_sha256 = 
 				if err != nil {
 					return err
 				}
-				batch.Queue(`INSERT INTO `+t.own(migrations.PlanEventTable)+` (event_name, schema_version, description, owner, required, schema)
-VALUES ($1, $2, $3, $4, $5, $6)`, e.Name, v.Number, e.Description, e.Owner, string(req), string(v.Schema))
+				batch.Queue(`INSERT INTO `+t.own(migrations.PlanEventTable)+` (event_name, schema_version, description, owner, required, required_path, schema)
+VALUES ($1, $2, $3, $4, $5, $6::jsonpath, $7)`, e.Name, v.Number, e.Description, e.Owner, string(req), rules[i].Path(), string(v.Schema))
 				res.Versions++
 			}
 			res.Events++

@@ -145,3 +145,32 @@ func (p *Plan) Rules() []Rule {
 	}
 	return out
 }
+
+// Path returns the rule as one SQL/JSON path predicate over properties,
+// true when every required property is there with an allowed type: the
+// trigger's fast check (jsonb_path_match, no query per insert). Strict mode:
+// properties that are not an object do not match.
+func (r Rule) Path() string {
+	if len(r.Required) == 0 {
+		return "true"
+	}
+	var terms []string
+	for _, prop := range sortedKeys(r.Required) {
+		key := `$."` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(prop) + `"`
+		var alts []string
+		for _, t := range r.Required[prop] {
+			switch t {
+			case "integer":
+				alts = append(alts, `@.type() == "number" && @ == @.floor()`)
+			default:
+				alts = append(alts, `@.type() == "`+t+`"`)
+			}
+		}
+		if len(alts) == 0 {
+			terms = append(terms, "exists("+key+")")
+			continue
+		}
+		terms = append(terms, "exists("+key+" ? ("+strings.Join(alts, " || ")+"))")
+	}
+	return "strict " + strings.Join(terms, " && ")
+}

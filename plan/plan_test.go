@@ -138,3 +138,9 @@ events:
 		"timer_id": {"string"}, "duration_seconds": {"integer", "null"}, "extra": {},
 	}}}, p.Rules())
 }
+
+func TestRulePath(t *testing.T) {
+	r := Rule{Required: map[string][]string{"delta": {"number"}, "n": {"integer", "null"}, `we"ird`: {}}}
+	require.Equal(t, `strict exists($."delta" ? (@.type() == "number")) && exists($."n" ? (@.type() == "number" && @ == @.floor() || @.type() == "null")) && exists($."we\"ird")`, r.Path())
+	require.Equal(t, "true", Rule{}.Path())
+}
