@@ -178,7 +178,7 @@ func TestTriggerWithoutPlan(t *testing.T) {
 // trigger and with it in enforce mode (the product's plan, a valid
 // inventory_adjusted row). Compare the ns/op of the two.
 //
-//	go test -run '^$' -bench PlanTrigger -benchtime 5000x ./plan/
+//	go test -run '^$' -bench 'PlanTrigger$' -benchtime 2000x ./plan/
 func BenchmarkPlanTrigger(b *testing.B) {
 	for _, mode := range []string{TriggerOff, TriggerEnforce, TriggerRecord} {
 		b.Run(mode, func(b *testing.B) {
@@ -206,7 +206,7 @@ func BenchmarkPlanTrigger(b *testing.B) {
 // insert: one INSERT ... SELECT of 1000 valid inventory_adjusted rows per
 // op, reported as ns/row.
 //
-//	go test -run '^$' -bench PlanTriggerBulk -benchtime 200x ./plan/
+//	go test -run '^$' -bench PlanTriggerBulk -benchtime 50x ./plan/
 func BenchmarkPlanTriggerBulk(b *testing.B) {
 	const rows = 1000
 	for _, mode := range []string{TriggerOff, TriggerEnforce, TriggerRecord} {
