@@ -231,3 +231,18 @@ FROM generate_series(1, $1) g`
 		})
 	}
 }
+
+// Apply on a database that was never migrated says to migrate.
+func TestApplyNeedsMigrate(t *testing.T) {
+	t.Parallel()
+	url := pgtest.Shared(t).NewDatabase(t)
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, url)
+	require.NoError(t, err)
+	defer conn.Close(ctx)
+	p, src := examplePlan(t)
+	_, err = Apply(ctx, conn, outbox, p, src, TriggerEnforce)
+	require.ErrorContains(t, err, "run `outboxd migrate`")
+	_, err = Apply(ctx, conn, outbox, p, src, "sometimes")
+	require.ErrorContains(t, err, `trigger mode "sometimes"`)
+}
