@@ -50,7 +50,7 @@ func insert(ctx context.Context, q Querier, r row) (int64, error) {
 	return id, err
 }
 
-var validAdjust = row{"inventory_adjusted", 1, 7, "inventory", `{"sku_id":"s1","delta":-2,"reason":"wasted","location_id":"l1"}`}
+var validAdjust = row{"inventory_adjusted", 1, 7, "sku", `{"sku":"SKU-1","delta":-2,"reason":"sale","on_hand":7}`}
 
 // enforce: each broken rule is an error with SQLSTATE OB001 and a message
 // naming it, as any client sees it through SQL; valid rows go in.
@@ -67,15 +67,24 @@ func TestTriggerEnforce(t *testing.T) {
 	require.NoError(t, err)
 	_, err = insert(ctx, db.Pool, row{"timer_stopped", 1, 7, "timer", `{"timer_id":"t","batch_id":"b","duration_seconds":30}`})
 	require.NoError(t, err)
+	// The events examples/ emit (go, psql, python, node) follow the plan.
+	for _, r := range []row{
+		{"batch_started", 1, 7, "batch", `{"batch_id":"B-1000","sku":"SKU-SD-800","planned_units":120}`},
+		{"batch_completed", 1, 7, "batch", `{"batch_id":"B-1000","sku":"SKU-SD-800","produced_units":114,"planned_units":120}`},
+		{"inventory_adjusted", 1, 7, "sku", `{"sku":"SKU-SD-800","delta":-3,"reason":"sale","on_hand":7}`},
+	} {
+		_, err = insert(ctx, db.Pool, r)
+		require.NoError(t, err, r)
+	}
 
 	for _, c := range []struct {
 		r      row
 		msg    string
 		detail string
 	}{
-		{row{"inventory_adjusted", 1, 7, "inventory", `{"sku_id":"s1","reason":"wasted","location_id":"l1"}`},
+		{row{"inventory_adjusted", 1, 7, "sku", `{"sku":"SKU-1","reason":"sale"}`},
 			`outboxd plan: inventory_adjusted v1 requires property "delta" (number)`, ""},
-		{row{"inventory_adjusted", 1, 7, "inventory", `{"sku_id":"s1","delta":"2","reason":"wasted","location_id":"l1"}`},
+		{row{"inventory_adjusted", 1, 7, "sku", `{"sku":"SKU-1","delta":"2","reason":"sale"}`},
 			`outboxd plan: inventory_adjusted v1 requires property "delta" (number), got string`, ""},
 		{row{"timer_stopped", 1, 7, "timer", `{"timer_id":"t","batch_id":"b","duration_seconds":1.5}`},
 			`outboxd plan: timer_stopped v1 requires property "duration_seconds" (integer), got number`, ""},
@@ -83,9 +92,9 @@ func TestTriggerEnforce(t *testing.T) {
 			`outboxd plan: inventory_adjusted has no schema_version 2 in the tracking plan`, ""},
 		{row{"InventoryAdjusted", 1, 7, "inventory", `{}`},
 			`outboxd plan: event "InventoryAdjusted" is not in the tracking plan`, ""},
-		{row{"inventory_adjusted", 1, nil, "warehouse", `{"sku_id":"s1","delta":1,"reason":"wasted"}`},
+		{row{"inventory_adjusted", 1, nil, "warehouse", `{"delta":1,"reason":"sale"}`},
 			`outboxd plan: every event requires organization_id (not NULL)`,
-			`also: entity_type "warehouse" is not one of inventory, batch, timer, recipe, product, product_variant, sku; inventory_adjusted v1 requires property "location_id" (string)`},
+			`also: entity_type "warehouse" is not one of inventory, batch, timer, recipe, product, product_variant, sku; inventory_adjusted v1 requires property "sku" (string)`},
 	} {
 		_, err := insert(ctx, db.Pool, c.r)
 		var pgErr *pgconn.PgError
@@ -101,7 +110,7 @@ func TestTriggerEnforce(t *testing.T) {
 	require.NoError(t, err)
 	var n int
 	require.NoError(t, db.Pool.QueryRow(ctx, `SELECT count(*) FROM domain_event`).Scan(&n))
-	require.Equal(t, 3, n)
+	require.Equal(t, 6, n)
 
 	// A new plan changes what the trigger checks, without re-creating it:
 	// v2 of inventory_adjusted renames delta to quantity_change.
@@ -145,7 +154,7 @@ func TestTriggerRecord(t *testing.T) {
 
 	_, err = insert(ctx, db.Pool, validAdjust)
 	require.NoError(t, err)
-	bad, err := insert(ctx, db.Pool, row{"inventory_adjusted", 1, nil, "inventory", `{"sku_id":"s1","reason":"wasted","location_id":"l1"}`})
+	bad, err := insert(ctx, db.Pool, row{"inventory_adjusted", 1, nil, "sku", `{"sku":"SKU-1","reason":"sale"}`})
 	require.NoError(t, err)
 	rows, err := db.Pool.Query(ctx, `SELECT event_id, event_name, schema_version, rule FROM outboxd_plan_violation ORDER BY id`)
 	require.NoError(t, err)
@@ -217,7 +226,7 @@ func BenchmarkPlanTriggerBulk(b *testing.B) {
 			_, err := Apply(ctx, db.Conn, outbox, p, src, mode)
 			require.NoError(b, err)
 			bulk := `INSERT INTO domain_event (event_name, organization_id, entity_type, entity_id, properties)
-SELECT 'inventory_adjusted', 7, 'inventory', 'e-' || g, jsonb_build_object('sku_id', 's1', 'delta', g, 'reason', 'counted', 'location_id', 'l1')
+SELECT 'inventory_adjusted', 7, 'inventory', 'e-' || g, jsonb_build_object('sku', 'SKU-1', 'delta', g, 'reason', 'count', 'on_hand', g)
 FROM generate_series(1, $1) g`
 			_, err = db.Conn.Exec(ctx, bulk, rows)
 			require.NoError(b, err)

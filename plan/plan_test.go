@@ -20,8 +20,8 @@ func TestExamplePlanIsClean(t *testing.T) {
 	require.Equal(t, []string{"organization_id", "entity_type", "entity_id"}, p.Envelope.Required)
 
 	v := p.Event("inventory_adjusted").Version(1)
-	require.NoError(t, v.Validate("inventory_adjusted", decode(t, `{"sku_id":"s1","delta":-2.5,"reason":"wasted","location_id":"l1"}`)))
-	err = v.Validate("inventory_adjusted", decode(t, `{"sku_id":"s1","delta":"2","reason":"lost","location_id":"l1"}`))
+	require.NoError(t, v.Validate("inventory_adjusted", decode(t, `{"sku":"s1","delta":-2.5,"reason":"wasted"}`)))
+	err = v.Validate("inventory_adjusted", decode(t, `{"sku":"s1","delta":"2","reason":"lost"}`))
 	require.ErrorContains(t, err, "/delta")
 	require.ErrorContains(t, err, "/reason")
 }

@@ -73,11 +73,11 @@ func TestPlanCheckTable(t *testing.T) {
 		etype   string
 		props   string
 	}{
-		{"inventory_adjusted", 1, 7, "inventory", `{"sku_id":"s1","delta":-2,"reason":"wasted","location_id":"l1"}`},
-		{"inventory_adjusted", 1, 7, "inventory", `{"sku_id":"s1","delta":"2","reason":"lost","location_id":"l1"}`},
-		{"inventory_adjusted", 1, nil, "inventory", `{"sku_id":"s1","reason":"counted"}`},
-		{"inventory_adjusted", 2, 7, "inventory", `{"sku_id":"s1","quantity_change":2}`},
-		{"inventory_adjusted", 2, 7, "inventory", `{"sku_id":"s1","quantity_change":3}`},
+		{"inventory_adjusted", 1, 7, "sku", `{"sku":"s1","delta":-2,"reason":"sale","on_hand":7}`},
+		{"inventory_adjusted", 1, 7, "sku", `{"sku":"s1","delta":"2","reason":"lost"}`},
+		{"inventory_adjusted", 1, nil, "sku", `{"reason":"count"}`},
+		{"inventory_adjusted", 2, 7, "sku", `{"sku":"s1","quantity_change":2}`},
+		{"inventory_adjusted", 2, 7, "sku", `{"sku":"s1","quantity_change":3}`},
 		{"timer_stopped", 1, 7, "timer", `{"timer_id":"t1","batch_id":"b1","duration_seconds":90}`},
 		{"timer_stopped", 1, 7, "stopwatch", `{"timer_id":"t1","batch_id":"b1","duration_seconds":1.5}`},
 		{"batchStarted", 1, 7, "batch", `{}`},
@@ -107,7 +107,7 @@ func TestPlanApplyCommand(t *testing.T) {
 	require.Contains(t, out, "trigger on public.domain_event: enforce")
 
 	_, err := db.pool.Exec(ctx, `INSERT INTO domain_event (event_name, organization_id, entity_type, entity_id, properties)
-VALUES ('inventory_adjusted', 7, 'inventory', 'e-1', '{"sku_id":"s1","reason":"wasted","location_id":"l1"}')`)
+VALUES ('inventory_adjusted', 7, 'sku', 'SKU-1', '{"sku":"SKU-1","reason":"sale"}')`)
 	var pgErr *pgconn.PgError
 	require.True(t, errors.As(err, &pgErr), "%v", err)
 	require.Equal(t, "OB001", pgErr.Code)
