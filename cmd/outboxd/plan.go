@@ -248,8 +248,9 @@ func planApplyCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra
 		Short: "Store the tracking plan in the database; optionally enforce it on every insert",
 		Long: `Store the tracking plan FILE in outboxd_plan and outboxd_plan_event (the
 outbox table's schema; run ` + "`outboxd migrate`" + ` first), replacing the plan there,
-in one transaction. A plan with lint findings other than breaking changes is
-refused (see ` + "`outboxd plan check`" + `); breaking changes are printed as warnings.
+in one transaction. A plan with lint findings is refused (see ` + "`outboxd plan check`" + `),
+except breaking changes and a missing description or owner, which are printed
+as warnings.
 
 --trigger installs the plan's BEFORE INSERT trigger on the outbox table, or
 changes or removes it; without the flag the trigger stays as it is. The
