@@ -56,6 +56,11 @@ var required = map[string][]string{
 	"outboxd_subscription":         {"id", "organization_id", "url", "secrets", "events", "enabled", "disabled_reason"},
 	"outboxd_outbox":               {"namespace"},
 	"outboxd_subscription_history": {"id", "subscription_id", "deleted", "enabled", "organization_id", "events", "since_always"},
+	// The tracking plan (migration 8): read by its trigger and by `outboxd
+	// plan`, not by the daemon, so no privilege of the daemon's role.
+	"outboxd_plan":           {"source", "source_sha256", "envelope_required", "entity_types"},
+	"outboxd_plan_event":     {"event_name", "schema_version", "required", "schema"},
+	"outboxd_plan_violation": {"id", "event_id", "event_name", "schema_version", "rule"},
 }
 
 // privileges are what outboxd does with each table: checked for the
@@ -144,7 +149,8 @@ FROM pg_catalog.pg_namespace WHERE nspname = $1`, c.opts.Schema).Scan(&exists, &
 	if err := c.checkOutboxTable(); err != nil {
 		return err
 	}
-	for _, name := range []string{"outboxd_checkpoint", "outboxd_dead_letter", "outboxd_parked", "outboxd_subscription", "outboxd_outbox", "outboxd_subscription_history"} {
+	for _, name := range []string{"outboxd_checkpoint", "outboxd_dead_letter", "outboxd_parked", "outboxd_subscription", "outboxd_outbox", "outboxd_subscription_history",
+		"outboxd_plan", "outboxd_plan_event", "outboxd_plan_violation"} {
 		if err := c.checkOwnTable(name); err != nil {
 			return err
 		}

@@ -70,7 +70,16 @@ const lockKey int64 = 0x6f7574626f786400
 var bookkeeping = []string{"is_processed", "processed_at", "delivery_attempts"}
 
 // ownTables are outboxd's own tables, created next to the outbox table.
-var ownTables = []string{store.CheckpointTable, store.DeadLetterTable, store.ParkedTable, store.SubscriptionTable, store.NamespaceTable, VersionTable}
+var ownTables = []string{store.CheckpointTable, store.DeadLetterTable, store.ParkedTable, store.SubscriptionTable, store.NamespaceTable, VersionTable,
+	PlanTable, PlanEventTable, PlanViolationTable}
+
+// The tracking plan's tables (migration 8) and the function of its trigger.
+const (
+	PlanTable          = "outboxd_plan"
+	PlanEventTable     = "outboxd_plan_event"
+	PlanViolationTable = "outboxd_plan_violation"
+	PlanCheckFunction  = "outboxd_plan_check"
+)
 
 // latest is the version of the newest embedded migration.
 var latest = func() int32 {

@@ -542,3 +542,35 @@ ON CONFLICT (slot_name) DO UPDATE SET lsn = excluded.lsn`)
 	require.ErrorContains(t, err, `role lacks UPDATE on column delivery_attempts of "public"."domain_event"`)
 	require.ErrorContains(t, err, "roles.sql")
 }
+
+// Migration 8: the tracking plan's tables and trigger function; Check wants
+// them.
+func TestMigrateTrackingPlan(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	_, err := migrations.Migrate(b.ctx, b.conn, migrations.Options{})
+	require.NoError(t, err)
+	require.Equal(t, map[string]string{
+		"singleton": "boolean", "source": "text", "source_sha256": "text", "envelope_required": "text[]",
+		"entity_types": "text[]", "applied_at": "timestamp with time zone",
+	}, b.columns(t, "public", migrations.PlanTable))
+	require.Equal(t, map[string]string{
+		"event_name": "text", "schema_version": "integer", "description": "text", "owner": "text",
+		"required": "jsonb", "required_path": "jsonpath", "schema": "jsonb",
+	}, b.columns(t, "public", migrations.PlanEventTable))
+	require.Equal(t, map[string]string{
+		"id": "bigint", "event_id": "bigint", "event_name": "text", "schema_version": "integer",
+		"rule": "text", "recorded_at": "timestamp with time zone",
+	}, b.columns(t, "public", migrations.PlanViolationTable))
+	var fn string
+	require.NoError(t, b.conn.QueryRow(b.ctx, "SELECT 'public.outboxd_plan_check()'::regprocedure::text").Scan(&fn))
+	require.Equal(t, "outboxd_plan_check()", fn)
+	// Not in any publication: the daemon does not read the plan.
+	var published int
+	require.NoError(t, b.conn.QueryRow(b.ctx, "SELECT count(*) FROM pg_publication_tables WHERE tablename LIKE 'outboxd_plan%'").Scan(&published))
+	require.Zero(t, published)
+
+	b.exec(t, "DROP TABLE outboxd_plan_violation")
+	require.ErrorContains(t, migrations.Check(b.ctx, b.conn, migrations.Options{}), `"public"."outboxd_plan_violation" does not exist`)
+	require.ErrorContains(t, migrations.Options{Table: migrations.PlanTable}.Validate(), "taken by outboxd's own table")
+}

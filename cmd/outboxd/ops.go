@@ -17,7 +17,7 @@ import (
 )
 
 // opsCommands are the operator commands (status, slot, replay, prune, ga4
-// validate). Their
+// validate, plan check|apply). Their
 // logic lives in package ops; here are flags, output and exit codes: 0 ok,
 // 1 runtime failure or something needs attention, 2 usage or configuration.
 func opsCommands(envMap map[string]string, stdout, stderr io.Writer) []*cobra.Command {
@@ -27,6 +27,7 @@ func opsCommands(envMap map[string]string, stdout, stderr io.Writer) []*cobra.Co
 		replayCommand(envMap, stdout, stderr),
 		pruneCommand(envMap, stdout, stderr),
 		ga4Command(envMap, stdout, stderr),
+		planCommand(envMap, stdout, stderr),
 	}
 }
 

@@ -428,7 +428,8 @@ func TestReplayToOtherSinks(t *testing.T) {
 	}
 }
 
-// prune: usage errors, a dry run, then only old processed rows go.
+// prune: usage errors (no retention, no --yes), a dry run, then only old
+// processed rows go.
 func TestPruneCommand(t *testing.T) {
 	t.Parallel()
 	db := newOpsDB(t)
@@ -438,14 +439,28 @@ func TestPruneCommand(t *testing.T) {
 	db.exec(t, `UPDATE domain_event SET is_processed = true, processed_at = now() - interval '10 days' WHERE id = ANY($1)`, old)
 	db.exec(t, `UPDATE domain_event SET is_processed = true, processed_at = now() WHERE id = ANY($1)`, young)
 
-	for _, args := range [][]string{{"prune"}, {"prune", "--older-than", "soon"}, {"prune", "--older-than", "7d", "--batch-size", "0"}} {
-		code, _, errOut := opsRun(t, db.env, args...)
+	for _, args := range [][]string{
+		{"prune"}, {"prune", "--yes"}, {"prune", "--older-than", "soon", "--yes"},
+		{"prune", "--older-than", "7d", "--batch-size", "0", "--yes"},
+		{"prune", "--older-than", "7d"}, {"prune", "--older-than", "7d", "--json"},
+	} {
+		code, out, errOut := opsRun(t, db.env, args...)
 		require.Equal(t, 2, code, "%v: %s", args, errOut)
+		require.Empty(t, out, args)
 	}
-	code, out, _ := opsRun(t, db.env, "prune", "--older-than", "7d", "--dry-run")
+	_, _, errOut := opsRun(t, db.env, "prune", "--older-than", "7d")
+	require.Contains(t, errOut, "rerun with --yes to confirm, or with --dry-run to count them")
+	code, out, _ := opsRun(t, db.env, "prune", "--help")
+	require.Equal(t, 0, code)
+	require.Contains(t, out, "source of truth for analytics")
+	require.Contains(t, out, "--yes")
+	var n int
+	require.NoError(t, db.pool.QueryRow(context.Background(), `SELECT count(*) FROM domain_event`).Scan(&n))
+	require.Equal(t, 10, n, "nothing deleted without --yes")
+	code, out, _ = opsRun(t, db.env, "prune", "--older-than", "7d", "--dry-run")
 	require.Equal(t, 0, code)
 	require.Contains(t, out, "would delete (dry run) 5 processed rows")
-	code, out, errOut := opsRun(t, db.env, "prune", "--older-than", "7d", "--batch-size", "2")
+	code, out, errOut = opsRun(t, db.env, "prune", "--older-than", "7d", "--batch-size", "2", "--yes")
 	require.Equal(t, 0, code, errOut)
 	require.Contains(t, out, "deleted 5 processed rows")
 	require.Contains(t, out, "in 3 batches")

@@ -17,10 +17,11 @@ func pruneCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Com
 		olderThan                   string
 		batchSize                   int
 		dryRun, deadLetters, asJSON bool
+		yes                         bool
 	)
 	cmd := &cobra.Command{
-		Use:   "prune --older-than DURATION",
-		Short: "Delete processed rows older than a duration, in small batches (retention); never unprocessed rows",
+		Use:   "prune --older-than DURATION --yes",
+		Short: "Delete processed rows older than a duration, in small batches (retention); needs --yes",
 		Long: `Delete rows with is_processed = true whose processed_at is older than
 --older-than (90m, 36h, 30d), in batches of --batch-size rows, each its own
 short transaction. Unprocessed rows are never deleted, whatever their age:
@@ -28,7 +29,12 @@ dead-lettered events stay in the table until you replay or remove them.
 
 --dead-letters also deletes outboxd_dead_letter rows older than the cutoff;
 their events stay unprocessed in the table, and a later catch-up (slot reset,
-slot loss) would deliver them again.`,
+slot loss) would deliver them again.
+
+The outbox table may be your source of truth for analytics: a deleted event
+is gone for every later replay, backfill or audit. So prune refuses to run
+without both an explicit retention (--older-than; there is no default) and
+--yes. --dry-run needs no --yes: it counts and deletes nothing.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if olderThan == "" {
@@ -40,6 +46,10 @@ slot loss) would deliver them again.`,
 			}
 			if batchSize <= 0 {
 				return usageError{errors.New("--batch-size must be positive")}
+			}
+			if !yes && !dryRun {
+				return usageError{fmt.Errorf("prune deletes events for good (processed before now - %s): "+
+					"rerun with --yes to confirm, or with --dry-run to count them", olderThan)}
 			}
 			ctx := cmd.Context()
 			env, err := openOps(ctx, envMap, stderr, nil)
@@ -91,5 +101,6 @@ slot loss) would deliver them again.`,
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "count what would be deleted, delete nothing")
 	cmd.Flags().BoolVar(&deadLetters, "dead-letters", false, "also delete dead letters older than the cutoff")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
+	cmd.Flags().BoolVar(&yes, "yes", false, "confirm the deletion (required unless --dry-run)")
 	return cmd
 }

@@ -78,7 +78,7 @@ func TestPartitionedOutboxDeliversEveryRow(t *testing.T) {
 		// partition (processed_at moved back instead of waiting).
 		_, err := b.pool.Exec(context.Background(), `UPDATE domain_event SET processed_at = processed_at - interval '2 days'`)
 		require.NoError(t, err)
-		code, out = e2e.RunCommand(t, b.env, "prune", "--older-than", "1d")
+		code, out = e2e.RunCommand(t, b.env, "prune", "--older-than", "1d", "--yes")
 		require.Equal(t, 0, code, out)
 		var left int
 		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM domain_event`).Scan(&left))
