@@ -272,6 +272,10 @@ CREATE TABLE domain_event_default PARTITION OF domain_event DEFAULT`,
 		"orm": `CREATE TABLE domain_event (id serial PRIMARY KEY, event_name varchar(100) NOT NULL, organization_id integer,
   entity_id integer, schema_version integer NOT NULL DEFAULT 1, properties text NOT NULL DEFAULT '{}',
   occurred_at timestamp NOT NULL DEFAULT now())`,
+		// An ORM that stores versions as text ("1", "v2").
+		"orm text version": `CREATE TABLE domain_event (id serial PRIMARY KEY, event_name varchar(100) NOT NULL, organization_id integer,
+  entity_id integer, schema_version varchar(10) NOT NULL DEFAULT '1', properties text NOT NULL DEFAULT '{}',
+  occurred_at timestamp NOT NULL DEFAULT now())`,
 	} {
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
@@ -303,6 +307,14 @@ events:
 			require.Equal(t, `outboxd plan: inventory_adjusted v1 requires property "delta" (integer)`, pgErr.Message)
 			_, err = conn.Exec(ctx, `INSERT INTO domain_event (event_name, organization_id, properties) VALUES ('inventory_adjusted', 7, '{"sku": "S", "delta": 2}')`)
 			require.ErrorContains(t, err, "outboxd plan: every event requires entity_id (not NULL)")
+			if name == "orm text version" {
+				// A version that is no number breaks a rule of the plan,
+				// named as such, rather than the insert with a cast error.
+				_, err = conn.Exec(ctx, `INSERT INTO domain_event (event_name, organization_id, entity_id, schema_version, properties) VALUES ('inventory_adjusted', 7, '12', 'v2', '{"sku": "S", "delta": 2}')`)
+				require.ErrorAs(t, err, &pgErr)
+				require.Equal(t, SQLState, pgErr.Code, "%v", err)
+				require.Equal(t, `outboxd plan: schema_version "v2" is not a whole number`, pgErr.Message)
+			}
 		})
 	}
 }
