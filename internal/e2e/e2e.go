@@ -30,6 +30,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
+
+	"github.com/outboxd/outboxd/internal/pgtest"
 )
 
 var (
@@ -38,7 +40,8 @@ var (
 	buildErr  error
 )
 
-// Binary builds cmd/outboxd once per test process and returns its path.
+// Binary builds cmd/outboxd once per test process and returns its path. The
+// test process must run its tests through pgtest.Main, which removes it.
 func Binary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
@@ -47,6 +50,9 @@ func Binary(t testing.TB) string {
 			buildErr = err
 			return
 		}
+		// Removed when the test process is done (pgtest.Main); each
+		// run used to leave its 30 MB binary in $TMPDIR.
+		pgtest.AtExit(func() { _ = os.RemoveAll(dir) })
 		binPath = filepath.Join(dir, "outboxd")
 		_, file, _, _ := runtime.Caller(0)
 		root := filepath.Join(filepath.Dir(file), "..", "..")

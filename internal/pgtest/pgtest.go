@@ -141,11 +141,30 @@ func binDirFor(major int) (string, error) {
 	return pgserver.BinDirFor(major)
 }
 
+var (
+	atExitMu sync.Mutex
+	atExit   []func()
+)
+
+// AtExit registers f to run when Main's tests are done, before the shared
+// servers stop (last registered, first run): for what outlives a single
+// test, such as a binary built once per test process.
+func AtExit(f func()) {
+	atExitMu.Lock()
+	defer atExitMu.Unlock()
+	atExit = append(atExit, f)
+}
+
 // Main is called from a package's TestMain: it runs m, then stops the shared
 // servers that were started, and exits with m's code.
 func Main(m *testing.M) {
 	mainActive.Store(true)
 	code := m.Run()
+	atExitMu.Lock()
+	for i := len(atExit) - 1; i >= 0; i-- {
+		atExit[i]()
+	}
+	atExitMu.Unlock()
 	sharedMu.Lock()
 	var servers []*Server
 	for _, slot := range majorSlots {
