@@ -33,6 +33,9 @@ type Reader struct {
 	copying  bool          // the connection is in copy-both mode (streaming)
 	sysID    string
 	timeline int32
+	// failoverNoted is set once the info that failover slots need
+	// PostgreSQL 17 was logged.
+	failoverNoted bool
 	// rels identifies the outbox and subscription tables in the stream by
 	// relation OID, looked up at the start of each session.
 	rels tableOIDs
@@ -234,11 +237,34 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		if sys.SystemID != r.sysID {
 			return false, fmt.Errorf("%w: reconnected to cluster %s, streaming started on cluster %s", ErrIrreconcilable, sys.SystemID, r.sysID)
 		}
+		if sys.Timeline < r.timeline {
+			// The same cluster on an earlier timeline: a former primary
+			// that a standby was promoted over (both accept writes now).
+			// Its WAL after the fork is not the cluster's history.
+			return false, fmt.Errorf("%w: reconnected to a server of cluster %s on timeline %d, but streaming was on timeline %d: a former primary after a failover; point OUTBOXD_DATABASE_URL at the current primary (target_session_attrs=read-write lists both) and retire the old one",
+				ErrIrreconcilable, sys.SystemID, sys.Timeline, r.timeline)
+		}
+		promoted := sys.Timeline > r.timeline
 		slot, err := querySlot(ctx, conn, r.cfg.Slot)
 		if err != nil {
 			return false, err
 		}
+		if promoted {
+			r.log.Warn().Int32("previous_timeline", r.timeline).Int32("timeline", sys.Timeline).Bool("slot_present", slot != nil).
+				Msg("reconnected to a promoted server (same system identifier, later timeline)")
+			if slot != nil && slot.WALStatus != "lost" {
+				// Record the timeline now: the slot is on this server.
+				if err := r.store.SetTimeline(ctx, sys.SystemID, sys.Timeline); err != nil {
+					return false, err
+				}
+				r.timeline = sys.Timeline
+			}
+		}
 		switch {
+		case slot == nil && promoted:
+			// Failover slots (PostgreSQL 17) were not in place, or the
+			// standby had not synchronized the slot yet.
+			return false, r.slotLost(fmt.Sprintf("is missing on the promoted server (timeline %d): it was not synchronized to the standby", sys.Timeline))
 		case slot == nil:
 			switch _, err := r.store.Load(ctx); {
 			case errors.Is(err, store.ErrNoCheckpoint):

@@ -49,6 +49,7 @@ type config struct {
 	AllowPrivateSubscriptions bool `env:"ALLOW_PRIVATE_SUBSCRIPTIONS" envDefault:"false"`
 
 	SlotRecreate    bool          `env:"SLOT_RECREATE" envDefault:"false"`
+	SlotFailover    bool          `env:"SLOT_FAILOVER" envDefault:"true"`
 	FlushInterval   time.Duration `env:"FLUSH_INTERVAL" envDefault:"200ms"`
 	FlushSize       int           `env:"FLUSH_SIZE" envDefault:"1000"`
 	StatusInterval  time.Duration `env:"STATUS_INTERVAL" envDefault:"1s"`
@@ -311,7 +312,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 	secrets := c.webhookSecrets()
 	pc := pipeline.Config{
 		DatabaseURL: c.DatabaseURL, Table: table, Slot: c.Slot, Publication: c.Publication,
-		SlotRecreate: c.SlotRecreate,
+		SlotRecreate: c.SlotRecreate, SlotFailover: c.SlotFailover,
 		Deliver: deliver.Config{Ordering: ordering, Concurrency: c.WebhookConcurrency, BatchSize: c.WebhookBatchSize,
 			BatchWait: c.WebhookBatchWait, MaxInFlight: c.MaxInFlight},
 		Webhook: sink.WebhookConfig{Name: "webhook", URL: c.WebhookURL, Secrets: secrets,
