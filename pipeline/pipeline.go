@@ -332,7 +332,7 @@ func (j *job) run(ctx context.Context) error {
 		// its error is kept apart: it is the cause, and must not be hidden by
 		// a failure of that final flush which it brought about.
 		readerErr = j.reader.Run(st.read, events, drained)
-		if errors.Is(readerErr, cdc.ErrTakenOver) || errors.Is(readerErr, cdc.ErrReset) {
+		if errors.Is(readerErr, cdc.ErrTakenOver) || errors.Is(readerErr, cdc.ErrReset) || errors.Is(readerErr, cdc.ErrDiverged) {
 			// Another instance holds the slot and acts now (G9): what this
 			// one still holds is past the checkpoint and is the new holder's
 			// to deliver. Stop at once instead of draining.
