@@ -1,7 +1,8 @@
 // Package pgserver runs a PostgreSQL cluster from the local server binaries:
 // initdb into a temporary directory, or into a kept one that later runs reuse
 // (as user postgres when running as root), a postmaster on a loopback port
-// with wal_level=logical, stop and restart through pg_ctl. The tests
+// with wal_level=logical, stop and restart through pg_ctl, a physical standby
+// of a running cluster (Options.StandbyOf), a crash (Kill). The tests
 // (internal/pgtest), the benchmark and `outboxd dev` use it. [FindBinDir]
 // finds the default binaries, [BinDirFor] those of one major (15 to 18 are
 // tested), which scripts/install-postgres.sh installs where the system has no
