@@ -121,6 +121,13 @@ func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgc
 			// within about a second of the active instance going away.
 			wait = standbyPoll/2 + rand.N(standbyPoll/2+1)
 			r.log.Info().Str("reason", retry.msg).Dur("retry_in", wait).Msg("waiting for the slot")
+		} else if errors.Is(err, pgconn.ErrReadOnlyConnection) {
+			// target_session_attrs=read-write found only read-only
+			// servers: a standby not promoted yet. Poll at the same steady
+			// pace rather than back off, so that the promotion is followed
+			// within about a second of it.
+			wait = min(wait, standbyPoll/2+rand.N(standbyPoll/2+1))
+			r.log.Warn().Err(err).Dur("retry_in", wait).Msg("only read-only servers answered (a failover in progress?); reconnecting")
 		} else {
 			r.log.Warn().Err(err).Dur("retry_in", wait).Msg("replication stream interrupted; reconnecting")
 		}
