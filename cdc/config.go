@@ -29,6 +29,8 @@ type Ledger interface {
 type CheckpointStore interface {
 	Load(ctx context.Context) (store.Checkpoint, error)
 	Save(ctx context.Context, cp store.Checkpoint) error
+	// SetTimeline records the server's timeline after a promotion.
+	SetTimeline(ctx context.Context, systemID string, timeline int32) error
 }
 
 // Config configures a Reader.
@@ -44,6 +46,11 @@ type Config struct {
 	// SlotRecreate allows recreating a lost or dropped slot (with a catch-up
 	// from the table) when a checkpoint says one existed before.
 	SlotRecreate bool
+	// SlotFailover creates the slot with failover enabled on PostgreSQL 17
+	// and later, and sets it on an existing slot that lacks it (clears it
+	// when false): standbys with sync_replication_slots keep a copy of the
+	// slot, which a promoted standby continues from. Below 17 it is ignored.
+	SlotFailover bool
 	// StatusInterval is how often standby status is sent; default 1s. It must
 	// be well below the server's wal_sender_timeout.
 	StatusInterval time.Duration

@@ -52,6 +52,16 @@ var ErrReset = errors.New("slot reset by an operator")
 // and starts again as a standby.
 var ErrTakenOver = errors.New("slot taken over by another instance")
 
+// ErrDiverged ends a session that reconnected to a promoted server whose
+// history forked from the old primary's before positions this instance
+// received or recorded from it (a standby that had not received them, with
+// asynchronous replication and no synchronized_standby_slots): streaming on
+// from there would skip the promoted server's own transactions up to that
+// position. What this instance holds beyond the fork is not in the
+// database; the caller drops what it holds, as for ErrTakenOver, and runs
+// again, which starts at the checkpoint on the promoted server.
+var ErrDiverged = errors.New("stream ahead of the promoted server's history")
+
 // ErrIrreconcilable marks start-up states that need an operator: the slot and
 // the checkpoint disagree in a way that could lose or re-send events.
 var ErrIrreconcilable = errors.New("slot and checkpoint cannot be reconciled")

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -33,6 +35,9 @@ type Reader struct {
 	copying  bool          // the connection is in copy-both mode (streaming)
 	sysID    string
 	timeline int32
+	// failoverNoted is set once the info that failover slots need
+	// PostgreSQL 17 was logged.
+	failoverNoted bool
 	// rels identifies the outbox and subscription tables in the stream by
 	// relation OID, looked up at the start of each session.
 	rels tableOIDs
@@ -99,7 +104,7 @@ func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgc
 		if ctx.Err() != nil {
 			return nil
 		}
-		if errors.Is(err, ErrIrreconcilable) || errors.Is(err, errFatal) || errors.Is(err, ErrSlotLost) || errors.Is(err, ErrCatchupInterrupted) || errors.Is(err, ErrTakenOver) || errors.Is(err, ErrReset) {
+		if errors.Is(err, ErrIrreconcilable) || errors.Is(err, errFatal) || errors.Is(err, ErrSlotLost) || errors.Is(err, ErrCatchupInterrupted) || errors.Is(err, ErrTakenOver) || errors.Is(err, ErrReset) || errors.Is(err, ErrDiverged) {
 			return err
 		}
 		if *connp != nil {
@@ -116,6 +121,13 @@ func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgc
 			// within about a second of the active instance going away.
 			wait = standbyPoll/2 + rand.N(standbyPoll/2+1)
 			r.log.Info().Str("reason", retry.msg).Dur("retry_in", wait).Msg("waiting for the slot")
+		} else if errors.Is(err, pgconn.ErrReadOnlyConnection) {
+			// target_session_attrs=read-write found only read-only
+			// servers: a standby not promoted yet. Poll at the same steady
+			// pace rather than back off, so that the promotion is followed
+			// within about a second of it.
+			wait = min(wait, standbyPoll/2+rand.N(standbyPoll/2+1))
+			r.log.Warn().Err(err).Dur("retry_in", wait).Msg("only read-only servers answered (a failover in progress?); reconnecting")
 		} else {
 			r.log.Warn().Err(err).Dur("retry_in", wait).Msg("replication stream interrupted; reconnecting")
 		}
@@ -234,11 +246,37 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		if sys.SystemID != r.sysID {
 			return false, fmt.Errorf("%w: reconnected to cluster %s, streaming started on cluster %s", ErrIrreconcilable, sys.SystemID, r.sysID)
 		}
+		if sys.Timeline < r.timeline {
+			// The same cluster on an earlier timeline: a former primary
+			// that a standby was promoted over (both accept writes now).
+			// Its WAL after the fork is not the cluster's history.
+			return false, fmt.Errorf("%w: reconnected to a server of cluster %s on timeline %d, but streaming was on timeline %d: a former primary after a failover; point OUTBOXD_DATABASE_URL at the current primary (target_session_attrs=read-write lists both) and retire the old one",
+				ErrIrreconcilable, sys.SystemID, sys.Timeline, r.timeline)
+		}
+		promoted := sys.Timeline > r.timeline
 		slot, err := querySlot(ctx, conn, r.cfg.Slot)
 		if err != nil {
 			return false, err
 		}
+		if promoted {
+			r.log.Warn().Int32("previous_timeline", r.timeline).Int32("timeline", sys.Timeline).Bool("slot_present", slot != nil).
+				Msg("reconnected to a promoted server (same system identifier, later timeline)")
+			if err := r.checkFork(ctx, conn, sys.Timeline); err != nil {
+				return false, err
+			}
+			if slot != nil && slot.WALStatus != "lost" {
+				// Record the timeline now: the slot is on this server.
+				if err := r.store.SetTimeline(ctx, sys.SystemID, sys.Timeline); err != nil {
+					return false, err
+				}
+				r.timeline = sys.Timeline
+			}
+		}
 		switch {
+		case slot == nil && promoted:
+			// Failover slots (PostgreSQL 17) were not in place, or the
+			// standby had not synchronized the slot yet.
+			return false, r.slotLost(fmt.Sprintf("is missing on the promoted server (timeline %d): it was not synchronized to the standby", sys.Timeline))
 		case slot == nil:
 			switch _, err := r.store.Load(ctx); {
 			case errors.Is(err, store.ErrNoCheckpoint):
@@ -384,4 +422,47 @@ func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **
 		err = fmt.Errorf("%w (%w)", err, c)
 	}
 	return true, err
+}
+
+// checkFork checks that what this instance received from the old timeline
+// is part of the promoted server's history: the old timeline ends, in the
+// new one's history (TIMELINE_HISTORY), at the fork point, and the position
+// streaming would resume from, the durable position and a transaction cut
+// by the disconnect must not be beyond it.
+func (r *Reader) checkFork(ctx context.Context, conn *pgconn.PgConn, timeline int32) error {
+	hist, err := pglogrepl.TimelineHistory(ctx, conn, timeline)
+	if err != nil {
+		return fmt.Errorf("timeline history of timeline %d: %w", timeline, err)
+	}
+	fork, ok := forkPoint(hist.Content, r.timeline)
+	if !ok {
+		return fmt.Errorf("%w: the history of timeline %d does not show where timeline %d ended", ErrDiverged, timeline, r.timeline)
+	}
+	held := max(r.resume, r.ledger.Flushed())
+	if r.open != nil {
+		held = max(held, r.open.finalLSN)
+	}
+	if held > fork {
+		return fmt.Errorf("%w: timeline %d ended at %s on the promoted server, but this instance received up to %s from it (a standby behind the old primary: set synchronized_standby_slots there); starting again from the checkpoint",
+			ErrDiverged, r.timeline, fork, held)
+	}
+	r.log.Info().Stringer("fork_lsn", fork).Stringer("resume_lsn", r.resume).Msg("what was received from the old primary is in the promoted server's history")
+	return nil
+}
+
+// forkPoint returns where timeline tli ended in a timeline history file:
+// lines of "parent timeline, switch point, reason", tab-separated.
+func forkPoint(history []byte, tli int32) (pglogrepl.LSN, bool) {
+	for line := range strings.SplitSeq(string(history), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || f[0] != strconv.Itoa(int(tli)) {
+			continue
+		}
+		lsn, err := pglogrepl.ParseLSN(f[1])
+		if err != nil {
+			return 0, false
+		}
+		return lsn, true
+	}
+	return 0, false
 }

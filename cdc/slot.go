@@ -73,6 +73,10 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 	if slot != nil && slot.Active {
 		return 0, nil, errRetry{fmt.Sprintf("slot %q is active in process %d", r.cfg.Slot, slot.ActivePID)}
 	}
+	if major := store.ServerMajor(conn); r.cfg.SlotFailover && major < store.FailoverSlotsMajor && !r.failoverNoted {
+		r.failoverNoted = true
+		r.log.Info().Int("server_major", major).Msg("OUTBOXD_SLOT_FAILOVER ignored: failover slots need PostgreSQL 17 or later; after a promotion the slot is recreated and caught up from the table (OUTBOXD_SLOT_RECREATE)")
+	}
 	cp, err := r.store.Load(ctx)
 	haveCP := err == nil
 	if err != nil && !errors.Is(err, store.ErrNoCheckpoint) {
@@ -83,6 +87,16 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 			ErrIrreconcilable, r.cfg.Slot, cp.SystemID, sys.SystemID)
 	}
 	log := r.log.With().Bool("checkpoint", haveCP).Stringer("checkpoint_lsn", cp.LSN).Logger()
+	promoted := haveCP && sys.Timeline > cp.Timeline
+	if promoted {
+		// Same cluster, a later timeline: a standby was promoted (or the
+		// cluster recovered to a point in time) since the checkpoint was
+		// written. The checkpoint and the rows' marks came along with the
+		// WAL; the slot did only if it was synchronized (failover slots,
+		// PostgreSQL 17 and later).
+		log.Warn().Int32("checkpoint_timeline", cp.Timeline).Int32("timeline", sys.Timeline).Bool("slot_present", slot != nil).
+			Msg("the server was promoted since the checkpoint (same system identifier, later timeline)")
+	}
 	switch {
 	case slot == nil && !haveCP:
 		log.Info().Msg("creating slot (first start)")
@@ -90,6 +104,10 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 		what := "is missing"
 		if slot != nil {
 			what = "was invalidated (wal_status lost)"
+		}
+		if promoted && slot == nil {
+			what = fmt.Sprintf("is missing on this promoted server (timeline %d, the checkpoint's %d): it was not synchronized to the standby (failover slots need PostgreSQL 17 and sync_replication_slots on the standby; see `outboxd status`)",
+				sys.Timeline, cp.Timeline)
 		}
 		if !r.cfg.SlotRecreate {
 			return 0, nil, fmt.Errorf("%w: slot %q %s although a checkpoint exists; set OUTBOXD_SLOT_RECREATE=true or run `outboxd slot reset --yes` to recreate it and deliver every unprocessed row from the table",
@@ -114,8 +132,20 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 		}
 		log.Warn().Str("slot_state", what).Msg("recreating slot; unprocessed rows will be caught up from the table")
 	default:
-		if cp.Timeline != sys.Timeline {
-			log.Warn().Int32("checkpoint_timeline", cp.Timeline).Int32("timeline", sys.Timeline).Msg("timeline changed since the checkpoint")
+		if cp.Timeline > sys.Timeline {
+			log.Warn().Int32("checkpoint_timeline", cp.Timeline).Int32("timeline", sys.Timeline).Msg("the server's timeline is older than the checkpoint's")
+		}
+		if promoted {
+			// A synchronized slot may confirm less than the checkpoint
+			// (it is copied every few seconds): streaming starts at the
+			// checkpoint, and what lies between was delivered already.
+			if err := r.store.SetTimeline(ctx, sys.SystemID, sys.Timeline); err != nil {
+				return 0, nil, err
+			}
+			log.Info().Bool("synced", slot.Synced).Stringer("confirmed_flush_lsn", slot.Confirmed()).Msg("continuing from the slot synchronized before the promotion")
+		}
+		if err := r.syncFailover(ctx, conn, slot); err != nil {
+			return 0, nil, err
 		}
 		start := max(cp.LSN, slot.Confirmed())
 		log.Info().Stringer("confirmed_flush_lsn", slot.Confirmed()).Str("wal_status", slot.WALStatus).Stringer("start_lsn", start).Msg("slot and checkpoint reconciled")
@@ -131,8 +161,13 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 	waiting := time.AfterFunc(5*time.Second, func() {
 		r.log.Warn().Msg("creating the slot waits for transactions still running in the cluster (see pg_stat_activity: idle in transaction)")
 	})
-	res, err := pglogrepl.CreateReplicationSlot(ctx, conn, r.cfg.Slot, "pgoutput",
-		pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	var res pglogrepl.CreateReplicationSlotResult
+	if failover := r.failover(conn); failover {
+		res, err = store.CreateLogicalSlot(ctx, conn, r.cfg.Slot, "export", true)
+	} else {
+		res, err = pglogrepl.CreateReplicationSlot(ctx, conn, r.cfg.Slot, "pgoutput",
+			pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	}
 	waiting.Stop()
 	if err != nil {
 		return 0, nil, fmt.Errorf("create slot %q: %w", r.cfg.Slot, err)
@@ -144,6 +179,30 @@ func (r *Reader) prepare(ctx context.Context, conn *pgconn.PgConn, sys pglogrepl
 	if err := r.store.Save(ctx, store.Checkpoint{LSN: consistent, SystemID: sys.SystemID, Timeline: sys.Timeline, CatchupPending: true}); err != nil {
 		return 0, nil, err
 	}
-	r.log.Info().Stringer("consistent_lsn", consistent).Msg("slot created")
+	r.log.Info().Stringer("consistent_lsn", consistent).Bool("failover", r.failover(conn)).Msg("slot created")
 	return consistent, &snapshot{r: r, name: res.SnapshotName, lsn: consistent}, nil
+}
+
+// failover reports whether the slot is to have failover set: asked for
+// (OUTBOXD_SLOT_FAILOVER) and possible (PostgreSQL 17 or later).
+func (r *Reader) failover(conn *pgconn.PgConn) bool {
+	return r.cfg.SlotFailover && store.ServerMajor(conn) >= store.FailoverSlotsMajor
+}
+
+// syncFailover makes an existing slot's failover property what
+// OUTBOXD_SLOT_FAILOVER asks for, on PostgreSQL 17 and later (a slot made by
+// an older outboxd, or before an upgrade, has none). The slot is inactive:
+// prepare runs before streaming, under the slot lock.
+func (r *Reader) syncFailover(ctx context.Context, conn *pgconn.PgConn, slot *store.Slot) error {
+	if store.ServerMajor(conn) < store.FailoverSlotsMajor || slot.Failover == nil {
+		return nil
+	}
+	if *slot.Failover == r.cfg.SlotFailover || slot.Synced {
+		return nil
+	}
+	if err := store.AlterSlotFailover(ctx, conn, r.cfg.Slot, r.cfg.SlotFailover); err != nil {
+		return err
+	}
+	r.log.Info().Bool("failover", r.cfg.SlotFailover).Msg("slot failover set as OUTBOXD_SLOT_FAILOVER asks")
+	return nil
 }

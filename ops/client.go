@@ -28,6 +28,10 @@ type Target struct {
 	// Slot and Publication are the replication slot and publication names.
 	Slot        string
 	Publication string
+	// SlotFailover is OUTBOXD_SLOT_FAILOVER: a slot the commands create has
+	// failover set on PostgreSQL 17 and later, and status says when the
+	// slot's failover differs.
+	SlotFailover bool
 }
 
 var slotNameRE = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)

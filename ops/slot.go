@@ -319,8 +319,14 @@ func (c *Client) createSlot(ctx context.Context, res *SlotResult) error {
 	if err != nil {
 		return fmt.Errorf("identify system: %w", err)
 	}
-	cr, err := pglogrepl.CreateReplicationSlot(ctx, conn, c.t.Slot, "pgoutput",
-		pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "NOEXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	var cr pglogrepl.CreateReplicationSlotResult
+	failover := c.t.SlotFailover && store.ServerMajor(conn) >= store.FailoverSlotsMajor
+	if failover {
+		cr, err = store.CreateLogicalSlot(ctx, conn, c.t.Slot, "nothing", true)
+	} else {
+		cr, err = pglogrepl.CreateReplicationSlot(ctx, conn, c.t.Slot, "pgoutput",
+			pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "NOEXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	}
 	if sqlState(err) == "42710" { // duplicate_object
 		return refused("slot %q was created meanwhile by another process (an outboxd instance with OUTBOXD_SLOT_RECREATE=true?); it does its own catch-up, nothing more to do", c.t.Slot)
 	}
@@ -332,7 +338,7 @@ func (c *Client) createSlot(ctx context.Context, res *SlotResult) error {
 		return fmt.Errorf("parse consistent point of slot %q: %w", c.t.Slot, err)
 	}
 	res.LSN = lsnPtr(lsn)
-	res.step("created slot %q (pgoutput) at %s", c.t.Slot, lsn)
+	res.step("created slot %q (pgoutput, failover %t) at %s", c.t.Slot, failover, lsn)
 	cps := store.NewSlotStore(c.pool, store.SlotConfig{Schema: c.t.schema(), Table: c.t.Table.Name, Slot: c.t.Slot})
 	if err := cps.Save(ctx, store.Checkpoint{LSN: lsn, SystemID: sys.SystemID, Timeline: sys.Timeline, CatchupPending: true}); err != nil {
 		return err

@@ -55,6 +55,9 @@ type Status struct {
 	// Config is the effective configuration, secrets redacted, keyed by
 	// variable name; nil for `slot status`.
 	Config map[string]string `json:"config,omitempty"`
+	// Failover says whether the slot survives a promotion of a standby
+	// (failover slots) and what is missing for it.
+	Failover *FailoverStatus `json:"failover"`
 }
 
 // ServerStatus describes the database server.
@@ -183,9 +186,11 @@ func (c *Client) Status(ctx context.Context, opts StatusOptions) (*Status, error
 	if err := c.server(ctx, st); err != nil {
 		return nil, err
 	}
-	if err := c.slot(ctx, &st.Slot, st.Server.CurrentWALLSN); err != nil {
+	slot, err := c.slot(ctx, &st.Slot, st.Server.CurrentWALLSN)
+	if err != nil {
 		return nil, err
 	}
+	c.failover(ctx, st, slot)
 	haveTables, err := c.tables().Migrated(ctx)
 	if err != nil {
 		return nil, err
@@ -314,11 +319,11 @@ func deref(s *string) string {
 	return *s
 }
 
-func (c *Client) slot(ctx context.Context, ss *SlotStatus, current LSN) error {
+func (c *Client) slot(ctx context.Context, ss *SlotStatus, current LSN) (*store.Slot, error) {
 	ss.Name = c.t.Slot
 	s, err := c.readSlot(ctx)
 	if err != nil || s == nil {
-		return err
+		return nil, err
 	}
 	ss.Exists = true
 	ss.Plugin, ss.Database, ss.WALStatus = s.Plugin, s.Database, s.WALStatus
@@ -337,7 +342,7 @@ func (c *Client) slot(ctx context.Context, ss *SlotStatus, current LSN) error {
 		d := bytesBehind(current, LSN(*s.ConfirmedFlush))
 		ss.LagBytes = &d
 	}
-	return nil
+	return s, nil
 }
 
 // bytesBehind is a - b in bytes, 0 when b is ahead (a slot may confirm a

@@ -173,3 +173,60 @@ func TestStatusWarnsOfCatchupRoutingWithoutCommitTimestamps(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, strings.Join(st.Warnings, "\n"), warning)
 }
+
+// status says whether the slot survives a promotion: on PostgreSQL 17+ the
+// slot made with OUTBOXD_SLOT_FAILOVER has failover on, and what is missing
+// on the primary (synchronized_standby_slots) is a warning; before 17 there
+// are no failover slots, and no warning about them.
+func TestStatusFailover(t *testing.T) {
+	t.Parallel()
+	pgtest.ForEachMajor(t, func(t *testing.T) {
+		b := setup(t)
+		ctx := context.Background()
+		target := b.target
+		target.SlotFailover = true
+		client, err := Open(ctx, target, zerolog.Nop())
+		require.NoError(t, err)
+		t.Cleanup(client.Close)
+		_, err = client.CreateSlot(ctx, SlotOptions{})
+		require.NoError(t, err)
+		st, err := client.Status(ctx, StatusOptions{SlotOnly: true})
+		require.NoError(t, err)
+		f := st.Failover
+		require.NotNil(t, f)
+		warnings := strings.Join(st.Warnings, "\n")
+		if pgtest.Shared(t).Major() < 17 {
+			require.False(t, f.Supported)
+			require.False(t, f.Ready)
+			require.Nil(t, f.SlotFailover)
+			require.NotContains(t, warnings, "failover:")
+			require.Contains(t, strings.Join(f.Missing, "\n"), "OUTBOXD_SLOT_RECREATE=true")
+			return
+		}
+		require.True(t, f.Supported && f.Wanted)
+		require.NotNil(t, f.SlotFailover)
+		require.True(t, *f.SlotFailover, "slot create sets failover on 17+")
+		require.False(t, f.Ready)
+		require.NotNil(t, f.StandbySlotsPhysical)
+		require.False(t, *f.StandbySlotsPhysical)
+		require.Contains(t, warnings, "failover: synchronized_standby_slots is empty")
+		require.True(t, st.OK, "missing failover settings are warnings, not problems: %v", st.Problems)
+
+		// A slot without failover (made by hand, or by an older outboxd).
+		b.exec(t, `SELECT pg_drop_replication_slot($1)`, b.target.Slot)
+		b.exec(t, `SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, false)`, b.target.Slot)
+		st, err = client.Status(ctx, StatusOptions{SlotOnly: true})
+		require.NoError(t, err)
+		require.False(t, *st.Failover.SlotFailover)
+		require.Contains(t, strings.Join(st.Failover.Missing, "\n"), "has failover off")
+
+		raw, err := json.Marshal(st)
+		require.NoError(t, err)
+		var m map[string]any
+		require.NoError(t, json.Unmarshal(raw, &m))
+		for _, k := range []string{"server_major", "supported", "wanted", "slot_failover", "slot_synced", "wal_level", "synchronized_standby_slots",
+			"standby_slots_physical", "sync_replication_slots", "hot_standby_feedback", "primary_slot_name", "primary_conninfo_dbname", "ready", "missing"} {
+			require.Contains(t, m["failover"].(map[string]any), k)
+		}
+	})
+}

@@ -39,6 +39,9 @@ type Config struct {
 	Slot         string
 	Publication  string
 	SlotRecreate bool
+	// SlotFailover sets failover on the slot on PostgreSQL 17 and later
+	// (cdc.Config.SlotFailover).
+	SlotFailover bool
 
 	Deliver deliver.Config
 	// Sink delivers the events to the default target; when nil, a webhook
@@ -130,7 +133,7 @@ func (c *Config) readerConfig() cdc.Config {
 	rc := cdc.Config{
 		ConnString: c.DatabaseURL, Slot: c.Slot, Publication: c.Publication, Table: c.Table,
 		SubscriptionPublication: migrations.SubscriptionPublication(c.Publication),
-		SlotRecreate:            c.SlotRecreate, StatusInterval: c.StatusInterval,
+		SlotRecreate:            c.SlotRecreate, SlotFailover: c.SlotFailover, StatusInterval: c.StatusInterval,
 		HeartbeatInterval: c.HeartbeatInterval, SilenceTimeout: c.ReplicationTimeout,
 	}
 	if o := c.Observer; o != nil {
@@ -329,7 +332,7 @@ func (j *job) run(ctx context.Context) error {
 		// its error is kept apart: it is the cause, and must not be hidden by
 		// a failure of that final flush which it brought about.
 		readerErr = j.reader.Run(st.read, events, drained)
-		if errors.Is(readerErr, cdc.ErrTakenOver) || errors.Is(readerErr, cdc.ErrReset) {
+		if errors.Is(readerErr, cdc.ErrTakenOver) || errors.Is(readerErr, cdc.ErrReset) || errors.Is(readerErr, cdc.ErrDiverged) {
 			// Another instance holds the slot and acts now (G9): what this
 			// one still holds is past the checkpoint and is the new holder's
 			// to deliver. Stop at once instead of draining.

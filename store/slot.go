@@ -32,6 +32,13 @@ type Slot struct {
 	// CurrentLSN is the server's WAL position read with the row
 	// (pg_current_wal_lsn, or the last replayed position on a standby).
 	CurrentLSN pglogrepl.LSN
+	// Failover is pg_replication_slots.failover: the slot is synchronized to
+	// standbys that ask for it (PostgreSQL 17 and later; nil before).
+	Failover *bool
+	// Synced is pg_replication_slots.synced: on a standby, the slot is a
+	// copy the slot synchronization keeps; on a promoted one, it was (false
+	// before 17).
+	Synced bool
 }
 
 // Confirmed is ConfirmedFlush, 0 when NULL.
@@ -45,17 +52,19 @@ func (s *Slot) Confirmed() pglogrepl.LSN {
 // slotSQL reads one row whatever happens (the slot's columns NULL when it
 // does not exist), every column as text, so that the extended protocol of a
 // pool and the simple protocol of a replication connection read it alike.
-// $1 is the slot name.
+// $1 is the slot name. The columns of PostgreSQL 17 (failover, synced) are
+// read through to_jsonb, NULL on older servers.
 const slotSQL = `SELECT (s.slot_name IS NOT NULL)::text, s.plugin::text, s.database::text, s.active::text,
   s.active_pid::text, s.restart_lsn::text, s.confirmed_flush_lsn::text, s.wal_status, s.safe_wal_size::text,
   (s.database IS NOT DISTINCT FROM current_database())::text, current_database()::text,
-  (CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_lsn() END)::text
+  (CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_lsn() END)::text,
+  to_jsonb(s) ->> 'failover', to_jsonb(s) ->> 'synced'
 FROM (SELECT 1) AS one LEFT JOIN pg_catalog.pg_replication_slots AS s ON s.slot_name = $1`
 
 // ReadSlot returns the row of slot, nil when there is none, and the
 // server's WAL position.
 func ReadSlot(ctx context.Context, q Querier, slot string) (*Slot, pglogrepl.LSN, error) {
-	v := make([]*string, 12)
+	v := make([]*string, slotColumns)
 	dest := make([]any, len(v))
 	for i := range v {
 		dest[i] = &v[i]
@@ -88,8 +97,11 @@ func ReadSlotSimple(ctx context.Context, conn *pgconn.PgConn, slot string) (*Slo
 	return parseSlot(slot, v)
 }
 
+// slotColumns is the number of columns of slotSQL.
+const slotColumns = 14
+
 func parseSlot(name string, v []*string) (*Slot, pglogrepl.LSN, error) {
-	if len(v) != 12 {
+	if len(v) != slotColumns {
 		return nil, 0, fmt.Errorf("read slot %q: %d columns", name, len(v))
 	}
 	text := func(i int) string {
@@ -116,7 +128,11 @@ func parseSlot(name string, v []*string) (*Slot, pglogrepl.LSN, error) {
 		return nil, *current, nil
 	}
 	s := &Slot{Plugin: text(1), Database: text(2), Active: text(3) == "true", WALStatus: text(7),
-		SameDatabase: text(9) == "true", CurrentDatabase: text(10), CurrentLSN: *current}
+		SameDatabase: text(9) == "true", CurrentDatabase: text(10), CurrentLSN: *current, Synced: text(13) == "true"}
+	if v[12] != nil {
+		failover := *v[12] == "true"
+		s.Failover = &failover
+	}
 	if v[4] != nil {
 		pid, err := strconv.ParseInt(*v[4], 10, 32)
 		if err != nil {
@@ -138,4 +154,40 @@ func parseSlot(name string, v []*string) (*Slot, pglogrepl.LSN, error) {
 		s.SafeWALBytes = &n
 	}
 	return s, *current, nil
+}
+
+// FailoverSlotsMajor is the first PostgreSQL major with failover slots: a
+// logical slot created or altered with FAILOVER true is synchronized to
+// standbys with sync_replication_slots on, and survives a promotion.
+const FailoverSlotsMajor = 17
+
+// ServerMajor returns the major of the server a connection is to, from its
+// server_version parameter; 0 when it cannot be read.
+func ServerMajor(conn *pgconn.PgConn) int {
+	var major int
+	fmt.Sscanf(conn.ParameterStatus("server_version"), "%d", &major) //nolint:errcheck // 0 when unparsable
+	return major
+}
+
+// CreateLogicalSlot creates a pgoutput slot over a replication connection,
+// with snapshot (export, use or nothing, as CREATE_REPLICATION_SLOT's
+// SNAPSHOT option), and FAILOVER true when failover is set. failover needs
+// PostgreSQL 17 or later: the caller checks the server's major.
+func CreateLogicalSlot(ctx context.Context, conn *pgconn.PgConn, slot, snapshot string, failover bool) (pglogrepl.CreateReplicationSlotResult, error) {
+	opts := "SNAPSHOT '" + snapshot + "'"
+	if failover {
+		opts += ", FAILOVER true"
+	}
+	// The slot name follows the slot rule (a-z, 0-9, _): no quoting needed.
+	return pglogrepl.ParseCreateReplicationSlot(conn.Exec(ctx, "CREATE_REPLICATION_SLOT "+slot+" LOGICAL pgoutput ("+opts+")"))
+}
+
+// AlterSlotFailover sets the failover property of an inactive slot over a
+// replication connection (ALTER_REPLICATION_SLOT, PostgreSQL 17 and later).
+func AlterSlotFailover(ctx context.Context, conn *pgconn.PgConn, slot string, failover bool) error {
+	_, err := conn.Exec(ctx, "ALTER_REPLICATION_SLOT "+slot+" (FAILOVER "+strconv.FormatBool(failover)+")").ReadAll()
+	if err != nil {
+		return fmt.Errorf("set failover %t on slot %q: %w", failover, slot, err)
+	}
+	return nil
 }

@@ -162,6 +162,18 @@ func (s *SlotStore) Save(ctx context.Context, cp Checkpoint) error {
 	return nil
 }
 
+// SetTimeline records the server's timeline in the slot's checkpoint after a
+// promotion (same cluster, a later timeline). It changes nothing when the
+// checkpoint is of another cluster.
+func (s *SlotStore) SetTimeline(ctx context.Context, systemID string, timeline int32) error {
+	_, err := s.pool.Exec(ctx, `UPDATE `+Ident(s.cfg.Schema, CheckpointTable)+` SET timeline = $3, updated_at = now()
+WHERE slot_name = $1 AND system_identifier = $2`, s.cfg.Slot, systemID, timeline)
+	if err != nil {
+		return fmt.Errorf("record timeline %d in the checkpoint of slot %q: %w", timeline, s.cfg.Slot, err)
+	}
+	return nil
+}
+
 // Write records a batch in one transaction: processed marks, dead letters and,
 // when the batch moves it, the checkpoint LSN. Nothing is visible unless all is.
 func (s *SlotStore) Write(ctx context.Context, b Batch) error {

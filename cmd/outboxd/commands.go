@@ -139,6 +139,13 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 					log.Warn().Err(err).Msg("slot taken over by another instance; continuing as a standby")
 					continue
 				}
+				if errors.Is(err, cdc.ErrDiverged) && ctx.Err() == nil {
+					// A promoted standby that lacks part of what the old
+					// primary streamed: what this instance held was dropped;
+					// start again from the checkpoint on the new primary.
+					log.Warn().Err(err).Msg("the promoted server's history forked before what was received; starting again from the checkpoint")
+					continue
+				}
 				if errors.Is(err, cdc.ErrSlotLost) && ctx.Err() == nil {
 					// Everything in flight was drained and checkpointed:
 					// start again, which recreates the slot and catches up

@@ -52,6 +52,7 @@ type config struct {
 	SubscriptionMaxConnsPerHost int `env:"SUBSCRIPTION_MAX_CONNS_PER_HOST" envDefault:"64"`
 
 	SlotRecreate    bool          `env:"SLOT_RECREATE" envDefault:"false"`
+	SlotFailover    bool          `env:"SLOT_FAILOVER" envDefault:"true"`
 	FlushInterval   time.Duration `env:"FLUSH_INTERVAL" envDefault:"200ms"`
 	FlushSize       int           `env:"FLUSH_SIZE" envDefault:"1000"`
 	StatusInterval  time.Duration `env:"STATUS_INTERVAL" envDefault:"1s"`
@@ -314,7 +315,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 	secrets := c.webhookSecrets()
 	pc := pipeline.Config{
 		DatabaseURL: c.DatabaseURL, Table: table, Slot: c.Slot, Publication: c.Publication,
-		SlotRecreate: c.SlotRecreate,
+		SlotRecreate: c.SlotRecreate, SlotFailover: c.SlotFailover,
 		Deliver: deliver.Config{Ordering: ordering, Concurrency: c.WebhookConcurrency, BatchSize: c.WebhookBatchSize,
 			BatchWait: c.WebhookBatchWait, MaxInFlight: c.MaxInFlight},
 		Webhook: sink.WebhookConfig{Name: "webhook", URL: c.WebhookURL, Secrets: secrets,

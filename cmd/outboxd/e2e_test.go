@@ -449,6 +449,7 @@ func TestBadConfigurationExits2NamingTheVariable(t *testing.T) {
 		{"missing webhook", "OUTBOXD_WEBHOOK_URL", "", "OUTBOXD_WEBHOOK_URL"},
 		{"bad url", "OUTBOXD_DATABASE_URL", "postgres://u:hunter2@[::1", "OUTBOXD_DATABASE_URL"},
 		{"zero backoff", "OUTBOXD_WEBHOOK_BACKOFF_MAX", "0s", "OUTBOXD_WEBHOOK_BACKOFF_MAX"},
+		{"bad failover", "OUTBOXD_SLOT_FAILOVER", "sometimes", "OUTBOXD_SLOT_FAILOVER"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -52,7 +52,7 @@ func openOps(ctx context.Context, envMap map[string]string, stderr io.Writer, ov
 	if err != nil {
 		return nil, err
 	}
-	target := ops.Target{DatabaseURL: c.DatabaseURL, Table: table, Slot: c.Slot, Publication: c.Publication}
+	target := ops.Target{DatabaseURL: c.DatabaseURL, Table: table, Slot: c.Slot, Publication: c.Publication, SlotFailover: c.SlotFailover}
 	if err := target.Validate(); err != nil {
 		name := "SLOT"
 		if strings.Contains(err.Error(), "publication") {

@@ -165,6 +165,16 @@ func printStatus(w io.Writer, st *ops.Status) {
 		}
 		p("Checkpoint   lsn %s, updated %s ago, %s, %s", lsnOr(cp.LSN), ago(cp.AgeSeconds), cluster, catchup)
 	}
+	if f := st.Failover; f != nil {
+		switch {
+		case !f.Supported:
+			p("Failover     no failover slots before PostgreSQL 17: a promotion needs OUTBOXD_SLOT_RECREATE=true (recreate + catch-up)")
+		case f.Ready:
+			p("Failover     ready: the slot is synchronized to the standby and survives a promotion")
+		default:
+			p("Failover     NOT ready: %d missing (see warnings)", len(f.Missing))
+		}
+	}
 	if pub := st.Publication; pub != nil {
 		switch {
 		case !pub.Exists:

@@ -1,7 +1,8 @@
 // Package pgserver runs a PostgreSQL cluster from the local server binaries:
 // initdb into a temporary directory, or into a kept one that later runs reuse
 // (as user postgres when running as root), a postmaster on a loopback port
-// with wal_level=logical, stop and restart through pg_ctl. The tests
+// with wal_level=logical, stop and restart through pg_ctl, a physical standby
+// of a running cluster (Options.StandbyOf), a crash (Kill). The tests
 // (internal/pgtest), the benchmark and `outboxd dev` use it. [FindBinDir]
 // finds the default binaries, [BinDirFor] those of one major (15 to 18 are
 // tested), which scripts/install-postgres.sh installs where the system has no
@@ -162,6 +163,14 @@ type Options struct {
 	// Port, when set, is the port to listen on; a port in use then fails the
 	// start instead of another being tried.
 	Port int
+	// StandbyOf, when set, makes the cluster a physical standby of that
+	// running cluster instead of a new one: a base backup of it (the
+	// low-level API and a file copy), standby.signal, and primary_conninfo
+	// naming it (user postgres, dbname postgres, which PostgreSQL 17's slot
+	// synchronization needs). Settings add the rest (primary_slot_name,
+	// hot_standby_feedback, …) and may override primary_conninfo. Not with
+	// DataDir.
+	StandbyOf *Instance
 }
 
 // Start makes a new cluster and starts it on a free port.
@@ -184,6 +193,12 @@ func Open(binDir string, opt Options) (_ *Instance, err error) {
 		// The data outlives the process: keep what the defaults turn off.
 		in.settings["fsync"] = "on"
 		in.settings["full_page_writes"] = "on"
+	}
+	if opt.StandbyOf != nil {
+		if in.kept {
+			return nil, errors.New("start server: a standby is made in a temporary directory, not in DataDir")
+		}
+		in.settings["primary_conninfo"] = fmt.Sprintf("host=127.0.0.1 port=%d user=%s dbname=postgres", opt.StandbyOf.Port(), Superuser)
 	}
 	maps.Copy(in.settings, opt.Settings)
 	// Also proves the binaries and their libraries load before initdb runs
@@ -215,7 +230,12 @@ func Open(binDir string, opt Options) (_ *Instance, err error) {
 		in.dataDir = filepath.Join(in.baseDir, "data")
 	}
 	in.logPath = filepath.Join(in.dataDir, "postgres.log")
-	if err := in.prepare(); err != nil {
+	if opt.StandbyOf != nil {
+		err = in.baseBackup(opt.StandbyOf)
+	} else {
+		err = in.prepare()
+	}
+	if err != nil {
 		return nil, err
 	}
 
@@ -730,6 +750,35 @@ func (in *Instance) BinDir() string { return in.binDir }
 
 // Major is the PostgreSQL major of the server binaries, e.g. 17.
 func (in *Instance) Major() int { return in.major }
+
+// PID is the process id of the running postmaster, 0 while it is stopped.
+func (in *Instance) PID() int {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.proc == nil {
+		return 0
+	}
+	return in.proc.pid
+}
+
+// Kill sends SIGKILL to the postmaster (a crash of the server's host, as far
+// as clients can tell) and waits until it has exited. Its backends notice
+// the postmaster's death and exit by themselves. Start runs crash recovery.
+func (in *Instance) Kill() error {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	p := in.proc
+	if p == nil {
+		return nil
+	}
+	if err := syscall.Kill(p.pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("kill postmaster %d: %w", p.pid, err)
+	}
+	<-p.done
+	p.log.Close()
+	in.proc = nil
+	return nil
+}
 
 // DataDir is the cluster's data directory.
 func (in *Instance) DataDir() string { return in.dataDir }

@@ -367,6 +367,25 @@ func startDedicatedEnv(t testing.TB, bin string, settings map[string]string, env
 	return localServer(inst)
 }
 
+// NewStandby starts a physical standby of primary, a dedicated server of the
+// same binaries, stopped and removed in t.Cleanup: a base backup of it
+// (pgserver.Options.StandbyOf) streaming from it. settings add to the
+// standby's postgresql.conf (primary_slot_name, hot_standby_feedback, …).
+func NewStandby(t testing.TB, primary *Server, settings map[string]string) *Server {
+	t.Helper()
+	primary.mustOwn(t, "make a standby of")
+	inst, err := pgserver.Open(primary.inst.BinDir(), pgserver.Options{Settings: settings, StandbyOf: primary.inst})
+	if err != nil {
+		t.Fatalf("pgtest: start standby: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := inst.Teardown(); err != nil {
+			t.Errorf("pgtest: stop standby: %v", err)
+		}
+	})
+	return localServer(inst)
+}
+
 // Majors returns the PostgreSQL majors a multi-version test runs against:
 // those of OUTBOXD_TEST_PG_MAJORS, in its order, or else only the major of the
 // default server binaries, so that a plain go test covers one major quickly.
@@ -579,6 +598,17 @@ func (s *Server) Start(t testing.TB) {
 	s.mustOwn(t, "start")
 	if err := s.inst.Start(); err != nil {
 		t.Fatalf("pgtest: start server on port %d: %v", s.Port, err)
+	}
+}
+
+// Kill kills the server's postmaster with SIGKILL, by its process id, and
+// waits until it has exited: a crashed primary. [Server.Start] runs crash
+// recovery.
+func (s *Server) Kill(t testing.TB) {
+	t.Helper()
+	s.mustOwn(t, "kill")
+	if err := s.inst.Kill(); err != nil {
+		t.Fatalf("pgtest: kill server on port %d: %v", s.Port, err)
 	}
 }
 

@@ -305,3 +305,39 @@ func TestForEachMajorSelectsTheServer(t *testing.T) {
 	})
 	require.Equal(t, len(Majors(t)), seen)
 }
+
+// A standby made by NewStandby replays what the primary commits, and after
+// the primary is killed and the standby promoted it takes writes.
+func TestStandbyFollowsAndIsPromoted(t *testing.T) {
+	t.Parallel()
+	ForEachMajor(t, func(t *testing.T) {
+		primary := New(t, nil)
+		primary.Exec(t, "postgres", "SELECT pg_create_physical_replication_slot('standby', true)")
+		primary.Exec(t, "postgres", "CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+		standby := NewStandby(t, primary, map[string]string{"primary_slot_name": "standby", "hot_standby": "on"})
+		ctx := context.Background()
+		p, s := primary.AdminConn(t), standby.AdminConn(t)
+		var primarySys, standbySys string
+		require.NoError(t, p.QueryRow(ctx, "SELECT system_identifier::text FROM pg_control_system()").Scan(&primarySys))
+		require.NoError(t, s.QueryRow(ctx, "SELECT system_identifier::text FROM pg_control_system()").Scan(&standbySys))
+		require.Equal(t, primarySys, standbySys)
+		_, err := p.Exec(ctx, "INSERT INTO t VALUES (2)")
+		require.NoError(t, err)
+		var target string
+		require.NoError(t, p.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&target))
+		waitFor(t, time.Minute, func() bool {
+			var ok bool
+			return s.QueryRow(ctx, "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)", target).Scan(&ok) == nil && ok
+		})
+		primary.Kill(t)
+		var promoted bool
+		require.NoError(t, s.QueryRow(ctx, "SELECT pg_promote()").Scan(&promoted))
+		require.True(t, promoted)
+		_, err = s.Exec(ctx, "INSERT INTO t VALUES (3)")
+		require.NoError(t, err)
+		var n int
+		require.NoError(t, s.QueryRow(ctx, "SELECT count(*) FROM t").Scan(&n))
+		require.Equal(t, 3, n)
+		primary.Start(t) // crash recovery of the killed one; it is torn down at cleanup
+	})
+}
