@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -172,6 +173,24 @@ func (f *fourDestinations) waitDelivered(t *testing.T, d *e2e.Daemon, want []int
 	}
 }
 
+// waitProcessedOrSay is bundle.waitProcessed whose failure says which rows
+// are unprocessed and what is parked.
+func waitProcessedOrSay(t *testing.T, b *bundle, n int64, stall time.Duration) {
+	t.Helper()
+	e2e.WaitProgress(t, stall, func() (bool, int64) {
+		rows, _ := e2e.Processed(t, b.pool)
+		return rows >= n, rows
+	}, func() string {
+		rows, _ := e2e.Processed(t, b.pool)
+		var unprocessed []int64
+		var parked []string
+		ctx := context.Background()
+		_ = b.pool.QueryRow(ctx, `SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM domain_event WHERE NOT is_processed`).Scan(&unprocessed)
+		_ = b.pool.QueryRow(ctx, `SELECT coalesce(array_agg(target || ':' || event_id || ':' || ordering_key || ':' || next_attempt_at::text ORDER BY event_id), '{}') FROM outboxd_parked`).Scan(&parked)
+		return fmt.Sprintf("%d of %d rows processed; unprocessed %v; parked %v", rows, n, unprocessed, parked)
+	})
+}
+
 func parkedTargets(t *testing.T, b *bundle) map[string]int {
 	rows, err := b.pool.Query(context.Background(), `SELECT target, count(*) FROM outboxd_parked GROUP BY target`)
 	require.NoError(t, err)
@@ -240,6 +259,11 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 			}
 			orgOf := func(i int) int64 { return int64(i%3) + 1 }
 			d := e2e.StartDaemon(t, b.env)
+			t.Cleanup(func() {
+				if t.Failed() {
+					_ = os.WriteFile("/tmp/dest-fail-"+down+".log", []byte(d.Log()), 0o644)
+				}
+			})
 			ids := e2e.Insert(t, b.pool, 5, 4, orgOf)
 			b.waitProcessed(t, int64(len(ids)), time.Minute)
 			var up []string
@@ -268,7 +292,7 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 			stretch := time.Since(wentDown)
 			setDown(false)
 			ids = append(ids, e2e.Insert(t, b.pool, 5, 4, orgOf)...)
-			b.waitProcessed(t, int64(len(ids)), 2*time.Minute)
+			waitProcessedOrSay(t, b, int64(len(ids)), 2*time.Minute)
 			for _, name := range up {
 				got, orgs := f.delivered[name](t, d, len(ids))
 				checkDelivered(t, ids, got, orgs)
