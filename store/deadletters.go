@@ -46,13 +46,14 @@ ORDER BY d.id`, f.Sink, f.OrganizationID, f.Since, f.Until, f.EventIDs)
 }
 
 // UnknownTargets returns, sorted, the targets of the dead letters ids that
-// are neither defaultTarget nor an existing subscription: no running outboxd
-// delivers to them.
-func (t Tables) UnknownTargets(ctx context.Context, ids []int64, defaultTarget string) ([]string, error) {
+// are neither one of targets (the daemon's own: deliver.DefaultTarget with
+// OUTBOXD_SINK, whatever its kind; each kind of OUTBOXD_SINKS) nor an
+// existing subscription: no running outboxd delivers to them.
+func (t Tables) UnknownTargets(ctx context.Context, ids []int64, targets []string) ([]string, error) {
 	var unknown []string
 	err := t.q.QueryRow(ctx, `SELECT coalesce(array_agg(DISTINCT d.sink ORDER BY d.sink), '{}') FROM `+t.own(DeadLetterTable)+` AS d
-WHERE d.id = ANY($1) AND d.sink <> $2
-  AND NOT EXISTS (SELECT 1 FROM `+t.own(SubscriptionTable)+` AS s WHERE 'subscription:' || s.id = d.sink)`, ids, defaultTarget).Scan(&unknown)
+WHERE d.id = ANY($1) AND d.sink <> ALL($2::text[])
+  AND NOT EXISTS (SELECT 1 FROM `+t.own(SubscriptionTable)+` AS s WHERE 'subscription:' || s.id = d.sink)`, ids, targets).Scan(&unknown)
 	return unknown, err
 }
 
