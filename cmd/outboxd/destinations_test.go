@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"net/http"
@@ -9,6 +10,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -435,4 +437,45 @@ func TestDestinationVariablesAreKnown(t *testing.T) {
 	require.Equal(t, "posthog", specs[1].Name)
 	require.Equal(t, []int{3, 100}, []int{specs[1].Concurrency, specs[1].BatchSize})
 	require.Equal(t, 50*time.Millisecond, specs[1].BatchWait)
+}
+
+// replay with OUTBOXD_SINKS: --destination names the destination (required
+// when several are listed), which gets only its OUTBOXD_<KIND>_EVENTS.
+func TestReplayToADestination(t *testing.T) {
+	t.Parallel()
+	db := newOpsDB(t)
+	ids := db.insert(t, 3, "batch_started", 3, time.Now())
+	db.insert(t, 2, "recipe_saved", 3, time.Now())
+	db.exec(t, `UPDATE domain_event SET is_processed = true, processed_at = now()`)
+
+	path := filepath.Join(t.TempDir(), "replay.jsonl")
+	env := maps.Clone(db.env)
+	env["OUTBOXD_SINKS"], env["OUTBOXD_STDOUT_PATH"], env["OUTBOXD_STDOUT_EVENTS"] = "webhook,stdout", path, "batch_*"
+	code, out, errOut := opsRun(t, env, "replay")
+	require.Equal(t, 2, code, out+errOut)
+	require.Contains(t, errOut, "OUTBOXD_SINKS lists webhook, stdout: name the one to replay to with --destination")
+	code, out, errOut = opsRun(t, env, "replay", "--destination", "kafka")
+	require.Equal(t, 2, code, out+errOut)
+	require.Contains(t, errOut, `--destination "kafka" is not one of OUTBOXD_SINKS (webhook, stdout)`)
+	code, out, errOut = opsRun(t, env, "replay", "--destination", "stdout", "--webhook-url", db.recv.URL)
+	require.Equal(t, 2, code, out+errOut)
+
+	code, out, errOut = opsRun(t, env, "replay", "--destination", "stdout")
+	require.Equal(t, 0, code, out+errOut)
+	require.Contains(t, out, "the stdout sink")
+	require.Contains(t, out, "replayed 3, failed 0")
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	var got []int64
+	for line := range strings.SplitSeq(strings.TrimSpace(string(data)), "\n") {
+		var env struct{ ID int64 }
+		require.NoError(t, json.Unmarshal([]byte(line), &env), line)
+		got = append(got, env.ID)
+	}
+	require.Equal(t, ids, got, "only the events of the destination's filter, in id order")
+
+	// --destination with OUTBOXD_SINK is a usage error.
+	single := maps.Clone(db.env)
+	code, out, errOut = opsRun(t, single, "replay", "--destination", "webhook", "--dry-run")
+	require.Equal(t, 2, code, out+errOut)
 }
