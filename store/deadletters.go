@@ -76,3 +76,25 @@ func (t Tables) PurgeDeadLetters(ctx context.Context, ids []int64) (int64, error
 	tag, err := t.q.Exec(ctx, `DELETE FROM `+t.own(DeadLetterTable)+` WHERE id = ANY($1)`, ids)
 	return tag.RowsAffected(), err
 }
+
+// TargetCount is what waits for one target: its parked deliveries and its
+// dead letters.
+type TargetCount struct {
+	Target      string `json:"target"`
+	Parked      int64  `json:"parked"`
+	DeadLetters int64  `json:"dead_letters"`
+}
+
+// TargetCounts returns, per target with any, the parked deliveries and dead
+// letters, by target name.
+func (t Tables) TargetCounts(ctx context.Context) ([]TargetCount, error) {
+	rows, err := t.q.Query(ctx, `SELECT target, sum(parked)::bigint, sum(dead)::bigint FROM (
+  SELECT target, count(*) AS parked, 0 AS dead FROM `+t.own(ParkedTable)+` GROUP BY target
+  UNION ALL
+  SELECT sink, 0, count(*) FROM `+t.own(DeadLetterTable)+` GROUP BY sink) AS c
+GROUP BY target ORDER BY target`)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowToStructByPos[TargetCount])
+}
