@@ -92,7 +92,11 @@ type fourDestinations struct {
 
 func newFourDestinations(t *testing.T, extra map[string]string) *fourDestinations {
 	f := &fourDestinations{delivered: map[string]deliveredFunc{}, destination: []string{"webhook", "posthog", "ga4", "kafka"}}
-	env := map[string]string{"OUTBOXD_SINKS": "webhook,posthog,ga4,kafka", "OUTBOXD_RETRY_SCHEDULE": "200ms,400ms,800ms"}
+	// Quick retries of parked deliveries, and enough of them that an outage
+	// as long as a test makes it (minutes on a loaded machine) parks and
+	// never dead-letters: a dead letter leaves its row unprocessed.
+	schedule := "200ms,400ms,800ms" + strings.Repeat(",1s", 300)
+	env := map[string]string{"OUTBOXD_SINKS": "webhook,posthog,ga4,kafka", "OUTBOXD_RETRY_SCHEDULE": schedule}
 	add := func(name string, e map[string]string, d deliveredFunc) {
 		delete(e, "OUTBOXD_SINK")
 		maps.Copy(env, e)
@@ -185,12 +189,19 @@ func waitProcessedOrSay(t *testing.T, b *bundle, n int64, stall time.Duration) {
 	}, func() string {
 		rows, _ := e2e.Processed(t, b.pool)
 		var unprocessed []int64
-		var parked []string
 		ctx := context.Background()
 		_ = b.pool.QueryRow(ctx, `SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM domain_event WHERE NOT is_processed`).Scan(&unprocessed)
-		_ = b.pool.QueryRow(ctx, `SELECT coalesce(array_agg(target || ':' || event_id || ':' || ordering_key || ':' || next_attempt_at::text ORDER BY event_id), '{}') FROM outboxd_parked`).Scan(&parked)
-		return fmt.Sprintf("%d of %d rows processed; unprocessed %v; parked %v", rows, n, unprocessed, parked)
+		var parked, dead []string
+		_ = b.pool.QueryRow(ctx, `SELECT coalesce(array_agg(target || ':' || event_id ORDER BY event_id), '{}') FROM outboxd_parked`).Scan(&parked)
+		_ = b.pool.QueryRow(ctx, `SELECT coalesce(array_agg(sink || ':' || event_id ORDER BY event_id), '{}') FROM outboxd_dead_letter`).Scan(&dead)
+		return fmt.Sprintf("%d of %d rows processed; unprocessed %v; parked %v; dead letters %v", rows, n, unprocessed, parked, dead)
 	})
+}
+
+func deadLetters(t *testing.T, b *bundle) int {
+	var n int
+	require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outboxd_dead_letter`).Scan(&n))
+	return n
 }
 
 func parkedTargets(t *testing.T, b *bundle) map[string]int {
@@ -261,11 +272,6 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 			}
 			orgOf := func(i int) int64 { return int64(i%3) + 1 }
 			d := e2e.StartDaemon(t, b.env)
-			t.Cleanup(func() {
-				if t.Failed() {
-					_ = os.WriteFile("/tmp/dest-fail-"+down+".log", []byte(d.Log()), 0o644)
-				}
-			})
 			ids := e2e.Insert(t, b.pool, 5, 4, orgOf)
 			b.waitProcessed(t, int64(len(ids)), time.Minute)
 			var up []string
@@ -278,7 +284,7 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 			wentDown := time.Now()
 			// Three rounds of events while it is down: each round reaches
 			// the other three, and the slot moves past it.
-			for round := range 3 {
+			for round := range 5 {
 				before := b.confirmedFlush(t)
 				ids = append(ids, e2e.Insert(t, b.pool, 5, 4, orgOf)...)
 				end := b.currentLSN(t)
@@ -290,7 +296,33 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 				parked := parkedTargets(t, b)
 				require.Positive(t, parked[down], "nothing parked for the down destination")
 				require.Len(t, parked, 1, "only the down destination parks: %v", parked)
+				require.Zero(t, deadLetters(t, b), "dead letters during the outage")
+				if round == 0 {
+					// `outboxd status` counts per target.
+					code, out, errOut := opsRun(t, b.env, "status", "--json")
+					require.Contains(t, []int{0, 1}, code, out+errOut)
+					var st struct {
+						Backlog struct {
+							Targets []struct {
+								Target      string `json:"target"`
+								Parked      int64  `json:"parked"`
+								DeadLetters int64  `json:"dead_letters"`
+							} `json:"targets"`
+						} `json:"backlog"`
+					}
+					require.NoError(t, json.Unmarshal([]byte(out), &st), out)
+					require.Len(t, st.Backlog.Targets, 1, out)
+					require.Equal(t, down, st.Backlog.Targets[0].Target)
+					require.Positive(t, st.Backlog.Targets[0].Parked)
+				}
 			}
+			// A long stretch: the down destination's parked deliveries have
+			// been retried, and refused, five times on the schedule.
+			e2e.WaitFor(t, 2*time.Minute, func() bool {
+				var rounds int
+				return b.pool.QueryRow(context.Background(), `SELECT coalesce(max(rounds), 0) FROM outboxd_parked`).Scan(&rounds) == nil && rounds >= 5
+			}, func() string { return "parked deliveries not retried five times" })
+			require.Zero(t, deadLetters(t, b), "dead letters during the outage")
 			stretch := time.Since(wentDown)
 			setDown(false)
 			ids = append(ids, e2e.Insert(t, b.pool, 5, 4, orgOf)...)
@@ -303,6 +335,7 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 			copies := checkAfterCrash(t, ids, got, orgs)
 			t.Logf("%s down for %s: %d events, lost 0, %d copies at %s", down, stretch.Round(time.Millisecond), len(ids), copies, down)
 			require.Empty(t, parkedTargets(t, b))
+			require.Zero(t, deadLetters(t, b))
 			require.Equal(t, 0, d.Stop(30*time.Second))
 		})
 	}
