@@ -3,6 +3,7 @@ package deliver
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -117,3 +118,32 @@ func TestRouterDestinationsAreChecked(t *testing.T) {
 		require.Error(t, err, name)
 	}
 }
+
+// Deliveries parked under a name no destination has now (OUTBOXD_SINK=posthog
+// parked under "webhook"; OUTBOXD_SINKS=posthog delivers as "posthog") are
+// not retried: the router says so at start, naming the target and count.
+func TestRouterWarnsOfParkedRowsOfNoDestination(t *testing.T) {
+	t.Parallel()
+	var logs strings.Builder
+	var mu sync.Mutex
+	log := zerolog.New(zerolog.SyncWriter(writerFunc(func(p []byte) (int, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return logs.Write(p)
+	})))
+	cfg := Config{}.WithDefaults()
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Destinations: []Destination{{Name: "posthog", Sink: &recorder{}}},
+		Parked: map[string]map[uint64]int{"webhook": {3: 2, 5: 1}, "posthog": {3: 1}, "subscription:4": {7: 1}}}, newSettler(1), log)
+	require.NoError(t, err)
+	in := make(chan *decode.Event)
+	close(in)
+	require.NoError(t, r.Run(context.Background(), in))
+	mu.Lock()
+	defer mu.Unlock()
+	require.Contains(t, logs.String(), `"target":"webhook","parked":3`)
+	require.Equal(t, 1, strings.Count(logs.String(), "not deliver to"), logs.String())
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
