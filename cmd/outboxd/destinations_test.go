@@ -243,6 +243,10 @@ func TestDestinationsFanOut(t *testing.T) {
 		got, orgs := f.delivered[name](t, d, len(ids))
 		checkDelivered(t, ids, got, orgs)
 	}
+	// Each in its own format: PostHog's /batch/ body with its key, GA4's
+	// /mp/collect with its secret, Kafka's key and message-id header (their
+	// cases check them), Standard Webhooks signatures on the webhook.
+	require.Zero(t, b.recv.Count(ids).BadSignatures, "webhook requests with a bad signature")
 	require.Empty(t, parkedTargets(t, b))
 	// Each destination is its own target in the metrics' sink label.
 	for _, name := range f.destination {
