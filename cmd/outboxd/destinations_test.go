@@ -275,7 +275,10 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 				}
 			}
 			orgOf := func(i int) int64 { return int64(i%3) + 1 }
-			d := e2e.StartDaemon(t, b.env)
+			env := maps.Clone(b.env)
+			env["OUTBOXD_BACKLOG_POLL_INTERVAL"] = "100ms"
+			w := startWatched(t, env)
+			d := w.Daemon
 			ids := e2e.Insert(t, b.pool, 5, 4, orgOf)
 			b.waitProcessed(t, int64(len(ids)), time.Minute)
 			var up []string
@@ -327,6 +330,11 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 				return b.pool.QueryRow(context.Background(), `SELECT coalesce(max(rounds), 0) FROM outboxd_parked`).Scan(&rounds) == nil && rounds >= 5
 			}, func() string { return "parked deliveries not retried five times" })
 			require.Zero(t, deadLetters(t, b), "dead letters during the outage")
+			// The metrics count the down destination's parked deliveries.
+			e2e.WaitFor(t, time.Minute, func() bool {
+				v, err := w.metric(`outboxd_parked_deliveries{sink="` + down + `"}`)
+				return err == nil && v > 0
+			}, func() string { return "no parked deliveries in the metrics for " + down })
 			stretch := time.Since(wentDown)
 			setDown(false)
 			ids = append(ids, e2e.Insert(t, b.pool, 5, 4, orgOf)...)
