@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -19,9 +21,15 @@ import (
 type RouterConfig struct {
 	Deliver Config
 	// Default is the default target's sink (the env-configured webhook, or
-	// another sink kind); DefaultEvents filters it by event-name globs.
+	// another sink kind); DefaultEvents filters it by event-name globs. They
+	// are used only when Destinations is empty: the one destination named
+	// DefaultTarget.
 	Default       sink.Sink
 	DefaultEvents []string
+	// Destinations are the process's own targets, each with its own
+	// dispatcher, filter, parked rows and dead letters (OUTBOXD_SINKS). An
+	// event is settled once every destination it was routed to settled it.
+	Destinations []Destination
 	// Subscription builds the webhook sink of a subscription.
 	Subscription func(s Subscription) (sink.Sink, error)
 	// Routing is the registry snapshot kept with the checkpoint (nil: none).
@@ -38,6 +46,64 @@ type RouterConfig struct {
 	// OnEvent is told of every event the router reads, before it is routed
 	// (metrics); may be nil.
 	OnEvent func(*decode.Event)
+}
+
+// Destination is one of the process's own targets (not a subscription).
+type Destination struct {
+	// Name is the target's name: parked rows, dead letters, metrics and
+	// logs key on it, so it must stay the same across restarts.
+	Name string
+	Sink sink.Sink
+	// Events filters the destination by event-name globs (none: every
+	// event).
+	Events []string
+	// Concurrency, BatchSize and BatchWait tune its dispatcher; when
+	// Concurrency is 0 the three are RouterConfig.Deliver's. Ordering,
+	// MaxInFlight and FirstRetry are always RouterConfig.Deliver's: one
+	// ordering key for the stream, whatever the destination.
+	Concurrency int
+	BatchSize   int
+	BatchWait   time.Duration
+}
+
+// destinations returns the destinations the router runs: the configured
+// ones, or the single default target.
+func (c RouterConfig) destinations() []Destination {
+	if len(c.Destinations) > 0 {
+		return c.Destinations
+	}
+	return []Destination{{Name: DefaultTarget, Sink: c.Default, Events: c.DefaultEvents}}
+}
+
+// config returns the dispatcher configuration of d.
+func (c RouterConfig) config(d Destination) Config {
+	dc := c.Deliver
+	if d.Concurrency > 0 {
+		dc.Concurrency, dc.BatchSize, dc.BatchWait = d.Concurrency, d.BatchSize, d.BatchWait
+	}
+	return dc
+}
+
+// validateDestinations checks the destinations' names and settings.
+func (c RouterConfig) validateDestinations() error {
+	seen := map[string]bool{}
+	for _, d := range c.destinations() {
+		switch {
+		case d.Name == "":
+			return errors.New("a destination has no name")
+		case strings.HasPrefix(d.Name, "subscription:"):
+			return fmt.Errorf("destination %q: the subscription: prefix is the subscriptions' own", d.Name)
+		case seen[d.Name]:
+			return fmt.Errorf("destination %q given twice", d.Name)
+		case d.Sink == nil:
+			return fmt.Errorf("destination %q has no sink", d.Name)
+		}
+		seen[d.Name] = true
+		if err := c.config(d).Validate(); err != nil {
+			return fmt.Errorf("destination %q: %w", d.Name, err)
+		}
+	}
+	return nil
 }
 
 // Router routes events to their targets in commit order and runs one
@@ -75,6 +141,11 @@ type sinkBox struct{ s sink.Sink }
 
 // NewRouter returns a router; cfg.Deliver must have been validated.
 func NewRouter(cfg RouterConfig, settler Settler, log zerolog.Logger) (*Router, error) {
+	if len(cfg.Destinations) > 0 {
+		if err := cfg.validateDestinations(); err != nil {
+			return nil, err
+		}
+	}
 	reg, err := NewRegistry(cfg.Routing, cfg.Secrets)
 	if err != nil {
 		return nil, err
@@ -82,7 +153,9 @@ func NewRouter(cfg RouterConfig, settler Settler, log zerolog.Logger) (*Router, 
 	return &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}}, nil
 }
 
-// DefaultTarget is the name of the default target.
+// DefaultTarget is the name of the default target: the one destination of
+// OUTBOXD_SINK, whatever its kind (parked rows and dead letters of earlier
+// versions carry it).
 const DefaultTarget = "webhook"
 
 // Lookup returns the dispatcher and current sink of a target, and whether it
@@ -136,10 +209,10 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			}
 		}(t.in)
 	}
-	start := func(name string, s sink.Sink, sub *Subscription) *target {
+	start := func(name string, s sink.Sink, sub *Subscription, dc Config) *target {
 		t := &target{sub: sub}
 		t.sink.Store(&sinkBox{s})
-		p := Params{Config: r.cfg.Deliver, Target: name, Sink: func() sink.Sink { return t.sink.Load().s },
+		p := Params{Config: dc, Target: name, Sink: func() sink.Sink { return t.sink.Load().s },
 			Settler: r.settler, Log: r.log, Parked: r.cfg.Parked[name], OnResult: r.cfg.OnResult, OnGone: r.cfg.OnGone}
 		if sub != nil {
 			// Subscriptions are many, the default target is one: only a
@@ -167,7 +240,30 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			t.running = false
 		}
 	}
-	def := start(DefaultTarget, r.cfg.Default, nil)
+	type destination struct {
+		t      *target
+		events []string
+	}
+	var dests []destination
+	own := map[string]bool{}
+	for _, d := range r.cfg.destinations() {
+		dests = append(dests, destination{start(d.Name, d.Sink, nil, r.cfg.config(d)), d.Events})
+		own[d.Name] = true
+	}
+	for name, keys := range r.cfg.Parked {
+		if !own[name] && !strings.HasPrefix(name, "subscription:") {
+			// Parked under a name no destination has now (OUTBOXD_SINK=
+			// posthog parks under "webhook", OUTBOXD_SINKS=posthog under
+			// "posthog"): nothing retries them until a destination of that
+			// name runs again, or an operator moves them.
+			n := 0
+			for _, c := range keys {
+				n += c
+			}
+			r.log.Warn().Str("target", name).Int("parked", n).
+				Msg("deliveries are parked for a target this outboxd does not deliver to; they are not retried (README.md, Destinations)")
+		}
+	}
 	// Targets with parked deliveries need a dispatcher for the retrier even
 	// before an event is routed to them.
 	r.reg.Each(func(s *Subscription) {
@@ -260,8 +356,10 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			continue
 		}
 		routes = routes[:0]
-		if MatchGlobs(r.cfg.DefaultEvents, e.Name) {
-			routes = append(routes, def)
+		for _, d := range dests {
+			if MatchGlobs(d.events, e.Name) {
+				routes = append(routes, d.t)
+			}
 		}
 		var routeErr error
 		r.reg.EachCandidate(e, func(s *Subscription) {
@@ -302,7 +400,7 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 }
 
 // startSubscription returns the running target of s, starting it if needed.
-func (r *Router) startSubscription(start func(string, sink.Sink, *Subscription) *target, s *Subscription) (*target, error) {
+func (r *Router) startSubscription(start startFunc, s *Subscription) (*target, error) {
 	name := s.TargetName()
 	r.mu.Lock()
 	t := r.targets[name]
@@ -314,8 +412,11 @@ func (r *Router) startSubscription(start func(string, sink.Sink, *Subscription) 
 	if err != nil {
 		return nil, err
 	}
-	return start(name, snk, s), nil
+	return start(name, snk, s, r.cfg.Deliver), nil
 }
+
+// startFunc starts the dispatcher of a target.
+type startFunc = func(name string, s sink.Sink, sub *Subscription, dc Config) *target
 
 // subscriptionSink builds the sink of s; a subscription that cannot be used
 // (a malformed URL or secret) gets a sink that refuses permanently, so its
@@ -344,7 +445,7 @@ func (r *Router) subscriptionSink(s Subscription) (sink.Sink, error) {
 
 // change applies a subscription change; the caller settles it with the
 // routing state.
-func (r *Router) change(start func(string, sink.Sink, *Subscription) *target, e *decode.Event) error {
+func (r *Router) change(start startFunc, e *decode.Event) error {
 	s, err := r.reg.Apply(e.Change)
 	if err != nil {
 		r.log.Error().Err(err).Msg("subscription change ignored")

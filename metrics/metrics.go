@@ -94,8 +94,12 @@ type Metrics struct {
 	retainedBytes prometheus.Gauge
 	safeWALBytes  prometheus.Gauge
 	backlogRows   prometheus.Gauge
-	backlogOnce   sync.Once
-	pollErrors    *prometheus.CounterVec
+	// parkedByTarget and deadByTarget are polled with the backlog, per sink
+	// label (each destination of OUTBOXD_SINKS has its own).
+	parkedByTarget *prometheus.GaugeVec
+	deadByTarget   *prometheus.GaugeVec
+	backlogOnce    sync.Once
+	pollErrors     *prometheus.CounterVec
 
 	streaming atomic.Bool
 	// changed is signalled when this instance starts or stops streaming,
@@ -151,6 +155,11 @@ func New(opts Options) *Metrics {
 	m.backlogRows = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: "backlog_rows",
 		Help: "Unprocessed outbox rows, dead-lettered ones excepted (polled, every 30s by default; a sequential scan of the table)."})
 	m.pollErrors = f.counterVec("poll_errors_total", "Failed polls of the slot or the backlog.", "query")
+	// Registered on the first count too.
+	m.parkedByTarget = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: Namespace, Name: "parked_deliveries",
+		Help: "Parked deliveries waiting for a durable retry, per target (polled with the backlog)."}, []string{"sink"})
+	m.deadByTarget = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: Namespace, Name: "dead_letters",
+		Help: "Dead letters, per target (polled with the backlog)."}, []string{"sink"})
 
 	bi := f.gaugeVec("build_info", "Always 1; the labels give outboxd's version and the Go version it was built with.", "version", "goversion")
 	goVersion := "unknown"
@@ -303,8 +312,30 @@ func (m *Metrics) Position(received, flushed pglogrepl.LSN) {
 }
 
 func (m *Metrics) setBacklog(n int64) {
-	m.backlogOnce.Do(func() { m.reg.MustRegister(m.backlogRows) })
+	m.register()
 	m.backlogRows.Set(float64(n))
+}
+
+// register registers the polled backlog series, once.
+func (m *Metrics) register() {
+	m.backlogOnce.Do(func() { m.reg.MustRegister(m.backlogRows, m.parkedByTarget, m.deadByTarget) })
+}
+
+// setTargets sets the parked and dead-letter gauges from a poll: a target
+// with none has no series (its earlier ones are dropped).
+func (m *Metrics) setTargets(counts []store.TargetCount) {
+	m.register()
+	parked, dead := map[string]int64{}, map[string]int64{}
+	for _, c := range counts {
+		parked[SinkLabel(c.Target)] += c.Parked
+		dead[SinkLabel(c.Target)] += c.DeadLetters
+	}
+	m.parkedByTarget.Reset()
+	m.deadByTarget.Reset()
+	for label, n := range parked {
+		m.parkedByTarget.WithLabelValues(label).Set(float64(n))
+		m.deadByTarget.WithLabelValues(label).Set(float64(dead[label]))
+	}
 }
 
 // SinkLabel is the sink label for a delivery target: its name, or

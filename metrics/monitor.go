@@ -287,6 +287,13 @@ func (mon *Monitor) pollBacklog(ctx context.Context) {
 		return
 	}
 	mon.m.setBacklog(n)
+	counts, err := store.On(mon.pool, mon.cfg.Table.Schema, mon.cfg.Table.Name).TargetCounts(qctx)
+	if err != nil {
+		mon.log.Warn().Err(err).Msg("parked deliveries and dead letters not counted")
+		mon.m.pollErrors.WithLabelValues("targets").Inc()
+		return
+	}
+	mon.m.setTargets(counts)
 }
 
 // Ready pings the database, reusing a result younger than ReadyCache, so

@@ -142,6 +142,10 @@ type BacklogStatus struct {
 	// Parked is the number of parked deliveries (store.ParkedTable); null when
 	// the schema has no such table.
 	Parked *int64 `json:"parked"`
+	// Targets are the parked deliveries and dead letters per target (each
+	// destination of OUTBOXD_SINKS, the default target, subscriptions), for
+	// the targets that have any; null when they could not be counted.
+	Targets []store.TargetCount `json:"targets"`
 }
 
 // StatusOptions tune Status.
@@ -427,6 +431,17 @@ func (c *Client) backlog(ctx context.Context, timeout time.Duration, warnings *[
 	if scope.Parked {
 		if b.Parked, err = count("parked deliveries", store.ParkedTable); err != nil {
 			return nil, err
+		}
+	}
+	if scope.DeadLetters && scope.Parked && b.DeadLetters != nil && b.Parked != nil {
+		targets, err := c.tables().TargetCounts(ctx)
+		switch {
+		case sqlState(err) == "42501":
+			*warnings = append(*warnings, fmt.Sprintf("no privilege to count per target (SELECT on %s and %s)", store.ParkedTable, store.DeadLetterTable))
+		case err != nil:
+			return nil, fmt.Errorf("count per target: %w", err)
+		default:
+			b.Targets = append([]store.TargetCount{}, targets...)
 		}
 	}
 	if !cols[store.ProcessedColumn] || !cols["id"] {

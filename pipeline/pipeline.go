@@ -51,6 +51,10 @@ type Config struct {
 	// DefaultEvents filters the default target by event-name globs (none:
 	// every event).
 	DefaultEvents []string
+	// Destinations, when set, replace the default target (Sink,
+	// DefaultEvents): one target each (OUTBOXD_SINKS). A destination
+	// without a Sink is the webhook built from Webhook.
+	Destinations []deliver.Destination
 	// Schedule is the retry schedule of parked deliveries; default
 	// deliver.DefaultSchedule.
 	Schedule []time.Duration
@@ -121,12 +125,26 @@ func (c Config) Validate() error {
 	if err := c.Deliver.Validate(); err != nil {
 		return err
 	}
-	if c.Sink == nil {
+	if c.needsWebhook() {
 		if err := c.Webhook.WithDefaults().Validate(); err != nil {
 			return err
 		}
 	}
 	return c.readerConfig().WithDefaults().Validate()
+}
+
+// needsWebhook reports whether a target's sink is the webhook built from
+// Webhook.
+func (c Config) needsWebhook() bool {
+	if len(c.Destinations) == 0 {
+		return c.Sink == nil
+	}
+	for _, d := range c.Destinations {
+		if d.Sink == nil {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *Config) readerConfig() cdc.Config {
@@ -213,13 +231,22 @@ type job struct {
 func newJob(ctx context.Context, cfg Config, pool *pgxpool.Pool, log zerolog.Logger) (*job, error) {
 	j := &job{ctx: ctx, cfg: cfg, pool: pool, log: log, dlog: log.With().Str("component", "deliver").Logger(),
 		sink: cfg.Sink, leading: make(chan struct{})}
-	if j.sink == nil {
+	if cfg.needsWebhook() {
 		w, err := sink.NewWebhook(cfg.Webhook, log)
 		if err != nil {
 			return nil, err
 		}
 		j.closers = append(j.closers, w.Close)
-		j.sink = w
+		if j.sink == nil {
+			j.sink = w
+		}
+		// A copy: the caller's configuration is not changed.
+		j.cfg.Destinations = slices.Clone(j.cfg.Destinations)
+		for i, d := range j.cfg.Destinations {
+			if d.Sink == nil {
+				j.cfg.Destinations[i].Sink = w
+			}
+		}
 	}
 	// One keep-alive pool however many tenants there are.
 	j.subClient = sink.NewSharedClient(cfg.Webhook.ForSubscription("", "", nil).HTTPConfig)
@@ -411,7 +438,7 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 		return nil, err
 	}
 	rc := deliver.RouterConfig{
-		Deliver: cfg.Deliver, Default: j.sink, DefaultEvents: cfg.DefaultEvents,
+		Deliver: cfg.Deliver, Default: j.sink, DefaultEvents: cfg.DefaultEvents, Destinations: cfg.Destinations,
 		Subscription: func(sub deliver.Subscription) (sink.Sink, error) {
 			// The subscriptions' own address guard, never the default
 			// webhook's (G8): a URL it refuses is never connected to, and
@@ -444,7 +471,7 @@ func (j *job) disableGone(target string) {
 	raw, ok := strings.CutPrefix(target, "subscription:")
 	id, err := strconv.ParseInt(raw, 10, 64)
 	if !ok || err != nil {
-		j.dlog.Error().Str("target", target).Msg("the default webhook answered 410 Gone; its events are parked and retried on the schedule")
+		j.dlog.Error().Str("target", target).Msg("the destination answered 410 Gone; its events are parked and retried on the schedule")
 		return
 	}
 	// Called from a dispatcher: bounded, so a stuck database cannot hold the

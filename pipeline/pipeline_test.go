@@ -317,3 +317,24 @@ func TestRefusesUnmigratedDatabase(t *testing.T) {
 	require.ErrorContains(t, err, "check schema")
 	require.Zero(t, recv.Len())
 }
+
+// With destinations, the webhook settings are checked only when a
+// destination is the webhook (no Sink of its own).
+func TestValidateDestinations(t *testing.T) {
+	t.Parallel()
+	base := pipeline.Config{DatabaseURL: "postgres://u@127.0.0.1:1/db"}
+	other := pipeline.Config{DatabaseURL: base.DatabaseURL, Destinations: []deliver.Destination{{Name: "posthog", Sink: nopSink{}}}}
+	require.NoError(t, other.WithDefaults().Validate(), "no webhook destination: no webhook URL needed")
+	withWebhook := other
+	withWebhook.Destinations = append([]deliver.Destination{{Name: "webhook"}}, other.Destinations...)
+	require.Error(t, withWebhook.WithDefaults().Validate(), "a webhook destination needs its URL")
+	withWebhook.Webhook = sink.WebhookConfig{URL: "https://hooks.example.com/x", Secrets: []string{"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}}
+	require.NoError(t, withWebhook.WithDefaults().Validate())
+}
+
+type nopSink struct{}
+
+func (nopSink) Name() string { return "nop" }
+func (nopSink) Deliver(_ context.Context, evs []*decode.Event) []sink.Outcome {
+	return make([]sink.Outcome, len(evs))
+}

@@ -46,13 +46,14 @@ ORDER BY d.id`, f.Sink, f.OrganizationID, f.Since, f.Until, f.EventIDs)
 }
 
 // UnknownTargets returns, sorted, the targets of the dead letters ids that
-// are neither defaultTarget nor an existing subscription: no running outboxd
-// delivers to them.
-func (t Tables) UnknownTargets(ctx context.Context, ids []int64, defaultTarget string) ([]string, error) {
+// are neither one of targets (the daemon's own: deliver.DefaultTarget with
+// OUTBOXD_SINK, whatever its kind; each kind of OUTBOXD_SINKS) nor an
+// existing subscription: no running outboxd delivers to them.
+func (t Tables) UnknownTargets(ctx context.Context, ids []int64, targets []string) ([]string, error) {
 	var unknown []string
 	err := t.q.QueryRow(ctx, `SELECT coalesce(array_agg(DISTINCT d.sink ORDER BY d.sink), '{}') FROM `+t.own(DeadLetterTable)+` AS d
-WHERE d.id = ANY($1) AND d.sink <> $2
-  AND NOT EXISTS (SELECT 1 FROM `+t.own(SubscriptionTable)+` AS s WHERE 'subscription:' || s.id = d.sink)`, ids, defaultTarget).Scan(&unknown)
+WHERE d.id = ANY($1) AND d.sink <> ALL($2::text[])
+  AND NOT EXISTS (SELECT 1 FROM `+t.own(SubscriptionTable)+` AS s WHERE 'subscription:' || s.id = d.sink)`, ids, targets).Scan(&unknown)
 	return unknown, err
 }
 
@@ -74,4 +75,26 @@ ON CONFLICT (target, event_id) DO UPDATE SET next_attempt_at = now(), rounds = 0
 func (t Tables) PurgeDeadLetters(ctx context.Context, ids []int64) (int64, error) {
 	tag, err := t.q.Exec(ctx, `DELETE FROM `+t.own(DeadLetterTable)+` WHERE id = ANY($1)`, ids)
 	return tag.RowsAffected(), err
+}
+
+// TargetCount is what waits for one target: its parked deliveries and its
+// dead letters.
+type TargetCount struct {
+	Target      string `json:"target"`
+	Parked      int64  `json:"parked"`
+	DeadLetters int64  `json:"dead_letters"`
+}
+
+// TargetCounts returns, per target with any, the parked deliveries and dead
+// letters, by target name.
+func (t Tables) TargetCounts(ctx context.Context) ([]TargetCount, error) {
+	rows, err := t.q.Query(ctx, `SELECT target, sum(parked)::bigint, sum(dead)::bigint FROM (
+  SELECT target, count(*) AS parked, 0 AS dead FROM `+t.own(ParkedTable)+` GROUP BY target
+  UNION ALL
+  SELECT sink, 0, count(*) FROM `+t.own(DeadLetterTable)+` GROUP BY sink) AS c
+GROUP BY target ORDER BY target`)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowToStructByPos[TargetCount])
 }

@@ -91,10 +91,10 @@ func TestTablesDeadLetters(t *testing.T) {
 	all, err := tables.DeadLetters(ctx, store.DeadLetterFilter{})
 	require.NoError(t, err)
 	ids := []int64{all[0].ID}
-	unknown, err := tables.UnknownTargets(ctx, ids, "webhook")
+	unknown, err := tables.UnknownTargets(ctx, ids, []string{"webhook"})
 	require.NoError(t, err)
 	require.Empty(t, unknown)
-	unknown, err = tables.UnknownTargets(ctx, ids, "kafka")
+	unknown, err = tables.UnknownTargets(ctx, ids, []string{"kafka", "posthog"})
 	require.NoError(t, err)
 	require.Equal(t, []string{"webhook"}, unknown)
 

@@ -79,7 +79,18 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			if err := c.checkSigning(); err != nil {
 				return err
 			}
-			if c.Sink != "webhook" {
+			specs, err := c.destinations(envMap)
+			if err != nil {
+				return err
+			}
+			if specs != nil {
+				dests, closeAll, err := buildDestinations(specs, envMap, log)
+				if err != nil {
+					return err
+				}
+				defer closeAll()
+				pc.Sink, pc.Destinations = nil, dests
+			} else if c.Sink != "webhook" {
 				s, err := buildSink(c.Sink, envMap, log)
 				if err != nil {
 					return err
@@ -95,7 +106,7 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			defer opsSrv.stop()
 			pc.Observer = opsSrv.observer()
 			log.Info().Str("version", version).Str("slot", pc.Slot).Str("table", c.Table).Msg("outboxd starting")
-			if c.Sink == "webhook" && c.WebhookUnsigned {
+			if c.usesWebhook() && c.WebhookUnsigned {
 				log.Warn().Msg("OUTBOXD_WEBHOOK_UNSIGNED=true: requests to the default webhook are not signed")
 			}
 			again := false // the pipeline runs again after an interruption

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"reflect"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -31,6 +32,7 @@ type config struct {
 	Publication string `env:"PUBLICATION" envDefault:"outboxd"`
 
 	Sink               string        `env:"SINK" envDefault:"webhook"`
+	Sinks              string        `env:"SINKS"`
 	WebhookURL         string        `env:"WEBHOOK_URL"`
 	WebhookSecret      string        `env:"WEBHOOK_SECRET"`
 	WebhookUnsigned    bool          `env:"WEBHOOK_UNSIGNED" envDefault:"false"`
@@ -86,6 +88,9 @@ func badVar(name, format string, args ...any) error {
 // known name.
 func loadConfig(environ map[string]string) (config, []string, error) {
 	var c config
+	if err := checkBothSinks(environ); err != nil {
+		return c, nil, err
+	}
 	err := env.ParseWithOptions(&c, env.Options{Environment: environ, Prefix: envPrefix})
 	if err != nil {
 		return c, nil, configError{describeEnvError(err, config{})}
@@ -112,6 +117,9 @@ func knownVars() map[string]bool {
 		for _, name := range envVars(e) {
 			known[name] = true
 		}
+	}
+	for _, name := range destVars() {
+		known[name] = true
 	}
 	return known
 }
@@ -297,11 +305,12 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 	if err != nil {
 		return pipeline.Config{}, badVar("ORDERING_KEY", "%v", err)
 	}
-	if c.Sink != "webhook" {
-		if !knownSink(c.Sink) {
-			return pipeline.Config{}, badVar("SINK", "unknown sink %q", c.Sink)
-		}
-	} else if c.WebhookURL == "" {
+	kinds, _, err := c.sinkKinds()
+	if err != nil {
+		return pipeline.Config{}, err
+	}
+	webhook := slices.Contains(kinds, "webhook")
+	if webhook && c.WebhookURL == "" {
 		return pipeline.Config{}, badVar("WEBHOOK_URL", "required: the URL events are posted to")
 	}
 	events, err := deliver.ParseGlobs(c.WebhookEvents)
@@ -361,8 +370,8 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 	if err := pc.Deliver.WithDefaults().Validate(); err != nil {
 		return pipeline.Config{}, badVar("WEBHOOK_CONCURRENCY", "%v", err)
 	}
-	if c.Sink != "webhook" {
-		// The sink is built by buildSink; the webhook settings are unused.
+	if !webhook {
+		// The sinks are built by buildSink; the webhook settings are unused.
 	} else if err := pc.Webhook.WithDefaults().Validate(); err != nil {
 		name := "WEBHOOK_URL"
 		if strings.Contains(strings.ToLower(err.Error()), "secret") {
@@ -370,7 +379,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 		}
 		return pipeline.Config{}, badVar(name, "%v", err)
 	}
-	if c.Sink != "webhook" {
+	if !webhook {
 		pc.Sink = placeholderSink{}
 	}
 	pc = pc.WithDefaults()
@@ -404,7 +413,7 @@ func (c config) checkSigning() error {
 	if c.WebhookUnsigned && len(secrets) > 0 {
 		return badVar("WEBHOOK_UNSIGNED", "true contradicts %sWEBHOOK_SECRET, which is set: requests are either signed or unsigned; unset one of the two", envPrefix)
 	}
-	if c.Sink == "webhook" && !c.WebhookUnsigned && len(secrets) == 0 {
+	if c.usesWebhook() && !c.WebhookUnsigned && len(secrets) == 0 {
 		return badVar("WEBHOOK_SECRET", "required: the Standard Webhooks secret (whsec_ + base64) requests are signed with; to send unsigned requests on purpose, set %sWEBHOOK_UNSIGNED=true", envPrefix)
 	}
 	return nil

@@ -33,9 +33,9 @@ func deliveryCommands(envMap map[string]string, stdout, stderr io.Writer) []*cob
 type dbSession struct {
 	conn   *pgx.Conn
 	tables store.Tables
-	// defaultTarget is the name of the default sink (OUTBOXD_SINK): with
-	// the subscriptions, the targets a running outboxd delivers to.
-	defaultTarget string
+	// targets are the names of the daemon's own targets (config.targetNames):
+	// with the subscriptions, the targets a running outboxd delivers to.
+	targets []string
 }
 
 func openSession(ctx context.Context, envMap map[string]string, stderr io.Writer) (*dbSession, error) {
@@ -54,7 +54,7 @@ func openSession(ctx context.Context, envMap map[string]string, stderr io.Writer
 	if err != nil {
 		return nil, fmt.Errorf("connect: %w", err)
 	}
-	return &dbSession{conn: conn, tables: store.On(conn, t.Schema, t.Name), defaultTarget: c.Sink}, nil
+	return &dbSession{conn: conn, tables: store.On(conn, t.Schema, t.Name), targets: c.targetNames()}, nil
 }
 
 func (s *dbSession) close(ctx context.Context) { s.conn.Close(context.WithoutCancel(ctx)) }
@@ -415,7 +415,7 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 			// A dead letter of a target no running outboxd delivers to (a
 			// removed subscription, another sink) would stay parked and due
 			// for ever: refuse to revive it, and say which.
-			unknown, err := s.tables.UnknownTargets(ctx, ids, s.defaultTarget)
+			unknown, err := s.tables.UnknownTargets(ctx, ids, s.targets)
 			if err != nil {
 				return 0, err
 			}

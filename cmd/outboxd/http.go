@@ -71,8 +71,13 @@ func startOps(ctx context.Context, c config, pc pipeline.Config, log zerolog.Log
 		return nil, err
 	}
 	m := metrics.New(metrics.Options{Version: version})
-	if dc, ok := pc.Sink.(sink.DuplicateCounter); ok {
+	if dc, ok := pc.Sink.(sink.DuplicateCounter); ok && len(pc.Destinations) == 0 {
 		m.SinkDuplicates(c.Sink, dc.DuplicatesAcknowledged)
+	}
+	for _, d := range pc.Destinations {
+		if dc, ok := d.Sink.(sink.DuplicateCounter); ok {
+			m.SinkDuplicates(d.Name, dc.DuplicatesAcknowledged)
+		}
 	}
 	mon, err := metrics.NewMonitor(mc, m, log)
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"time"
 
@@ -18,6 +19,7 @@ func replayCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Co
 	var (
 		fromID, toID, subscription int64
 		since, until, webhookURL   string
+		destination                string
 		orgs                       []int64
 		events                     []string
 		dryRun, asJSON             bool
@@ -30,7 +32,8 @@ func replayCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Co
 		Long: `Re-deliver events from the outbox table whatever their processed flag, in id
 order, to the sink run delivers to (OUTBOXD_SINK with its variables: the
 default webhook, OUTBOXD_WEBHOOK_URL signed with OUTBOXD_WEBHOOK_SECRET, or
-stdout, Kafka, NATS, PostHog, GA4), or to a subscription (--subscription), or to
+stdout, Kafka, NATS, PostHog, GA4; with OUTBOXD_SINKS, the destination
+--destination names), or to a subscription (--subscription), or to
 --webhook-url. Each delivery carries the event's message id as the first
 one did (webhook-id, outboxd-message-id, Nats-Msg-Id, the PostHog uuid) and
 the header "webhook-replay: true" where the sink has headers.
@@ -132,10 +135,29 @@ Exit code 1 when any event failed (after the sink's retries).`,
 				target = fmt.Sprintf("subscription %d", sub.ID)
 			}
 			// Without --subscription or --webhook-url, the events go where
-			// run sends them: the sink OUTBOXD_SINK names.
-			otherSink := target == "the default webhook" && c.Sink != "webhook" && !cmd.Flags().Changed("webhook-url")
+			// run sends them: the sink OUTBOXD_SINK names, or the destination
+			// of OUTBOXD_SINKS --destination names (needed when it lists
+			// several: a replay never guesses which).
+			kind := "webhook"
+			if !cmd.Flags().Changed("subscription") && !cmd.Flags().Changed("webhook-url") {
+				if kind, err = replayKind(c, destination, cmd.Flags().Changed("destination")); err != nil {
+					return err
+				}
+			} else if cmd.Flags().Changed("destination") {
+				return usageError{errors.New("--destination and --subscription or --webhook-url name two targets: give one")}
+			}
+			otherSink := target == "the default webhook" && kind != "webhook" && !cmd.Flags().Changed("webhook-url")
 			if otherSink {
-				target = "the " + c.Sink + " sink"
+				target = "the " + kind + " sink"
+				if c.Sinks != "" {
+					// The destination gets only its OUTBOXD_<KIND>_EVENTS.
+					name := strings.ToUpper(kind) + "_EVENTS"
+					globs, err := ops.ParseGlobs(envMap[envPrefix+name])
+					if err != nil {
+						return badVar(name, "%v", err)
+					}
+					f.TargetEvents = globs
+				}
 			}
 			if target == "the default webhook" {
 				// Unsigned only when OUTBOXD_WEBHOOK_UNSIGNED says so, as for run.
@@ -152,7 +174,7 @@ Exit code 1 when any event failed (after the sink's retries).`,
 			}
 			opts := ops.ReplayOptions{Filter: f, DryRun: dryRun, Rate: rate, Concurrency: concurrency}
 			if !dryRun && otherSink {
-				s, err := buildSink(c.Sink, envMap, env.log)
+				s, err := buildSink(kind, envMap, env.log)
 				if err != nil {
 					return err
 				}
@@ -230,12 +252,40 @@ Exit code 1 when any event failed (after the sink's retries).`,
 	fl.StringArrayVar(&events, "event", nil, "event-name globs (path.Match syntax; comma list or repeated)")
 	fl.Int64Var(&subscription, "subscription", 0, "replay to this subscription (its URL, secrets, organization and events) instead of the default webhook")
 	fl.StringVar(&webhookURL, "webhook-url", "", "webhook URL (overrides OUTBOXD_WEBHOOK_URL)")
+	fl.StringVar(&destination, "destination", "", "with OUTBOXD_SINKS: the destination (a kind it lists) to replay to; required when it lists several")
 	fl.IntVar(&maxAttempts, "max-attempts", 0, "attempts per event before it counts as failed (overrides OUTBOXD_WEBHOOK_MAX_ATTEMPTS)")
 	fl.BoolVar(&dryRun, "dry-run", false, "count the matching events, deliver nothing")
 	fl.Float64Var(&rate, "rate", 0, "at most this many events per second (0: no limit)")
 	fl.IntVar(&concurrency, "concurrency", 1, "deliveries in flight; above 1 events of one organization may arrive out of order")
 	fl.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd
+}
+
+// replayKind returns the sink kind a replay without --subscription or
+// --webhook-url delivers to: OUTBOXD_SINK's, or with OUTBOXD_SINKS the one
+// --destination names (or the only one listed).
+func replayKind(c config, destination string, given bool) (string, error) {
+	kinds, multi, err := c.sinkKinds()
+	if err != nil {
+		return "", err
+	}
+	if !multi {
+		if given {
+			return "", usageError{errors.New("--destination applies with OUTBOXD_SINKS; OUTBOXD_SINK names the one sink")}
+		}
+		return c.Sink, nil
+	}
+	if !given {
+		if len(kinds) == 1 {
+			return kinds[0], nil
+		}
+		return "", usageError{fmt.Errorf("OUTBOXD_SINKS lists %s: name the one to replay to with --destination", strings.Join(kinds, ", "))}
+	}
+	d := strings.ToLower(strings.TrimSpace(destination))
+	if !slices.Contains(kinds, d) {
+		return "", usageError{fmt.Errorf("--destination %q is not one of OUTBOXD_SINKS (%s)", destination, strings.Join(kinds, ", "))}
+	}
+	return d, nil
 }
 
 // splitSecrets splits OUTBOXD_WEBHOOK_SECRET (comma or space separated, for

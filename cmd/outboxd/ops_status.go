@@ -193,6 +193,9 @@ func printStatus(w io.Writer, st *ops.Status) {
 			oldest = fmt.Sprintf(" (oldest occurred %s, %s ago)", b.OldestUnprocessedAt.Format(time.RFC3339), ago(b.OldestUnprocessedAgeSeconds))
 		}
 		p("Backlog      %s unprocessed rows%s, %s dead letters, %s parked", rows, oldest, countOr(b.DeadLetters), countOr(b.Parked))
+		for _, tc := range b.Targets {
+			p("  %-10s %d parked, %d dead letters", tc.Target, tc.Parked, tc.DeadLetters)
+		}
 	}
 	if len(st.Config) > 0 {
 		p("")

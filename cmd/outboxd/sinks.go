@@ -126,7 +126,7 @@ func sinkVar(name string) bool {
 			return true
 		}
 	}
-	return false
+	return slices.Contains(destVars(), name)
 }
 
 // envVars lists the prefixed variable names of an env struct.

@@ -44,7 +44,9 @@ func devEnv(envMap map[string]string, dbURL, webhookURL, secret string) map[stri
 	if env == nil {
 		env = map[string]string{}
 	}
-	for _, k := range []string{"TABLE", "SLOT", "PUBLICATION", "HTTP_ADDR", "WEBHOOK_UNSIGNED"} {
+	// dev pins one webhook sink: a user's OUTBOXD_SINKS would contradict
+	// it (both set is a configuration error).
+	for _, k := range []string{"TABLE", "SLOT", "PUBLICATION", "HTTP_ADDR", "WEBHOOK_UNSIGNED", "SINKS"} {
 		delete(env, envPrefix+k)
 	}
 	env[envPrefix+"DATABASE_URL"] = dbURL
