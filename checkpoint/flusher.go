@@ -30,18 +30,22 @@ type Flusher struct {
 	Tracker  *Tracker
 	Writer   Writer
 	Interval time.Duration // time trigger; default 200ms
-	// FinalTimeout bounds the last flush after Run's context ends; default 10s.
+	// FinalTimeout bounds the last flush after Run's context ends, unless
+	// the write needs more (see WriteTimeout); default 10s.
 	FinalTimeout time.Duration
 	// WriteTimeout bounds each write: a connection that went silent (a
 	// black-holed network) is given up and the batch retried on a fresh one;
-	// default max(10s, 10 × Interval). A write carrying routing state gets a
-	// second more per MiB of it.
+	// default max(10s, 10 × Interval). A write gets a second more per MiB of
+	// routing state it carries and 20 s more per million rows it marks.
 	WriteTimeout time.Duration
 	// OnFlush, when set, is called after each successful write (metrics).
 	OnFlush func(b store.Batch, took time.Duration)
 	Log     zerolog.Logger
 
 	pending store.Batch
+	// timedOut counts the writes in a row that ran out of their time: each
+	// retry is given twice the time of the one before.
+	timedOut int
 }
 
 // Run flushes on every size kick or interval until ctx ends, then flushes one
@@ -68,7 +72,7 @@ func (f *Flusher) Run(ctx context.Context) error {
 				continue // wait for the backoff timer
 			}
 		}
-		err := f.flush(ctx)
+		err := f.flush(ctx, 0)
 		wait := interval
 		switch {
 		case err == nil:
@@ -98,9 +102,10 @@ func (f *Flusher) final(ctx context.Context) error {
 	if timeout <= 0 {
 		timeout = 10 * time.Second
 	}
-	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
-	defer cancel()
-	if err := f.flush(fctx); err != nil {
+	// The last write gets what its size needs, FinalTimeout at least: a
+	// stop right after a million-row transaction settled used to give up
+	// its marks after 10 s, exit 1, and have all its events delivered again.
+	if err := f.flush(context.WithoutCancel(ctx), timeout); err != nil {
 		if errors.Is(err, store.ErrNotLeader) {
 			// The slot has another holder: what this instance settled but
 			// did not record is delivered again by it (at least once).
@@ -114,18 +119,23 @@ func (f *Flusher) final(ctx context.Context) error {
 
 // flush drains the tracker into the pending batch and writes it; on failure the
 // batch is kept and retried, merged with whatever settles meanwhile.
-func (f *Flusher) flush(ctx context.Context) error {
+func (f *Flusher) flush(ctx context.Context, atLeast time.Duration) error {
 	f.pending.Merge(f.Tracker.Drain())
 	if f.pending.Empty() {
 		return nil
 	}
 	start := time.Now()
-	wctx, cancel := context.WithTimeout(ctx, f.writeTimeout(f.pending))
+	wctx, cancel := context.WithTimeout(ctx, max(atLeast, f.writeTimeout(f.pending)))
 	err := f.Writer.Write(wctx, f.pending)
+	timedOut := wctx.Err() != nil && ctx.Err() == nil
 	cancel()
 	if err != nil {
+		if timedOut {
+			f.timedOut++
+		}
 		return err
 	}
+	f.timedOut = 0
 	took := time.Since(start)
 	f.Tracker.Written(f.pending.LSN)
 	if f.OnFlush != nil {
@@ -138,18 +148,28 @@ func (f *Flusher) flush(ctx context.Context) error {
 }
 
 // writeTimeout is the time a write of b is given: WriteTimeout, plus a second
-// per MiB of routing state. The state is the whole subscription registry: a
-// platform's 100,000 subscriptions make about 19 MB, whose write alone took
-// 3 to 5 s on a 2-core machine. Under a fixed timeout, a registry that
-// outgrew it would fail every write, each retry carrying the same state,
-// and the checkpoint would never move again.
+// per MiB of routing state and writePerRow per row it marks. The state is the
+// whole subscription registry: a platform's 100,000 subscriptions make about
+// 19 MB, whose write alone took 3 to 5 s on a 2-core machine; the marks of a
+// million-row transaction are one UPDATE of a million rows, 8 to 10 s there.
+// Under a fixed timeout, a batch that outgrew it would fail every write, each
+// retry carrying the same work, and the checkpoint would never move again;
+// each write that runs out of time doubles the next one's.
 func (f *Flusher) writeTimeout(b store.Batch) time.Duration {
 	timeout := f.WriteTimeout
 	if timeout <= 0 {
 		timeout = max(10*time.Second, 10*f.Interval)
 	}
-	return timeout + time.Duration(len(b.State))*time.Second/(1<<20)
+	timeout += time.Duration(len(b.State))*time.Second/(1<<20) + time.Duration(b.Events())*writePerRow
+	// A write that ran out of time may only have been slow, not stuck (a
+	// machine busier than the allowances assume): the retry, which carries
+	// the same work and more, gets twice the time, up to 64 times.
+	return timeout << min(f.timedOut, 6)
 }
+
+// writePerRow is the time a write is given per row it marks, on top of
+// WriteTimeout: 20 s more for a million rows.
+const writePerRow = 20 * time.Microsecond
 
 // permanent reports errors that a retry cannot fix.
 func permanent(err error) bool {
