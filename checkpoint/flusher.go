@@ -20,6 +20,9 @@ type Writer interface {
 	Write(ctx context.Context, b store.Batch) error
 	// Resolve records the outcomes of parked deliveries' retries, together.
 	Resolve(ctx context.Context, rs ...store.Resolution) error
+	// Committed reports whether a write whose commit answer was lost (an
+	// *store.InDoubtError from Write or Resolve) committed.
+	Committed(ctx context.Context, d *store.InDoubtError) (bool, error)
 }
 
 // Flusher moves settled work from a Tracker into the database, and records
@@ -43,6 +46,9 @@ type Flusher struct {
 	Log     zerolog.Logger
 
 	pending store.Batch
+	// doubt, when set, is the unknown outcome of the last write of pending:
+	// nothing is merged into pending or written until Committed answers.
+	doubt *store.InDoubtError
 	// timedOut counts the writes in a row that ran out of their time: each
 	// retry is given twice the time of the one before.
 	timedOut int
@@ -120,11 +126,16 @@ func (f *Flusher) final(ctx context.Context) error {
 // flush drains the tracker into the pending batch and writes it; on failure the
 // batch is kept and retried, merged with whatever settles meanwhile.
 func (f *Flusher) flush(ctx context.Context, atLeast time.Duration) error {
+	start := time.Now()
+	if f.doubt != nil {
+		if err := f.settleDoubt(ctx, atLeast); err != nil {
+			return err
+		}
+	}
 	f.pending.Merge(f.Tracker.Drain())
 	if f.pending.Empty() {
 		return nil
 	}
-	start := time.Now()
 	wctx, cancel := context.WithTimeout(ctx, max(atLeast, f.writeTimeout(f.pending)))
 	err := f.Writer.Write(wctx, f.pending)
 	timedOut := wctx.Err() != nil && ctx.Err() == nil
@@ -133,10 +144,38 @@ func (f *Flusher) flush(ctx context.Context, atLeast time.Duration) error {
 		if timedOut {
 			f.timedOut++
 		}
+		if d := (*store.InDoubtError)(nil); errors.As(err, &d) {
+			f.doubt = d
+		}
 		return err
 	}
+	f.written(time.Since(start))
+	return nil
+}
+
+// settleDoubt finds out whether the last write of pending, whose commit
+// answer was lost, committed: if it did, pending is written (a write of it
+// again would count its attempts, park its deliveries and add to its dead
+// letters twice); if not, it is written again with what settled since.
+func (f *Flusher) settleDoubt(ctx context.Context, atLeast time.Duration) error {
+	wctx, cancel := context.WithTimeout(ctx, max(atLeast, f.writeTimeout(store.Batch{})))
+	committed, err := f.Writer.Committed(wctx, f.doubt)
+	cancel()
+	if err != nil {
+		return err
+	}
+	f.Log.Info().Uint64("transaction", f.doubt.XID).Bool("committed", committed).
+		Msg("outcome of a checkpoint write whose commit answer was lost")
+	f.doubt = nil
+	if committed {
+		f.written(0)
+	}
+	return nil
+}
+
+// written records that pending is in the database.
+func (f *Flusher) written(took time.Duration) {
 	f.timedOut = 0
-	took := time.Since(start)
 	f.Tracker.Written(f.pending.LSN)
 	if f.OnFlush != nil {
 		f.OnFlush(f.pending, took)
@@ -144,7 +183,6 @@ func (f *Flusher) flush(ctx context.Context, atLeast time.Duration) error {
 	f.Log.Debug().Int("marked", len(f.pending.Marks)).Int("dead", len(f.pending.Dead)).
 		Stringer("lsn", f.pending.LSN).Dur("took", took).Msg("checkpoint flushed")
 	f.pending = store.Batch{}
-	return nil
 }
 
 // writeTimeout is the time a write of b is given: WriteTimeout, plus a second
@@ -192,4 +230,10 @@ func permanent(err error) bool {
 // transaction (the retrier's way to mark rows).
 func (f *Flusher) Resolve(ctx context.Context, rs ...store.Resolution) error {
 	return f.Writer.Resolve(ctx, rs...)
+}
+
+// Committed reports whether a resolution whose commit answer was lost
+// committed.
+func (f *Flusher) Committed(ctx context.Context, d *store.InDoubtError) (bool, error) {
+	return f.Writer.Committed(ctx, d)
 }

@@ -32,6 +32,10 @@ func (w *slowWriter) Write(ctx context.Context, b store.Batch) error {
 
 func (w *slowWriter) Resolve(context.Context, ...store.Resolution) error { return nil }
 
+func (w *slowWriter) Committed(context.Context, *store.InDoubtError) (bool, error) {
+	return false, errors.New("slowWriter: no write is in doubt")
+}
+
 // A routing state large enough that its write outlasts WriteTimeout must
 // still be written: with a fixed timeout, every retry carried the same state
 // and failed the same way, and the checkpoint never moved again.

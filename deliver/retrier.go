@@ -12,6 +12,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/internal/backoff"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
 )
@@ -54,6 +55,9 @@ type ParkStore interface {
 // *checkpoint.Flusher is the one that does (it alone writes marks).
 type Resolver interface {
 	Resolve(ctx context.Context, rs ...store.Resolution) error
+	// Committed reports whether a resolution whose commit answer was lost
+	// (an *store.InDoubtError) committed.
+	Committed(ctx context.Context, d *store.InDoubtError) (bool, error)
 }
 
 // Retrier retries parked deliveries from the table on the schedule, one key
@@ -255,7 +259,9 @@ func (k *keyRun) record(ctx context.Context) error {
 	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
 	defer cancel()
 	if err := k.r.Resolver.Resolve(wctx, k.pending...); err != nil {
-		return err
+		if d := (*store.InDoubtError)(nil); !errors.As(err, &d) || !k.committed(ctx, d) {
+			return err
+		}
 	}
 	if k.settled > 0 {
 		k.disp.Unparked(uint64(k.h.Key), k.settled)
@@ -266,6 +272,25 @@ func (k *keyRun) record(ctx context.Context) error {
 	}
 	k.pending, k.settled, k.delivered = k.pending[:0], 0, 0
 	return nil
+}
+
+// committed waits, until ctx ends, for the outcome of a record whose commit
+// answer was lost. Recorded, the page's settled deliveries are gone from the
+// database and the dispatcher must learn so, or it would hold the key's
+// streamed events behind deliveries no longer parked; not recorded, the
+// page is read and retried again (at least once).
+func (k *keyRun) committed(ctx context.Context, d *store.InDoubtError) bool {
+	wait := backoff.New(50*time.Millisecond, 2*time.Second)
+	for {
+		committed, err := k.r.Resolver.Committed(ctx, d)
+		if err == nil {
+			return committed
+		}
+		k.log.Warn().Err(err).Msg("outcome of recording parked deliveries unknown; asking again")
+		if backoff.Sleep(ctx, wait.Next()) != nil {
+			return false
+		}
+	}
 }
 
 // recordTimeout bounds the recording of a page's outcomes, which goes on

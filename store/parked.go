@@ -164,7 +164,8 @@ type Resolution struct {
 // take turns, and each statement after the lock sees what the one before it
 // committed. (Without the lock, two resolving together each saw the other's
 // parked row still there, and the row stayed unprocessed for good.) The
-// retrier resolves a key's run together: one commit for many rows.
+// retrier resolves a key's run together: one commit for many rows. A commit
+// whose answer was lost is an *InDoubtError (see Committed).
 func (s *SlotStore) Resolve(ctx context.Context, rs ...Resolution) error {
 	if len(rs) == 0 {
 		return nil
@@ -179,19 +180,25 @@ func (s *SlotStore) Resolve(ctx context.Context, rs ...Resolution) error {
 	if len(rs) == 1 {
 		what = fmt.Sprintf("resolve parked delivery of event %d", rs[0].EventID)
 	}
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		if err := s.fenced(ctx, tx); err != nil {
+	tx, xid, err := s.begin(ctx, what)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // no-op after commit
+	if err := s.fenced(ctx, tx); err != nil {
+		return err
+	}
+	var q pgx.Batch
+	q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE`, ids)
+	for _, r := range rs {
+		if err := s.queueResolution(&q, r); err != nil {
 			return err
 		}
-		var q pgx.Batch
-		q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE`, ids)
-		for _, r := range rs {
-			if err := s.queueResolution(&q, r); err != nil {
-				return err
-			}
-		}
-		return wrapBatch(tx.SendBatch(ctx, &q).Close(), "%s", what)
-	})
+	}
+	if err := wrapBatch(tx.SendBatch(ctx, &q).Close(), "%s", what); err != nil {
+		return err
+	}
+	return commit(ctx, tx, xid, what)
 }
 
 // queueResolution queues the statements that record r; the caller holds the

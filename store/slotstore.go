@@ -176,13 +176,17 @@ WHERE slot_name = $1 AND system_identifier = $2`, s.cfg.Slot, systemID, timeline
 
 // Write records a batch in one transaction: processed marks, dead letters and,
 // when the batch moves it, the checkpoint LSN. Nothing is visible unless all is.
+// A commit whose answer was lost is an *InDoubtError: the batch may be
+// written already (its attempts counted), so it is written again only once
+// Committed says it was not.
 func (s *SlotStore) Write(ctx context.Context, b Batch) error {
 	if b.Empty() {
 		return nil
 	}
-	tx, err := s.pool.Begin(ctx)
+	what := fmt.Sprintf("write checkpoint of slot %q", s.cfg.Slot)
+	tx, xid, err := s.begin(ctx, what)
 	if err != nil {
-		return fmt.Errorf("begin checkpoint transaction: %w", err)
+		return err
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // no-op after commit
 	if err := s.fenced(ctx, tx); err != nil {
@@ -246,10 +250,7 @@ func (s *SlotStore) Write(ctx context.Context, b Batch) error {
 			return err
 		}
 	}
-	if err := tx.Commit(ctx); err != nil {
-		return fmt.Errorf("commit checkpoint of slot %q: %w", s.cfg.Slot, err)
-	}
-	return nil
+	return commit(ctx, tx, xid, what)
 }
 
 // markLate marks rows the marking statement did not see. The walsender can
