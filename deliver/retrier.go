@@ -77,6 +77,11 @@ type Retrier struct {
 	// rounds are skipped while it does not (between two sessions of the
 	// reader), so that only the slot holder delivers parked events (G9).
 	Leader func() bool
+	// OnFailing, when set, is told each time a retry of a parked delivery
+	// fails again with an answer worth retrying (status 0: no answer), after
+	// its outcome is noted; the pipeline disables a subscription failing for
+	// too long there. It is called from the key's worker.
+	OnFailing func(ctx context.Context, target string, status int)
 	// Namespace is the outbox's message namespace (decode.Table's
 	// MessageNamespace): a parked event is sent with the message id its
 	// first attempt had.
@@ -220,6 +225,8 @@ func (k *keyRun) retry(ctx context.Context, snk sink.Sink, row store.ParkedRow) 
 	}
 	if errors.Is(o.Err, sink.ErrGone) && k.disp.onGone != nil {
 		k.disp.onGone(k.h.Target)
+	} else if k.r.OnFailing != nil {
+		k.r.OnFailing(ctx, k.h.Target, o.Status)
 	}
 	round := int(row.Rounds) + 1
 	if round >= len(k.r.Schedule) {

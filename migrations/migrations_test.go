@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/url"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -16,6 +18,7 @@ import (
 	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/internal/pgtest"
 	"github.com/outboxd/outboxd/migrations"
+	"github.com/outboxd/outboxd/store"
 )
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
@@ -530,6 +533,21 @@ ON CONFLICT (slot_name) DO UPDATE SET lsn = excluded.lsn`)
 		require.ErrorAs(t, err, &pgErr, denied)
 		require.Equal(t, "42501", pgErr.Code, "%s: %v", denied, err)
 	}
+
+	// It cannot insert events, but it disables a failing subscription with
+	// the one event that says so, through migration 9's function.
+	var sub int64
+	require.NoError(t, owner.QueryRow(ctx, `INSERT INTO outboxd_subscription (organization_id, url) VALUES (2, 'https://example.com') RETURNING id`).Scan(&sub))
+	_, err = owner.Exec(ctx, `INSERT INTO outboxd_parked (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at, parked_at)
+VALUES ($1, 2, 2, '0/10', 0, now(), now() - interval '2 days')`, fmt.Sprintf("subscription:%d", sub))
+	require.NoError(t, err)
+	d, err := store.On(role, "public", "domain_event").DisableFailing(ctx, fmt.Sprintf("subscription:%d", sub), sub, 24*time.Hour, 503)
+	require.NoError(t, err)
+	require.True(t, d.Disabled)
+	require.NoError(t, d.EventErr)
+	var name string
+	require.NoError(t, owner.QueryRow(ctx, `SELECT event_name FROM domain_event WHERE id = $1 AND organization_id = 2`, d.EventID).Scan(&name))
+	require.Equal(t, store.SubscriptionDisabledEvent, name)
 
 	// Take one grant away: the start check names it.
 	_, err = owner.Exec(ctx, "REVOKE UPDATE (delivery_attempts) ON domain_event FROM outboxd")

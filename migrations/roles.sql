@@ -65,6 +65,11 @@ GRANT USAGE ON SCHEMA public TO outboxd;
 
 GRANT SELECT ON public.domain_event TO outboxd;
 GRANT UPDATE (is_processed, processed_at, delivery_attempts) ON public.domain_event TO outboxd;
+-- A subscription failing for OUTBOXD_SUBSCRIPTION_DISABLE_AFTER is disabled
+-- with an outboxd_subscription_disabled event in the outbox, through this
+-- SECURITY DEFINER function (migration 9): the role still cannot insert
+-- events of its own.
+GRANT EXECUTE ON FUNCTION public.outboxd_disable_failing_subscription(bigint, text, interval, text, integer) TO outboxd;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.outboxd_checkpoint, public.outboxd_dead_letter, public.outboxd_parked TO outboxd;
 -- Subscriptions: read for routing; update only the columns that disable an

@@ -60,6 +60,10 @@ type Config struct {
 	Schedule []time.Duration
 	// RetryInterval is how often parked deliveries are looked at; default 1s.
 	RetryInterval time.Duration
+	// SubscriptionDisableAfter disables a tenant subscription whose oldest
+	// undelivered event has been failing for that long, with an
+	// outboxd_subscription_disabled event in the outbox (0: never).
+	SubscriptionDisableAfter time.Duration
 
 	// FlushInterval and FlushSize trigger checkpoint flushes; defaults 200ms
 	// and 1000 events.
@@ -295,6 +299,7 @@ func (j *job) take(takeCtx context.Context) error {
 		Schedule: j.cfg.Schedule, Interval: j.cfg.RetryInterval,
 		Leader:    func() bool { return j.reader.WalsenderPID() != 0 },
 		Namespace: j.cfg.Table.MessageNamespace,
+		OnFailing: j.disableFailing,
 		Log:       j.log.With().Str("component", "retrier").Logger()}
 	close(j.leading)
 	return nil
@@ -485,6 +490,34 @@ func (j *job) disableGone(target string) {
 	}
 	if disabled {
 		j.dlog.Warn().Str("target", target).Msg("subscription disabled: its endpoint answered 410 Gone; its events are parked until it is re-enabled")
+	}
+}
+
+// disableFailing disables a subscription target whose oldest undelivered
+// event has been failing for SubscriptionDisableAfter (store.DisableFailing).
+// The router learns it from the stream, in commit order, like any change.
+func (j *job) disableFailing(ctx context.Context, target string, status int) {
+	if j.cfg.SubscriptionDisableAfter <= 0 {
+		return
+	}
+	raw, ok := strings.CutPrefix(target, "subscription:")
+	id, err := strconv.ParseInt(raw, 10, 64)
+	if !ok || err != nil {
+		return // the process's own destinations are never disabled
+	}
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	d, err := store.On(j.pool, j.cfg.Table.Schema, j.cfg.Table.Name).DisableFailing(uctx, target, id, j.cfg.SubscriptionDisableAfter, status)
+	switch {
+	case err != nil:
+		j.dlog.Error().Err(err).Str("target", target).Msg("disable failing subscription")
+	case !d.Disabled:
+	case d.EventErr != nil:
+		j.dlog.Warn().Str("target", target).Time("failing_since", d.FailingSince).AnErr("event_error", d.EventErr).
+			Msg("subscription disabled: failing for longer than OUTBOXD_SUBSCRIPTION_DISABLE_AFTER; its events are parked until it is re-enabled; the " + store.SubscriptionDisabledEvent + " event could not be inserted")
+	default:
+		j.dlog.Warn().Str("target", target).Time("failing_since", d.FailingSince).Int64("event_id", d.EventID).
+			Msg("subscription disabled: failing for longer than OUTBOXD_SUBSCRIPTION_DISABLE_AFTER; its events are parked until it is re-enabled; " + store.SubscriptionDisabledEvent + " inserted")
 	}
 }
 

@@ -52,6 +52,9 @@ type config struct {
 	// SubscriptionMaxConnsPerHost caps the connections the tenant
 	// subscriptions' webhooks open to one host (0: no cap).
 	SubscriptionMaxConnsPerHost int `env:"SUBSCRIPTION_MAX_CONNS_PER_HOST" envDefault:"64"`
+	// SubscriptionDisableAfter disables a tenant subscription failing for
+	// that long (0: never).
+	SubscriptionDisableAfter time.Duration `env:"SUBSCRIPTION_DISABLE_AFTER" envDefault:"24h"`
 
 	SlotRecreate    bool          `env:"SLOT_RECREATE" envDefault:"false"`
 	SlotFailover    bool          `env:"SLOT_FAILOVER" envDefault:"true"`
@@ -334,7 +337,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 			SubscriptionAllowPrivate:        c.AllowPrivateSubscriptions,
 			SubscriptionAllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SUBSCRIPTIONS",
 			SubscriptionMaxConnsPerHost:     c.SubscriptionMaxConnsPerHost},
-		DefaultEvents: events, Schedule: schedule,
+		DefaultEvents: events, Schedule: schedule, SubscriptionDisableAfter: c.SubscriptionDisableAfter,
 		FlushInterval: c.FlushInterval, FlushSize: c.FlushSize, ShutdownTimeout: c.ShutdownTimeout,
 		StatusInterval: c.StatusInterval,
 	}
@@ -357,6 +360,7 @@ func (c config) pipelineConfig() (pipeline.Config, error) {
 		{"SHUTDOWN_TIMEOUT", positiveDur(c.ShutdownTimeout)},
 		{"WEBHOOK_BATCH_WAIT", nonNegativeDur(c.WebhookBatchWait)},
 		{"SUBSCRIPTION_MAX_CONNS_PER_HOST", nonNegative(c.SubscriptionMaxConnsPerHost)},
+		{"SUBSCRIPTION_DISABLE_AFTER", nonNegativeDur(c.SubscriptionDisableAfter)},
 		{"HEARTBEAT_INTERVAL", nonNegativeDur(c.HeartbeatInterval)},
 		{"REPLICATION_TIMEOUT", atLeast(c.ReplicationTimeout, 2*c.StatusInterval, "twice OUTBOXD_STATUS_INTERVAL")},
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -568,4 +569,76 @@ SELECT unnest($1::bigint[]), 'webhook', 400, 'bad request', 1`, ids)
 	code, out = e2e.RunCommand(t, b.env, "dlq", "purge", "--yes")
 	require.Equal(t, 0, code, out)
 	require.Contains(t, out, "1200 dead letter(s) purged")
+}
+
+// A tenant subscription whose endpoint fails every retry for longer than
+// OUTBOXD_SUBSCRIPTION_DISABLE_AFTER is disabled with its reason, and
+// outboxd inserts an outboxd_subscription_disabled event of the tenant into
+// the outbox: the default webhook and the tenant's other subscriptions get
+// it like any event, so the application can tell the tenant. The failing
+// subscription keeps its parked deliveries (none dead-lettered) and gets
+// them once re-enabled.
+func TestFailingSubscriptionIsDisabledWithAnEvent(t *testing.T) {
+	t.Parallel()
+	b := newBundle(t, pgtest.Shared(t), map[string]string{
+		"OUTBOXD_RETRY_SCHEDULE":             "200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms",
+		"OUTBOXD_SUBSCRIPTION_DISABLE_AFTER": "1500ms",
+		"OUTBOXD_WEBHOOK_MAX_ATTEMPTS":       "1",
+	})
+	failing := e2e.NewReceiver(t)
+	var down atomic.Bool
+	down.Store(true)
+	failing.Respond = func(*e2e.Delivery) int {
+		if down.Load() {
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusOK
+	}
+	healthy := e2e.NewReceiver(t)
+	other := e2e.NewReceiver(t) // another tenant's: must not hear of it
+	id := addSubscription(t, b.pool, org(4), failing.URL, nil, nil)
+	addSubscription(t, b.pool, org(4), healthy.URL, nil, nil)
+	addSubscription(t, b.pool, org(5), other.URL, nil, nil)
+	d := e2e.StartDaemon(t, b.env)
+	ids := e2e.Insert(t, b.pool, 3, 1, func(int) int64 { return 4 })
+	healthy.WaitAccepted(t, ids, time.Minute)
+
+	ctx := context.Background()
+	var enabled bool
+	var reason string
+	e2e.WaitFor(t, time.Minute, func() bool {
+		require.NoError(t, b.pool.QueryRow(ctx, `SELECT enabled, coalesce(disabled_reason, '') FROM outboxd_subscription WHERE id = $1`, id).Scan(&enabled, &reason))
+		return !enabled
+	}, func() string { return "subscription not disabled" })
+	require.Contains(t, reason, "failing for more than 1.5s")
+	require.Contains(t, reason, "last status 503")
+
+	var eventID, eventOrg int64
+	var props map[string]any
+	require.NoError(t, b.pool.QueryRow(ctx, `SELECT id, organization_id, properties FROM domain_event
+WHERE event_name = 'outboxd_subscription_disabled' AND entity_type = 'subscription' AND entity_id = $1 AND source = 'outboxd'`, strconv.FormatInt(id, 10)).
+		Scan(&eventID, &eventOrg, &props))
+	require.Equal(t, int64(4), eventOrg)
+	require.Equal(t, float64(id), props["subscription_id"])
+	require.Contains(t, props["reason"], "failing for more than")
+	require.EqualValues(t, 503, props["last_status"])
+	b.recv.WaitAccepted(t, append(slices.Clone(ids), eventID), time.Minute)
+	healthy.WaitAccepted(t, append(slices.Clone(ids), eventID), time.Minute)
+	for _, dl := range append(b.recv.Deliveries(), healthy.Deliveries()...) {
+		require.True(t, dl.SigOK, "every copy is signed")
+	}
+	require.Zero(t, other.Len(), "another tenant's subscription hears nothing of it")
+
+	var parked, dead int
+	require.NoError(t, b.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM outboxd_parked WHERE target = $1), (SELECT count(*) FROM outboxd_dead_letter)`,
+		fmt.Sprintf("subscription:%d", id)).Scan(&parked, &dead))
+	require.Equal(t, len(ids), parked, "the disabled subscription keeps its parked deliveries")
+	require.Zero(t, dead)
+
+	down.Store(false)
+	code, out := e2e.RunCommand(t, b.env, "subscription", "enable", strconv.FormatInt(id, 10))
+	require.Equal(t, 0, code, out)
+	failing.WaitAccepted(t, ids, time.Minute)
+	b.waitProcessed(t, int64(len(ids))+1, time.Minute)
+	require.Equal(t, 0, d.Stop(30*time.Second))
 }
