@@ -50,7 +50,7 @@ var columnKinds = map[string][]string{
 
 // required lists, per table, the columns outboxd reads or writes.
 var required = map[string][]string{
-	"outboxd_checkpoint":           {"slot_name", "lsn", "system_identifier", "timeline", "catchup_pending", "updated_at", "routing"},
+	"outboxd_checkpoint":           {"slot_name", "lsn", "system_identifier", "timeline", "catchup_pending", "updated_at", "routing", "write_token"},
 	"outboxd_dead_letter":          {"event_id", "sink", "last_status", "last_error", "attempts", "dead_at"},
 	"outboxd_parked":               {"target", "event_id", "ordering_key", "commit_lsn", "commit_index", "attempts", "rounds", "next_attempt_at", "last_status", "last_error"},
 	"outboxd_subscription":         {"id", "organization_id", "url", "secrets", "events", "enabled", "disabled_reason"},

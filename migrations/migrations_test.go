@@ -135,7 +135,7 @@ func TestMigrateFresh(t *testing.T) {
 	require.Equal(t, map[string]string{
 		"slot_name": "text", "lsn": "pg_lsn", "system_identifier": "text", "timeline": "integer",
 		"catchup_pending": "boolean", "updated_at": "timestamp with time zone", "routing": "jsonb",
-		"confirms_recorded": "boolean",
+		"confirms_recorded": "boolean", "write_token": "text",
 	}, b.columns(t, "public", "outboxd_checkpoint"))
 	require.Equal(t, map[string]string{
 		"singleton": "boolean", "namespace": "text", "created_at": "timestamp with time zone",

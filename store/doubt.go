@@ -2,6 +2,8 @@ package store
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strconv"
@@ -18,10 +20,16 @@ import (
 // asks Committed first and writes again only on false.
 type InDoubtError struct {
 	What string
-	// XID is the transaction's id (pg_current_xact_id) and PID its backend.
-	XID uint64
-	PID uint32
-	Err error
+	// XID is the transaction's id (pg_current_xact_id), PID its backend and
+	// ServerStart the server's pg_postmaster_start_time when it began.
+	XID         uint64
+	PID         uint32
+	ServerStart time.Time
+	Err         error
+	// written reports, once the transaction is over, whether its writes are
+	// in the database: the answer when the server restarted meanwhile, as
+	// a transaction id that never became durable is given again then.
+	written func(ctx context.Context, q Querier) (bool, error)
 }
 
 func (e *InDoubtError) Error() string {
@@ -30,55 +38,87 @@ func (e *InDoubtError) Error() string {
 
 func (e *InDoubtError) Unwrap() error { return e.Err }
 
-// begin starts a write transaction and reads its id, so that commit can
-// report a lost answer as an *InDoubtError.
-func (s *SlotStore) begin(ctx context.Context, what string) (pgx.Tx, uint64, error) {
-	tx, err := s.pool.Begin(ctx)
-	if err != nil {
-		return nil, 0, fmt.Errorf("%s: begin: %w", what, err)
-	}
-	var xid string
-	if err := tx.QueryRow(ctx, `SELECT pg_current_xact_id()::text`).Scan(&xid); err != nil {
-		_ = tx.Rollback(context.WithoutCancel(ctx))
-		return nil, 0, fmt.Errorf("%s: read transaction id: %w", what, err)
-	}
-	id, err := strconv.ParseUint(xid, 10, 64)
-	if err != nil {
-		_ = tx.Rollback(context.WithoutCancel(ctx))
-		return nil, 0, fmt.Errorf("%s: transaction id %q: %w", what, xid, err)
-	}
-	return tx, id, nil
+// writeTx is a write transaction whose identity is known, so that a lost
+// COMMIT answer can be resolved later (commit, Committed).
+type writeTx struct {
+	pgx.Tx
+	what  string
+	xid   uint64
+	start time.Time
 }
 
-// commit commits tx (of id xid). An error the server answered leaves the
-// transaction rolled back; any other leaves its outcome unknown and is an
-// *InDoubtError. (pgx reports an answer lost after the COMMIT was sent as
-// "conn closed", an error it calls safe to retry: it is not.)
-func commit(ctx context.Context, tx pgx.Tx, xid uint64, what string) error {
-	pid := tx.Conn().PgConn().PID()
-	err := tx.Commit(ctx)
+// begin starts a write transaction and reads its id and the server's start
+// time, so that commit can report a lost answer as an *InDoubtError.
+func (s *SlotStore) begin(ctx context.Context, what string) (*writeTx, error) {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("%s: begin: %w", what, err)
+	}
+	w := &writeTx{Tx: tx, what: what}
+	var xid string
+	if err := tx.QueryRow(ctx, `SELECT pg_current_xact_id()::text, pg_postmaster_start_time()`).Scan(&xid, &w.start); err != nil {
+		_ = tx.Rollback(context.WithoutCancel(ctx))
+		return nil, fmt.Errorf("%s: read transaction id: %w", what, err)
+	}
+	if w.xid, err = strconv.ParseUint(xid, 10, 64); err != nil {
+		_ = tx.Rollback(context.WithoutCancel(ctx))
+		return nil, fmt.Errorf("%s: transaction id %q: %w", what, xid, err)
+	}
+	return w, nil
+}
+
+// commit commits the transaction. An error the server answered leaves it
+// rolled back; any other leaves its outcome unknown and is an *InDoubtError
+// whose written checks the transaction's writes (pgx reports an answer lost
+// after the COMMIT was sent as "conn closed", an error it calls safe to
+// retry: it is not).
+func (w *writeTx) commit(ctx context.Context, written func(ctx context.Context, q Querier) (bool, error)) error {
+	pid := w.Conn().PgConn().PID()
+	err := w.Commit(ctx)
 	if err == nil {
 		return nil
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
-		return fmt.Errorf("%s: commit: %w", what, err)
+		return fmt.Errorf("%s: commit: %w", w.what, err)
 	}
-	return &InDoubtError{What: what, XID: xid, PID: pid, Err: err}
+	return &InDoubtError{What: w.what, XID: w.xid, PID: pid, ServerStart: w.start, Err: err, written: written}
 }
 
-// Committed finds out whether the transaction of d committed. While it is
+// newToken returns a random write token.
+func newToken() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// Committed finds out whether the transaction of d committed. On the server
+// it began on, the transaction's id answers (pg_xact_status); while it is
 // still in progress (the connection was cut before the COMMIT reached its
-// backend, which has not noticed yet, or the commit is waiting on a
-// synchronous standby), that backend is terminated: it is this process's own
-// old connection, holding the locks of the rows a retry would write, and a
-// terminated transaction is committed or rolled back for good. Committed
+// backend, which has not noticed yet, or the commit waits on a synchronous
+// standby), that backend is terminated: it is this process's own old
+// connection, holding the locks of the rows a retry would write, and a
+// terminated transaction is committed or rolled back for good. After a
+// restart (or on another server, after a failover) the id may have been given
+// to another transaction, so the transaction's own writes answer. Committed
 // waits for the answer until ctx ends.
 func (s *SlotStore) Committed(ctx context.Context, d *InDoubtError) (bool, error) {
 	xid := strconv.FormatUint(d.XID, 10)
 	wait := 2 * time.Millisecond
 	terminated := false
 	for {
+		var start time.Time
+		if err := s.pool.QueryRow(ctx, `SELECT pg_postmaster_start_time()`).Scan(&start); err != nil {
+			return false, fmt.Errorf("%s: find out whether transaction %s committed: %w", d.What, xid, err)
+		}
+		if !start.Equal(d.ServerStart) {
+			// Restarted: whatever was in progress is over.
+			ok, err := d.written(ctx, s.pool)
+			if err != nil {
+				return false, fmt.Errorf("%s: find out whether transaction %s committed: %w", d.What, xid, err)
+			}
+			return ok, nil
+		}
 		var status *string
 		if err := s.pool.QueryRow(ctx, `SELECT pg_xact_status($1::xid8)`, xid).Scan(&status); err != nil {
 			return false, fmt.Errorf("%s: find out whether transaction %s committed: %w", d.What, xid, err)

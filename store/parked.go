@@ -180,7 +180,7 @@ func (s *SlotStore) Resolve(ctx context.Context, rs ...Resolution) error {
 	if len(rs) == 1 {
 		what = fmt.Sprintf("resolve parked delivery of event %d", rs[0].EventID)
 	}
-	tx, xid, err := s.begin(ctx, what)
+	tx, err := s.begin(ctx, what)
 	if err != nil {
 		return err
 	}
@@ -198,7 +198,31 @@ func (s *SlotStore) Resolve(ctx context.Context, rs ...Resolution) error {
 	if err := wrapBatch(tx.SendBatch(ctx, &q).Close(), "%s", what); err != nil {
 		return err
 	}
-	return commit(ctx, tx, xid, what)
+	return tx.commit(ctx, s.resolved(rs))
+}
+
+// resolved checks, for a resolution whose COMMIT got no answer, whether its
+// parked rows that it ended (delivered or dead-lettered) are gone: all or
+// none of them, one transaction deleted them. Only its rescheduled ones it
+// cannot tell, and says not written: the retrier reads the table again
+// rather than record the same outcomes twice.
+func (s *SlotStore) resolved(rs []Resolution) func(ctx context.Context, q Querier) (bool, error) {
+	var targets []string
+	var ids []int64
+	for _, r := range rs {
+		if r.Kind != RetryLater {
+			targets, ids = append(targets, r.Target), append(ids, r.EventID)
+		}
+	}
+	return func(ctx context.Context, q Querier) (bool, error) {
+		if len(ids) == 0 {
+			return false, nil
+		}
+		var left bool
+		err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+s.parked()+` AS p
+JOIN unnest($1::text[], $2::bigint[]) AS r(t, id) ON p.target = r.t AND p.event_id = r.id)`, targets, ids).Scan(&left)
+		return !left, err
+	}
 }
 
 // queueResolution queues the statements that record r; the caller holds the

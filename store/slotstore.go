@@ -30,7 +30,7 @@ type SlotStore struct {
 	// fence, when set, returns this instance's walsender pid (SetFence).
 	fence func() uint32
 
-	markSQL, deadSQL, attemptsSQL, parkSQL, stateSQL, advanceSQL, loadSQL, saveSQL string
+	markSQL, deadSQL, attemptsSQL, parkSQL, stateSQL, tokenSQL, advanceSQL, loadSQL, saveSQL string
 }
 
 // NewSlotStore returns a store over pool.
@@ -64,6 +64,7 @@ ON CONFLICT (target, event_id) DO UPDATE SET attempts = p.attempts + excluded.at
   last_status = coalesce(excluded.last_status, p.last_status),
   last_error = CASE WHEN excluded.last_error = '' THEN p.last_error ELSE excluded.last_error END`,
 		stateSQL: `UPDATE ` + cp + ` SET routing = $2 WHERE slot_name = $1`,
+		tokenSQL: `UPDATE ` + cp + ` SET write_token = $2 WHERE slot_name = $1`,
 		advanceSQL: `UPDATE ` + cp + ` SET lsn = greatest(lsn, $2::pg_lsn),
   catchup_pending = catchup_pending AND NOT $3, updated_at = now(), confirms_recorded = true
 WHERE slot_name = $1`,
@@ -184,7 +185,7 @@ func (s *SlotStore) Write(ctx context.Context, b Batch) error {
 		return nil
 	}
 	what := fmt.Sprintf("write checkpoint of slot %q", s.cfg.Slot)
-	tx, xid, err := s.begin(ctx, what)
+	tx, err := s.begin(ctx, what)
 	if err != nil {
 		return err
 	}
@@ -232,6 +233,10 @@ func (s *SlotStore) Write(ctx context.Context, b Batch) error {
 	if b.State != nil {
 		q.Queue(s.stateSQL, s.cfg.Slot, b.State)
 	}
+	// The token tells, after a restart that took the transaction's id with
+	// it, whether a write whose COMMIT got no answer is in the database.
+	token := newToken()
+	q.Queue(s.tokenSQL, s.cfg.Slot, token)
 	var advanced pgconn.CommandTag
 	if b.LSN != 0 || b.CatchupDone {
 		q.Queue(s.advanceSQL, s.cfg.Slot, b.LSN, b.CatchupDone).Exec(func(ct pgconn.CommandTag) error {
@@ -250,7 +255,12 @@ func (s *SlotStore) Write(ctx context.Context, b Batch) error {
 			return err
 		}
 	}
-	return commit(ctx, tx, xid, what)
+	return tx.commit(ctx, func(ctx context.Context, q Querier) (bool, error) {
+		var written bool
+		err := q.QueryRow(ctx, `SELECT coalesce(bool_or(write_token = $2), false) FROM `+Ident(s.cfg.Schema, CheckpointTable)+` WHERE slot_name = $1`,
+			s.cfg.Slot, token).Scan(&written)
+		return written, err
+	})
 }
 
 // markLate marks rows the marking statement did not see. The walsender can
