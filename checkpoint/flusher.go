@@ -162,7 +162,9 @@ func (f *Flusher) settleDoubt(ctx context.Context, atLeast time.Duration) error 
 	committed, err := f.Writer.Committed(wctx, f.doubt)
 	cancel()
 	if err != nil {
-		return err
+		// Never permanent: a server restarting while it is asked answers
+		// with errors of any class; the question is asked again.
+		return fmt.Errorf("checkpoint write in doubt: %v", err)
 	}
 	f.Log.Info().Uint64("transaction", f.doubt.XID).Bool("committed", committed).
 		Msg("outcome of a checkpoint write whose commit answer was lost")
