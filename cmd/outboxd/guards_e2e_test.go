@@ -32,6 +32,7 @@ type countingGate struct {
 	down    atomic.Bool
 	mu      sync.Mutex
 	times   []time.Time
+	auths   []string // Authorization of each request
 	badAuth int
 }
 
@@ -43,6 +44,7 @@ func newCountingGate(t *testing.T, upstream, wantAuth string) *countingGate {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		g.mu.Lock()
 		g.times = append(g.times, time.Now())
+		g.auths = append(g.auths, r.Header.Get("Authorization"))
 		if wantAuth != "" && r.Header.Get("Authorization") != wantAuth {
 			g.badAuth++
 		}
@@ -319,4 +321,31 @@ func TestGuardVariables(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, float64(5), guards["webhook"].Config().RateLimit)
 	require.Zero(t, guards["webhook"].Config().BreakerFailures, "no breaker unless asked for")
+}
+
+func (g *countingGate) authorizations() []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return append([]string(nil), g.auths...)
+}
+
+// replay sends the destination's headers to its configured address, and
+// never to another one given with --webhook-url.
+func TestReplaySendsDestinationHeaders(t *testing.T) {
+	t.Parallel()
+	db := newOpsDB(t)
+	db.insert(t, 2, "batch_started", 3, time.Now())
+	db.exec(t, `UPDATE domain_event SET is_processed = true, processed_at = now()`)
+	own := newCountingGate(t, db.recv.URL, "")
+	other := newCountingGate(t, db.recv.URL, "")
+	env := maps.Clone(db.env)
+	env["OUTBOXD_WEBHOOK_URL"] = own.URL
+	env["OUTBOXD_WEBHOOK_HEADERS"] = "Authorization: Bearer replay-t0ken"
+	code, out, errOut := opsRun(t, env, "replay")
+	require.Equal(t, 0, code, out+errOut)
+	require.Equal(t, []string{"Bearer replay-t0ken", "Bearer replay-t0ken"}, own.authorizations())
+	code, out, errOut = opsRun(t, env, "replay", "--webhook-url", other.URL)
+	require.Equal(t, 0, code, out+errOut)
+	require.Equal(t, []string{"", ""}, other.authorizations(), "the token went to another address")
+	require.NotContains(t, out+errOut, "t0ken")
 }
