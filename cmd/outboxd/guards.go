@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/outboxd/outboxd/deliver"
+	"github.com/outboxd/outboxd/ops"
 	"github.com/outboxd/outboxd/pipeline"
 	"github.com/outboxd/outboxd/sink"
 )
@@ -246,4 +247,21 @@ func guardsHandler(h http.Handler, guards []*deliver.Guard) http.Handler {
 		_ = enc.Encode(out) // the client may be gone
 	})
 	return mux
+}
+
+// redactHeaders shows an OUTBOXD_<KIND>_HEADERS value with each header's
+// value redacted, a value file's path excepted (status's configuration).
+func redactHeaders(raw string) string {
+	var out []string
+	for entry := range strings.FieldsFuncSeq(raw, func(r rune) bool { return r == '\n' || r == ';' }) {
+		name, value, _ := strings.Cut(strings.TrimSpace(entry), ":")
+		if name = strings.TrimSpace(name); name == "" {
+			continue
+		}
+		if value = strings.TrimSpace(value); !strings.HasPrefix(value, "@") {
+			value = ops.Redacted
+		}
+		out = append(out, name+": "+value)
+	}
+	return strings.Join(out, "; ")
 }

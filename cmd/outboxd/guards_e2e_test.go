@@ -180,6 +180,32 @@ func TestDestinationBreakerEndToEnd(t *testing.T) {
 	require.Contains(t, wh.LastError, "503", body)
 	require.Equal(t, []string{"Authorization", "X-Outboxd-Test"}, wh.Headers)
 	require.NotContains(t, body, "t0ken")
+	// `outboxd status --daemon` shows the daemon's breakers with the
+	// database's parked counts.
+	code, out, errOut := opsRun(t, b.env, "status", "--json", "--daemon", "http://"+w.addr)
+	require.Contains(t, []int{0, 1}, code, out+errOut)
+	var status struct {
+		Backlog struct {
+			Targets []struct {
+				Target string `json:"target"`
+				Parked int64  `json:"parked"`
+			} `json:"targets"`
+		} `json:"backlog"`
+		Destinations []struct {
+			Target  string `json:"target"`
+			Breaker string `json:"breaker"`
+		} `json:"destinations"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &status), out)
+	require.Len(t, status.Destinations, 2, out)
+	require.Equal(t, "webhook", status.Destinations[1].Target)
+	require.Contains(t, []string{"open", "half-open"}, status.Destinations[1].Breaker, out)
+	require.Equal(t, "webhook", status.Backlog.Targets[0].Target, out)
+	require.Positive(t, status.Backlog.Targets[0].Parked, out)
+	code, out, errOut = opsRun(t, b.env, "status", "--daemon", w.addr)
+	require.Contains(t, []int{0, 1}, code, out+errOut)
+	require.Regexp(t, `webhook +breaker (open|half-open) since .*last error: .*503`, out)
+	require.NotContains(t, out, "t0ken")
 	// The rows of the down stretch wait for the webhook.
 	rows, _ := e2e.Processed(t, b.pool)
 	require.EqualValues(t, 20, rows, "rows processed while the webhook had not delivered them")
@@ -348,4 +374,21 @@ func TestReplaySendsDestinationHeaders(t *testing.T) {
 	require.Equal(t, 0, code, out+errOut)
 	require.Equal(t, []string{"", ""}, other.authorizations(), "the token went to another address")
 	require.NotContains(t, out+errOut, "t0ken")
+}
+
+// status's configuration shows the header names and value files, never a
+// header's value.
+func TestStatusConfigRedactsHeaders(t *testing.T) {
+	t.Parallel()
+	env := map[string]string{"OUTBOXD_SINKS": "webhook,posthog",
+		"OUTBOXD_WEBHOOK_HEADERS": "Authorization: Bearer s3cret-t0ken; X-Key: @/run/secrets/key",
+		"OUTBOXD_POSTHOG_HEADERS": "X-Other: plain-s3cret"}
+	c, _, err := loadConfig(env)
+	require.NoError(t, err)
+	cfg := effectiveConfig(c, env)
+	require.Equal(t, "Authorization: ***; X-Key: @/run/secrets/key", cfg["OUTBOXD_WEBHOOK_HEADERS"])
+	require.Equal(t, "X-Other: ***", cfg["OUTBOXD_POSTHOG_HEADERS"])
+	for k, v := range cfg {
+		require.NotContains(t, v, "s3cret", k)
+	}
 }
