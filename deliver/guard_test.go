@@ -195,3 +195,27 @@ func TestGuardRateWaitEndsWithCtxAndIsNoAttempt(t *testing.T) {
 	}
 	require.Equal(t, 1, rcv.count())
 }
+
+// PostHog and GA4 requests carry the destination's headers too.
+func TestGuardHeadersOnPostHogAndGA4(t *testing.T) {
+	rcv := newReceiver(t)
+	hdr := []sink.ExtraHeader{{Key: "Authorization", Value: "Bearer analytics"}}
+	ph, err := sink.NewPostHog(sink.PostHogConfig{Host: rcv.srv.URL, APIKey: "phc_test",
+		HTTPConfig: sink.HTTPConfig{AllowPrivate: true}}.WithDefaults(), zerolog.Nop())
+	require.NoError(t, err)
+	t.Cleanup(ph.Close)
+	ga, err := sink.NewGA4(sink.GA4Config{Endpoint: rcv.srv.URL + "/mp/collect", MeasurementID: "G-TEST", APISecret: "s",
+		HTTPConfig: sink.HTTPConfig{AllowPrivate: true}}.WithDefaults(), zerolog.Nop())
+	require.NoError(t, err)
+	t.Cleanup(ga.Close)
+	ev := []*decode.Event{{ID: 7, Name: "thing_happened", Body: []byte(`{"user_id":"u1"}`), MessageID: "msg_7",
+		OrganizationID: 3, HasOrganization: true, OccurredAt: time.Now().Add(-time.Minute)}}
+	for _, s := range []sink.Sink{ph, ga} {
+		o := NewGuard(s.Name(), GuardConfig{Headers: hdr}.WithDefaults()).Wrap(s).Deliver(context.Background(), ev)[0]
+		require.NoError(t, o.Err, s.Name())
+	}
+	require.Len(t, rcv.headers, 2)
+	for i, h := range rcv.headers {
+		require.Equal(t, "Bearer analytics", h.Get("Authorization"), "request %d", i)
+	}
+}
