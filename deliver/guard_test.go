@@ -219,3 +219,20 @@ func TestGuardHeadersOnPostHogAndGA4(t *testing.T) {
 		require.Equal(t, "Bearer analytics", h.Get("Authorization"), "request %d", i)
 	}
 }
+
+// A call cut short by shutdown (here while it waits for a token) says
+// nothing of the destination: it neither opens the breaker nor reaches it.
+func TestGuardAbandonedCallsDoNotTrip(t *testing.T) {
+	rcv := newReceiver(t)
+	g := NewGuard("webhook", GuardConfig{BreakerFailures: 1, RateLimit: 0.001, RateBurst: 1}.WithDefaults())
+	s := g.Wrap(webhookTo(t, rcv.srv.URL))
+	require.NoError(t, s.Deliver(context.Background(), oneEvent(1))[0].Err)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	for i := range 3 {
+		require.ErrorIs(t, s.Deliver(ctx, oneEvent(int64(2+i)))[0].Err, context.Canceled)
+	}
+	require.Equal(t, BreakerClosed, g.State())
+	require.Zero(t, g.Openings())
+	require.Equal(t, 1, rcv.count())
+}
