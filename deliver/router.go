@@ -26,6 +26,8 @@ type RouterConfig struct {
 	// DefaultTarget.
 	Default       sink.Sink
 	DefaultEvents []string
+	// DefaultGuard guards the default target (Destination.Guard).
+	DefaultGuard *Guard
 	// Destinations are the process's own targets, each with its own
 	// dispatcher, filter, parked rows and dead letters (OUTBOXD_SINKS). An
 	// event is settled once every destination it was routed to settled it.
@@ -64,6 +66,9 @@ type Destination struct {
 	Concurrency int
 	BatchSize   int
 	BatchWait   time.Duration
+	// Guard, when set, adds the destination's headers, rate limit and
+	// circuit breaker to every call of its dispatcher and of the retrier.
+	Guard *Guard
 }
 
 // destinations returns the destinations the router runs: the configured
@@ -72,7 +77,7 @@ func (c RouterConfig) destinations() []Destination {
 	if len(c.Destinations) > 0 {
 		return c.Destinations
 	}
-	return []Destination{{Name: DefaultTarget, Sink: c.Default, Events: c.DefaultEvents}}
+	return []Destination{{Name: DefaultTarget, Sink: c.Default, Events: c.DefaultEvents, Guard: c.DefaultGuard}}
 }
 
 // config returns the dispatcher configuration of d.
@@ -247,7 +252,7 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 	var dests []destination
 	own := map[string]bool{}
 	for _, d := range r.cfg.destinations() {
-		dests = append(dests, destination{start(d.Name, d.Sink, nil, r.cfg.config(d)), d.Events})
+		dests = append(dests, destination{start(d.Name, d.Guard.Wrap(d.Sink), nil, r.cfg.config(d)), d.Events})
 		own[d.Name] = true
 	}
 	for name, keys := range r.cfg.Parked {

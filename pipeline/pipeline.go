@@ -51,6 +51,9 @@ type Config struct {
 	// DefaultEvents filters the default target by event-name globs (none:
 	// every event).
 	DefaultEvents []string
+	// DefaultGuard guards the default target: headers, rate limit, circuit
+	// breaker (deliver.Guard); nil: none.
+	DefaultGuard *deliver.Guard
 	// Destinations, when set, replace the default target (Sink,
 	// DefaultEvents): one target each (OUTBOXD_SINKS). A destination
 	// without a Sink is the webhook built from Webhook.
@@ -443,7 +446,7 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 		return nil, err
 	}
 	rc := deliver.RouterConfig{
-		Deliver: cfg.Deliver, Default: j.sink, DefaultEvents: cfg.DefaultEvents, Destinations: cfg.Destinations,
+		Deliver: cfg.Deliver, Default: j.sink, DefaultEvents: cfg.DefaultEvents, DefaultGuard: cfg.DefaultGuard, Destinations: cfg.Destinations,
 		Subscription: func(sub deliver.Subscription) (sink.Sink, error) {
 			// The subscriptions' own address guard, never the default
 			// webhook's (G8): a URL it refuses is never connected to, and

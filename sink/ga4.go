@@ -698,6 +698,9 @@ func (g *GA4) postRead(ctx context.Context, target string, body []byte, events, 
 	if err != nil {
 		return call, nil, "", fmt.Errorf("%w: build request: %s", ErrPermanent, g.scrub.Replace(cleanErr(err).Error()))
 	}
+	for _, h := range ExtraHeaders(ctx) { // the destination's own headers (OUTBOXD_GA4_HEADERS); ours win
+		req.Header.Set(h.Key, h.Value)
+	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", g.userAgent)
 	resp, err := g.http.do(req, call)

@@ -444,6 +444,9 @@ func (p *PostHog) post(ctx context.Context, batch []json.RawMessage, historical 
 	if err != nil {
 		return call, nil, "", fmt.Errorf("%w: build request: %w", ErrPermanent, cleanErr(err))
 	}
+	for _, h := range ExtraHeaders(ctx) { // the destination's own headers (OUTBOXD_POSTHOG_HEADERS); ours win
+		req.Header.Set(h.Key, h.Value)
+	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", p.userAgent)
 	resp, err := p.http.do(req, call)

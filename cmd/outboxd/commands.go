@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/outboxd/outboxd/cdc"
+	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/internal/backoff"
 	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/pipeline"
@@ -83,6 +84,14 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			guards, err := c.guards(envMap)
+			if err != nil {
+				return err
+			}
+			for i := range specs {
+				specs[i].Guard = guards[specs[i].Name]
+			}
+			pc.DefaultGuard = guards[deliver.DefaultTarget]
 			if specs != nil {
 				dests, closeAll, err := buildDestinations(specs, envMap, log)
 				if err != nil {

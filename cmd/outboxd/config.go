@@ -124,6 +124,9 @@ func knownVars() map[string]bool {
 	for _, name := range destVars() {
 		known[name] = true
 	}
+	for _, name := range guardVars() {
+		known[name] = true
+	}
 	return known
 }
 

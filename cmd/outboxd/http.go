@@ -79,11 +79,13 @@ func startOps(ctx context.Context, c config, pc pipeline.Config, log zerolog.Log
 			m.SinkDuplicates(d.Name, dc.DuplicatesAcknowledged)
 		}
 	}
+	guards := pipelineGuards(pc)
+	m.Guards(guards)
 	mon, err := metrics.NewMonitor(mc, m, log)
 	if err != nil {
 		return nil, err
 	}
-	srv, err := startHTTP(ctx, c.HTTPAddr, metrics.Handler(m, mon), log)
+	srv, err := startHTTP(ctx, c.HTTPAddr, guardsHandler(metrics.Handler(m, mon), guards), log)
 	if err != nil {
 		return nil, err
 	}

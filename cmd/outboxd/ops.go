@@ -125,6 +125,8 @@ func effectiveConfig(c config, envMap map[string]string) map[string]string {
 			continue
 		}
 		switch {
+		case strings.HasSuffix(k, "_HEADERS"):
+			val = redactHeaders(val)
 		case sinkSecretName.MatchString(strings.TrimPrefix(k, envPrefix)) && val != "":
 			val = ops.Redacted
 		case strings.Contains(val, "://"):

@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/ops"
 	"github.com/outboxd/outboxd/sink"
 )
@@ -200,6 +201,17 @@ Exit code 1 when any event failed (after the sink's retries).`,
 				}
 				defer w.Close()
 				opts.Sink = w
+			}
+			if opts.Sink != nil && !cmd.Flags().Changed("subscription") && !cmd.Flags().Changed("webhook-url") {
+				// The destination's own headers (a token it requires), and
+				// only to its configured address: never to --webhook-url.
+				gc, err := guardConfig(kind, envMap)
+				if err != nil {
+					return err
+				}
+				if len(gc.Headers) > 0 {
+					opts.Sink = deliver.NewGuard(kind, deliver.GuardConfig{Headers: gc.Headers}).Wrap(opts.Sink)
+				}
 			}
 
 			progress := ops.NewProgress()

@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/ops"
 )
 
@@ -20,6 +21,7 @@ type statusFlags struct {
 	maxLag        string
 	maxCatchupAge time.Duration
 	backlogWait   time.Duration
+	daemon        string // base URL of a running daemon's OUTBOXD_HTTP_ADDR (status only)
 }
 
 func (f *statusFlags) register(cmd *cobra.Command, backlog bool) {
@@ -29,6 +31,7 @@ func (f *statusFlags) register(cmd *cobra.Command, backlog bool) {
 	cmd.Flags().DurationVar(&f.maxCatchupAge, "max-catchup-age", ops.DefaultMaxCatchupAge, "how long a catch-up may stay pending before it needs attention")
 	if backlog {
 		cmd.Flags().DurationVar(&f.backlogWait, "backlog-timeout", ops.DefaultBacklogTimeout, "give up counting unprocessed rows after this long (the count scans the table)")
+		cmd.Flags().StringVar(&f.daemon, "daemon", "", "also show a running daemon's destinations (breaker, rate limit) from its OUTBOXD_HTTP_ADDR, e.g. http://127.0.0.1:9187")
 	}
 }
 
@@ -113,14 +116,15 @@ func runStatus(cmd *cobra.Command, envMap map[string]string, stdout, stderr io.W
 	if err != nil {
 		return err
 	}
+	dests := daemonDestinations(ctx, f.daemon, st)
 	if f.json {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
-		if err := enc.Encode(st); err != nil {
+		if err := enc.Encode(withDestinations{st, dests}); err != nil {
 			return fmt.Errorf("write status: %w", err)
 		}
 	} else {
-		printStatus(stdout, st)
+		printStatus(stdout, st, dests)
 	}
 	if !st.OK {
 		return attentionError{len(st.Problems)}
@@ -129,7 +133,7 @@ func runStatus(cmd *cobra.Command, envMap map[string]string, stdout, stderr io.W
 }
 
 // printStatus writes the human-readable status.
-func printStatus(w io.Writer, st *ops.Status) {
+func printStatus(w io.Writer, st *ops.Status, dests []deliver.GuardStatus) {
 	p := func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }
 	p("outboxd status at %s: database %q, PostgreSQL %s%s", st.CheckedAt.Format(time.RFC3339), st.Server.Database, st.Server.Version, ifThen(st.Server.InRecovery, " (standby)"))
 	p("")
@@ -197,6 +201,7 @@ func printStatus(w io.Writer, st *ops.Status) {
 			p("  %-10s %d parked, %d dead letters", tc.Target, tc.Parked, tc.DeadLetters)
 		}
 	}
+	printDestinations(p, dests)
 	if len(st.Config) > 0 {
 		p("")
 		p("Configuration (secrets redacted)")
