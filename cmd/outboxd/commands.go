@@ -15,6 +15,7 @@ import (
 
 	"github.com/outboxd/outboxd/cdc"
 	"github.com/outboxd/outboxd/internal/backoff"
+	"github.com/outboxd/outboxd/internal/telemetry"
 	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/pipeline"
 )
@@ -105,6 +106,13 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			}
 			defer opsSrv.stop()
 			pc.Observer = opsSrv.observer()
+			tel, err := telemetry.Start(ctx, telemetry.Options{
+				Getenv: func(k string) string { return envMap[k] }, Gatherer: opsSrv.gatherer(), Version: version, Log: log,
+			})
+			if err != nil {
+				return err
+			}
+			defer tel.Shutdown()
 			log.Info().Str("version", version).Str("slot", pc.Slot).Str("table", c.Table).Msg("outboxd starting")
 			if c.usesWebhook() && c.WebhookUnsigned {
 				log.Warn().Msg("OUTBOXD_WEBHOOK_UNSIGNED=true: requests to the default webhook are not signed")
