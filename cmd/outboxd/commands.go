@@ -80,6 +80,10 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			if err := c.checkSigning(); err != nil {
 				return err
 			}
+			otelEnv := func(k string) string { return envMap[k] }
+			if _, err := telemetry.Read(otelEnv); err != nil {
+				return configError{err.Error()}
+			}
 			specs, err := c.destinations(envMap)
 			if err != nil {
 				return err
@@ -106,11 +110,9 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			}
 			defer opsSrv.stop()
 			pc.Observer = opsSrv.observer()
-			tel, err := telemetry.Start(ctx, telemetry.Options{
-				Getenv: func(k string) string { return envMap[k] }, Gatherer: opsSrv.gatherer(), Version: version, Log: log,
-			})
+			tel, err := telemetry.Start(ctx, telemetry.Options{Getenv: otelEnv, Gatherer: opsSrv.gatherer(), Version: version, Log: log})
 			if err != nil {
-				return err
+				return configError{err.Error()} // built from the OTEL_* variables
 			}
 			defer tel.Shutdown()
 			log.Info().Str("version", version).Str("slot", pc.Slot).Str("table", c.Table).Msg("outboxd starting")
