@@ -148,3 +148,49 @@ func TestRetryAndBatchSpans(t *testing.T) {
 	require.Equal(t, []string{"4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7", "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"}, b.Links)
 	require.Equal(t, telemetry.OutcomeDelivered, b.Attrs[telemetry.AttrOutcome])
 }
+
+// On, a transaction's span ends when its last event settles after its
+// Close (not before), with its event count; a delivery of one of its events
+// is its child; one still open when the pipeline stops ends abandoned.
+func TestTransactionSpans(t *testing.T) {
+	col := otlptest.New(t)
+	t.Setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", col.URL+"/v1/traces")
+	tel, err := telemetry.Start(context.Background(), telemetry.Options{
+		Getenv: env(map[string]string{"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": col.URL + "/v1/traces"}), Log: zerolog.Nop()})
+	require.NoError(t, err)
+	tr := checkpoint.NewTracker(0, 10)
+	l, stop := telemetry.Transactions(tr)
+	require.NotSame(t, tr, l)
+
+	done := l.Open(0x16B3748, false)
+	left := l.Open(0x16B3800, false)
+	require.NoError(t, l.Settle(done, checkpoint.Settlement{}), "an event settled before the commit is read")
+	ev := &decode.Event{ID: 1, TxnSeq: done}
+	_, d := telemetry.StartDelivery(context.Background(), "webhook", "webhook", []*decode.Event{ev})
+	d.End([]sink.Outcome{{Attempts: 1, Status: 200}})
+	require.NoError(t, l.Close(done, 0x16B3790, 2))
+	require.NoError(t, l.Settle(done, checkpoint.Settlement{}))
+	require.NoError(t, l.Close(left, 0x16B3900, 1))
+	stop()
+	tel.Shutdown()
+
+	spans := col.Spans()
+	require.Len(t, spans, 3)
+	byLSN := map[any]otlptest.Span{}
+	var attempt otlptest.Span
+	for _, s := range spans {
+		if s.Name == telemetry.SpanTransaction {
+			byLSN[s.Attrs[telemetry.AttrCommitLSN]] = s
+		} else {
+			attempt = s
+		}
+	}
+	a, b := byLSN["0/16B3748"], byLSN["0/16B3800"]
+	require.Equal(t, int64(2), a.Attrs[telemetry.AttrEventCount])
+	require.Equal(t, "0/16B3790", a.Attrs[telemetry.AttrEndLSN])
+	require.Nil(t, a.Attrs[telemetry.AttrAbandoned])
+	require.Equal(t, true, b.Attrs[telemetry.AttrAbandoned], "still waiting for its event at the stop")
+	require.Equal(t, a.SpanID, attempt.ParentSpanID)
+	require.Equal(t, a.TraceID, attempt.TraceID)
+	require.Equal(t, int64(1), attempt.Attrs[telemetry.AttrAttempt], "a sink that reports no attempt: one span for the call")
+}
