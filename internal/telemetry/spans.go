@@ -259,7 +259,7 @@ func (r *txnRegistry) lookup(e *decode.Event) trace.SpanContext {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if x := l.open[e.TxnSeq]; x != nil {
-		return x.span.SpanContext()
+		return l.span(x).SpanContext()
 	}
 	return trace.SpanContext{}
 }
@@ -272,24 +272,39 @@ type txnLedger struct {
 	open map[uint64]*txnSpan
 }
 
+// txnSpan is an open transaction. Its span is started (with the time of
+// the Open) only once the transaction has an event: on servers before
+// PostgreSQL 15, pgoutput sends every transaction of the database, empty
+// ones included, and those get no span.
 type txnSpan struct {
-	span           trace.Span
+	span           trace.Span // nil until the first event
+	opened         time.Time
+	commitLSN      pglogrepl.LSN
+	catchup        bool
 	closed         bool
 	total, settled int
 }
 
+// span returns x's span, starting it if need be. Caller holds mu.
+func (t *txnLedger) span(x *txnSpan) trace.Span {
+	if x.span == nil {
+		attrs := []attribute.KeyValue{attribute.Bool(AttrCatchup, x.catchup)}
+		if !x.catchup {
+			attrs = append(attrs, attribute.String(AttrCommitLSN, x.commitLSN.String()))
+		}
+		_, x.span = t.tracer.Start(context.Background(), SpanTransaction, trace.WithNewRoot(), trace.WithTimestamp(x.opened),
+			trace.WithSpanKind(trace.SpanKindConsumer), trace.WithAttributes(attrs...))
+	}
+	return x.span
+}
+
 func (t *txnLedger) Open(commitLSN pglogrepl.LSN, catchup bool) uint64 {
 	seq := t.Ledger.Open(commitLSN, catchup)
-	attrs := []attribute.KeyValue{attribute.Bool(AttrCatchup, catchup)}
-	if !catchup {
-		attrs = append(attrs, attribute.String(AttrCommitLSN, commitLSN.String()))
-	}
-	_, sp := t.tracer.Start(context.Background(), SpanTransaction, trace.WithNewRoot(), trace.WithSpanKind(trace.SpanKindConsumer), trace.WithAttributes(attrs...))
 	t.mu.Lock()
 	if t.open == nil {
 		t.open = map[uint64]*txnSpan{}
 	}
-	t.open[seq] = &txnSpan{span: sp}
+	t.open[seq] = &txnSpan{opened: time.Now(), commitLSN: commitLSN, catchup: catchup}
 	t.mu.Unlock()
 	return seq
 }
@@ -305,7 +320,11 @@ func (t *txnLedger) Close(seq uint64, endLSN pglogrepl.LSN, events int) error {
 		return nil
 	}
 	x.closed, x.total = true, events
-	x.span.SetAttributes(attribute.Int(AttrEventCount, events), attribute.String(AttrEndLSN, endLSN.String()))
+	if events == 0 && x.span == nil {
+		delete(t.open, seq) // nothing in it for outboxd: no span
+		return nil
+	}
+	t.span(x).SetAttributes(attribute.Int(AttrEventCount, events), attribute.String(AttrEndLSN, endLSN.String()))
 	t.endIfDone(seq, x)
 	return nil
 }
@@ -327,7 +346,7 @@ func (t *txnLedger) Settle(seq uint64, s checkpoint.Settlement) error {
 // Caller holds mu.
 func (t *txnLedger) endIfDone(seq uint64, x *txnSpan) {
 	if x.closed && x.settled >= x.total {
-		x.span.End()
+		t.span(x).End()
 		delete(t.open, seq)
 	}
 }
@@ -338,8 +357,11 @@ func (t *txnLedger) stop() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for seq, x := range t.open {
-		x.span.SetAttributes(attribute.Bool(AttrAbandoned, true))
-		x.span.End()
+		if x.span != nil || x.settled > 0 {
+			sp := t.span(x)
+			sp.SetAttributes(attribute.Bool(AttrAbandoned, true))
+			sp.End()
+		}
 		delete(t.open, seq)
 	}
 }
