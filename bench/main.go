@@ -27,6 +27,9 @@
 //	             its own webhook subscription, for each count of
 //	             -tenant-subs (0: the default webhook takes every event):
 //	             peak RSS and CPU per delivery as tenants grow
+//	otel         the per-event drain twice, OpenTelemetry off, then on
+//	             (traces and metrics to an OTLP/HTTP endpoint in the
+//	             bench's process, every span sampled): CPU µs per event
 //
 // The slots of the drain measurements exist before the backlog is loaded, so
 // the replication stream is measured, not the catch-up (that is "catchup").
@@ -88,7 +91,7 @@ type config struct {
 	Flags map[string]string
 }
 
-var allModes = []string{"recvlogical", "perevent", "batched", "poller", "catchup", "latency", "bigtxn", "tenants", "parked"}
+var allModes = []string{"recvlogical", "perevent", "batched", "poller", "catchup", "latency", "bigtxn", "tenants", "parked", "otel"}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

@@ -118,6 +118,9 @@ func (b *bench) runAll(ctx context.Context) {
 		if c.has("poller") {
 			b.guard(ctx, fmt.Sprintf("poller drain (txn %d)", t), func() error { return b.pollerDrain(ctx, t) })
 		}
+		if c.has("otel") {
+			b.guard(ctx, fmt.Sprintf("OpenTelemetry off and on (txn %d)", t), func() error { return b.otelDrain(ctx, t) })
+		}
 		if c.has("catchup") {
 			b.guard(ctx, fmt.Sprintf("catch-up drain (txn %d)", t), func() error { return b.catchup(ctx, t) })
 		}

@@ -34,6 +34,7 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/internal/telemetry"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
 )
@@ -338,9 +339,13 @@ func (d *Dispatcher) call(ctx context.Context, j job, results chan<- done) {
 	for i, it := range j.items {
 		events[i] = it.dl.Event
 	}
+	snk := d.sink()
+	ctx, span := telemetry.StartDelivery(ctx, d.target, snk.Name(), events)
 	start := time.Now()
-	out := d.sink().Deliver(ctx, events)
-	results <- done{job: j, outcomes: out, took: time.Since(start)}
+	out := snk.Deliver(ctx, events)
+	took := time.Since(start)
+	span.End(out)
+	results <- done{job: j, outcomes: out, took: took}
 }
 
 // run is the state of one Run, owned by its loop.

@@ -13,6 +13,7 @@ import (
 
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/internal/backoff"
+	"github.com/outboxd/outboxd/internal/telemetry"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
 )
@@ -211,7 +212,11 @@ func (k *keyRun) retry(ctx context.Context, snk sink.Sink, row store.ParkedRow) 
 	}
 	// One attempt per step of the schedule: the schedule is the retry
 	// policy here.
-	o := snk.Deliver(sink.WithMaxAttempts(ctx, 1), []*decode.Event{e})[0]
+	events := []*decode.Event{e}
+	tctx, span := telemetry.StartRetry(ctx, k.h.Target, snk.Name(), events)
+	out := snk.Deliver(sink.WithMaxAttempts(tctx, 1), events)
+	span.End(out)
+	o := out[0]
 	switch {
 	case o.Err == nil:
 		k.note(store.Delivered, row.EventID, 0, o, "")

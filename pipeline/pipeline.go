@@ -27,6 +27,7 @@ import (
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/deliver"
+	"github.com/outboxd/outboxd/internal/telemetry"
 	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
@@ -226,6 +227,7 @@ type job struct {
 	closers   []func()
 
 	tracker   *checkpoint.Tracker
+	ledger    telemetry.Ledger // the tracker, with transaction spans when tracing is on
 	slotStore *store.SlotStore
 	flusher   *checkpoint.Flusher
 	reader    *cdc.Reader
@@ -269,7 +271,11 @@ func newJob(ctx context.Context, cfg Config, pool *pgxpool.Pool, log zerolog.Log
 	}
 	rcfg := cfg.readerConfig().WithDefaults() // checked by cfg.Validate
 	rcfg.OnTake = j.take
-	j.reader = cdc.NewReader(rcfg, j.tracker, j.slotStore, log)
+	// The ledger makes the transactions' spans when tracing is on.
+	ledger, stopSpans := telemetry.Transactions(j.tracker)
+	j.ledger = ledger
+	j.closers = append(j.closers, stopSpans)
+	j.reader = cdc.NewReader(rcfg, ledger, j.slotStore, log)
 	// Only the slot holder acts (G9): the store's writes are fenced by this
 	// instance's walsender.
 	j.slotStore.SetFence(j.reader.WalsenderPID)
@@ -468,7 +474,7 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 	if o := cfg.Observer; o != nil {
 		rc.OnResult, rc.OnEvent = o.Delivered, o.Received
 	}
-	return deliver.NewRouter(rc, j.tracker, j.dlog)
+	return deliver.NewRouter(rc, j.ledger, j.dlog)
 }
 
 // disableGone disables a subscription whose endpoint answered 410 Gone. The

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -189,6 +190,11 @@ func (c *httpCall) checkRetry(ctx context.Context, resp *http.Response, err erro
 	if c.onAttempt != nil {
 		c.onAttempt(c, cleanErr(err))
 	}
+	status := 0 // this attempt's: c.status is the last answer's
+	if resp != nil {
+		status = resp.StatusCode
+	}
+	observeAttempt(ctx, Attempt{Number: c.attempts, Status: status, Err: c.attemptErr(resp, err), Start: c.started, End: time.Now()})
 	if err == nil && c.classify(resp.StatusCode) != statusRetryable {
 		return false, nil
 	}
@@ -202,6 +208,18 @@ func (c *httpCall) checkRetry(ctx context.Context, resp *http.Response, err erro
 		return !errors.Is(err, ErrForbiddenAddress), nil
 	}
 	return true, nil
+}
+
+// attemptErr is the failure of an attempt for an AttemptObserver: the
+// transport error, or the status when it is not a 2xx; nil for a 2xx.
+func (c *httpCall) attemptErr(resp *http.Response, err error) error {
+	if err != nil {
+		return cleanErr(err)
+	}
+	if resp != nil && c.classify(resp.StatusCode) != statusOK {
+		return fmt.Errorf("status %d", resp.StatusCode)
+	}
+	return nil
 }
 
 // prepareRetry is the retryablehttp.PrepareRetry hook.

@@ -146,8 +146,10 @@ func deliverEach(ctx context.Context, p retryPolicy, what string, events []*deco
 	}
 	maxAttempts := p.limit(ctx)
 	for n := 1; len(pending) > 0; n++ {
+		began := time.Now()
 		res := attempt(ctx, pending)
 		ctxErr := ctx.Err()
+		observeAttempt(ctx, Attempt{Number: n, Err: firstSentErr(res.errs), Start: began, End: time.Now()})
 		var next []int
 		for j, i := range pending {
 			err := res.errs[j]
@@ -184,6 +186,17 @@ func deliverEach(ctx context.Context, p retryPolicy, what string, events []*deco
 		}
 	}
 	return out
+}
+
+// firstSentErr is the first error of an attempt's events that it sent, nil
+// when all it sent were acknowledged.
+func firstSentErr(errs []error) error {
+	for _, err := range errs {
+		if err != nil && !errors.Is(err, errNotSent) {
+			return err
+		}
+	}
+	return nil
 }
 
 // attemptErr turns the error of an attempt run under its own deadline into

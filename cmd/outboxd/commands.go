@@ -16,6 +16,7 @@ import (
 	"github.com/outboxd/outboxd/cdc"
 	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/internal/backoff"
+	"github.com/outboxd/outboxd/internal/telemetry"
 	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/pipeline"
 )
@@ -80,6 +81,10 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			if err := c.checkSigning(); err != nil {
 				return err
 			}
+			otelEnv := func(k string) string { return envMap[k] }
+			if _, err := telemetry.Read(otelEnv); err != nil {
+				return configError{err.Error()}
+			}
 			specs, err := c.destinations(envMap)
 			if err != nil {
 				return err
@@ -114,6 +119,11 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			}
 			defer opsSrv.stop()
 			pc.Observer = opsSrv.observer()
+			tel, err := telemetry.Start(ctx, telemetry.Options{Getenv: otelEnv, Gatherer: opsSrv.gatherer(), Version: version, Log: log})
+			if err != nil {
+				return configError{err.Error()} // built from the OTEL_* variables
+			}
+			defer tel.Shutdown()
 			log.Info().Str("version", version).Str("slot", pc.Slot).Str("table", c.Table).Msg("outboxd starting")
 			if c.usesWebhook() && c.WebhookUnsigned {
 				log.Warn().Msg("OUTBOXD_WEBHOOK_UNSIGNED=true: requests to the default webhook are not signed")

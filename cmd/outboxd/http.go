@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
 	"github.com/outboxd/outboxd/metrics"
@@ -116,6 +117,14 @@ func (o *opsServer) observer() pipeline.Observer {
 		return nil
 	}
 	return o.metrics
+}
+
+// gatherer is the metrics' registry, nil when metrics are off.
+func (o *opsServer) gatherer() prometheus.Gatherer {
+	if o == nil {
+		return nil
+	}
+	return o.metrics.Registry()
 }
 
 // startHTTP serves h on addr until the server is closed. The address bound is

@@ -54,7 +54,7 @@ type usageError struct{ error }
 func run(ctx context.Context, args []string, getenv func(string) string, environ []string, stdout, stderr io.Writer) error {
 	envMap := map[string]string{}
 	for _, kv := range environ {
-		if k, v, ok := strings.Cut(kv, "="); ok && (strings.HasPrefix(k, envPrefix) || passthroughVar(k)) {
+		if k, v, ok := strings.Cut(kv, "="); ok && (strings.HasPrefix(k, envPrefix) || passthroughVar(k) || strings.HasPrefix(k, "OTEL_")) {
 			envMap[k] = v
 		}
 	}
