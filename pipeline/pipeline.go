@@ -441,6 +441,11 @@ func (j *job) lead(st *stops, events <-chan *decode.Event, drained chan<- struct
 // the slot).
 func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 	cfg := j.cfg
+	// A former holder's write that passed its fence may still be running:
+	// what it parks must be counted here.
+	if err := j.slotStore.Barrier(loadCtx); err != nil {
+		return nil, err
+	}
 	var routing []byte
 	if cp, err := j.slotStore.Load(loadCtx); err == nil {
 		routing = cp.Routing

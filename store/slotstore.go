@@ -102,6 +102,11 @@ func (s *SlotStore) fenced(ctx context.Context, tx pgx.Tx) error {
 	if pid == 0 {
 		return fmt.Errorf("write for slot %q: %w (not streaming)", s.cfg.Slot, ErrNotLeader)
 	}
+	// The checkpoint row, held in KEY SHARE until the write ends, before the
+	// check: a new holder's Barrier waits for every write that passed it.
+	if _, err := tx.Exec(ctx, `SELECT 1 FROM `+Ident(s.cfg.Schema, CheckpointTable)+` WHERE slot_name = $1 FOR KEY SHARE`, s.cfg.Slot); err != nil {
+		return fmt.Errorf("check that this instance holds slot %q: %w", s.cfg.Slot, err)
+	}
 	var holds bool
 	if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1 AND active_pid = $2)`,
 		s.cfg.Slot, int32(pid)).Scan(&holds); err != nil {
@@ -109,6 +114,25 @@ func (s *SlotStore) fenced(ctx context.Context, tx pgx.Tx) error {
 	}
 	if !holds {
 		return fmt.Errorf("write for slot %q: %w (walsender %d is not its active process)", s.cfg.Slot, ErrNotLeader, pid)
+	}
+	return nil
+}
+
+// Barrier returns once every fenced write that passed its fence before the
+// call has ended. A fenced write checks the slot's holder at its start and
+// commits later: without the barrier, a new holder that just took the slot
+// could read the parked deliveries and routing state before a former
+// holder's last write, checked in time, committed, and route a key's events
+// past deliveries that write parked. The new holder calls it after taking
+// the slot, before it reads them; the writes lock the checkpoint row in KEY
+// SHARE before their check, the barrier in UPDATE.
+func (s *SlotStore) Barrier(ctx context.Context) error {
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `SELECT 1 FROM `+Ident(s.cfg.Schema, CheckpointTable)+` WHERE slot_name = $1 FOR UPDATE`, s.cfg.Slot)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("wait for the writes of the slot's former holder: %w", err)
 	}
 	return nil
 }

@@ -6,7 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxd/outboxd/internal/e2e"
@@ -209,4 +211,94 @@ FROM domain_event e`)
 	var next time.Duration
 	require.NoError(t, conn.QueryRow(ctx, `SELECT extract(epoch FROM next_attempt_at - now())::float8 * 1e9 FROM outboxd_parked WHERE target = 'webhook' AND event_id = $1`, ids[4]).Scan(&next))
 	require.Greater(t, next, 50*time.Minute, "the retry is an hour away")
+}
+
+// A former holder's write that passed its fence before the slot was taken
+// over commits after it: the new holder's Barrier waits for it, so the
+// parked deliveries it then reads include that write's. Before, a new
+// holder read the parked counts at once, missed the former holder's last
+// parks and routed the key's next events past them (first receipts out of
+// commit order: SOAK-10).
+func TestBarrierWaitsForTheFormerHoldersWrite(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db := pgtest.NewMigrated(t)
+	const slot = "barrier_test"
+	_, err := db.Conn.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, slot)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		_, _ = db.Conn.Exec(context.Background(), `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL`, slot)
+		_, _ = db.Conn.Exec(context.Background(), `SELECT pg_drop_replication_slot($1)`, slot)
+	})
+	cfg := store.SlotConfig{Schema: "public", Table: "domain_event", Slot: slot}
+	require.NoError(t, store.NewSlotStore(db.Pool, cfg).Save(ctx, store.Checkpoint{LSN: 1}))
+	var id int64
+	require.NoError(t, db.Conn.QueryRow(ctx, `INSERT INTO domain_event (event_name, organization_id) VALUES ('batch_started', 5) RETURNING id`).Scan(&id))
+
+	hold := func() uint32 {
+		pc, err := pgconn.ParseConfig(db.URL)
+		require.NoError(t, err)
+		pc.RuntimeParams["replication"] = "database"
+		conn, err := pgconn.ConnectConfig(ctx, pc)
+		require.NoError(t, err)
+		t.Cleanup(func() { conn.Close(context.Background()) }) //nolint:errcheck // may be terminated already
+		require.NoError(t, pglogrepl.StartReplication(ctx, conn, slot, 0, pglogrepl.StartReplicationOptions{
+			PluginArgs: []string{"proto_version '1'", "publication_names 'outboxd'"}}))
+		e2e.WaitFor(t, time.Minute, func() bool {
+			var active bool
+			require.NoError(t, db.Conn.QueryRow(ctx, `SELECT active_pid IS NOT DISTINCT FROM $2 FROM pg_replication_slots WHERE slot_name = $1`, slot, int32(conn.PID())).Scan(&active))
+			return active
+		}, func() string { return "slot not taken" })
+		return conn.PID()
+	}
+
+	// The former holder's write passes its fence; its COMMIT is held.
+	former := hold()
+	cutter := pgtest.NewCommitCutter(t, db.URL)
+	old := store.NewSlotStore(cutter.Pool(t, db.URL), cfg)
+	old.SetFence(func() uint32 { return former })
+	fired := cutter.Arm(pgtest.CommitHeld)
+	written := make(chan error, 1)
+	go func() {
+		written <- old.Write(ctx, store.Batch{Parked: []store.Park{{EventID: id, Target: "webhook", Key: 5, Attempts: 1, Reason: "503"}}})
+	}()
+	<-fired
+
+	// Taken over.
+	_, err = db.Conn.Exec(ctx, `SELECT pg_terminate_backend($1)`, int32(former))
+	require.NoError(t, err)
+	holder := hold()
+	current := store.NewSlotStore(db.Pool, cfg)
+	current.SetFence(func() uint32 { return holder })
+	parked, err := current.ParkedCounts(ctx)
+	require.NoError(t, err)
+	require.Empty(t, parked, "the former holder's park is not committed yet")
+
+	barrier := make(chan error, 1)
+	go func() { barrier <- current.Barrier(ctx) }()
+	e2e.WaitFor(t, time.Minute, func() bool {
+		var waiting int
+		require.NoError(t, pgx.BeginFunc(ctx, db.Conn, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `SELECT pg_stat_clear_snapshot()`); err != nil {
+				return err
+			}
+			return tx.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&waiting)
+		}))
+		return waiting > 0
+	}, func() string { return "the barrier did not wait for the former holder's write" })
+	select {
+	case err := <-barrier:
+		t.Fatalf("the barrier returned (%v) while the former holder's write was still open", err)
+	default:
+	}
+	cutter.Release()
+	require.NoError(t, <-written, "the former holder passed its fence before the takeover")
+	require.NoError(t, <-barrier)
+	parked, err = current.ParkedCounts(ctx)
+	require.NoError(t, err)
+	require.Equal(t, map[string]map[uint64]int{"webhook": {5: 1}}, parked)
+
+	// A write of the former holder after the barrier is refused.
+	err = old.Write(ctx, store.Batch{Attempts: []store.Mark{{ID: id, Attempts: 1}}})
+	require.ErrorIs(t, err, store.ErrNotLeader)
 }

@@ -28,6 +28,9 @@ const (
 	// transaction, holding its locks, until it is terminated (a network that
 	// black-holed the connection).
 	BackendStuck
+	// CommitHeld holds the COMMIT until Release, then lets it and the rest
+	// of the connection through: a commit that takes its time.
+	CommitHeld
 )
 
 // CommitCutter is a TCP proxy in front of a real server that cuts the next
@@ -37,10 +40,21 @@ type CommitCutter struct {
 	ln     net.Listener
 	server string
 
-	mu    sync.Mutex
-	next  CommitCut
-	fired chan struct{}
-	conns []net.Conn
+	mu      sync.Mutex
+	next    CommitCut
+	fired   chan struct{}
+	release chan struct{}
+	conns   []net.Conn
+}
+
+// Release lets a COMMIT held by CommitHeld through.
+func (c *CommitCutter) Release() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.release != nil {
+		close(c.release)
+		c.release = nil
+	}
 }
 
 // NewCommitCutter starts a cutter in front of the server of dbURL; it stops
@@ -67,6 +81,7 @@ func NewCommitCutter(t testing.TB, dbURL string) *CommitCutter {
 		}
 	})
 	t.Cleanup(func() {
+		c.Release()
 		_ = ln.Close()
 		c.mu.Lock()
 		for _, conn := range c.conns {
@@ -95,7 +110,10 @@ func (c *CommitCutter) Pool(t testing.TB, dbURL string) *pgxpool.Pool {
 	if err != nil {
 		t.Fatalf("pgtest: pool: %v", err)
 	}
-	t.Cleanup(pool.Close)
+	t.Cleanup(func() {
+		c.Release() // a held COMMIT would keep its connection, and Close waiting
+		pool.Close()
+	})
 	return pool
 }
 
@@ -105,15 +123,18 @@ func (c *CommitCutter) Arm(cut CommitCut) <-chan struct{} {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.next, c.fired = cut, make(chan struct{})
+	if cut == CommitHeld {
+		c.release = make(chan struct{})
+	}
 	return c.fired
 }
 
-func (c *CommitCutter) take() (CommitCut, chan struct{}) {
+func (c *CommitCutter) take() (CommitCut, chan struct{}, chan struct{}) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	cut := c.next
 	c.next = 0
-	return cut, c.fired
+	return cut, c.fired, c.release
 }
 
 func (c *CommitCutter) track(conn net.Conn) {
@@ -171,8 +192,11 @@ func (c *CommitCutter) serve(client net.Conn) {
 			typed = true // a StartupMessage, protocol 3.0
 		}
 		if typed && isCommit(msg) {
-			cut, fired := c.take()
+			cut, fired, release := c.take()
 			switch cut {
+			case CommitHeld:
+				close(fired)
+				<-release
 			case AnswerLost:
 				answerOnce.Do(func() { close(dropAnswer) })
 				_, _ = server.Write(msg)
