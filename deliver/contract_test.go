@@ -133,7 +133,10 @@ func TestRouterContractPolicies(t *testing.T) {
 	// A router made from that state validates with the plan; Load is not
 	// asked.
 	web2, kafka2 := &recorder{}, &recorder{}
-	cc.Load = func() ([]byte, string, bool, error) { t.Error("Load called with a state holding the plan"); return nil, "", false, nil }
+	cc.Load = func() ([]byte, string, bool, error) {
+		t.Error("Load called with a state holding the plan")
+		return nil, "", false, nil
+	}
 	st2 := &contractSettler{marks: map[int64]bool{}, dead: map[int64][]store.DeadLetter{}}
 	r2, err := NewRouter(RouterConfig{Deliver: cfg, Routing: st.state, Contract: cc,
 		Destinations: []Destination{{Name: "webhook", Sink: web2}, {Name: "kafka", Sink: kafka2}}}, st2, zerolog.Nop())
