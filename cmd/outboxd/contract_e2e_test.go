@@ -126,3 +126,35 @@ func deadIDs(m map[int64]string) []int64 {
 	slices.Sort(out)
 	return out
 }
+
+// A plan stored before the first start: the catch-up checks the rows it
+// reads against the plan of its snapshot. The webhook's policy is skip: it
+// gets only the valid event, and every row is marked processed (a skip is
+// settled as acknowledged). The metrics count each event under its plan
+// labels, an unknown name under "other".
+func TestContractCatchUpSkipAndMetrics(t *testing.T) {
+	t.Parallel()
+	b := newBundle(t, pgtest.Shared(t), map[string]string{"OUTBOXD_WEBHOOK_CONTRACT": "skip"})
+	code, out := e2e.RunCommand(t, b.env, "plan", "apply", examplePlanFile)
+	require.Equal(t, 0, code, out)
+	bad := insertContractEvent(t, b.pool, false)
+	good := insertContractEvent(t, b.pool, true)
+	var unknown int64
+	require.NoError(t, b.pool.QueryRow(context.Background(), `INSERT INTO domain_event (event_name, organization_id, entity_type, entity_id, properties)
+VALUES ('made_up', 7, 'sku', 'SKU-1', '{}') RETURNING id`).Scan(&unknown))
+
+	d := startWatched(t, b.env)
+	b.waitProcessed(t, 3, time.Minute)
+	b.recv.WaitAccepted(t, []int64{good}, time.Minute)
+	require.Equal(t, []int64{good}, b.recv.Accepted(), "the webhook skipped %d and %d", bad, unknown)
+	for series, want := range map[string]float64{
+		`outboxd_contract_events_total{event_name="inventory_adjusted",result="valid",schema_version="1"}`:   1,
+		`outboxd_contract_events_total{event_name="inventory_adjusted",result="invalid",schema_version="1"}`: 1,
+		`outboxd_contract_events_total{event_name="other",result="invalid",schema_version="other"}`:          1,
+		`outboxd_contract_settled_total{policy="skip",sink="webhook"}`:                                       2,
+		`outboxd_contract_validation_seconds_count`:                                                          3,
+	} {
+		require.Equal(t, want, d.mustMetric(t, series), series)
+	}
+	require.Empty(t, contractDeadLetters(t, b.pool, "webhook"))
+}
