@@ -84,33 +84,46 @@ func TestContractPoliciesInCommitOrder(t *testing.T) {
 	e2e.WaitFor(t, time.Minute, func() bool { return len(contractDeadLetters(t, b.pool, subTarget)) == 1 },
 		func() string { return "no dead letter: " + d.Log() })
 
-	// Killed mid-stream; while it is down an invalid event commits under
-	// the plan, then the plan is removed, then another invalid event.
+	// Killed mid-stream (a burst of valid and invalid events in flight);
+	// while it is down an invalid event commits under the plan, then the
+	// plan is removed, then another invalid event.
+	var burstValid, burstInvalid []int64
+	for i := range 20 {
+		if i%3 == 0 {
+			burstInvalid = append(burstInvalid, insertContractEvent(t, b.pool, false))
+		} else {
+			burstValid = append(burstValid, insertContractEvent(t, b.pool, true))
+		}
+	}
 	d.Kill()
 	bad2 := insertContractEvent(t, b.pool, false)
 	_, err := b.pool.Exec(ctx, "DELETE FROM outboxd_plan")
 	require.NoError(t, err)
 	after := insertContractEvent(t, b.pool, false)
 	d = e2e.StartDaemon(t, b.env)
-	b.recv.WaitAccepted(t, []int64{bad2, after}, time.Minute)
-	sub.WaitAccepted(t, []int64{after}, time.Minute)
+	b.recv.WaitAccepted(t, append(append([]int64{bad2, after}, burstValid...), burstInvalid...), time.Minute)
+	sub.WaitAccepted(t, append([]int64{after}, burstValid...), time.Minute)
 
-	e2e.WaitFor(t, time.Minute, func() bool { return len(contractDeadLetters(t, b.pool, subTarget)) == 2 },
+	invalid := append(append([]int64{bad1}, burstInvalid...), bad2)
+	e2e.WaitFor(t, time.Minute, func() bool { return len(contractDeadLetters(t, b.pool, subTarget)) == len(invalid) },
 		func() string { return "dead letters: " + d.Log() })
 	dead := contractDeadLetters(t, b.pool, subTarget)
-	require.Equal(t, []int64{bad1, bad2}, deadIDs(dead))
+	require.Equal(t, invalid, deadIDs(dead))
+	var rows int
+	require.NoError(t, b.pool.QueryRow(ctx, "SELECT count(*) FROM outboxd_dead_letter").Scan(&rows))
+	require.Equal(t, len(invalid), rows, "one dead letter per invalid event, none written twice across the kill")
 	for _, reason := range dead {
 		require.Equal(t, "contract: properties.delta: got string, want number", reason)
 	}
 	require.Empty(t, contractDeadLetters(t, b.pool, "webhook"), "the webhook delivers invalid events")
 	for _, id := range sub.Accepted() {
-		require.NotContains(t, []int64{bad1, bad2}, id, "the subscription never got an invalid event")
+		require.NotContains(t, invalid, id, "the subscription never got an invalid event")
 	}
-	// The record-mode trigger recorded the two rows that broke the plan
-	// while it was stored.
+	// The record-mode trigger recorded the rows that broke the plan while
+	// it was stored.
 	var recorded int
 	require.NoError(t, b.pool.QueryRow(ctx, "SELECT count(DISTINCT event_id) FROM outboxd_plan_violation").Scan(&recorded))
-	require.Equal(t, 2, recorded)
+	require.Equal(t, len(invalid), recorded)
 
 	// outboxd dlq shows the reason.
 	code, out = e2e.RunCommand(t, b.env, "dlq", "list", "--target", subTarget)
