@@ -76,6 +76,18 @@ func (c ContractConfig) policy(target string) ContractPolicy {
 	return c.Default
 }
 
+// contractPolicy returns s's own policy, or def when it has none (or one
+// this version does not know: the column's CHECK allows only the three).
+func (s *Subscription) contractPolicy(def ContractPolicy) ContractPolicy {
+	if s.Contract == "" {
+		return def
+	}
+	if p, err := ParseContractPolicy(s.Contract); err == nil {
+		return p
+	}
+	return def
+}
+
 func (c ContractConfig) subscriptionPolicy() ContractPolicy {
 	if c.Subscriptions == "" {
 		return ContractDeliver

@@ -179,3 +179,38 @@ func TestRouterContractLoadsWithoutState(t *testing.T) {
 		require.True(t, st.marks[1], "%s: a skipped event is settled as delivered", name)
 	}
 }
+
+// A subscription's own policy (column contract) wins over the
+// subscriptions' default; NULL takes the default. It survives the routing
+// state.
+func TestRouterSubscriptionContractColumn(t *testing.T) {
+	t.Parallel()
+	rel := &decode.Relation{Name: "outboxd_subscription", Columns: []decode.Column{
+		{Name: "id"}, {Name: "organization_id"}, {Name: "url"}, {Name: "secrets"}, {Name: "events"}, {Name: "enabled"}, {Name: "contract"}}}
+	sub := func(id, contract string) *decode.Event {
+		row := &decode.Row{Relation: rel, Values: [][]byte{[]byte(id), []byte("7"), []byte("https://a"), []byte("{whsec_x}"), []byte("{}"), []byte("t"), nil}}
+		if contract != "" {
+			row.Values[6] = []byte(contract)
+		}
+		return &decode.Event{TxnSeq: 1, Change: &decode.Change{Kind: decode.KindInsert, Row: row}}
+	}
+	subs := &recordingSinks{got: map[int64][]int64{}, secrets: map[int64][]string{}}
+	st := &contractSettler{marks: map[int64]bool{}, dead: map[int64][]store.DeadLetter{}}
+	r, err := NewRouter(RouterConfig{Deliver: Config{}.WithDefaults(), Default: &recorder{}, Subscription: subs.build,
+		Contract: ContractConfig{Subscriptions: ContractDeadLetter}}, st, zerolog.Nop())
+	require.NoError(t, err)
+	in := make(chan *decode.Event, 8)
+	in <- sub("3", "skip")
+	in <- sub("4", "")
+	in <- sub("5", "deliver")
+	in <- planChangeEvent(2, decode.KindInsert, examplePlan(t), false)
+	in <- contractEvent(10, 3, false)
+	in <- contractEvent(11, 4, true)
+	close(in)
+	require.NoError(t, r.Run(context.Background(), in))
+	require.Equal(t, map[int64][]int64{3: {11}, 4: {11}, 5: {10, 11}}, subs.got)
+	require.Len(t, st.dead[10], 1)
+	require.Equal(t, "subscription:4", st.dead[10][0].Sink)
+	require.Contains(t, string(st.state), `"contract":"skip"`)
+	require.Contains(t, string(st.state), `"contract":"deliver"`)
+}

@@ -398,9 +398,11 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		subPolicy := r.cfg.Contract.subscriptionPolicy()
 		r.reg.EachCandidate(e, func(s *Subscription) {
 			if s.Matches(e) {
-				if invalid && subPolicy != ContractDeliver {
-					held = append(held, contractSettled{s.TargetName(), "subscription", subPolicy})
-					return
+				if invalid {
+					if p := s.contractPolicy(subPolicy); p != ContractDeliver {
+						held = append(held, contractSettled{s.TargetName(), "subscription", p})
+						return
+					}
 				}
 				t, err := r.startSubscription(start, s)
 				if err != nil {

@@ -589,6 +589,10 @@ func TestMigrateTrackingPlan(t *testing.T) {
 	var published int
 	require.NoError(t, b.conn.QueryRow(b.ctx, "SELECT count(*) FROM pg_publication_tables WHERE tablename LIKE 'outboxd_plan_%'").Scan(&published))
 	require.Zero(t, published)
+	// Migration 9: a subscription's own contract policy, one of three.
+	require.Equal(t, "text", b.columns(t, "public", "outboxd_subscription")["contract"])
+	_, err = b.conn.Exec(b.ctx, "INSERT INTO outboxd_subscription (url, secrets, contract) VALUES ('https://a', '{whsec_x}', 'drop')")
+	require.ErrorContains(t, err, "outboxd_subscription_contract")
 	// A publication made before migration 9 gets the table at the next migrate.
 	b.exec(t, "ALTER PUBLICATION outboxd_subscriptions DROP TABLE outboxd_plan")
 	_, err = migrations.Migrate(b.ctx, b.conn, migrations.Options{})
