@@ -19,7 +19,7 @@ type tableOIDs struct {
 	outbox       uint32
 	subscription uint32 // 0 when there is no subscription table
 	// plan is the tracking plan's table (migration 8), published with the
-	// subscriptions since migration 9; 0 when there is none.
+	// subscriptions since migration 11; 0 when there is none.
 	plan uint32
 }
 

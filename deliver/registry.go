@@ -31,7 +31,7 @@ type Subscription struct {
 	Events         []string `json:"events"`
 	Enabled        bool     `json:"enabled"`
 	// Contract is the subscription's own contract policy (column contract,
-	// migration 9); "" takes ContractConfig.Subscriptions.
+	// migration 11); "" takes ContractConfig.Subscriptions.
 	Contract string `json:"contract,omitempty"`
 }
 

@@ -350,7 +350,7 @@ func ensureSubscriptionPublication(ctx context.Context, conn *pgx.Conn, opts Opt
 	table := pgx.Identifier{opts.Schema, "outboxd_subscription"}.Sanitize()
 	plan := pgx.Identifier{opts.Schema, PlanTable}.Sanitize()
 	if exists {
-		// Since migration 9 the tracking plan is published with the
+		// Since migration 11 the tracking plan is published with the
 		// subscriptions: the daemon applies a plan from its commit on.
 		var published bool
 		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid
