@@ -83,6 +83,13 @@ func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 		if err != nil {
 			return err
 		}
+		if r.rels.plan != 0 {
+			c, err := planChange(ctx, s.conn, r.cfg.Table.Schema)
+			if err != nil {
+				return err
+			}
+			changes = append(changes, c)
+		}
 		for _, c := range changes {
 			if err := st.emit(ctx, &decode.Event{Change: c, TxnSeq: seq, Index: n}); err != nil {
 				return err

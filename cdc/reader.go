@@ -71,6 +71,11 @@ func NewReader(cfg Config, ledger Ledger, store CheckpointStore, log zerolog.Log
 // table's schema.
 const SubscriptionTable = store.SubscriptionTable
 
+// PlanTable is the tracking plan's table (README "Tracking plan"), in the
+// outbox table's schema; its changes reach the router in commit order with
+// the subscriptions', through the same publication.
+const PlanTable = "outboxd_plan"
+
 // SlotLockKey is the key (for hashtext) of the advisory lock held while a
 // slot is prepared and started, by the daemon and by the slot commands.
 func SlotLockKey(slot string) string { return "outboxd slot " + slot }

@@ -308,7 +308,7 @@ func (s *stream) message(ctx context.Context, xld pglogrepl.XLogData) error {
 		}
 		return s.dispatch(ctx, m.Event)
 	case decode.KindInsert, decode.KindUpdate, decode.KindDelete:
-		if m.Row.Relation.ID != r.rels.subscription || r.rels.subscription == 0 {
+		if id := m.Row.Relation.ID; (id != r.rels.subscription || id == 0) && (id != r.rels.plan || id == 0) {
 			// An insert into a published relation that is neither the outbox
 			// nor the subscription table is not skipped (G10): it may be the
 			// outbox under a form we do not recognise, and skipping it would

@@ -18,6 +18,9 @@ import (
 type tableOIDs struct {
 	outbox       uint32
 	subscription uint32 // 0 when there is no subscription table
+	// plan is the tracking plan's table (migration 8), published with the
+	// subscriptions since migration 11; 0 when there is none.
+	plan uint32
 }
 
 // lookupTables resolves the outbox and subscription tables and checks that
@@ -26,13 +29,15 @@ type tableOIDs struct {
 func lookupTables(ctx context.Context, conn *pgconn.PgConn, cfg Config) (tableOIDs, error) {
 	outbox := pgx.Identifier{cfg.Table.Schema, cfg.Table.Name}.Sanitize()
 	sub := pgx.Identifier{cfg.Table.Schema, SubscriptionTable}.Sanitize()
+	planTable := pgx.Identifier{cfg.Table.Schema, PlanTable}.Sanitize()
 	res := conn.ExecParams(ctx, `SELECT coalesce(to_regclass($1)::oid, 0), coalesce((SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = to_regclass($1)), ''),
-  coalesce(to_regclass($2)::oid, 0), coalesce((SELECT pubviaroot FROM pg_catalog.pg_publication WHERE pubname = $3), false)`,
-		[][]byte{[]byte(outbox), []byte(sub), []byte(cfg.Publication)}, nil, nil, nil).Read()
+  coalesce(to_regclass($2)::oid, 0), coalesce((SELECT pubviaroot FROM pg_catalog.pg_publication WHERE pubname = $3), false),
+  coalesce(to_regclass($4)::oid, 0)`,
+		[][]byte{[]byte(outbox), []byte(sub), []byte(cfg.Publication), []byte(planTable)}, nil, nil, nil).Read()
 	if res.Err != nil {
 		return tableOIDs{}, fmt.Errorf("look up table %s: %w", cfg.Table, res.Err)
 	}
-	if len(res.Rows) != 1 || len(res.Rows[0]) != 4 {
+	if len(res.Rows) != 1 || len(res.Rows[0]) != 5 {
 		return tableOIDs{}, fmt.Errorf("look up table %s: unexpected answer", cfg.Table)
 	}
 	row := res.Rows[0]
@@ -55,6 +60,10 @@ func lookupTables(ctx context.Context, conn *pgconn.PgConn, cfg Config) (tableOI
 			return tableOIDs{}, fmt.Errorf("look up table %s: oid %q: %w", sub, row[2], err)
 		}
 		t.subscription = uint32(oid)
+		if oid, err = strconv.ParseUint(string(row[4]), 10, 32); err != nil {
+			return tableOIDs{}, fmt.Errorf("look up table %s: oid %q: %w", planTable, row[4], err)
+		}
+		t.plan = uint32(oid)
 	}
 	return t, nil
 }

@@ -30,6 +30,9 @@ type Subscription struct {
 	URLFingerprint string   `json:"url_fingerprint,omitempty"`
 	Events         []string `json:"events"`
 	Enabled        bool     `json:"enabled"`
+	// Contract is the subscription's own contract policy (column contract,
+	// migration 11); "" takes ContractConfig.Subscriptions.
+	Contract string `json:"contract,omitempty"`
 }
 
 // SecretFingerprint identifies a secret without revealing it: "sha256:" and
@@ -392,6 +395,10 @@ func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, err
 				s.Events = slices.Clone(base.Events)
 			case "enabled":
 				s.Enabled = base.Enabled
+			case "contract":
+				if base != nil {
+					s.Contract = base.Contract
+				}
 			}
 			continue // a column outboxd does not read: nothing to merge
 		}
@@ -416,6 +423,8 @@ func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, err
 			s.Events, err = ParseTextArray(string(v))
 		case "enabled":
 			s.Enabled = string(v) == "t"
+		case "contract":
+			s.Contract = string(v)
 		}
 		if err != nil {
 			return s, fmt.Errorf("subscription column %s: %w", c.Name, err)

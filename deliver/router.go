@@ -48,6 +48,9 @@ type RouterConfig struct {
 	// OnEvent is told of every event the router reads, before it is routed
 	// (metrics); may be nil.
 	OnEvent func(*decode.Event)
+	// Contract validates events against the tracking plan and says what
+	// each target does with an invalid one.
+	Contract ContractConfig
 }
 
 // Destination is one of the process's own targets (not a subscription).
@@ -118,6 +121,9 @@ type Router struct {
 	settler Settler
 	log     zerolog.Logger
 	reg     *Registry
+	// contract is the tracking plan as of the router's position; it
+	// belongs to the router's goroutine once Run starts.
+	contract contract
 
 	mu      sync.Mutex
 	targets map[string]*target
@@ -151,11 +157,19 @@ func NewRouter(cfg RouterConfig, settler Settler, log zerolog.Logger) (*Router, 
 			return nil, err
 		}
 	}
-	reg, err := NewRegistry(cfg.Routing, cfg.Secrets)
+	subs, planState, planKnown, err := splitRouting(cfg.Routing)
 	if err != nil {
 		return nil, err
 	}
-	return &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}}, nil
+	reg, err := NewRegistry(subs, cfg.Secrets)
+	if err != nil {
+		return nil, err
+	}
+	r := &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}}
+	if err := r.loadContract(planState, planKnown); err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
 // DefaultTarget is the name of the default target: the one destination of
@@ -248,11 +262,12 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 	type destination struct {
 		t      *target
 		events []string
+		policy ContractPolicy
 	}
 	var dests []destination
 	own := map[string]bool{}
 	for _, d := range r.cfg.destinations() {
-		dests = append(dests, destination{start(d.Name, d.Guard.Wrap(d.Sink), nil, r.cfg.config(d)), d.Events})
+		dests = append(dests, destination{start(d.Name, d.Guard.Wrap(d.Sink), nil, r.cfg.config(d)), d.Events, r.cfg.Contract.policy(d.Name)})
 		own[d.Name] = true
 	}
 	for name, keys := range r.cfg.Parked {
@@ -298,6 +313,9 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		// registry). The checkpoint can only be between transactions, so
 		// the state of a transaction's last change is all it keeps.
 		stateOf *decode.Event
+		// held are the targets an invalid event is settled for without
+		// being sent (their contract policy).
+		held []contractSettled
 	)
 	settleState := func() error {
 		if stateOf == nil {
@@ -305,7 +323,7 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		}
 		e := stateOf
 		stateOf = nil
-		return r.settler.Settle(e.TxnSeq, checkpoint.Settlement{State: r.reg.Snapshot()})
+		return r.settler.Settle(e.TxnSeq, checkpoint.Settlement{State: r.snapshot()})
 	}
 	for {
 		var e *decode.Event
@@ -354,21 +372,38 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			}
 		}
 		if e.Change != nil {
-			if err := r.change(start, e); err != nil {
+			if isPlanChange(e.Change) {
+				if err := r.applyPlan(e.Change); err != nil {
+					r.log.Error().Err(err).Msg("tracking plan change ignored")
+				}
+			} else if err := r.change(start, e); err != nil {
 				return err
 			}
 			stateOf = e
 			continue
 		}
-		routes = routes[:0]
+		routes, held = routes[:0], held[:0]
+		verdict, checked := r.check(e)
+		invalid := checked && !verdict.Valid
 		for _, d := range dests {
 			if MatchGlobs(d.events, e.Name) {
+				if invalid && d.policy != ContractDeliver {
+					held = append(held, contractSettled{d.t.disp.Target(), d.t.disp.Target(), d.policy})
+					continue
+				}
 				routes = append(routes, d.t)
 			}
 		}
 		var routeErr error
+		subPolicy := r.cfg.Contract.subscriptionPolicy()
 		r.reg.EachCandidate(e, func(s *Subscription) {
 			if s.Matches(e) {
+				if invalid {
+					if p := s.contractPolicy(subPolicy); p != ContractDeliver {
+						held = append(held, contractSettled{s.TargetName(), "subscription", p})
+						return
+					}
+				}
 				t, err := r.startSubscription(start, s)
 				if err != nil {
 					routeErr = err
@@ -380,14 +415,17 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		if routeErr != nil {
 			return routeErr
 		}
-		if len(routes) == 0 {
+		if len(routes) == 0 && len(held) == 0 {
 			// Routed nowhere: every routed sink (none) acknowledged it.
 			if err := r.settler.Settle(e.TxnSeq, checkpoint.Settlement{EventID: e.ID, Mark: &store.Mark{ID: e.ID}}); err != nil {
 				return err
 			}
 			continue
 		}
-		dl := NewDelivery(e, r.cfg.Deliver.Ordering.Key(e), len(routes))
+		dl := NewDelivery(e, r.cfg.Deliver.Ordering.Key(e), len(routes)+len(held))
+		if err := r.settleContract(dl, held, verdict); err != nil {
+			return err
+		}
 		for _, t := range routes {
 			if !t.running {
 				run(t)

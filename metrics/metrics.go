@@ -108,6 +108,8 @@ type Metrics struct {
 	// exactAttempts is set when attempts are reported one by one (Attempt),
 	// so that Delivered does not count them again from the outcome.
 	exactAttempts atomic.Bool
+
+	contract contractMetrics
 }
 
 // Options configures New.
@@ -160,6 +162,8 @@ func New(opts Options) *Metrics {
 		Help: "Parked deliveries waiting for a durable retry, per target (polled with the backlog)."}, []string{"sink"})
 	m.deadByTarget = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: Namespace, Name: "dead_letters",
 		Help: "Dead letters, per target (polled with the backlog)."}, []string{"sink"})
+
+	m.contract = newContractMetrics(f)
 
 	bi := f.gaugeVec("build_info", "Always 1; the labels give outboxd's version and the Go version it was built with.", "version", "goversion")
 	goVersion := "unknown"

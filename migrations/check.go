@@ -73,6 +73,7 @@ var privileges = map[string][]string{
 	"outboxd_subscription":         {"SELECT"},
 	"outboxd_outbox":               {"SELECT"},
 	"outboxd_subscription_history": {"SELECT"},
+	"outboxd_plan":                 {"SELECT"},
 	VersionTable:                   {"SELECT"},
 }
 

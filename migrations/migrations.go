@@ -335,8 +335,9 @@ func Namespace(ctx context.Context, q Querier, schema string) (string, error) {
 	return ns, nil
 }
 
-// SubscriptionPublication names the publication of the subscription table:
-// inserts, updates and deletes, so subscription changes reach the stream.
+// SubscriptionPublication names the publication of the subscription table
+// and the tracking plan's outboxd_plan: inserts, updates and deletes, so
+// their changes reach the stream in commit order with the events.
 func SubscriptionPublication(publication string) string { return publication + "_subscriptions" }
 
 // ensureSubscriptionPublication creates the publication of outboxd_subscription.
@@ -346,11 +347,24 @@ func ensureSubscriptionPublication(ctx context.Context, conn *pgx.Conn, opts Opt
 	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)`, name).Scan(&exists); err != nil {
 		return fmt.Errorf("look up publication %s: %w", name, err)
 	}
+	table := pgx.Identifier{opts.Schema, "outboxd_subscription"}.Sanitize()
+	plan := pgx.Identifier{opts.Schema, PlanTable}.Sanitize()
 	if exists {
+		// Since migration 11 the tracking plan is published with the
+		// subscriptions: the daemon applies a plan from its commit on.
+		var published bool
+		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid
+WHERE p.pubname = $1 AND r.prrelid = to_regclass($2))`, name, plan).Scan(&published); err != nil {
+			return fmt.Errorf("look up publication %s: %w", name, err)
+		}
+		if !published {
+			if _, err := conn.Exec(ctx, "ALTER PUBLICATION "+pgx.Identifier{name}.Sanitize()+" ADD TABLE "+plan); err != nil {
+				return fmt.Errorf("add %s to publication %s: %w", plan, name, err)
+			}
+		}
 		return nil
 	}
-	table := pgx.Identifier{opts.Schema, "outboxd_subscription"}.Sanitize()
-	if _, err := conn.Exec(ctx, "CREATE PUBLICATION "+pgx.Identifier{name}.Sanitize()+" FOR TABLE "+table+
+	if _, err := conn.Exec(ctx, "CREATE PUBLICATION "+pgx.Identifier{name}.Sanitize()+" FOR TABLE "+table+", "+plan+
 		" WITH (publish = 'insert, update, delete')"); err != nil {
 		return fmt.Errorf("create publication %s: %w", name, err)
 	}

@@ -583,10 +583,21 @@ func TestMigrateTrackingPlan(t *testing.T) {
 	var fn string
 	require.NoError(t, b.conn.QueryRow(b.ctx, "SELECT 'public.outboxd_plan_check()'::regprocedure::text").Scan(&fn))
 	require.Equal(t, "outboxd_plan_check()", fn)
-	// Not in any publication: the daemon does not read the plan.
+	// Migration 11: outboxd_plan (only) is published with the subscriptions,
+	// so the daemon reads a plan in commit order.
+	require.Equal(t, []string{"public.outboxd_plan", "public.outboxd_subscription"}, b.publishedTables(t, "outboxd_subscriptions"))
 	var published int
-	require.NoError(t, b.conn.QueryRow(b.ctx, "SELECT count(*) FROM pg_publication_tables WHERE tablename LIKE 'outboxd_plan%'").Scan(&published))
+	require.NoError(t, b.conn.QueryRow(b.ctx, "SELECT count(*) FROM pg_publication_tables WHERE tablename LIKE 'outboxd_plan_%'").Scan(&published))
 	require.Zero(t, published)
+	// Migration 11: a subscription's own contract policy, one of three.
+	require.Equal(t, "text", b.columns(t, "public", "outboxd_subscription")["contract"])
+	_, err = b.conn.Exec(b.ctx, "INSERT INTO outboxd_subscription (url, secrets, contract) VALUES ('https://a', '{whsec_x}', 'drop')")
+	require.ErrorContains(t, err, "outboxd_subscription_contract")
+	// A publication made before migration 11 gets the table at the next migrate.
+	b.exec(t, "ALTER PUBLICATION outboxd_subscriptions DROP TABLE outboxd_plan")
+	_, err = migrations.Migrate(b.ctx, b.conn, migrations.Options{})
+	require.NoError(t, err)
+	require.Equal(t, []string{"public.outboxd_plan", "public.outboxd_subscription"}, b.publishedTables(t, "outboxd_subscriptions"))
 
 	b.exec(t, "DROP TABLE outboxd_plan_violation")
 	require.ErrorContains(t, migrations.Check(b.ctx, b.conn, migrations.Options{}), `"public"."outboxd_plan_violation" does not exist`)

@@ -21,6 +21,8 @@
 --     outboxd_checkpoint and outboxd_dead_letter;
 --   * routes the rows a catch-up reads as they were routed at their commit:
 --     SELECT on outboxd_subscription_history;
+--   * validates events against the tracking plan (read at start and by a
+--     catch-up): SELECT on outboxd_plan;
 --   * checks the schema version at start: SELECT on outboxd_schema_version;
 --   * reads the outbox's message namespace: SELECT on outboxd_outbox
 --     (migration 5 grants it to PUBLIC already; the namespace is no secret).
@@ -80,5 +82,6 @@ REVOKE UPDATE ON public.outboxd_subscription FROM outboxd;
 GRANT SELECT ON public.outboxd_subscription TO outboxd;
 GRANT UPDATE (enabled, disabled_reason, updated_at) ON public.outboxd_subscription TO outboxd;
 GRANT SELECT ON public.outboxd_subscription_history TO outboxd;
+GRANT SELECT ON public.outboxd_plan TO outboxd;
 GRANT SELECT ON public.outboxd_schema_version TO outboxd;
 GRANT SELECT ON public.outboxd_outbox TO outboxd;

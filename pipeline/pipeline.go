@@ -29,6 +29,7 @@ import (
 	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/internal/telemetry"
 	"github.com/outboxd/outboxd/migrations"
+	"github.com/outboxd/outboxd/plan"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
 )
@@ -59,6 +60,9 @@ type Config struct {
 	// DefaultEvents): one target each (OUTBOXD_SINKS). A destination
 	// without a Sink is the webhook built from Webhook.
 	Destinations []deliver.Destination
+	// Contract says what each target does with an event that breaks the
+	// tracking plan (its Load and observers are set by the pipeline).
+	Contract deliver.ContractConfig
 	// Schedule is the retry schedule of parked deliveries; default
 	// deliver.DefaultSchedule.
 	Schedule []time.Duration
@@ -100,6 +104,17 @@ type Observer interface {
 	// Position is told, about every status interval, the highest WAL
 	// position received and the durable position confirmed to the slot.
 	Position(received, flushed pglogrepl.LSN)
+}
+
+// ContractObserver is told of the tracking plan's validation, for metrics;
+// an Observer that implements it is told.
+type ContractObserver interface {
+	// ContractChecked is told each validated event's verdict and the time
+	// the validation took.
+	ContractChecked(v plan.Verdict, took time.Duration)
+	// ContractSettled is told each target an invalid event was settled for
+	// without being sent (skip or dead-letter).
+	ContractSettled(target string, policy deliver.ContractPolicy)
 }
 
 // WithDefaults returns a copy of c with unset fields given their defaults.
@@ -474,10 +489,17 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 		Secrets: func(ids []int64) (map[int64]deliver.Stored, error) {
 			return j.slotStore.SubscriptionSecrets(loadCtx, ids)
 		},
-		OnGone: j.disableGone,
+		OnGone:   j.disableGone,
+		Contract: cfg.Contract,
+	}
+	rc.Contract.Load = func() ([]byte, string, bool, error) {
+		return plan.Stored(loadCtx, j.pool, cfg.Table.Schema)
 	}
 	if o := cfg.Observer; o != nil {
 		rc.OnResult, rc.OnEvent = o.Delivered, o.Received
+		if co, ok := o.(ContractObserver); ok {
+			rc.Contract.OnCheck, rc.Contract.OnSettled = co.ContractChecked, co.ContractSettled
+		}
 	}
 	return deliver.NewRouter(rc, j.ledger, j.dlog)
 }

@@ -97,6 +97,9 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 				specs[i].Guard = guards[specs[i].Name]
 			}
 			pc.DefaultGuard = guards[deliver.DefaultTarget]
+			if pc.Contract, err = c.contract(envMap); err != nil {
+				return err
+			}
 			if specs != nil {
 				dests, closeAll, err := buildDestinations(specs, envMap, log)
 				if err != nil {

@@ -75,6 +75,13 @@ type config struct {
 	SlotStallTimeout    time.Duration `env:"SLOT_STALL_TIMEOUT" envDefault:"5m"`
 	SlotPollInterval    time.Duration `env:"SLOT_POLL_INTERVAL" envDefault:"5s"`
 	BacklogPollInterval time.Duration `env:"BACKLOG_POLL_INTERVAL" envDefault:"30s"`
+
+	// The tracking plan's policies (README "Tracking plan"): what a target
+	// does with an event that breaks the plan. OUTBOXD_<KIND>_CONTRACT sets
+	// a destination of OUTBOXD_SINKS other than the webhook.
+	ContractPolicy       string `env:"CONTRACT_POLICY" envDefault:"deliver"`
+	WebhookContract      string `env:"WEBHOOK_CONTRACT"`
+	SubscriptionContract string `env:"SUBSCRIPTION_CONTRACT"`
 }
 
 // configError is bad configuration: exit code 2, message naming the variable.

@@ -21,7 +21,7 @@ import (
 // destSuffixes are the per-destination settings of a kind other than the
 // webhook (OUTBOXD_<KIND>_<SUFFIX>); the webhook's are the OUTBOXD_WEBHOOK_*
 // variables of config, which are also the defaults of the others'.
-var destSuffixes = []string{"EVENTS", "CONCURRENCY", "BATCH_SIZE", "BATCH_WAIT"}
+var destSuffixes = []string{"EVENTS", "CONCURRENCY", "BATCH_SIZE", "BATCH_WAIT", "CONTRACT"}
 
 // destVars lists the per-destination variables of every kind but the
 // webhook.
