@@ -108,6 +108,8 @@ type Metrics struct {
 	// exactAttempts is set when attempts are reported one by one (Attempt),
 	// so that Delivered does not count them again from the outcome.
 	exactAttempts atomic.Bool
+	// filterErrors counts property filters that could not be evaluated.
+	filterErrors *prometheus.CounterVec
 }
 
 // Options configures New.
@@ -161,6 +163,9 @@ func New(opts Options) *Metrics {
 	m.deadByTarget = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: Namespace, Name: "dead_letters",
 		Help: "Dead letters, per target (polled with the backlog)."}, []string{"sink"})
 
+	m.filterErrors = f.counterVec("filter_errors_total",
+		"Events a target's property filter could not be evaluated on (a missing property compared, a property of another type); they do not go to that target.",
+		"sink")
 	bi := f.gaugeVec("build_info", "Always 1; the labels give outboxd's version and the Go version it was built with.", "version", "goversion")
 	goVersion := "unknown"
 	if info, ok := debug.ReadBuildInfo(); ok {
@@ -336,6 +341,15 @@ func (m *Metrics) setTargets(counts []store.TargetCount) {
 		m.parkedByTarget.WithLabelValues(label).Set(float64(n))
 		m.deadByTarget.WithLabelValues(label).Set(float64(dead[label]))
 	}
+}
+
+// FilterError counts an event target's property filter could not be
+// evaluated on (pipeline.FilterObserver).
+func (m *Metrics) FilterError(target string) {
+	if m == nil {
+		return
+	}
+	m.filterErrors.WithLabelValues(SinkLabel(target)).Inc()
 }
 
 // SinkLabel is the sink label for a delivery target: its name, or

@@ -55,6 +55,10 @@ type Config struct {
 	// DefaultGuard guards the default target: headers, rate limit, circuit
 	// breaker (deliver.Guard); nil: none.
 	DefaultGuard *deliver.Guard
+	// DefaultFilter and DefaultMask are the default target's property
+	// filter and masking (nil: none).
+	DefaultFilter *deliver.Filter
+	DefaultMask   *sink.Mask
 	// Destinations, when set, replace the default target (Sink,
 	// DefaultEvents): one target each (OUTBOXD_SINKS). A destination
 	// without a Sink is the webhook built from Webhook.
@@ -100,6 +104,12 @@ type Observer interface {
 	// Position is told, about every status interval, the highest WAL
 	// position received and the durable position confirmed to the slot.
 	Position(received, flushed pglogrepl.LSN)
+}
+
+// FilterObserver is an Observer that also counts the events a property
+// filter could not be evaluated on (deliver.RouterConfig.OnFilterError).
+type FilterObserver interface {
+	FilterError(target string)
 }
 
 // WithDefaults returns a copy of c with unset fields given their defaults.
@@ -453,6 +463,7 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 	}
 	rc := deliver.RouterConfig{
 		Deliver: cfg.Deliver, Default: j.sink, DefaultEvents: cfg.DefaultEvents, DefaultGuard: cfg.DefaultGuard, Destinations: cfg.Destinations,
+		DefaultFilter: cfg.DefaultFilter, DefaultMask: cfg.DefaultMask,
 		Subscription: func(sub deliver.Subscription) (sink.Sink, error) {
 			// The subscriptions' own address guard, never the default
 			// webhook's (G8): a URL it refuses is never connected to, and
@@ -473,6 +484,9 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 	}
 	if o := cfg.Observer; o != nil {
 		rc.OnResult, rc.OnEvent = o.Delivered, o.Received
+		if fo, ok := o.(FilterObserver); ok {
+			rc.OnFilterError = fo.FilterError
+		}
 	}
 	return deliver.NewRouter(rc, j.ledger, j.dlog)
 }
