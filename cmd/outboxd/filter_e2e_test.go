@@ -8,12 +8,14 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -204,4 +206,67 @@ VALUES ($1, 5, 3, 'sku', 'S-1', 'e2e', $2::jsonb) RETURNING id`, name, props).Sc
 	b.waitProcessed(t, int64(len(all))+5, time.Minute)
 	require.Equal(t, []int64{big, bigger, last}, eventIDs(envelopes(t, subRecv)), "no filter: every event from the update's commit on")
 	require.NotContains(t, d2.Log(), key)
+
+	// A replay to the webhook masks as run does (and signs the masked body).
+	before := len(b.recv.Deliveries())
+	code, out = e2e.RunCommand(t, b.env, "replay", "--destination", "webhook", "--from-id", strconv.FormatInt(a, 10), "--to-id", strconv.FormatInt(a, 10))
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "does not apply the destination's property filter")
+	replayed := b.recv.Deliveries()[before:]
+	require.Len(t, replayed, 1)
+	require.True(t, replayed[0].Replay)
+	require.True(t, replayed[0].SigOK)
+	require.NotContains(t, string(replayed[0].Body), "ann@example.com")
+	require.NotContains(t, string(replayed[0].Body), "Ann@Example.com")
+	require.Contains(t, string(replayed[0].Body), `"note":"[REDACTED]"`)
+	require.NotContains(t, out, key)
+}
+
+// A bad filter, mask or hash key stops `outboxd run` at start (exit 2)
+// naming the variable, before it connects anywhere; the key is never in the
+// message.
+func TestFilterMaskConfigErrors(t *testing.T) {
+	t.Parallel()
+	base := e2e.Env("postgres://outboxd@127.0.0.1:1/db", "slot", "http://127.0.0.1:1/", map[string]string{"OUTBOXD_HTTP_ADDR": ""})
+	shortKey := "short-key"
+	missingFile := filepath.Join(t.TempDir(), "absent.key")
+	for _, tt := range []struct {
+		env  map[string]string
+		want string
+	}{
+		{map[string]string{"OUTBOXD_WEBHOOK_FILTER": "properties.delta <"}, "OUTBOXD_WEBHOOK_FILTER: filter \"properties.delta <\" does not compile"},
+		{map[string]string{"OUTBOXD_WEBHOOK_FILTER": "propertes.delta < 0"}, "OUTBOXD_WEBHOOK_FILTER: filter \"propertes.delta < 0\" does not compile: unknown name propertes"},
+		{map[string]string{"OUTBOXD_SINKS": "webhook,posthog", "OUTBOXD_POSTHOG_PROJECT_API_KEY": "phc_x",
+			"OUTBOXD_POSTHOG_FILTER": "event_name =="}, "OUTBOXD_POSTHOG_FILTER: "},
+		{map[string]string{"OUTBOXD_WEBHOOK_MASK": "erase:properties.email"}, "OUTBOXD_WEBHOOK_MASK: mask rule \"erase:properties.email\": unknown action"},
+		{map[string]string{"OUTBOXD_WEBHOOK_MASK": "drop:email"}, "OUTBOXD_WEBHOOK_MASK: mask rule \"drop:email\": the path must start with properties."},
+		{map[string]string{"OUTBOXD_WEBHOOK_MASK": "hash:properties.email"}, "OUTBOXD_WEBHOOK_MASK: a hash rule needs a key: set OUTBOXD_MASK_HASH_KEY or OUTBOXD_MASK_HASH_KEY_FILE"},
+		{map[string]string{"OUTBOXD_WEBHOOK_MASK": "hash:properties.email", "OUTBOXD_MASK_HASH_KEY": shortKey}, "OUTBOXD_MASK_HASH_KEY: the key is 9 bytes, fewer than 16"},
+		{map[string]string{"OUTBOXD_WEBHOOK_MASK": "hash:properties.email", "OUTBOXD_MASK_HASH_KEY_FILE": missingFile}, "OUTBOXD_MASK_HASH_KEY_FILE: read the key file"},
+		{map[string]string{"OUTBOXD_WEBHOOK_MASK": "hash:properties.email", "OUTBOXD_MASK_HASH_KEY": "0123456789abcdefXYZ",
+			"OUTBOXD_MASK_HASH_KEY_FILE": missingFile}, "OUTBOXD_MASK_HASH_KEY: both it and OUTBOXD_MASK_HASH_KEY_FILE are set"},
+		// With OUTBOXD_SINK the one destination reads its own kind's only.
+		{map[string]string{"OUTBOXD_POSTHOG_MASK": "drop:properties.email"}, "OUTBOXD_POSTHOG_MASK: OUTBOXD_SINK=webhook delivers to a webhook destination only"},
+	} {
+		env := maps.Clone(base)
+		maps.Copy(env, tt.env)
+		code, out := e2e.RunCommand(t, env, "run")
+		require.Equal(t, 2, code, "%v: %s", tt.env, out)
+		require.Contains(t, out, tt.want, "%v", tt.env)
+		require.NotContains(t, out, shortKey)
+	}
+	// The filter and mask variables are known: no warning, no near-miss
+	// refusal; the key is redacted in the effective configuration.
+	env := map[string]string{"OUTBOXD_SINKS": "webhook,posthog", "OUTBOXD_POSTHOG_FILTER": "true",
+		"OUTBOXD_POSTHOG_MASK": "drop:properties.x", "OUTBOXD_WEBHOOK_FILTER": "true", "OUTBOXD_WEBHOOK_MASK": "drop:properties.x",
+		"OUTBOXD_MASK_HASH_KEY": "0123456789abcdef-secret", "OUTBOXD_GA4_FILTER": "true"}
+	c, warnings, err := loadConfig(env)
+	require.NoError(t, err)
+	require.Empty(t, warnings)
+	require.NoError(t, checkNearMisses(env))
+	require.Equal(t, "***", effectiveConfig(c, env)["OUTBOXD_MASK_HASH_KEY"])
+	specs, err := c.destinations(env)
+	require.NoError(t, err)
+	require.Equal(t, "true", specs[1].Filter.String())
+	require.Len(t, specs[1].Mask.Rules(), 1)
 }
