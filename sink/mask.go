@@ -11,6 +11,9 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/tidwall/gjson"
+	"github.com/tidwall/sjson"
+
 	"github.com/outboxd/outboxd/decode"
 )
 
@@ -18,8 +21,9 @@ import (
 // them (README.md, "Filters and masking"): an analytics tool need not receive
 // an e-mail address that a billing webhook needs. It works on a copy of the
 // event: the other destinations, and the row, keep the original. Only the
-// envelope's properties are masked; the rest of the body is sent byte for
-// byte as the decoder built it, so a webhook keeps its envelope contract, and
+// envelope's properties are masked, by path (tidwall/gjson finds the value,
+// tidwall/sjson rewrites it in a copy, without decoding and re-encoding the
+// body); the rest of the body is sent byte for byte as the decoder built it, so a webhook keeps its envelope contract, and
 // its signature covers the masked body it actually sends.
 
 // MaskAction is what a mask rule does to the value at its path.
@@ -30,8 +34,8 @@ const (
 	// MaskDrop removes the key.
 	MaskDrop MaskAction = "drop"
 	// MaskHash replaces the value by the lowercase hex HMAC-SHA256 of its
-	// text (a string's characters; any other value's compact JSON, object
-	// keys sorted) under the mask key: the same value gives the same hash
+	// text (a string's characters; any other value's compact JSON as the
+	// row holds it) under the mask key: the same value gives the same hash
 	// for the same key, so a destination can still count and join on it.
 	MaskHash MaskAction = "hash"
 	// MaskRedact replaces the value by the string RedactedValue.
@@ -54,6 +58,8 @@ var ErrMaskNoKey = errors.New("a hash rule needs a key")
 // Mask is a parsed list of rules; the nil *Mask changes nothing.
 type Mask struct {
 	rules []MaskRule
+	// paths are the rules' paths in gjson/sjson syntax, keys escaped.
+	paths []string
 	key   []byte
 }
 
@@ -94,6 +100,11 @@ func ParseMask(spec string, key []byte) (*Mask, error) {
 		}
 		r.Path = parts[1:]
 		m.rules = append(m.rules, r)
+		esc := []string{"properties"}
+		for _, k := range r.Path {
+			esc = append(esc, gjson.Escape(k))
+		}
+		m.paths = append(m.paths, strings.Join(esc, "."))
 	}
 	if len(m.rules) == 0 {
 		return nil, nil
@@ -116,87 +127,52 @@ func (m *Mask) Rules() []MaskRule {
 }
 
 // Apply returns body (an envelope: a JSON object) with its properties
-// masked. The envelope's other members are kept byte for byte; the masked
-// properties object is written again (keys sorted, numbers as they were).
-// A body whose properties is not an object (null, say) has nothing to mask
-// and is returned as it is; so is a body where no rule's path exists.
+// masked, in a new slice (body is never modified). Only the masked values
+// change: the rest of the body, key order, spacing and numbers included, is
+// kept byte for byte. A rule whose path does not exist (a missing key, a path
+// through a value that is not an object, properties null) changes nothing;
+// with no change the body itself is returned.
 func (m *Mask) Apply(body []byte) ([]byte, error) {
 	if m == nil {
 		return body, nil
 	}
-	start, end, err := propertiesSpan(body)
-	if err != nil {
-		return nil, err
+	if t := bytes.TrimLeft(body, " \t\r\n"); len(t) == 0 || t[0] != '{' {
+		return nil, errors.New("mask: envelope is not a JSON object")
 	}
-	if start < 0 {
-		return body, nil
+	if !gjson.ValidBytes(body) {
+		return nil, errors.New("mask: envelope is not valid JSON")
 	}
-	raw := body[start:end]
-	if raw[0] != '{' {
-		return body, nil
-	}
-	dec := json.NewDecoder(bytes.NewReader(raw))
-	dec.UseNumber()
-	var props map[string]any
-	if err := dec.Decode(&props); err != nil {
-		return nil, fmt.Errorf("mask: properties: %w", err)
-	}
-	changed := false
-	for _, r := range m.rules {
-		c, err := m.apply(props, r)
-		if err != nil {
-			return nil, err
+	out := body
+	for i, r := range m.rules {
+		path := m.paths[i]
+		v := gjson.GetBytes(out, path)
+		if !v.Exists() {
+			continue
 		}
-		changed = changed || c
-	}
-	if !changed {
-		return body, nil
-	}
-	masked, err := marshalCompact(props)
-	if err != nil {
-		return nil, fmt.Errorf("mask: properties: %w", err)
-	}
-	out := make([]byte, 0, len(body)-len(raw)+len(masked))
-	out = append(out, body[:start]...)
-	out = append(out, masked...)
-	return append(out, body[end:]...), nil
-}
-
-// apply applies r to props and reports whether it changed anything; a path
-// that does not exist, or goes through a value that is not an object, is
-// left alone.
-func (m *Mask) apply(props map[string]any, r MaskRule) (bool, error) {
-	obj := props
-	for _, k := range r.Path[:len(r.Path)-1] {
-		next, ok := obj[k].(map[string]any)
-		if !ok {
-			return false, nil
-		}
-		obj = next
-	}
-	last := r.Path[len(r.Path)-1]
-	v, ok := obj[last]
-	if !ok {
-		return false, nil
-	}
-	switch r.Action {
-	case MaskDrop:
-		delete(obj, last)
-	case MaskRedact:
-		obj[last] = RedactedValue
-	case MaskHash:
-		var text []byte
-		if s, ok := v.(string); ok {
-			text = []byte(s)
-		} else {
-			var err error
-			if text, err = marshalCompact(v); err != nil {
-				return false, fmt.Errorf("mask: hash properties.%s: %w", strings.Join(r.Path, "."), err)
+		var err error
+		switch r.Action {
+		case MaskDrop:
+			out, err = sjson.DeleteBytes(out, path)
+		case MaskRedact:
+			out, err = sjson.SetBytes(out, path, RedactedValue)
+		case MaskHash:
+			var text []byte
+			if v.Type == gjson.String {
+				text = []byte(v.String())
+			} else {
+				var buf bytes.Buffer
+				if err := json.Compact(&buf, []byte(v.Raw)); err != nil {
+					return nil, fmt.Errorf("mask: hash properties.%s: %w", strings.Join(r.Path, "."), err)
+				}
+				text = buf.Bytes()
 			}
+			out, err = sjson.SetBytes(out, path, HashValue(m.key, text))
 		}
-		obj[last] = HashValue(m.key, text)
+		if err != nil {
+			return nil, fmt.Errorf("mask: %s properties.%s: %w", r.Action, strings.Join(r.Path, "."), err)
+		}
 	}
-	return true, nil
+	return out, nil
 }
 
 // HashValue is the hash rule's output for text under key: the lowercase hex
@@ -205,47 +181,6 @@ func HashValue(key, text []byte) string {
 	h := hmac.New(sha256.New, key)
 	h.Write(text)
 	return hex.EncodeToString(h.Sum(nil))
-}
-
-// marshalCompact is json.Marshal without HTML escaping (a property "<b>"
-// stays "<b>", as the decoder wrote it).
-func marshalCompact(v any) ([]byte, error) {
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	if err := enc.Encode(v); err != nil {
-		return nil, err
-	}
-	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
-}
-
-// propertiesSpan returns where the value of the top-level "properties"
-// member of the JSON object body starts and ends; start is -1 when there is
-// none.
-func propertiesSpan(body []byte) (start, end int, err error) {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	tok, err := dec.Token()
-	if err != nil {
-		return -1, -1, fmt.Errorf("mask: envelope: %w", err)
-	}
-	if d, ok := tok.(json.Delim); !ok || d != '{' {
-		return -1, -1, errors.New("mask: envelope is not a JSON object")
-	}
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return -1, -1, fmt.Errorf("mask: envelope: %w", err)
-		}
-		var raw json.RawMessage
-		if err := dec.Decode(&raw); err != nil {
-			return -1, -1, fmt.Errorf("mask: envelope: %w", err)
-		}
-		if k, _ := tok.(string); k == "properties" {
-			end := int(dec.InputOffset())
-			return end - len(raw), end, nil
-		}
-	}
-	return -1, -1, nil
 }
 
 // Masked returns s with m applied to every event it is given (s itself when m

@@ -107,6 +107,14 @@ func TestMaskApply(t *testing.T) {
 		_, err := m.Apply([]byte(bad))
 		require.Error(t, err, bad)
 	}
+	// Keys that are path syntax elsewhere are plain keys here; spacing and
+	// key order of the rest are kept.
+	odd, err := sink.ParseMask("drop:properties.$email,redact:properties.a*b,hash:properties.q?", maskKey)
+	require.NoError(t, err)
+	out, err = odd.Apply([]byte(envelope + `{"z": 1, "$email": "x@y", "a*b": "s", "ab": "keep", "q?": {"k": [1, 2]}}}`))
+	require.NoError(t, err)
+	require.Equal(t, envelope+`{"z": 1, "a*b": "[REDACTED]", "ab": "keep", "q?": "`+hmacHex(maskKey, `{"k":[1,2]}`)+`"}}`, string(out))
+
 	// The nil mask changes nothing.
 	var none *sink.Mask
 	out, err = none.Apply(body)
