@@ -31,7 +31,7 @@ type Subscription struct {
 	Events         []string `json:"events"`
 	Enabled        bool     `json:"enabled"`
 	// Filter is the subscription's property filter (the filter column,
-	// migration 9; "": none), kept in the routing state so that it survives
+	// migration 11; "": none), kept in the routing state so that it survives
 	// the checkpoint and a restart. filter is it compiled; filterErr, when
 	// it does not compile, makes the subscription get nothing.
 	Filter    string `json:"filter,omitempty"`

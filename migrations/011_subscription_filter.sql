@@ -1,4 +1,4 @@
--- Version 9: a property filter per subscription (README.md "Filters and
+-- Version 11: a property filter per subscription (README.md "Filters and
 -- masking"). filter is an expr-lang expression evaluated against each event's
 -- envelope, such as event_name == 'x' && properties.delta < 0; NULL (the
 -- default, and what every existing subscription gets) delivers every event its
