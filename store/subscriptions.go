@@ -65,10 +65,15 @@ func (t Tables) AnySubscription(ctx context.Context) (bool, error) {
 	return ok, err
 }
 
-// AddSubscription inserts an enabled subscription and returns its id. events
-// must not be nil (empty means every event); filter is its property filter
-// (nil: none), which the caller has compiled.
-func (t Tables) AddSubscription(ctx context.Context, org *int64, url string, secrets, events []string, filter *string) (int64, error) {
+// AddSubscription inserts an enabled subscription without a property filter
+// and returns its id. events must not be nil (empty means every event).
+func (t Tables) AddSubscription(ctx context.Context, org *int64, url string, secrets, events []string) (int64, error) {
+	return t.AddFilteredSubscription(ctx, org, url, secrets, events, nil)
+}
+
+// AddFilteredSubscription is AddSubscription with a property filter (nil:
+// none), which the caller has compiled.
+func (t Tables) AddFilteredSubscription(ctx context.Context, org *int64, url string, secrets, events []string, filter *string) (int64, error) {
 	var id int64
 	err := t.q.QueryRow(ctx, `INSERT INTO `+t.own(SubscriptionTable)+` (organization_id, url, secrets, events, filter)
 VALUES ($1, $2, $3, $4, $5) RETURNING id`, org, url, secrets, events, filter).Scan(&id)

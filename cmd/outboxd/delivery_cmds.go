@@ -157,7 +157,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 			if cmd.Flags().Changed("organization") {
 				orgArg = &org
 			}
-			id, err := s.tables.AddSubscription(ctx, orgArg, url, []string{secret}, globs, filterArg)
+			id, err := s.tables.AddFilteredSubscription(ctx, orgArg, url, []string{secret}, globs, filterArg)
 			if err != nil {
 				return fmt.Errorf("add subscription: %w", err)
 			}
