@@ -37,8 +37,8 @@ const (
 
 // filterVars are the names a filter sees: the envelope's fields (README.md,
 // "Webhook contract"), properties being the row's parsed JSON. Their values
-// are the envelope's, as JSON decodes them: organization_id and user_id are
-// strings, numbers are float64, a NULL is nil.
+// are the envelope's, as JSON decodes them: numbers (organization_id of an
+// integer column, say) are float64, a NULL is nil.
 var filterVars = []string{"id", "event_name", "occurred_at", "organization_id", "user_id", "entity_type",
 	"entity_id", "correlation_id", "source", "schema_version", "properties"}
 

@@ -19,7 +19,7 @@ import (
 // properties (raw JSON).
 func bodyEvent(id int64, name, props string) *decode.Event {
 	return &decode.Event{ID: id, Name: name, OrganizationID: 7, HasOrganization: true,
-		Body: fmt.Appendf(nil, `{"id":%d,"event_name":%q,"occurred_at":"2026-11-26T10:00:00Z","organization_id":"7","user_id":"u1","entity_type":"sku","entity_id":"S-1","correlation_id":null,"source":"inventory","schema_version":2,"properties":%s}`, id, name, props)}
+		Body: fmt.Appendf(nil, `{"id":%d,"event_name":%q,"occurred_at":"2026-11-26T10:00:00Z","organization_id":7,"user_id":"u1","entity_type":"sku","entity_id":"S-1","correlation_id":null,"source":"inventory","schema_version":2,"properties":%s}`, id, name, props)}
 }
 
 func TestFilterCompile(t *testing.T) {
@@ -51,7 +51,7 @@ func TestFilterMatch(t *testing.T) {
 	t.Parallel()
 	f, err := CompileFilter(`event_name == "inventory_adjusted" && properties.delta < 0`)
 	require.NoError(t, err)
-	nested, err := CompileFilter(`properties.sku.warehouse.code in ["W1", "W2"] && schema_version == 2 && organization_id == "7"`)
+	nested, err := CompileFilter(`properties.sku.warehouse.code in ["W1", "W2"] && schema_version == 2 && organization_id == 7`)
 	require.NoError(t, err)
 	safe, err := CompileFilter(`properties?.sku?.warehouse?.code == "W1"`)
 	require.NoError(t, err)
