@@ -33,6 +33,24 @@ type Subscription struct {
 	// Contract is the subscription's own contract policy (column contract,
 	// migration 11); "" takes ContractConfig.Subscriptions.
 	Contract string `json:"contract,omitempty"`
+	// Filter is the subscription's property filter (the filter column,
+	// migration 12; "": none), kept in the routing state so that it survives
+	// the checkpoint and a restart. filter is it compiled; filterErr, when
+	// it does not compile, makes the subscription get nothing.
+	Filter    string `json:"filter,omitempty"`
+	filter    *Filter
+	filterErr error
+}
+
+// compileFilter compiles s.Filter into s.filter, or records why it cannot.
+func (s *Subscription) compileFilter() {
+	s.filter, s.filterErr = nil, nil
+	f, err := CompileFilter(s.Filter)
+	if err != nil {
+		s.filterErr = fmt.Errorf("subscription %d: %w", s.ID, err)
+		return
+	}
+	s.filter = f
 }
 
 // SecretFingerprint identifies a secret without revealing it: "sha256:" and
@@ -219,6 +237,7 @@ func NewRegistry(snapshot []byte, lookup SecretLookup) (*Registry, error) {
 			s.URL = current[s.ID].URL // "" when the row is gone: unusable
 		}
 		s.SecretFingerprints, s.URLFingerprint = nil, ""
+		s.compileFilter()
 		r.put(s)
 	}
 	return r, nil
@@ -373,7 +392,7 @@ func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, err
 		v := row.Values[i]
 		if row.IsUnchanged(i) {
 			switch c.Name {
-			case "id", "organization_id", "url", "secrets", "events", "enabled":
+			case "id", "organization_id", "url", "secrets", "events", "enabled", "filter":
 				if base == nil {
 					missing = append(missing, c.Name)
 					continue
@@ -399,6 +418,8 @@ func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, err
 				if base != nil {
 					s.Contract = base.Contract
 				}
+			case "filter":
+				s.Filter = base.Filter
 			}
 			continue // a column outboxd does not read: nothing to merge
 		}
@@ -425,6 +446,8 @@ func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, err
 			s.Enabled = string(v) == "t"
 		case "contract":
 			s.Contract = string(v)
+		case "filter":
+			s.Filter = string(v) // NULL: no filter
 		}
 		if err != nil {
 			return s, fmt.Errorf("subscription column %s: %w", c.Name, err)
@@ -438,6 +461,7 @@ func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, err
 		return Subscription{ID: id}, fmt.Errorf("update of subscription %d sent column(s) %s as unchanged (TOASTed, value not sent), and the routing state does not know that subscription: it is not routed until a change carries those columns: %w",
 			id, strings.Join(missing, ", "), ErrUnknownUnchanged)
 	}
+	s.compileFilter()
 	return s, nil
 }
 

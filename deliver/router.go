@@ -28,6 +28,10 @@ type RouterConfig struct {
 	DefaultEvents []string
 	// DefaultGuard guards the default target (Destination.Guard).
 	DefaultGuard *Guard
+	// DefaultFilter is the default target's property filter, DefaultMask
+	// its masking (nil: none).
+	DefaultFilter *Filter
+	DefaultMask   *sink.Mask
 	// Destinations are the process's own targets, each with its own
 	// dispatcher, filter, parked rows and dead letters (OUTBOXD_SINKS). An
 	// event is settled once every destination it was routed to settled it.
@@ -51,6 +55,10 @@ type RouterConfig struct {
 	// Contract validates events against the tracking plan and says what
 	// each target does with an invalid one.
 	Contract ContractConfig
+	// OnFilterError is told when a target's property filter could not be
+	// evaluated on an event, which then does not go to it (metrics); may be
+	// nil.
+	OnFilterError func(target string)
 }
 
 // Destination is one of the process's own targets (not a subscription).
@@ -62,6 +70,12 @@ type Destination struct {
 	// Events filters the destination by event-name globs (none: every
 	// event).
 	Events []string
+	// Filter selects the events it gets by their content, beside Events
+	// (nil: every event Events lets through); see CompileFilter.
+	Filter *Filter
+	// Mask masks the properties of the copies of the events Sink is given
+	// (nil: none); the other targets get the events as they are.
+	Mask *sink.Mask
 	// Concurrency, BatchSize and BatchWait tune its dispatcher; when
 	// Concurrency is 0 the three are RouterConfig.Deliver's. Ordering,
 	// MaxInFlight and FirstRetry are always RouterConfig.Deliver's: one
@@ -80,7 +94,8 @@ func (c RouterConfig) destinations() []Destination {
 	if len(c.Destinations) > 0 {
 		return c.Destinations
 	}
-	return []Destination{{Name: DefaultTarget, Sink: c.Default, Events: c.DefaultEvents, Guard: c.DefaultGuard}}
+	return []Destination{{Name: DefaultTarget, Sink: c.Default, Events: c.DefaultEvents, Guard: c.DefaultGuard,
+		Filter: c.DefaultFilter, Mask: c.DefaultMask}}
 }
 
 // config returns the dispatcher configuration of d.
@@ -165,6 +180,7 @@ func NewRouter(cfg RouterConfig, settler Settler, log zerolog.Logger) (*Router, 
 	if err != nil {
 		return nil, err
 	}
+	reg.Each(func(s *Subscription) { logBadFilter(log, s) })
 	r := &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}}
 	if err := r.loadContract(planState, planKnown); err != nil {
 		return nil, err
@@ -263,11 +279,15 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		t      *target
 		events []string
 		policy ContractPolicy
+		filter *Filter
 	}
 	var dests []destination
 	own := map[string]bool{}
 	for _, d := range r.cfg.destinations() {
-		dests = append(dests, destination{start(d.Name, d.Guard.Wrap(d.Sink), nil, r.cfg.config(d)), d.Events, r.cfg.Contract.policy(d.Name)})
+		// The mask is outermost: the guard (breaker, rate limit) sees
+		// only events that were masked and are sent.
+		dests = append(dests, destination{start(d.Name, sink.Masked(d.Guard.Wrap(d.Sink), d.Mask), nil, r.cfg.config(d)), d.Events,
+			r.cfg.Contract.policy(d.Name), d.Filter})
 		own[d.Name] = true
 	}
 	for name, keys := range r.cfg.Parked {
@@ -385,8 +405,13 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		routes, held = routes[:0], held[:0]
 		verdict, checked := r.check(e)
 		invalid := checked && !verdict.Valid
+		// env is the event's parsed envelope, made only if a property
+		// filter looks at it, and then once for all of them. A target
+		// whose filter leaves the event out does not get it, valid or not;
+		// the others' contract policy applies to an invalid one.
+		var env *EventEnv
 		for _, d := range dests {
-			if MatchGlobs(d.events, e.Name) {
+			if MatchGlobs(d.events, e.Name) && r.filterMatches(d.t.disp.Target(), d.filter, nil, e, &env) {
 				if invalid && d.policy != ContractDeliver {
 					held = append(held, contractSettled{d.t.disp.Target(), d.t.disp.Target(), d.policy})
 					continue
@@ -397,7 +422,7 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		var routeErr error
 		subPolicy := r.cfg.Contract.subscriptionPolicy()
 		r.reg.EachCandidate(e, func(s *Subscription) {
-			if s.Matches(e) {
+			if s.Matches(e) && r.filterMatches(s.TargetName(), s.filter, s.filterErr, e, &env) {
 				if invalid {
 					if p := s.contractPolicy(subPolicy); p != ContractDeliver {
 						held = append(held, contractSettled{s.TargetName(), "subscription", p})
@@ -439,6 +464,43 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 				return ctx.Err()
 			}
 		}
+	}
+}
+
+// filterMatches reports whether the property filter f of target lets e
+// through (f nil: it does). A filter that could not be compiled (bad, a
+// subscription's stored filter) lets nothing through; it was logged when
+// read. An evaluation error on an odd row (a missing property compared, a
+// property of another type) is "not matched": logged at debug level and
+// counted, never fatal. An event filtered out of a target is not routed to it,
+// which settles it there without sending.
+func (r *Router) filterMatches(target string, f *Filter, bad error, e *decode.Event, env **EventEnv) bool {
+	if bad != nil {
+		return false
+	}
+	if f == nil {
+		return true
+	}
+	if *env == nil {
+		*env = NewEventEnv(e)
+	}
+	ok, err := f.Match(*env)
+	if err != nil {
+		r.log.Debug().Err(err).Str("target", target).Int64("event_id", e.ID).Msg("property filter could not be evaluated; the event does not go to this target")
+		if r.cfg.OnFilterError != nil {
+			r.cfg.OnFilterError(target)
+		}
+		return false
+	}
+	return ok
+}
+
+// logBadFilter logs that subscription s gets nothing because its stored
+// filter does not compile.
+func logBadFilter(log zerolog.Logger, s *Subscription) {
+	if s.filterErr != nil {
+		log.Error().Err(s.filterErr).Str("target", s.TargetName()).
+			Msg("subscription filter does not compile; the subscription gets no event until it is fixed (outboxd subscription update --filter)")
 	}
 }
 
@@ -523,7 +585,8 @@ func (r *Router) change(start startFunc, e *decode.Event) error {
 				t.sink.Store(&sinkBox{snk})
 			}
 		}
-		r.log.Info().Str("target", s.TargetName()).Bool("enabled", s.Enabled).Msg("subscription changed")
+		r.log.Info().Str("target", s.TargetName()).Bool("enabled", s.Enabled).Bool("filtered", s.Filter != "").Msg("subscription changed")
+		logBadFilter(r.log, s)
 		if _, parked := r.cfg.Parked[s.TargetName()]; t == nil && parked {
 			// A subscription the registry learns only now (a catch-up
 			// seeds the registry after a slot reset) with deliveries

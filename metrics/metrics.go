@@ -110,6 +110,8 @@ type Metrics struct {
 	exactAttempts atomic.Bool
 
 	contract contractMetrics
+	// filterErrors counts property filters that could not be evaluated.
+	filterErrors *prometheus.CounterVec
 }
 
 // Options configures New.
@@ -164,7 +166,9 @@ func New(opts Options) *Metrics {
 		Help: "Dead letters, per target (polled with the backlog)."}, []string{"sink"})
 
 	m.contract = newContractMetrics(f)
-
+	m.filterErrors = f.counterVec("filter_errors_total",
+		"Events a target's property filter could not be evaluated on (a missing property compared, a property of another type); they do not go to that target.",
+		"sink")
 	bi := f.gaugeVec("build_info", "Always 1; the labels give outboxd's version and the Go version it was built with.", "version", "goversion")
 	goVersion := "unknown"
 	if info, ok := debug.ReadBuildInfo(); ok {
@@ -340,6 +344,15 @@ func (m *Metrics) setTargets(counts []store.TargetCount) {
 		m.parkedByTarget.WithLabelValues(label).Set(float64(n))
 		m.deadByTarget.WithLabelValues(label).Set(float64(dead[label]))
 	}
+}
+
+// FilterError counts an event target's property filter could not be
+// evaluated on (pipeline.FilterObserver).
+func (m *Metrics) FilterError(target string) {
+	if m == nil {
+		return
+	}
+	m.filterErrors.WithLabelValues(SinkLabel(target)).Inc()
 }
 
 // SinkLabel is the sink label for a delivery target: its name, or

@@ -56,6 +56,10 @@ type Config struct {
 	// DefaultGuard guards the default target: headers, rate limit, circuit
 	// breaker (deliver.Guard); nil: none.
 	DefaultGuard *deliver.Guard
+	// DefaultFilter and DefaultMask are the default target's property
+	// filter and masking (nil: none).
+	DefaultFilter *deliver.Filter
+	DefaultMask   *sink.Mask
 	// Destinations, when set, replace the default target (Sink,
 	// DefaultEvents): one target each (OUTBOXD_SINKS). A destination
 	// without a Sink is the webhook built from Webhook.
@@ -115,6 +119,12 @@ type ContractObserver interface {
 	// ContractSettled is told each target an invalid event was settled for
 	// without being sent (skip or dead-letter).
 	ContractSettled(target string, policy deliver.ContractPolicy)
+}
+
+// FilterObserver is an Observer that also counts the events a property
+// filter could not be evaluated on (deliver.RouterConfig.OnFilterError).
+type FilterObserver interface {
+	FilterError(target string)
 }
 
 // WithDefaults returns a copy of c with unset fields given their defaults.
@@ -473,6 +483,7 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 	}
 	rc := deliver.RouterConfig{
 		Deliver: cfg.Deliver, Default: j.sink, DefaultEvents: cfg.DefaultEvents, DefaultGuard: cfg.DefaultGuard, Destinations: cfg.Destinations,
+		DefaultFilter: cfg.DefaultFilter, DefaultMask: cfg.DefaultMask,
 		Subscription: func(sub deliver.Subscription) (sink.Sink, error) {
 			// The subscriptions' own address guard, never the default
 			// webhook's (G8): a URL it refuses is never connected to, and
@@ -499,6 +510,9 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 		rc.OnResult, rc.OnEvent = o.Delivered, o.Received
 		if co, ok := o.(ContractObserver); ok {
 			rc.Contract.OnCheck, rc.Contract.OnSettled = co.ContractChecked, co.ContractSettled
+		}
+		if fo, ok := o.(FilterObserver); ok {
+			rc.OnFilterError = fo.FilterError
 		}
 	}
 	return deliver.NewRouter(rc, j.ledger, j.dlog)

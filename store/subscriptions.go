@@ -44,12 +44,14 @@ type SubscriptionSummary struct {
 	DisabledReason string
 	CreatedAt      time.Time
 	UpdatedAt      time.Time
+	// Filter is the property filter ("": none).
+	Filter string
 }
 
 // Subscriptions lists every subscription by id.
 func (t Tables) Subscriptions(ctx context.Context) ([]SubscriptionSummary, error) {
 	rows, err := t.q.Query(ctx, `SELECT id, organization_id, url, cardinality(secrets), events, enabled,
-  coalesce(disabled_reason, ''), created_at, updated_at FROM `+t.own(SubscriptionTable)+` ORDER BY id`)
+  coalesce(disabled_reason, ''), created_at, updated_at, coalesce(filter, '') FROM `+t.own(SubscriptionTable)+` ORDER BY id`)
 	if err != nil {
 		return nil, err
 	}
@@ -63,13 +65,26 @@ func (t Tables) AnySubscription(ctx context.Context) (bool, error) {
 	return ok, err
 }
 
-// AddSubscription inserts an enabled subscription and returns its id. events
-// must not be nil (empty means every event).
+// AddSubscription inserts an enabled subscription without a property filter
+// and returns its id. events must not be nil (empty means every event).
 func (t Tables) AddSubscription(ctx context.Context, org *int64, url string, secrets, events []string) (int64, error) {
+	return t.AddFilteredSubscription(ctx, org, url, secrets, events, nil)
+}
+
+// AddFilteredSubscription is AddSubscription with a property filter (nil:
+// none), which the caller has compiled.
+func (t Tables) AddFilteredSubscription(ctx context.Context, org *int64, url string, secrets, events []string, filter *string) (int64, error) {
 	var id int64
-	err := t.q.QueryRow(ctx, `INSERT INTO `+t.own(SubscriptionTable)+` (organization_id, url, secrets, events)
-VALUES ($1, $2, $3, $4) RETURNING id`, org, url, secrets, events).Scan(&id)
+	err := t.q.QueryRow(ctx, `INSERT INTO `+t.own(SubscriptionTable)+` (organization_id, url, secrets, events, filter)
+VALUES ($1, $2, $3, $4, $5) RETURNING id`, org, url, secrets, events, filter).Scan(&id)
 	return id, err
+}
+
+// SetFilter sets the property filter of subscription id (nil: none), which
+// the caller has compiled, and reports whether the subscription exists.
+func (t Tables) SetFilter(ctx context.Context, id int64, filter *string) (bool, error) {
+	tag, err := t.q.Exec(ctx, `UPDATE `+t.own(SubscriptionTable)+` SET filter = $2, updated_at = now() WHERE id = $1`, id, filter)
+	return tag.RowsAffected() > 0, err
 }
 
 // KeepNewestSecret drops every secret of subscription id but its newest, and

@@ -107,6 +107,8 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 				}
 				defer closeAll()
 				pc.Sink, pc.Destinations = nil, dests
+			} else if pc.DefaultFilter, pc.DefaultMask, err = c.defaultFilterMask(envMap); err != nil {
+				return err
 			} else if c.Sink != "webhook" {
 				s, err := buildSink(c.Sink, envMap, log)
 				if err != nil {

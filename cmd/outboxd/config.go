@@ -128,7 +128,7 @@ func knownVars() map[string]bool {
 			known[name] = true
 		}
 	}
-	for _, name := range destVars() {
+	for _, name := range append(destVars(), filterMaskVars()...) {
 		known[name] = true
 	}
 	for _, name := range guardVars() {

@@ -85,6 +85,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				DisabledReason string    `json:"disabled_reason,omitempty"`
 				CreatedAt      time.Time `json:"created_at"`
 				UpdatedAt      time.Time `json:"updated_at"`
+				Filter         string    `json:"filter,omitempty"`
 			}
 			out := make([]row, len(subs))
 			for i, sub := range subs {
@@ -97,7 +98,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				return json.NewEncoder(stdout).Encode(out)
 			}
 			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tORGANIZATION\tURL\tEVENTS\tSECRETS\tENABLED\tREASON")
+			fmt.Fprintln(tw, "ID\tORGANIZATION\tURL\tEVENTS\tSECRETS\tENABLED\tREASON\tFILTER")
 			for _, r := range out {
 				org := "(platform)"
 				if r.OrganizationID != nil {
@@ -107,7 +108,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				if events == "" {
 					events = "*"
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%t\t%s\n", r.ID, org, r.URL, events, r.Secrets, r.Enabled, r.DisabledReason)
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%t\t%s\t%s\n", r.ID, org, r.URL, events, r.Secrets, r.Enabled, r.DisabledReason, r.Filter)
 			}
 			return tw.Flush()
 		},
@@ -115,8 +116,8 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 
 	var (
-		url, events, secret, secretFile string
-		org                             int64
+		url, events, secret, secretFile, filter string
+		org                                     int64
 	)
 	add := &cobra.Command{
 		Use: "add", Short: "Add a subscription; prints its id and signing secret", Args: cobra.NoArgs,
@@ -124,6 +125,10 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 			globs, err := deliver.ParseGlobs(events)
 			if err != nil {
 				return usageError{err}
+			}
+			filterArg, err := subscriptionFilter(filter)
+			if err != nil {
+				return err
 			}
 			if globs == nil {
 				// No globs: every event. The column is NOT NULL, empty
@@ -152,7 +157,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 			if cmd.Flags().Changed("organization") {
 				orgArg = &org
 			}
-			id, err := s.tables.AddSubscription(ctx, orgArg, url, []string{secret}, globs)
+			id, err := s.tables.AddFilteredSubscription(ctx, orgArg, url, []string{secret}, globs, filterArg)
 			if err != nil {
 				return fmt.Errorf("add subscription: %w", err)
 			}
@@ -165,7 +170,46 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 	add.Flags().StringVar(&events, "events", "", "comma list of event-name globs (omit: every event)")
 	add.Flags().StringVar(&secret, "secret", "", "signing secret whsec_... (visible in ps and shell history: prefer --secret-file; omit both: generated)")
 	add.Flags().StringVar(&secretFile, "secret-file", "", "read the signing secret from this file (- for standard input)")
+	add.Flags().StringVar(&filter, "filter", "", `property filter, an expr-lang expression on the envelope (omit: none), e.g. 'properties.delta < 0'`)
 	_ = add.MarkFlagRequired("url")
+
+	var newFilter string
+	update := &cobra.Command{
+		Use: "update ID", Short: "Change a subscription's property filter (--filter '' removes it); effective from its commit", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := strconv.ParseInt(args[0], 10, 64)
+			if err != nil {
+				return usageError{fmt.Errorf("subscription id %q: %w", args[0], err)}
+			}
+			if !cmd.Flags().Changed("filter") {
+				return usageError{errors.New("nothing to update: give --filter (--filter '' removes the filter)")}
+			}
+			filterArg, err := subscriptionFilter(newFilter)
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			s, err := openSession(ctx, envMap, stderr)
+			if err != nil {
+				return err
+			}
+			defer s.close(ctx)
+			found, err := s.tables.SetFilter(ctx, id, filterArg)
+			if err != nil {
+				return fmt.Errorf("update subscription %d: %w", id, err)
+			}
+			if !found {
+				return fmt.Errorf("subscription %d not found", id)
+			}
+			if filterArg == nil {
+				fmt.Fprintf(stdout, "subscription %d has no filter\n", id)
+			} else {
+				fmt.Fprintf(stdout, "subscription %d filter: %s\n", id, *filterArg)
+			}
+			return nil
+		},
+	}
+	update.Flags().StringVar(&newFilter, "filter", "", "the new property filter ('' removes it)")
 
 	var reason string
 	var yes bool
@@ -242,8 +286,23 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 	rotate.Flags().BoolVar(&rotYes, "yes", false, "confirm --drop-old")
 	rotate.Flags().StringVar(&newSecretFlag, "secret", "", "the new secret (visible in ps and shell history: prefer --secret-file; omit both: generated)")
 	rotate.Flags().StringVar(&newSecretFile, "secret-file", "", "read the new secret from this file (- for standard input)")
-	cmd.AddCommand(list, add, disable, enable, rotate)
+	cmd.AddCommand(list, add, update, disable, enable, rotate)
 	return cmd
+}
+
+// subscriptionFilter compiles a --filter value: nil for none, the trimmed
+// expression otherwise; one that does not compile is a usage error saying
+// why, and is never stored.
+func subscriptionFilter(src string) (*string, error) {
+	f, err := deliver.CompileFilter(src)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("--filter: %w", err)}
+	}
+	if f == nil {
+		return nil, nil
+	}
+	out := f.String()
+	return &out, nil
 }
 
 func setEnabled(ctx context.Context, envMap map[string]string, stdout, stderr io.Writer, arg string, enabled bool, reason string) error {

@@ -150,6 +150,9 @@ func (c config) destinations(envMap map[string]string) ([]destinationSpec, error
 		if d.Events, err = deliver.ParseGlobs(envMap[envPrefix+eventsVar]); err != nil {
 			return nil, badVar(eventsVar, "%v", err)
 		}
+		if d.Filter, d.Mask, err = filterMask(envMap, kind); err != nil {
+			return nil, err
+		}
 		dc := deliver.Config{Concurrency: d.Concurrency, BatchSize: d.BatchSize, BatchWait: d.BatchWait, MaxInFlight: c.MaxInFlight}
 		if err := dc.WithDefaults().Validate(); err != nil {
 			return nil, badVar(strings.ToUpper(kind)+"_CONCURRENCY", "%v", err)

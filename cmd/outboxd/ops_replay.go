@@ -213,6 +213,24 @@ Exit code 1 when any event failed (after the sink's retries).`,
 					opts.Sink = deliver.NewGuard(kind, deliver.GuardConfig{Headers: gc.Headers}).Wrap(opts.Sink)
 				}
 			}
+			if !dryRun && (otherSink || target == "the default webhook") {
+				// The destination's mask applies to a replay as to run: a
+				// replay never sends what run would not. Its property
+				// filter does not (the replay's own filters select rows).
+				filterKind := kind
+				if !otherSink {
+					filterKind = "webhook"
+				}
+				pf, mask, err := filterMask(envMap, filterKind)
+				if err != nil {
+					return err
+				}
+				opts.Sink = sink.Masked(opts.Sink, mask)
+				if pf != nil {
+					env.log.Warn().Str("filter", pf.String()).
+						Msg("replay does not apply the destination's property filter; narrow the replay with --event, --organization, --from-id/--to-id or --since/--until")
+				}
+			}
 
 			progress := ops.NewProgress()
 			opts.Progress = progress

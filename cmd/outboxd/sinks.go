@@ -126,7 +126,7 @@ func sinkVar(name string) bool {
 			return true
 		}
 	}
-	return slices.Contains(destVars(), name) || slices.Contains(guardVars(), name)
+	return slices.Contains(destVars(), name) || slices.Contains(guardVars(), name) || slices.Contains(filterMaskVars(), name)
 }
 
 // envVars lists the prefixed variable names of an env struct.
