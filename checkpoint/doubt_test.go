@@ -3,6 +3,7 @@ package checkpoint
 import (
 	"context"
 	"errors"
+	"slices"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
@@ -172,10 +173,10 @@ func flushAcrossCut(t *testing.T, url string, conn *pgx.Conn, cut pgtest.CommitC
 	if err := rows.Err(); err != nil {
 		t.Fatal(err)
 	}
-	if want := []int32{1, 2, 1}; !equal(attempts, want) {
+	if want := []int32{1, 2, 1}; !slices.Equal(attempts, want) {
 		t.Errorf("delivery_attempts %v; want %v (each write counted once)", attempts, want)
 	}
-	if want := []bool{true, false, true}; !equal(processed, want) {
+	if want := []bool{true, false, true}; !slices.Equal(processed, want) {
 		t.Errorf("is_processed %v; want %v", processed, want)
 	}
 	var parkedAttempts int32
@@ -202,16 +203,4 @@ func settle(t *testing.T, tr *Tracker, seq uint64, s Settlement) {
 	if err := tr.Settle(seq, s); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func equal[T comparable](a, b []T) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

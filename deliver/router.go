@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -580,7 +581,7 @@ func (r *Router) change(start startFunc, e *decode.Event) error {
 		}
 		r.mu.Unlock()
 		if t != nil {
-			if old == nil || old.URL != s.URL || !equalStrings(old.Secrets, s.Secrets) {
+			if old == nil || old.URL != s.URL || !slices.Equal(old.Secrets, s.Secrets) {
 				snk, _ := r.subscriptionSink(*s)
 				t.sink.Store(&sinkBox{snk})
 			}
@@ -611,18 +612,6 @@ func (r *Router) disableTarget(id int64) {
 		gone.Enabled = false
 		t.sub = &gone
 	}
-}
-
-func equalStrings(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // refusingSink fails every delivery with a permanent error.

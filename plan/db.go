@@ -294,31 +294,13 @@ func (p *Plan) checkRow(v *Version, event string, row map[string]any) []string {
 	return out
 }
 
-// validationErrors flattens a schema validation error into one "at /path:
-// message" per failed keyword, sorted.
+// validationErrors flattens a schema validation error into one "at
+// properties/path: message" per failed keyword, sorted.
 func validationErrors(err error) []string {
-	var ve *jsonschema.ValidationError
-	if !errors.As(err, &ve) {
-		return []string{oneLine(err.Error())}
-	}
-	var out []string
-	for _, u := range ve.BasicOutput().Errors {
-		if u.Error == nil {
-			continue
-		}
-		msg := u.Error.String()
-		if strings.HasPrefix(msg, "validation failed") {
-			continue
-		}
-		loc := u.InstanceLocation
+	return flattenErrors(err, func(loc, msg string) string {
 		if loc == "" {
 			loc = "/"
 		}
-		out = append(out, "at properties"+strings.TrimSuffix(loc, "/")+": "+msg)
-	}
-	if len(out) == 0 {
-		return []string{oneLine(err.Error())}
-	}
-	slices.Sort(out)
-	return slices.Compact(out)
+		return "at properties" + strings.TrimSuffix(loc, "/") + ": " + msg
+	})
 }

@@ -154,6 +154,21 @@ func schemaVersion(x any) (int, error) {
 // schemaErrors flattens a schema validation error into one
 // "properties.a.b: message" per failed keyword, sorted.
 func schemaErrors(err error) []string {
+	return flattenErrors(err, func(loc, msg string) string {
+		path := "properties"
+		for p := range strings.SplitSeq(strings.Trim(loc, "/"), "/") {
+			if p != "" {
+				path += "." + strings.NewReplacer("~1", "/", "~0", "~").Replace(p)
+			}
+		}
+		return path + ": " + msg
+	})
+}
+
+// flattenErrors flattens a schema validation error into one line per failed
+// keyword, each made by line from its instance location (a JSON pointer) and
+// message, sorted and without repeats.
+func flattenErrors(err error, line func(loc, msg string) string) []string {
 	var ve *jsonschema.ValidationError
 	if !errors.As(err, &ve) {
 		return []string{oneLine(err.Error())}
@@ -167,13 +182,7 @@ func schemaErrors(err error) []string {
 		if strings.HasPrefix(msg, "validation failed") {
 			continue
 		}
-		path := "properties"
-		for p := range strings.SplitSeq(strings.Trim(u.InstanceLocation, "/"), "/") {
-			if p != "" {
-				path += "." + strings.NewReplacer("~1", "/", "~0", "~").Replace(p)
-			}
-		}
-		out = append(out, path+": "+msg)
+		out = append(out, line(u.InstanceLocation, msg))
 	}
 	if len(out) == 0 {
 		return []string{oneLine(err.Error())}

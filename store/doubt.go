@@ -67,6 +67,20 @@ func (s *SlotStore) begin(ctx context.Context, what string) (*writeTx, error) {
 	return w, nil
 }
 
+// beginFenced is begin, then the fence (SetFence): a write of the slot
+// holder. The caller rolls the transaction back unless it commits.
+func (s *SlotStore) beginFenced(ctx context.Context, what string) (*writeTx, error) {
+	tx, err := s.begin(ctx, what)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.fenced(ctx, tx); err != nil {
+		_ = tx.Rollback(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	return tx, nil
+}
+
 // commit commits the transaction. An error the server answered leaves it
 // rolled back; any other leaves its outcome unknown and is an *InDoubtError
 // whose written checks the transaction's writes (pgx reports an answer lost

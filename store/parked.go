@@ -180,14 +180,11 @@ func (s *SlotStore) Resolve(ctx context.Context, rs ...Resolution) error {
 	if len(rs) == 1 {
 		what = fmt.Sprintf("resolve parked delivery of event %d", rs[0].EventID)
 	}
-	tx, err := s.begin(ctx, what)
+	tx, err := s.beginFenced(ctx, what)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // no-op after commit
-	if err := s.fenced(ctx, tx); err != nil {
-		return err
-	}
 	var q pgx.Batch
 	q.Queue(`SELECT 1 FROM `+s.table()+` WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE`, ids)
 	for _, r := range rs {

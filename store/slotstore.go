@@ -209,14 +209,11 @@ func (s *SlotStore) Write(ctx context.Context, b Batch) error {
 		return nil
 	}
 	what := fmt.Sprintf("write checkpoint of slot %q", s.cfg.Slot)
-	tx, err := s.begin(ctx, what)
+	tx, err := s.beginFenced(ctx, what)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // no-op after commit
-	if err := s.fenced(ctx, tx); err != nil {
-		return err
-	}
 
 	var q pgx.Batch
 	var lo, hi []int64
