@@ -214,3 +214,35 @@ func TestRouterSubscriptionContractColumn(t *testing.T) {
 	require.Contains(t, string(st.state), `"contract":"skip"`)
 	require.Contains(t, string(st.state), `"contract":"deliver"`)
 }
+
+// A destination's property filter comes before its contract policy: an
+// invalid event its filter leaves out is not routed there at all (not
+// dead-lettered there), and is marked once the others settle it; an invalid
+// event the filter lets through gets the policy.
+func TestRouterFilterBeforeContractPolicy(t *testing.T) {
+	t.Parallel()
+	cfg := Config{}.WithDefaults()
+	web, kafka := &recorder{}, &recorder{}
+	st := &contractSettler{marks: map[int64]bool{}, dead: map[int64][]store.DeadLetter{}}
+	filter, err := CompileFilter(`id != 4`)
+	require.NoError(t, err)
+	cc := ContractConfig{Targets: map[string]ContractPolicy{"webhook": ContractDeliver, "kafka": ContractDeadLetter}}
+	dests := []Destination{{Name: "webhook", Sink: web}, {Name: "kafka", Sink: kafka, Filter: filter}}
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Destinations: dests, Contract: cc}, st, zerolog.Nop())
+	require.NoError(t, err)
+	in := make(chan *decode.Event, 8)
+	in <- planChangeEvent(2, decode.KindInsert, examplePlan(t), false)
+	in <- contractEvent(3, 3, true)
+	in <- contractEvent(4, 4, false) // invalid, filtered out of kafka
+	in <- contractEvent(5, 5, false) // invalid, let through: dead-lettered there
+	close(in)
+	require.NoError(t, r.Run(context.Background(), in))
+
+	require.Equal(t, []int64{3, 4, 5}, web.ids())
+	require.Equal(t, []int64{3}, kafka.ids())
+	require.Empty(t, st.dead[4], "filtered out of kafka: no dead letter there")
+	require.True(t, st.marks[4], "delivered to the webhook, routed nowhere else: marked")
+	require.Len(t, st.dead[5], 1)
+	require.Equal(t, "kafka", st.dead[5][0].Sink)
+	require.False(t, st.marks[5])
+}
