@@ -21,7 +21,8 @@ VALUES ('inventory_adjusted', 7, 'sku', 'SKU-1', '{"sku":"SKU-1","reason":"sale"
 const enforceMessage = `outboxd plan: inventory_adjusted v1 requires property "delta" (number)`
 
 // An application's insert that breaks the plan, in enforce mode, fails in
-// the application's own client with the rule's message: psql and Node's pg.
+// the application's own client with the rule's message: psql, Node's pg and
+// Python's psycopg2.
 func TestContractEnforcedInClients(t *testing.T) {
 	t.Parallel()
 	db := newOpsDB(t)
@@ -80,7 +81,57 @@ func TestContractEnforcedInClients(t *testing.T) {
 		require.Contains(t, got.Hint, "outboxd plan apply")
 	})
 
+	t.Run("python-psycopg2", func(t *testing.T) {
+		python := pythonWithPsycopg2()
+		if python == "" {
+			t.Skip("no python3 with psycopg2 (Debian: apt-get install python3-psycopg2)")
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		py := exec.CommandContext(ctx, python, "-c", `import json, os, psycopg2
+conn = psycopg2.connect(os.environ["DATABASE_URL"])
+try:
+    with conn.cursor() as cur:
+        cur.execute(os.environ["SQL"])
+    conn.commit()
+    print(json.dumps({"ok": True}))
+except psycopg2.Error as e:
+    conn.rollback()
+    print(json.dumps({"code": e.pgcode, "message": e.diag.message_primary, "hint": e.diag.message_hint}))
+finally:
+    conn.close()
+`)
+		py.Env = append(os.Environ(), "DATABASE_URL="+db.url, "SQL="+invalidInsert)
+		out, err := py.Output()
+		require.NoError(t, err, string(out))
+		var got struct {
+			OK                  bool
+			Code, Message, Hint string
+		}
+		require.NoError(t, json.Unmarshal([]byte(strings.TrimSpace(string(out))), &got), string(out))
+		require.False(t, got.OK, "the insert went through")
+		require.Equal(t, "OB001", got.Code)
+		require.Equal(t, enforceMessage, got.Message)
+		require.Contains(t, got.Hint, "outboxd plan apply")
+	})
+
 	var n int
 	require.NoError(t, db.pool.QueryRow(context.Background(), "SELECT count(*) FROM domain_event").Scan(&n))
 	require.Zero(t, n, "no client's insert went through")
+}
+
+// pythonWithPsycopg2 returns a Python interpreter that imports psycopg2:
+// Debian's (python3-psycopg2 installs for /usr/bin/python3) or the one on
+// PATH; "" when there is none.
+func pythonWithPsycopg2() string {
+	for _, p := range []string{"/usr/bin/python3", "python3"} {
+		path, err := exec.LookPath(p)
+		if err != nil {
+			continue
+		}
+		if exec.Command(path, "-c", "import psycopg2").Run() == nil {
+			return path
+		}
+	}
+	return ""
 }
