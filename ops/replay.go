@@ -18,6 +18,7 @@ import (
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/migrations"
+	"github.com/outboxd/outboxd/plan"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
 )
@@ -95,6 +96,20 @@ func (c *Client) Subscription(ctx context.Context, id int64) (*Subscription, err
 	return s, nil
 }
 
+// StoredPlan returns the validator of the tracking plan stored now; nil
+// when none is stored.
+func (c *Client) StoredPlan(ctx context.Context) (*plan.Validator, error) {
+	source, sha, ok, err := plan.Stored(ctx, c.pool, c.t.schema())
+	if err != nil || !ok {
+		return nil, err
+	}
+	p, err := plan.Parse(migrations.PlanTable, source)
+	if err != nil {
+		return nil, fmt.Errorf("the stored tracking plan does not parse: %w", err)
+	}
+	return plan.NewValidator(p, sha), nil
+}
+
 // Restrict narrows f to what subscription s receives: its organization (a
 // tenant's endpoint never gets another tenant's events) and its event globs.
 func (f Filter) Restrict(s *Subscription) (Filter, error) {
@@ -125,7 +140,28 @@ type ReplayOptions struct {
 	PageSize int
 	// Progress, when set, gets the total and counts every delivery.
 	Progress *Progress
+	// Check, when set, says for each selected event whether the target gets
+	// it: Send, or Filtered or Invalid for one its property filter or its
+	// contract policy keeps from it, as run would. A withheld event is
+	// counted, not sent. With DryRun and Check, the rows are read and
+	// checked so that the counts say what a replay would send.
+	Check func(e *decode.Event) Verdict
 }
+
+// Verdict is what a replay does with one event.
+type Verdict int
+
+// Verdicts.
+const (
+	// Send delivers the event.
+	Send Verdict = iota
+	// Filtered withholds it: the target's property filter does not let it
+	// through.
+	Filtered
+	// Invalid withholds it: it breaks the tracking plan and the target's
+	// contract policy is skip or dead-letter.
+	Invalid
+)
 
 // ReplayResult counts what Replay did.
 type ReplayResult struct {
@@ -139,6 +175,10 @@ type ReplayResult struct {
 	Replayed int64 `json:"replayed"`
 	Failed   int64 `json:"failed"`
 	Skipped  int64 `json:"skipped"`
+	// Filtered and Invalid were withheld (ReplayOptions.Check): the
+	// target's property filter, or its contract policy, keeps them from it.
+	Filtered int64 `json:"filtered"`
+	Invalid  int64 `json:"invalid"`
 	// FailedIDs are the first failed event ids (at most 100).
 	FailedIDs []int64 `json:"failed_ids"`
 }
@@ -272,7 +312,7 @@ func (c *Client) Replay(ctx context.Context, opts ReplayOptions) (*ReplayResult,
 	if opts.Progress != nil {
 		opts.Progress.SetTotal(res.Matched)
 	}
-	if opts.DryRun || res.Matched == 0 {
+	if (opts.DryRun && opts.Check == nil) || res.Matched == 0 {
 		return res, nil
 	}
 	// The message ids are the daemon's (docs/DESIGN.md §4): the same
@@ -311,7 +351,11 @@ func (c *Client) deliver(ctx context.Context, opts ReplayOptions, q query, ns st
 			opts.Progress.add(o.Err == nil)
 		}
 	}
-	for range opts.Concurrency {
+	workers := opts.Concurrency
+	if opts.DryRun {
+		workers = 0 // the producer checks and counts; nothing is sent
+	}
+	for range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -353,6 +397,24 @@ func (c *Client) produce(ctx context.Context, opts ReplayOptions, q query, ns st
 				c.log.Error().Err(p.err).Int64("event_id", p.id).Msg("row skipped: it cannot become an event")
 				continue
 			}
+			if opts.Check != nil {
+				if v := opts.Check(p.event); v != Send {
+					mu.Lock()
+					if v == Filtered {
+						res.Filtered++
+					} else {
+						res.Invalid++
+					}
+					mu.Unlock()
+					if opts.Progress != nil {
+						opts.Progress.add(true)
+					}
+					continue
+				}
+			}
+			if opts.DryRun {
+				continue
+			}
 			if lim != nil {
 				if err := lim.Wait(ctx); err != nil {
 					return err
@@ -368,6 +430,29 @@ func (c *Client) produce(ctx context.Context, opts ReplayOptions, q query, ns st
 			return nil
 		}
 	}
+}
+
+// Events reads the rows of ids as the events the daemon would deliver
+// (same envelopes, same message ids); an id without a row, or whose row
+// cannot become an event, is absent from the map.
+func (c *Client) Events(ctx context.Context, ids []int64) (map[int64]*decode.Event, error) {
+	ns, err := migrations.Namespace(ctx, c.pool, c.t.schema())
+	if err != nil {
+		return nil, err
+	}
+	var rel *decode.Relation
+	page, err := c.page(ctx, `SELECT * FROM `+c.t.tableSQL()+` AS e WHERE e.id = ANY($1)`,
+		[]any{pgx.QueryResultFormats{pgx.TextFormatCode}, ids}, ns, &rel)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[int64]*decode.Event, len(page))
+	for _, p := range page {
+		if p.err == nil {
+			out[p.id] = p.event
+		}
+	}
+	return out, nil
 }
 
 type pageRow struct {

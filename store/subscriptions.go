@@ -19,13 +19,17 @@ type Subscription struct {
 	Secrets        []string
 	Events         []string
 	Enabled        bool
+	// Filter is its property filter and Contract its contract policy ("":
+	// none, the default's).
+	Filter, Contract string
 }
 
 // Subscription reads subscription id; ErrNoSubscription when it has no row.
 func (t Tables) Subscription(ctx context.Context, id int64) (*Subscription, error) {
 	s := &Subscription{ID: id}
-	err := t.q.QueryRow(ctx, `SELECT organization_id, url, secrets, events, enabled FROM `+t.own(SubscriptionTable)+` WHERE id = $1`, id).
-		Scan(&s.OrganizationID, &s.URL, &s.Secrets, &s.Events, &s.Enabled)
+	err := t.q.QueryRow(ctx, `SELECT organization_id, url, secrets, events, enabled, coalesce(filter, ''), coalesce(contract, '')
+  FROM `+t.own(SubscriptionTable)+` WHERE id = $1`, id).
+		Scan(&s.OrganizationID, &s.URL, &s.Secrets, &s.Events, &s.Enabled, &s.Filter, &s.Contract)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, ErrNoSubscription
 	}
@@ -46,12 +50,14 @@ type SubscriptionSummary struct {
 	UpdatedAt      time.Time
 	// Filter is the property filter ("": none).
 	Filter string
+	// Contract is the contract policy ("": OUTBOXD_SUBSCRIPTION_CONTRACT).
+	Contract string
 }
 
 // Subscriptions lists every subscription by id.
 func (t Tables) Subscriptions(ctx context.Context) ([]SubscriptionSummary, error) {
 	rows, err := t.q.Query(ctx, `SELECT id, organization_id, url, cardinality(secrets), events, enabled,
-  coalesce(disabled_reason, ''), created_at, updated_at, coalesce(filter, '') FROM `+t.own(SubscriptionTable)+` ORDER BY id`)
+  coalesce(disabled_reason, ''), created_at, updated_at, coalesce(filter, ''), coalesce(contract, '') FROM `+t.own(SubscriptionTable)+` ORDER BY id`)
 	if err != nil {
 		return nil, err
 	}
@@ -68,16 +74,25 @@ func (t Tables) AnySubscription(ctx context.Context) (bool, error) {
 // AddSubscription inserts an enabled subscription without a property filter
 // and returns its id. events must not be nil (empty means every event).
 func (t Tables) AddSubscription(ctx context.Context, org *int64, url string, secrets, events []string) (int64, error) {
-	return t.AddFilteredSubscription(ctx, org, url, secrets, events, nil)
+	return t.AddFilteredSubscription(ctx, org, url, secrets, events, nil, nil)
 }
 
 // AddFilteredSubscription is AddSubscription with a property filter (nil:
-// none), which the caller has compiled.
-func (t Tables) AddFilteredSubscription(ctx context.Context, org *int64, url string, secrets, events []string, filter *string) (int64, error) {
+// none), which the caller has compiled, and a contract policy (nil: the
+// default's), which the caller has checked.
+func (t Tables) AddFilteredSubscription(ctx context.Context, org *int64, url string, secrets, events []string, filter, contract *string) (int64, error) {
 	var id int64
-	err := t.q.QueryRow(ctx, `INSERT INTO `+t.own(SubscriptionTable)+` (organization_id, url, secrets, events, filter)
-VALUES ($1, $2, $3, $4, $5) RETURNING id`, org, url, secrets, events, filter).Scan(&id)
+	err := t.q.QueryRow(ctx, `INSERT INTO `+t.own(SubscriptionTable)+` (organization_id, url, secrets, events, filter, contract)
+VALUES ($1, $2, $3, $4, $5, $6) RETURNING id`, org, url, secrets, events, filter, contract).Scan(&id)
 	return id, err
+}
+
+// SetContract sets the contract policy of subscription id (nil: the
+// default's), which the caller has checked, and reports whether the
+// subscription exists.
+func (t Tables) SetContract(ctx context.Context, id int64, contract *string) (bool, error) {
+	tag, err := t.q.Exec(ctx, `UPDATE `+t.own(SubscriptionTable)+` SET contract = $2, updated_at = now() WHERE id = $1`, id, contract)
+	return tag.RowsAffected() > 0, err
 }
 
 // SetFilter sets the property filter of subscription id (nil: none), which

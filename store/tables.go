@@ -40,6 +40,12 @@ func On(q Querier, schema, table string) Tables {
 	return Tables{q: q, schema: schema, table: table}
 }
 
+// With returns the same tables queried through q (a transaction).
+func (t Tables) With(q Querier) Tables {
+	t.q = q
+	return t
+}
+
 // outbox is the quoted name of the outbox table.
 func (t Tables) outbox() string { return Ident(t.schema, t.table) }
 

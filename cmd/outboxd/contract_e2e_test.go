@@ -1,7 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"testing"
@@ -129,6 +134,36 @@ func TestContractPoliciesInCommitOrder(t *testing.T) {
 	code, out = e2e.RunCommand(t, b.env, "dlq", "list", "--target", subTarget)
 	require.Equal(t, 0, code, out)
 	require.Contains(t, out, "contract: properties.delta")
+
+	// dlq retry keeps the dead letters of events that still break the
+	// plan stored now: retried, they would be sent as they are.
+	code, out = e2e.RunCommand(t, b.env, "plan", "apply", examplePlanFile)
+	require.Equal(t, 0, code, out)
+	code, out = e2e.RunCommand(t, b.env, "dlq", "retry", "--target", subTarget)
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, fmt.Sprintf("%d dead letter(s) kept: their events still break the tracking plan (event %d: properties.delta: got string, want number)", len(invalid), bad1))
+	require.Contains(t, out, "0 dead letter(s) moved back to the retry schedule")
+	require.Len(t, contractDeadLetters(t, b.pool, subTarget), len(invalid))
+	// --force retries one as it is.
+	code, out = e2e.RunCommand(t, b.env, "dlq", "retry", "--target", subTarget, "--force", "--event-id", strconv.FormatInt(bad1, 10))
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "1 dead letter(s) moved back to the retry schedule")
+	sub.WaitAccepted(t, []int64{bad1}, time.Minute)
+	// A plan under which they are valid: the rest are retried.
+	relaxed, err := os.ReadFile(examplePlanFile)
+	require.NoError(t, err)
+	require.Contains(t, string(relaxed), "delta: {type: number}")
+	relaxedFile := filepath.Join(t.TempDir(), "plan.yaml")
+	require.NoError(t, os.WriteFile(relaxedFile, bytes.Replace(relaxed, []byte("delta: {type: number}"), []byte("delta: {type: [number, string]}"), 1), 0o600))
+	code, out = e2e.RunCommand(t, b.env, "plan", "apply", relaxedFile)
+	require.Equal(t, 0, code, out)
+	code, out = e2e.RunCommand(t, b.env, "dlq", "retry", "--target", subTarget)
+	require.Equal(t, 0, code, out)
+	require.NotContains(t, out, "kept")
+	require.Contains(t, out, fmt.Sprintf("%d dead letter(s) moved back to the retry schedule", len(invalid)-1))
+	sub.WaitAccepted(t, invalid, time.Minute)
+	e2e.WaitFor(t, time.Minute, func() bool { return len(contractDeadLetters(t, b.pool, subTarget)) == 0 },
+		func() string { return "dead letters left: " + d.Log() })
 }
 
 func deadIDs(m map[int64]string) []int64 {
@@ -170,4 +205,69 @@ VALUES ('made_up', 7, 'sku', 'SKU-1', '{}') RETURNING id`).Scan(&unknown))
 		require.Equal(t, want, d.mustMetric(t, series), series)
 	}
 	require.Empty(t, contractDeadLetters(t, b.pool, "webhook"))
+
+	// A replay sends the webhook what run sent it: its skip policy
+	// withholds the two invalid events; --as-is sends them too.
+	span := []string{"--from-id", strconv.FormatInt(bad, 10), "--to-id", strconv.FormatInt(unknown, 10)}
+	before := len(b.recv.Deliveries())
+	code, out = e2e.RunCommand(t, b.env, append([]string{"replay"}, span...)...)
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "replayed 1, failed 0, skipped 0, withheld 0 (property filter) and 2 (contract policy)")
+	require.Equal(t, []int64{good}, deliveredIDs(b.recv.Deliveries()[before:]))
+	before = len(b.recv.Deliveries())
+	code, out = e2e.RunCommand(t, b.env, append([]string{"replay", "--as-is"}, span...)...)
+	require.Equal(t, 0, code, out)
+	require.Equal(t, []int64{bad, good, unknown}, deliveredIDs(b.recv.Deliveries()[before:]))
+
+	// A subscription's own policy (subscription add --contract) decides
+	// for it, in a replay as in run; update --contract changes it.
+	secretFile := filepath.Join(t.TempDir(), "sub.secret")
+	require.NoError(t, os.WriteFile(secretFile, []byte(e2e.Secret), 0o600))
+	code, out = e2e.RunCommand(t, b.env, "subscription", "add", "--url", b.recv.URL+"/sub", "--secret-file", secretFile, "--contract", "skipp")
+	require.Equal(t, 2, code, out)
+	require.Contains(t, out, `--contract: unknown contract policy "skipp"`)
+	code, out = e2e.RunCommand(t, b.env, "subscription", "add", "--url", b.recv.URL+"/sub", "--secret-file", secretFile, "--contract", "dead-letter")
+	require.Equal(t, 0, code, out)
+	m := regexp.MustCompile(`subscription (\d+) added`).FindStringSubmatch(out)
+	require.NotNil(t, m, out)
+	subID := m[1]
+	code, out = e2e.RunCommand(t, b.env, "subscription", "list", "--json")
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, `"contract":"dead-letter"`)
+	before = len(b.recv.Deliveries())
+	code, out = e2e.RunCommand(t, b.env, append([]string{"replay", "--subscription", subID}, span...)...)
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "withheld 0 (property filter) and 2 (contract policy)")
+	require.Equal(t, []int64{good}, deliveredIDs(b.recv.Deliveries()[before:]))
+	code, out = e2e.RunCommand(t, b.env, "subscription", "update", subID, "--contract", "deliver")
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "contract policy: deliver")
+	before = len(b.recv.Deliveries())
+	code, out = e2e.RunCommand(t, b.env, append([]string{"replay", "--subscription", subID}, span...)...)
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "replayed 3, failed 0, skipped 0 in", "nothing to withhold")
+	require.Equal(t, []int64{bad, good, unknown}, deliveredIDs(b.recv.Deliveries()[before:]))
+
+	// Run too: from its commit, the subscription's policy is its own.
+	code, out = e2e.RunCommand(t, b.env, "subscription", "update", subID, "--contract", "skip")
+	require.Equal(t, 0, code, out)
+	badAfter := insertContractEvent(t, b.pool, false)
+	goodAfter := insertContractEvent(t, b.pool, true)
+	b.waitProcessed(t, 5, time.Minute)
+	var toSub []int64
+	for _, dl := range b.recv.Deliveries() {
+		if dl.Path == "/sub" && !dl.Replay {
+			toSub = append(toSub, dl.IDs...)
+		}
+	}
+	require.Equal(t, []int64{goodAfter}, toSub, "the subscription skipped %d", badAfter)
+}
+
+// deliveredIDs lists the event ids of ds in order.
+func deliveredIDs(ds []e2e.Delivery) []int64 {
+	var out []int64
+	for _, d := range ds {
+		out = append(out, d.IDs...)
+	}
+	return out
 }

@@ -86,6 +86,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				CreatedAt      time.Time `json:"created_at"`
 				UpdatedAt      time.Time `json:"updated_at"`
 				Filter         string    `json:"filter,omitempty"`
+				Contract       string    `json:"contract,omitempty"`
 			}
 			out := make([]row, len(subs))
 			for i, sub := range subs {
@@ -98,7 +99,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				return json.NewEncoder(stdout).Encode(out)
 			}
 			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tORGANIZATION\tURL\tEVENTS\tSECRETS\tENABLED\tREASON\tFILTER")
+			fmt.Fprintln(tw, "ID\tORGANIZATION\tURL\tEVENTS\tSECRETS\tENABLED\tREASON\tFILTER\tCONTRACT")
 			for _, r := range out {
 				org := "(platform)"
 				if r.OrganizationID != nil {
@@ -108,7 +109,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				if events == "" {
 					events = "*"
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%t\t%s\t%s\n", r.ID, org, r.URL, events, r.Secrets, r.Enabled, r.DisabledReason, r.Filter)
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%t\t%s\t%s\t%s\n", r.ID, org, r.URL, events, r.Secrets, r.Enabled, r.DisabledReason, r.Filter, r.Contract)
 			}
 			return tw.Flush()
 		},
@@ -116,8 +117,8 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 
 	var (
-		url, events, secret, secretFile, filter string
-		org                                     int64
+		url, events, secret, secretFile, filter, contract string
+		org                                               int64
 	)
 	add := &cobra.Command{
 		Use: "add", Short: "Add a subscription; prints its id and signing secret", Args: cobra.NoArgs,
@@ -127,6 +128,10 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				return usageError{err}
 			}
 			filterArg, err := subscriptionFilter(filter)
+			if err != nil {
+				return err
+			}
+			contractArg, err := subscriptionContract(contract)
 			if err != nil {
 				return err
 			}
@@ -157,7 +162,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 			if cmd.Flags().Changed("organization") {
 				orgArg = &org
 			}
-			id, err := s.tables.AddFilteredSubscription(ctx, orgArg, url, []string{secret}, globs, filterArg)
+			id, err := s.tables.AddFilteredSubscription(ctx, orgArg, url, []string{secret}, globs, filterArg, contractArg)
 			if err != nil {
 				return fmt.Errorf("add subscription: %w", err)
 			}
@@ -171,20 +176,26 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 	add.Flags().StringVar(&secret, "secret", "", "signing secret whsec_... (visible in ps and shell history: prefer --secret-file; omit both: generated)")
 	add.Flags().StringVar(&secretFile, "secret-file", "", "read the signing secret from this file (- for standard input)")
 	add.Flags().StringVar(&filter, "filter", "", `property filter, an expr-lang expression on the envelope (omit: none), e.g. 'properties.delta < 0'`)
+	add.Flags().StringVar(&contract, "contract", "", "contract policy for events that break the tracking plan: deliver, skip or dead-letter (omit: OUTBOXD_SUBSCRIPTION_CONTRACT)")
 	_ = add.MarkFlagRequired("url")
 
-	var newFilter string
+	var newFilter, newContract string
 	update := &cobra.Command{
-		Use: "update ID", Short: "Change a subscription's property filter (--filter '' removes it); effective from its commit", Args: cobra.ExactArgs(1),
+		Use: "update ID", Short: "Change a subscription's property filter or contract policy ('' removes either); effective from its commit", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id, err := strconv.ParseInt(args[0], 10, 64)
 			if err != nil {
 				return usageError{fmt.Errorf("subscription id %q: %w", args[0], err)}
 			}
-			if !cmd.Flags().Changed("filter") {
-				return usageError{errors.New("nothing to update: give --filter (--filter '' removes the filter)")}
+			setFilter, setContract := cmd.Flags().Changed("filter"), cmd.Flags().Changed("contract")
+			if !setFilter && !setContract {
+				return usageError{errors.New("nothing to update: give --filter or --contract ('' removes the filter, or the subscription's own policy)")}
 			}
 			filterArg, err := subscriptionFilter(newFilter)
+			if err != nil {
+				return err
+			}
+			contractArg, err := subscriptionContract(newContract)
 			if err != nil {
 				return err
 			}
@@ -194,22 +205,49 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				return err
 			}
 			defer s.close(ctx)
-			found, err := s.tables.SetFilter(ctx, id, filterArg)
+			// One transaction: both changes take effect from one commit.
+			tx, err := s.conn.Begin(ctx)
 			if err != nil {
 				return fmt.Errorf("update subscription %d: %w", id, err)
+			}
+			defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
+			tables := s.tables.With(tx)
+			found := true
+			if setFilter {
+				if found, err = tables.SetFilter(ctx, id, filterArg); err != nil {
+					return fmt.Errorf("update subscription %d: %w", id, err)
+				}
+			}
+			if setContract && found {
+				if found, err = tables.SetContract(ctx, id, contractArg); err != nil {
+					return fmt.Errorf("update subscription %d: %w", id, err)
+				}
 			}
 			if !found {
 				return fmt.Errorf("subscription %d not found", id)
 			}
-			if filterArg == nil {
-				fmt.Fprintf(stdout, "subscription %d has no filter\n", id)
-			} else {
-				fmt.Fprintf(stdout, "subscription %d filter: %s\n", id, *filterArg)
+			if err := tx.Commit(ctx); err != nil {
+				return fmt.Errorf("update subscription %d: %w", id, err)
+			}
+			if setFilter {
+				if filterArg == nil {
+					fmt.Fprintf(stdout, "subscription %d has no filter\n", id)
+				} else {
+					fmt.Fprintf(stdout, "subscription %d filter: %s\n", id, *filterArg)
+				}
+			}
+			if setContract {
+				if contractArg == nil {
+					fmt.Fprintf(stdout, "subscription %d contract policy: OUTBOXD_SUBSCRIPTION_CONTRACT's\n", id)
+				} else {
+					fmt.Fprintf(stdout, "subscription %d contract policy: %s\n", id, *contractArg)
+				}
 			}
 			return nil
 		},
 	}
 	update.Flags().StringVar(&newFilter, "filter", "", "the new property filter ('' removes it)")
+	update.Flags().StringVar(&newContract, "contract", "", "the new contract policy: deliver, skip or dead-letter ('' : OUTBOXD_SUBSCRIPTION_CONTRACT's)")
 
 	var reason string
 	var yes bool
@@ -288,6 +326,21 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 	rotate.Flags().StringVar(&newSecretFile, "secret-file", "", "read the new secret from this file (- for standard input)")
 	cmd.AddCommand(list, add, update, disable, enable, rotate)
 	return cmd
+}
+
+// subscriptionContract checks a --contract value: nil for none (the
+// default's), the policy otherwise.
+func subscriptionContract(src string) (*string, error) {
+	src = strings.TrimSpace(src)
+	if src == "" {
+		return nil, nil
+	}
+	p, err := deliver.ParseContractPolicy(src)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("--contract: %w", err)}
+	}
+	s := string(p)
+	return &s, nil
 }
 
 // subscriptionFilter compiles a --filter value: nil for none, the trimmed
@@ -468,9 +521,17 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 	lf.flags(list)
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 
+	var force bool
 	retry := dlqAction(envMap, stdout, stderr, "retry",
-		"Move dead letters back to the retry schedule (a running outboxd delivers them)", false,
-		func(ctx context.Context, s *dbSession, ids []int64) (int64, error) {
+		"Move dead letters back to the retry schedule (a running outboxd delivers them); those of events that still break the tracking plan stay unless --force", false,
+		func(ctx context.Context, s *dbSession, out []deadLetter) (int64, error) {
+			if !force {
+				var err error
+				if out, err = keepStillInvalid(ctx, envMap, stdout, stderr, out); err != nil {
+					return 0, err
+				}
+			}
+			ids := deadLetterIDs(out)
 			// A dead letter of a target no running outboxd delivers to (a
 			// removed subscription, another sink) would stay parked and due
 			// for ever: refuse to revive it, and say which.
@@ -484,10 +545,11 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 			}
 			return s.tables.ReviveDeadLetters(ctx, ids)
 		}, "%d dead letter(s) moved back to the retry schedule\n")
+	retry.Flags().BoolVar(&force, "force", false, "retry the dead letters of events that still break the tracking plan too (sent as they are)")
 	purge := dlqAction(envMap, stdout, stderr, "purge",
 		"Delete dead letters (their rows stay unprocessed in the outbox table)", true,
-		func(ctx context.Context, s *dbSession, ids []int64) (int64, error) {
-			return s.tables.PurgeDeadLetters(ctx, ids)
+		func(ctx context.Context, s *dbSession, out []deadLetter) (int64, error) {
+			return s.tables.PurgeDeadLetters(ctx, deadLetterIDs(out))
 		}, "%d dead letter(s) purged\n")
 	cmd.AddCommand(list, retry, purge)
 	return cmd
@@ -513,7 +575,7 @@ func findDead(cmd *cobra.Command, envMap map[string]string, stderr io.Writer, f 
 // dlqAction builds `dlq retry` and `dlq purge`: find the dead letters the
 // filters select, then act on them (or only count them with --dry-run).
 func dlqAction(envMap map[string]string, stdout, stderr io.Writer, verb, short string, needsYes bool,
-	act func(ctx context.Context, s *dbSession, ids []int64) (int64, error), done string) *cobra.Command {
+	act func(ctx context.Context, s *dbSession, out []deadLetter) (int64, error), done string) *cobra.Command {
 	var f dlqFilter
 	var dry, yes bool
 	cmd := &cobra.Command{
@@ -528,11 +590,7 @@ func dlqAction(envMap map[string]string, stdout, stderr io.Writer, verb, short s
 					moreMatch(stderr, f.more)
 					return nil
 				}
-				ids := make([]int64, len(out))
-				for i, d := range out {
-					ids[i] = d.ID
-				}
-				n, err := act(ctx, s, ids)
+				n, err := act(ctx, s, out)
 				if err != nil {
 					return fmt.Errorf("%s dead letters: %w", verb, err)
 				}
@@ -549,6 +607,62 @@ func dlqAction(envMap map[string]string, stdout, stderr io.Writer, verb, short s
 		cmd.Flags().BoolVar(&yes, "yes", false, "confirm")
 	}
 	return cmd
+}
+
+func deadLetterIDs(out []deadLetter) []int64 {
+	ids := make([]int64, len(out))
+	for i, d := range out {
+		ids[i] = d.ID
+	}
+	return ids
+}
+
+// keepStillInvalid returns out without the dead letters the tracking plan
+// put there (reason "contract: ...") whose events still break the plan
+// stored now: retried, they would be sent as they are. It says how many
+// it keeps, and why for the first. With no plan stored, none is kept.
+func keepStillInvalid(ctx context.Context, envMap map[string]string, stdout, stderr io.Writer, out []deadLetter) ([]deadLetter, error) {
+	var events []int64
+	for _, d := range out {
+		if strings.HasPrefix(d.Error, deliver.ContractReasonPrefix) {
+			events = append(events, d.EventID)
+		}
+	}
+	if len(events) == 0 {
+		return out, nil
+	}
+	env, err := openOps(ctx, envMap, stderr, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer env.client.Close()
+	v, err := env.client.StoredPlan(ctx)
+	if err != nil || v == nil {
+		return out, err
+	}
+	rows, err := env.client.Events(ctx, events)
+	if err != nil {
+		return nil, fmt.Errorf("read the events of contract dead letters: %w", err)
+	}
+	keep := out[:0:0]
+	var kept int
+	var first string
+	for _, d := range out {
+		if e, ok := rows[d.EventID]; ok && strings.HasPrefix(d.Error, deliver.ContractReasonPrefix) {
+			if verdict := v.Check(e.Body); !verdict.Valid {
+				if kept == 0 {
+					first = fmt.Sprintf("event %d: %s", d.EventID, verdict.Reason)
+				}
+				kept++
+				continue
+			}
+		}
+		keep = append(keep, d)
+	}
+	if kept > 0 {
+		fmt.Fprintf(stdout, "%d dead letter(s) kept: their events still break the tracking plan (%s); fix the plan or retry them as they are with --force\n", kept, first)
+	}
+	return keep, nil
 }
 
 // moreMatch says how many dead letters matched beyond --limit.

@@ -207,13 +207,22 @@ VALUES ($1, 5, 3, 'sku', 'S-1', 'e2e', $2::jsonb) RETURNING id`, name, props).Sc
 	require.Equal(t, []int64{big, bigger, last}, eventIDs(envelopes(t, subRecv)), "no filter: every event from the update's commit on")
 	require.NotContains(t, d2.Log(), key)
 
-	// A replay to the webhook masks as run does (and signs the masked body).
+	// A replay to the webhook sends what run sent it, no more: its filter
+	// withholds the other four (a dry run counts them first), and it masks
+	// as run does (and signs the masked body).
 	before := len(b.recv.Deliveries())
-	code, out = e2e.RunCommand(t, b.env, "replay", "--destination", "webhook", "--from-id", strconv.FormatInt(a, 10), "--to-id", strconv.FormatInt(a, 10))
+	span := []string{"--destination", "webhook", "--from-id", strconv.FormatInt(a, 10), "--to-id", strconv.FormatInt(plain, 10)}
+	code, out = e2e.RunCommand(t, b.env, append([]string{"replay", "--dry-run"}, span...)...)
 	require.Equal(t, 0, code, out)
-	require.Contains(t, out, "does not apply the destination's property filter")
+	require.Contains(t, out, "would send 2, withheld 4 (property filter) and 0 (contract policy), skip 0")
+	require.Len(t, b.recv.Deliveries(), before, "a dry run sends nothing")
+	code, out = e2e.RunCommand(t, b.env, append([]string{"replay"}, span...)...)
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "replayed 2, failed 0, skipped 0, withheld 4 (property filter) and 0 (contract policy)")
 	replayed := b.recv.Deliveries()[before:]
-	require.Len(t, replayed, 1)
+	require.Len(t, replayed, 2)
+	require.Equal(t, []int64{a}, replayed[0].IDs, "in id order")
+	require.Equal(t, []int64{plain}, replayed[1].IDs)
 	require.True(t, replayed[0].Replay)
 	require.True(t, replayed[0].SigOK)
 	require.NotContains(t, string(replayed[0].Body), "ann@example.com")
@@ -222,6 +231,16 @@ VALUES ($1, 5, 3, 'sku', 'S-1', 'e2e', $2::jsonb) RETURNING id`, name, props).Sc
 	require.NoError(t, json.Unmarshal(replayed[0].Body, &again))
 	require.Equal(t, masked, again["properties"], "masked as run masked it")
 	require.NotContains(t, out, key)
+
+	// --as-is sends what the filter withholds, masked all the same.
+	before = len(b.recv.Deliveries())
+	code, out = e2e.RunCommand(t, b.env, "replay", "--as-is", "--destination", "webhook", "--from-id", strconv.FormatInt(up, 10), "--to-id", strconv.FormatInt(up, 10))
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "replayed 1, failed 0, skipped 0 in")
+	replayed = b.recv.Deliveries()[before:]
+	require.Len(t, replayed, 1)
+	require.Equal(t, []int64{up}, replayed[0].IDs)
+	require.NotContains(t, string(replayed[0].Body), "bob@example.com", "the mask still applies")
 }
 
 // A bad filter, mask or hash key stops `outboxd run` at start (exit 2)

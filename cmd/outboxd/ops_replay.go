@@ -11,8 +11,10 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/ops"
+	"github.com/outboxd/outboxd/plan"
 	"github.com/outboxd/outboxd/sink"
 )
 
@@ -23,7 +25,7 @@ func replayCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Co
 		destination                string
 		orgs                       []int64
 		events                     []string
-		dryRun, asJSON             bool
+		dryRun, asJSON, asIs       bool
 		rate                       float64
 		concurrency, maxAttempts   int
 	)
@@ -40,6 +42,12 @@ one did (webhook-id, outboxd-message-id, Nats-Msg-Id, the PostHog uuid) and
 the header "webhook-replay: true" where the sink has headers.
 Replay marks nothing and does not touch the slot; rows inserted after it starts
 are left to the daemon.
+
+A replay sends the target only what run would: the target's mask applies, and
+so do its property filter and its contract policy (skip or dead-letter
+withhold an event that breaks the tracking plan stored now); withheld events
+are counted, not sent. --as-is sends every selected event, the mask still
+applied. --dry-run with a filter or policy reads the rows to count them.
 
 Filters combine (all must hold):
   --from-id/--to-id     id range, inclusive
@@ -112,8 +120,9 @@ Exit code 1 when any event failed (after the sink's retries).`,
 				AllowPrivateSetting:      envPrefix + "ALLOW_PRIVATE_SINKS",
 				SubscriptionAllowPrivate: c.AllowPrivateSubscriptions, SubscriptionAllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SUBSCRIPTIONS"}
 			target := "the default webhook"
+			var sub *ops.Subscription
 			if cmd.Flags().Changed("subscription") {
-				sub, err := env.client.Subscription(ctx, subscription)
+				sub, err = env.client.Subscription(ctx, subscription)
 				if err != nil {
 					if errors.Is(err, ops.ErrNoSubscriptions) || errors.Is(err, ops.ErrUnknownSubscription) {
 						return usageError{fmt.Errorf("--subscription: %w", err)}
@@ -213,23 +222,57 @@ Exit code 1 when any event failed (after the sink's retries).`,
 					opts.Sink = deliver.NewGuard(kind, deliver.GuardConfig{Headers: gc.Headers}).Wrap(opts.Sink)
 				}
 			}
-			if !dryRun && (otherSink || target == "the default webhook") {
-				// The destination's mask applies to a replay as to run: a
-				// replay never sends what run would not. Its property
-				// filter does not (the replay's own filters select rows).
-				filterKind := kind
-				if !otherSink {
-					filterKind = "webhook"
+			// A replay never sends what run would not send the target: its
+			// mask applies, and unless --as-is so do its property filter and
+			// its contract policy (the plan stored now decides validity).
+			var pf *deliver.Filter
+			policy := deliver.ContractDeliver
+			switch {
+			case cmd.Flags().Changed("subscription"):
+				if pf, err = deliver.CompileFilter(sub.Filter); err != nil {
+					return fmt.Errorf("%s: its filter does not compile (outboxd subscription update --filter): %w", target, err)
 				}
-				pf, mask, err := filterMask(envMap, filterKind)
+				cc, err := c.contract(envMap)
 				if err != nil {
 					return err
 				}
-				opts.Sink = sink.Masked(opts.Sink, mask)
-				if pf != nil {
-					env.log.Warn().Str("filter", pf.String()).
-						Msg("replay does not apply the destination's property filter; narrow the replay with --event, --organization, --from-id/--to-id or --since/--until")
+				policy = cc.Subscriptions
+				if sub.Contract != "" {
+					if policy, err = deliver.ParseContractPolicy(sub.Contract); err != nil {
+						return fmt.Errorf("%s: %w", target, err)
+					}
 				}
+			case otherSink || target == "the default webhook":
+				filterKind, name := kind, kind
+				if !otherSink {
+					filterKind = "webhook"
+				}
+				if _, multi, _ := c.sinkKinds(); !multi {
+					name = deliver.DefaultTarget
+				}
+				var mask *sink.Mask
+				if pf, mask, err = filterMask(envMap, filterKind); err != nil {
+					return err
+				}
+				if opts.Sink != nil {
+					opts.Sink = sink.Masked(opts.Sink, mask)
+				}
+				cc, err := c.contract(envMap)
+				if err != nil {
+					return err
+				}
+				if policy = cc.Targets[name]; policy == "" {
+					policy = cc.Default
+				}
+			}
+			if !asIs {
+				var v *plan.Validator
+				if policy != deliver.ContractDeliver && policy != "" {
+					if v, err = env.client.StoredPlan(ctx); err != nil {
+						return err
+					}
+				}
+				opts.Check = replayCheck(pf, v)
 			}
 
 			progress := ops.NewProgress()
@@ -260,7 +303,7 @@ Exit code 1 when any event failed (after the sink's retries).`,
 					err = fmt.Errorf("write result: %w", perr)
 				}
 			} else {
-				printReplay(stdout, res, dryRun, target, time.Since(start))
+				printReplay(stdout, res, dryRun, opts.Check != nil, target, time.Since(start))
 			}
 			switch {
 			case err != nil && ctx.Err() != nil:
@@ -288,6 +331,7 @@ Exit code 1 when any event failed (after the sink's retries).`,
 	fl.Float64Var(&rate, "rate", 0, "at most this many events per second (0: no limit)")
 	fl.IntVar(&concurrency, "concurrency", 1, "deliveries in flight; above 1 events of one organization may arrive out of order")
 	fl.BoolVar(&asJSON, "json", false, "print the result as JSON")
+	fl.BoolVar(&asIs, "as-is", false, "send every selected event: ignore the target's property filter and contract policy (its mask still applies)")
 	return cmd
 }
 
@@ -324,7 +368,7 @@ func splitSecrets(s string) []string {
 	return strings.Fields(strings.ReplaceAll(s, ",", " "))
 }
 
-func printReplay(w io.Writer, res *ops.ReplayResult, dryRun bool, target string, elapsed time.Duration) {
+func printReplay(w io.Writer, res *ops.ReplayResult, dryRun, checked bool, target string, elapsed time.Duration) {
 	var parts []string
 	for _, name := range sortedKeys(res.ByEvent) {
 		label := name
@@ -337,12 +381,19 @@ func printReplay(w io.Writer, res *ops.ReplayResult, dryRun bool, target string,
 	if len(parts) > 0 {
 		breakdown = " (" + strings.Join(parts, ", ") + ")"
 	}
+	withheld := ""
+	if checked {
+		withheld = fmt.Sprintf(", withheld %d (property filter) and %d (contract policy)", res.Filtered, res.Invalid)
+	}
 	if dryRun {
 		fmt.Fprintf(w, "replay (dry run): %d events match%s; nothing was sent to %s\n", res.Matched, breakdown, target)
+		if checked {
+			fmt.Fprintf(w, "would send %d%s, skip %d\n", res.Matched-res.Filtered-res.Invalid-res.Skipped, withheld, res.Skipped)
+		}
 		return
 	}
 	fmt.Fprintf(w, "replay to %s: %d events matched%s\n", target, res.Matched, breakdown)
-	fmt.Fprintf(w, "replayed %d, failed %d, skipped %d in %s\n", res.Replayed, res.Failed, res.Skipped, elapsed.Round(time.Millisecond))
+	fmt.Fprintf(w, "replayed %d, failed %d, skipped %d%s in %s\n", res.Replayed, res.Failed, res.Skipped, withheld, elapsed.Round(time.Millisecond))
 	if len(res.FailedIDs) > 0 {
 		ids := make([]string, len(res.FailedIDs))
 		for i, id := range res.FailedIDs {
@@ -353,5 +404,27 @@ func printReplay(w io.Writer, res *ops.ReplayResult, dryRun bool, target string,
 			more = ", …"
 		}
 		fmt.Fprintf(w, "failed event ids: %s%s\n", strings.Join(ids, ", "), more)
+	}
+}
+
+// replayCheck withholds from a replay what run would not send the target:
+// an event its property filter pf does not let through (one it cannot
+// evaluate included, as run), and with a validator (a plan stored and a
+// policy skip or dead-letter) an event that breaks the plan. nil when
+// neither applies.
+func replayCheck(pf *deliver.Filter, v *plan.Validator) func(*decode.Event) ops.Verdict {
+	if pf == nil && v == nil {
+		return nil
+	}
+	return func(e *decode.Event) ops.Verdict {
+		if pf != nil {
+			if ok, err := pf.Match(deliver.NewEventEnv(e)); err != nil || !ok {
+				return ops.Filtered
+			}
+		}
+		if v != nil && !v.Check(e.Body).Valid {
+			return ops.Invalid
+		}
+		return ops.Send
 	}
 }
