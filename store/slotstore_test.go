@@ -264,9 +264,15 @@ func TestBarrierWaitsForTheFormerHoldersWrite(t *testing.T) {
 	}()
 	<-fired
 
-	// Taken over.
+	// Taken over: the former holder is terminated (asynchronously: the
+	// slot is free once its backend has exited).
 	_, err = db.Conn.Exec(ctx, `SELECT pg_terminate_backend($1)`, int32(former))
 	require.NoError(t, err)
+	e2e.WaitFor(t, time.Minute, func() bool {
+		var free bool
+		require.NoError(t, db.Conn.QueryRow(ctx, `SELECT active_pid IS NULL FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&free))
+		return free
+	}, func() string { return "the former holder still holds the slot" })
 	holder := hold()
 	current := store.NewSlotStore(db.Pool, cfg)
 	current.SetFence(func() uint32 { return holder })
