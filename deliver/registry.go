@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/url"
 	"path"
 	"slices"
@@ -40,6 +41,29 @@ type Subscription struct {
 	Filter    string `json:"filter,omitempty"`
 	filter    *Filter
 	filterErr error
+	// Kind is the subscription's sink kind (column kind, migration 13): ""
+	// for a webhook (the column's 'webhook'), or posthog, ga4, kafka, nats.
+	Kind string `json:"kind,omitempty"`
+	// Settings are the settings of a kind other than webhook (column
+	// settings): the kind's variable suffixes (HOST, TOPIC, ...) to values.
+	// Secrets are only referenced there (the column's CHECK refuses a key
+	// that names one), so they may be kept in the routing state.
+	Settings map[string]string `json:"settings,omitempty"`
+}
+
+// IsWebhook reports whether s is a webhook subscription.
+func (s *Subscription) IsWebhook() bool { return s.Kind == "" }
+
+// SecretSettingKey reports whether a settings key names a secret (which a
+// subscription row must not hold: it references it with KEY_ENV or
+// KEY_FILE); the same rule as migration 13's CHECK.
+func SecretSettingKey(k string) bool {
+	for _, suffix := range []string{"KEY", "SECRET", "PASSWORD", "TOKEN", "CREDS", "SEED"} {
+		if strings.HasSuffix(k, suffix) {
+			return true
+		}
+	}
+	return false
 }
 
 // compileFilter compiles s.Filter into s.filter, or records why it cannot.
@@ -274,6 +298,14 @@ func (r *Registry) Snapshot() []byte {
 			c.SecretFingerprints[i] = SecretFingerprint(secret)
 		}
 		c.Secrets = nil
+		for k := range s.Settings {
+			if SecretSettingKey(k) {
+				// Only if the column's CHECK was dropped: never kept. The
+				// key stays, so the subscription stays refused.
+				c.Settings = maps.Clone(s.Settings)
+				c.Settings[k] = ""
+			}
+		}
 		if urlHasCredentials(s.URL) {
 			c.URLFingerprint, c.URL = SecretFingerprint(s.URL), ""
 		}
@@ -392,7 +424,7 @@ func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, err
 		v := row.Values[i]
 		if row.IsUnchanged(i) {
 			switch c.Name {
-			case "id", "organization_id", "url", "secrets", "events", "enabled", "filter":
+			case "id", "organization_id", "url", "secrets", "events", "enabled", "filter", "kind", "settings":
 				if base == nil {
 					missing = append(missing, c.Name)
 					continue
@@ -420,6 +452,10 @@ func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, err
 				}
 			case "filter":
 				s.Filter = base.Filter
+			case "kind":
+				s.Kind = base.Kind
+			case "settings":
+				s.Settings = maps.Clone(base.Settings)
 			}
 			continue // a column outboxd does not read: nothing to merge
 		}
@@ -448,6 +484,18 @@ func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, err
 			s.Contract = string(v)
 		case "filter":
 			s.Filter = string(v) // NULL: no filter
+		case "kind":
+			if s.Kind = string(v); s.Kind == "webhook" {
+				s.Kind = ""
+			}
+		case "settings":
+			s.Settings = nil
+			if v != nil {
+				err = json.Unmarshal(v, &s.Settings)
+				if len(s.Settings) == 0 {
+					s.Settings = nil
+				}
+			}
 		}
 		if err != nil {
 			return s, fmt.Errorf("subscription column %s: %w", c.Name, err)
@@ -473,7 +521,7 @@ var errNoSecret = errors.New("has no signing secret")
 // never sends unsigned (docs/DESIGN.md G8): with an empty secret list its
 // deliveries fail permanently (see Router.subscriptionSink).
 func (s *Subscription) signingError() error {
-	if len(s.Secrets) == 0 {
+	if s.IsWebhook() && len(s.Secrets) == 0 {
 		return fmt.Errorf("subscription %d %w", s.ID, errNoSecret)
 	}
 	return nil

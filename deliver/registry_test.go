@@ -606,3 +606,60 @@ func TestIdleTargetsStopAndRestart(t *testing.T) {
 	close(in)
 	require.NoError(t, <-done)
 }
+
+// kindRel is the subscription table with migration 13's kind and settings.
+var kindRel = &decode.Relation{Name: "outboxd_subscription", Columns: []decode.Column{
+	{Name: "id", TypeOID: pgtype.Int8OID}, {Name: "url", TypeOID: pgtype.TextOID},
+	{Name: "secrets", TypeOID: pgtype.TextArrayOID}, {Name: "events", TypeOID: pgtype.TextArrayOID},
+	{Name: "enabled", TypeOID: pgtype.BoolOID}, {Name: "kind", TypeOID: pgtype.TextOID},
+	{Name: "settings", TypeOID: pgtype.JSONBOID},
+}}
+
+// A subscription's kind and settings are read from the row ('webhook' is
+// the webhook kind, ""), merged when sent unchanged (TOASTed settings), and
+// kept in the routing state, so a restart builds the same sink; only a
+// webhook needs a signing secret. A settings key naming a secret (a row
+// written where the column's CHECK was dropped) is never kept in the
+// routing state.
+func TestRegistrySubscriptionKinds(t *testing.T) {
+	t.Parallel()
+	row := func(vals ...string) *decode.Row {
+		r := subRow(vals...)
+		r.Relation = kindRel
+		return r
+	}
+	reg, err := NewRegistry(nil, nil)
+	require.NoError(t, err)
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert, Row: row("1", "https://a", "{whsec_x}", "{}", "t", "webhook", "{}")})
+	require.NoError(t, err)
+	require.True(t, reg.Get(1).IsWebhook())
+	require.Nil(t, reg.Get(1).Settings)
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert,
+		Row: row("2", "", "{}", "{}", "t", "posthog", `{"HOST": "https://eu.i.posthog.com", "PROJECT_API_KEY_ENV": "OUTBOXD_SECRET_T2"}`)})
+	require.NoError(t, err)
+	ph := reg.Get(2)
+	require.Equal(t, "posthog", ph.Kind)
+	require.Equal(t, map[string]string{"HOST": "https://eu.i.posthog.com", "PROJECT_API_KEY_ENV": "OUTBOXD_SECRET_T2"}, ph.Settings)
+	require.NoError(t, ph.signingError(), "no signing secret needed")
+	require.Error(t, (&Subscription{ID: 3}).signingError(), "a webhook needs one")
+
+	s, err := reg.Apply(&decode.Change{Kind: decode.KindUpdate, Row: row("2", "", "{}", "{}", "f", unchanged, unchanged)})
+	require.NoError(t, err)
+	require.Equal(t, "posthog", s.Kind)
+	require.Equal(t, ph.Settings, s.Settings)
+	require.False(t, s.Enabled)
+
+	reg2, err := NewRegistry(reg.Snapshot(), tableSecrets(map[int64][]string{1: {"whsec_x"}}))
+	require.NoError(t, err)
+	require.Equal(t, "posthog", reg2.Get(2).Kind)
+	require.Equal(t, ph.Settings, reg2.Get(2).Settings)
+	require.True(t, reg2.Get(1).IsWebhook())
+
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert, Row: row("4", "", "{}", "{}", "t", "ga4", `{"API_SECRET": "s3cr3t-value"}`)})
+	require.NoError(t, err)
+	require.NotContains(t, string(reg.Snapshot()), "s3cr3t-value")
+	require.Contains(t, string(reg.Snapshot()), `"API_SECRET":""`, "the key stays: the subscription stays refused")
+
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert, Row: row("5", "", "{}", "{}", "t", "kafka", `{"TOPIC": 7}`)})
+	require.ErrorContains(t, err, "subscription column settings")
+}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -143,6 +145,9 @@ type Router struct {
 
 	mu      sync.Mutex
 	targets map[string]*target
+	// closers are the subscription sinks of other kinds than webhook, by
+	// target, closed when replaced and when Run ends.
+	closers map[string]io.Closer
 	// loops is the number of targets whose loop runs now.
 	loops atomic.Int32
 }
@@ -182,7 +187,7 @@ func NewRouter(cfg RouterConfig, settler Settler, log zerolog.Logger) (*Router, 
 		return nil, err
 	}
 	reg.Each(func(s *Subscription) { logBadFilter(log, s) })
-	r := &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}}
+	r := &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}, closers: map[string]io.Closer{}}
 	if err := r.loadContract(planState, planKnown); err != nil {
 		return nil, err
 	}
@@ -322,6 +327,12 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		}
 		r.mu.Unlock()
 		wg.Wait()
+		r.mu.Lock()
+		for name, c := range r.closers {
+			c.Close() //nolint:errcheck // stopping: nothing to do with its error
+			delete(r.closers, name)
+		}
+		r.mu.Unlock()
 	}()
 
 	var (
@@ -537,6 +548,25 @@ type startFunc = func(name string, s sink.Sink, sub *Subscription, dc Config) *t
 // set. Parked deliveries of it go through the same sink, so the retrier
 // dead-letters them as well.
 func (r *Router) subscriptionSink(s Subscription) (sink.Sink, error) {
+	snk, err := r.buildSubscriptionSink(s)
+	// A sink of another kind holds a connection (Kafka, NATS) or a client:
+	// the one it replaces is closed (a delivery in flight on it fails and
+	// is retried on the new one), and the last ones when Run ends.
+	r.mu.Lock()
+	old := r.closers[s.TargetName()]
+	if c, ok := snk.(io.Closer); ok && !s.IsWebhook() {
+		r.closers[s.TargetName()] = c
+	} else {
+		delete(r.closers, s.TargetName())
+	}
+	r.mu.Unlock()
+	if old != nil {
+		go old.Close() //nolint:errcheck // a replaced connection; nothing to do with its error
+	}
+	return snk, err
+}
+
+func (r *Router) buildSubscriptionSink(s Subscription) (sink.Sink, error) {
 	if err := s.signingError(); err != nil {
 		r.log.Error().Err(err).Str("target", s.TargetName()).Msg("subscription is unusable; its events are dead-lettered")
 		return refusingSink{name: s.TargetName(), err: fmt.Errorf("%w: %w", err, sink.ErrPermanent)}, nil
@@ -581,7 +611,8 @@ func (r *Router) change(start startFunc, e *decode.Event) error {
 		}
 		r.mu.Unlock()
 		if t != nil {
-			if old == nil || old.URL != s.URL || !slices.Equal(old.Secrets, s.Secrets) {
+			if old == nil || old.URL != s.URL || !slices.Equal(old.Secrets, s.Secrets) ||
+				old.Kind != s.Kind || !maps.Equal(old.Settings, s.Settings) {
 				snk, _ := r.subscriptionSink(*s)
 				t.sink.Store(&sinkBox{snk})
 			}

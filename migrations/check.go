@@ -53,7 +53,7 @@ var required = map[string][]string{
 	"outboxd_checkpoint":           {"slot_name", "lsn", "system_identifier", "timeline", "catchup_pending", "updated_at", "routing", "write_token"},
 	"outboxd_dead_letter":          {"event_id", "sink", "last_status", "last_error", "attempts", "dead_at"},
 	"outboxd_parked":               {"target", "event_id", "ordering_key", "commit_lsn", "commit_index", "attempts", "rounds", "next_attempt_at", "last_status", "last_error"},
-	"outboxd_subscription":         {"id", "organization_id", "url", "secrets", "events", "enabled", "disabled_reason", "filter"},
+	"outboxd_subscription":         {"id", "organization_id", "url", "secrets", "events", "enabled", "disabled_reason", "filter", "kind", "settings"},
 	"outboxd_outbox":               {"namespace"},
 	"outboxd_subscription_history": {"id", "subscription_id", "deleted", "enabled", "organization_id", "events", "since_always"},
 	// The tracking plan (migration 8): read by its trigger and by `outboxd

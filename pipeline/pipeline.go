@@ -76,6 +76,10 @@ type Config struct {
 	// undelivered event has been failing for that long, with an
 	// outboxd_subscription_disabled event in the outbox (0: never).
 	SubscriptionDisableAfter time.Duration
+	// SubscriptionSink builds the sink of a subscription of another kind
+	// than webhook (posthog, ga4, kafka, nats) from its settings; nil: such
+	// a subscription's deliveries are dead-lettered with the reason.
+	SubscriptionSink func(sub deliver.Subscription) (sink.Sink, error)
 
 	// FlushInterval and FlushSize trigger checkpoint flushes; defaults 200ms
 	// and 1000 events.
@@ -485,6 +489,12 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 		Deliver: cfg.Deliver, Default: j.sink, DefaultEvents: cfg.DefaultEvents, DefaultGuard: cfg.DefaultGuard, Destinations: cfg.Destinations,
 		DefaultFilter: cfg.DefaultFilter, DefaultMask: cfg.DefaultMask,
 		Subscription: func(sub deliver.Subscription) (sink.Sink, error) {
+			if !sub.IsWebhook() {
+				if cfg.SubscriptionSink == nil {
+					return nil, fmt.Errorf("this outboxd delivers no subscription of kind %s", sub.Kind)
+				}
+				return cfg.SubscriptionSink(sub)
+			}
 			// The subscriptions' own address guard, never the default
 			// webhook's (G8): a URL it refuses is never connected to, and
 			// the deliveries are dead-lettered with the guard's reason,

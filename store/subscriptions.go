@@ -22,14 +22,18 @@ type Subscription struct {
 	// Filter is its property filter and Contract its contract policy ("":
 	// none, the default's).
 	Filter, Contract string
+	// Kind is its sink kind (webhook, posthog, ...) and Settings the
+	// settings of another kind.
+	Kind     string
+	Settings map[string]string
 }
 
 // Subscription reads subscription id; ErrNoSubscription when it has no row.
 func (t Tables) Subscription(ctx context.Context, id int64) (*Subscription, error) {
 	s := &Subscription{ID: id}
-	err := t.q.QueryRow(ctx, `SELECT organization_id, url, secrets, events, enabled, coalesce(filter, ''), coalesce(contract, '')
+	err := t.q.QueryRow(ctx, `SELECT organization_id, url, secrets, events, enabled, coalesce(filter, ''), coalesce(contract, ''), kind, settings
   FROM `+t.own(SubscriptionTable)+` WHERE id = $1`, id).
-		Scan(&s.OrganizationID, &s.URL, &s.Secrets, &s.Events, &s.Enabled, &s.Filter, &s.Contract)
+		Scan(&s.OrganizationID, &s.URL, &s.Secrets, &s.Events, &s.Enabled, &s.Filter, &s.Contract, &s.Kind, &s.Settings)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, ErrNoSubscription
 	}
@@ -52,12 +56,16 @@ type SubscriptionSummary struct {
 	Filter string
 	// Contract is the contract policy ("": OUTBOXD_SUBSCRIPTION_CONTRACT).
 	Contract string
+	// Kind is the sink kind and Settings its settings (no secret: only
+	// references to them).
+	Kind     string
+	Settings map[string]string
 }
 
 // Subscriptions lists every subscription by id.
 func (t Tables) Subscriptions(ctx context.Context) ([]SubscriptionSummary, error) {
 	rows, err := t.q.Query(ctx, `SELECT id, organization_id, url, cardinality(secrets), events, enabled,
-  coalesce(disabled_reason, ''), created_at, updated_at, coalesce(filter, ''), coalesce(contract, '') FROM `+t.own(SubscriptionTable)+` ORDER BY id`)
+  coalesce(disabled_reason, ''), created_at, updated_at, coalesce(filter, ''), coalesce(contract, ''), kind, settings FROM `+t.own(SubscriptionTable)+` ORDER BY id`)
 	if err != nil {
 		return nil, err
 	}
@@ -81,10 +89,63 @@ func (t Tables) AddSubscription(ctx context.Context, org *int64, url string, sec
 // none), which the caller has compiled, and a contract policy (nil: the
 // default's), which the caller has checked.
 func (t Tables) AddFilteredSubscription(ctx context.Context, org *int64, url string, secrets, events []string, filter, contract *string) (int64, error) {
+	return t.AddSubscriptionRow(ctx, NewSubscription{OrganizationID: org, URL: url, Secrets: secrets, Events: events, Filter: filter, Contract: contract})
+}
+
+// NewSubscription is a subscription to insert.
+type NewSubscription struct {
+	OrganizationID *int64
+	URL            string
+	// Secrets are a webhook's signing secrets; Events must not be nil
+	// (empty: every event).
+	Secrets, Events  []string
+	Filter, Contract *string
+	// Kind is the sink kind ("": webhook) and Settings its settings, which
+	// the caller has checked.
+	Kind     string
+	Settings map[string]string
+}
+
+// AddSubscriptionRow inserts an enabled subscription and returns its id.
+func (t Tables) AddSubscriptionRow(ctx context.Context, s NewSubscription) (int64, error) {
+	kind := s.Kind
+	if kind == "" {
+		kind = "webhook"
+	}
+	settings := s.Settings
+	if settings == nil {
+		settings = map[string]string{}
+	}
+	secrets := s.Secrets
+	if secrets == nil {
+		secrets = []string{}
+	}
 	var id int64
-	err := t.q.QueryRow(ctx, `INSERT INTO `+t.own(SubscriptionTable)+` (organization_id, url, secrets, events, filter, contract)
-VALUES ($1, $2, $3, $4, $5, $6) RETURNING id`, org, url, secrets, events, filter, contract).Scan(&id)
+	err := t.q.QueryRow(ctx, `INSERT INTO `+t.own(SubscriptionTable)+` (organization_id, url, secrets, events, filter, contract, kind, settings)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id`, s.OrganizationID, s.URL, secrets, s.Events, s.Filter, s.Contract, kind, settings).Scan(&id)
 	return id, err
+}
+
+// SetSettings merges set into the settings of subscription id (an empty
+// value removes the key), which the caller has checked, and reports whether
+// the subscription exists.
+func (t Tables) SetSettings(ctx context.Context, id int64, set map[string]string) (bool, error) {
+	tag, err := t.q.Exec(ctx, `UPDATE `+t.own(SubscriptionTable)+`
+SET settings = jsonb_strip_nulls(settings || (SELECT coalesce(jsonb_object_agg(k, CASE WHEN v = '' THEN NULL ELSE v END), '{}') FROM jsonb_each_text($2::jsonb) AS e(k, v))),
+    updated_at = now() WHERE id = $1`, id, set)
+	return tag.RowsAffected() > 0, err
+}
+
+// SubscriptionKind returns the kind and settings of subscription id;
+// ErrNoSubscription when it has no row.
+func (t Tables) SubscriptionKind(ctx context.Context, id int64) (string, map[string]string, error) {
+	var kind string
+	var settings map[string]string
+	err := t.q.QueryRow(ctx, `SELECT kind, settings FROM `+t.own(SubscriptionTable)+` WHERE id = $1`, id).Scan(&kind, &settings)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", nil, ErrNoSubscription
+	}
+	return kind, settings, err
 }
 
 // SetContract sets the contract policy of subscription id (nil: the

@@ -100,6 +100,7 @@ func runCommand(envMap map[string]string, stderr io.Writer) *cobra.Command {
 			if pc.Contract, err = c.contract(envMap); err != nil {
 				return err
 			}
+			pc.SubscriptionSink = c.subscriptionSinkOf(envMap, log)
 			if specs != nil {
 				dests, closeAll, err := buildDestinations(specs, envMap, log)
 				if err != nil {

@@ -49,6 +49,9 @@ type config struct {
 	// AllowPrivateSubscriptions is the address guard of the tenant
 	// subscription URLs, independent of AllowPrivateSinks (G8).
 	AllowPrivateSubscriptions bool `env:"ALLOW_PRIVATE_SUBSCRIPTIONS" envDefault:"false"`
+	// SecretsDir holds the files subscription rows of other kinds than
+	// webhook reference their secrets by (KEY_FILE settings).
+	SecretsDir string `env:"SECRETS_DIR"`
 	// SubscriptionMaxConnsPerHost caps the connections the tenant
 	// subscriptions' webhooks open to one host (0: no cap).
 	SubscriptionMaxConnsPerHost int `env:"SUBSCRIPTION_MAX_CONNS_PER_HOST" envDefault:"64"`
@@ -143,8 +146,8 @@ func unknownVars(environ map[string]string) []string {
 	known := knownVars()
 	var unknown []string
 	for k := range environ {
-		if !strings.HasPrefix(k, envPrefix) || known[k] {
-			continue
+		if !strings.HasPrefix(k, envPrefix) || known[k] || strings.HasPrefix(k, subscriptionSecretPrefix) {
+			continue // OUTBOXD_SECRET_*: secrets subscription rows reference
 		}
 		test := false
 		for _, p := range testVarPrefixes {

@@ -8,8 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -76,17 +78,19 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				return fmt.Errorf("list subscriptions: %w", err)
 			}
 			type row struct {
-				ID             int64     `json:"id"`
-				OrganizationID *int64    `json:"organization_id"`
-				URL            string    `json:"url"`
-				Secrets        int       `json:"secrets"`
-				Events         []string  `json:"events"`
-				Enabled        bool      `json:"enabled"`
-				DisabledReason string    `json:"disabled_reason,omitempty"`
-				CreatedAt      time.Time `json:"created_at"`
-				UpdatedAt      time.Time `json:"updated_at"`
-				Filter         string    `json:"filter,omitempty"`
-				Contract       string    `json:"contract,omitempty"`
+				ID             int64             `json:"id"`
+				OrganizationID *int64            `json:"organization_id"`
+				URL            string            `json:"url"`
+				Secrets        int               `json:"secrets"`
+				Events         []string          `json:"events"`
+				Enabled        bool              `json:"enabled"`
+				DisabledReason string            `json:"disabled_reason,omitempty"`
+				CreatedAt      time.Time         `json:"created_at"`
+				UpdatedAt      time.Time         `json:"updated_at"`
+				Filter         string            `json:"filter,omitempty"`
+				Contract       string            `json:"contract,omitempty"`
+				Kind           string            `json:"kind"`
+				Settings       map[string]string `json:"settings"`
 			}
 			out := make([]row, len(subs))
 			for i, sub := range subs {
@@ -99,7 +103,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				return json.NewEncoder(stdout).Encode(out)
 			}
 			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tORGANIZATION\tURL\tEVENTS\tSECRETS\tENABLED\tREASON\tFILTER\tCONTRACT")
+			fmt.Fprintln(tw, "ID\tKIND\tORGANIZATION\tURL\tEVENTS\tSECRETS\tENABLED\tREASON\tFILTER\tCONTRACT")
 			for _, r := range out {
 				org := "(platform)"
 				if r.OrganizationID != nil {
@@ -109,7 +113,11 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				if events == "" {
 					events = "*"
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%t\t%s\t%s\t%s\n", r.ID, org, r.URL, events, r.Secrets, r.Enabled, r.DisabledReason, r.Filter, r.Contract)
+				where := r.URL
+				if r.Kind != "webhook" {
+					where = settingsText(r.Settings)
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%d\t%t\t%s\t%s\t%s\n", r.ID, r.Kind, org, where, events, r.Secrets, r.Enabled, r.DisabledReason, r.Filter, r.Contract)
 			}
 			return tw.Flush()
 		},
@@ -117,8 +125,9 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 
 	var (
-		url, events, secret, secretFile, filter, contract string
-		org                                               int64
+		url, events, secret, secretFile, filter, contract, kind string
+		org                                                     int64
+		settingArgs                                             []string
 	)
 	add := &cobra.Command{
 		Use: "add", Short: "Add a subscription; prints its id and signing secret", Args: cobra.NoArgs,
@@ -140,6 +149,42 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				// meaning all; a nil slice would be sent as NULL.
 				globs = []string{}
 			}
+			var orgArg *int64
+			if cmd.Flags().Changed("organization") {
+				orgArg = &org
+			}
+			settings, err := parseSettings(settingArgs, false)
+			if err != nil {
+				return err
+			}
+			if kind = strings.ToLower(strings.TrimSpace(kind)); kind != "webhook" {
+				// Another kind: its settings, no URL or signing secret.
+				if cmd.Flags().Changed("url") || cmd.Flags().Changed("secret") || secretFile != "" {
+					return usageError{fmt.Errorf("--url, --secret and --secret-file are a webhook's; a %s subscription takes --setting KEY=VALUE", kind)}
+				}
+				if err := checkSubscriptionSettings(kind, settings); err != nil {
+					return usageError{fmt.Errorf("--kind/--setting: %w", err)}
+				}
+				ctx := cmd.Context()
+				s, err := openSession(ctx, envMap, stderr)
+				if err != nil {
+					return err
+				}
+				defer s.close(ctx)
+				id, err := s.tables.AddSubscriptionRow(ctx, store.NewSubscription{OrganizationID: orgArg, Events: globs,
+					Filter: filterArg, Contract: contractArg, Kind: kind, Settings: settings})
+				if err != nil {
+					return fmt.Errorf("add subscription: %w", err)
+				}
+				fmt.Fprintf(stdout, "subscription %d added (%s: %s)\n", id, kind, settingsText(settings))
+				return nil
+			}
+			if len(settings) > 0 {
+				return usageError{errors.New("--setting is for the other kinds (--kind posthog, ga4, kafka, nats); a webhook takes --url and --secret-file")}
+			}
+			if url == "" {
+				return usageError{errors.New("--url is required for a webhook subscription")}
+			}
 			secret, err := secretFrom(cmd, secret, secretFile, stderr)
 			if err != nil {
 				return err
@@ -158,10 +203,6 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				return err
 			}
 			defer s.close(ctx)
-			var orgArg *int64
-			if cmd.Flags().Changed("organization") {
-				orgArg = &org
-			}
 			id, err := s.tables.AddFilteredSubscription(ctx, orgArg, url, []string{secret}, globs, filterArg, contractArg)
 			if err != nil {
 				return fmt.Errorf("add subscription: %w", err)
@@ -170,26 +211,32 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 			return nil
 		},
 	}
-	add.Flags().StringVar(&url, "url", "", "endpoint URL (required)")
+	add.Flags().StringVar(&url, "url", "", "endpoint URL (required for a webhook)")
+	add.Flags().StringVar(&kind, "kind", "webhook", "webhook, posthog, ga4, kafka or nats")
+	add.Flags().StringArrayVar(&settingArgs, "setting", nil, "a setting of another kind than webhook, KEY=VALUE (repeated): posthog HOST, PROJECT_API_KEY_ENV|_FILE, ...; ga4 MEASUREMENT_ID, API_SECRET_ENV|_FILE, ...; kafka TOPIC; nats SUBJECT, STREAM")
 	add.Flags().Int64Var(&org, "organization", 0, "organization the subscription belongs to (omit: platform-wide)")
 	add.Flags().StringVar(&events, "events", "", "comma list of event-name globs (omit: every event)")
 	add.Flags().StringVar(&secret, "secret", "", "signing secret whsec_... (visible in ps and shell history: prefer --secret-file; omit both: generated)")
 	add.Flags().StringVar(&secretFile, "secret-file", "", "read the signing secret from this file (- for standard input)")
 	add.Flags().StringVar(&filter, "filter", "", `property filter, an expr-lang expression on the envelope (omit: none), e.g. 'properties.delta < 0'`)
 	add.Flags().StringVar(&contract, "contract", "", "contract policy for events that break the tracking plan: deliver, skip or dead-letter (omit: OUTBOXD_SUBSCRIPTION_CONTRACT)")
-	_ = add.MarkFlagRequired("url")
 
 	var newFilter, newContract string
+	var newSettings []string
 	update := &cobra.Command{
-		Use: "update ID", Short: "Change a subscription's property filter or contract policy ('' removes either); effective from its commit", Args: cobra.ExactArgs(1),
+		Use: "update ID", Short: "Change a subscription's property filter, contract policy ('' removes either) or settings; effective from its commit", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id, err := strconv.ParseInt(args[0], 10, 64)
 			if err != nil {
 				return usageError{fmt.Errorf("subscription id %q: %w", args[0], err)}
 			}
 			setFilter, setContract := cmd.Flags().Changed("filter"), cmd.Flags().Changed("contract")
-			if !setFilter && !setContract {
-				return usageError{errors.New("nothing to update: give --filter or --contract ('' removes the filter, or the subscription's own policy)")}
+			if !setFilter && !setContract && len(newSettings) == 0 {
+				return usageError{errors.New("nothing to update: give --filter, --contract or --setting ('' removes the filter, or the subscription's own policy; KEY= removes a setting)")}
+			}
+			settingsArg, err := parseSettings(newSettings, true)
+			if err != nil {
+				return err
 			}
 			filterArg, err := subscriptionFilter(newFilter)
 			if err != nil {
@@ -223,6 +270,36 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 					return fmt.Errorf("update subscription %d: %w", id, err)
 				}
 			}
+			var merged map[string]string
+			if settingsArg != nil && found {
+				kind, current, err := tables.SubscriptionKind(ctx, id)
+				if errors.Is(err, store.ErrNoSubscription) {
+					return fmt.Errorf("subscription %d not found", id)
+				}
+				if err != nil {
+					return fmt.Errorf("update subscription %d: %w", id, err)
+				}
+				if kind == "webhook" {
+					return usageError{fmt.Errorf("subscription %d is a webhook: --setting is for the other kinds", id)}
+				}
+				merged = maps.Clone(current)
+				if merged == nil {
+					merged = map[string]string{}
+				}
+				for k, v := range settingsArg {
+					if v == "" {
+						delete(merged, k)
+					} else {
+						merged[k] = v
+					}
+				}
+				if err := checkSubscriptionSettings(kind, merged); err != nil {
+					return usageError{fmt.Errorf("--setting: %w", err)}
+				}
+				if found, err = tables.SetSettings(ctx, id, settingsArg); err != nil {
+					return fmt.Errorf("update subscription %d: %w", id, err)
+				}
+			}
 			if !found {
 				return fmt.Errorf("subscription %d not found", id)
 			}
@@ -236,6 +313,9 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 					fmt.Fprintf(stdout, "subscription %d filter: %s\n", id, *filterArg)
 				}
 			}
+			if merged != nil {
+				fmt.Fprintf(stdout, "subscription %d settings: %s\n", id, settingsText(merged))
+			}
 			if setContract {
 				if contractArg == nil {
 					fmt.Fprintf(stdout, "subscription %d contract policy: OUTBOXD_SUBSCRIPTION_CONTRACT's\n", id)
@@ -247,6 +327,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 		},
 	}
 	update.Flags().StringVar(&newFilter, "filter", "", "the new property filter ('' removes it)")
+	update.Flags().StringArrayVar(&newSettings, "setting", nil, "a setting of a subscription of another kind than webhook, KEY=VALUE (repeated; KEY= removes it)")
 	update.Flags().StringVar(&newContract, "contract", "", "the new contract policy: deliver, skip or dead-letter ('' : OUTBOXD_SUBSCRIPTION_CONTRACT's)")
 
 	var reason string
@@ -326,6 +407,37 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 	rotate.Flags().StringVar(&newSecretFile, "secret-file", "", "read the new secret from this file (- for standard input)")
 	cmd.AddCommand(list, add, update, disable, enable, rotate)
 	return cmd
+}
+
+// parseSettings reads --setting KEY=VALUE arguments; with removable, an
+// empty value (KEY=) is kept, meaning remove the key.
+func parseSettings(args []string, removable bool) (map[string]string, error) {
+	if len(args) == 0 {
+		return nil, nil
+	}
+	out := map[string]string{}
+	for _, a := range args {
+		k, v, ok := strings.Cut(a, "=")
+		k = strings.TrimSpace(k)
+		if !ok || k == "" || (v == "" && !removable) {
+			return nil, usageError{fmt.Errorf("--setting %q: want KEY=VALUE", a)}
+		}
+		if _, dup := out[k]; dup {
+			return nil, usageError{fmt.Errorf("--setting %s given twice", k)}
+		}
+		out[k] = v
+	}
+	return out, nil
+}
+
+// settingsText shows settings as KEY=VALUE, sorted (no secret is among
+// them: only references).
+func settingsText(settings map[string]string) string {
+	parts := make([]string, 0, len(settings))
+	for _, k := range slices.Sorted(maps.Keys(settings)) {
+		parts = append(parts, k+"="+settings[k])
+	}
+	return strings.Join(parts, " ")
 }
 
 // subscriptionContract checks a --contract value: nil for none (the

@@ -121,6 +121,7 @@ Exit code 1 when any event failed (after the sink's retries).`,
 				SubscriptionAllowPrivate: c.AllowPrivateSubscriptions, SubscriptionAllowPrivateSetting: envPrefix + "ALLOW_PRIVATE_SUBSCRIPTIONS"}
 			target := "the default webhook"
 			var sub *ops.Subscription
+			var subSink sink.Sink // a subscription of another kind than webhook
 			if cmd.Flags().Changed("subscription") {
 				sub, err = env.client.Subscription(ctx, subscription)
 				if err != nil {
@@ -132,7 +133,19 @@ Exit code 1 when any event failed (after the sink's retries).`,
 				if f, err = f.Restrict(sub); err != nil {
 					return usageError{fmt.Errorf("--subscription: %w", err)}
 				}
-				if len(sub.Secrets) == 0 {
+				if sub.Kind != "webhook" {
+					target = fmt.Sprintf("subscription %d (%s)", sub.ID, sub.Kind)
+					if !dryRun {
+						s, err := c.subscriptionSinkOf(envMap, env.log)(deliver.Subscription{ID: sub.ID, Kind: sub.Kind, Settings: sub.Settings})
+						if err != nil {
+							return fmt.Errorf("%s: %w", target, err)
+						}
+						if cl, ok := s.(interface{ Close() error }); ok {
+							defer cl.Close()
+						}
+						subSink = s
+					}
+				} else if len(sub.Secrets) == 0 {
 					// Never unsigned by accident: a subscription without a
 					// secret gets nothing from the daemon either.
 					return usageError{fmt.Errorf("--subscription: subscription %d has no signing secret; add one with `outboxd subscription rotate-secret`", sub.ID)}
@@ -140,9 +153,11 @@ Exit code 1 when any event failed (after the sink's retries).`,
 				if !sub.Enabled {
 					env.log.Warn().Int64("subscription", sub.ID).Msg("the subscription is disabled; replaying to it anyway, as asked")
 				}
-				// A tenant's URL: the subscriptions' own address guard.
-				wc = wc.ForSubscription(fmt.Sprintf("subscription:%d", sub.ID), sub.URL, sub.Secrets)
-				target = fmt.Sprintf("subscription %d", sub.ID)
+				if subSink == nil {
+					// A tenant's URL: the subscriptions' own address guard.
+					wc = wc.ForSubscription(fmt.Sprintf("subscription:%d", sub.ID), sub.URL, sub.Secrets)
+					target = fmt.Sprintf("subscription %d", sub.ID)
+				}
 			}
 			// Without --subscription or --webhook-url, the events go where
 			// run sends them: the sink OUTBOXD_SINK names, or the destination
@@ -183,7 +198,9 @@ Exit code 1 when any event failed (after the sink's retries).`,
 				f.TargetEvents = globs
 			}
 			opts := ops.ReplayOptions{Filter: f, DryRun: dryRun, Rate: rate, Concurrency: concurrency}
-			if !dryRun && otherSink {
+			if subSink != nil {
+				opts.Sink = subSink
+			} else if !dryRun && otherSink {
 				s, err := buildSink(kind, envMap, env.log)
 				if err != nil {
 					return err
