@@ -663,3 +663,61 @@ func TestRegistrySubscriptionKinds(t *testing.T) {
 	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert, Row: row("5", "", "{}", "{}", "t", "kafka", `{"TOPIC": 7}`)})
 	require.ErrorContains(t, err, "subscription column settings")
 }
+
+// closingSink is a sink with a Close, as Kafka's and NATS's have.
+type closingSink struct {
+	fakeSink
+	closed chan struct{}
+}
+
+func (s *closingSink) Close() { close(s.closed) }
+
+// A subscription of another kind holds a connection: when a change of its
+// settings builds its sink anew, the one replaced is closed, and the last
+// one when the router stops. Webhook sinks share one client and are not.
+func TestRouterClosesReplacedSubscriptionSinks(t *testing.T) {
+	t.Parallel()
+	row := func(vals ...string) *decode.Row {
+		r := subRow(vals...)
+		r.Relation = kindRel
+		return r
+	}
+	var mu sync.Mutex
+	var built []*closingSink
+	build := func(s Subscription) (sink.Sink, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		c := &closingSink{closed: make(chan struct{}), fakeSink: fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
+			out := make([]sink.Outcome, len(evs))
+			for i := range out {
+				out[i].Attempts = 1
+			}
+			return out
+		}}}
+		built = append(built, c)
+		return c, nil
+	}
+	cfg := Config{Concurrency: 2}.WithDefaults()
+	require.NoError(t, cfg.Validate())
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
+		return make([]sink.Outcome, len(evs))
+	}}, Subscription: build}, newSettler(32), zerolog.Nop())
+	require.NoError(t, err)
+	in := make(chan *decode.Event, 8)
+	in <- change(decode.KindInsert, row("5", "", "{}", "{}", "t", "kafka", `{"TOPIC": "a"}`))
+	in <- orgEvent(1, "batch_started")
+	in <- change(decode.KindUpdate, row("5", "", "{}", "{}", "t", "kafka", `{"TOPIC": "b"}`))
+	in <- orgEvent(2, "batch_started")
+	close(in)
+	require.NoError(t, r.Run(context.Background(), in))
+	mu.Lock()
+	defer mu.Unlock()
+	require.Len(t, built, 2, "built, then built anew on the change")
+	for i, c := range built {
+		select {
+		case <-c.closed:
+		case <-time.After(time.Minute):
+			t.Fatalf("sink %d was never closed", i)
+		}
+	}
+}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"maps"
 	"slices"
 	"strings"
@@ -147,7 +146,7 @@ type Router struct {
 	targets map[string]*target
 	// closers are the subscription sinks of other kinds than webhook, by
 	// target, closed when replaced and when Run ends.
-	closers map[string]io.Closer
+	closers map[string]func()
 	// loops is the number of targets whose loop runs now.
 	loops atomic.Int32
 }
@@ -187,7 +186,7 @@ func NewRouter(cfg RouterConfig, settler Settler, log zerolog.Logger) (*Router, 
 		return nil, err
 	}
 	reg.Each(func(s *Subscription) { logBadFilter(log, s) })
-	r := &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}, closers: map[string]io.Closer{}}
+	r := &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}, closers: map[string]func(){}}
 	if err := r.loadContract(planState, planKnown); err != nil {
 		return nil, err
 	}
@@ -329,7 +328,7 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		wg.Wait()
 		r.mu.Lock()
 		for name, c := range r.closers {
-			c.Close() //nolint:errcheck // stopping: nothing to do with its error
+			c()
 			delete(r.closers, name)
 		}
 		r.mu.Unlock()
@@ -554,16 +553,27 @@ func (r *Router) subscriptionSink(s Subscription) (sink.Sink, error) {
 	// is retried on the new one), and the last ones when Run ends.
 	r.mu.Lock()
 	old := r.closers[s.TargetName()]
-	if c, ok := snk.(io.Closer); ok && !s.IsWebhook() {
+	if c := closerOf(snk); c != nil && !s.IsWebhook() {
 		r.closers[s.TargetName()] = c
 	} else {
 		delete(r.closers, s.TargetName())
 	}
 	r.mu.Unlock()
 	if old != nil {
-		go old.Close() //nolint:errcheck // a replaced connection; nothing to do with its error
+		go old()
 	}
 	return snk, err
+}
+
+// closerOf returns s's Close (with or without an error result), or nil.
+func closerOf(s sink.Sink) func() {
+	switch c := s.(type) {
+	case interface{ Close() }:
+		return c.Close
+	case interface{ Close() error }:
+		return func() { c.Close() } //nolint:errcheck // closing: nothing to do with its error
+	}
+	return nil
 }
 
 func (r *Router) buildSubscriptionSink(s Subscription) (sink.Sink, error) {

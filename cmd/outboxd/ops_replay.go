@@ -140,7 +140,7 @@ Exit code 1 when any event failed (after the sink's retries).`,
 						if err != nil {
 							return fmt.Errorf("%s: %w", target, err)
 						}
-						if cl, ok := s.(interface{ Close() error }); ok {
+						if cl, ok := s.(interface{ Close() }); ok {
 							defer cl.Close()
 						}
 						subSink = s
