@@ -305,22 +305,33 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 				require.Len(t, parked, 1, "only the down destination parks: %v", parked)
 				require.Zero(t, deadLetters(t, b), "dead letters during the outage")
 				if round == 0 {
-					// `outboxd status` counts per target.
+					// `outboxd status` counts per target, each destination
+					// listed: the down one with its parked deliveries and a
+					// lag, the others with none.
 					code, out, errOut := opsRun(t, b.env, "status", "--json")
 					require.Contains(t, []int{0, 1}, code, out+errOut)
 					var st struct {
 						Backlog struct {
 							Targets []struct {
-								Target      string `json:"target"`
-								Parked      int64  `json:"parked"`
-								DeadLetters int64  `json:"dead_letters"`
+								Target      string  `json:"target"`
+								Parked      int64   `json:"parked"`
+								DeadLetters int64   `json:"dead_letters"`
+								LagSeconds  float64 `json:"lag_seconds"`
 							} `json:"targets"`
 						} `json:"backlog"`
 					}
 					require.NoError(t, json.Unmarshal([]byte(out), &st), out)
-					require.Len(t, st.Backlog.Targets, 1, out)
-					require.Equal(t, down, st.Backlog.Targets[0].Target)
-					require.Positive(t, st.Backlog.Targets[0].Parked)
+					require.Len(t, st.Backlog.Targets, len(f.destination), out)
+					for _, tc := range st.Backlog.Targets {
+						if tc.Target == down {
+							require.Positive(t, tc.Parked, out)
+							require.Positive(t, tc.LagSeconds, out)
+						} else {
+							require.Contains(t, up, tc.Target)
+							require.Zero(t, tc.Parked, out)
+							require.Zero(t, tc.LagSeconds, out)
+						}
+					}
 				}
 			}
 			// A long stretch: the down destination's parked deliveries have
@@ -352,6 +363,10 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 				v, err := w.metric(`outboxd_parked_deliveries{sink="` + down + `"}`)
 				return err == nil && v > 0
 			}, func() string { return "no parked deliveries in the metrics for " + down })
+			e2e.WaitFor(t, time.Minute, func() bool {
+				v, err := w.metric(`outboxd_parked_lag_seconds{sink="` + down + `"}`)
+				return err == nil && v > 0
+			}, func() string { return "no lag in the metrics for " + down })
 			stretch := time.Since(wentDown)
 			setDown(false)
 			ids = append(ids, e2e.Insert(t, b.pool, 5, 4, orgOf)...)
