@@ -98,8 +98,10 @@ type Metrics struct {
 	// label (each destination of OUTBOXD_SINKS has its own).
 	parkedByTarget *prometheus.GaugeVec
 	deadByTarget   *prometheus.GaugeVec
-	backlogOnce    sync.Once
-	pollErrors     *prometheus.CounterVec
+	// lagByTarget is the age of each target's oldest parked event.
+	lagByTarget *prometheus.GaugeVec
+	backlogOnce sync.Once
+	pollErrors  *prometheus.CounterVec
 
 	streaming atomic.Bool
 	// changed is signalled when this instance starts or stops streaming,
@@ -164,6 +166,8 @@ func New(opts Options) *Metrics {
 		Help: "Parked deliveries waiting for a durable retry, per target (polled with the backlog)."}, []string{"sink"})
 	m.deadByTarget = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: Namespace, Name: "dead_letters",
 		Help: "Dead letters, per target (polled with the backlog)."}, []string{"sink"})
+	m.lagByTarget = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: Namespace, Name: "parked_lag_seconds",
+		Help: "Age of the oldest parked event, per target (the oldest among all subscriptions for sink=\"subscription\"); 0 when nothing is parked (polled with the backlog)."}, []string{"sink"})
 
 	m.contract = newContractMetrics(f)
 	m.filterErrors = f.counterVec("filter_errors_total",
@@ -326,23 +330,28 @@ func (m *Metrics) setBacklog(n int64) {
 
 // register registers the polled backlog series, once.
 func (m *Metrics) register() {
-	m.backlogOnce.Do(func() { m.reg.MustRegister(m.backlogRows, m.parkedByTarget, m.deadByTarget) })
+	m.backlogOnce.Do(func() { m.reg.MustRegister(m.backlogRows, m.parkedByTarget, m.deadByTarget, m.lagByTarget) })
 }
 
-// setTargets sets the parked and dead-letter gauges from a poll: a target
-// with none has no series (its earlier ones are dropped).
+// setTargets sets the parked, dead-letter and lag gauges from a poll: a
+// target with none has no series (its earlier ones are dropped). The
+// subscriptions share one series: counts add up, the lag is the largest.
 func (m *Metrics) setTargets(counts []store.TargetCount) {
 	m.register()
-	parked, dead := map[string]int64{}, map[string]int64{}
+	parked, dead, lag := map[string]int64{}, map[string]int64{}, map[string]float64{}
 	for _, c := range counts {
-		parked[SinkLabel(c.Target)] += c.Parked
-		dead[SinkLabel(c.Target)] += c.DeadLetters
+		label := SinkLabel(c.Target)
+		parked[label] += c.Parked
+		dead[label] += c.DeadLetters
+		lag[label] = max(lag[label], c.LagSeconds)
 	}
 	m.parkedByTarget.Reset()
 	m.deadByTarget.Reset()
+	m.lagByTarget.Reset()
 	for label, n := range parked {
 		m.parkedByTarget.WithLabelValues(label).Set(float64(n))
 		m.deadByTarget.WithLabelValues(label).Set(float64(dead[label]))
+		m.lagByTarget.WithLabelValues(label).Set(lag[label])
 	}
 }
 

@@ -385,6 +385,68 @@ func TestHealthReportsLagAboveThreshold(t *testing.T) {
 	require.NotContains(t, scrape, "outboxd_backlog_rows", "backlog count disabled: no series")
 }
 
+// The lag of each target, the age of its oldest parked event, is a gauge
+// per own target; the subscriptions share one series (their largest lag),
+// never one per subscription.
+func TestParkedLagPerTarget(t *testing.T) {
+	t.Parallel()
+	url := pgtest.Shared(t).NewDatabase(t)
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, url)
+	require.NoError(t, err)
+	defer conn.Close(ctx)
+	_, err = migrations.Migrate(ctx, conn, migrations.Options{Schema: "public", Table: "domain_event", Publication: "outboxd"})
+	require.NoError(t, err)
+	_, err = conn.Exec(ctx, `INSERT INTO domain_event (event_name, occurred_at) VALUES
+  ('a', now() - interval '2 hours'), ('b', now() - interval '3 hours'), ('c', now() - interval '1 minute')`)
+	require.NoError(t, err)
+	_, err = conn.Exec(ctx, `INSERT INTO outboxd_parked (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at)
+SELECT t, id, 1, '0/1', 0, now() FROM (VALUES ('webhook', 'a'), ('subscription:1', 'b'), ('subscription:2', 'c')) AS v (t, name)
+JOIN domain_event ON event_name = name`)
+	require.NoError(t, err)
+	_, err = conn.Exec(ctx, `INSERT INTO outboxd_dead_letter (event_id, sink, last_error, attempts) SELECT id, 'posthog', 'refused', 1 FROM domain_event WHERE event_name = 'c'`)
+	require.NoError(t, err)
+
+	m := metrics.New(metrics.Options{Version: "test"})
+	mon, err := metrics.NewMonitor(metrics.MonitorConfig{DatabaseURL: url, Slot: "none", BacklogInterval: 50 * time.Millisecond}, m, zerolog.Nop())
+	require.NoError(t, err)
+	mctx, stop := context.WithCancel(ctx)
+	done := make(chan error)
+	go func() { done <- mon.Run(mctx) }()
+	defer func() {
+		stop()
+		require.NoError(t, <-done)
+	}()
+	web := httptest.NewServer(metrics.Handler(m, mon))
+	defer web.Close()
+	scrape := waitHealth(t, web.URL+"/metrics", func(h health) bool {
+		return strings.Contains(h.body["text"].(string), "outboxd_parked_lag_seconds")
+	}, "targets counted").body["text"].(string)
+	gauge := func(series string) float64 {
+		t.Helper()
+		for line := range strings.SplitSeq(scrape, "\n") {
+			if v, ok := strings.CutPrefix(line, series+" "); ok {
+				var f float64
+				_, err := fmt.Sscan(v, &f)
+				require.NoError(t, err, line)
+				return f
+			}
+		}
+		require.Fail(t, "no series "+series, scrape)
+		return 0
+	}
+	within := func(series string, lo float64) {
+		t.Helper()
+		v := gauge(series)
+		require.True(t, v >= lo && v < lo+300, "%s = %v, want about %v", series, v, lo)
+	}
+	within(`outboxd_parked_lag_seconds{sink="webhook"}`, 7200)
+	within(`outboxd_parked_lag_seconds{sink="subscription"}`, 10800)
+	require.Zero(t, gauge(`outboxd_parked_lag_seconds{sink="posthog"}`), "dead letters only: nothing parked")
+	require.Equal(t, 2.0, gauge(`outboxd_parked_deliveries{sink="subscription"}`))
+	require.NotContains(t, scrape, "subscription:", "no series per subscription")
+}
+
 // /readyz answers 503 when the database cannot be reached, and /healthz stays
 // 200: liveness never depends on the database.
 func TestReadyzWithoutDatabase(t *testing.T) {

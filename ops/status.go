@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -142,9 +144,11 @@ type BacklogStatus struct {
 	// Parked is the number of parked deliveries (store.ParkedTable); null when
 	// the schema has no such table.
 	Parked *int64 `json:"parked"`
-	// Targets are the parked deliveries and dead letters per target (each
-	// destination of OUTBOXD_SINKS, the default target, subscriptions), for
-	// the targets that have any; null when they could not be counted.
+	// Targets are the parked deliveries, dead letters and lag per target:
+	// each own target (StatusOptions.Targets: each destination of
+	// OUTBOXD_SINKS, or the default target), also with nothing waiting, and
+	// any other target (subscriptions) that has any; by name. Null when they
+	// could not be counted.
 	Targets []store.TargetCount `json:"targets"`
 }
 
@@ -164,6 +168,10 @@ type StatusOptions struct {
 	// Config is the effective configuration (already redacted), copied into
 	// the report.
 	Config map[string]string
+	// Targets are the daemon's own targets (each destination of
+	// OUTBOXD_SINKS, or the default target), listed in Backlog.Targets also
+	// when nothing waits for them.
+	Targets []string
 }
 
 // Default thresholds of StatusOptions.
@@ -219,7 +227,7 @@ func (c *Client) Status(ctx context.Context, opts StatusOptions) (*Status, error
 		}
 		st.Publication = pub
 		if haveTables {
-			if st.Backlog, err = c.backlog(ctx, opts.BacklogTimeout, &st.Warnings); err != nil {
+			if st.Backlog, err = c.backlog(ctx, opts.BacklogTimeout, opts.Targets, &st.Warnings); err != nil {
 				return nil, err
 			}
 		}
@@ -398,7 +406,7 @@ FROM pg_publication p WHERE p.pubname = $1`, c.t.Publication, c.t.schema(), c.t.
 	return p, nil
 }
 
-func (c *Client) backlog(ctx context.Context, timeout time.Duration, warnings *[]string) (*BacklogStatus, error) {
+func (c *Client) backlog(ctx context.Context, timeout time.Duration, own []string, warnings *[]string) (*BacklogStatus, error) {
 	b := &BacklogStatus{}
 	cols, err := c.columns(ctx)
 	if err != nil {
@@ -441,7 +449,7 @@ func (c *Client) backlog(ctx context.Context, timeout time.Duration, warnings *[
 		case err != nil:
 			return nil, fmt.Errorf("count per target: %w", err)
 		default:
-			b.Targets = append([]store.TargetCount{}, targets...)
+			b.Targets = withOwnTargets(targets, own)
 		}
 	}
 	if !cols[store.ProcessedColumn] || !cols["id"] {
@@ -475,6 +483,19 @@ func (c *Client) backlog(ctx context.Context, timeout time.Duration, warnings *[
 		b.OldestUnprocessedAt = &u
 	}
 	return b, nil
+}
+
+// withOwnTargets is counts plus a zero count for each of own that has none,
+// by target name.
+func withOwnTargets(counts []store.TargetCount, own []string) []store.TargetCount {
+	out := append([]store.TargetCount{}, counts...)
+	for _, name := range own {
+		if !slices.ContainsFunc(counts, func(c store.TargetCount) bool { return c.Target == name }) {
+			out = append(out, store.TargetCount{Target: name})
+		}
+	}
+	slices.SortFunc(out, func(a, b store.TargetCount) int { return strings.Compare(a.Target, b.Target) })
+	return out
 }
 
 // evaluate fills Problems and Warnings from the facts and sets OK.

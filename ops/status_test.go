@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxd/outboxd/internal/pgtest"
+	"github.com/outboxd/outboxd/store"
 )
 
 // A fresh slot with its checkpoint is healthy; every documented JSON field is
@@ -229,4 +230,88 @@ func TestStatusFailover(t *testing.T) {
 			require.Contains(t, m["failover"].(map[string]any), k)
 		}
 	})
+}
+
+// status reports each target's parked deliveries, dead letters and lag (the
+// age of its oldest parked event): every own target, also a healthy one
+// with nothing waiting (lag 0), and the subscriptions that have anything.
+func TestStatusTargetLag(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	ids := b.insert(t, 3, "a", 1, time.Now())
+	// Event 0 happened an hour ago and was parked half an hour ago; event 1
+	// is younger; event 2 claims to happen in a day (a client's clock) and
+	// was parked 5 minutes ago.
+	b.exec(t, `UPDATE domain_event SET occurred_at = now() - interval '1 hour' WHERE id = $1`, ids[0])
+	b.exec(t, `UPDATE domain_event SET occurred_at = now() + interval '1 day' WHERE id = $1`, ids[2])
+	park := func(target string, id int64, parkedAgo string) {
+		t.Helper()
+		b.exec(t, `INSERT INTO outboxd_parked (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at, parked_at)
+VALUES ($1, $2, 1, '0/1', 0, now(), now() - $3::interval)`, target, id, parkedAgo)
+	}
+	park("posthog", ids[1], "1 minute")
+	park("posthog", ids[0], "30 minutes")
+	park("kafka", ids[2], "5 minutes")
+	// The event of subscription 7's parked delivery is gone: the time it was
+	// parked stands in.
+	park("subscription:7", 999999, "10 minutes")
+	b.exec(t, `INSERT INTO outboxd_dead_letter (event_id, sink, last_error, attempts) VALUES ($1, 'ga4', 'HTTP 400', 1), ($1, 'subscription:8', 'HTTP 400', 1)`, ids[1])
+
+	opts := StatusOptions{Targets: []string{"webhook", "posthog", "ga4", "kafka"}}
+	st, err := b.client.Status(ctx, opts)
+	require.NoError(t, err)
+	byName := map[string]int{}
+	var names []string
+	for i, tc := range st.Backlog.Targets {
+		byName[tc.Target] = i
+		names = append(names, tc.Target)
+	}
+	require.Equal(t, []string{"ga4", "kafka", "posthog", "subscription:7", "subscription:8", "webhook"}, names)
+	get := func(name string) store.TargetCount { return st.Backlog.Targets[byName[name]] }
+	within := func(name string, lo, hi float64) {
+		t.Helper()
+		lag := get(name).LagSeconds
+		require.True(t, lag >= lo && lag < hi, "%s: lag %v not in [%v, %v)", name, lag, lo, hi)
+	}
+
+	webhook := get("webhook")
+	require.Equal(t, store.TargetCount{Target: "webhook"}, webhook, "a healthy own target: listed, nothing waiting, lag 0")
+	ph := get("posthog")
+	require.EqualValues(t, 2, ph.Parked)
+	require.Equal(t, ids[0], *ph.OldestParkedEventID, "the oldest parked event")
+	within("posthog", 3600, 3600+300)
+	require.WithinDuration(t, st.CheckedAt.Add(-time.Hour), *ph.OldestParkedAt, 5*time.Minute, "its occurred_at")
+	within("kafka", 300, 300+300) // an occurred_at ahead: the parking time bounds it
+	within("subscription:7", 600, 600+300)
+	require.Equal(t, store.TargetCount{Target: "ga4", DeadLetters: 1}, get("ga4"), "dead letters only: no lag")
+	require.EqualValues(t, 1, get("subscription:8").DeadLetters)
+
+	// The lag grows while the delivery stays parked.
+	again, err := b.client.Status(ctx, opts)
+	require.NoError(t, err)
+	require.Greater(t, again.Backlog.Targets[byName["posthog"]].LagSeconds, ph.LagSeconds)
+
+	// Stable JSON field names (README, `status --json` fields).
+	raw, err := json.Marshal(st)
+	require.NoError(t, err)
+	var m struct {
+		Backlog struct {
+			Targets []map[string]any `json:"targets"`
+		} `json:"backlog"`
+	}
+	require.NoError(t, json.Unmarshal(raw, &m))
+	require.Equal(t, map[string]any{"target": "webhook", "parked": 0.0, "dead_letters": 0.0, "lag_seconds": 0.0,
+		"oldest_parked_event_id": nil, "oldest_parked_at": nil}, m.Backlog.Targets[byName["webhook"]])
+	p := m.Backlog.Targets[byName["posthog"]]
+	require.Equal(t, float64(ids[0]), p["oldest_parked_event_id"])
+	require.IsType(t, "", p["oldest_parked_at"])
+	require.Greater(t, p["lag_seconds"], 3600.0)
+
+	// A table without occurred_at (an ORM's): the time parked stands in.
+	b.exec(t, `ALTER TABLE domain_event DROP COLUMN occurred_at CASCADE`)
+	st, err = b.client.Status(ctx, opts)
+	require.NoError(t, err)
+	within("posthog", 1800, 1800+300)
+	require.Equal(t, ids[0], *get("posthog").OldestParkedEventID)
 }

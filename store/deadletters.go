@@ -78,21 +78,57 @@ func (t Tables) PurgeDeadLetters(ctx context.Context, ids []int64) (int64, error
 }
 
 // TargetCount is what waits for one target: its parked deliveries and its
-// dead letters.
+// dead letters, and how far behind the target is.
 type TargetCount struct {
 	Target      string `json:"target"`
 	Parked      int64  `json:"parked"`
 	DeadLetters int64  `json:"dead_letters"`
+	// LagSeconds is the age, by the database's clock, of the target's oldest
+	// parked event (OldestParkedAt); 0 when nothing is parked.
+	LagSeconds float64 `json:"lag_seconds"`
+	// OldestParkedEventID is the parked event with the lowest id (ids grow
+	// with inserts: the oldest); nil when nothing is parked.
+	OldestParkedEventID *int64 `json:"oldest_parked_event_id"`
+	// OldestParkedAt is when that event happened: the earlier of its
+	// occurred_at and the time it was parked (parked_at); parked_at alone
+	// when the outbox table has no occurred_at column or the event's row is
+	// gone. Nil when nothing is parked.
+	OldestParkedAt *time.Time `json:"oldest_parked_at"`
 }
 
 // TargetCounts returns, per target with any, the parked deliveries and dead
-// letters, by target name.
+// letters, by target name, and each target's lag (TargetCount.LagSeconds).
+// It reads each table once, grouped by target (an index-only scan of the
+// parked table's primary key when its pages are all-visible), plus two
+// primary-key lookups per target for its oldest parked event.
 func (t Tables) TargetCounts(ctx context.Context) ([]TargetCount, error) {
-	rows, err := t.q.Query(ctx, `SELECT target, sum(parked)::bigint, sum(dead)::bigint FROM (
-  SELECT target, count(*) AS parked, 0 AS dead FROM `+t.own(ParkedTable)+` GROUP BY target
-  UNION ALL
-  SELECT sink, 0, count(*) FROM `+t.own(DeadLetterTable)+` GROUP BY sink) AS c
-GROUP BY target ORDER BY target`)
+	// An ORM's table may lack occurred_at (or, unmigrated, id).
+	var n int
+	if err := t.q.QueryRow(ctx, `SELECT count(*) FROM pg_catalog.pg_attribute
+WHERE attrelid = to_regclass($1) AND attname IN ('id', 'occurred_at') AND attnum > 0 AND NOT attisdropped`, t.outbox()).Scan(&n); err != nil {
+		return nil, err
+	}
+	at, event := "q.parked_at", ""
+	if n == 2 {
+		// least ignores NULL: a row gone, parked_at alone. An occurred_at
+		// after the parking (a client's clock ahead) cannot make the lag
+		// smaller than the time parked.
+		at, event = "least(e.occurred_at, q.parked_at)", ` LEFT JOIN `+t.outbox()+` AS e ON e.id = q.event_id`
+	}
+	rows, err := t.q.Query(ctx, `WITH p AS (
+  SELECT target, count(*) AS parked, min(event_id) AS oldest FROM `+t.own(ParkedTable)+` GROUP BY target
+), d AS (
+  SELECT sink AS target, count(*) AS dead FROM `+t.own(DeadLetterTable)+` GROUP BY sink
+), c AS (
+  SELECT coalesce(p.target, d.target) AS target, coalesce(p.parked, 0) AS parked, coalesce(d.dead, 0) AS dead, p.oldest
+  FROM p FULL JOIN d ON d.target = p.target
+)
+SELECT c.target, c.parked::bigint, c.dead::bigint, coalesce(extract(epoch FROM greatest(now() - o.at, interval '0'))::float8, 0),
+  c.oldest, o.at
+FROM c LEFT JOIN LATERAL (
+  SELECT `+at+`::timestamptz AS at FROM `+t.own(ParkedTable)+` AS q`+event+`
+  WHERE q.target = c.target AND q.event_id = c.oldest) AS o ON true
+ORDER BY c.target`)
 	if err != nil {
 		return nil, err
 	}

@@ -78,10 +78,11 @@ func (g *httpGate) release() {
 	}
 }
 
-// fourDestinations is one outboxd's OUTBOXD_SINKS=webhook,posthog,ga4,kafka
-// set up against the test destinations: PostHog and GA4 behind gates, Kafka
-// with a switch that makes its broker refuse every produce.
-type fourDestinations struct {
+// fanOutDestinations is one outboxd's OUTBOXD_SINKS=webhook,posthog,ga4,kafka
+// (and nats, when asked) set up against the test destinations: PostHog and
+// GA4 behind gates, Kafka with a switch that makes its broker refuse every
+// produce, NATS an embedded JetStream server.
+type fanOutDestinations struct {
 	b           *bundle
 	posthog     *httpGate
 	ga4         *httpGate
@@ -90,13 +91,26 @@ type fourDestinations struct {
 	destination []string
 }
 
-func newFourDestinations(t *testing.T, extra map[string]string) *fourDestinations {
-	f := &fourDestinations{delivered: map[string]deliveredFunc{}, destination: []string{"webhook", "posthog", "ga4", "kafka"}}
+// newFourDestinations is webhook, PostHog, GA4 and Kafka.
+func newFourDestinations(t *testing.T, extra map[string]string) *fanOutDestinations {
+	return newDestinations(t, extra, false)
+}
+
+// newFiveDestinations adds NATS JetStream to the four.
+func newFiveDestinations(t *testing.T, extra map[string]string) *fanOutDestinations {
+	return newDestinations(t, extra, true)
+}
+
+func newDestinations(t *testing.T, extra map[string]string, withNATS bool) *fanOutDestinations {
+	f := &fanOutDestinations{delivered: map[string]deliveredFunc{}, destination: []string{"webhook", "posthog", "ga4", "kafka"}}
+	if withNATS {
+		f.destination = append(f.destination, "nats")
+	}
 	// Quick retries of parked deliveries, and enough of them that an outage
 	// as long as a test makes it (minutes on a loaded machine) parks and
 	// never dead-letters: a dead letter leaves its row unprocessed.
 	schedule := "200ms,400ms,800ms" + strings.Repeat(",1s", 300+int(testOutage(t)/time.Second))
-	env := map[string]string{"OUTBOXD_SINKS": "webhook,posthog,ga4,kafka", "OUTBOXD_RETRY_SCHEDULE": schedule}
+	env := map[string]string{"OUTBOXD_SINKS": strings.Join(f.destination, ","), "OUTBOXD_RETRY_SCHEDULE": schedule}
 	add := func(name string, e map[string]string, d deliveredFunc) {
 		delete(e, "OUTBOXD_SINK")
 		maps.Copy(env, e)
@@ -134,6 +148,10 @@ func newFourDestinations(t *testing.T, extra map[string]string) *fourDestination
 		return resp, nil, true
 	})
 	add("kafka", ke, kd)
+	if withNATS {
+		ne, nd := natsCase(t)
+		add("nats", ne, nd)
+	}
 	maps.Copy(env, extra)
 	f.b = newBundle(t, pgtest.Shared(t), env)
 	f.delivered["webhook"] = func(*testing.T, *e2e.Daemon, int) ([]int64, map[int64]int64) {
@@ -152,7 +170,7 @@ func newFourDestinations(t *testing.T, extra map[string]string) *fourDestination
 
 // has reports whether destination name has every id in want (Kafka's read
 // waits for them itself, so it is asked only once the others have theirs).
-func (f *fourDestinations) has(t *testing.T, d *e2e.Daemon, name string, want []int64) bool {
+func (f *fanOutDestinations) has(t *testing.T, d *e2e.Daemon, name string, want []int64) bool {
 	got, _ := f.delivered[name](t, d, len(want))
 	seen := map[int64]bool{}
 	for _, id := range got {
@@ -167,7 +185,7 @@ func (f *fourDestinations) has(t *testing.T, d *e2e.Daemon, name string, want []
 }
 
 // waitDelivered waits until each of names has every id in want.
-func (f *fourDestinations) waitDelivered(t *testing.T, d *e2e.Daemon, want []int64, names ...string) {
+func (f *fanOutDestinations) waitDelivered(t *testing.T, d *e2e.Daemon, want []int64, names ...string) {
 	t.Helper()
 	for _, name := range names {
 		if name == "kafka" {
@@ -219,21 +237,21 @@ func parkedTargets(t *testing.T, b *bundle) map[string]int {
 	return out
 }
 
-// One outboxd, four destinations of four kinds: each gets every event once,
+// One outboxd, five destinations of five kinds: each gets every event once,
 // formatted by its own sink, in commit order per organization; a row is
-// marked processed only once all four settled it (PostHog's answers are held
-// while the other three have everything, and no row is processed until they
+// marked processed only once all five settled it (PostHog's answers are held
+// while the other four have everything, and no row is processed until they
 // are released).
 func TestDestinationsFanOut(t *testing.T) {
 	t.Parallel()
-	f := newFourDestinations(t, nil)
+	f := newFiveDestinations(t, nil)
 	b := f.b
 	orgOf := func(i int) int64 { return int64(i%3) + 1 }
 	f.posthog.holdAll()
 	w := startWatched(t, b.env)
 	d := w.Daemon
 	ids := e2e.Insert(t, b.pool, 6, 10, orgOf)
-	f.waitDelivered(t, d, ids, "webhook", "ga4", "kafka")
+	f.waitDelivered(t, d, ids, "webhook", "ga4", "kafka", "nats")
 	rows, _ := e2e.Processed(t, b.pool)
 	require.Zero(t, rows, "rows processed while PostHog had not answered")
 	require.False(t, f.has(t, d, "posthog", ids[:1]), "PostHog answered while held")
@@ -244,8 +262,9 @@ func TestDestinationsFanOut(t *testing.T) {
 		checkDelivered(t, ids, got, orgs)
 	}
 	// Each in its own format: PostHog's /batch/ body with its key, GA4's
-	// /mp/collect with its secret, Kafka's key and message-id header (their
-	// cases check them), Standard Webhooks signatures on the webhook.
+	// /mp/collect with its secret, Kafka's key and message-id header, NATS's
+	// subject and Nats-Msg-Id (their cases check them), Standard Webhooks
+	// signatures on the webhook.
 	require.Zero(t, b.recv.Count(ids).BadSignatures, "webhook requests with a bad signature")
 	require.Empty(t, parkedTargets(t, b))
 	// Each destination is its own target in the metrics' sink label.
@@ -305,22 +324,33 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 				require.Len(t, parked, 1, "only the down destination parks: %v", parked)
 				require.Zero(t, deadLetters(t, b), "dead letters during the outage")
 				if round == 0 {
-					// `outboxd status` counts per target.
+					// `outboxd status` counts per target, each destination
+					// listed: the down one with its parked deliveries and a
+					// lag, the others with none.
 					code, out, errOut := opsRun(t, b.env, "status", "--json")
 					require.Contains(t, []int{0, 1}, code, out+errOut)
 					var st struct {
 						Backlog struct {
 							Targets []struct {
-								Target      string `json:"target"`
-								Parked      int64  `json:"parked"`
-								DeadLetters int64  `json:"dead_letters"`
+								Target      string  `json:"target"`
+								Parked      int64   `json:"parked"`
+								DeadLetters int64   `json:"dead_letters"`
+								LagSeconds  float64 `json:"lag_seconds"`
 							} `json:"targets"`
 						} `json:"backlog"`
 					}
 					require.NoError(t, json.Unmarshal([]byte(out), &st), out)
-					require.Len(t, st.Backlog.Targets, 1, out)
-					require.Equal(t, down, st.Backlog.Targets[0].Target)
-					require.Positive(t, st.Backlog.Targets[0].Parked)
+					require.Len(t, st.Backlog.Targets, len(f.destination), out)
+					for _, tc := range st.Backlog.Targets {
+						if tc.Target == down {
+							require.Positive(t, tc.Parked, out)
+							require.Positive(t, tc.LagSeconds, out)
+						} else {
+							require.Contains(t, up, tc.Target)
+							require.Zero(t, tc.Parked, out)
+							require.Zero(t, tc.LagSeconds, out)
+						}
+					}
 				}
 			}
 			// A long stretch: the down destination's parked deliveries have
@@ -352,6 +382,10 @@ func TestDestinationDownOthersFlow(t *testing.T) {
 				v, err := w.metric(`outboxd_parked_deliveries{sink="` + down + `"}`)
 				return err == nil && v > 0
 			}, func() string { return "no parked deliveries in the metrics for " + down })
+			e2e.WaitFor(t, time.Minute, func() bool {
+				v, err := w.metric(`outboxd_parked_lag_seconds{sink="` + down + `"}`)
+				return err == nil && v > 0
+			}, func() string { return "no lag in the metrics for " + down })
 			stretch := time.Since(wentDown)
 			setDown(false)
 			ids = append(ids, e2e.Insert(t, b.pool, 5, 4, orgOf)...)
@@ -392,13 +426,13 @@ func TestDestinationEventFilters(t *testing.T) {
 	require.Equal(t, 0, d.Stop(30*time.Second))
 }
 
-// kill -9 of outboxd in the middle of a fan-out to four destinations, events
+// kill -9 of outboxd in the middle of a fan-out to five destinations, events
 // still coming: after a restart every destination has every event, first
 // receipts in commit order per organization, and copies only of events not
 // yet confirmed when it died.
 func TestDestinationsSurviveKill9(t *testing.T) {
 	t.Parallel()
-	f := newFourDestinations(t, nil)
+	f := newFiveDestinations(t, nil)
 	b := f.b
 	orgOf := func(i int) int64 { return int64(i%3) + 1 }
 	d := e2e.StartDaemon(t, b.env)

@@ -181,14 +181,15 @@ func TestDestinationBreakerEndToEnd(t *testing.T) {
 	require.Equal(t, []string{"Authorization", "X-Outboxd-Test"}, wh.Headers)
 	require.NotContains(t, body, "t0ken")
 	// `outboxd status --daemon` shows the daemon's breakers with the
-	// database's parked counts.
+	// database's parked counts and lag per destination.
 	code, out, errOut := opsRun(t, b.env, "status", "--json", "--daemon", "http://"+w.addr)
 	require.Contains(t, []int{0, 1}, code, out+errOut)
 	var status struct {
 		Backlog struct {
 			Targets []struct {
-				Target string `json:"target"`
-				Parked int64  `json:"parked"`
+				Target     string  `json:"target"`
+				Parked     int64   `json:"parked"`
+				LagSeconds float64 `json:"lag_seconds"`
 			} `json:"targets"`
 		} `json:"backlog"`
 		Destinations []struct {
@@ -200,8 +201,14 @@ func TestDestinationBreakerEndToEnd(t *testing.T) {
 	require.Len(t, status.Destinations, 2, out)
 	require.Equal(t, "webhook", status.Destinations[1].Target)
 	require.Contains(t, []string{"open", "half-open"}, status.Destinations[1].Breaker, out)
-	require.Equal(t, "webhook", status.Backlog.Targets[0].Target, out)
-	require.Positive(t, status.Backlog.Targets[0].Parked, out)
+	// Both destinations, by name: PostHog has nothing waiting.
+	require.Len(t, status.Backlog.Targets, 2, out)
+	require.Equal(t, "posthog", status.Backlog.Targets[0].Target, out)
+	require.Zero(t, status.Backlog.Targets[0].Parked, out)
+	require.Zero(t, status.Backlog.Targets[0].LagSeconds, out)
+	require.Equal(t, "webhook", status.Backlog.Targets[1].Target, out)
+	require.Positive(t, status.Backlog.Targets[1].Parked, out)
+	require.Positive(t, status.Backlog.Targets[1].LagSeconds, out)
 	code, out, errOut = opsRun(t, b.env, "status", "--daemon", w.addr)
 	require.Contains(t, []int{0, 1}, code, out+errOut)
 	require.Regexp(t, `webhook +breaker (open|half-open) since .*last error: .*503`, out)

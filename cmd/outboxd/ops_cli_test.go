@@ -168,6 +168,52 @@ func TestStatusCommand(t *testing.T) {
 	require.Equal(t, 2, code, errOut)
 }
 
+// status lists each destination of OUTBOXD_SINKS with its parked
+// deliveries, dead letters and lag, a healthy one too (lag 0), and a
+// subscription that has anything waiting.
+func TestStatusCommandTargetLag(t *testing.T) {
+	t.Parallel()
+	db := newOpsDB(t)
+	env := maps.Clone(db.env)
+	env["OUTBOXD_SINKS"], env["OUTBOXD_STDOUT_PATH"] = "webhook,stdout", filepath.Join(t.TempDir(), "events.jsonl")
+	ids := db.insert(t, 2, "batch_started", 1, time.Now())
+	db.exec(t, `UPDATE domain_event SET occurred_at = now() - interval '2 hours' WHERE id = $1`, ids[0])
+	db.exec(t, `INSERT INTO outboxd_parked (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at, parked_at)
+SELECT 'stdout', id, 1, '0/1', 0, now(), now() - interval '1 hour' FROM domain_event`)
+	db.exec(t, `INSERT INTO outboxd_dead_letter (event_id, sink, last_error, attempts) VALUES ($1, 'subscription:3', 'HTTP 400', 1)`, ids[1])
+
+	_, out, errOut := opsRun(t, env, "status", "--json")
+	var st struct {
+		Backlog struct {
+			Targets []struct {
+				Target      string     `json:"target"`
+				Parked      int64      `json:"parked"`
+				DeadLetters int64      `json:"dead_letters"`
+				LagSeconds  float64    `json:"lag_seconds"`
+				OldestID    *int64     `json:"oldest_parked_event_id"`
+				OldestAt    *time.Time `json:"oldest_parked_at"`
+			} `json:"targets"`
+		} `json:"backlog"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &st), out+errOut)
+	targets := st.Backlog.Targets
+	require.Len(t, targets, 3, out)
+	require.Equal(t, []string{"stdout", "subscription:3", "webhook"}, []string{targets[0].Target, targets[1].Target, targets[2].Target})
+	require.EqualValues(t, 2, targets[0].Parked)
+	require.Equal(t, ids[0], *targets[0].OldestID)
+	require.True(t, targets[0].LagSeconds >= 7200 && targets[0].LagSeconds < 7200+300, "lag %v: the oldest event's occurred_at", targets[0].LagSeconds)
+	require.NotNil(t, targets[0].OldestAt)
+	require.EqualValues(t, 1, targets[1].DeadLetters)
+	require.Zero(t, targets[1].LagSeconds)
+	require.Zero(t, targets[2].Parked+targets[2].DeadLetters)
+	require.Zero(t, targets[2].LagSeconds, "a healthy destination: lag 0")
+	require.Nil(t, targets[2].OldestID)
+
+	_, out, _ = opsRun(t, env, "status")
+	require.Regexp(t, `\n  stdout +2 parked, 0 dead letters, lag 2h0m[0-9]+s \(oldest parked event `+fmt.Sprint(ids[0])+`, `, out)
+	require.Regexp(t, `\n  webhook +0 parked, 0 dead letters, lag 0\n`, out)
+}
+
 // The slot commands: --yes required for the destructive ones, dry runs change
 // nothing, advance moves forward only, an active slot needs --force.
 func TestSlotCommands(t *testing.T) {

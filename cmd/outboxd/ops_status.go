@@ -111,6 +111,7 @@ func runStatus(cmd *cobra.Command, envMap map[string]string, stdout, stderr io.W
 	defer env.client.Close()
 	if !opts.SlotOnly {
 		opts.Config = effectiveConfig(env.cfg, envMap)
+		opts.Targets = env.cfg.targetNames()
 	}
 	st, err := env.client.Status(ctx, opts)
 	if err != nil {
@@ -198,7 +199,11 @@ func printStatus(w io.Writer, st *ops.Status, dests []deliver.GuardStatus) {
 		}
 		p("Backlog      %s unprocessed rows%s, %s dead letters, %s parked", rows, oldest, countOr(b.DeadLetters), countOr(b.Parked))
 		for _, tc := range b.Targets {
-			p("  %-10s %d parked, %d dead letters", tc.Target, tc.Parked, tc.DeadLetters)
+			lag := "lag 0"
+			if tc.OldestParkedEventID != nil {
+				lag = fmt.Sprintf("lag %s (oldest parked event %d, %s)", ago(&tc.LagSeconds), *tc.OldestParkedEventID, tc.OldestParkedAt.UTC().Format(time.RFC3339))
+			}
+			p("  %-10s %d parked, %d dead letters, %s", tc.Target, tc.Parked, tc.DeadLetters, lag)
 		}
 	}
 	printDestinations(p, dests)
