@@ -191,6 +191,20 @@ WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped`, c.t
 	return set, nil
 }
 
+// isTimestamp reports whether the outbox table's column col is a timestamp
+// (with or without time zone) or a date: an ORM may hold occurred_at as
+// text or epoch seconds, which cannot be compared with a time.
+func (c *Client) isTimestamp(ctx context.Context, col string) (bool, error) {
+	var ok bool
+	err := c.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_attribute a
+WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+  AND a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype))`, c.t.tableSQL(), col).Scan(&ok)
+	if err != nil {
+		return false, fmt.Errorf("read columns of %s: %w", c.t.Table, err)
+	}
+	return ok, nil
+}
+
 // sqlState returns the SQLSTATE of a server error, "" otherwise.
 func sqlState(err error) string {
 	var pgErr *pgconn.PgError

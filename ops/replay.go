@@ -240,6 +240,15 @@ func (c *Client) Replay(ctx context.Context, opts ReplayOptions) (*ReplayResult,
 			return nil, fmt.Errorf("table %s has no %s column to filter on", c.t.Table, need.col)
 		}
 	}
+	if !f.Since.IsZero() || !f.Until.IsZero() {
+		ok, err := c.isTimestamp(ctx, "occurred_at")
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return nil, fmt.Errorf("table %s: occurred_at is not a timestamp, so --since/--until cannot filter on it; select by --from-id/--to-id", c.t.Table)
+		}
+	}
 
 	// The upper bound is fixed at the start, so the replay ends and its
 	// total is exact; later rows are the daemon's.

@@ -144,3 +144,18 @@ func TestFilterValidate(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, []string{"a.*", "b?"}, globs)
 }
+
+// An ORM's occurred_at held as text cannot be compared with a time: a replay
+// by --since/--until says so and names what to use instead, rather than
+// failing with the server's operator error.
+func TestReplaySinceOnATextOccurredAt(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	b.exec(t, `ALTER TABLE domain_event ALTER COLUMN occurred_at TYPE text USING occurred_at::text`)
+	_, err := b.client.Replay(ctx, ReplayOptions{DryRun: true, Filter: Filter{Since: time.Unix(0, 0)}})
+	require.ErrorContains(t, err, "occurred_at is not a timestamp, so --since/--until cannot filter on it")
+	res, err := b.client.Replay(ctx, ReplayOptions{DryRun: true})
+	require.NoError(t, err, "without a time filter it replays")
+	require.NotNil(t, res)
+}

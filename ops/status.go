@@ -416,6 +416,10 @@ func (c *Client) backlog(ctx context.Context, timeout time.Duration, own []strin
 	if err != nil {
 		return nil, err
 	}
+	occurred, err := c.isTimestamp(ctx, "occurred_at")
+	if err != nil {
+		return nil, err
+	}
 	// count counts a table's rows; a role without SELECT on it gets a
 	// warning and null, not a failed status.
 	count := func(what, table string) (*int64, error) {
@@ -464,7 +468,7 @@ func (c *Client) backlog(ctx context.Context, timeout time.Duration, own []strin
 			return err
 		}
 		var err error
-		pending, err = store.On(tx, c.t.schema(), c.t.Table.Name).PendingBacklog(ctx, scope, cols["occurred_at"])
+		pending, err = store.On(tx, c.t.schema(), c.t.Table.Name).PendingBacklog(ctx, scope, occurred)
 		return err
 	})
 	switch {

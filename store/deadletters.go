@@ -102,10 +102,12 @@ type TargetCount struct {
 // parked table's primary key when its pages are all-visible), plus two
 // primary-key lookups per target for its oldest parked event.
 func (t Tables) TargetCounts(ctx context.Context) ([]TargetCount, error) {
-	// An ORM's table may lack occurred_at (or, unmigrated, id).
+	// An ORM's table may lack occurred_at (or, unmigrated, id), or hold it
+	// as another type than a timestamp (text, epoch seconds): parked_at then.
 	var n int
 	if err := t.q.QueryRow(ctx, `SELECT count(*) FROM pg_catalog.pg_attribute
-WHERE attrelid = to_regclass($1) AND attname IN ('id', 'occurred_at') AND attnum > 0 AND NOT attisdropped`, t.outbox()).Scan(&n); err != nil {
+WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped
+  AND (attname = 'id' OR attname = 'occurred_at' AND atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype))`, t.outbox()).Scan(&n); err != nil {
 		return nil, err
 	}
 	at, event := "q.parked_at", ""
