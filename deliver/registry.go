@@ -298,12 +298,14 @@ func (r *Registry) Snapshot() []byte {
 			c.SecretFingerprints[i] = SecretFingerprint(secret)
 		}
 		c.Secrets = nil
-		for k := range s.Settings {
-			if SecretSettingKey(k) {
-				// Only if the column's CHECK was dropped: never kept. The
-				// key stays, so the subscription stays refused.
-				c.Settings = maps.Clone(s.Settings)
-				c.Settings[k] = ""
+		if slices.ContainsFunc(slices.Collect(maps.Keys(s.Settings)), SecretSettingKey) {
+			// Only if the column's CHECK was dropped: never kept. The keys
+			// stay, so the subscription stays refused.
+			c.Settings = maps.Clone(s.Settings)
+			for k := range c.Settings {
+				if SecretSettingKey(k) {
+					c.Settings[k] = ""
+				}
 			}
 		}
 		if urlHasCredentials(s.URL) {

@@ -278,6 +278,17 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		if t.running && t.disp.Settled() == t.sent {
 			close(t.in)
 			t.running = false
+			if t.sub != nil && r.reg.Get(t.sub.ID) == nil {
+				// A deleted subscription, idle: nothing is in flight, and
+				// its parked deliveries are not retried (disabled).
+				r.mu.Lock()
+				closeSink := r.closers[t.sub.TargetName()]
+				delete(r.closers, t.sub.TargetName())
+				r.mu.Unlock()
+				if closeSink != nil {
+					go closeSink()
+				}
+			}
 		}
 	}
 	type destination struct {
@@ -581,6 +592,23 @@ func (r *Router) buildSubscriptionSink(s Subscription) (sink.Sink, error) {
 		r.log.Error().Err(err).Str("target", s.TargetName()).Msg("subscription is unusable; its events are dead-lettered")
 		return refusingSink{name: s.TargetName(), err: fmt.Errorf("%w: %w", err, sink.ErrPermanent)}, nil
 	}
+	if !s.IsWebhook() {
+		// Built at its first delivery, off this loop, and built again
+		// after a failure that may pass (lazySink).
+		log := r.log.With().Str("target", s.TargetName()).Logger()
+		return &lazySink{name: s.TargetName(), build: func() (sink.Sink, error) {
+			snk, err := r.cfg.Subscription(s)
+			if err != nil {
+				if errors.Is(err, sink.ErrPermanent) {
+					log.Error().Err(err).Msg("subscription is unusable; its events are dead-lettered")
+					return nil, fmt.Errorf("subscription %d is unusable: %w", s.ID, err)
+				}
+				log.Warn().Err(err).Msg("subscription sink not ready; its events are parked and retried")
+				return nil, fmt.Errorf("subscription %d: %w", s.ID, err)
+			}
+			return snk, nil
+		}}, nil
+	}
 	snk, err := r.cfg.Subscription(s)
 	if err != nil {
 		r.log.Error().Err(err).Str("target", s.TargetName()).Msg("subscription is unusable; its events are dead-lettered")
@@ -608,6 +636,9 @@ func (r *Router) change(start startFunc, e *decode.Event) error {
 		// A deleted subscription's target stops: its parked deliveries stay
 		// in the table (an operator may dead-letter or purge them).
 		if id, err := rowID(e.Change.Row); err == nil {
+			// Its connection (Kafka, NATS) is closed once its loop has
+			// settled what it was sent (stopIdle): the events committed
+			// before the delete are still its own.
 			r.disableTarget(id)
 			r.log.Info().Str("target", SubscriptionTarget(id)).Msg("subscription deleted")
 		}
@@ -621,7 +652,9 @@ func (r *Router) change(start startFunc, e *decode.Event) error {
 		}
 		r.mu.Unlock()
 		if t != nil {
-			if old == nil || old.URL != s.URL || !slices.Equal(old.Secrets, s.Secrets) ||
+			// An insert is a subscription anew (one deleted and inserted
+			// again with its id: its sink was closed when it went idle).
+			if old == nil || e.Change.Kind == decode.KindInsert || old.URL != s.URL || !slices.Equal(old.Secrets, s.Secrets) ||
 				old.Kind != s.Kind || !maps.Equal(old.Settings, s.Settings) {
 				snk, _ := r.subscriptionSink(*s)
 				t.sink.Store(&sinkBox{snk})
@@ -655,7 +688,55 @@ func (r *Router) disableTarget(id int64) {
 	}
 }
 
-// refusingSink fails every delivery with a permanent error.
+// lazySink is the sink of a subscription of another kind than webhook
+// (Kafka, NATS, PostHog, GA4), built at its first delivery rather than on
+// the router's loop, where a broker that does not answer would hold every
+// target's routing for the build's timeout. A build that fails for a
+// reason that may pass (a broker down, a secret file not mounted yet) fails
+// those deliveries retryably, so they park, and the next delivery (a retry
+// of a parked one) builds again; one refused for the row's own settings
+// (sink.ErrPermanent) dead-letters them with the reason. Closed, it
+// closes the sink it built and fails deliveries retryably.
+type lazySink struct {
+	name   string
+	build  func() (sink.Sink, error)
+	mu     sync.Mutex
+	s      sink.Sink
+	closed bool
+}
+
+func (l *lazySink) Name() string { return l.name }
+
+func (l *lazySink) Deliver(ctx context.Context, events []*decode.Event) []sink.Outcome {
+	l.mu.Lock()
+	var err error
+	switch {
+	case l.closed:
+		err = errors.New("subscription sink closed (the subscription changed or was deleted)")
+	case l.s == nil:
+		l.s, err = l.build()
+	}
+	s := l.s
+	l.mu.Unlock()
+	if err != nil {
+		return refusingSink{name: l.name, err: err}.Deliver(ctx, events)
+	}
+	return s.Deliver(ctx, events)
+}
+
+// Close closes the sink built, if any.
+func (l *lazySink) Close() {
+	l.mu.Lock()
+	l.closed = true
+	s := l.s
+	l.mu.Unlock()
+	if c := closerOf(s); c != nil {
+		c()
+	}
+}
+
+// refusingSink fails every delivery with err (for good when it wraps
+// sink.ErrPermanent).
 type refusingSink struct {
 	name string
 	err  error
