@@ -156,6 +156,21 @@ func TestStatusAsLeastPrivilegeRole(t *testing.T) {
 	require.True(t, st.OK, "%v", st.Problems)
 	require.Nil(t, st.Backlog.DeadLetters, "no privilege: unknown, not a failure")
 	require.Contains(t, strings.Join(st.Warnings, "\n"), "no privilege to count dead letters")
+
+	// A role that may read outboxd's tables but not the outbox table: the
+	// per-target counts do not need it (the lag falls back to the time
+	// parked).
+	b.exec(t, `GRANT SELECT ON outboxd_dead_letter TO `+role)
+	b.exec(t, `REVOKE SELECT ON domain_event FROM `+role)
+	ids := b.insert(t, 1, "a", 1, time.Now())
+	b.exec(t, `INSERT INTO outboxd_parked (target, event_id, ordering_key, commit_lsn, commit_index, next_attempt_at, parked_at)
+VALUES ('webhook', $1, 1, '0/1', 0, now(), now() - interval '10 minutes')`, ids[0])
+	st, err = c.Status(ctx, StatusOptions{})
+	require.NoError(t, err)
+	require.NotNil(t, st.Backlog.Targets, "%v", st.Warnings)
+	require.Len(t, st.Backlog.Targets, 1)
+	require.Equal(t, int64(1), st.Backlog.Targets[0].Parked)
+	require.GreaterOrEqual(t, st.Backlog.Targets[0].LagSeconds, 600.0)
 }
 
 // With subscriptions and without commit timestamps (the test server's

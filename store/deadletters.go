@@ -103,11 +103,13 @@ type TargetCount struct {
 // primary-key lookups per target for its oldest parked event.
 func (t Tables) TargetCounts(ctx context.Context) ([]TargetCount, error) {
 	// An ORM's table may lack occurred_at (or, unmigrated, id), or hold it
-	// as another type than a timestamp (text, epoch seconds): parked_at then.
+	// as another type than a timestamp (text, epoch seconds), and the role
+	// may not read them (a monitoring role): parked_at then.
 	var n int
 	if err := t.q.QueryRow(ctx, `SELECT count(*) FROM pg_catalog.pg_attribute
 WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped
-  AND (attname = 'id' OR attname = 'occurred_at' AND atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype))`, t.outbox()).Scan(&n); err != nil {
+  AND (attname = 'id' OR attname = 'occurred_at' AND atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype))
+  AND has_column_privilege(attrelid, attnum, 'SELECT')`, t.outbox()).Scan(&n); err != nil {
 		return nil, err
 	}
 	at, event := "q.parked_at", ""

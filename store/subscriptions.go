@@ -136,16 +136,17 @@ SET settings = jsonb_strip_nulls(settings || (SELECT coalesce(jsonb_object_agg(k
 	return tag.RowsAffected() > 0, err
 }
 
-// SubscriptionKind returns the kind and settings of subscription id;
-// ErrNoSubscription when it has no row.
-func (t Tables) SubscriptionKind(ctx context.Context, id int64) (string, map[string]string, error) {
+// SubscriptionKind returns the kind, organization and settings of
+// subscription id; ErrNoSubscription when it has no row.
+func (t Tables) SubscriptionKind(ctx context.Context, id int64) (string, *int64, map[string]string, error) {
 	var kind string
+	var org *int64
 	var settings map[string]string
-	err := t.q.QueryRow(ctx, `SELECT kind, settings FROM `+t.own(SubscriptionTable)+` WHERE id = $1`, id).Scan(&kind, &settings)
+	err := t.q.QueryRow(ctx, `SELECT kind, organization_id, settings FROM `+t.own(SubscriptionTable)+` WHERE id = $1`, id).Scan(&kind, &org, &settings)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return "", nil, ErrNoSubscription
+		return "", nil, nil, ErrNoSubscription
 	}
-	return kind, settings, err
+	return kind, org, settings, err
 }
 
 // SetContract sets the contract policy of subscription id (nil: the

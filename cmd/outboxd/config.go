@@ -52,6 +52,9 @@ type config struct {
 	// SecretsDir holds the files subscription rows of other kinds than
 	// webhook reference their secrets by (KEY_FILE settings).
 	SecretsDir string `env:"SECRETS_DIR"`
+	// SubscriptionTopicPrefix is the start every Kafka topic and NATS
+	// subject of a subscription row must have ("": such rows refused).
+	SubscriptionTopicPrefix string `env:"SUBSCRIPTION_TOPIC_PREFIX"`
 	// SubscriptionMaxConnsPerHost caps the connections the tenant
 	// subscriptions' webhooks open to one host (0: no cap).
 	SubscriptionMaxConnsPerHost int `env:"SUBSCRIPTION_MAX_CONNS_PER_HOST" envDefault:"64"`
@@ -107,6 +110,9 @@ func loadConfig(environ map[string]string) (config, []string, error) {
 	err := env.ParseWithOptions(&c, env.Options{Environment: environ, Prefix: envPrefix})
 	if err != nil {
 		return c, nil, configError{describeEnvError(err, config{})}
+	}
+	if err := checkTopicPrefix(c.SubscriptionTopicPrefix); err != nil {
+		return c, nil, err
 	}
 	var warnings []string
 	for _, k := range unknownVars(environ) {

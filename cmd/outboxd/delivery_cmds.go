@@ -20,6 +20,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/spf13/cobra"
 
+	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/deliver"
 	"github.com/outboxd/outboxd/ops"
 	"github.com/outboxd/outboxd/sink"
@@ -38,6 +39,8 @@ type dbSession struct {
 	// targets are the names of the daemon's own targets (config.targetNames):
 	// with the subscriptions, the targets a running outboxd delivers to.
 	targets []string
+	// subEnv is what checks of subscription rows need of the configuration.
+	subEnv subscriptionEnv
 }
 
 func openSession(ctx context.Context, envMap map[string]string, stderr io.Writer) (*dbSession, error) {
@@ -56,7 +59,7 @@ func openSession(ctx context.Context, envMap map[string]string, stderr io.Writer
 	if err != nil {
 		return nil, fmt.Errorf("connect: %w", err)
 	}
-	return &dbSession{conn: conn, tables: store.On(conn, t.Schema, t.Name), targets: c.targetNames()}, nil
+	return &dbSession{conn: conn, tables: store.On(conn, t.Schema, t.Name), targets: c.targetNames(), subEnv: subscriptionEnv{topicPrefix: c.SubscriptionTopicPrefix}}, nil
 }
 
 func (s *dbSession) close(ctx context.Context) { s.conn.Close(context.WithoutCancel(ctx)) }
@@ -162,15 +165,15 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 				if cmd.Flags().Changed("url") || cmd.Flags().Changed("secret") || secretFile != "" {
 					return usageError{fmt.Errorf("--url, --secret and --secret-file are a webhook's; a %s subscription takes --setting KEY=VALUE", kind)}
 				}
-				if err := checkSubscriptionSettings(kind, settings); err != nil {
-					return usageError{fmt.Errorf("--kind/--setting: %w", err)}
-				}
 				ctx := cmd.Context()
 				s, err := openSession(ctx, envMap, stderr)
 				if err != nil {
 					return err
 				}
 				defer s.close(ctx)
+				if err := checkSubscriptionSettings(kind, orgArg, settings, s.subEnv); err != nil {
+					return usageError{fmt.Errorf("--kind/--setting: %w", err)}
+				}
 				id, err := s.tables.AddSubscriptionRow(ctx, store.NewSubscription{OrganizationID: orgArg, Events: globs,
 					Filter: filterArg, Contract: contractArg, Kind: kind, Settings: settings})
 				if err != nil {
@@ -272,7 +275,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 			}
 			var merged map[string]string
 			if settingsArg != nil && found {
-				kind, current, err := tables.SubscriptionKind(ctx, id)
+				kind, org, current, err := tables.SubscriptionKind(ctx, id)
 				if errors.Is(err, store.ErrNoSubscription) {
 					return fmt.Errorf("subscription %d not found", id)
 				}
@@ -293,7 +296,7 @@ func subscriptionCommand(envMap map[string]string, stdout, stderr io.Writer) *co
 						merged[k] = v
 					}
 				}
-				if err := checkSubscriptionSettings(kind, merged); err != nil {
+				if err := checkSubscriptionSettings(kind, org, merged, s.subEnv); err != nil {
 					return usageError{fmt.Errorf("--setting: %w", err)}
 				}
 				if found, err = tables.SetSettings(ctx, id, settingsArg); err != nil {
@@ -752,9 +755,14 @@ func keepStillInvalid(ctx context.Context, envMap map[string]string, stdout, std
 	if err != nil || v == nil {
 		return out, err
 	}
-	rows, err := env.client.Events(ctx, events)
-	if err != nil {
-		return nil, fmt.Errorf("read the events of contract dead letters: %w", err)
+	// Read in pages: a dead-letter table may hold millions.
+	rows := make(map[int64]*decode.Event, len(events))
+	for page := range slices.Chunk(events, 1000) {
+		got, err := env.client.Events(ctx, page)
+		if err != nil {
+			return nil, fmt.Errorf("read the events of contract dead letters: %w", err)
+		}
+		maps.Copy(rows, got)
 	}
 	keep := out[:0:0]
 	var kept int

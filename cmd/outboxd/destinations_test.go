@@ -210,7 +210,7 @@ func waitProcessedOrSay(t *testing.T, b *bundle, n int64, stall time.Duration) {
 		ctx := context.Background()
 		_ = b.pool.QueryRow(ctx, `SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM domain_event WHERE NOT is_processed`).Scan(&unprocessed)
 		var parked, dead []string
-		_ = b.pool.QueryRow(ctx, `SELECT coalesce(array_agg(target || ':' || event_id ORDER BY event_id), '{}') FROM outboxd_parked`).Scan(&parked)
+		_ = b.pool.QueryRow(ctx, `SELECT coalesce(array_agg(target || ':' || event_id || ' (' || attempts || ', ' || next_attempt_at - now() || ', ' || coalesce(last_error, '') || ')' ORDER BY event_id), '{}') FROM outboxd_parked`).Scan(&parked)
 		_ = b.pool.QueryRow(ctx, `SELECT coalesce(array_agg(sink || ':' || event_id ORDER BY event_id), '{}') FROM outboxd_dead_letter`).Scan(&dead)
 		return fmt.Sprintf("%d of %d rows processed; unprocessed %v; parked %v; dead letters %v", rows, n, unprocessed, parked, dead)
 	})

@@ -2,11 +2,15 @@ package main
 
 import (
 	"context"
+
 	"os"
 	"path/filepath"
 	"regexp"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/stretchr/testify/require"
 
@@ -30,9 +34,20 @@ func TestSubscriptionOfEachKindAddedAndRemovedMidStream(t *testing.T) {
 	ke, kd, _ := kafkaCaseCluster(t)
 	ne, nd, _ := natsCaseServer(t)
 	secrets := t.TempDir()
-	require.NoError(t, os.WriteFile(filepath.Join(secrets, "ga4-secret"), []byte("ga4-e2e-secret\n"), 0o600))
+	require.NoError(t, os.WriteFile(filepath.Join(secrets, "PLATFORM_ga4-secret"), []byte("ga4-e2e-secret\n"), 0o600))
+	// Subscriptions choose subjects under the prefix; the operator's stream
+	// captures them.
+	nc, err := nats.Connect(ne["OUTBOXD_NATS_URL"])
+	require.NoError(t, err)
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	_, err = js.CreateStream(t.Context(), jetstream.StreamConfig{Name: "EVENTS", Subjects: []string{"events.>"}})
+	require.NoError(t, err)
+	nc.Close()
 	b := newBundle(t, pgtest.Shared(t), map[string]string{
-		"OUTBOXD_SECRET_TENANT_PH":            "phc_e2e",
+		"OUTBOXD_SECRET_PLATFORM_PH":          "phc_e2e",
+		"OUTBOXD_SECRET_ORG_8_PH":             "phc_other_tenant",
+		"OUTBOXD_SUBSCRIPTION_TOPIC_PREFIX":   "events.",
 		"OUTBOXD_POSTHOG_PROJECT_API_KEY":     "phc_daemon_own",
 		"OUTBOXD_SECRETS_DIR":                 secrets,
 		"OUTBOXD_KAFKA_BROKERS":               ke["OUTBOXD_KAFKA_BROKERS"],
@@ -56,8 +71,15 @@ func TestSubscriptionOfEachKindAddedAndRemovedMidStream(t *testing.T) {
 	}{
 		{[]string{"--kind", "posthog", "--setting", "PROJECT_API_KEY=phc_x"}, "setting PROJECT_API_KEY is a secret: give PROJECT_API_KEY_ENV"},
 		{[]string{"--kind", "kafka", "--setting", "BROKERS=10.0.0.1:9092"}, "setting BROKERS is not one of a kafka subscription's (TOPIC)"},
-		{[]string{"--kind", "posthog", "--setting", "PROJECT_API_KEY_ENV=OUTBOXD_DATABASE_URL"}, "name a variable OUTBOXD_SECRET_<NAME>"},
-		{[]string{"--kind", "ga4", "--setting", "API_SECRET_FILE=../etc/passwd"}, "a name, not a path"},
+		{[]string{"--kind", "posthog", "--setting", "PROJECT_API_KEY_ENV=OUTBOXD_DATABASE_URL"}, "name a variable OUTBOXD_SECRET_PLATFORM_<NAME>"},
+		{[]string{"--kind", "posthog", "--setting", "PROJECT_API_KEY_ENV=OUTBOXD_SECRET_ORG_8_PH"}, "only its own organization's secrets"},
+		{[]string{"--kind", "posthog", "--organization", "7", "--setting", "PROJECT_API_KEY_ENV=OUTBOXD_SECRET_ORG_8_PH"}, "name a variable OUTBOXD_SECRET_ORG_7_<NAME>"},
+		{[]string{"--kind", "ga4", "--setting", "API_SECRET_FILE=../etc/passwd", "--setting", "MEASUREMENT_ID=G-1"}, "a name, not a path"},
+		{[]string{"--kind", "ga4", "--setting", "API_SECRET_FILE=outboxd_mask_key", "--setting", "MEASUREMENT_ID=G-1"}, "name a file PLATFORM_<name>"},
+		{[]string{"--kind", "ga4", "--setting", "MEASUREMENT_ID=G-1"}, "a ga4 subscription needs API_SECRET_ENV or API_SECRET_FILE"},
+		{[]string{"--kind", "nats", "--setting", "SUBJECT=$JS.API.STREAM.DELETE.EVENTS"}, `does not start with OUTBOXD_SUBSCRIPTION_TOPIC_PREFIX "events."`},
+		{[]string{"--kind", "nats", "--setting", "STREAM=EVENTS", "--setting", "SUBJECT=events.x"}, "setting STREAM is not one of a nats subscription's (SUBJECT)"},
+		{[]string{"--kind", "kafka", "--setting", "TOPIC=events.{organization_id}"}, "{organization_id} is not a placeholder"},
 		{[]string{"--kind", "smtp"}, `kind "smtp"`},
 	} {
 		code, out := e2e.RunCommand(t, b.env, append([]string{"subscription", "add"}, bad.args...)...)
@@ -65,7 +87,7 @@ func TestSubscriptionOfEachKindAddedAndRemovedMidStream(t *testing.T) {
 		require.Contains(t, out, bad.want)
 	}
 	// The table refuses an inline secret written by SQL too.
-	_, err := b.pool.Exec(ctx, `INSERT INTO outboxd_subscription (url, kind, settings) VALUES ('', 'posthog', '{"PROJECT_API_KEY":"phc_x"}')`)
+	_, err = b.pool.Exec(ctx, `INSERT INTO outboxd_subscription (url, kind, settings) VALUES ('', 'posthog', '{"PROJECT_API_KEY":"phc_x"}')`)
 	require.ErrorContains(t, err, "outboxd_subscription_settings_check")
 
 	subRecv := e2e.NewReceiver(t)
@@ -80,14 +102,14 @@ func TestSubscriptionOfEachKindAddedAndRemovedMidStream(t *testing.T) {
 		return m[1]
 	}
 	add("--url", subRecv.URL, "--secret-file", secretFile)
-	add("--kind", "posthog", "--setting", "HOST="+pe["OUTBOXD_POSTHOG_HOST"], "--setting", "PROJECT_API_KEY_ENV=OUTBOXD_SECRET_TENANT_PH")
+	add("--kind", "posthog", "--setting", "HOST="+pe["OUTBOXD_POSTHOG_HOST"], "--setting", "PROJECT_API_KEY_ENV=OUTBOXD_SECRET_PLATFORM_PH")
 	add("--kind", "ga4", "--setting", "MEASUREMENT_ID=G-E2E0001", "--setting", "ENDPOINT="+ge["OUTBOXD_GA4_ENDPOINT"],
-		"--setting", "API_SECRET_FILE=ga4-secret")
+		"--setting", "API_SECRET_FILE=PLATFORM_ga4-secret")
 	add("--kind", "kafka", "--setting", "TOPIC=events.{event_name}")
-	add("--kind", "nats", "--setting", "STREAM=EVENTS")
+	add("--kind", "nats", "--setting", "SUBJECT=events.{event_name}")
 	code, out := e2e.RunCommand(t, b.env, "subscription", "list")
 	require.Equal(t, 0, code, out)
-	require.Contains(t, out, "PROJECT_API_KEY_ENV=OUTBOXD_SECRET_TENANT_PH")
+	require.Contains(t, out, "PROJECT_API_KEY_ENV=OUTBOXD_SECRET_PLATFORM_PH")
 	require.NotContains(t, out, "phc_e2e")
 
 	during := e2e.Insert(t, b.pool, 4, 3, orgOf)
