@@ -139,6 +139,9 @@ func TestContractPoliciesInCommitOrder(t *testing.T) {
 	// plan stored now: retried, they would be sent as they are.
 	code, out = e2e.RunCommand(t, b.env, "plan", "apply", examplePlanFile)
 	require.Equal(t, 0, code, out)
+	code, out = e2e.RunCommand(t, b.env, "dlq", "retry", "--target", subTarget, "--dry-run")
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "would retry 0 dead letter(s)", "a dry run counts what a retry would move")
 	code, out = e2e.RunCommand(t, b.env, "dlq", "retry", "--target", subTarget)
 	require.Equal(t, 0, code, out)
 	require.Contains(t, out, fmt.Sprintf("%d dead letter(s) kept: their events still break the tracking plan (event %d: properties.delta: got string, want number)", len(invalid), bad1))

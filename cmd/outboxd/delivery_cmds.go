@@ -639,13 +639,13 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 	var force bool
 	retry := dlqAction(envMap, stdout, stderr, "retry",
 		"Move dead letters back to the retry schedule (a running outboxd delivers them); those of events that still break the tracking plan stay unless --force", false,
-		func(ctx context.Context, s *dbSession, out []deadLetter) (int64, error) {
-			if !force {
-				var err error
-				if out, err = keepStillInvalid(ctx, envMap, stdout, stderr, out); err != nil {
-					return 0, err
-				}
+		func(ctx context.Context, s *dbSession, out []deadLetter) ([]deadLetter, error) {
+			if force {
+				return out, nil
 			}
+			return keepStillInvalid(ctx, envMap, stdout, stderr, out)
+		},
+		func(ctx context.Context, s *dbSession, out []deadLetter) (int64, error) {
 			ids := deadLetterIDs(out)
 			// A dead letter of a target no running outboxd delivers to (a
 			// removed subscription, another sink) would stay parked and due
@@ -662,7 +662,7 @@ func dlqCommand(envMap map[string]string, stdout, stderr io.Writer) *cobra.Comma
 		}, "%d dead letter(s) moved back to the retry schedule\n")
 	retry.Flags().BoolVar(&force, "force", false, "retry the dead letters of events that still break the tracking plan too (sent as they are)")
 	purge := dlqAction(envMap, stdout, stderr, "purge",
-		"Delete dead letters (their rows stay unprocessed in the outbox table)", true,
+		"Delete dead letters (their rows stay unprocessed in the outbox table)", true, nil,
 		func(ctx context.Context, s *dbSession, out []deadLetter) (int64, error) {
 			return s.tables.PurgeDeadLetters(ctx, deadLetterIDs(out))
 		}, "%d dead letter(s) purged\n")
@@ -690,6 +690,7 @@ func findDead(cmd *cobra.Command, envMap map[string]string, stderr io.Writer, f 
 // dlqAction builds `dlq retry` and `dlq purge`: find the dead letters the
 // filters select, then act on them (or only count them with --dry-run).
 func dlqAction(envMap map[string]string, stdout, stderr io.Writer, verb, short string, needsYes bool,
+	keep func(ctx context.Context, s *dbSession, out []deadLetter) ([]deadLetter, error),
 	act func(ctx context.Context, s *dbSession, out []deadLetter) (int64, error), done string) *cobra.Command {
 	var f dlqFilter
 	var dry, yes bool
@@ -700,6 +701,13 @@ func dlqAction(envMap map[string]string, stdout, stderr io.Writer, verb, short s
 				return usageError{fmt.Errorf("%s needs --yes (or --dry-run)", verb)}
 			}
 			_, err := findDead(cmd, envMap, stderr, &f, func(ctx context.Context, s *dbSession, out []deadLetter) error {
+				if keep != nil {
+					// Those it leaves out are kept, dry run or not.
+					var err error
+					if out, err = keep(ctx, s, out); err != nil {
+						return fmt.Errorf("%s dead letters: %w", verb, err)
+					}
+				}
 				if dry {
 					fmt.Fprintf(stdout, "would %s %d dead letter(s)\n", verb, len(out))
 					moreMatch(stderr, f.more)
