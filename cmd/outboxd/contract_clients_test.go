@@ -68,17 +68,7 @@ func TestContractEnforcedInClients(t *testing.T) {
 		node := exec.CommandContext(ctx, "node", script)
 		node.Dir = dir
 		node.Env = append(os.Environ(), "DATABASE_URL="+db.url, "SQL="+invalidInsert)
-		out, err = node.Output()
-		require.NoError(t, err, string(out))
-		var got struct {
-			OK                  bool
-			Code, Message, Hint string
-		}
-		require.NoError(t, json.Unmarshal([]byte(strings.TrimSpace(string(out))), &got), string(out))
-		require.False(t, got.OK, "the insert went through")
-		require.Equal(t, "OB001", got.Code)
-		require.Equal(t, enforceMessage, got.Message)
-		require.Contains(t, got.Hint, "outboxd plan apply")
+		requireRefused(t, node)
 	})
 
 	t.Run("python-psycopg2", func(t *testing.T) {
@@ -102,17 +92,7 @@ finally:
     conn.close()
 `)
 		py.Env = append(os.Environ(), "DATABASE_URL="+db.url, "SQL="+invalidInsert)
-		out, err := py.Output()
-		require.NoError(t, err, string(out))
-		var got struct {
-			OK                  bool
-			Code, Message, Hint string
-		}
-		require.NoError(t, json.Unmarshal([]byte(strings.TrimSpace(string(out))), &got), string(out))
-		require.False(t, got.OK, "the insert went through")
-		require.Equal(t, "OB001", got.Code)
-		require.Equal(t, enforceMessage, got.Message)
-		require.Contains(t, got.Hint, "outboxd plan apply")
+		requireRefused(t, py)
 	})
 
 	var n int
@@ -134,4 +114,22 @@ func pythonWithPsycopg2() string {
 		}
 	}
 	return ""
+}
+
+// requireRefused runs a client script that prints its insert's outcome as
+// JSON ({"ok": true}, or the error's code, message and hint) and checks
+// that the plan refused it with the rule's message.
+func requireRefused(t *testing.T, client *exec.Cmd) {
+	t.Helper()
+	out, err := client.Output()
+	require.NoError(t, err, string(out))
+	var got struct {
+		OK                  bool
+		Code, Message, Hint string
+	}
+	require.NoError(t, json.Unmarshal([]byte(strings.TrimSpace(string(out))), &got), string(out))
+	require.False(t, got.OK, "the insert went through")
+	require.Equal(t, "OB001", got.Code)
+	require.Equal(t, enforceMessage, got.Message)
+	require.Contains(t, got.Hint, "outboxd plan apply")
 }
