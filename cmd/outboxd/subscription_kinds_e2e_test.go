@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"strings"
+	"sync/atomic"
 
 	"os"
 	"path/filepath"
@@ -149,5 +151,43 @@ func TestSubscriptionOfEachKindAddedAndRemovedMidStream(t *testing.T) {
 	require.NotContains(t, d.Log(), "phc_e2e")
 	require.NotContains(t, d.Log(), "ga4-e2e-secret")
 	require.NotContains(t, d.Log(), "unknown variable", "OUTBOXD_SECRET_* are read by reference")
+	require.Equal(t, 0, d.Stop(30*time.Second), d.Log())
+}
+
+// A Kafka subscription whose brokers do not answer when its sink is first
+// built: its events park (a broker that does not answer may come back), they
+// are not dead-lettered, and the routing of the other targets goes on; once
+// the brokers answer, a retry builds the sink and delivers them, in order.
+func TestKafkaSubscriptionBuiltOnceTheBrokersAnswer(t *testing.T) {
+	t.Parallel()
+	ke, kd, c := kafkaCaseCluster(t)
+	var down atomic.Bool
+	down.Store(true)
+	seed := newGate(t, c.ListenAddrs()[0], &down)
+	b := newBundle(t, pgtest.Shared(t), map[string]string{
+		"OUTBOXD_KAFKA_BROKERS":             seed.addr,
+		"OUTBOXD_KAFKA_TIMEOUT":             "2s",
+		"OUTBOXD_KAFKA_BACKOFF_MAX":         ke["OUTBOXD_KAFKA_BACKOFF_MAX"],
+		"OUTBOXD_SUBSCRIPTION_TOPIC_PREFIX": "events.",
+		"OUTBOXD_RETRY_SCHEDULE":            "200ms,400ms,800ms" + strings.Repeat(",1s", 120),
+	})
+	orgOf := func(i int) int64 { return int64(i%3) + 1 }
+	d := startWatched(t, b.env).Daemon
+	waitStreaming(t, d)
+	code, out := e2e.RunCommand(t, b.env, "subscription", "add", "--kind", "kafka", "--setting", "TOPIC=events.{event_name}")
+	require.Equal(t, 0, code, out)
+	ids := e2e.Insert(t, b.pool, 4, 3, orgOf)
+	// The default webhook gets them all meanwhile; the subscription parks.
+	b.recv.WaitAccepted(t, ids, time.Minute)
+	e2e.WaitFor(t, time.Minute, func() bool { return parkedTargets(t, b)["subscription:1"] > 0 },
+		func() string { return "nothing parked for the subscription: " + d.Log() })
+	require.Zero(t, deadLetters(t, b), "a broker that does not answer is not the row's fault")
+	require.Contains(t, d.Log(), "subscription sink not ready; its events are parked and retried")
+
+	down.Store(false)
+	waitProcessedOrSay(t, b, int64(len(ids)), time.Minute)
+	got, orgs := kd(t, d, len(ids))
+	checkDelivered(t, ids, got, orgs)
+	require.Zero(t, deadLetters(t, b))
 	require.Equal(t, 0, d.Stop(30*time.Second), d.Log())
 }
