@@ -49,6 +49,10 @@ type Subscription struct {
 	// Secrets are only referenced there (the column's CHECK refuses a key
 	// that names one), so they may be kept in the routing state.
 	Settings map[string]string `json:"settings,omitempty"`
+	// settingsErr, when the settings are not an object of strings (a row
+	// written where the column's CHECK was dropped), makes the subscription
+	// refuse its deliveries with the reason rather than drop the change.
+	settingsErr error
 }
 
 // IsWebhook reports whether s is a webhook subscription.
@@ -457,7 +461,7 @@ func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, err
 			case "kind":
 				s.Kind = base.Kind
 			case "settings":
-				s.Settings = maps.Clone(base.Settings)
+				s.Settings, s.settingsErr = maps.Clone(base.Settings), base.settingsErr
 			}
 			continue // a column outboxd does not read: nothing to merge
 		}
@@ -491,9 +495,11 @@ func subscriptionFromRow(row *decode.Row, base *Subscription) (Subscription, err
 				s.Kind = ""
 			}
 		case "settings":
-			s.Settings = nil
+			s.Settings, s.settingsErr = nil, nil
 			if v != nil {
-				err = json.Unmarshal(v, &s.Settings)
+				if jerr := json.Unmarshal(v, &s.Settings); jerr != nil {
+					s.Settings, s.settingsErr = nil, fmt.Errorf("its settings are not an object of strings: %w", jerr)
+				}
 				if len(s.Settings) == 0 {
 					s.Settings = nil
 				}

@@ -663,8 +663,21 @@ func TestRegistrySubscriptionKinds(t *testing.T) {
 	require.NotContains(t, string(reg.Snapshot()), "s3cr3t-two", "every key naming a secret")
 	require.Contains(t, string(reg.Snapshot()), `"API_SECRET":""`, "the key stays: the subscription stays refused")
 
-	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert, Row: row("5", "", "{}", "{}", "t", "kafka", `{"TOPIC": 7}`)})
-	require.ErrorContains(t, err, "subscription column settings")
+	// Settings that are not an object of strings (only if the CHECK was
+	// dropped): the change is applied, enabled flag included, and the
+	// subscription refuses its deliveries with the reason, for good.
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindInsert, Row: row("5", "", "{}", "{}", "t", "kafka", `{"TOPIC": "a"}`)})
+	require.NoError(t, err)
+	s, err = reg.Apply(&decode.Change{Kind: decode.KindUpdate, Row: row("5", "", "{}", "{}", "f", "kafka", `{"TOPIC": 7}`)})
+	require.NoError(t, err)
+	require.False(t, s.Enabled, "the rest of the change applies")
+	require.ErrorContains(t, s.settingsErr, "settings are not an object of strings")
+	r := &Router{log: zerolog.Nop(), closers: map[string]func(){}}
+	snk, err := r.subscriptionSink(*s)
+	require.NoError(t, err)
+	out := snk.Deliver(context.Background(), []*decode.Event{{ID: 1}})
+	require.ErrorIs(t, out[0].Err, sink.ErrPermanent)
+	require.ErrorContains(t, out[0].Err, "subscription 5 is unusable")
 }
 
 // closingSink is a sink with a Close, as Kafka's and NATS's have.

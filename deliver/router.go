@@ -592,6 +592,10 @@ func (r *Router) buildSubscriptionSink(s Subscription) (sink.Sink, error) {
 		r.log.Error().Err(err).Str("target", s.TargetName()).Msg("subscription is unusable; its events are dead-lettered")
 		return refusingSink{name: s.TargetName(), err: fmt.Errorf("%w: %w", err, sink.ErrPermanent)}, nil
 	}
+	if s.settingsErr != nil {
+		r.log.Error().Err(s.settingsErr).Str("target", s.TargetName()).Msg("subscription is unusable; its events are dead-lettered")
+		return refusingSink{name: s.TargetName(), err: fmt.Errorf("subscription %d is unusable: %w: %w", s.ID, s.settingsErr, sink.ErrPermanent)}, nil
+	}
 	if !s.IsWebhook() {
 		// Built at its first delivery, off this loop, and built again
 		// after a failure that may pass (lazySink).
