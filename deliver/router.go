@@ -147,6 +147,8 @@ type Router struct {
 	// closers are the subscription sinks of other kinds than webhook, by
 	// target, closed when replaced and when Run ends.
 	closers map[string]func()
+	// closing are the closes under way (closeSink).
+	closing sync.WaitGroup
 	// loops is the number of targets whose loop runs now.
 	loops atomic.Int32
 }
@@ -281,13 +283,7 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			if t.sub != nil && r.reg.Get(t.sub.ID) == nil {
 				// A deleted subscription, idle: nothing is in flight, and
 				// its parked deliveries are not retried (disabled).
-				r.mu.Lock()
-				closeSink := r.closers[t.sub.TargetName()]
-				delete(r.closers, t.sub.TargetName())
-				r.mu.Unlock()
-				if closeSink != nil {
-					go closeSink()
-				}
+				r.closeSink(t.sub.TargetName(), nil)
 			}
 		}
 	}
@@ -338,11 +334,11 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		r.mu.Unlock()
 		wg.Wait()
 		r.mu.Lock()
-		for name, c := range r.closers {
-			c()
-			delete(r.closers, name)
+		for name := range r.closers {
+			r.closeLocked(name, nil)
 		}
 		r.mu.Unlock()
+		r.closing.Wait()
 	}()
 
 	var (
@@ -562,18 +558,33 @@ func (r *Router) subscriptionSink(s Subscription) (sink.Sink, error) {
 	// A sink of another kind holds a connection (Kafka, NATS) or a client:
 	// the one it replaces is closed (a delivery in flight on it fails and
 	// is retried on the new one), and the last ones when Run ends.
-	r.mu.Lock()
-	old := r.closers[s.TargetName()]
-	if c := closerOf(snk); c != nil && !s.IsWebhook() {
-		r.closers[s.TargetName()] = c
-	} else {
-		delete(r.closers, s.TargetName())
+	var c func()
+	if !s.IsWebhook() {
+		c = closerOf(snk)
 	}
-	r.mu.Unlock()
-	if old != nil {
-		go old()
-	}
+	r.closeSink(s.TargetName(), c)
 	return snk, err
+}
+
+// closeSink closes the subscription sink of target that needs it, if any,
+// and keeps next (nil: none) as the one to close later. The close runs
+// aside (a Kafka client's may take its timeout; a delivery in flight on it
+// fails and is retried) and Run waits for it before it returns.
+func (r *Router) closeSink(target string, next func()) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closeLocked(target, next)
+}
+
+func (r *Router) closeLocked(target string, next func()) {
+	if old := r.closers[target]; old != nil {
+		r.closing.Go(old)
+	}
+	if next != nil {
+		r.closers[target] = next
+	} else {
+		delete(r.closers, target)
+	}
 }
 
 // closerOf returns s's Close (with or without an error result), or nil.
