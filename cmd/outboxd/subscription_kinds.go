@@ -31,13 +31,28 @@ const subscriptionSecretPrefix = envPrefix + "SECRET_"
 // the daemon's key, secret or address. Kafka and NATS subscriptions use the
 // daemon's connection (brokers, URL, TLS, credentials) and choose only a
 // topic or subject under OUTBOXD_SUBSCRIPTION_TOPIC_PREFIX.
-var subscriptionKindSettings = map[string]struct{ plain, secret, required []string }{
+var subscriptionKindSettings = map[string]kindSettings{
 	"posthog": {plain: []string{"HOST", "PERSON_PROPERTIES", "GROUP_PROPERTIES", "GROUP_IDENTIFY"}, secret: []string{"PROJECT_API_KEY"},
 		required: []string{"PROJECT_API_KEY"}},
 	"ga4": {plain: []string{"MEASUREMENT_ID", "ENDPOINT", "CLIENT_ID_PROPERTY"}, secret: []string{"API_SECRET", "CLIENT_ID_KEY"},
 		required: []string{"MEASUREMENT_ID", "API_SECRET"}},
 	"kafka": {plain: []string{"TOPIC"}, required: []string{"TOPIC"}},
 	"nats":  {plain: []string{"SUBJECT"}, required: []string{"SUBJECT"}},
+}
+
+// kindSettings are the settings of one kind's subscriptions.
+type kindSettings struct{ plain, secret, required []string }
+
+// settingRef splits a settings key: a reference to one of the kind's
+// secrets (PROJECT_API_KEY_ENV) is that secret's name and "_ENV" or
+// "_FILE"; any other key is itself and "".
+func (k kindSettings) settingRef(key string) (name, ref string) {
+	for _, suffix := range []string{"_ENV", "_FILE"} {
+		if b, found := strings.CutSuffix(key, suffix); found && slices.Contains(k.secret, b) {
+			return b, suffix
+		}
+	}
+	return key, ""
 }
 
 // inheritsConnection are the kinds whose subscriptions use the daemon's
@@ -92,12 +107,7 @@ func checkSubscriptionSettings(kind string, org *int64, settings map[string]stri
 	owner := secretOwner(org)
 	given := map[string]bool{}
 	for _, k := range slices.Sorted(maps.Keys(settings)) {
-		base, ref := k, ""
-		for _, suffix := range []string{"_ENV", "_FILE"} {
-			if b, found := strings.CutSuffix(k, suffix); found && slices.Contains(spec.secret, b) {
-				base, ref = b, suffix
-			}
-		}
+		base, ref := spec.settingRef(k)
 		v := settings[k]
 		switch {
 		case ref == "_ENV":
@@ -187,12 +197,7 @@ func (c config) subscriptionSinkOf(envMap map[string]string, log zerolog.Logger)
 		}
 		m[envPrefix+"ALLOW_PRIVATE_SINKS"] = strconv.FormatBool(c.AllowPrivateSubscriptions)
 		for k, v := range sub.Settings {
-			name, ref := k, ""
-			for _, suffix := range []string{"_ENV", "_FILE"} {
-				if b, found := strings.CutSuffix(k, suffix); found && slices.Contains(spec.secret, b) {
-					name, ref = b, suffix
-				}
-			}
+			name, ref := spec.settingRef(k)
 			switch ref {
 			case "_ENV":
 				val, ok := envMap[v]
