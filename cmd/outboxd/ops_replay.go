@@ -153,7 +153,7 @@ Exit code 1 when any event failed (after the sink's retries).`,
 				if !sub.Enabled {
 					env.log.Warn().Int64("subscription", sub.ID).Msg("the subscription is disabled; replaying to it anyway, as asked")
 				}
-				if subSink == nil {
+				if sub.Kind == "webhook" {
 					// A tenant's URL: the subscriptions' own address guard.
 					wc = wc.ForSubscription(fmt.Sprintf("subscription:%d", sub.ID), sub.URL, sub.Secrets)
 					target = fmt.Sprintf("subscription %d", sub.ID)

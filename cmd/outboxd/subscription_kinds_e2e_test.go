@@ -189,5 +189,14 @@ func TestKafkaSubscriptionBuiltOnceTheBrokersAnswer(t *testing.T) {
 	got, orgs := kd(t, d, len(ids))
 	checkDelivered(t, ids, got, orgs)
 	require.Zero(t, deadLetters(t, b))
+
+	// replay --subscription goes through the same kind of sink.
+	code, out = e2e.RunCommand(t, b.env, "replay", "--subscription", "1", "--dry-run")
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "nothing was sent to subscription 1 (kafka)")
+	code, out = e2e.RunCommand(t, b.env, "replay", "--subscription", "1")
+	require.Equal(t, 0, code, out)
+	require.Contains(t, out, "replay to subscription 1 (kafka): 12 events matched")
+	require.Contains(t, out, "replayed 12, failed 0")
 	require.Equal(t, 0, d.Stop(30*time.Second), d.Log())
 }
