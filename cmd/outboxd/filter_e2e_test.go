@@ -89,14 +89,7 @@ func envelopes(t *testing.T, r *e2e.Receiver) map[int64]map[string]any {
 	return out
 }
 
-func eventIDs[V any](m map[int64]V) []int64 {
-	out := make([]int64, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	slices.Sort(out)
-	return out
-}
+func eventIDs[V any](m map[int64]V) []int64 { return slices.Sorted(maps.Keys(m)) }
 
 // Two destinations of one outboxd: the webhook with a property filter and a
 // mask, PostHog with neither. Each gets exactly what it should; the masked
