@@ -18,6 +18,7 @@ import (
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/internal/e2e"
+	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/internal/pgtest"
 	"github.com/outboxd/outboxd/store"
 )
@@ -78,12 +79,12 @@ func TestReconnectRetriesUnreadableCheckpointOfMissingSlot(t *testing.T) {
 	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), cps, zerolog.Nop())
-	out := make(chan *decode.Event, 64)
+	out := handoff.New[*decode.Event](64)
 	inserts := make(chan *decode.Event, 64)
 	done := make(chan error, 1)
 	go func() { done <- reader.Run(ctx, out, nil) }()
 	go func() {
-		for e := range out {
+		for e := range handoff.ToChan(out) {
 			if e.Change == nil && e.Name == "batch_started" {
 				inserts <- e
 			}
@@ -173,9 +174,9 @@ func TestStopWhileTakingTheSlotDoesNotWaitForADrain(t *testing.T) {
 	require.NoError(t, cfg.Validate())
 	cps := store.NewSlotStore(db.Pool, store.SlotConfig{Schema: "public", Table: "domain_event", Slot: slot})
 	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), cps, zerolog.Nop())
-	out := make(chan *decode.Event, 64)
+	out := handoff.New[*decode.Event](64)
 	go func() {
-		for range out {
+		for range handoff.ToChan(out) {
 		}
 	}()
 	done := make(chan error, 1)

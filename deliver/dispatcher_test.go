@@ -15,6 +15,7 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
 )
@@ -66,13 +67,13 @@ func events(n, keys int) []*decode.Event {
 	return out
 }
 
-func feed(cfg Config, evs []*decode.Event) <-chan *Delivery {
-	ch := make(chan *Delivery, len(evs))
+func feed(cfg Config, evs []*decode.Event) *handoff.Queue[*Delivery] {
+	q := handoff.New[*Delivery](len(evs))
 	for _, e := range evs {
-		ch <- NewDelivery(e, cfg.Ordering.Key(e), 1)
+		q.Put(NewDelivery(e, cfg.Ordering.Key(e), 1))
 	}
-	close(ch)
-	return ch
+	q.Close()
+	return q
 }
 
 func newDispatcher(cfg Config, s sink.Sink, st Settler) *Dispatcher {
@@ -189,7 +190,7 @@ func TestCancelLeavesEventsUnsettled(t *testing.T) {
 	in := make(chan *Delivery, 1)
 	in <- NewDelivery(events(1, 1)[0], 0, 1)
 	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx, in) }()
+	go func() { done <- d.Run(ctx, handoff.FromChan(in, 1)) }()
 	<-started
 	cancel()
 	err := <-done

@@ -15,6 +15,7 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
 )
@@ -163,11 +164,14 @@ type target struct {
 	// loop runs while it has deliveries to settle, and stops when it has
 	// settled everything it was sent (an idle target holds no goroutine and
 	// no channel; a platform has thousands of subscriptions).
-	in      chan *Delivery
+	in      *handoff.Queue[*Delivery]
 	running bool
-	sent    int64
-	sink    atomic.Pointer[sinkBox]
-	sub     *Subscription // nil for the default target
+	// flush: deliveries were put into in since the router last woke the
+	// loop (the router wakes each such target before it waits).
+	flush bool
+	sent  int64
+	sink  atomic.Pointer[sinkBox]
+	sub   *Subscription // nil for the default target
 }
 
 type sinkBox struct{ s sink.Sink }
@@ -230,17 +234,17 @@ func (r *Router) LiveTargets() []string {
 
 // Run routes events from in until it is closed (then waits for every target
 // to settle what it holds) or ctx ends.
-func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
+func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) error {
 	failed := make(chan error, 1)
 	// idle receives the targets whose loop holds nothing; the router stops
 	// those that settled everything it sent them.
 	idle := make(chan *target, 1024)
 	var wg sync.WaitGroup
 	run := func(t *target) {
-		t.in, t.running = make(chan *Delivery, 256), true
+		t.in, t.running = handoff.New[*Delivery](256), true
 		wg.Add(1)
 		r.loops.Add(1)
-		go func(in chan *Delivery) {
+		go func(in *handoff.Queue[*Delivery]) {
 			defer wg.Done()
 			defer r.loops.Add(-1)
 			if err := t.disp.Run(ctx, in); err != nil && !errors.Is(err, context.Canceled) {
@@ -278,7 +282,7 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		// its input is empty and nothing else can arrive: closing it ends
 		// the loop, which holds nothing.
 		if t.running && t.disp.Settled() == t.sent {
-			close(t.in)
+			t.in.Close()
 			t.running = false
 			if t.sub != nil && r.reg.Get(t.sub.ID) == nil {
 				// A deleted subscription, idle: nothing is in flight, and
@@ -328,7 +332,7 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		r.mu.Lock()
 		for _, t := range r.targets {
 			if t.running {
-				close(t.in)
+				t.in.Close()
 			}
 		}
 		r.mu.Unlock()
@@ -363,26 +367,46 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		stateOf = nil
 		return r.settler.Settle(e.TxnSeq, checkpoint.Settlement{State: r.snapshot()})
 	}
+	// batch holds the events taken from in and not routed yet, from next on.
+	var (
+		batch []*decode.Event
+		next  int
+	)
+	// take refills batch from in; it reports false once in is closed and
+	// empty.
+	take := func() bool {
+		clear(batch)
+		next = 0
+		var open bool
+		batch, open = in.Take(batch[:0])
+		return open
+	}
+	// woken are the targets given deliveries since the router last woke
+	// their loops: it wakes them once it routed what it had at hand (one
+	// wake-up per batch of events, not per delivery).
+	var woken []*target
+	wake := func() {
+		for _, t := range woken {
+			t.flush = false
+			t.in.Flush()
+		}
+		clear(woken)
+		woken = woken[:0]
+	}
 	for {
-		var e *decode.Event
-		var ok, got bool
-		if stateOf != nil {
-			// Settle the state now unless the next event is already here.
-			select {
-			case e, ok = <-in:
-				got = true
-			default:
+		if next == len(batch) {
+			wake()
+			open := take()
+			if len(batch) == 0 && stateOf != nil {
+				// Settle the state now unless the next event is already here.
 				if err := settleState(); err != nil {
 					return err
 				}
 			}
-		}
-		if !got {
-		wait:
-			for {
+			for open && len(batch) == 0 {
 				select {
-				case e, ok = <-in:
-					break wait
+				case <-in.Ready():
+					open = take()
 				case t := <-idle:
 					stopIdle(t)
 				case err := <-failed:
@@ -391,10 +415,12 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 					return ctx.Err()
 				}
 			}
+			if !open {
+				return settleState()
+			}
 		}
-		if !ok {
-			return settleState()
-		}
+		e := batch[next]
+		next++
 		if r.cfg.OnEvent != nil {
 			r.cfg.OnEvent(e)
 		}
@@ -410,6 +436,9 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			}
 		}
 		if e.Change != nil {
+			// A change may read the database (a subscription's secrets):
+			// the targets' loops are not kept waiting meanwhile.
+			wake()
 			if isPlanChange(e.Change) {
 				if err := r.applyPlan(e.Change); err != nil {
 					r.log.Error().Err(err).Msg("tracking plan change ignored")
@@ -474,12 +503,21 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 				run(t)
 			}
 			t.sent++
-			select {
-			case t.in <- dl:
-			case err := <-failed:
-				return err
-			case <-ctx.Done():
-				return ctx.Err()
+			if !t.flush {
+				t.flush = true
+				woken = append(woken, t)
+			}
+			for !t.in.Put(dl) {
+				// Full: the target's loop was woken; wake the others before
+				// waiting for room.
+				wake()
+				select {
+				case <-t.in.Space():
+				case err := <-failed:
+					return err
+				case <-ctx.Done():
+					return ctx.Err()
+				}
 			}
 		}
 	}
