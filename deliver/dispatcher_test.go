@@ -320,3 +320,38 @@ func TestScopedKeyHeldBehindUnscopedParkedRun(t *testing.T) {
 	d.Unparked(base, 2)
 	require.Zero(t, d.ParkedKeys())
 }
+
+// A loop that took only deliveries held behind parked ones (nothing in
+// flight) still wakes for the next deliveries flushed to it.
+func TestLoopWakesAfterTakingOnlyHeldDeliveries(t *testing.T) {
+	t.Parallel()
+	s := &fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
+		return make([]sink.Outcome, len(evs))
+	}}
+	cfg := Config{Concurrency: 2}.WithDefaults()
+	require.NoError(t, cfg.Validate())
+	held := &decode.Event{ID: 1, Name: "present", OrganizationID: 7, HasOrganization: true}
+	next := &decode.Event{ID: 2, Name: "present", OrganizationID: 8, HasOrganization: true}
+	st := newSettler(10)
+	d := New(Params{Config: cfg, Target: "fake", Sink: func() sink.Sink { return s }, Settler: st, Log: zerolog.Nop(),
+		Parked: map[uint64]int{cfg.Ordering.Key(held): 1}})
+	in := handoff.New[*Delivery](4)
+	done := make(chan error, 1)
+	go func() { done <- d.Run(t.Context(), in) }()
+	in.Put(NewDelivery(held, cfg.Ordering.Key(held), 1))
+	in.Flush()
+	require.Equal(t, int64(1), <-st.settled, "held behind the parked delivery")
+	in.Put(NewDelivery(next, cfg.Ordering.Key(next), 1))
+	in.Flush()
+	select {
+	case id := <-st.settled:
+		require.Equal(t, int64(2), id)
+	case err := <-done:
+		t.Fatalf("the loop ended: %v", err)
+	case <-time.After(time.Minute):
+		t.Fatal("the loop never took the delivery flushed after it parked the first")
+	}
+	in.Close()
+	require.NoError(t, <-done)
+	require.Equal(t, map[int64]int32{2: 0}, st.marks)
+}

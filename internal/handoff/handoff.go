@@ -22,14 +22,14 @@ import "sync"
 // queue, but a receiver that is waiting is not woken for them. Close ends the
 // queue; it wakes the receiver.
 //
-// The receiver calls Take; when Take finds nothing, it waits on Ready and
-// takes again.
+// The receiver calls Take, and waits on Ready when it has nothing else to
+// do; a signal of Ready may be stale (the values taken already): it takes
+// again.
 type Queue[T any] struct {
 	mu       sync.Mutex
 	items    []T
 	capacity int
 	closed   bool
-	waiting  bool // the receiver found the queue empty and may be waiting on ready
 	full     bool // the sender found no room and may be waiting on space
 	flushes  int  // flushes of a queue that held values
 	ready    chan struct{}
@@ -61,20 +61,21 @@ func (q *Queue[T]) Put(v T) bool {
 	}
 	if len(q.items) >= q.capacity {
 		q.full = true
-		q.wakeLocked()
+		signal(q.ready)
 		return false
 	}
 	q.items = append(q.items, v)
 	return true
 }
 
-// Flush wakes the receiver if it is waiting and there is something to take.
+// Flush wakes the receiver if there is something to take. A receiver that is
+// busy is not woken: it finds the signal when it next waits.
 func (q *Queue[T]) Flush() {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if len(q.items) > 0 {
 		q.flushes++
-		q.wakeLocked()
+		signal(q.ready)
 	}
 }
 
@@ -86,20 +87,12 @@ func (q *Queue[T]) Flushes() int {
 	return q.flushes
 }
 
-func (q *Queue[T]) wakeLocked() {
-	if q.waiting {
-		q.waiting = false
-		signal(q.ready)
-	}
-}
-
 // Close ends the queue: the receiver takes what is in it, then learns it is
 // closed. It wakes the receiver.
 func (q *Queue[T]) Close() {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.closed = true
-	q.waiting = false
 	signal(q.ready)
 }
 
@@ -109,17 +102,12 @@ func (q *Queue[T]) Space() <-chan struct{} { return q.space }
 
 // Take appends every value in the queue to dst, in order, and returns it with
 // open true; or, the queue being empty, dst unchanged with open false if the
-// queue is closed. When it takes nothing from an open queue the receiver
-// waits on Ready before taking again.
+// queue is closed.
 func (q *Queue[T]) Take(dst []T) (out []T, open bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if len(q.items) == 0 {
-		if q.closed {
-			return dst, false
-		}
-		q.waiting = true
-		return dst, true
+		return dst, !q.closed
 	}
 	dst = append(dst, q.items...)
 	clear(q.items)
@@ -131,8 +119,8 @@ func (q *Queue[T]) Take(dst []T) (out []T, open bool) {
 	return dst, true
 }
 
-// Ready is signalled when values were flushed to a receiver that found the
-// queue empty, or the queue was closed. A signal may be stale: take again.
+// Ready is signalled when values were flushed, the queue filled up, or it was
+// closed. A signal may be stale: take again.
 func (q *Queue[T]) Ready() <-chan struct{} { return q.ready }
 
 // Len returns the number of values in the queue.
