@@ -25,8 +25,20 @@ type Settlement struct {
 	State []byte
 }
 
+// compactFrom is the number of mark ranges from which a full slice of them
+// is compacted before it grows.
+const compactFrom = 1024
+
 // appendMark adds m to rs, extending the last range when m continues it.
+// Events settle out of id order (keys interleave, calls run concurrently),
+// so a large transaction would hold a range per event until it settles
+// whole: a full slice is compacted first (sorted and merged), and its
+// ranges then number about the events still in flight, not the rows of the
+// transaction.
 func appendMark(rs []store.Range, m store.Mark) []store.Range {
+	if len(rs) >= compactFrom && len(rs) == cap(rs) {
+		rs = store.CompactRanges(rs)
+	}
 	if k := len(rs) - 1; k >= 0 && rs[k].Hi+1 == m.ID && rs[k].Attempts == m.Attempts {
 		rs[k].Hi = m.ID
 		return rs

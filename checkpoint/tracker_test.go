@@ -168,3 +168,38 @@ func TestRanges(t *testing.T) {
 	require.Equal(t, []int64{1, 5, 7, 10}, hi)
 	require.Equal(t, []int32{3, 1, 1, 2}, n)
 }
+
+// A large transaction whose events settle out of id order (eight keys
+// interleaved, each settled in runs of 50 as concurrent batches do) holds
+// mark ranges in proportion to the events in flight, not to its rows, and
+// marks every row once.
+func TestLargeTransactionKeepsFewRanges(t *testing.T) {
+	t.Parallel()
+	const n, keys, run = 200000, 8, 50
+	tr := NewTracker(1, 1<<30)
+	seq := tr.Open(10, false)
+	require.NoError(t, tr.Close(seq, 20, n))
+	most := 0
+	for base := int64(1); base <= n; base += keys * run {
+		for k := range int64(keys) {
+			for i := range int64(run) {
+				if id := base + k + i*keys; id <= n {
+					require.NoError(t, tr.Settle(seq, Settlement{Mark: &store.Mark{ID: id, Attempts: 1}}))
+				}
+			}
+			tr.mu.Lock()
+			if x, err := tr.get(seq); err == nil {
+				most = max(most, cap(x.work.Marks))
+			}
+			tr.mu.Unlock()
+		}
+	}
+	require.LessOrEqual(t, most, 4*compactFrom, "ranges held for %d rows", n)
+	b := tr.Drain()
+	require.Equal(t, pglogrepl.LSN(20), b.LSN)
+	require.Equal(t, n, b.Events())
+	lo, hi, att := store.Ranges(b.Marks)
+	require.Equal(t, []int64{1}, lo)
+	require.Equal(t, []int64{n}, hi)
+	require.Equal(t, []int32{1}, att)
+}

@@ -114,25 +114,36 @@ func (b *Batch) Merge(later Batch) {
 	b.CatchupDone = b.CatchupDone || later.CatchupDone
 }
 
-// Ranges normalises mark ranges for the marking statement: sorted, merged
-// where they touch with the same attempt count, as parallel arrays of low id,
-// high id and attempts. An id in two ranges is counted once.
-func Ranges(marks []Range) (lo, hi []int64, n []int32) {
-	rs := slices.Clone(marks)
+// CompactRanges normalises mark ranges in place and returns them: sorted by
+// low id, merged where they touch with the same attempt count. An id in two
+// ranges (a duplicate delivery) is kept in the first.
+func CompactRanges(rs []Range) []Range {
 	slices.SortFunc(rs, func(a, b Range) int { return cmp.Compare(a.Lo, b.Lo) })
+	out := rs[:0]
 	for _, r := range rs {
-		k := len(lo) - 1
-		if k >= 0 && r.Lo <= hi[k] { // overlap: a duplicate delivery
-			if r.Hi <= hi[k] {
+		k := len(out) - 1
+		if k >= 0 && r.Lo <= out[k].Hi { // overlap: a duplicate delivery
+			if r.Hi <= out[k].Hi {
 				continue
 			}
-			r.Lo = hi[k] + 1
+			r.Lo = out[k].Hi + 1
 		}
-		if k >= 0 && hi[k]+1 == r.Lo && n[k] == r.Attempts {
-			hi[k] = r.Hi
+		if k >= 0 && out[k].Hi+1 == r.Lo && out[k].Attempts == r.Attempts {
+			out[k].Hi = r.Hi
 			continue
 		}
-		lo, hi, n = append(lo, r.Lo), append(hi, r.Hi), append(n, r.Attempts)
+		out = append(out, r)
+	}
+	return out
+}
+
+// Ranges normalises mark ranges for the marking statement (CompactRanges,
+// on a copy) as parallel arrays of low id, high id and attempts.
+func Ranges(marks []Range) (lo, hi []int64, n []int32) {
+	rs := CompactRanges(slices.Clone(marks))
+	lo, hi, n = make([]int64, len(rs)), make([]int64, len(rs)), make([]int32, len(rs))
+	for i, r := range rs {
+		lo[i], hi[i], n[i] = r.Lo, r.Hi, r.Attempts
 	}
 	return lo, hi, n
 }
