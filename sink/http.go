@@ -286,6 +286,9 @@ func classify(code int) statusClass {
 // body, to be scrubbed and made printable (printable) before it is quoted.
 func drainBody(resp *http.Response) []byte {
 	defer resp.Body.Close()
+	if resp.ContentLength == 0 {
+		return nil // an empty body (a 204, say): nothing to read
+	}
 	body := io.LimitReader(resp.Body, maxDrain)
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		_, _ = io.Copy(io.Discard, body)
@@ -315,6 +318,9 @@ func printable(s string) string {
 // cleanErr drops the *url.Error layer net/http adds: it repeats the full URL,
 // userinfo and query included. What it wraps names at most host and port.
 func cleanErr(err error) error {
+	if err == nil {
+		return nil // without the allocation of errors.As's target
+	}
 	var ue *url.Error
 	for errors.As(err, &ue) {
 		err = ue.Err
