@@ -183,18 +183,22 @@ func (c *httpCall) checkRetry(ctx context.Context, resp *http.Response, err erro
 	c.attempts++
 	if resp != nil {
 		c.status = resp.StatusCode
-		if ra, ok := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()); ok {
-			c.retryAfter = ra
+		if v := resp.Header.Get("Retry-After"); v != "" {
+			if ra, ok := parseRetryAfter(v, time.Now()); ok {
+				c.retryAfter = ra
+			}
 		}
 	}
 	if c.onAttempt != nil {
 		c.onAttempt(c, cleanErr(err))
 	}
-	status := 0 // this attempt's: c.status is the last answer's
-	if resp != nil {
-		status = resp.StatusCode
+	if observe := attemptObserver(ctx); observe != nil {
+		status := 0 // this attempt's: c.status is the last answer's
+		if resp != nil {
+			status = resp.StatusCode
+		}
+		observe(Attempt{Number: c.attempts, Status: status, Err: c.attemptErr(resp, err), Start: c.started, End: time.Now()})
 	}
-	observeAttempt(ctx, Attempt{Number: c.attempts, Status: status, Err: c.attemptErr(resp, err), Start: c.started, End: time.Now()})
 	if err == nil && c.classify(resp.StatusCode) != statusRetryable {
 		return false, nil
 	}
