@@ -265,6 +265,7 @@ func (w *Webhook) deliver(ctx context.Context, events []*decode.Event) Outcome {
 	if err := ctx.Err(); err != nil {
 		return Outcome{Err: fmt.Errorf("post webhook %s: %w", w.redacted, err)}
 	}
+	growStack()
 	id, body := WebhookID(events), batchBody(events)
 	// Each attempt is signed with a fresh timestamp (receivers reject stale
 	// ones) while webhook-id stays the same.
