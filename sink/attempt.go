@@ -36,7 +36,14 @@ func WithAttemptObserver(ctx context.Context, o AttemptObserver) context.Context
 
 // observeAttempt tells the observer ctx carries, if any, of a.
 func observeAttempt(ctx context.Context, a Attempt) {
-	if o, _ := ctx.Value(attemptObserverKey{}).(AttemptObserver); o != nil {
+	if o := attemptObserver(ctx); o != nil {
 		o(a)
 	}
+}
+
+// attemptObserver returns the observer ctx carries, nil when none: the
+// attempt it would be told of need not be made.
+func attemptObserver(ctx context.Context) AttemptObserver {
+	o, _ := ctx.Value(attemptObserverKey{}).(AttemptObserver)
+	return o
 }

@@ -53,3 +53,30 @@ func TestPostHogWithMaxAttemptsLimitsOneCall(t *testing.T) {
 	out = p.Deliver(context.Background(), []*decode.Event{phEvent(2, `{"id":2}`)})
 	require.Equal(t, 6, out[0].Attempts, "without the limit the configured budget applies")
 }
+
+// The webhook tells an attempt observer of each request: its number, its
+// status, its failure (nil for the 2xx) and its bounds.
+func TestWebhookTellsAttemptObserver(t *testing.T) {
+	t.Parallel()
+	rc := newReceiver(t, status(http.StatusServiceUnavailable, 2))
+	w := newWebhook(t, fastConfig(rc.srv.URL), zerolog.Nop())
+
+	var seen []sink.Attempt
+	ctx := sink.WithAttemptObserver(context.Background(), func(a sink.Attempt) { seen = append(seen, a) })
+	out := w.Deliver(ctx, []*decode.Event{event(1)})
+	require.NoError(t, out[0].Err)
+	require.Equal(t, 3, out[0].Attempts)
+	require.Len(t, seen, 3)
+	for i, a := range seen {
+		require.Equal(t, i+1, a.Number)
+		require.False(t, a.Start.IsZero(), "attempt %d", a.Number)
+		require.False(t, a.End.Before(a.Start), "attempt %d", a.Number)
+		if i < 2 {
+			require.Equal(t, http.StatusServiceUnavailable, a.Status)
+			require.ErrorContains(t, a.Err, "status 503")
+			continue
+		}
+		require.Equal(t, http.StatusOK, a.Status)
+		require.NoError(t, a.Err)
+	}
+}

@@ -38,6 +38,18 @@ func BenchmarkWebhookDeliver(b *testing.B) {
 				}
 			}
 		})
+		// As deliver's dispatcher makes its calls: each on a goroutine of
+		// its own, which starts with a small stack.
+		b.Run(bc.name+"/goroutine", func(b *testing.B) {
+			b.ReportAllocs()
+			done := make(chan error)
+			for b.Loop() {
+				go func() { done <- w.Deliver(b.Context(), evs)[0].Err }()
+				if err := <-done; err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 		b.Run(bc.name+"/parallel", func(b *testing.B) {
 			b.ReportAllocs()
 			b.RunParallel(func(pb *testing.PB) {

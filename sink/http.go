@@ -183,18 +183,22 @@ func (c *httpCall) checkRetry(ctx context.Context, resp *http.Response, err erro
 	c.attempts++
 	if resp != nil {
 		c.status = resp.StatusCode
-		if ra, ok := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()); ok {
-			c.retryAfter = ra
+		if v := resp.Header.Get("Retry-After"); v != "" {
+			if ra, ok := parseRetryAfter(v, time.Now()); ok {
+				c.retryAfter = ra
+			}
 		}
 	}
 	if c.onAttempt != nil {
 		c.onAttempt(c, cleanErr(err))
 	}
-	status := 0 // this attempt's: c.status is the last answer's
-	if resp != nil {
-		status = resp.StatusCode
+	if observe := attemptObserver(ctx); observe != nil {
+		status := 0 // this attempt's: c.status is the last answer's
+		if resp != nil {
+			status = resp.StatusCode
+		}
+		observe(Attempt{Number: c.attempts, Status: status, Err: c.attemptErr(resp, err), Start: c.started, End: time.Now()})
 	}
-	observeAttempt(ctx, Attempt{Number: c.attempts, Status: status, Err: c.attemptErr(resp, err), Start: c.started, End: time.Now()})
 	if err == nil && c.classify(resp.StatusCode) != statusRetryable {
 		return false, nil
 	}
@@ -286,6 +290,9 @@ func classify(code int) statusClass {
 // body, to be scrubbed and made printable (printable) before it is quoted.
 func drainBody(resp *http.Response) []byte {
 	defer resp.Body.Close()
+	if resp.ContentLength == 0 {
+		return nil // an empty body (a 204, say): nothing to read
+	}
 	body := io.LimitReader(resp.Body, maxDrain)
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		_, _ = io.Copy(io.Discard, body)
@@ -315,6 +322,9 @@ func printable(s string) string {
 // cleanErr drops the *url.Error layer net/http adds: it repeats the full URL,
 // userinfo and query included. What it wraps names at most host and port.
 func cleanErr(err error) error {
+	if err == nil {
+		return nil // without the allocation of errors.As's target
+	}
 	var ue *url.Error
 	for errors.As(err, &ue) {
 		err = ue.Err

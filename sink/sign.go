@@ -168,14 +168,24 @@ func newSigner(keys [][]byte) *signer {
 // (unsigned), the webhook-signature of id, that timestamp and body, which it
 // returns.
 func (s *signer) setHeaders(h http.Header, id string, body []byte) string {
-	ts := time.Now().Unix()
-	h.Set("Webhook-Timestamp", strconv.FormatInt(ts, 10))
+	ts, sig := s.stamp(id, body)
+	h.Set("Webhook-Timestamp", ts)
 	if s == nil {
 		return ""
 	}
-	sig := s.sign(id, ts, body)
 	h.Set("Webhook-Signature", sig)
 	return sig
+}
+
+// stamp returns the webhook-timestamp of now and, unless s is nil
+// (unsigned: ""), the webhook-signature of id, that timestamp and body.
+func (s *signer) stamp(id string, body []byte) (ts, sig string) {
+	now := time.Now().Unix()
+	ts = strconv.FormatInt(now, 10)
+	if s == nil {
+		return ts, ""
+	}
+	return ts, s.sign(id, now, body)
 }
 
 // sign returns the webhook-signature value for id, ts and body: one

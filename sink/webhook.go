@@ -131,6 +131,14 @@ func parseWebhookURL(raw string) (*url.URL, error) {
 	return u, nil
 }
 
+// requestURL returns a copy of u as http.NewRequest would have it: an empty
+// port (a Host ending in ":") dropped.
+func requestURL(u *url.URL) *url.URL {
+	r := *u
+	r.Host = strings.TrimSuffix(r.Host, ":")
+	return &r
+}
+
 // redactURL returns scheme://host/path of u: no userinfo, query or fragment.
 func redactURL(u *url.URL) string {
 	return u.Scheme + "://" + u.Host + u.EscapedPath()
@@ -142,6 +150,7 @@ func redactURL(u *url.URL) string {
 type Webhook struct {
 	name      string
 	rawURL    string
+	url       *url.URL // parsed rawURL, copied into each request
 	redacted  string
 	userAgent string
 	signer    *signer           // nil: unsigned
@@ -179,6 +188,7 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 		return nil, fmt.Errorf("webhook sink %q: %w", cfg.Name, err)
 	}
 	w.redacted, w.signer, w.scrub = redactURL(u), newSigner(keys), newScrubber(cfg.Secrets, u)
+	w.url = requestURL(u)
 	w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
 	return w, nil
 }
@@ -255,41 +265,30 @@ func (w *Webhook) deliver(ctx context.Context, events []*decode.Event) Outcome {
 	if err := ctx.Err(); err != nil {
 		return Outcome{Err: fmt.Errorf("post webhook %s: %w", w.redacted, err)}
 	}
+	growStack()
 	id, body := WebhookID(events), batchBody(events)
-	req, err := retryablehttp.NewRequestWithContext(ctx, http.MethodPost, w.rawURL, body)
-	if err != nil {
-		// The URL was validated: only a broken ctx or method gets here.
-		return Outcome{Err: fmt.Errorf("post webhook %s: %w: build request: %w", w.redacted, ErrPermanent, cleanErr(err))}
-	}
-	for _, h := range ExtraHeaders(ctx) {
-		req.Header.Set(h.Key, h.Value)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("User-Agent", w.userAgent)
-	req.Header.Set("Webhook-Id", id)
-	if len(events) == 1 && events[0].Traceparent != "" && validHeaderValue(events[0].Traceparent) {
-		req.Header.Set("Traceparent", events[0].Traceparent)
-	}
 	// Each attempt is signed with a fresh timestamp (receivers reject stale
 	// ones) while webhook-id stays the same.
-	var signature string // the last one sent, to scrub from echoes
-	sign := func(h http.Header) { signature = w.signer.setHeaders(h, id, body) }
-	sign(req.Header)
+	req, signature := w.request(ctx, id, events, body) // signature: the last one sent, to scrub from echoes
 	c := &httpCall{
 		maxAttempts: w.http.policy.limit(ctx),
 		classify:    classify,
-		beforeRetry: sign,
-		onAttempt: func(c *httpCall, err error) {
+		beforeRetry: func(h http.Header) { signature = w.signer.setHeaders(h, id, body) },
+	}
+	if w.debug() {
+		c.onAttempt = func(c *httpCall, err error) {
 			if ev := w.log.Debug(); ev.Enabled() {
 				ev.Str("webhook_id", id).Int("attempt", c.attempts).Int("status", c.status).
 					Dur("duration", time.Since(c.started)).AnErr("error", err).Msg("webhook attempt")
 			}
-		},
+		}
 	}
 	resp, err := w.http.do(req, c)
 	var snippet string
 	if resp != nil {
-		snippet = w.snippet(drainBody(resp), signature)
+		if b := drainBody(resp); len(b) > 0 {
+			snippet = w.snippet(b, signature)
+		}
 	}
 	o := w.outcome(ctx, c, resp, snippet, err)
 	if ev := w.log.Debug(); ev.Enabled() {
@@ -297,6 +296,65 @@ func (w *Webhook) deliver(ctx context.Context, events []*decode.Event) Outcome {
 			AnErr("error", o.Err).Msg("webhook delivery")
 	}
 	return o
+}
+
+// debug tells whether w's debug lines may be written: when not, a delivery
+// spares the allocation of the hook that would write them.
+func (w *Webhook) debug() bool {
+	return w.log.GetLevel() <= zerolog.DebugLevel && zerolog.GlobalLevel() <= zerolog.DebugLevel
+}
+
+// Headers a delivery sets besides the ExtraHeaders; their values share one
+// backing array.
+const (
+	hdrContentType = iota
+	hdrUserAgent
+	hdrWebhookID
+	hdrTimestamp
+	hdrSignature
+	hdrTraceparent
+	webhookHeaders
+)
+
+// request returns the request of a delivery of events under ctx, whose
+// webhook-id is id, with body, signed (its signature, "" when unsigned, is
+// returned too): the ExtraHeaders of ctx, then ours, which win. The URL was
+// parsed once, by NewWebhook: the request has a copy of it; as
+// http.NewRequest would, it drops an empty port.
+func (w *Webhook) request(ctx context.Context, id string, events []*decode.Event, body []byte) (*retryablehttp.Request, string) {
+	extra := ExtraHeaders(ctx)
+	h := make(http.Header, len(extra)+webhookHeaders)
+	for _, x := range extra {
+		h.Set(x.Key, x.Value)
+	}
+	v := new([webhookHeaders]string)
+	set := func(key string, i int, value string) { v[i] = value; h[key] = v[i : i+1 : i+1] }
+	set("Content-Type", hdrContentType, "application/json")
+	set("User-Agent", hdrUserAgent, w.userAgent)
+	set("Webhook-Id", hdrWebhookID, id)
+	if len(events) == 1 && events[0].Traceparent != "" && validHeaderValue(events[0].Traceparent) {
+		set("Traceparent", hdrTraceparent, events[0].Traceparent)
+	}
+	ts, sig := w.signer.stamp(id, body)
+	set("Webhook-Timestamp", hdrTimestamp, ts)
+	if w.signer != nil {
+		set("Webhook-Signature", hdrSignature, sig)
+	}
+	u := *w.url
+	hreq := http.Request{
+		Method:     http.MethodPost,
+		URL:        &u,
+		Proto:      "HTTP/1.1",
+		ProtoMajor: 1,
+		ProtoMinor: 1,
+		Header:     h,
+		Host:       u.Host,
+	}
+	// FromRequest of a request without a body, and SetBody of a []byte,
+	// cannot fail.
+	req, _ := retryablehttp.FromRequest(hreq.WithContext(ctx))
+	_ = req.SetBody(body)
+	return req, sig
 }
 
 // batchBody returns the request body: the one envelope, or a JSON array of all.

@@ -965,3 +965,41 @@ func TestSharedClientCapsConnectionsPerHost(t *testing.T) {
 	}
 	require.Equal(t, int32(limit), maxInflight.Load(), "most requests at the receiver at once")
 }
+
+// One webhook's deliveries, one after another, reuse one keep-alive
+// connection whatever the answer's body: none (204, Content-Length: 0), a
+// short one, or an error's, which is quoted.
+func TestWebhookReusesItsConnection(t *testing.T) {
+	t.Parallel()
+	answers := []struct {
+		code int
+		body string
+	}{{http.StatusNoContent, ""}, {http.StatusOK, ""}, {http.StatusOK, `{"ok":true}`}, {http.StatusBadRequest, "bad envelope"}, {http.StatusAccepted, ""}}
+	var conns, hits atomic.Int32
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		a := answers[int(hits.Add(1)-1)%len(answers)]
+		w.Header().Set("Content-Length", strconv.Itoa(len(a.body)))
+		w.WriteHeader(a.code)
+		_, _ = io.WriteString(w, a.body)
+	}))
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	w := newWebhook(t, fastConfig(srv.URL), zerolog.Nop())
+	for i, a := range answers {
+		out := w.Deliver(context.Background(), []*decode.Event{event(int64(i + 1))})
+		require.Equal(t, a.code, out[0].Status)
+		if a.code >= 300 {
+			require.ErrorIs(t, out[0].Err, sink.ErrPermanent)
+			require.ErrorContains(t, out[0].Err, a.body)
+			continue
+		}
+		require.NoError(t, out[0].Err)
+	}
+	require.Equal(t, int32(1), conns.Load(), "connections opened")
+}
