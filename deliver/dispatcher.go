@@ -158,6 +158,9 @@ type Dispatcher struct {
 
 	onIdle  func()
 	settled atomic.Int64 // deliveries this target settled, over all runs
+
+	calls   *CallLimiter
+	callKey func() string
 }
 
 // Settled returns how many deliveries the dispatcher has settled (delivered,
@@ -185,6 +188,12 @@ type Params struct {
 	// OnIdle is told, from Run, each time the dispatcher comes to hold
 	// nothing with nothing waiting on its input; may be nil.
 	OnIdle func()
+	// Calls, when set, runs the sink calls, shared with other dispatchers:
+	// at most its limit at once per CallKey, the others queued (the
+	// subscriptions' webhooks, many of them posting to one host). CallKey
+	// returns the key of the current sink; "" runs the call unbounded.
+	Calls   *CallLimiter
+	CallKey func() string
 }
 
 // New returns a dispatcher.
@@ -194,7 +203,8 @@ func New(p Params) *Dispatcher {
 		parked = map[uint64]int{}
 	}
 	return &Dispatcher{cfg: p.Config, target: p.Target, sink: p.Sink, settler: p.Settler,
-		log: p.Log.With().Str("target", p.Target).Logger(), parked: parked, onResult: p.OnResult, onGone: p.OnGone, onIdle: p.OnIdle}
+		log: p.Log.With().Str("target", p.Target).Logger(), parked: parked, onResult: p.OnResult, onGone: p.OnGone, onIdle: p.OnIdle,
+		calls: p.Calls, callKey: p.CallKey}
 }
 
 // Target is the name of the dispatcher's target.
@@ -445,9 +455,24 @@ func (r *run) handOut(ctx context.Context) {
 			}
 		}
 		r.waitFrom = time.Time{}
-		go r.d.call(ctx, r.take(), r.results)
+		r.start(ctx, r.take())
 		r.inflight++
 	}
+}
+
+// start makes the sink call of j on a goroutine of its own or, when the
+// dispatcher shares a CallLimiter, through it: a call beyond its limit waits
+// in its queue, counted in flight like the others.
+func (r *run) start(ctx context.Context, j job) {
+	d := r.d
+	if d.calls != nil && d.callKey != nil {
+		if key := d.callKey(); key != "" {
+			results := r.results
+			d.calls.Go(key, func() { d.call(ctx, j, results) })
+			return
+		}
+	}
+	go d.call(ctx, j, r.results)
 }
 
 // take builds one sink call from the heads of ready keys: a prefix of each

@@ -40,6 +40,11 @@ type RouterConfig struct {
 	Destinations []Destination
 	// Subscription builds the webhook sink of a subscription.
 	Subscription func(s Subscription) (sink.Sink, error)
+	// SubscriptionCallsPerHost bounds the sink calls of the webhook
+	// subscriptions in progress at once to one host (scheme, host and
+	// port), all subscriptions together; the others wait in a queue, in
+	// the order they were handed out. 0: no bound.
+	SubscriptionCallsPerHost int
 	// Routing is the registry snapshot kept with the checkpoint (nil: none).
 	Routing []byte
 	// Secrets looks up the secrets the snapshot names by fingerprint.
@@ -151,6 +156,11 @@ type Router struct {
 	closing sync.WaitGroup
 	// loops is the number of targets whose loop runs now.
 	loops atomic.Int32
+	// calls runs the subscriptions' webhook calls (nil: no bound).
+	calls *CallLimiter
+	// maxLoops bounds the subscription loops that run at once
+	// (maxSubscriptionLoops; tests lower it).
+	maxLoops int
 }
 
 // Loops returns the number of targets whose delivery loop runs now: those
@@ -166,11 +176,43 @@ type target struct {
 	in      chan *Delivery
 	running bool
 	sent    int64
-	sink    atomic.Pointer[sinkBox]
-	sub     *Subscription // nil for the default target
+	// idle is set while the target is in the router's idle channel.
+	idle atomic.Bool
+	sink atomic.Pointer[sinkBox]
+	sub  *Subscription // nil for the default target
 }
 
-type sinkBox struct{ s sink.Sink }
+// sinkBox is a target's current sink and, for a webhook subscription, the
+// host its calls are limited under (CallLimiter; "": none).
+// maxSubscriptionLoops bounds the subscription targets whose loop runs at
+// once, those with deliveries in hand: each holds a goroutine and its
+// channels, and a backlog spread over thousands of tenants would otherwise
+// start a loop for each of them (memory grows with tenants, not with the
+// deliveries being made).
+const maxSubscriptionLoops = 1024
+
+// inputSize is the capacity of t's input channel: a subscription, one of
+// thousands, has a small one; its loop reads its input as it comes.
+func inputSize(t *target) int {
+	if t.sub != nil {
+		return 16
+	}
+	return 256
+}
+
+type sinkBox struct {
+	s    sink.Sink
+	host string
+}
+
+// subscriptionBox boxes the sink of s.
+func subscriptionBox(snk sink.Sink, s *Subscription) *sinkBox {
+	b := &sinkBox{s: snk}
+	if s.IsWebhook() {
+		b.host = webhookHost(s.URL)
+	}
+	return b
+}
 
 // NewRouter returns a router; cfg.Deliver must have been validated.
 func NewRouter(cfg RouterConfig, settler Settler, log zerolog.Logger) (*Router, error) {
@@ -188,7 +230,11 @@ func NewRouter(cfg RouterConfig, settler Settler, log zerolog.Logger) (*Router, 
 		return nil, err
 	}
 	reg.Each(func(s *Subscription) { logBadFilter(log, s) })
-	r := &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}, closers: map[string]func(){}}
+	r := &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}, closers: map[string]func(){},
+		maxLoops: maxSubscriptionLoops}
+	if cfg.SubscriptionCallsPerHost > 0 {
+		r.calls = NewCallLimiter(cfg.SubscriptionCallsPerHost)
+	}
 	if err := r.loadContract(planState, planKnown); err != nil {
 		return nil, err
 	}
@@ -233,11 +279,40 @@ func (r *Router) LiveTargets() []string {
 func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 	failed := make(chan error, 1)
 	// idle receives the targets whose loop holds nothing; the router stops
-	// those that settled everything it sent them.
-	idle := make(chan *target, 1024)
+	// those that settled everything it sent them. A target is in it at most
+	// once (target.idle) and only while its loop runs, and at most
+	// r.maxLoops subscription loops run: a send never waits and
+	// no notice is lost, so an idle loop always stops and frees its place.
+	idle := make(chan *target, r.maxLoops)
 	var wg sync.WaitGroup
+	// subLoops is the number of subscription targets whose loop runs.
+	subLoops := 0
+	var stopIdle func(t *target)
 	run := func(t *target) {
-		t.in, t.running = make(chan *Delivery, 256), true
+		if t.sub != nil {
+			// At most r.maxLoops subscriptions hold deliveries
+			// at once: past it, the router waits for one to settle all it
+			// was sent, as it waits for a full target (G6). Each delivery
+			// settles on its own, whatever the router does, so one does.
+		wait:
+			for subLoops >= r.maxLoops {
+				select {
+				case i := <-idle:
+					stopIdle(i)
+				case err := <-failed:
+					// Left for the router's loop, which stops on it.
+					select {
+					case failed <- err:
+					default:
+					}
+					break wait
+				case <-ctx.Done():
+					break wait
+				}
+			}
+			subLoops++
+		}
+		t.in, t.running = make(chan *Delivery, inputSize(t)), true
 		wg.Add(1)
 		r.loops.Add(1)
 		go func(in chan *Delivery) {
@@ -253,16 +328,25 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 	}
 	start := func(name string, s sink.Sink, sub *Subscription, dc Config) *target {
 		t := &target{sub: sub}
-		t.sink.Store(&sinkBox{s})
+		if sub != nil {
+			t.sink.Store(subscriptionBox(s, sub))
+		} else {
+			t.sink.Store(&sinkBox{s: s})
+		}
 		p := Params{Config: dc, Target: name, Sink: func() sink.Sink { return t.sink.Load().s },
 			Settler: r.settler, Log: r.log, Parked: r.cfg.Parked[name], OnResult: r.cfg.OnResult, OnGone: r.cfg.OnGone}
 		if sub != nil {
+			p.Calls, p.CallKey = r.calls, func() string { return t.sink.Load().host }
 			// Subscriptions are many, the default target is one: only a
 			// subscription's loop stops when idle.
 			p.OnIdle = func() {
-				select {
-				case idle <- t:
-				default: // the router is behind: the target stays up until it idles again
+				if t.idle.CompareAndSwap(false, true) {
+					select {
+					case idle <- t:
+					default:
+						// Only past the bound, which a router that
+						// stops on an error may leave; its loops end.
+					}
 				}
 			}
 		}
@@ -273,13 +357,19 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		run(t)
 		return t
 	}
-	stopIdle := func(t *target) {
+	stopIdle = func(t *target) {
+		// Cleared before the check: a loop that idles again after it sends
+		// a notice of its own.
+		t.idle.Store(false)
 		// Only the router sends to t, so once t settled all it was sent,
 		// its input is empty and nothing else can arrive: closing it ends
 		// the loop, which holds nothing.
 		if t.running && t.disp.Settled() == t.sent {
 			close(t.in)
 			t.running = false
+			if t.sub != nil {
+				subLoops--
+			}
 			if t.sub != nil && r.reg.Get(t.sub.ID) == nil {
 				// A deleted subscription, idle: nothing is in flight, and
 				// its parked deliveries are not retried (disabled).
@@ -672,7 +762,7 @@ func (r *Router) change(start startFunc, e *decode.Event) error {
 			if old == nil || e.Change.Kind == decode.KindInsert || old.URL != s.URL || !slices.Equal(old.Secrets, s.Secrets) ||
 				old.Kind != s.Kind || !maps.Equal(old.Settings, s.Settings) {
 				snk, _ := r.subscriptionSink(*s)
-				t.sink.Store(&sinkBox{snk})
+				t.sink.Store(subscriptionBox(snk, s))
 			}
 		}
 		r.log.Info().Str("target", s.TargetName()).Bool("enabled", s.Enabled).Bool("filtered", s.Filter != "").Msg("subscription changed")

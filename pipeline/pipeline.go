@@ -506,7 +506,11 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 			}
 			return sink.NewWebhook(wc, j.log)
 		},
-		Routing: routing, Parked: parked,
+		// Twice the connections: a call waiting out a retry's backoff holds
+		// none, so a host takes that many calls before they queue in
+		// outboxd rather than as goroutines waiting for a connection.
+		SubscriptionCallsPerHost: 2 * cfg.Webhook.SubscriptionMaxConnsPerHost,
+		Routing:                  routing, Parked: parked,
 		Secrets: func(ids []int64) (map[int64]deliver.Stored, error) {
 			return j.slotStore.SubscriptionSecrets(loadCtx, ids)
 		},

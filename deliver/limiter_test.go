@@ -1,0 +1,180 @@
+package deliver
+
+import (
+	"context"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/sink"
+)
+
+// gatedSink holds every call until its gate opens, counting the calls in
+// progress (per host and in all) and the most seen at once, and records the
+// events each target was given, in order.
+type gatedSink struct {
+	gate    chan struct{}
+	mu      sync.Mutex
+	running map[string]int // host -> calls in progress
+	most    map[string]int
+	total   atomic.Int32
+	got     map[string][]int64 // target -> event ids
+}
+
+func newGatedSink() *gatedSink {
+	return &gatedSink{gate: make(chan struct{}), running: map[string]int{}, most: map[string]int{}, got: map[string][]int64{}}
+}
+
+func (g *gatedSink) running1(host string) int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.running[host]
+}
+
+func (g *gatedSink) delivered() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	n := 0
+	for _, ids := range g.got {
+		n += len(ids)
+	}
+	return n
+}
+
+// sink returns the sink of target, which posts to host.
+func (g *gatedSink) sink(target, host string) sink.Sink {
+	return &fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
+		g.mu.Lock()
+		g.running[host]++
+		g.most[host] = max(g.most[host], g.running[host])
+		g.total.Add(1)
+		g.mu.Unlock()
+		<-g.gate
+		g.mu.Lock()
+		g.running[host]--
+		g.total.Add(-1)
+		for _, e := range evs {
+			g.got[target] = append(g.got[target], e.ID)
+		}
+		g.mu.Unlock()
+		out := make([]sink.Outcome, len(evs))
+		for i := range out {
+			out[i].Attempts = 1
+		}
+		return out
+	}}
+}
+
+// Dispatchers sharing a CallLimiter make at most its limit of sink calls at
+// once to one host, all of them together, however many dispatchers and
+// keys have deliveries in hand; the calls of another host are not held
+// back by them; every delivery arrives, in order per key.
+func TestCallLimiterBoundsCallsPerHost(t *testing.T) {
+	t.Parallel()
+	const targets, perTarget, limit = 40, 12, 3
+	cfg := Config{Concurrency: 4}.WithDefaults()
+	require.NoError(t, cfg.Validate())
+	calls := NewCallLimiter(limit)
+	g := newGatedSink()
+	st := newSettler(targets * perTarget)
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	errs := make(chan error, targets)
+	for i := range targets {
+		name, host := "t"+strconv.Itoa(i), []string{"https://a:443", "https://b:443"}[i%2]
+		snk := g.sink(name, host)
+		d := New(Params{Config: cfg, Target: name, Sink: func() sink.Sink { return snk }, Settler: st, Log: zerolog.Nop(),
+			Calls: calls, CallKey: func() string { return host }})
+		in := make(chan *Delivery, perTarget)
+		for j := range perTarget {
+			// Three keys per target: four calls at once without the
+			// limiter.
+			e := &decode.Event{ID: int64(i*perTarget + j + 1), OrganizationID: int64(j % 3), HasOrganization: true}
+			in <- NewDelivery(e, cfg.Ordering.Key(e), 1)
+		}
+		close(in)
+		wg.Go(func() { errs <- d.Run(ctx, in) })
+	}
+	require.Eventually(t, func() bool { return g.running1("https://a:443") == limit && g.running1("https://b:443") == limit },
+		10*time.Second, time.Millisecond, "each host has its limit of calls in progress")
+	require.EqualValues(t, 2*limit, g.total.Load())
+	close(g.gate)
+	wg.Wait()
+	for range targets {
+		require.NoError(t, <-errs)
+	}
+	require.Equal(t, targets*perTarget, g.delivered())
+	require.Equal(t, map[string]int{"https://a:443": limit, "https://b:443": limit}, g.most, "never more than the limit at once per host")
+	for name, ids := range g.got {
+		byKey := map[int64][]int64{}
+		for _, id := range ids {
+			byKey[(id-1)%perTarget%3] = append(byKey[(id-1)%perTarget%3], id)
+		}
+		for k, ids := range byKey {
+			require.True(t, slices.IsSorted(ids), "target %s key %d out of order: %v", name, k, ids)
+		}
+	}
+	calls.mu.Lock()
+	require.Empty(t, calls.keys, "a host without calls holds nothing")
+	calls.mu.Unlock()
+}
+
+func TestWebhookHost(t *testing.T) {
+	t.Parallel()
+	for raw, want := range map[string]string{
+		"https://Hooks.Example.com/a?x=1":   "https://hooks.example.com:443",
+		"https://u:p@hooks.example.com:443": "https://hooks.example.com:443",
+		"http://hooks.example.com/x":        "http://hooks.example.com:80",
+		"http://10.0.0.1:8080/x":            "http://10.0.0.1:8080",
+		"not a url":                         "",
+		"%zz":                               "",
+	} {
+		require.Equal(t, want, webhookHost(raw), raw)
+	}
+}
+
+// At most maxLoops subscription targets have their loop running at once:
+// a backlog spread over many tenants waits for running ones to settle
+// before more start, every event is delivered once, and every loop stops
+// when idle.
+func TestSubscriptionLoopsBounded(t *testing.T) {
+	t.Parallel()
+	const n, loops = 60, 3
+	cfg := Config{Concurrency: 2}.WithDefaults()
+	require.NoError(t, cfg.Validate())
+	g := newGatedSink()
+	st := newSettler(2 * n)
+	build := func(s Subscription) (sink.Sink, error) { return g.sink(s.TargetName(), "h"), nil }
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{}, DefaultEvents: []string{"none"}, Subscription: build}, st, zerolog.Nop())
+	require.NoError(t, err)
+	r.maxLoops = loops
+	in := make(chan *decode.Event, 2*n)
+	for i := range n {
+		c := change(decode.KindInsert, subRow(strconv.Itoa(i+1), strconv.Itoa(i+1), "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"))
+		c.TxnSeq = 1
+		in <- c
+	}
+	for i := range n {
+		in <- &decode.Event{ID: int64(i + 1), Name: "e", OrganizationID: int64(i + 1), HasOrganization: true, TxnSeq: 2}
+	}
+	done := make(chan error, 1)
+	go func() { done <- r.Run(context.Background(), in) }()
+	require.Eventually(t, func() bool { return g.total.Load() == loops }, 10*time.Second, time.Millisecond)
+	require.Equal(t, 1+loops, r.Loops(), "the default target's loop and the bound of subscription loops")
+	close(g.gate)
+	require.Eventually(t, func() bool { return g.delivered() == n && r.Loops() == 1 }, 30*time.Second, time.Millisecond,
+		"every event delivered and every subscription loop stopped")
+	require.Equal(t, loops, g.most["h"], "never more subscription loops delivering at once than the bound")
+	for i := range n {
+		require.Equal(t, []int64{int64(i + 1)}, g.got[SubscriptionTarget(int64(i+1))])
+	}
+	close(in)
+	require.NoError(t, <-done)
+}
