@@ -208,8 +208,13 @@ func (r *Router) snapshot() []byte {
 	if !r.contract.known {
 		return subs
 	}
-	b, _ := json.Marshal(routingState{Subscriptions: subs, Plan: r.contract.state()}) // plain data: cannot fail
-	return b
+	// routingState as json.Marshal writes it, without compacting again
+	// the registry's snapshot, which is compact already.
+	plan, _ := json.Marshal(r.contract.state()) // plain data: cannot fail
+	b := make([]byte, 0, len(subs)+len(plan)+28)
+	b = append(append(b, `{"subscriptions":`...), subs...)
+	b = append(append(b, `,"plan":`...), plan...)
+	return append(b, '}')
 }
 
 // loadContract sets the plan from the routing state, or from the table
