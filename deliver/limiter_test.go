@@ -2,6 +2,7 @@ package deliver
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"strconv"
 	"sync"
@@ -175,6 +176,74 @@ func TestSubscriptionLoopsBounded(t *testing.T) {
 	for i := range n {
 		require.Equal(t, []int64{int64(i + 1)}, g.got[SubscriptionTarget(int64(i+1))])
 	}
+	close(in)
+	require.NoError(t, <-done)
+}
+
+// A webhook subscription's target that settled everything it was sent and
+// has nothing parked is dropped when its loop stops: the router holds
+// targets for the subscriptions in use, not for every one that ever had an
+// event. One with parked deliveries stays, for the retrier; a dropped one
+// is built again by its next event.
+func TestIdleSubscriptionTargetsDropped(t *testing.T) {
+	t.Parallel()
+	cfg := Config{Concurrency: 2}.WithDefaults()
+	require.NoError(t, cfg.Validate())
+	st := newSettler(16)
+	var mu sync.Mutex
+	built := map[int64]int{}
+	got := map[int64][]int64{}
+	build := func(s Subscription) (sink.Sink, error) {
+		mu.Lock()
+		built[s.ID]++
+		mu.Unlock()
+		return &fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
+			out := make([]sink.Outcome, len(evs))
+			mu.Lock()
+			defer mu.Unlock()
+			for i, e := range evs {
+				got[s.ID] = append(got[s.ID], e.ID)
+				out[i].Attempts = 1
+				if s.ID == 2 {
+					out[i].Err = errors.New("status 503") // parked
+				}
+			}
+			return out
+		}}, nil
+	}
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{}, DefaultEvents: []string{"none"}, Subscription: build}, st, zerolog.Nop())
+	require.NoError(t, err)
+	in := make(chan *decode.Event, 8)
+	for i := 1; i <= 2; i++ {
+		c := change(decode.KindInsert, subRow(strconv.Itoa(i), strconv.Itoa(i), "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"))
+		c.TxnSeq = 1
+		in <- c
+	}
+	in <- &decode.Event{ID: 1, Name: "e", OrganizationID: 1, HasOrganization: true, TxnSeq: 2}
+	in <- &decode.Event{ID: 2, Name: "e", OrganizationID: 2, HasOrganization: true, TxnSeq: 3}
+	done := make(chan error, 1)
+	go func() { done <- r.Run(context.Background(), in) }()
+	gone := func(name string) bool { d, _, _ := r.Lookup(name); return d == nil }
+	require.Eventually(t, func() bool {
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		return len(st.marks) == 1 && len(st.parked) == 1 && r.Loops() == 1 && gone("subscription:1")
+	}, 10*time.Second, time.Millisecond, "delivered, parked, loops stopped, the idle target dropped")
+	d, _, enabled := r.Lookup("subscription:2")
+	require.NotNil(t, d, "the target with a parked delivery stays for the retrier")
+	require.True(t, enabled)
+	require.Equal(t, 1, d.ParkedKeys())
+	require.ElementsMatch(t, []string{DefaultTarget, "subscription:2"}, r.LiveTargets())
+
+	in <- &decode.Event{ID: 3, Name: "e", OrganizationID: 1, HasOrganization: true, TxnSeq: 4}
+	require.Eventually(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Equal(got[1], []int64{1, 3}) && r.Loops() == 1 && gone("subscription:1")
+	}, 10*time.Second, time.Millisecond)
+	mu.Lock()
+	require.Equal(t, map[int64]int{1: 2, 2: 1}, built, "subscription 1's sink built again for its next event")
+	mu.Unlock()
 	close(in)
 	require.NoError(t, <-done)
 }

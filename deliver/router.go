@@ -369,6 +369,18 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			t.running = false
 			if t.sub != nil {
 				subLoops--
+				if t.sub.IsWebhook() && t.disp.ParkedKeys() == 0 {
+					// Nothing in hand, nothing parked: the retrier has no
+					// use of it, and the next event builds it again (a
+					// webhook holds no connection of its own). Memory
+					// follows the targets in use, not every subscription
+					// that ever had an event.
+					r.mu.Lock()
+					if r.targets[t.disp.Target()] == t {
+						delete(r.targets, t.disp.Target())
+					}
+					r.mu.Unlock()
+				}
 			}
 			if t.sub != nil && r.reg.Get(t.sub.ID) == nil {
 				// A deleted subscription, idle: nothing is in flight, and
