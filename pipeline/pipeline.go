@@ -501,10 +501,7 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 			// however the subscription was added or changed.
 			wc := cfg.Webhook.ForSubscription(sub.TargetName(), sub.URL, sub.Secrets)
 			wc.Client = j.subClient
-			if err := wc.Validate(); err != nil {
-				return nil, err
-			}
-			return sink.NewWebhook(wc, j.log)
+			return sink.NewWebhook(wc, j.log) // it validates wc
 		},
 		// Twice the connections: a call waiting out a retry's backoff holds
 		// none, so a host takes that many calls before they queue in

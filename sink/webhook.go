@@ -69,18 +69,26 @@ func (c WebhookConfig) WithDefaults() WebhookConfig {
 // Errors name the offending field and never contain a secret or the URL's
 // userinfo or query.
 func (c WebhookConfig) Validate() error {
-	c = c.WithDefaults()
+	_, _, err := c.WithDefaults().check()
+	return err
+}
+
+// check validates c, which has its defaults, and returns its URL parsed and
+// its secrets decoded.
+func (c WebhookConfig) check() (*url.URL, [][]byte, error) {
 	var v fieldCheck
-	if _, err := parseWebhookURL(c.URL); err != nil {
+	u, err := parseWebhookURL(c.URL)
+	if err != nil {
 		v.bad("URL", "%v", err)
 	}
+	keys := make([][]byte, len(c.Secrets))
 	for i, s := range c.Secrets {
-		if _, err := decodeSecret(s); err != nil {
+		if keys[i], err = decodeSecret(s); err != nil {
 			v.bad(fmt.Sprintf("Secrets[%d]", i), "%v", err)
 		}
 	}
 	c.HTTPConfig.validate(v.bad)
-	return v.err("webhook", c.Name)
+	return u, keys, v.err("webhook", c.Name)
 }
 
 // ForSubscription returns the configuration of a subscription's webhook: c as
@@ -158,7 +166,10 @@ var _ Sink = (*Webhook)(nil)
 // NewWebhook validates cfg, with its defaults, and returns a Webhook sink.
 func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 	cfg = cfg.WithDefaults()
-	if err := cfg.Validate(); err != nil {
+	// One parse of the URL and of the secrets: a platform builds a sink
+	// per subscription with deliveries in hand.
+	u, keys, err := cfg.check()
+	if err != nil {
 		return nil, err
 	}
 	w := &Webhook{
@@ -171,12 +182,6 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 		w.http, w.sharedHTTP = cfg.Client.h, true
 	} else {
 		w.http = newHTTPClient(cfg.HTTPConfig)
-	}
-	// Validate parsed the URL and decoded the secrets: neither fails now.
-	u, uerr := parseWebhookURL(cfg.URL)
-	keys, kerr := decodeSecrets(cfg.Secrets)
-	if err := errors.Join(uerr, kerr); err != nil {
-		return nil, fmt.Errorf("webhook sink %q: %w", cfg.Name, err)
 	}
 	w.redacted, w.signer, w.scrub = redactURL(u), newSigner(keys), newScrubber(cfg.Secrets, u)
 	w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
