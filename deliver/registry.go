@@ -1,6 +1,7 @@
 package deliver
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -185,6 +186,8 @@ type Registry struct {
 	subs     map[int64]*Subscription
 	byOrg    map[int64][]*Subscription
 	platform map[int64]*Subscription // subscriptions with no organization
+	// order holds the subscriptions sorted by id, the snapshot's order.
+	order []*Subscription
 }
 
 func newRegistry() *Registry {
@@ -194,7 +197,12 @@ func newRegistry() *Registry {
 // put adds or replaces s.
 func (r *Registry) put(s *Subscription) {
 	s.snap = nil // s may be a changed copy of one snapshotted
-	r.remove(s.ID)
+	r.unindex(s.ID)
+	if i, found := r.position(s.ID); found {
+		r.order[i] = s
+	} else {
+		r.order = slices.Insert(r.order, i, s) // new ids come last: an append
+	}
 	r.subs[s.ID] = s
 	if s.OrganizationID == nil {
 		r.platform[s.ID] = s
@@ -203,8 +211,21 @@ func (r *Registry) put(s *Subscription) {
 	}
 }
 
+// position returns where subscription id is, or would be, in r.order.
+func (r *Registry) position(id int64) (int, bool) {
+	return slices.BinarySearchFunc(r.order, id, func(s *Subscription, id int64) int { return cmp.Compare(s.ID, id) })
+}
+
 // remove drops subscription id, if known.
 func (r *Registry) remove(id int64) {
+	if i, found := r.position(id); found {
+		r.order = slices.Delete(r.order, i, i+1)
+	}
+	r.unindex(id)
+}
+
+// unindex drops subscription id, if known, from all but r.order.
+func (r *Registry) unindex(id int64) {
 	old := r.subs[id]
 	if old == nil {
 		return
@@ -303,10 +324,8 @@ func (r *Registry) Snapshot() []byte {
 	// that catches up with the stream in the middle of a large one, and
 	// settles the routing state at each change) copies the others' bytes.
 	// The array is what json.Marshal makes of the elements in id order.
-	ids := slices.Sorted(maps.Keys(r.subs))
-	n := 2 + len(ids)
-	for _, id := range ids {
-		s := r.subs[id]
+	n := 2 + len(r.order)
+	for _, s := range r.order {
 		if s.snap == nil {
 			s.snap = s.snapshot()
 		}
@@ -314,11 +333,11 @@ func (r *Registry) Snapshot() []byte {
 	}
 	b := make([]byte, 0, n)
 	b = append(b, '[')
-	for i, id := range ids {
+	for i, s := range r.order {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = append(b, r.subs[id].snap...)
+		b = append(b, s.snap...)
 	}
 	return append(b, ']')
 }

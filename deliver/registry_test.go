@@ -807,11 +807,14 @@ func TestSnapshotFollowsChanges(t *testing.T) {
 		require.NoError(t, err)
 		return string(b)
 	}
-	for i := 1; i <= 5; i++ {
+	for _, i := range []int{1, 2, 9, 3, 4, 5, 7} {
 		apply(decode.KindInsert, strconv.Itoa(i), strconv.Itoa(i), "https://a/"+strconv.Itoa(i), "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01")
 	}
 	first := string(reg.Snapshot())
 	require.Equal(t, want(), first)
+	apply(decode.KindDelete, "9", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL")
+	apply(decode.KindDelete, "7", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL")
+	require.Equal(t, want(), string(reg.Snapshot()))
 
 	apply(decode.KindUpdate, "2", "2", "https://a/2", "{whsec_y}", "{}", "t", "NULL", "2026-01-01", "2026-01-02")
 	apply(decode.KindUpdate, "3", "3", "https://u:p@a/3", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-02")
