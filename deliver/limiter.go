@@ -1,7 +1,6 @@
 package deliver
 
 import (
-	"net/url"
 	"strings"
 	"sync"
 )
@@ -75,18 +74,31 @@ func (l *CallLimiter) work(key string, q *callQueue, call func()) {
 
 // webhookHost is the key a webhook subscription's calls are limited under:
 // the scheme and host (with its port) its URL posts to, as the HTTP
-// transport keys its connections; "" (no limit) when the URL does not parse
-// (its sink refuses every delivery without a request).
+// transport keys its connections; "" (no limit) when it has none (such a
+// URL's sink refuses every delivery without a request). Read without
+// url.Parse: a target's sink is built for each run of deliveries.
 func webhookHost(raw string) string {
-	u, err := url.Parse(raw)
-	if err != nil || u.Host == "" {
+	scheme, rest, ok := strings.Cut(raw, "://")
+	if !ok || scheme == "" {
 		return ""
 	}
-	scheme, host, port := strings.ToLower(u.Scheme), strings.ToLower(u.Hostname()), u.Port()
-	if port == "" && scheme == "https" {
-		port = "443"
-	} else if port == "" {
-		port = "80"
+	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
+		rest = rest[:i]
 	}
-	return scheme + "://" + host + ":" + port
+	if i := strings.LastIndexByte(rest, '@'); i >= 0 {
+		rest = rest[i+1:] // userinfo
+	}
+	if rest == "" {
+		return ""
+	}
+	scheme, rest = strings.ToLower(scheme), strings.ToLower(rest)
+	if i := strings.LastIndexByte(rest, ':'); i < 0 || strings.HasSuffix(rest, "]") {
+		// No port (an IPv6 literal ends with its bracket).
+		if scheme == "https" {
+			rest += ":443"
+		} else {
+			rest += ":80"
+		}
+	}
+	return scheme + "://" + rest
 }

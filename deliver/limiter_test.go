@@ -134,7 +134,11 @@ func TestWebhookHost(t *testing.T) {
 		"https://u:p@hooks.example.com:443": "https://hooks.example.com:443",
 		"http://hooks.example.com/x":        "http://hooks.example.com:80",
 		"http://10.0.0.1:8080/x":            "http://10.0.0.1:8080",
+		"HTTPS://[::1]/x":                   "https://[::1]:443",
+		"http://[::1]:8080":                 "http://[::1]:8080",
+		"http://h?q=a@b":                    "http://h:80",
 		"not a url":                         "",
+		"https:///x":                        "",
 		"%zz":                               "",
 	} {
 		require.Equal(t, want, webhookHost(raw), raw)
