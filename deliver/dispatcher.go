@@ -160,10 +160,17 @@ type Dispatcher struct {
 
 	onIdle  func()
 	settled atomic.Int64 // deliveries this target settled, over all runs
+	// deadLettered is set once the target dead-lettered a delivery (here
+	// or in the retrier).
+	deadLettered atomic.Bool
 
 	calls   *CallLimiter
 	callKey func() string
 }
+
+// DeadLettered reports whether the target has dead-lettered a delivery in
+// this process.
+func (d *Dispatcher) DeadLettered() bool { return d.deadLettered.Load() }
 
 // Settled returns how many deliveries the dispatcher has settled (delivered,
 // dead-lettered or parked), over all its runs.
@@ -559,6 +566,7 @@ func (d *Dispatcher) settle(r *done) (int, error) {
 		case o.Err == nil:
 			err = d.finish(dl, int32(o.Attempts), nil, nil)
 		case errors.Is(o.Err, sink.ErrPermanent):
+			d.deadLettered.Store(true)
 			d.log.Warn().Str("target", d.target).Int64("event_id", dl.Event.ID).Str("event_name", dl.Event.Name).Int("status", o.Status).
 				Int("attempts", o.Attempts).Err(o.Err).Msg("event dead-lettered")
 			err = d.finish(dl, int32(o.Attempts), &store.DeadLetter{

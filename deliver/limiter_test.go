@@ -3,6 +3,7 @@ package deliver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strconv"
 	"sync"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/sink"
+	"github.com/outboxd/outboxd/store"
 )
 
 // gatedSink holds every call until its gate opens, counting the calls in
@@ -187,8 +189,9 @@ func TestSubscriptionLoopsBounded(t *testing.T) {
 // A webhook subscription's target that settled everything it was sent and
 // has nothing parked is dropped when its loop stops: the router holds
 // targets for the subscriptions in use, not for every one that ever had an
-// event. One with parked deliveries stays, for the retrier; a dropped one
-// is built again by its next event.
+// event. One with parked deliveries stays, for the retrier, and so does one
+// that dead-lettered (the retrier delivers what `dlq retry` puts back); a
+// dropped one is built again by its next event.
 func TestIdleSubscriptionTargetsDropped(t *testing.T) {
 	t.Parallel()
 	cfg := Config{Concurrency: 2}.WithDefaults()
@@ -208,8 +211,11 @@ func TestIdleSubscriptionTargetsDropped(t *testing.T) {
 			for i, e := range evs {
 				got[s.ID] = append(got[s.ID], e.ID)
 				out[i].Attempts = 1
-				if s.ID == 2 {
+				switch s.ID {
+				case 2:
 					out[i].Err = errors.New("status 503") // parked
+				case 3:
+					out[i].Err = fmt.Errorf("status 422: %w", sink.ErrPermanent) // dead-lettered
 				}
 			}
 			return out
@@ -218,26 +224,28 @@ func TestIdleSubscriptionTargetsDropped(t *testing.T) {
 	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{}, DefaultEvents: []string{"none"}, Subscription: build}, st, zerolog.Nop())
 	require.NoError(t, err)
 	in := make(chan *decode.Event, 8)
-	for i := 1; i <= 2; i++ {
+	for i := 1; i <= 3; i++ {
 		c := change(decode.KindInsert, subRow(strconv.Itoa(i), strconv.Itoa(i), "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"))
 		c.TxnSeq = 1
 		in <- c
 	}
 	in <- &decode.Event{ID: 1, Name: "e", OrganizationID: 1, HasOrganization: true, TxnSeq: 2}
 	in <- &decode.Event{ID: 2, Name: "e", OrganizationID: 2, HasOrganization: true, TxnSeq: 3}
+	in <- &decode.Event{ID: 4, Name: "e", OrganizationID: 3, HasOrganization: true, TxnSeq: 3}
 	done := make(chan error, 1)
 	go func() { done <- r.Run(context.Background(), in) }()
 	gone := func(name string) bool { d, _, _ := r.Lookup(name); return d == nil }
 	require.Eventually(t, func() bool {
 		st.mu.Lock()
 		defer st.mu.Unlock()
-		return len(st.marks) == 1 && len(st.parked) == 1 && r.Loops() == 1 && gone("subscription:1")
-	}, 10*time.Second, time.Millisecond, "delivered, parked, loops stopped, the idle target dropped")
+		return len(st.marks) == 1 && len(st.parked) == 1 && len(st.dead) == 1 && r.Loops() == 1 && gone("subscription:1")
+	}, 10*time.Second, time.Millisecond, "delivered, parked, dead-lettered, loops stopped, the idle target dropped")
 	d, _, enabled := r.Lookup("subscription:2")
 	require.NotNil(t, d, "the target with a parked delivery stays for the retrier")
 	require.True(t, enabled)
 	require.Equal(t, 1, d.ParkedKeys())
-	require.ElementsMatch(t, []string{DefaultTarget, "subscription:2"}, r.LiveTargets())
+	require.False(t, gone("subscription:3"), "the target that dead-lettered stays")
+	require.ElementsMatch(t, []string{DefaultTarget, "subscription:2", "subscription:3"}, r.LiveTargets())
 
 	in <- &decode.Event{ID: 3, Name: "e", OrganizationID: 1, HasOrganization: true, TxnSeq: 4}
 	require.Eventually(t, func() bool {
@@ -246,8 +254,21 @@ func TestIdleSubscriptionTargetsDropped(t *testing.T) {
 		return slices.Equal(got[1], []int64{1, 3}) && r.Loops() == 1 && gone("subscription:1")
 	}, 10*time.Second, time.Millisecond)
 	mu.Lock()
-	require.Equal(t, map[int64]int{1: 2, 2: 1}, built, "subscription 1's sink built again for its next event")
+	require.Equal(t, map[int64]int{1: 2, 2: 1, 3: 1}, built, "subscription 1's sink built again for its next event")
 	mu.Unlock()
 	close(in)
 	require.NoError(t, <-done)
+}
+
+// A parked delivery the retrier gives up on marks its target as one that
+// dead-lettered, which the router keeps when idle; one rescheduled does
+// not.
+func TestRetrierGiveUpMarksTheTargetDeadLettered(t *testing.T) {
+	t.Parallel()
+	disp := New(Params{Target: "subscription:3", Log: zerolog.Nop()})
+	k := keyRun{r: &Retrier{}, disp: disp, h: store.ParkedHead{Target: "subscription:3", Key: 7}, log: zerolog.Nop()}
+	k.note(store.RetryLater, 1, time.Minute, sink.Outcome{Attempts: 1}, "503")
+	require.False(t, disp.DeadLettered())
+	k.note(store.GiveUp, 1, 0, sink.Outcome{Attempts: 1}, "retry schedule exhausted")
+	require.True(t, disp.DeadLettered())
 }

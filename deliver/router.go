@@ -373,12 +373,15 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			t.running = false
 			if t.sub != nil {
 				subLoops--
-				if t.sub.IsWebhook() && t.disp.ParkedKeys() == 0 {
+				if t.sub.IsWebhook() && t.disp.ParkedKeys() == 0 && !t.disp.DeadLettered() {
 					// Nothing in hand, nothing parked: the retrier has no
 					// use of it, and the next event builds it again (a
 					// webhook holds no connection of its own). Memory
 					// follows the targets in use, not every subscription
-					// that ever had an event.
+					// that ever had an event. One that dead-lettered
+					// stays live, so that the retrier delivers what
+					// `outboxd dlq retry` puts back while this process
+					// runs.
 					r.mu.Lock()
 					if r.targets[t.disp.Target()] == t {
 						delete(r.targets, t.disp.Target())
