@@ -152,9 +152,9 @@ type Webhook struct {
 	rawURL    string
 	redacted  string
 	userAgent string
-	signer    *signer           // nil: unsigned
-	guardHint string            // appended to a refused address's error
-	scrub     *strings.Replacer // secrets a receiver might echo back
+	signer    *signer  // nil: unsigned
+	guardHint string   // appended to a refused address's error
+	scrub     scrubber // secrets a receiver might echo back
 	log       zerolog.Logger
 	http      *httpClient
 	// sharedHTTP: http belongs to a SharedClient, whose owner closes it.
@@ -190,7 +190,7 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 
 // newScrubber returns a replacer that removes secrets, credentials and the
 // query string from text a receiver sent back.
-func newScrubber(secrets []string, u *url.URL) *strings.Replacer {
+func newScrubber(secrets []string, u *url.URL) scrubber {
 	var olds []string
 	add := func(s string, minLen int) {
 		if s != "" && len(s) >= minLen {
@@ -221,7 +221,21 @@ func newScrubber(secrets []string, u *url.URL) *strings.Replacer {
 	for _, s := range olds {
 		pairs = append(pairs, s, redacted)
 	}
-	return strings.NewReplacer(pairs...)
+	return scrubber{strings.NewReplacer(pairs...)}
+}
+
+// scrubber is the Replacer of newScrubber, not asked about empty text: a
+// Replacer of several strings builds its tables at its first use, and the
+// body of a 2xx answer, not read, is empty. A platform has a webhook per
+// subscription, most of which only ever see 2xx answers.
+type scrubber struct{ r *strings.Replacer }
+
+// Replace returns text with the secrets replaced.
+func (s scrubber) Replace(text string) string {
+	if text == "" {
+		return text
+	}
+	return s.r.Replace(text)
 }
 
 // Name returns the sink name.
