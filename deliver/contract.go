@@ -204,15 +204,13 @@ func (r *Router) applyPlan(ch *decode.Change) error {
 // snapshot returns the routing state: the registry's snapshot, with the
 // plan once it is known.
 func (r *Router) snapshot() []byte {
-	subs := r.reg.Snapshot()
 	if !r.contract.known {
-		return subs
+		return r.reg.Snapshot()
 	}
-	// routingState as json.Marshal writes it, without compacting again
-	// the registry's snapshot, which is compact already.
+	// routingState as json.Marshal writes it, the registry's snapshot
+	// (compact already) written once, in place.
 	plan, _ := json.Marshal(r.contract.state()) // plain data: cannot fail
-	b := make([]byte, 0, len(subs)+len(plan)+28)
-	b = append(append(b, `{"subscriptions":`...), subs...)
+	b := r.reg.AppendSnapshot([]byte(`{"subscriptions":`))
 	b = append(append(b, `,"plan":`...), plan...)
 	return append(b, '}')
 }

@@ -319,6 +319,11 @@ func pickSecrets(want, have []string) []string {
 // fingerprint (the routing state is stored in outboxd_checkpoint, which must
 // not hold tenants' signing keys or tokens).
 func (r *Registry) Snapshot() []byte {
+	return r.AppendSnapshot(nil)
+}
+
+// AppendSnapshot appends the registry's snapshot (Snapshot) to b.
+func (r *Registry) AppendSnapshot(b []byte) []byte {
 	// A subscription's element is made once, not at every snapshot: a
 	// transaction that changes one subscription of 100,000 (or a router
 	// that catches up with the stream in the middle of a large one, and
@@ -331,7 +336,7 @@ func (r *Registry) Snapshot() []byte {
 		}
 		n += len(s.snap)
 	}
-	b := make([]byte, 0, n)
+	b = slices.Grow(b, n+64) // and room for a suffix of the caller's
 	b = append(b, '[')
 	for i, s := range r.order {
 		if i > 0 {
