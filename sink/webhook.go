@@ -184,7 +184,12 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 		w.http = newHTTPClient(cfg.HTTPConfig)
 	}
 	w.redacted, w.signer, w.scrub = redactURL(u), newSigner(keys), newScrubber(cfg.Secrets, u)
-	w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
+	// The sink logs only at debug level: below it, its context (made for
+	// every subscription's sink) would never be written.
+	w.log = log
+	if log.GetLevel() <= zerolog.DebugLevel && zerolog.GlobalLevel() <= zerolog.DebugLevel {
+		w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
+	}
 	return w, nil
 }
 
