@@ -272,3 +272,41 @@ func TestRetrierGiveUpMarksTheTargetDeadLettered(t *testing.T) {
 	k.note(store.GiveUp, 1, 0, sink.Outcome{Attempts: 1}, "retry schedule exhausted")
 	require.True(t, disp.DeadLettered())
 }
+
+// A target the router stops and drops while it waits for a loop's place,
+// between routing an event to it and sending it the event, is registered
+// again when its loop runs: the one target of its subscription, which the
+// retrier finds and the next event reuses (not a second dispatcher
+// delivering the same key beside it).
+func TestTargetDroppedWhileRoutedIsRegisteredAgain(t *testing.T) {
+	t.Parallel()
+	cfg := Config{Concurrency: 2}.WithDefaults()
+	require.NoError(t, cfg.Validate())
+	g := newGatedSink()
+	st := newSettler(8)
+	build := func(s Subscription) (sink.Sink, error) { return g.sink(s.TargetName(), s.TargetName()), nil }
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{}, DefaultEvents: []string{"none"}, Subscription: build}, st, zerolog.Nop())
+	require.NoError(t, err)
+	r.maxLoops = 1
+	in := make(chan *decode.Event, 4)
+	// Subscription 1 is platform-wide, 2 organization 1's: an event of
+	// organization 1 is routed to 1, then 2.
+	for _, row := range [][]string{
+		{"1", "NULL", "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"},
+		{"2", "1", "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"},
+	} {
+		c := change(decode.KindInsert, subRow(row...))
+		c.TxnSeq = 1
+		in <- c
+	}
+	in <- &decode.Event{ID: 1, Name: "e", OrganizationID: 1, HasOrganization: true, TxnSeq: 2}
+	done := make(chan error, 1)
+	go func() { done <- r.Run(context.Background(), in) }()
+	require.Eventually(t, func() bool { return g.running1("subscription:1") == 1 }, 10*time.Second, time.Millisecond)
+	d, _, _ := r.Lookup("subscription:1")
+	require.NotNil(t, d, "the target delivering is registered")
+	close(g.gate)
+	require.Eventually(t, func() bool { return g.delivered() == 2 && r.Loops() == 1 }, 10*time.Second, time.Millisecond)
+	close(in)
+	require.NoError(t, <-done)
+}

@@ -315,6 +315,15 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 				}
 			}
 			subLoops++
+			// The wait may have dropped t itself (idle, before the
+			// router sent it the event it is routed): registered again,
+			// it stays the subscription's one target, which the
+			// retrier finds and the next event reuses.
+			r.mu.Lock()
+			if r.targets[t.disp.Target()] == nil {
+				r.targets[t.disp.Target()] = t
+			}
+			r.mu.Unlock()
 		}
 		t.in, t.running = make(chan *Delivery, inputSize(t)), true
 		wg.Add(1)
