@@ -282,31 +282,53 @@ func TestTargetDroppedWhileRoutedIsRegisteredAgain(t *testing.T) {
 	t.Parallel()
 	cfg := Config{Concurrency: 2}.WithDefaults()
 	require.NoError(t, cfg.Validate())
-	g := newGatedSink()
-	st := newSettler(8)
-	build := func(s Subscription) (sink.Sink, error) { return g.sink(s.TargetName(), s.TargetName()), nil }
-	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{}, DefaultEvents: []string{"none"}, Subscription: build}, st, zerolog.Nop())
+	started, release := make(chan int64, 4), make(chan struct{})
+	ack := func(evs []*decode.Event) []sink.Outcome {
+		out := make([]sink.Outcome, len(evs))
+		for i := range out {
+			out[i].Attempts = 1
+		}
+		return out
+	}
+	build := func(s Subscription) (sink.Sink, error) {
+		return &fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
+			if s.ID == 2 { // held until released
+				started <- evs[0].ID
+				<-release
+			}
+			return ack(evs)
+		}}, nil
+	}
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{}, DefaultEvents: []string{"none"}, Subscription: build}, newSettler(8), zerolog.Nop())
 	require.NoError(t, err)
 	r.maxLoops = 1
 	in := make(chan *decode.Event, 4)
-	// Subscription 1 is platform-wide, 2 organization 1's: an event of
-	// organization 1 is routed to 1, then 2.
+	// Subscription 1 is platform-wide for events b, 2 organization 1's
+	// for every event: event b of organization 1 is routed to 1 (new),
+	// then to 2 (running).
 	for _, row := range [][]string{
-		{"1", "NULL", "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"},
+		{"1", "NULL", "https://a", "{whsec_x}", "{b}", "t", "NULL", "2026-01-01", "2026-01-01"},
 		{"2", "1", "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"},
 	} {
 		c := change(decode.KindInsert, subRow(row...))
 		c.TxnSeq = 1
 		in <- c
 	}
-	in <- &decode.Event{ID: 1, Name: "e", OrganizationID: 1, HasOrganization: true, TxnSeq: 2}
+	in <- &decode.Event{ID: 1, Name: "a", OrganizationID: 1, HasOrganization: true, TxnSeq: 2}
+	in <- &decode.Event{ID: 2, Name: "b", OrganizationID: 1, HasOrganization: true, TxnSeq: 3}
 	done := make(chan error, 1)
 	go func() { done <- r.Run(context.Background(), in) }()
-	require.Eventually(t, func() bool { return g.running1("subscription:1") == 1 }, 10*time.Second, time.Millisecond)
-	d, _, _ := r.Lookup("subscription:1")
+	require.Equal(t, int64(1), <-started)
+	// Event 2 is routed (subscription 1's target exists): the router
+	// waits for subscription 2's loop, the one running, to give its place
+	// to subscription 1's, and only there learns that it went idle.
+	require.Eventually(t, func() bool { d, _, _ := r.Lookup("subscription:1"); return d != nil }, 10*time.Second, time.Millisecond)
+	release <- struct{}{}
+	require.Equal(t, int64(2), <-started, "subscription 2 delivers event 2 after 1 did")
+	d, _, _ := r.Lookup("subscription:2")
 	require.NotNil(t, d, "the target delivering is registered")
-	close(g.gate)
-	require.Eventually(t, func() bool { return g.delivered() == 2 && r.Loops() == 1 }, 10*time.Second, time.Millisecond)
+	release <- struct{}{}
+	require.Eventually(t, func() bool { return r.Loops() == 1 }, 10*time.Second, time.Millisecond)
 	close(in)
 	require.NoError(t, <-done)
 }

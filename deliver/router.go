@@ -367,7 +367,12 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 		r.mu.Lock()
 		r.targets[name] = t
 		r.mu.Unlock()
-		run(t)
+		if sub == nil {
+			// A subscription's loop starts when it is sent a delivery:
+			// one started for the retrier (parked deliveries) or ahead
+			// of its event would only go idle and stop.
+			run(t)
+		}
 		return t
 	}
 	stopIdle = func(t *target) {
