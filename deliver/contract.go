@@ -204,12 +204,15 @@ func (r *Router) applyPlan(ch *decode.Change) error {
 // snapshot returns the routing state: the registry's snapshot, with the
 // plan once it is known.
 func (r *Router) snapshot() []byte {
-	subs := r.reg.Snapshot()
 	if !r.contract.known {
-		return subs
+		return r.reg.Snapshot()
 	}
-	b, _ := json.Marshal(routingState{Subscriptions: subs, Plan: r.contract.state()}) // plain data: cannot fail
-	return b
+	// routingState as json.Marshal writes it, the registry's snapshot
+	// (compact already) written once, in place.
+	plan, _ := json.Marshal(r.contract.state()) // plain data: cannot fail
+	b := r.reg.AppendSnapshot([]byte(`{"subscriptions":`))
+	b = append(append(b, `,"plan":`...), plan...)
+	return append(b, '}')
 }
 
 // loadContract sets the plan from the routing state, or from the table

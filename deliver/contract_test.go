@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"os"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -246,4 +247,34 @@ func TestRouterFilterBeforeContractPolicy(t *testing.T) {
 	require.Len(t, st.dead[5], 1)
 	require.Equal(t, "kafka", st.dead[5][0].Sink)
 	require.False(t, st.marks[5])
+}
+
+// The routing state with a plan is what json.Marshal makes of it: the
+// registry's snapshot written in place, with a plan and without one.
+func TestRoutingStateAsMarshalled(t *testing.T) {
+	t.Parallel()
+	r, err := NewRouter(RouterConfig{Deliver: Config{}.WithDefaults(), Default: &fakeSink{}}, newSettler(1), zerolog.Nop())
+	require.NoError(t, err)
+	for i := 1; i <= 3; i++ {
+		_, err := r.reg.Apply(&decode.Change{Kind: decode.KindInsert,
+			Row: subRow(strconv.Itoa(i), strconv.Itoa(i), "https://a/<"+strconv.Itoa(i)+">", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01")})
+		require.NoError(t, err)
+	}
+	source := examplePlan(t)
+	for _, src := range []string{"", source} {
+		require.NoError(t, r.contract.set(src, "sha-"+strconv.Itoa(len(src))))
+		want, err := json.Marshal(routingState{Subscriptions: r.reg.Snapshot(), Plan: r.contract.state()})
+		require.NoError(t, err)
+		got := r.snapshot()
+		require.Equal(t, string(want), string(got))
+		subs, plan, known, err := splitRouting(got)
+		require.NoError(t, err)
+		require.True(t, known)
+		require.JSONEq(t, string(r.reg.Snapshot()), string(subs))
+		if src == "" {
+			require.Nil(t, plan)
+		} else {
+			require.Equal(t, src, plan.Source)
+		}
+	}
 }

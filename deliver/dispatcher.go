@@ -145,10 +145,12 @@ type Result struct {
 
 // Dispatcher delivers the deliveries of one target.
 type Dispatcher struct {
-	cfg      Config
-	target   string
-	sink     func() sink.Sink
-	settler  Settler
+	cfg     Config
+	target  string
+	sink    func() sink.Sink
+	settler Settler
+	// log has no context of its own: a target is one of thousands, and
+	// its lines name it as they are written.
 	log      zerolog.Logger
 	onResult func(Result)
 	// onGone is told when the target answered 410 Gone.
@@ -159,7 +161,17 @@ type Dispatcher struct {
 
 	onIdle  func()
 	settled atomic.Int64 // deliveries this target settled, over all runs
+	// deadLettered is set once the target dead-lettered a delivery (here
+	// or in the retrier).
+	deadLettered atomic.Bool
+
+	calls   *CallLimiter
+	callKey func() string
 }
+
+// DeadLettered reports whether the target has dead-lettered a delivery in
+// this process.
+func (d *Dispatcher) DeadLettered() bool { return d.deadLettered.Load() }
 
 // Settled returns how many deliveries the dispatcher has settled (delivered,
 // dead-lettered or parked), over all its runs.
@@ -186,6 +198,12 @@ type Params struct {
 	// OnIdle is told, from Run, each time the dispatcher comes to hold
 	// nothing with nothing waiting on its input; may be nil.
 	OnIdle func()
+	// Calls, when set, runs the sink calls, shared with other dispatchers:
+	// at most its limit at once per CallKey, the others queued (the
+	// subscriptions' webhooks, many of them posting to one host). CallKey
+	// returns the key of the current sink; "" runs the call unbounded.
+	Calls   *CallLimiter
+	CallKey func() string
 }
 
 // New returns a dispatcher.
@@ -195,7 +213,8 @@ func New(p Params) *Dispatcher {
 		parked = map[uint64]int{}
 	}
 	return &Dispatcher{cfg: p.Config, target: p.Target, sink: p.Sink, settler: p.Settler,
-		log: p.Log.With().Str("target", p.Target).Logger(), parked: parked, onResult: p.OnResult, onGone: p.OnGone, onIdle: p.OnIdle}
+		log: p.Log, parked: parked, onResult: p.OnResult, onGone: p.OnGone, onIdle: p.OnIdle,
+		calls: p.Calls, callKey: p.CallKey}
 }
 
 // Target is the name of the dispatcher's target.
@@ -289,7 +308,7 @@ type done struct {
 // Cancelling ctx abandons deliveries in progress: their events stay unsettled,
 // so the checkpoint never passes them and they are delivered again later.
 func (d *Dispatcher) Run(ctx context.Context, in *handoff.Queue[*Delivery]) error {
-	r := &run{d: d, queues: make(map[uint64]*keyQueue), results: make(chan done, d.cfg.Concurrency)}
+	r := &run{d: d, queues: make(map[uint64]*keyQueue), results: make(chan *done, d.cfg.Concurrency)}
 	defer r.stop()
 	for {
 		reading := !r.closed && r.held < d.cfg.MaxInFlight && r.err == nil && ctx.Err() == nil
@@ -340,7 +359,7 @@ func (d *Dispatcher) Run(ctx context.Context, in *handoff.Queue[*Delivery]) erro
 // room for it: at most Concurrency calls are in progress, and an idle
 // target holds no goroutine but its loop's (a platform with thousands of
 // subscriptions has thousands of targets).
-func (d *Dispatcher) call(ctx context.Context, j job, results chan<- done) {
+func (d *Dispatcher) call(ctx context.Context, j job, results chan<- *done) {
 	events := make([]*decode.Event, len(j.items))
 	for i, it := range j.items {
 		events[i] = it.dl.Event
@@ -351,7 +370,7 @@ func (d *Dispatcher) call(ctx context.Context, j job, results chan<- done) {
 	out := snk.Deliver(ctx, events)
 	took := time.Since(start)
 	span.End(out)
-	results <- done{job: j, outcomes: out, took: took}
+	results <- &done{job: j, outcomes: out, took: took}
 }
 
 // run is the state of one Run, owned by its loop.
@@ -363,7 +382,9 @@ type run struct {
 	queued   int      // events waiting in key queues
 	inflight int      // sink calls in progress
 	closed   bool     // the input is closed
-	results  chan done
+	// results holds pointers: its room is Concurrency results, made for
+	// every run of a loop, thousands of them with subscriptions.
+	results  chan *done
 	waitFrom time.Time // when the current short batch started waiting
 	timer    *time.Timer
 	timerC   <-chan time.Time
@@ -444,9 +465,24 @@ func (r *run) handOut(ctx context.Context) {
 			}
 		}
 		r.waitFrom = time.Time{}
-		go r.d.call(ctx, r.take(), r.results)
+		r.start(ctx, r.take())
 		r.inflight++
 	}
+}
+
+// start makes the sink call of j on a goroutine of its own or, when the
+// dispatcher shares a CallLimiter, through it: a call beyond its limit waits
+// in its queue, counted in flight like the others.
+func (r *run) start(ctx context.Context, j job) {
+	d := r.d
+	if d.calls != nil && d.callKey != nil {
+		if key := d.callKey(); key != "" {
+			results := r.results
+			d.calls.Go(key, func() { d.call(ctx, j, results) })
+			return
+		}
+	}
+	go d.call(ctx, j, r.results)
 }
 
 // take builds one sink call from the heads of ready keys: a prefix of each
@@ -504,7 +540,7 @@ func (r *run) release(keys []uint64) {
 
 // settle records the outcomes of one sink call. Deliveries abandoned because
 // ctx ended are not settled. It returns how many were.
-func (d *Dispatcher) settle(r done) (int, error) {
+func (d *Dispatcher) settle(r *done) (int, error) {
 	if d.onResult != nil && len(r.outcomes) > 0 {
 		events := make([]*decode.Event, len(r.items))
 		for i, it := range r.items {
@@ -529,7 +565,8 @@ func (d *Dispatcher) settle(r done) (int, error) {
 		case o.Err == nil:
 			err = d.finish(dl, int32(o.Attempts), nil, nil)
 		case errors.Is(o.Err, sink.ErrPermanent):
-			d.log.Warn().Int64("event_id", dl.Event.ID).Str("event_name", dl.Event.Name).Int("status", o.Status).
+			d.deadLettered.Store(true)
+			d.log.Warn().Str("target", d.target).Int64("event_id", dl.Event.ID).Str("event_name", dl.Event.Name).Int("status", o.Status).
 				Int("attempts", o.Attempts).Err(o.Err).Msg("event dead-lettered")
 			err = d.finish(dl, int32(o.Attempts), &store.DeadLetter{
 				EventID: dl.Event.ID, Sink: d.target, Status: o.Status, Reason: o.Err.Error(), Attempts: int32(o.Attempts),
@@ -541,7 +578,7 @@ func (d *Dispatcher) settle(r done) (int, error) {
 			d.parkMu.Lock()
 			d.parked[it.key]++
 			d.parkMu.Unlock()
-			d.log.Warn().Int64("event_id", dl.Event.ID).Int("status", o.Status).Int("attempts", o.Attempts).
+			d.log.Warn().Str("target", d.target).Int64("event_id", dl.Event.ID).Int("status", o.Status).Int("attempts", o.Attempts).
 				Err(o.Err).Dur("retry_in", d.cfg.FirstRetry).Msg("delivery parked for a later retry")
 			err = d.park(it, o, o.Err.Error())
 		}

@@ -1,6 +1,7 @@
 package deliver
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -53,6 +54,9 @@ type Subscription struct {
 	// written where the column's CHECK was dropped), makes the subscription
 	// refuse its deliveries with the reason rather than drop the change.
 	settingsErr error
+	// snap is the subscription's element of the registry's snapshot, made
+	// at the first snapshot after it was put (Registry.put clears it).
+	snap []byte
 }
 
 // IsWebhook reports whether s is a webhook subscription.
@@ -182,6 +186,8 @@ type Registry struct {
 	subs     map[int64]*Subscription
 	byOrg    map[int64][]*Subscription
 	platform map[int64]*Subscription // subscriptions with no organization
+	// order holds the subscriptions sorted by id, the snapshot's order.
+	order []*Subscription
 }
 
 func newRegistry() *Registry {
@@ -190,7 +196,13 @@ func newRegistry() *Registry {
 
 // put adds or replaces s.
 func (r *Registry) put(s *Subscription) {
-	r.remove(s.ID)
+	s.snap = nil // s may be a changed copy of one snapshotted
+	r.unindex(s.ID)
+	if i, found := r.position(s.ID); found {
+		r.order[i] = s
+	} else {
+		r.order = slices.Insert(r.order, i, s) // new ids come last: an append
+	}
 	r.subs[s.ID] = s
 	if s.OrganizationID == nil {
 		r.platform[s.ID] = s
@@ -199,8 +211,21 @@ func (r *Registry) put(s *Subscription) {
 	}
 }
 
+// position returns where subscription id is, or would be, in r.order.
+func (r *Registry) position(id int64) (int, bool) {
+	return slices.BinarySearchFunc(r.order, id, func(s *Subscription, id int64) int { return cmp.Compare(s.ID, id) })
+}
+
 // remove drops subscription id, if known.
 func (r *Registry) remove(id int64) {
+	if i, found := r.position(id); found {
+		r.order = slices.Delete(r.order, i, i+1)
+	}
+	r.unindex(id)
+}
+
+// unindex drops subscription id, if known, from all but r.order.
+func (r *Registry) unindex(id int64) {
 	old := r.subs[id]
 	if old == nil {
 		return
@@ -294,31 +319,59 @@ func pickSecrets(want, have []string) []string {
 // fingerprint (the routing state is stored in outboxd_checkpoint, which must
 // not hold tenants' signing keys or tokens).
 func (r *Registry) Snapshot() []byte {
-	subs := make([]Subscription, 0, len(r.subs))
-	for _, s := range r.subs {
-		c := *s
-		c.SecretFingerprints = make([]string, len(s.Secrets))
-		for i, secret := range s.Secrets {
-			c.SecretFingerprints[i] = SecretFingerprint(secret)
+	return r.AppendSnapshot(nil)
+}
+
+// AppendSnapshot appends the registry's snapshot (Snapshot) to b.
+func (r *Registry) AppendSnapshot(b []byte) []byte {
+	// A subscription's element is made once, not at every snapshot: a
+	// transaction that changes one subscription of 100,000 (or a router
+	// that catches up with the stream in the middle of a large one, and
+	// settles the routing state at each change) copies the others' bytes.
+	// The array is what json.Marshal makes of the elements in id order.
+	n := 2 + len(r.order)
+	for _, s := range r.order {
+		if s.snap == nil {
+			s.snap = s.snapshot()
 		}
-		c.Secrets = nil
-		if slices.ContainsFunc(slices.Collect(maps.Keys(s.Settings)), SecretSettingKey) {
-			// Only if the column's CHECK was dropped: never kept. The keys
-			// stay, so the subscription stays refused.
-			c.Settings = maps.Clone(s.Settings)
-			for k := range c.Settings {
-				if SecretSettingKey(k) {
-					c.Settings[k] = ""
-				}
+		n += len(s.snap)
+	}
+	b = slices.Grow(b, n+64) // and room for a suffix of the caller's
+	b = append(b, '[')
+	for i, s := range r.order {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, s.snap...)
+	}
+	return append(b, ']')
+}
+
+// snapshot returns s's element of the registry's snapshot: s as JSON, with
+// each secret, and a URL that carries credentials, replaced by its
+// fingerprint.
+func (s *Subscription) snapshot() []byte {
+	c := *s
+	c.snap = nil
+	c.SecretFingerprints = make([]string, len(s.Secrets))
+	for i, secret := range s.Secrets {
+		c.SecretFingerprints[i] = SecretFingerprint(secret)
+	}
+	c.Secrets = nil
+	if slices.ContainsFunc(slices.Collect(maps.Keys(s.Settings)), SecretSettingKey) {
+		// Only if the column's CHECK was dropped: never kept. The keys
+		// stay, so the subscription stays refused.
+		c.Settings = maps.Clone(s.Settings)
+		for k := range c.Settings {
+			if SecretSettingKey(k) {
+				c.Settings[k] = ""
 			}
 		}
-		if urlHasCredentials(s.URL) {
-			c.URLFingerprint, c.URL = SecretFingerprint(s.URL), ""
-		}
-		subs = append(subs, c)
 	}
-	slices.SortFunc(subs, func(a, b Subscription) int { return int(a.ID - b.ID) })
-	b, _ := json.Marshal(subs) // plain data: cannot fail
+	if urlHasCredentials(s.URL) {
+		c.URLFingerprint, c.URL = SecretFingerprint(s.URL), ""
+	}
+	b, _ := json.Marshal(c) // plain data: cannot fail
 	return b
 }
 

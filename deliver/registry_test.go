@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -776,4 +777,64 @@ func TestLazySubscriptionSink(t *testing.T) {
 		return nil, fmt.Errorf("setting TOPIC is not one of ...: %w", sink.ErrPermanent)
 	}}
 	require.ErrorIs(t, bad.Deliver(ctx, evs)[0].Err, sink.ErrPermanent, "the row's own settings: dead-lettered")
+}
+
+// The snapshot keeps each subscription's element from one snapshot to the
+// next, and takes the new one of a subscription changed since, in place
+// (an update of its secrets, URL or enabled flag, one whose unchanged
+// columns come from the element kept) or gone (a delete): it is what
+// json.Marshal makes of the subscriptions in id order, as it was before the
+// elements were kept.
+func TestSnapshotFollowsChanges(t *testing.T) {
+	t.Parallel()
+	reg, err := NewRegistry(nil, nil)
+	require.NoError(t, err)
+	apply := func(kind decode.Kind, vals ...string) {
+		t.Helper()
+		_, err := reg.Apply(&decode.Change{Kind: kind, Row: subRow(vals...)})
+		require.NoError(t, err)
+	}
+	// want is the snapshot made afresh: every element from the
+	// subscriptions as they are now.
+	want := func() string {
+		var subs []json.RawMessage
+		for _, id := range slices.Sorted(maps.Keys(reg.subs)) {
+			subs = append(subs, reg.subs[id].snapshot())
+		}
+		if subs == nil {
+			subs = []json.RawMessage{}
+		}
+		b, err := json.Marshal(subs)
+		require.NoError(t, err)
+		return string(b)
+	}
+	for _, i := range []int{1, 2, 9, 3, 4, 5, 7} {
+		apply(decode.KindInsert, strconv.Itoa(i), strconv.Itoa(i), "https://a/"+strconv.Itoa(i), "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01")
+	}
+	first := string(reg.Snapshot())
+	require.Equal(t, want(), first)
+	apply(decode.KindDelete, "9", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL")
+	apply(decode.KindDelete, "7", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL")
+	require.Equal(t, want(), string(reg.Snapshot()))
+
+	apply(decode.KindUpdate, "2", "2", "https://a/2", "{whsec_y}", "{}", "t", "NULL", "2026-01-01", "2026-01-02")
+	apply(decode.KindUpdate, "3", "3", "https://u:p@a/3", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-02")
+	apply(decode.KindUpdate, "4", "4", unchanged, unchanged, unchanged, "f", "NULL", "2026-01-01", "2026-01-02")
+	apply(decode.KindDelete, "5", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL")
+	second := string(reg.Snapshot())
+	require.Equal(t, want(), second)
+	var subs []Subscription
+	require.NoError(t, json.Unmarshal([]byte(second), &subs))
+	require.Len(t, subs, 4)
+	require.Equal(t, []string{SecretFingerprint("whsec_y")}, subs[1].SecretFingerprints, "new secrets")
+	require.Equal(t, SecretFingerprint("https://u:p@a/3"), subs[2].URLFingerprint, "a URL with credentials")
+	require.Empty(t, subs[2].URL)
+	require.False(t, subs[3].Enabled)
+	require.Equal(t, "https://a/4", subs[3].URL, "unchanged columns kept")
+	require.Equal(t, []string{SecretFingerprint("whsec_x")}, subs[3].SecretFingerprints)
+	require.NotContains(t, second, "whsec_")
+
+	_, err = reg.Apply(&decode.Change{Kind: decode.KindIgnored})
+	require.NoError(t, err)
+	require.Equal(t, "[]", string(reg.Snapshot()))
 }

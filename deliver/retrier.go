@@ -255,6 +255,11 @@ func (k *keyRun) note(kind store.ResolutionKind, eventID int64, retryIn time.Dur
 	if kind != store.RetryLater {
 		k.settled++
 	}
+	if kind == store.GiveUp {
+		// Its target stays live (Router: dropped targets), so that what
+		// `outboxd dlq retry` puts back is delivered.
+		k.disp.deadLettered.Store(true)
+	}
 	if kind == store.Delivered {
 		k.delivered++
 	}

@@ -502,12 +502,13 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 			// however the subscription was added or changed.
 			wc := cfg.Webhook.ForSubscription(sub.TargetName(), sub.URL, sub.Secrets)
 			wc.Client = j.subClient
-			if err := wc.Validate(); err != nil {
-				return nil, err
-			}
-			return sink.NewWebhook(wc, j.log)
+			return sink.NewWebhook(wc, j.log) // it validates wc
 		},
-		Routing: routing, Parked: parked,
+		// Twice the connections: a call waiting out a retry's backoff holds
+		// none, so a host takes that many calls before they queue in
+		// outboxd rather than as goroutines waiting for a connection.
+		SubscriptionCallsPerHost: 2 * cfg.Webhook.SubscriptionMaxConnsPerHost,
+		Routing:                  routing, Parked: parked,
 		Secrets: func(ids []int64) (map[int64]deliver.Stored, error) {
 			return j.slotStore.SubscriptionSecrets(loadCtx, ids)
 		},

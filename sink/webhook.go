@@ -69,18 +69,26 @@ func (c WebhookConfig) WithDefaults() WebhookConfig {
 // Errors name the offending field and never contain a secret or the URL's
 // userinfo or query.
 func (c WebhookConfig) Validate() error {
-	c = c.WithDefaults()
+	_, _, err := c.WithDefaults().check()
+	return err
+}
+
+// check validates c, which has its defaults, and returns its URL parsed and
+// its secrets decoded.
+func (c WebhookConfig) check() (*url.URL, [][]byte, error) {
 	var v fieldCheck
-	if _, err := parseWebhookURL(c.URL); err != nil {
+	u, err := parseWebhookURL(c.URL)
+	if err != nil {
 		v.bad("URL", "%v", err)
 	}
+	keys := make([][]byte, len(c.Secrets))
 	for i, s := range c.Secrets {
-		if _, err := decodeSecret(s); err != nil {
+		if keys[i], err = decodeSecret(s); err != nil {
 			v.bad(fmt.Sprintf("Secrets[%d]", i), "%v", err)
 		}
 	}
 	c.HTTPConfig.validate(v.bad)
-	return v.err("webhook", c.Name)
+	return u, keys, v.err("webhook", c.Name)
 }
 
 // ForSubscription returns the configuration of a subscription's webhook: c as
@@ -153,9 +161,9 @@ type Webhook struct {
 	url       *url.URL // parsed rawURL, copied into each request
 	redacted  string
 	userAgent string
-	signer    *signer           // nil: unsigned
-	guardHint string            // appended to a refused address's error
-	scrub     *strings.Replacer // secrets a receiver might echo back
+	signer    *signer  // nil: unsigned
+	guardHint string   // appended to a refused address's error
+	scrub     scrubber // secrets a receiver might echo back
 	log       zerolog.Logger
 	http      *httpClient
 	// sharedHTTP: http belongs to a SharedClient, whose owner closes it.
@@ -167,7 +175,10 @@ var _ Sink = (*Webhook)(nil)
 // NewWebhook validates cfg, with its defaults, and returns a Webhook sink.
 func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 	cfg = cfg.WithDefaults()
-	if err := cfg.Validate(); err != nil {
+	// One parse of the URL and of the secrets: a platform builds a sink
+	// per subscription with deliveries in hand.
+	u, keys, err := cfg.check()
+	if err != nil {
 		return nil, err
 	}
 	w := &Webhook{
@@ -181,21 +192,20 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 	} else {
 		w.http = newHTTPClient(cfg.HTTPConfig)
 	}
-	// Validate parsed the URL and decoded the secrets: neither fails now.
-	u, uerr := parseWebhookURL(cfg.URL)
-	keys, kerr := decodeSecrets(cfg.Secrets)
-	if err := errors.Join(uerr, kerr); err != nil {
-		return nil, fmt.Errorf("webhook sink %q: %w", cfg.Name, err)
-	}
 	w.redacted, w.signer, w.scrub = redactURL(u), newSigner(keys), newScrubber(cfg.Secrets, u)
 	w.url = requestURL(u)
-	w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
+	// The sink logs only at debug level: below it, its context (made for
+	// every subscription's sink) would never be written.
+	w.log = log
+	if log.GetLevel() <= zerolog.DebugLevel && zerolog.GlobalLevel() <= zerolog.DebugLevel {
+		w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
+	}
 	return w, nil
 }
 
 // newScrubber returns a replacer that removes secrets, credentials and the
 // query string from text a receiver sent back.
-func newScrubber(secrets []string, u *url.URL) *strings.Replacer {
+func newScrubber(secrets []string, u *url.URL) scrubber {
 	var olds []string
 	add := func(s string, minLen int) {
 		if s != "" && len(s) >= minLen {
@@ -226,7 +236,21 @@ func newScrubber(secrets []string, u *url.URL) *strings.Replacer {
 	for _, s := range olds {
 		pairs = append(pairs, s, redacted)
 	}
-	return strings.NewReplacer(pairs...)
+	return scrubber{strings.NewReplacer(pairs...)}
+}
+
+// scrubber is the Replacer of newScrubber, not asked about empty text: a
+// Replacer of several strings builds its tables at its first use, and the
+// body of a 2xx answer, not read, is empty. A platform has a webhook per
+// subscription, most of which only ever see 2xx answers.
+type scrubber struct{ r *strings.Replacer }
+
+// Replace returns text with the secrets replaced.
+func (s scrubber) Replace(text string) string {
+	if text == "" {
+		return text
+	}
+	return s.r.Replace(text)
 }
 
 // Name returns the sink name.

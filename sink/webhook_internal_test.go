@@ -1,12 +1,15 @@
 package sink
 
 import (
+	"bytes"
 	"errors"
+	"io"
 	"net/http"
 	"net/url"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxd/outboxd/internal/backoff"
@@ -109,4 +112,38 @@ func TestSnippetScrubs(t *testing.T) {
 		long[i] = 'x'
 	}
 	require.Len(t, w.snippet(long, ""), snippetLen)
+}
+
+// The scrubber of a webhook does no work for the empty body of a 2xx
+// answer: its Replacer, whose tables cost more than the sink itself, is
+// built only for text to scrub. Not parallel: it counts allocations.
+func TestScrubberBuiltOnlyForText(t *testing.T) {
+	u, err := url.Parse("https://alice:s3cr3tpw@example.com/hook?token=qu3rys3cret")
+	require.NoError(t, err)
+	secrets := []string{"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
+	made := testing.AllocsPerRun(20, func() { _ = newScrubber(secrets, u) })
+	empty := testing.AllocsPerRun(20, func() { _ = newScrubber(secrets, u).Replace("") })
+	require.Equal(t, made, empty, "nothing built for empty text")
+	require.Equal(t, "key [REDACTED] pw [REDACTED]", newScrubber(secrets, u).Replace("key "+secrets[0]+" pw s3cr3tpw"))
+}
+
+// A webhook logs only at debug level, so it gives its logger a context (a
+// buffer per sink, one sink per subscription) only when debug lines are
+// written. Not parallel: it counts allocations.
+func TestWebhookLoggerContextOnlyForDebug(t *testing.T) {
+	cfg := WebhookConfig{URL: "https://example.com/hook", Secrets: []string{"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}}
+	allocs := func(level zerolog.Level) float64 {
+		log := zerolog.New(io.Discard).Level(level)
+		return testing.AllocsPerRun(20, func() {
+			if _, err := NewWebhook(cfg, log); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	require.Less(t, allocs(zerolog.InfoLevel), allocs(zerolog.DebugLevel))
+	var buf bytes.Buffer
+	w, err := NewWebhook(cfg, zerolog.New(&buf).Level(zerolog.DebugLevel))
+	require.NoError(t, err)
+	w.log.Debug().Msg("x")
+	require.Contains(t, buf.String(), `"sink":"webhook","url":"https://example.com/hook"`)
 }
