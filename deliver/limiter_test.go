@@ -333,3 +333,44 @@ func TestTargetDroppedWhileRoutedIsRegisteredAgain(t *testing.T) {
 	close(in)
 	require.NoError(t, <-done)
 }
+
+// An idle subscription target with dead letters — in the table when the
+// router started, or dead-lettered since by its contract policy — is kept,
+// so that what `outboxd dlq retry` puts back is retried while the process
+// runs; one without is dropped.
+func TestIdleSubscriptionTargetsWithDeadLettersKept(t *testing.T) {
+	t.Parallel()
+	cfg := Config{Concurrency: 2}.WithDefaults()
+	require.NoError(t, cfg.Validate())
+	st := newSettler(16)
+	build := func(s Subscription) (sink.Sink, error) { return &recorder{}, nil }
+	r, err := NewRouter(RouterConfig{Deliver: cfg, Default: &fakeSink{}, DefaultEvents: []string{"none"}, Subscription: build,
+		DeadLettered: []string{"subscription:1"}, Contract: ContractConfig{Subscriptions: ContractDeadLetter}}, st, zerolog.Nop())
+	require.NoError(t, err)
+	in := make(chan *decode.Event, 16)
+	for id, org := range map[int]int{1: 1, 2: 7, 3: 3} {
+		c := change(decode.KindInsert, subRow(strconv.Itoa(id), strconv.Itoa(org), "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"))
+		c.TxnSeq = 1
+		in <- c
+	}
+	in <- planChangeEvent(2, decode.KindInsert, examplePlan(t), false)
+	in <- contractEvent(10, 3, false) // subscription 2's: dead-lettered by the router
+	in <- contractEvent(11, 4, true)  // delivered to subscription 2
+	for id, org := range map[int64]int64{12: 1, 13: 3} {
+		e := contractEvent(id, uint64(id), true)
+		e.OrganizationID = org // routed by it
+		in <- e
+	}
+	done := make(chan error, 1)
+	go func() { done <- r.Run(context.Background(), handoff.FromChan(in, 1024)) }()
+	gone := func(name string) bool { d, _, _ := r.Lookup(name); return d == nil }
+	require.Eventually(t, func() bool {
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		return len(st.marks) == 3 && len(st.dead) == 1 && r.Loops() == 1 && gone("subscription:3")
+	}, 10*time.Second, time.Millisecond, "delivered, dead-lettered, loops stopped, the plain idle target dropped")
+	require.False(t, gone("subscription:1"), "a target with dead letters in the table stays")
+	require.False(t, gone("subscription:2"), "a target the router dead-lettered for stays")
+	close(in)
+	require.NoError(t, <-done)
+}

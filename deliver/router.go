@@ -53,6 +53,11 @@ type RouterConfig struct {
 	// Parked are the parked deliveries already in the table, per target and
 	// ordering key.
 	Parked map[string]map[uint64]int
+	// DeadLettered are the targets with dead letters in the table: an idle
+	// subscription target among them is kept, never dropped, so that the
+	// retrier delivers what `outboxd dlq retry` puts back while this process
+	// runs.
+	DeadLettered []string
 	// OnGone is told when a target answered 410 Gone.
 	OnGone func(target string)
 	// OnResult receives every sink call's result (metrics); may be nil.
@@ -162,6 +167,10 @@ type Router struct {
 	// maxLoops bounds the subscription loops that run at once
 	// (maxSubscriptionLoops; tests lower it).
 	maxLoops int
+	// kept are the targets never dropped when idle: those with dead letters
+	// in the table at start, or dead-lettered since by the router (contract
+	// policy). It belongs to the router's goroutine once Run starts.
+	kept map[string]bool
 }
 
 // Loops returns the number of targets whose delivery loop runs now: those
@@ -239,7 +248,10 @@ func NewRouter(cfg RouterConfig, settler Settler, log zerolog.Logger) (*Router, 
 	}
 	reg.Each(func(s *Subscription) { logBadFilter(log, s) })
 	r := &Router{cfg: cfg, settler: settler, log: log, reg: reg, targets: map[string]*target{}, closers: map[string]func(){},
-		maxLoops: maxSubscriptionLoops}
+		maxLoops: maxSubscriptionLoops, kept: map[string]bool{}}
+	for _, name := range cfg.DeadLettered {
+		r.kept[name] = true
+	}
 	if cfg.SubscriptionCallsPerHost > 0 {
 		r.calls = NewCallLimiter(cfg.SubscriptionCallsPerHost)
 	}
@@ -408,7 +420,7 @@ func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) erro
 			t.running = false
 			if t.sub != nil {
 				subLoops--
-				if t.sub.IsWebhook() && t.disp.ParkedKeys() == 0 && !t.disp.DeadLettered() {
+				if t.sub.IsWebhook() && t.disp.ParkedKeys() == 0 && !t.disp.DeadLettered() && !r.kept[t.disp.Target()] {
 					// Nothing in hand, nothing parked: the retrier has no
 					// use of it, and the next event builds it again (a
 					// webhook holds no connection of its own). Memory

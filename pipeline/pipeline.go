@@ -486,6 +486,10 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 	if err != nil {
 		return nil, err
 	}
+	deadLettered, err := j.slotStore.DeadLetterTargets(loadCtx)
+	if err != nil {
+		return nil, err
+	}
 	rc := deliver.RouterConfig{
 		Deliver: cfg.Deliver, Default: j.sink, DefaultEvents: cfg.DefaultEvents, DefaultGuard: cfg.DefaultGuard, Destinations: cfg.Destinations,
 		DefaultFilter: cfg.DefaultFilter, DefaultMask: cfg.DefaultMask,
@@ -508,7 +512,7 @@ func (j *job) newRouter(loadCtx context.Context) (*deliver.Router, error) {
 		// none, so a host takes that many calls before they queue in
 		// outboxd rather than as goroutines waiting for a connection.
 		SubscriptionCallsPerHost: 2 * cfg.Webhook.SubscriptionMaxConnsPerHost,
-		Routing:                  routing, Parked: parked,
+		Routing:                  routing, Parked: parked, DeadLettered: deadLettered,
 		Secrets: func(ids []int64) (map[int64]deliver.Stored, error) {
 			return j.slotStore.SubscriptionSecrets(loadCtx, ids)
 		},

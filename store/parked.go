@@ -57,6 +57,16 @@ func (s *SlotStore) ParkedCounts(ctx context.Context) (map[string]map[uint64]int
 	return out, nil
 }
 
+// DeadLetterTargets returns the subscription targets that have dead letters.
+func (s *SlotStore) DeadLetterTargets(ctx context.Context) ([]string, error) {
+	var out []string
+	err := s.pool.QueryRow(ctx, `SELECT coalesce(array_agg(DISTINCT sink), '{}') FROM `+s.dead()+` WHERE sink LIKE 'subscription:%'`).Scan(&out)
+	if err != nil {
+		return nil, fmt.Errorf("list targets with dead letters: %w", err)
+	}
+	return out, nil
+}
+
 // DueHeads returns the keys of targets whose first parked delivery (in
 // commit order) is due, oldest first, among targets only: parked
 // deliveries of a target that cannot deliver now (a disabled subscription,
