@@ -98,15 +98,7 @@ func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 		}
 	}
 	var rel *decode.Relation
-	// The rows of a fetch arrive together: the router is woken every
-	// flushEvery rows and before each round trip, not for each row.
-	st.batching = true
-	defer func() {
-		st.batching = false
-		st.flush()
-	}()
 	for {
-		st.flush()
 		rr := store.FetchPending(ctx, s.conn, r.cfg.CatchupFetch)
 		rows := 0
 		for rr.NextRow() {
@@ -158,7 +150,6 @@ func (r *Reader) catchup(ctx context.Context, st *stream, s *snapshot) error {
 			break
 		}
 	}
-	st.flush()
 	if _, err := s.conn.Exec(ctx, "COMMIT").ReadAll(); err != nil {
 		return fmt.Errorf("end catch-up transaction: %w", err)
 	}

@@ -18,7 +18,6 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
-	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/store"
 )
 
@@ -317,8 +316,7 @@ func (l *spyLedger) flush() {
 type harness struct {
 	r      *Reader
 	ledger *spyLedger
-	out    *handoff.Queue[*decode.Event]
-	got    []*decode.Event // taken from out, not yet returned by next
+	out    chan *decode.Event
 }
 
 func newHarness(t *testing.T, g golden, start pglogrepl.LSN, outCap int, cfg Config) *harness {
@@ -337,7 +335,7 @@ func newHarness(t *testing.T, g golden, start pglogrepl.LSN, outCap int, cfg Con
 	r := NewReader(cfg, l, nil, zerolog.Nop())
 	r.rels = tableOIDs{outbox: g.relID}
 	r.resume, r.received = start, start
-	return &harness{r: r, ledger: l, out: handoff.New[*decode.Event](outCap)}
+	return &harness{r: r, ledger: l, out: make(chan *decode.Event, outCap)}
 }
 
 // stream runs a streaming session on conn until it breaks or stop ends.
@@ -351,28 +349,14 @@ func (h *harness) stream(stop context.Context, conn replConn) <-chan error {
 // next returns the next event handed downstream.
 func (h *harness) next(t *testing.T) *decode.Event {
 	t.Helper()
-	timeout := time.After(fakeWait)
-	for len(h.got) == 0 {
-		var open bool
-		if h.got, open = h.out.Take(h.got); len(h.got) > 0 {
-			break
-		}
-		require.True(t, open, "the output was closed")
-		// Woken only when the session flushes what it put.
-		select {
-		case <-h.out.Ready():
-		case <-timeout:
-			t.Fatalf("no event handed downstream within %s", fakeWait)
-		}
+	select {
+	case e := <-h.out:
+		return e
+	case <-time.After(fakeWait):
+		t.Fatalf("no event handed downstream within %s", fakeWait)
+		return nil
 	}
-	e := h.got[0]
-	h.got = h.got[1:]
-	return e
 }
-
-// handed returns how many events were handed downstream and not taken by
-// next.
-func (h *harness) handed() int { return len(h.got) + h.out.Len() }
 
 // end waits for a session to end and returns its error.
 func end(t *testing.T, done <-chan error) error {

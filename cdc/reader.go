@@ -17,7 +17,6 @@ import (
 
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/internal/backoff"
-	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/store"
 )
 
@@ -87,10 +86,10 @@ func SlotLockKey(slot string) string { return "outboxd slot " + slot }
 // less than a few seconds), closes out, keeps the connection alive with status
 // updates until drained is closed (the pipeline has delivered and flushed what
 // it had), then sends a final status update with the durable position.
-func (r *Reader) Run(ctx context.Context, out *handoff.Queue[*decode.Event], drained <-chan struct{}) error {
+func (r *Reader) Run(ctx context.Context, out chan<- *decode.Event, drained <-chan struct{}) error {
 	var conn *pgconn.PgConn
 	err := r.loop(ctx, out, &conn)
-	out.Close()
+	close(out)
 	if conn != nil && !conn.IsClosed() && r.copying {
 		r.finish(conn, drained)
 	}
@@ -103,7 +102,7 @@ func (r *Reader) Run(ctx context.Context, out *handoff.Queue[*decode.Event], dra
 	return err
 }
 
-func (r *Reader) loop(ctx context.Context, out *handoff.Queue[*decode.Event], connp **pgconn.PgConn) error {
+func (r *Reader) loop(ctx context.Context, out chan<- *decode.Event, connp **pgconn.PgConn) error {
 	reconnect := backoff.New(r.cfg.ReconnectMin, r.cfg.ReconnectMax)
 	for {
 		healthy, err := r.session(ctx, out, connp)
@@ -196,7 +195,7 @@ func (r *Reader) endStream(conn *pgconn.PgConn) {
 // session connects, prepares the slot on first use, and streams until an
 // error or ctx ends. healthy reports whether streaming got going, which resets
 // the reconnect backoff.
-func (r *Reader) session(ctx context.Context, out *handoff.Queue[*decode.Event], connp **pgconn.PgConn) (healthy bool, err error) {
+func (r *Reader) session(ctx context.Context, out chan<- *decode.Event, connp **pgconn.PgConn) (healthy bool, err error) {
 	r.copying = false
 	r.pid.Store(0) // the previous session's walsender, if any, is gone or going
 	conn, err := r.connect(ctx, true)

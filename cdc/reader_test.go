@@ -18,7 +18,6 @@ import (
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/internal/e2e"
-	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/internal/pgtest"
 	"github.com/outboxd/outboxd/store"
 )
@@ -79,12 +78,12 @@ func TestReconnectRetriesUnreadableCheckpointOfMissingSlot(t *testing.T) {
 	cfg = cfg.WithDefaults()
 	require.NoError(t, cfg.Validate())
 	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), cps, zerolog.Nop())
-	out := handoff.New[*decode.Event](64)
+	out := make(chan *decode.Event, 64)
 	inserts := make(chan *decode.Event, 64)
 	done := make(chan error, 1)
 	go func() { done <- reader.Run(ctx, out, nil) }()
 	go func() {
-		for e := range handoff.ToChan(out) {
+		for e := range out {
 			if e.Change == nil && e.Name == "batch_started" {
 				inserts <- e
 			}
@@ -174,9 +173,9 @@ func TestStopWhileTakingTheSlotDoesNotWaitForADrain(t *testing.T) {
 	require.NoError(t, cfg.Validate())
 	cps := store.NewSlotStore(db.Pool, store.SlotConfig{Schema: "public", Table: "domain_event", Slot: slot})
 	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), cps, zerolog.Nop())
-	out := handoff.New[*decode.Event](64)
+	out := make(chan *decode.Event, 64)
 	go func() {
-		for range handoff.ToChan(out) {
+		for range out {
 		}
 	}()
 	done := make(chan error, 1)
@@ -188,66 +187,4 @@ func TestStopWhileTakingTheSlotDoesNotWaitForADrain(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("Run still waits for a drain after a stop during the take")
 	}
-}
-
-// A first start's catch-up hands thousands of rows to the router with a few
-// wake-ups, not one per row; it and the stream that follows hand each row
-// once, in order. (A session that keeps up with the walsender reads its
-// messages one at a time and wakes the router for each read: how few
-// wake-ups a streamed backlog costs depends on how far behind it is.)
-func TestCatchupWakesTheRouterPerBatch(t *testing.T) {
-	t.Parallel()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	db := pgtest.NewMigrated(t)
-	slot := e2e.SlotName(db.URL)
-	t.Cleanup(func() {
-		_, _ = db.Conn.Exec(context.Background(), `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active`, slot)
-	})
-	const before, after = 3000, 3000
-	_, err := db.Conn.Exec(ctx, `INSERT INTO domain_event (event_name) SELECT 'batch_started' FROM generate_series(1, $1::int)`, before)
-	require.NoError(t, err)
-	cfg := cdc.Config{ConnString: db.URL, Slot: slot, Publication: "outboxd", Table: decode.Table{Schema: "public", Name: "domain_event"}}
-	cfg = cfg.WithDefaults()
-	require.NoError(t, cfg.Validate())
-	reader := cdc.NewReader(cfg, checkpoint.NewTracker(0, 100), store.NewSlotStore(db.Pool, store.SlotConfig{Schema: "public", Table: "domain_event", Slot: slot}), zerolog.Nop())
-	out := handoff.New[*decode.Event](1024)
-	done := make(chan error, 1)
-	drained := make(chan struct{}) // nothing to deliver: the final status goes at once
-	close(drained)
-	go func() { done <- reader.Run(ctx, out, drained) }()
-	var ids []int64
-	var buf []*decode.Event
-	take := func(n int) {
-		for len(ids) < n {
-			var open bool
-			buf, open = out.Take(buf[:0])
-			require.True(t, open, "the reader stopped")
-			for _, e := range buf {
-				if e.Change == nil {
-					ids = append(ids, e.ID)
-				}
-			}
-			if len(buf) == 0 {
-				select {
-				case <-out.Ready():
-				case err := <-done:
-					t.Fatalf("the reader stopped: %v", err)
-				case <-ctx.Done():
-					t.Fatalf("%d of %d rows handed over", len(ids), n)
-				}
-			}
-		}
-	}
-	take(before)
-	caughtUp := out.Flushes()
-	require.Less(t, caughtUp, before/10, "wake-ups of the router for a catch-up of %d rows", before)
-	_, err = db.Conn.Exec(ctx, `INSERT INTO domain_event (event_name) SELECT 'batch_started' FROM generate_series(1, $1::int)`, after)
-	require.NoError(t, err)
-	take(before + after)
-	for i, id := range ids {
-		require.Equal(t, int64(i+1), id)
-	}
-	cancel()
-	require.NoError(t, <-done)
 }

@@ -13,7 +13,6 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/outboxd/outboxd/decode"
-	"github.com/outboxd/outboxd/internal/handoff"
 )
 
 // sendStatus reports write = last received, flush = apply = durable position.
@@ -39,16 +38,9 @@ func (r *Reader) sendStatus(conn replConn, reply bool) error {
 
 // stream is one streaming session.
 type stream struct {
-	r    *Reader
-	conn replConn
-	out  *handoff.Queue[*decode.Event]
-	// batching, while the session streams: events are put into out as they
-	// are decoded and the router is woken when what the connection had at
-	// hand is decoded (before the session waits for the server) or every
-	// flushEvery events, not once per event. unflushed counts the events
-	// put since the last wake-up.
-	batching   bool
-	unflushed  int
+	r          *Reader
+	conn       replConn
+	out        chan<- *decode.Event
 	stop       context.Context // the caller's context: when it ends, stop at a transaction boundary
 	dec        *decode.Decoder
 	nextStatus time.Time
@@ -83,37 +75,14 @@ func (s *stream) status(force, reply bool) error {
 	return s.r.sendStatus(s.conn, reply)
 }
 
-// flushEvery is how many events the session puts before it wakes the
-// router even if more are at hand.
-const flushEvery = 256
-
 // emit hands one event downstream; while the output is full it keeps the
-// walsender satisfied with status updates. Outside a streaming session's
-// batching (a catch-up) the router is woken for each event.
+// walsender satisfied with status updates.
 func (s *stream) emit(ctx context.Context, e *decode.Event) error {
-	if !s.out.Put(e) {
-		if err := s.waitRoom(ctx, e); err != nil {
-			return err
-		}
+	select {
+	case s.out <- e:
+		return nil
+	default:
 	}
-	s.unflushed++
-	if !s.batching || s.unflushed >= flushEvery {
-		s.flush()
-	}
-	return nil
-}
-
-// flush wakes the router for the events put since the last flush.
-func (s *stream) flush() {
-	if s.unflushed > 0 {
-		s.out.Flush()
-		s.unflushed = 0
-	}
-}
-
-// waitRoom puts e once the full output has room (a full queue wakes the
-// router itself).
-func (s *stream) waitRoom(ctx context.Context, e *decode.Event) error {
 	tick := time.NewTicker(s.r.cfg.StatusInterval)
 	defer tick.Stop()
 	// We are not reading while we wait: the server's silence meanwhile says
@@ -121,10 +90,8 @@ func (s *stream) waitRoom(ctx context.Context, e *decode.Event) error {
 	defer func() { s.lastHeard = time.Now() }()
 	for {
 		select {
-		case <-s.out.Space():
-			if s.out.Put(e) {
-				return nil
-			}
+		case s.out <- e:
+			return nil
 		case <-tick.C:
 			if err := s.status(true, false); err != nil {
 				return err
@@ -134,10 +101,6 @@ func (s *stream) waitRoom(ctx context.Context, e *decode.Event) error {
 		}
 	}
 }
-
-// pastDeadline makes a receive return only a message the connection already
-// holds (read from the socket with earlier ones), at once.
-var pastDeadline = time.Unix(1, 0)
 
 // standbyPoll is how often a standby checks whether the slot is free.
 const standbyPoll = time.Second
@@ -180,10 +143,7 @@ func (s *stream) run(ctx context.Context) error {
 			s.conn.interrupt()
 		}
 	})
-	s.batching = true
 	defer func() {
-		s.batching = false
-		s.flush()
 		stopInterrupt()
 		intrMu.Lock()
 		ended = true
@@ -206,22 +166,12 @@ func (s *stream) run(ctx context.Context) error {
 		if err := s.status(flushed != s.lastFlush, silent > r.cfg.StatusInterval); err != nil {
 			return err
 		}
-		deadline := s.nextStatus
-		if s.unflushed > 0 {
-			// Only a message the connection already holds: when there is
-			// none, the router is woken before the session waits.
-			deadline = pastDeadline
-		}
-		msg, err := s.conn.receive(deadline)
+		msg, err := s.conn.receive(s.nextStatus)
 		if err != nil {
 			if rctx.Err() != nil {
 				return context.Cause(rctx)
 			}
 			return fmt.Errorf("receive: %w", err)
-		}
-		if msg == nil && deadline.Equal(pastDeadline) {
-			s.flush()
-			continue
 		}
 		if msg == nil {
 			// The status deadline passed, or rctx ended.

@@ -49,7 +49,7 @@ func TestCutTransactionResumesWithoutRedispatch(t *testing.T) {
 	require.Equal(t, []int{0, 1}, []int{e42.Index, e43.Index})
 	require.Equal(t, []pglogrepl.LSN{x.final, x.final}, []pglogrepl.LSN{e42.CommitLSN, e43.CommitLSN})
 	require.Equal(t, e42.TxnSeq, e43.TxnSeq)
-	require.Zero(t, h.handed())
+	require.Empty(t, h.out)
 	require.Equal(t, start, h.r.resume, "the next session must start before the cut transaction")
 
 	// What was handed on settles; the transaction is not closed, so the
@@ -88,7 +88,7 @@ func TestCutTransactionResumesWithoutRedispatch(t *testing.T) {
 	})
 	cancel()
 	require.NoError(t, end(t, done))
-	require.Zero(t, h.handed(), "an event was handed on twice")
+	require.Empty(t, h.out, "an event was handed on twice")
 	require.Equal(t, x.end, h.r.resume)
 	require.Nil(t, h.r.open)
 	for _, s := range c2.sent() {
@@ -215,7 +215,7 @@ func TestBackpressureKeepsSendingStatus(t *testing.T) {
 	done := h.stream(ctx, c)
 
 	// Row 42 fills the output; the session took row 43 and waits to hand it on.
-	c.waitFor(t, "the output full with row 43 waiting", func() bool { return h.handed() == 1 && c.queued() == 2 })
+	c.waitFor(t, "the output full with row 43 waiting", func() bool { return len(h.out) == 1 && c.queued() == 2 })
 	blocked := len(c.sent())
 	// More status intervals than the silence timeout: wal_sender_timeout
 	// would need them, and the silence check must not count them.
@@ -321,7 +321,7 @@ func TestResentCommittedTransactionIsSkipped(t *testing.T) {
 	c2.waitFor(t, "both transactions handled", c2.caughtUp)
 	cancel()
 	require.NoError(t, end(t, done))
-	require.Zero(t, h.handed())
+	require.Empty(t, h.out)
 	require.Equal(t, 1, h.ledger.InFlight(), "the resent transaction was opened again")
 	require.Equal(t, g.t3.end, h.r.resume)
 }
@@ -343,43 +343,4 @@ func TestOtherTransactionAfterCutIsFatal(t *testing.T) {
 	err := end(t, h.stream(t.Context(), c2))
 	require.ErrorIs(t, err, errFatal)
 	require.ErrorContains(t, err, "expected transaction "+g.t1.final.String()+" to be resent")
-}
-
-// Events decoded from what the connection already holds are handed over
-// with one wake-up of the router, not one per event; and what was handed
-// over is never left without a wake-up while the session waits for the
-// server.
-func TestEventsAtHandWakeTheRouterOnce(t *testing.T) {
-	t.Parallel()
-	g := loadGolden(t)
-	x, y := g.t1, g.t3
-	h := newHarness(t, g, x.final-0x1000, 64, Config{})
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
-
-	// A transaction and the start of another at hand when the session
-	// starts: 1 + 6 events.
-	c := newFakeConn()
-	msgs := []fakeMsg{x.beginMsg(), g.relationMsg(x), g.insert(x, 42), x.commitMsg(), y.beginMsg()}
-	for range 6 {
-		msgs = append(msgs, g.insert(y, 45))
-	}
-	c.push(msgs...)
-	done := h.stream(ctx, c)
-	for range 7 {
-		h.next(t)
-	}
-	c.waitFor(t, "the messages handled", c.caughtUp)
-	require.Equal(t, 1, h.out.Flushes(), "wake-ups for 7 events read at once")
-
-	// The session waits for the server with nothing left unflushed: an
-	// event that arrives alone reaches the router.
-	c.push(g.insert(y, 45))
-	require.Equal(t, int64(45), h.next(t).ID)
-	require.Equal(t, 2, h.out.Flushes())
-	c.push(g.insert(y, 44), y.commitMsg())
-	c.waitFor(t, "the commit handled", c.caughtUp)
-	require.Equal(t, 2, h.out.Flushes(), "a wake-up for no event")
-	cancel()
-	require.NoError(t, end(t, done))
 }

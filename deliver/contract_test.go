@@ -14,7 +14,6 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
-	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/plan"
 	"github.com/outboxd/outboxd/store"
 )
@@ -111,7 +110,7 @@ func TestRouterContractPolicies(t *testing.T) {
 	in <- planChangeEvent(7, decode.KindUpdate, "format: 1\nevents: [", false) // does not parse
 	in <- contractEvent(8, 8, false)
 	close(in)
-	require.NoError(t, r.Run(context.Background(), handoff.FromChan(in, 1024)))
+	require.NoError(t, r.Run(context.Background(), in))
 
 	require.Equal(t, []int64{1, 3, 4, 6, 8}, web.ids())
 	require.Equal(t, []int64{1, 3}, ph.ids())
@@ -148,7 +147,7 @@ func TestRouterContractPolicies(t *testing.T) {
 	in <- planChangeEvent(10, decode.KindDelete, "x", false)
 	in <- contractEvent(11, 11, false)
 	close(in)
-	require.NoError(t, r2.Run(context.Background(), handoff.FromChan(in, 1024)))
+	require.NoError(t, r2.Run(context.Background(), in))
 	require.Equal(t, []int64{9, 11}, web2.ids())
 	require.Equal(t, []int64{11}, kafka2.ids(), "after the plan's delete nothing is validated")
 	require.NoError(t, json.Unmarshal(st2.state, &rs))
@@ -176,7 +175,7 @@ func TestRouterContractLoadsWithoutState(t *testing.T) {
 		in <- contractEvent(1, 1, false)
 		in <- contractEvent(2, 2, true)
 		close(in)
-		require.NoError(t, r.Run(context.Background(), handoff.FromChan(in, 1024)))
+		require.NoError(t, r.Run(context.Background(), in))
 		require.Equal(t, []int64{2}, web.ids(), name)
 		require.True(t, st.marks[1], "%s: a skipped event is settled as delivered", name)
 	}
@@ -209,7 +208,7 @@ func TestRouterSubscriptionContractColumn(t *testing.T) {
 	in <- contractEvent(10, 3, false)
 	in <- contractEvent(11, 4, true)
 	close(in)
-	require.NoError(t, r.Run(context.Background(), handoff.FromChan(in, 1024)))
+	require.NoError(t, r.Run(context.Background(), in))
 	require.Equal(t, map[int64][]int64{3: {11}, 4: {11}, 5: {10, 11}}, subs.got)
 	require.Len(t, st.dead[10], 1)
 	require.Equal(t, "subscription:4", st.dead[10][0].Sink)
@@ -238,7 +237,7 @@ func TestRouterFilterBeforeContractPolicy(t *testing.T) {
 	in <- contractEvent(4, 4, false) // invalid, filtered out of kafka
 	in <- contractEvent(5, 5, false) // invalid, let through: dead-lettered there
 	close(in)
-	require.NoError(t, r.Run(context.Background(), handoff.FromChan(in, 1024)))
+	require.NoError(t, r.Run(context.Background(), in))
 
 	require.Equal(t, []int64{3, 4, 5}, web.ids())
 	require.Equal(t, []int64{3}, kafka.ids())

@@ -12,7 +12,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxd/outboxd/decode"
-	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/sink"
 )
 
@@ -77,7 +76,7 @@ func TestRouterDestinations(t *testing.T) {
 	in <- orgEvent(4, "recipe_deleted")
 	close(in)
 	done := make(chan error, 1)
-	go func() { done <- r.Run(context.Background(), handoff.FromChan(in, 1024)) }()
+	go func() { done <- r.Run(context.Background(), in) }()
 
 	// Event 2 goes to the webhook only: it settles while posthog is held.
 	select {
@@ -138,7 +137,7 @@ func TestRouterWarnsOfParkedRowsOfNoDestination(t *testing.T) {
 	require.NoError(t, err)
 	in := make(chan *decode.Event)
 	close(in)
-	require.NoError(t, r.Run(context.Background(), handoff.FromChan(in, 1024)))
+	require.NoError(t, r.Run(context.Background(), in))
 	mu.Lock()
 	defer mu.Unlock()
 	require.Contains(t, logs.String(), `"target":"webhook","parked":3`)
@@ -148,36 +147,3 @@ func TestRouterWarnsOfParkedRowsOfNoDestination(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
-
-// The events the router takes at once reach each destination's loop with
-// one wake-up, not one per delivery.
-func TestRouterWakesEachDestinationOncePerBatch(t *testing.T) {
-	t.Parallel()
-	cfg := Config{Concurrency: 4}.WithDefaults()
-	require.NoError(t, cfg.Validate())
-	a, b := &recorder{}, &recorder{}
-	st := newSettler(64)
-	r, err := NewRouter(RouterConfig{Deliver: cfg, Destinations: []Destination{
-		{Name: "webhook", Sink: a},
-		{Name: "posthog", Sink: b, Events: []string{"recipe_*"}},
-	}}, st, zerolog.Nop())
-	require.NoError(t, err)
-	in := handoff.New[*decode.Event](64)
-	var want, wantRecipes []int64
-	for id := int64(1); id <= 40; id++ {
-		name := "batch_started"
-		if id%4 == 0 {
-			name = "recipe_saved"
-			wantRecipes = append(wantRecipes, id)
-		}
-		require.True(t, in.Put(orgEvent(id, name)))
-		want = append(want, id)
-	}
-	in.Close()
-	require.NoError(t, r.Run(context.Background(), in))
-	require.ElementsMatch(t, want, a.ids())
-	require.ElementsMatch(t, wantRecipes, b.ids())
-	for _, name := range []string{"webhook", "posthog"} {
-		require.Equal(t, 1, r.targets[name].in.Flushes(), "wake-ups of %s's loop for one batch", name)
-	}
-}

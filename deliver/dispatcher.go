@@ -34,7 +34,6 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
-	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/internal/telemetry"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
@@ -307,14 +306,10 @@ type done struct {
 // Run delivers until in is closed and everything read has settled, or ctx ends.
 // Cancelling ctx abandons deliveries in progress: their events stay unsettled,
 // so the checkpoint never passes them and they are delivered again later.
-func (d *Dispatcher) Run(ctx context.Context, in *handoff.Queue[*Delivery]) error {
+func (d *Dispatcher) Run(ctx context.Context, in <-chan *Delivery) error {
 	r := &run{d: d, queues: make(map[uint64]*keyQueue), results: make(chan *done, d.cfg.Concurrency)}
 	defer r.stop()
 	for {
-		reading := !r.closed && r.held < d.cfg.MaxInFlight && r.err == nil && ctx.Err() == nil
-		if reading {
-			r.receive(in)
-		}
 		r.handOut(ctx)
 		if r.err != nil || ctx.Err() != nil {
 			r.fail(ctx.Err())
@@ -323,23 +318,22 @@ func (d *Dispatcher) Run(ctx context.Context, in *handoff.Queue[*Delivery]) erro
 			}
 		} else if r.closed && r.held == 0 {
 			return nil
-		} else if r.held == 0 && in.Len() == 0 && !r.idle && d.onIdle != nil {
+		} else if r.held == 0 && len(in) == 0 && !r.idle && d.onIdle != nil {
 			r.idle = true
 			d.onIdle()
 		}
 
-		// Ready is signalled when the router puts deliveries into the
-		// queue this loop found empty.
-		var ready <-chan struct{}
-		if reading && !r.closed {
-			ready = in.Ready()
+		input := in
+		if r.closed || r.held >= d.cfg.MaxInFlight || r.err != nil || ctx.Err() != nil {
+			input = nil
 		}
 		var ctxDone <-chan struct{}
 		if r.err == nil {
 			ctxDone = ctx.Done()
 		}
 		select {
-		case <-ready:
+		case dl, ok := <-input:
+			r.received(dl, ok, input)
 		case res := <-r.results:
 			r.inflight--
 			settled, err := d.settle(res)
@@ -388,9 +382,8 @@ type run struct {
 	waitFrom time.Time // when the current short batch started waiting
 	timer    *time.Timer
 	timerC   <-chan time.Time
-	err      error       // the first error; the loop stops reading and winds down
-	idle     bool        // OnIdle was told since the last event read
-	buf      []*Delivery // what receive took, reused
+	err      error // the first error; the loop stops reading and winds down
+	idle     bool  // OnIdle was told since the last event read
 }
 
 // fail records err unless an earlier error was recorded.
@@ -433,16 +426,24 @@ func (r *run) enqueue(dl *Delivery) {
 	}
 }
 
-// receive takes what is waiting in the input (a closed, empty input: no
-// more will come).
-func (r *run) receive(in *handoff.Queue[*Delivery]) {
-	var open bool
-	r.buf, open = in.Take(r.buf[:0])
-	for _, dl := range r.buf {
+// received takes dl (ok false: the input is closed), then what else is
+// already waiting on input, without another trip round the loop.
+func (r *run) received(dl *Delivery, ok bool, input <-chan *Delivery) {
+	for {
+		if !ok {
+			r.closed = true
+			return
+		}
 		r.enqueue(dl)
+		if r.held >= r.d.cfg.MaxInFlight {
+			return
+		}
+		select {
+		case dl, ok = <-input:
+		default:
+			return
+		}
 	}
-	clear(r.buf)
-	r.closed = !open
 }
 
 // handOut starts sink calls while fewer than Concurrency are in progress,

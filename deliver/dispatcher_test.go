@@ -15,7 +15,6 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
-	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
 )
@@ -67,13 +66,13 @@ func events(n, keys int) []*decode.Event {
 	return out
 }
 
-func feed(cfg Config, evs []*decode.Event) *handoff.Queue[*Delivery] {
-	q := handoff.New[*Delivery](len(evs))
+func feed(cfg Config, evs []*decode.Event) <-chan *Delivery {
+	ch := make(chan *Delivery, len(evs))
 	for _, e := range evs {
-		q.Put(NewDelivery(e, cfg.Ordering.Key(e), 1))
+		ch <- NewDelivery(e, cfg.Ordering.Key(e), 1)
 	}
-	q.Close()
-	return q
+	close(ch)
+	return ch
 }
 
 func newDispatcher(cfg Config, s sink.Sink, st Settler) *Dispatcher {
@@ -190,7 +189,7 @@ func TestCancelLeavesEventsUnsettled(t *testing.T) {
 	in := make(chan *Delivery, 1)
 	in <- NewDelivery(events(1, 1)[0], 0, 1)
 	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx, handoff.FromChan(in, 1)) }()
+	go func() { done <- d.Run(ctx, in) }()
 	<-started
 	cancel()
 	err := <-done
@@ -319,39 +318,4 @@ func TestScopedKeyHeldBehindUnscopedParkedRun(t *testing.T) {
 	require.Equal(t, int64(base), st.parked[0].Key, "held in the unscoped run")
 	d.Unparked(base, 2)
 	require.Zero(t, d.ParkedKeys())
-}
-
-// A loop that took only deliveries held behind parked ones (nothing in
-// flight) still wakes for the next deliveries flushed to it.
-func TestLoopWakesAfterTakingOnlyHeldDeliveries(t *testing.T) {
-	t.Parallel()
-	s := &fakeSink{DeliverFunc: func(_ context.Context, evs []*decode.Event) []sink.Outcome {
-		return make([]sink.Outcome, len(evs))
-	}}
-	cfg := Config{Concurrency: 2}.WithDefaults()
-	require.NoError(t, cfg.Validate())
-	held := &decode.Event{ID: 1, Name: "present", OrganizationID: 7, HasOrganization: true}
-	next := &decode.Event{ID: 2, Name: "present", OrganizationID: 8, HasOrganization: true}
-	st := newSettler(10)
-	d := New(Params{Config: cfg, Target: "fake", Sink: func() sink.Sink { return s }, Settler: st, Log: zerolog.Nop(),
-		Parked: map[uint64]int{cfg.Ordering.Key(held): 1}})
-	in := handoff.New[*Delivery](4)
-	done := make(chan error, 1)
-	go func() { done <- d.Run(t.Context(), in) }()
-	in.Put(NewDelivery(held, cfg.Ordering.Key(held), 1))
-	in.Flush()
-	require.Equal(t, int64(1), <-st.settled, "held behind the parked delivery")
-	in.Put(NewDelivery(next, cfg.Ordering.Key(next), 1))
-	in.Flush()
-	select {
-	case id := <-st.settled:
-		require.Equal(t, int64(2), id)
-	case err := <-done:
-		t.Fatalf("the loop ended: %v", err)
-	case <-time.After(time.Minute):
-		t.Fatal("the loop never took the delivery flushed after it parked the first")
-	}
-	in.Close()
-	require.NoError(t, <-done)
-	require.Equal(t, map[int64]int32{2: 0}, st.marks)
 }

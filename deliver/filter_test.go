@@ -13,7 +13,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxd/outboxd/decode"
-	"github.com/outboxd/outboxd/internal/handoff"
 )
 
 // bodyEvent is an event whose envelope is the decoder's, with props as its
@@ -138,7 +137,7 @@ func TestRouterDestinationFilter(t *testing.T) {
 	in <- bodyEvent(3, "recipe_saved", `{"note":"x"}`) // webhook's globs: no; posthog: error
 	in <- bodyEvent(4, "recipe_saved", `{"delta":-1}`)
 	close(in)
-	require.NoError(t, r.Run(context.Background(), handoff.FromChan(in, 1024)))
+	require.NoError(t, r.Run(context.Background(), in))
 	require.Equal(t, []int64{1, 2}, all.ids())
 	require.Equal(t, []int64{1, 4}, filtered.ids())
 	require.Equal(t, []string{"posthog"}, filterErrors)
@@ -210,7 +209,7 @@ func TestRouterSubscriptionFilter(t *testing.T) {
 	in <- bodyEvent(7, "inventory_adjusted", `{"delta":3}`)
 	in <- bodyEvent(8, "inventory_adjusted", `{"delta":-3}`)
 	close(in)
-	require.NoError(t, r.Run(context.Background(), handoff.FromChan(in, 1024)))
+	require.NoError(t, r.Run(context.Background(), in))
 	require.Equal(t, []int64{8}, again.got[3])
 	require.Empty(t, again.got[4])
 }

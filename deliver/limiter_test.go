@@ -15,7 +15,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxd/outboxd/decode"
-	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
 )
@@ -104,7 +103,7 @@ func TestCallLimiterBoundsCallsPerHost(t *testing.T) {
 			in <- NewDelivery(e, cfg.Ordering.Key(e), 1)
 		}
 		close(in)
-		wg.Go(func() { errs <- d.Run(ctx, handoff.FromChan(in, perTarget)) })
+		wg.Go(func() { errs <- d.Run(ctx, in) })
 	}
 	require.Eventually(t, func() bool { return g.running1("https://a:443") == limit && g.running1("https://b:443") == limit },
 		10*time.Second, time.Millisecond, "each host has its limit of calls in progress")
@@ -173,7 +172,7 @@ func TestSubscriptionLoopsBounded(t *testing.T) {
 		in <- &decode.Event{ID: int64(i + 1), Name: "e", OrganizationID: int64(i + 1), HasOrganization: true, TxnSeq: 2}
 	}
 	done := make(chan error, 1)
-	go func() { done <- r.Run(context.Background(), handoff.FromChan(in, 1024)) }()
+	go func() { done <- r.Run(context.Background(), in) }()
 	require.Eventually(t, func() bool { return g.total.Load() == loops }, 10*time.Second, time.Millisecond)
 	require.Equal(t, 1+loops, r.Loops(), "the default target's loop and the bound of subscription loops")
 	close(g.gate)
@@ -234,7 +233,7 @@ func TestIdleSubscriptionTargetsDropped(t *testing.T) {
 	in <- &decode.Event{ID: 2, Name: "e", OrganizationID: 2, HasOrganization: true, TxnSeq: 3}
 	in <- &decode.Event{ID: 4, Name: "e", OrganizationID: 3, HasOrganization: true, TxnSeq: 3}
 	done := make(chan error, 1)
-	go func() { done <- r.Run(context.Background(), handoff.FromChan(in, 1024)) }()
+	go func() { done <- r.Run(context.Background(), in) }()
 	gone := func(name string) bool { d, _, _ := r.Lookup(name); return d == nil }
 	require.Eventually(t, func() bool {
 		st.mu.Lock()
@@ -318,7 +317,7 @@ func TestTargetDroppedWhileRoutedIsRegisteredAgain(t *testing.T) {
 	in <- &decode.Event{ID: 1, Name: "a", OrganizationID: 1, HasOrganization: true, TxnSeq: 2}
 	in <- &decode.Event{ID: 2, Name: "b", OrganizationID: 1, HasOrganization: true, TxnSeq: 3}
 	done := make(chan error, 1)
-	go func() { done <- r.Run(context.Background(), handoff.FromChan(in, 1024)) }()
+	go func() { done <- r.Run(context.Background(), in) }()
 	require.Equal(t, int64(1), <-started)
 	// Event 2 is routed (subscription 1's target exists): the router
 	// waits for subscription 2's loop, the one running, to give its place
@@ -362,7 +361,7 @@ func TestIdleSubscriptionTargetsWithDeadLettersKept(t *testing.T) {
 		in <- e
 	}
 	done := make(chan error, 1)
-	go func() { done <- r.Run(context.Background(), handoff.FromChan(in, 1024)) }()
+	go func() { done <- r.Run(context.Background(), in) }()
 	gone := func(name string) bool { d, _, _ := r.Lookup(name); return d == nil }
 	require.Eventually(t, func() bool {
 		st.mu.Lock()

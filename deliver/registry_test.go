@@ -20,7 +20,6 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
-	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/sink"
 )
 
@@ -277,7 +276,7 @@ func runRouter(t *testing.T, routing []byte, subs *recordingSinks, items ...*dec
 		in <- e
 	}
 	close(in)
-	require.NoError(t, r.Run(context.Background(), handoff.FromChan(in, 1024)))
+	require.NoError(t, r.Run(context.Background(), in))
 	return st
 }
 
@@ -453,7 +452,7 @@ func TestRouterStartsTargetsWithParkedDeliveriesOnChange(t *testing.T) {
 	require.NoError(t, err)
 	in := make(chan *decode.Event, 4)
 	done := make(chan error, 1)
-	go func() { done <- r.Run(context.Background(), handoff.FromChan(in, 1024)) }()
+	go func() { done <- r.Run(context.Background(), in) }()
 	require.NotContains(t, r.LiveTargets(), "subscription:3")
 	in <- change(decode.KindIgnored, nil) // the catch-up's reset of the registry
 	in <- change(decode.KindInsert, subRow("3", "7", "https://a", "{whsec_x}", "{}", "t", "NULL", "2026-01-01", "2026-01-01"))
@@ -553,7 +552,7 @@ func TestRouterSnapshotsOncePerTransactionOfChanges(t *testing.T) {
 	last.TxnSeq = 2
 	in <- last
 	close(in)
-	require.NoError(t, r.Run(context.Background(), handoff.FromChan(in, 1024)))
+	require.NoError(t, r.Run(context.Background(), in))
 
 	require.Equal(t, map[uint64]int{1: n, 2: 1}, st.settled, "every change settles")
 	require.Equal(t, 1, len(st.states[1]), "one snapshot for the transaction")
@@ -586,7 +585,7 @@ func TestIdleTargetsStopAndRestart(t *testing.T) {
 		in <- &decode.Event{ID: int64(i + 1), Name: "batch_started", OrganizationID: int64(i + 1), HasOrganization: true, TxnSeq: 2}
 	}
 	done := make(chan error, 1)
-	go func() { done <- r.Run(context.Background(), handoff.FromChan(in, 1024)) }()
+	go func() { done <- r.Run(context.Background(), in) }()
 	settledAll := func(want int) func() bool {
 		return func() bool {
 			subs.mu.Lock()
@@ -727,7 +726,7 @@ func TestRouterClosesReplacedSubscriptionSinks(t *testing.T) {
 	in <- change(decode.KindUpdate, row("5", "", "{}", "{}", "t", "kafka", `{"TOPIC": "b"}`))
 	in <- orgEvent(2, "batch_started")
 	close(in)
-	require.NoError(t, r.Run(context.Background(), handoff.FromChan(in, 1024)))
+	require.NoError(t, r.Run(context.Background(), in))
 	mu.Lock()
 	defer mu.Unlock()
 	// Built at a first delivery (both events may go through the second

@@ -15,7 +15,6 @@ import (
 
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
-	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/sink"
 	"github.com/outboxd/outboxd/store"
 )
@@ -183,12 +182,9 @@ type target struct {
 	// loop runs while it has deliveries to settle, and stops when it has
 	// settled everything it was sent (an idle target holds no goroutine and
 	// no channel; a platform has thousands of subscriptions).
-	in      *handoff.Queue[*Delivery]
+	in      chan *Delivery
 	running bool
-	// flush: deliveries were put into in since the router last woke the
-	// loop (the router wakes each such target before it waits).
-	flush bool
-	sent  int64
+	sent    int64
 	// idle is set while the target is in the router's idle channel.
 	idle atomic.Bool
 	sink atomic.Pointer[sinkBox]
@@ -296,7 +292,7 @@ func (r *Router) LiveTargets() []string {
 
 // Run routes events from in until it is closed (then waits for every target
 // to settle what it holds) or ctx ends.
-func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) error {
+func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 	failed := make(chan error, 1)
 	// idle receives the targets whose loop holds nothing; the router stops
 	// those that settled everything it sent them. A target is in it at most
@@ -307,18 +303,6 @@ func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) erro
 	var wg sync.WaitGroup
 	// subLoops is the number of subscription targets whose loop runs.
 	subLoops := 0
-	// woken are the targets given deliveries since the router last woke
-	// their loops: it wakes them once it routed what it had at hand (one
-	// wake-up per batch of events, not per delivery).
-	var woken []*target
-	wake := func() {
-		for _, t := range woken {
-			t.flush = false
-			t.in.Flush()
-		}
-		clear(woken)
-		woken = woken[:0]
-	}
 	var stopIdle func(t *target)
 	run := func(t *target) {
 		if t.sub != nil {
@@ -326,11 +310,6 @@ func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) erro
 			// at once: past it, the router waits for one to settle all it
 			// was sent, as it waits for a full target (G6). Each delivery
 			// settles on its own, whatever the router does, so one does.
-			if subLoops >= r.maxLoops {
-				// The loops that would free a place must see what they
-				// were given.
-				wake()
-			}
 		wait:
 			for subLoops >= r.maxLoops {
 				select {
@@ -358,10 +337,10 @@ func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) erro
 			}
 			r.mu.Unlock()
 		}
-		t.in, t.running = handoff.New[*Delivery](inputSize(t)), true
+		t.in, t.running = make(chan *Delivery, inputSize(t)), true
 		wg.Add(1)
 		r.loops.Add(1)
-		go func(in *handoff.Queue[*Delivery]) {
+		go func(in chan *Delivery) {
 			defer wg.Done()
 			defer r.loops.Add(-1)
 			if err := t.disp.Run(ctx, in); err != nil && !errors.Is(err, context.Canceled) {
@@ -416,7 +395,7 @@ func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) erro
 		// its input is empty and nothing else can arrive: closing it ends
 		// the loop, which holds nothing.
 		if t.running && t.disp.Settled() == t.sent {
-			t.in.Close()
+			close(t.in)
 			t.running = false
 			if t.sub != nil {
 				subLoops--
@@ -484,7 +463,7 @@ func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) erro
 		r.mu.Lock()
 		for _, t := range r.targets {
 			if t.running {
-				t.in.Close()
+				close(t.in)
 			}
 		}
 		r.mu.Unlock()
@@ -519,34 +498,26 @@ func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) erro
 		stateOf = nil
 		return r.settler.Settle(e.TxnSeq, checkpoint.Settlement{State: r.snapshot()})
 	}
-	// batch holds the events taken from in and not routed yet, from next on.
-	var (
-		batch []*decode.Event
-		next  int
-	)
-	// take refills batch from in; it reports false once in is closed and
-	// empty.
-	take := func() bool {
-		clear(batch)
-		next = 0
-		var open bool
-		batch, open = in.Take(batch[:0])
-		return open
-	}
 	for {
-		if next == len(batch) {
-			wake()
-			open := take()
-			if len(batch) == 0 && stateOf != nil {
-				// Settle the state now unless the next event is already here.
+		var e *decode.Event
+		var ok, got bool
+		if stateOf != nil {
+			// Settle the state now unless the next event is already here.
+			select {
+			case e, ok = <-in:
+				got = true
+			default:
 				if err := settleState(); err != nil {
 					return err
 				}
 			}
-			for open && len(batch) == 0 {
+		}
+		if !got {
+		wait:
+			for {
 				select {
-				case <-in.Ready():
-					open = take()
+				case e, ok = <-in:
+					break wait
 				case t := <-idle:
 					stopIdle(t)
 				case err := <-failed:
@@ -555,12 +526,10 @@ func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) erro
 					return ctx.Err()
 				}
 			}
-			if !open {
-				return settleState()
-			}
 		}
-		e := batch[next]
-		next++
+		if !ok {
+			return settleState()
+		}
 		if r.cfg.OnEvent != nil {
 			r.cfg.OnEvent(e)
 		}
@@ -576,9 +545,6 @@ func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) erro
 			}
 		}
 		if e.Change != nil {
-			// A change may read the database (a subscription's secrets):
-			// the targets' loops are not kept waiting meanwhile.
-			wake()
 			if isPlanChange(e.Change) {
 				if err := r.applyPlan(e.Change); err != nil {
 					r.log.Error().Err(err).Msg("tracking plan change ignored")
@@ -643,21 +609,12 @@ func (r *Router) Run(ctx context.Context, in *handoff.Queue[*decode.Event]) erro
 				run(t)
 			}
 			t.sent++
-			if !t.flush {
-				t.flush = true
-				woken = append(woken, t)
-			}
-			for !t.in.Put(dl) {
-				// Full: the target's loop was woken; wake the others before
-				// waiting for room.
-				wake()
-				select {
-				case <-t.in.Space():
-				case err := <-failed:
-					return err
-				case <-ctx.Done():
-					return ctx.Err()
-				}
+			select {
+			case t.in <- dl:
+			case err := <-failed:
+				return err
+			case <-ctx.Done():
+				return ctx.Err()
 			}
 		}
 	}

@@ -27,7 +27,6 @@ import (
 	"github.com/outboxd/outboxd/checkpoint"
 	"github.com/outboxd/outboxd/decode"
 	"github.com/outboxd/outboxd/deliver"
-	"github.com/outboxd/outboxd/internal/handoff"
 	"github.com/outboxd/outboxd/internal/telemetry"
 	"github.com/outboxd/outboxd/migrations"
 	"github.com/outboxd/outboxd/plan"
@@ -390,7 +389,7 @@ func (j *job) run(ctx context.Context) error {
 		}
 	}
 
-	events := handoff.New[*decode.Event](1024)
+	events := make(chan *decode.Event, 1024)
 	drained := make(chan struct{})
 	readerDone := make(chan struct{})
 	var wg sync.WaitGroup
@@ -435,7 +434,7 @@ func (j *job) run(ctx context.Context) error {
 // lead runs the slot holder's components until they stop: the retrier with
 // reading, the router until it drained (or the drain deadline), the flusher
 // last; drained is closed after the final flush.
-func (j *job) lead(st *stops, events *handoff.Queue[*decode.Event], drained chan<- struct{}, fail func(error)) {
+func (j *job) lead(st *stops, events <-chan *decode.Event, drained chan<- struct{}, fail func(error)) {
 	var wg sync.WaitGroup
 	wg.Add(3)
 	go func() {
