@@ -267,7 +267,7 @@ func (r *Router) settleContract(dl *Delivery, held []contractSettled, v plan.Ver
 		var dead *store.DeadLetter
 		if h.policy == ContractDeadLetter {
 			dead = &store.DeadLetter{EventID: dl.Event.ID, Sink: h.target, Reason: ContractReasonPrefix + v.Reason}
-			r.kept[h.target] = true // for `dlq retry` (Router.kept)
+			r.keep(h.target)
 		}
 		if r.cfg.Contract.OnSettled != nil {
 			r.cfg.Contract.OnSettled(h.label, h.policy)

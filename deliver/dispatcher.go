@@ -160,17 +160,21 @@ type Dispatcher struct {
 
 	onIdle  func()
 	settled atomic.Int64 // deliveries this target settled, over all runs
-	// deadLettered is set once the target dead-lettered a delivery (here
-	// or in the retrier).
-	deadLettered atomic.Bool
+	// onDeadLetter is told when the target dead-letters a delivery, here
+	// or in the retrier.
+	onDeadLetter func()
 
 	calls   *CallLimiter
 	callKey func() string
 }
 
-// DeadLettered reports whether the target has dead-lettered a delivery in
-// this process.
-func (d *Dispatcher) DeadLettered() bool { return d.deadLettered.Load() }
+// deadLettered tells the dispatcher's owner that the target dead-lettered a
+// delivery.
+func (d *Dispatcher) deadLettered() {
+	if d.onDeadLetter != nil {
+		d.onDeadLetter()
+	}
+}
 
 // Settled returns how many deliveries the dispatcher has settled (delivered,
 // dead-lettered or parked), over all its runs.
@@ -197,6 +201,9 @@ type Params struct {
 	// OnIdle is told, from Run, each time the dispatcher comes to hold
 	// nothing with nothing waiting on its input; may be nil.
 	OnIdle func()
+	// OnDeadLetter is told each time the target dead-letters a delivery,
+	// here or in the retrier; may be nil.
+	OnDeadLetter func()
 	// Calls, when set, runs the sink calls, shared with other dispatchers:
 	// at most its limit at once per CallKey, the others queued (the
 	// subscriptions' webhooks, many of them posting to one host). CallKey
@@ -213,7 +220,7 @@ func New(p Params) *Dispatcher {
 	}
 	return &Dispatcher{cfg: p.Config, target: p.Target, sink: p.Sink, settler: p.Settler,
 		log: p.Log, parked: parked, onResult: p.OnResult, onGone: p.OnGone, onIdle: p.OnIdle,
-		calls: p.Calls, callKey: p.CallKey}
+		onDeadLetter: p.OnDeadLetter, calls: p.Calls, callKey: p.CallKey}
 }
 
 // Target is the name of the dispatcher's target.
@@ -566,7 +573,7 @@ func (d *Dispatcher) settle(r *done) (int, error) {
 		case o.Err == nil:
 			err = d.finish(dl, int32(o.Attempts), nil, nil)
 		case errors.Is(o.Err, sink.ErrPermanent):
-			d.deadLettered.Store(true)
+			d.deadLettered()
 			d.log.Warn().Str("target", d.target).Int64("event_id", dl.Event.ID).Str("event_name", dl.Event.Name).Int("status", o.Status).
 				Int("attempts", o.Attempts).Err(o.Err).Msg("event dead-lettered")
 			err = d.finish(dl, int32(o.Attempts), &store.DeadLetter{

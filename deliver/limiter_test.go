@@ -265,12 +265,13 @@ func TestIdleSubscriptionTargetsDropped(t *testing.T) {
 // not.
 func TestRetrierGiveUpMarksTheTargetDeadLettered(t *testing.T) {
 	t.Parallel()
-	disp := New(Params{Target: "subscription:3", Log: zerolog.Nop()})
+	deadLettered := false
+	disp := New(Params{Target: "subscription:3", Log: zerolog.Nop(), OnDeadLetter: func() { deadLettered = true }})
 	k := keyRun{r: &Retrier{}, disp: disp, h: store.ParkedHead{Target: "subscription:3", Key: 7}, log: zerolog.Nop()}
 	k.note(store.RetryLater, 1, time.Minute, sink.Outcome{Attempts: 1}, "503")
-	require.False(t, disp.DeadLettered())
+	require.False(t, deadLettered)
 	k.note(store.GiveUp, 1, 0, sink.Outcome{Attempts: 1}, "retry schedule exhausted")
-	require.True(t, disp.DeadLettered())
+	require.True(t, deadLettered)
 }
 
 // A target the router stops and drops while it waits for a loop's place,

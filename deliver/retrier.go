@@ -258,7 +258,7 @@ func (k *keyRun) note(kind store.ResolutionKind, eventID int64, retryIn time.Dur
 	if kind == store.GiveUp {
 		// Its target stays live (Router: dropped targets), so that what
 		// `outboxd dlq retry` puts back is delivered.
-		k.disp.deadLettered.Store(true)
+		k.disp.deadLettered()
 	}
 	if kind == store.Delivered {
 		k.delivered++

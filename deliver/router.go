@@ -166,10 +166,18 @@ type Router struct {
 	// maxLoops bounds the subscription loops that run at once
 	// (maxSubscriptionLoops; tests lower it).
 	maxLoops int
-	// kept are the targets never dropped when idle: those with dead letters
-	// in the table at start, or dead-lettered since by the router (contract
-	// policy). It belongs to the router's goroutine once Run starts.
+	// kept (under mu) are the targets never dropped when idle: those with
+	// dead letters, in the table at start or made since (by a dispatcher,
+	// the retrier or the router's contract policy), so that the retrier
+	// delivers what `outboxd dlq retry` puts back while this process runs.
 	kept map[string]bool
+}
+
+// keep records that target has dead letters (Router.kept).
+func (r *Router) keep(target string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.kept[target] = true
 }
 
 // Loops returns the number of targets whose delivery loop runs now: those
@@ -359,7 +367,8 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			t.sink.Store(&sinkBox{s: s})
 		}
 		p := Params{Config: dc, Target: name, Sink: func() sink.Sink { return t.sink.Load().s },
-			Settler: r.settler, Log: r.log, Parked: r.cfg.Parked[name], OnResult: r.cfg.OnResult, OnGone: r.cfg.OnGone}
+			Settler: r.settler, Log: r.log, Parked: r.cfg.Parked[name], OnResult: r.cfg.OnResult, OnGone: r.cfg.OnGone,
+			OnDeadLetter: func() { r.keep(name) }}
 		if sub != nil {
 			p.Calls, p.CallKey = r.calls, func() string { return t.sink.Load().host }
 			// Subscriptions are many, the default target is one: only a
@@ -399,18 +408,17 @@ func (r *Router) Run(ctx context.Context, in <-chan *decode.Event) error {
 			t.running = false
 			if t.sub != nil {
 				subLoops--
-				if t.sub.IsWebhook() && t.disp.ParkedKeys() == 0 && !t.disp.DeadLettered() && !r.kept[t.disp.Target()] {
+				if t.sub.IsWebhook() && t.disp.ParkedKeys() == 0 {
 					// Nothing in hand, nothing parked: the retrier has no
 					// use of it, and the next event builds it again (a
 					// webhook holds no connection of its own). Memory
 					// follows the targets in use, not every subscription
-					// that ever had an event. One that dead-lettered
-					// stays live, so that the retrier delivers what
-					// `outboxd dlq retry` puts back while this process
-					// runs.
+					// that ever had an event. One with dead letters stays
+					// (Router.kept).
+					name := t.disp.Target()
 					r.mu.Lock()
-					if r.targets[t.disp.Target()] == t {
-						delete(r.targets, t.disp.Target())
+					if r.targets[name] == t && !r.kept[name] {
+						delete(r.targets, name)
 					}
 					r.mu.Unlock()
 				}
