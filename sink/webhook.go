@@ -197,7 +197,7 @@ func NewWebhook(cfg WebhookConfig, log zerolog.Logger) (*Webhook, error) {
 	// The sink logs only at debug level: below it, its context (made for
 	// every subscription's sink) would never be written.
 	w.log = log
-	if log.GetLevel() <= zerolog.DebugLevel && zerolog.GlobalLevel() <= zerolog.DebugLevel {
+	if debugEnabled(log) {
 		w.log = log.With().Str("component", "sink").Str("sink", cfg.Name).Str("url", w.redacted).Logger()
 	}
 	return w, nil
@@ -299,7 +299,7 @@ func (w *Webhook) deliver(ctx context.Context, events []*decode.Event) Outcome {
 		classify:    classify,
 		beforeRetry: func(h http.Header) { signature = w.signer.setHeaders(h, id, body) },
 	}
-	if w.debug() {
+	if debugEnabled(w.log) { // else a delivery spares the hook's allocation
 		c.onAttempt = func(c *httpCall, err error) {
 			if ev := w.log.Debug(); ev.Enabled() {
 				ev.Str("webhook_id", id).Int("attempt", c.attempts).Int("status", c.status).
@@ -322,10 +322,9 @@ func (w *Webhook) deliver(ctx context.Context, events []*decode.Event) Outcome {
 	return o
 }
 
-// debug tells whether w's debug lines may be written: when not, a delivery
-// spares the allocation of the hook that would write them.
-func (w *Webhook) debug() bool {
-	return w.log.GetLevel() <= zerolog.DebugLevel && zerolog.GlobalLevel() <= zerolog.DebugLevel
+// debugEnabled tells whether log writes debug lines.
+func debugEnabled(log zerolog.Logger) bool {
+	return log.GetLevel() <= zerolog.DebugLevel && zerolog.GlobalLevel() <= zerolog.DebugLevel
 }
 
 // Headers a delivery sets besides the ExtraHeaders; their values share one

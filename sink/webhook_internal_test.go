@@ -147,3 +147,17 @@ func TestWebhookLoggerContextOnlyForDebug(t *testing.T) {
 	w.log.Debug().Msg("x")
 	require.Contains(t, buf.String(), `"sink":"webhook","url":"https://example.com/hook"`)
 }
+
+// The request URL made from the one NewWebhook parsed is the one
+// http.NewRequest made from the text: an empty port dropped, the rest kept.
+func TestRequestURLAsNewRequest(t *testing.T) {
+	t.Parallel()
+	for _, raw := range []string{"http://h:/x", "https://h:8443/p?q=1", "http://[::1]:/hook", "http://u:p@h/x"} {
+		u, err := parseWebhookURL(raw)
+		require.NoError(t, err, raw)
+		want, err := http.NewRequest(http.MethodPost, raw, nil)
+		require.NoError(t, err, raw)
+		require.Equal(t, want.URL.String(), requestURL(u).String(), raw)
+		require.Equal(t, want.URL.Host, requestURL(u).Host, raw)
+	}
+}
