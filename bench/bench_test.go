@@ -38,7 +38,9 @@ func TestSmoke(t *testing.T) {
 	require.Equal(t, "2000", res.Flags["n"])
 	// Every measurement produced its row, over the whole backlog.
 	want := map[string]int{"pg_recvlogical": 0, "outboxd per-event": 0, "outboxd batched": 0, "poller (": 0,
-		"outboxd latency": 0, "poller latency": 0, "outboxd one": 0, "outboxd tenants": 0, "outboxd parked": 0}
+		"outboxd latency": 0, "poller latency": 0, "outboxd one": 0, "outboxd tenants": 0, "outboxd parked": 0,
+		"floor: the least Go consumer, no guarantees, per-event": 0, "floor: the least Go consumer, no guarantees, batched": 0,
+		"floor latency": 0}
 	for _, r := range res.Rows {
 		for prefix := range want {
 			if strings.HasPrefix(r.Mode, prefix) {
@@ -61,6 +63,8 @@ func TestSmoke(t *testing.T) {
 	}
 	require.Equal(t, 2, want["outboxd batched"], "one per transaction size")
 	require.Equal(t, 2, want["outboxd tenants"], "one per subscription count")
+	require.Equal(t, 2, want["floor: the least Go consumer, no guarantees, batched"], "one per transaction size")
+	require.Equal(t, 2, want["floor latency"], "one per rate")
 }
 
 func TestEachID(t *testing.T) {

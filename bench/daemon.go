@@ -21,16 +21,22 @@ import (
 
 // buildOutboxd builds cmd/outboxd of the module the benchmark belongs to.
 func buildOutboxd(ctx context.Context, dir string) (string, error) {
+	return buildCommand(ctx, dir, "./cmd/outboxd")
+}
+
+// buildCommand builds the command in package pkg (a path relative to the
+// module's root) into dir, and returns the binary's path.
+func buildCommand(ctx context.Context, dir, pkg string) (string, error) {
 	out, err := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}").Output()
 	if err != nil {
 		return "", fmt.Errorf("find the module directory (run the benchmark from the repository): %w", err)
 	}
 	root := strings.TrimSpace(string(out))
-	bin := filepath.Join(dir, "outboxd")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/outboxd")
+	bin := filepath.Join(dir, filepath.Base(pkg))
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, pkg)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build ./cmd/outboxd: %w\n%s", err, out)
+		return "", fmt.Errorf("go build %s: %w\n%s", pkg, err, out)
 	}
 	return bin, nil
 }
@@ -95,7 +101,13 @@ func daemonEnv(dbURL, slot, webhookURL string, batch, concurrency int, extra map
 const benchSecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 func startDaemon(bin string, env map[string]string, logPath string) (*daemon, error) {
-	cmd := exec.Command(bin, "run")
+	return startProcess(bin, []string{"run"}, env, logPath)
+}
+
+// startProcess starts bin with args and only env (and PATH, HOME) as its
+// environment, as a daemon: outboxd, or the floor consumer (bench/floor).
+func startProcess(bin string, args []string, env map[string]string, logPath string) (*daemon, error) {
+	cmd := exec.Command(bin, args...)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME")}
 	for k, v := range env {
 		cmd.Env = append(cmd.Env, k+"="+v)
@@ -116,7 +128,7 @@ func startDaemon(bin string, env map[string]string, logPath string) (*daemon, er
 		if d.logFile != nil {
 			d.logFile.Close()
 		}
-		return nil, fmt.Errorf("start outboxd: %w", err)
+		return nil, fmt.Errorf("start %s: %w", filepath.Base(bin), err)
 	}
 	go func() {
 		d.err = cmd.Wait()

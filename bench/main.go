@@ -18,10 +18,15 @@
 //	             load, to /dev/null until the end of the load: the decode limit
 //	perevent     outboxd draining the backlog, one POST per event
 //	batched      outboxd draining the backlog, JSON arrays of -batch-size
+//	floor        the floor consumer (bench/floor) draining the backlog with
+//	             the per-event and the batched settings: the same decoding,
+//	             envelopes, signed POSTs and marking, none of outboxd's
+//	             guarantees (order, checkpoint, retries, routing): what
+//	             Go, pglogrepl, net/http and Postgres cost on the machine
 //	poller       the polling baseline (see poller.go) on the same backlog
 //	catchup      outboxd's first start on an existing backlog (table catch-up)
 //	latency      commit→receipt latency at -latency-rates single-row
-//	             transactions/s, for -latency-systems (outboxd, poller)
+//	             transactions/s, for -latency-systems (outboxd, floor, poller)
 //	bigtxn       one transaction of -bigtxn-rows rows: time to deliver, peak RSS
 //	tenants      -tenant-events events over as many organizations, each with
 //	             its own webhook subscription, for each count of
@@ -91,7 +96,7 @@ type config struct {
 	Flags map[string]string
 }
 
-var allModes = []string{"recvlogical", "perevent", "batched", "poller", "catchup", "latency", "bigtxn", "tenants", "parked", "otel"}
+var allModes = []string{"recvlogical", "perevent", "batched", "floor", "poller", "catchup", "latency", "bigtxn", "tenants", "parked", "otel"}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -127,7 +132,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.PollInterval, "poller-interval", 100*time.Millisecond, "poller sleep after a short batch")
 	fs.StringVar(&rates, "latency-rates", "1000,5000", "single-row transactions per second of the latency runs")
 	fs.DurationVar(&c.LatencyDur, "latency-duration", 30*time.Second, "length of each latency run (after a warm-up)")
-	fs.StringVar(&sys, "latency-systems", "outboxd,poller", "systems whose latency is measured")
+	fs.StringVar(&sys, "latency-systems", "outboxd,floor,poller", "systems whose latency is measured: outboxd, floor, poller")
 	fs.IntVar(&c.BigTxnRows, "bigtxn-rows", 1000000, "rows of the one big transaction")
 	fs.StringVar(&tenantSubs, "tenant-subs", "0,10000", "tenant subscriptions of the tenants runs, one run each (0: none, the default webhook takes the events)")
 	fs.IntVar(&c.TenantEvents, "tenant-events", 10000, "events of each tenants run, one per organization")
@@ -209,7 +214,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	}
 	c.LatencySys = splitList(sys)
 	for _, s := range c.LatencySys {
-		if s != "outboxd" && s != "poller" {
+		if s != "outboxd" && s != "poller" && s != "floor" {
 			return c, usageError{fmt.Errorf("-latency-systems: unknown system %q", s)}
 		}
 	}

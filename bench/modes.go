@@ -28,6 +28,7 @@ type bench struct {
 	pg       *pgEnv
 	recv     *receiver
 	bin      string
+	floorBin string // bench/floor, built when a measurement runs it
 	tmp      string
 	props    string
 	started  time.Time
@@ -49,6 +50,12 @@ func newBench(ctx context.Context, cfg config, log io.Writer) (_ *bench, err err
 	if b.bin == "" {
 		b.logf("building cmd/outboxd")
 		if b.bin, err = buildOutboxd(ctx, b.tmp); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.has("floor") || cfg.has("latency") && slices.Contains(cfg.LatencySys, "floor") {
+		b.logf("building bench/floor")
+		if b.floorBin, err = buildCommand(ctx, b.tmp, "./bench/floor"); err != nil {
 			return nil, err
 		}
 	}
@@ -114,6 +121,11 @@ func (b *bench) runAll(ctx context.Context) {
 		}
 		if c.has("batched") {
 			b.guard(ctx, fmt.Sprintf("batched drain (txn %d)", t), func() error { return b.drain(ctx, t, "batched", false, true) })
+		}
+		if c.has("floor") {
+			for _, mode := range []string{"perevent", "batched"} {
+				b.guard(ctx, fmt.Sprintf("floor %s drain (txn %d)", mode, t), func() error { return b.floorDrain(ctx, t, mode) })
+			}
 		}
 		if c.has("poller") {
 			b.guard(ctx, fmt.Sprintf("poller drain (txn %d)", t), func() error { return b.pollerDrain(ctx, t) })
@@ -573,6 +585,16 @@ func (b *bench) latency(ctx context.Context, sys string, rate int) error {
 			return err
 		}
 		mode = fmt.Sprintf("outboxd latency @ %d/s (%s)", rate, label)
+	case "floor":
+		if err := createSlot(ctx, dbURL, name); err != nil {
+			return err
+		}
+		args, label := b.floorArgs(dbURL, name, "perevent", 0)
+		if d, err = startProcess(b.floorBin, args, nil, ""); err != nil {
+			return err
+		}
+		defer d.kill()
+		mode = fmt.Sprintf("floor latency @ %d/s (%s)", rate, label)
 	case "poller":
 		p = newPoller(dbURL, b.recv.url, b.cfg.PollWorkers, b.cfg.PollBatch, b.cfg.PollInterval)
 		pctx, cancel := context.WithCancel(ctx)

@@ -68,7 +68,7 @@ func (b *bench) results() results {
 	}
 	for i := range rows {
 		r := &rows[i]
-		if r.System != "outboxd" || r.Detail["target_rate"] != nil || r.Detail["subscriptions"] != nil {
+		if (r.System != "outboxd" && r.System != "floor") || r.Detail["target_rate"] != nil || r.Detail["subscriptions"] != nil {
 			continue // latency and tenants runs have backlogs of their own
 		}
 		if v := rate("pg_recvlogical", r.TxnSize); v > 0 {

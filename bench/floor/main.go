@@ -1,0 +1,357 @@
+// Command floor is the benchmark's floor: the least a Go consumer of the
+// outbox's replication stream does to deliver what outboxd delivers, with
+// the same parts (pglogrepl's connection, outboxd's pgoutput decoder and
+// envelope, net/http, HMAC-SHA256 signatures, the same marking UPDATE) and
+// none of outboxd's promises. It is not a product and keeps none of them:
+//
+//   - no order: events go to whichever worker is free;
+//   - no checkpoint: the slot is confirmed up to what was received, before
+//     delivery (a crash loses events);
+//   - no retries: a failed POST or UPDATE ends the process with an error;
+//   - no routing, subscriptions, metrics, logs or parking.
+//
+// The benchmark runs it where it runs outboxd (go run ./bench -modes floor):
+// the gap between the two is what outboxd's guarantees and structure cost;
+// the floor itself is what Go, pglogrepl, net/http and Postgres cost on the
+// machine, the part no change to outboxd can remove.
+//
+// It reads the slot given from its start, delivers -n events (batches of up
+// to -batch-size events taken as they are at hand, -concurrency POSTs at
+// once), marks each delivered row processed (one UPDATE of the ids delivered
+// meanwhile, by one marking goroutine) and exits 0 once -n rows are marked.
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/outboxd/outboxd/decode"
+	"github.com/outboxd/outboxd/sink"
+)
+
+// namespace is the message namespace of the floor's events (the poller's).
+const namespace = "0000000000000000"
+
+const markSQL = `UPDATE domain_event SET is_processed = true, processed_at = now(),
+  delivery_attempts = delivery_attempts + 1 WHERE id = ANY($1)`
+
+type config struct {
+	dbURL, slot, url, secret string
+	n, batch, conc           int
+}
+
+func main() {
+	var c config
+	flag.StringVar(&c.dbURL, "database-url", "", "postgres:// URL of the outbox's database")
+	flag.StringVar(&c.slot, "slot", "", "pgoutput slot to read (publication outboxd)")
+	flag.StringVar(&c.url, "url", "", "webhook URL")
+	flag.StringVar(&c.secret, "secret", "", "whsec_ signing secret")
+	flag.IntVar(&c.n, "n", 0, "events to deliver and mark before exiting (0: until SIGTERM)")
+	flag.IntVar(&c.batch, "batch-size", 1, "events per POST at most (1: one envelope per POST, as outboxd's per-event mode)")
+	flag.IntVar(&c.conc, "concurrency", 8, "POSTs at once")
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	err := run(ctx, c)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "floor:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, c config) error {
+	if c.dbURL == "" || c.slot == "" || c.url == "" || c.n < 0 || c.batch <= 0 || c.conc <= 0 {
+		return errors.New("-database-url, -slot, -url, -batch-size and -concurrency are required")
+	}
+	key, err := base64.StdEncoding.DecodeString(strings.TrimPrefix(c.secret, "whsec_"))
+	if err != nil || len(key) == 0 {
+		return errors.New("-secret: not whsec_ and a base64 key")
+	}
+	parent := ctx
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+
+	f := &floor{cfg: c, key: key, ready: make(chan struct{}, 1), delivered: make(chan []int64, 1<<14)}
+	f.client = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: c.conc, MaxConnsPerHost: c.conc}}
+
+	var wg sync.WaitGroup
+	for range c.conc {
+		wg.Go(func() {
+			if err := f.worker(ctx); err != nil {
+				cancel(err)
+			}
+		})
+	}
+	marked := make(chan error, 1)
+	go func() { marked <- f.mark(ctx) }()
+	go func() {
+		if err := f.receive(ctx); err != nil {
+			cancel(err)
+		}
+	}()
+	select {
+	case err = <-marked:
+	case <-ctx.Done():
+		err = context.Cause(ctx)
+	}
+	if parent.Err() != nil && c.n == 0 {
+		err = nil // SIGTERM ends an open-ended run
+	}
+	cancel(nil)
+	wg.Wait()
+	return err
+}
+
+type floor struct {
+	cfg    config
+	key    []byte
+	client *http.Client
+
+	mu      sync.Mutex
+	pending []*decode.Event // received, not yet taken by a worker
+	ready   chan struct{}   // a worker may find pending events
+
+	delivered chan []int64 // ids delivered, to the marking goroutine
+}
+
+// receive reads the stream from the slot's start, decodes every message and
+// appends outbox events to pending.
+func (f *floor) receive(ctx context.Context) error {
+	u := f.cfg.dbURL + sep(f.cfg.dbURL) + "replication=database"
+	conn, err := pgconn.Connect(ctx, u)
+	if err != nil {
+		return fmt.Errorf("replication connection: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	err = pglogrepl.StartReplication(ctx, conn, f.cfg.slot, 0, pglogrepl.StartReplicationOptions{
+		PluginArgs: []string{"proto_version '1'", "publication_names 'outboxd'"},
+	})
+	if err != nil {
+		return fmt.Errorf("start replication: %w", err)
+	}
+	dec := decode.NewDecoder(decode.Table{Schema: "public", Name: "domain_event", MessageNamespace: namespace})
+	var received pglogrepl.LSN
+	for {
+		msg, err := conn.ReceiveMessage(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("receive: %w", err)
+		}
+		cd, ok := msg.(*pgproto3.CopyData)
+		if !ok {
+			if e, ok := msg.(*pgproto3.ErrorResponse); ok {
+				return pgconn.ErrorResponseToPgError(e)
+			}
+			continue
+		}
+		switch cd.Data[0] {
+		case pglogrepl.PrimaryKeepaliveMessageByteID:
+			ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(cd.Data[1:])
+			if err != nil {
+				return err
+			}
+			received = max(received, ka.ServerWALEnd)
+			if ka.ReplyRequested {
+				err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{WALWritePosition: received})
+				if err != nil {
+					return err
+				}
+			}
+		case pglogrepl.XLogDataByteID:
+			xld, err := pglogrepl.ParseXLogData(cd.Data[1:])
+			if err != nil {
+				return err
+			}
+			received = max(received, xld.WALStart)
+			m, err := dec.Decode(xld.WALData)
+			if err != nil {
+				return err
+			}
+			if m.Kind == decode.KindEvent {
+				f.mu.Lock()
+				f.pending = append(f.pending, m.Event)
+				f.mu.Unlock()
+				select {
+				case f.ready <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}
+}
+
+func sep(u string) string {
+	if strings.Contains(u, "?") {
+		return "&"
+	}
+	return "?"
+}
+
+// take returns up to batch-size pending events, waiting for some.
+func (f *floor) take(ctx context.Context, buf []*decode.Event) ([]*decode.Event, error) {
+	for {
+		f.mu.Lock()
+		n := min(len(f.pending), f.cfg.batch)
+		if n > 0 {
+			buf = append(buf[:0], f.pending[:n]...)
+			f.pending = f.pending[n:]
+			more := len(f.pending) > 0
+			if len(f.pending) == 0 {
+				f.pending = f.pending[:0:0] // let the array go
+			}
+			f.mu.Unlock()
+			if more { // wake another worker for the rest
+				select {
+				case f.ready <- struct{}{}:
+				default:
+				}
+			}
+			return buf, nil
+		}
+		f.mu.Unlock()
+		select {
+		case <-f.ready:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// worker POSTs what it takes, signed, and hands the ids to the marker.
+func (f *floor) worker(ctx context.Context) error {
+	var events []*decode.Event
+	var body []byte
+	for {
+		var err error
+		if events, err = f.take(ctx, events); err != nil {
+			return nil
+		}
+		var id string
+		if len(events) == 1 {
+			body, id = append(body[:0], events[0].Body...), events[0].MessageID
+		} else {
+			body = decode.AppendBatch(body[:0], events)
+			id = sink.WebhookID(events)
+		}
+		if err := f.post(ctx, id, body); err != nil {
+			return err
+		}
+		ids := make([]int64, len(events))
+		for i, e := range events {
+			ids[i] = e.ID
+		}
+		select {
+		case f.delivered <- ids:
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+func (f *floor) post(ctx context.Context, id string, body []byte) error {
+	ts := strconv.FormatInt(time.Now().Unix(), 10)
+	m := hmac.New(sha256.New, f.key)
+	m.Write([]byte(id + "." + ts + "."))
+	m.Write(body)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, f.cfg.url, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Webhook-Id", id)
+	req.Header.Set("Webhook-Timestamp", ts)
+	req.Header.Set("Webhook-Signature", "v1,"+base64.StdEncoding.EncodeToString(m.Sum(nil)))
+	resp, err := f.client.Do(req)
+	if err != nil {
+		return fmt.Errorf("post: %w", err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("post: status %d", resp.StatusCode)
+	}
+	return nil
+}
+
+// mark marks the delivered rows processed as outboxd's checkpoint flusher
+// does with its defaults: one UPDATE of the ids delivered meanwhile, once
+// flushSize ids are delivered or flushInterval after the first, until n rows
+// are marked (without waiting for the interval for the last of them).
+func (f *floor) mark(ctx context.Context) error {
+	const (
+		flushInterval = 200 * time.Millisecond // OUTBOXD_FLUSH_INTERVAL
+		flushSize     = 1000                   // OUTBOXD_FLUSH_SIZE
+	)
+	conn, err := pgx.Connect(ctx, f.cfg.dbURL)
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	var ids []int64
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	for marked := 0; f.cfg.n == 0 || marked < f.cfg.n; {
+		select {
+		case more := <-f.delivered:
+			ids = append(ids[:0], more...)
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+		timer.Reset(flushInterval)
+	gather:
+		for len(ids) < flushSize && (f.cfg.n == 0 || marked+len(ids) < f.cfg.n) {
+			select {
+			case more := <-f.delivered:
+				ids = append(ids, more...)
+			case <-timer.C:
+				break gather
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			}
+		}
+		timer.Stop()
+		tag, err := conn.Exec(ctx, markSQL, ids)
+		if err != nil {
+			return fmt.Errorf("mark: %w", err)
+		}
+		got := int(tag.RowsAffected())
+		// The walsender may send a transaction a moment before its commit is
+		// visible to new snapshots: mark what this statement missed again.
+		for got < len(ids) {
+			select {
+			case <-time.After(time.Millisecond):
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			}
+			tag, err := conn.Exec(ctx, markSQL+" AND NOT is_processed", ids)
+			if err != nil {
+				return fmt.Errorf("mark: %w", err)
+			}
+			got += int(tag.RowsAffected())
+		}
+		marked += got
+	}
+	return nil
+}
