@@ -91,7 +91,7 @@ func run(ctx context.Context, c config) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 
-	f := &floor{cfg: c, key: key, ready: make(chan struct{}, 1), delivered: make(chan []int64, 1<<14)}
+	f := &floor{cfg: c, key: key, ready: make(chan struct{}, 1), room: make(chan struct{}, 1), delivered: make(chan []int64, 1<<14)}
 	f.client = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: c.conc, MaxConnsPerHost: c.conc}}
 
 	var wg sync.WaitGroup
@@ -130,12 +130,17 @@ type floor struct {
 	mu      sync.Mutex
 	pending []*decode.Event // received, not yet taken by a worker
 	ready   chan struct{}   // a worker may find pending events
+	room    chan struct{}   // pending may have fallen below maxPending
 
 	delivered chan []int64 // ids delivered, to the marking goroutine
 }
 
 // receive reads the stream from the slot's start, decodes every message and
-// appends outbox events to pending.
+// appends outbox events to pending. It wakes a worker when a full batch is
+// pending and at each commit: between the two, events accumulate (a free
+// worker takes what is at hand then, as outboxd's dispatcher does with
+// OUTBOXD_WEBHOOK_BATCH_WAIT=0), and a worker woken with more left wakes
+// another.
 func (f *floor) receive(ctx context.Context) error {
 	u := f.cfg.dbURL + sep(f.cfg.dbURL) + "replication=database"
 	conn, err := pgconn.Connect(ctx, u)
@@ -189,15 +194,51 @@ func (f *floor) receive(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			if m.Kind == decode.KindEvent {
+			switch m.Kind {
+			case decode.KindEvent:
 				f.mu.Lock()
 				f.pending = append(f.pending, m.Event)
+				n := len(f.pending)
 				f.mu.Unlock()
-				select {
-				case f.ready <- struct{}{}:
-				default:
+				if n%f.cfg.batch == 0 { // a full batch is at hand
+					f.signal(f.ready)
 				}
+				if n >= maxPending && !f.waitRoom(ctx) {
+					return nil
+				}
+			case decode.KindCommit:
+				f.signal(f.ready)
 			}
+		}
+	}
+}
+
+// maxPending bounds the events received and not yet taken, as
+// OUTBOXD_MAX_IN_FLIGHT bounds outboxd's.
+const maxPending = 10000
+
+func (f *floor) signal(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// waitRoom waits until fewer than maxPending events are pending; false when
+// ctx ended.
+func (f *floor) waitRoom(ctx context.Context) bool {
+	f.signal(f.ready)
+	for {
+		f.mu.Lock()
+		n := len(f.pending)
+		f.mu.Unlock()
+		if n < maxPending {
+			return true
+		}
+		select {
+		case <-f.room:
+		case <-ctx.Done():
+			return false
 		}
 	}
 }
@@ -222,11 +263,9 @@ func (f *floor) take(ctx context.Context, buf []*decode.Event) ([]*decode.Event,
 				f.pending = f.pending[:0:0] // let the array go
 			}
 			f.mu.Unlock()
+			f.signal(f.room)
 			if more { // wake another worker for the rest
-				select {
-				case f.ready <- struct{}{}:
-				default:
-				}
+				f.signal(f.ready)
 			}
 			return buf, nil
 		}
