@@ -10,10 +10,15 @@ import (
 
 // floorArgs are the floor consumer's (bench/floor) arguments for a run with
 // outboxd's settings of mode (perevent or batched); n 0 runs until SIGTERM.
-func (b *bench) floorArgs(dbURL, slot, mode string, n int) (args []string, label string) {
+// run names the run in the file name of its profile (-floor-cpuprofile).
+func (b *bench) floorArgs(dbURL, slot, mode string, n int, run string) (args []string, label string) {
 	batch, conc, label := b.outboxdSettings(mode)
-	return []string{"-database-url", dbURL, "-slot", slot, "-url", b.recv.url, "-secret", benchSecret,
-		"-n", strconv.Itoa(n), "-batch-size", strconv.Itoa(batch), "-concurrency", strconv.Itoa(conc)}, label
+	args = []string{"-database-url", dbURL, "-slot", slot, "-url", b.recv.url, "-secret", benchSecret,
+		"-n", strconv.Itoa(n), "-batch-size", strconv.Itoa(batch), "-concurrency", strconv.Itoa(conc)}
+	if b.cfg.FloorProfile != "" {
+		args = append(args, "-cpuprofile", b.cfg.FloorProfile+"."+run+".pprof")
+	}
+	return args, label
 }
 
 // floorDrain measures the floor consumer draining a backlog of N rows in
@@ -34,7 +39,7 @@ func (b *bench) floorDrain(ctx context.Context, txnSize int, mode string) error 
 	if err != nil {
 		return err
 	}
-	args, label := b.floorArgs(dbURL, name, mode, bl.rows)
+	args, label := b.floorArgs(dbURL, name, mode, bl.rows, fmt.Sprintf("%s.txn%d", mode, txnSize))
 	t := b.recv.reset(1, int64(bl.rows), false)
 	c0 := takeCPU(0)
 	start := time.Now()

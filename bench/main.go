@@ -89,6 +89,7 @@ type config struct {
 	FillFactor   int
 	LatencyTrace string
 	LogDir       string
+	FloorProfile string
 	RecvDelay    time.Duration
 	ParkedN      int
 	Extra        map[string]string // OUTBOXD_* for every daemon run
@@ -143,6 +144,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.Timeout, "timeout", 5*time.Minute, "limit for each wait within a measurement")
 	fs.BoolVar(&c.Smoke, "smoke", false, "tiny sizes (N=2000, txn sizes 100,1, latency 2s, big txn 20000) to check the benchmark works")
 	fs.StringVar(&c.LatencyTrace, "latency-trace", "", "write each latency run's events (id, commit and receipt unix ns) to FILE.<system>.<rate>.csv")
+	fs.StringVar(&c.FloorProfile, "floor-cpuprofile", "", "write a CPU profile of each floor run to FILE.<mode>.<txn or rate>.pprof")
 	fs.StringVar(&c.LogDir, "log-dir", "", "write each outboxd run's log to this directory")
 	fs.IntVar(&c.ParkedN, "parked-n", 20000, "rows of the parked mode: parked during an outage of the receiver, then retried")
 	fs.DurationVar(&c.RecvDelay, "receiver-delay", 0, "make the receiver slow: one request at a time, each taking this long (a single-threaded receiver such as Python's http.server); 0: concurrent and immediate")

@@ -589,7 +589,7 @@ func (b *bench) latency(ctx context.Context, sys string, rate int) error {
 		if err := createSlot(ctx, dbURL, name); err != nil {
 			return err
 		}
-		args, label := b.floorArgs(dbURL, name, "perevent", 0)
+		args, label := b.floorArgs(dbURL, name, "perevent", 0, fmt.Sprintf("latency.%d", rate))
 		if d, err = startProcess(b.floorBin, args, nil, ""); err != nil {
 			return err
 		}

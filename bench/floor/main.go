@@ -34,6 +34,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -58,6 +59,7 @@ const markSQL = `UPDATE domain_event SET is_processed = true, processed_at = now
 type config struct {
 	dbURL, slot, url, secret string
 	n, batch, conc           int
+	cpuProfile               string
 }
 
 func main() {
@@ -69,6 +71,7 @@ func main() {
 	flag.IntVar(&c.n, "n", 0, "events to deliver and mark before exiting (0: until SIGTERM)")
 	flag.IntVar(&c.batch, "batch-size", 1, "events per POST at most (1: one envelope per POST, as outboxd's per-event mode)")
 	flag.IntVar(&c.conc, "concurrency", 8, "POSTs at once")
+	flag.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of the run to this file")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	err := run(ctx, c)
@@ -86,6 +89,19 @@ func run(ctx context.Context, c config) error {
 	key, err := base64.StdEncoding.DecodeString(strings.TrimPrefix(c.secret, "whsec_"))
 	if err != nil || len(key) == 0 {
 		return errors.New("-secret: not whsec_ and a base64 key")
+	}
+	if c.cpuProfile != "" {
+		pf, err := os.Create(c.cpuProfile)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(pf); err != nil {
+			return err
+		}
+		defer func() {
+			pprof.StopCPUProfile()
+			pf.Close()
+		}()
 	}
 	parent := ctx
 	ctx, cancel := context.WithCancelCause(ctx)
