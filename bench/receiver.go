@@ -49,6 +49,9 @@ type tally struct {
 	last     atomic.Int64 // unix ns of the latest receipt
 	done     chan struct{}
 	doneOnce sync.Once
+	// started is closed at the first expected id received.
+	started     chan struct{}
+	startedOnce sync.Once
 }
 
 func newTally(lo, hi int64, timed bool) *tally {
@@ -56,7 +59,7 @@ func newTally(lo, hi int64, timed bool) *tally {
 	if n < 0 {
 		n = 0
 	}
-	t := &tally{lo: lo, hi: hi, counts: make([]atomic.Uint32, n), done: make(chan struct{})}
+	t := &tally{lo: lo, hi: hi, counts: make([]atomic.Uint32, n), done: make(chan struct{}), started: make(chan struct{})}
 	if timed {
 		t.at = make([]atomic.Int64, n)
 	}
@@ -113,7 +116,11 @@ func (t *tally) record(id, now int64) {
 	if t.at != nil {
 		t.at[i].Store(now)
 	}
-	if t.distinct.Add(1) == t.expected() {
+	d := t.distinct.Add(1)
+	if d == 1 {
+		t.startedOnce.Do(func() { close(t.started) })
+	}
+	if d == t.expected() {
 		t.doneOnce.Do(func() { close(t.done) })
 	}
 }
