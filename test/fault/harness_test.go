@@ -340,6 +340,17 @@ func untilProgress(stall time.Duration, mark func() int64, cond func() bool) boo
 var slotRE = regexp.MustCompile(`slot "[^"]*"`)
 
 // note adds a measured figure to the scenario's row.
+// startServer starts the rig's Postgres again after a stop or a kill, and
+// drops the connections the test's pool held from before: one left idle for
+// less than pgxpool's ping threshold (1 s) is handed out unchecked, and its
+// first statement returns the FATAL the server sent as it stopped (57P01),
+// which failed pg-stop-fast-attached in CI when the restart was quick.
+func (r *rig) startServer() {
+	r.t.Helper()
+	r.srv.Start(r.t)
+	r.pool.Reset()
+}
+
 func (r *rig) note(format string, args ...any) {
 	s := slotRE.ReplaceAllString(fmt.Sprintf(format, args...), "slot")
 	r.t.Log(s)

@@ -313,7 +313,7 @@ func scenarioPostgresImmediate(t *testing.T) {
 	r.srv.Stop(t, "immediate")
 	down := pick(2*time.Second, 10*time.Second)
 	time.Sleep(down) //nolint:forbidigo // the outage's length is the fault
-	r.srv.Start(t)
+	r.startServer()
 	r.faultEnd = time.Now()
 	n := r.gen.Len()
 	require.True(t, untilN(time.Minute, r.gen.Len, n+200), "generator stalled after the restart")
@@ -350,7 +350,7 @@ func scenarioPostgresFast(t *testing.T) {
 	r.srv.Stop(t, "fast")
 	took := time.Since(begin)
 	r.note("pg_ctl stop -m fast took %s with events in flight", took.Round(time.Millisecond))
-	r.srv.Start(t)
+	r.startServer()
 	r.faultEnd = time.Now()
 	once.Do(func() { close(release) })
 	for range 10 {

@@ -125,7 +125,7 @@ func scenarioCutMidTransaction(t *testing.T, restartPostgres bool) {
 		}
 		if restartPostgres {
 			r.srv.Stop(t, "immediate")
-			r.srv.Start(t)
+			r.startServer()
 		} else {
 			r.proxy.CloseAll(true)
 		}

@@ -56,7 +56,7 @@ func scenarioFirstStartPostgresDown(t *testing.T) {
 	_, ok := d.waitLog("database not reachable; retrying", time.Minute)
 	require.True(t, ok, "outboxd waits for the database; log:\n%s", tail(d.Log(), 3000))
 	require.False(t, d.Exited(), "outboxd waits for the database instead of exiting")
-	r.srv.Start(t)
+	r.startServer()
 	r.faultEnd = time.Now()
 	d.waitReady()
 	r.commitRows(20, 5)

@@ -585,7 +585,7 @@ func (s *soak) opPostgresRestart() {
 	down := time.Duration(200+s.rng.IntN(1800)) * time.Millisecond
 	s.srv.Stop(s.t, "immediate")
 	time.Sleep(down) //nolint:forbidigo // the outage's length is the fault
-	s.srv.Start(s.t)
+	s.startServer()
 	s.logOp("postgres stopped (immediate) for %s and started", down)
 }
 
