@@ -24,9 +24,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/hmac"
-	"crypto/sha256"
-	"encoding/base64"
 	"errors"
 	"flag"
 	"fmt"
@@ -86,9 +83,8 @@ func run(ctx context.Context, c config) error {
 	if c.dbURL == "" || c.slot == "" || c.url == "" || c.n < 0 || c.batch <= 0 || c.conc <= 0 {
 		return errors.New("-database-url, -slot, -url, -batch-size and -concurrency are required")
 	}
-	key, err := base64.StdEncoding.DecodeString(strings.TrimPrefix(c.secret, "whsec_"))
-	if err != nil || len(key) == 0 {
-		return errors.New("-secret: not whsec_ and a base64 key")
+	if _, err := sink.Sign([]string{c.secret}, "", 0, nil); err != nil {
+		return fmt.Errorf("-secret: %w", err)
 	}
 	if c.cpuProfile != "" {
 		pf, err := os.Create(c.cpuProfile)
@@ -107,7 +103,7 @@ func run(ctx context.Context, c config) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 
-	f := &floor{cfg: c, key: key, ready: make(chan struct{}, 1), room: make(chan struct{}, 1), delivered: make(chan []int64, 1<<14)}
+	f := &floor{cfg: c, ready: make(chan struct{}, 1), room: make(chan struct{}, 1), delivered: make(chan []int64, 1<<14)}
 	f.client = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: c.conc, MaxConnsPerHost: c.conc}}
 
 	var wg sync.WaitGroup
@@ -120,13 +116,15 @@ func run(ctx context.Context, c config) error {
 	}
 	marked := make(chan error, 1)
 	go func() { marked <- f.mark(ctx) }()
-	go func() {
+	wg.Go(func() {
 		if err := f.receive(ctx); err != nil {
 			cancel(err)
 		}
-	}()
+	})
+	var err error
 	select {
 	case err = <-marked:
+		marked = nil
 	case <-ctx.Done():
 		err = context.Cause(ctx)
 	}
@@ -135,12 +133,14 @@ func run(ctx context.Context, c config) error {
 	}
 	cancel(nil)
 	wg.Wait()
+	if marked != nil {
+		<-marked // the marker ends with ctx
+	}
 	return err
 }
 
 type floor struct {
 	cfg    config
-	key    []byte
 	client *http.Client
 
 	mu      sync.Mutex
@@ -326,18 +326,19 @@ func (f *floor) worker(ctx context.Context) error {
 }
 
 func (f *floor) post(ctx context.Context, id string, body []byte) error {
-	ts := strconv.FormatInt(time.Now().Unix(), 10)
-	m := hmac.New(sha256.New, f.key)
-	m.Write([]byte(id + "." + ts + "."))
-	m.Write(body)
+	ts := time.Now().Unix()
+	sig, err := sink.Sign([]string{f.cfg.secret}, id, ts, body) // the secret was checked at start
+	if err != nil {
+		return err
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, f.cfg.url, bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Webhook-Id", id)
-	req.Header.Set("Webhook-Timestamp", ts)
-	req.Header.Set("Webhook-Signature", "v1,"+base64.StdEncoding.EncodeToString(m.Sum(nil)))
+	req.Header.Set("Webhook-Timestamp", strconv.FormatInt(ts, 10))
+	req.Header.Set("Webhook-Signature", sig)
 	resp, err := f.client.Do(req)
 	if err != nil {
 		return fmt.Errorf("post: %w", err)
